@@ -1,0 +1,1 @@
+"""The device SDK; imports protocol, never tiers or simulations."""

@@ -1,0 +1,1 @@
+"""pytest plugins: broker processes started on free loopback ports."""

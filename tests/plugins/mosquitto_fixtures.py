@@ -1,0 +1,1 @@
+"""Pytest fixtures that start a real Mosquitto on a free loopback port."""

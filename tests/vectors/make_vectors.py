@@ -1,0 +1,221 @@
+"""Writes the language-neutral test vectors in tests/vectors/*.json.
+
+Run ``python -m tests.vectors.make_vectors``.
+
+The vectors are committed; ``tests/unit/test_vectors.py`` checks the code
+against the committed files, so regenerating them is a deliberate act that
+shows up in review. Values are tagged so that any language can rebuild the
+exact msgpack types: ``{"uint": 7}``, ``{"float64": 0.5}``, ``{"str": "x"}``,
+``{"bin": "hex"}``, ``{"array": [...]}``, ``{"map": [[key, value], ...]}``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from protocol.codecs import CodecSpec, encode
+from protocol.envelope import SIGNING_CONTEXT, seal
+from protocol.identity import SigningIdentity
+from protocol.layout import ModelLayout, TensorSpec
+from tests.samples import DELTA, KEYS, LAYOUT, SIGNERS, all_samples
+
+HERE = Path(__file__).parent
+
+
+def tag(value: Any) -> Any:
+    """Tag a decoded msgpack value with its wire type."""
+    if isinstance(value, bool):
+        return {"bool": value}
+    if isinstance(value, int):
+        return {"uint": value} if value >= 0 else {"int": value}
+    if isinstance(value, float):
+        return {"float64": value}
+    if isinstance(value, str):
+        return {"str": value}
+    if isinstance(value, bytes):
+        return {"bin": value.hex()}
+    if isinstance(value, list):
+        return {"array": [tag(v) for v in value]}
+    if isinstance(value, dict):
+        return {"map": [[k, tag(v)] for k, v in value.items()]}
+    raise TypeError(type(value))
+
+
+def identity_vectors() -> list[dict[str, str]]:
+    seeds = [bytes(32), bytes(range(32)), bytes(range(32, 64)), bytes(range(64, 96))]
+    out = []
+    for seed in seeds:
+        ident = SigningIdentity.from_seed(seed)
+        out.append(
+            {
+                "seed": seed.hex(),
+                "public_key": ident.verify_key.raw.hex(),
+                "key_id": ident.key_id,
+                "message": b"fedtier".hex(),
+                "signature": ident.sign(b"fedtier").hex(),
+            }
+        )
+    return out
+
+
+def layout_vectors() -> list[dict[str, Any]]:
+    layouts = [
+        LAYOUT,
+        ModelLayout(
+            (
+                TensorSpec("conv.weight", "float16", (4, 1, 3, 3)),
+                TensorSpec("bn.running_mean", "float32", (4,)),
+                TensorSpec("scale", "float64", ()),
+                TensorSpec("emb", "bfloat16", (0, 8)),
+            )
+        ),
+    ]
+    return [
+        {
+            "tensors": layout.to_wire(),
+            "num_params": layout.num_params,
+            "canonical_bytes": layout.canonical_bytes.hex(),
+            "fingerprint": layout.fingerprint.hex(),
+        }
+        for layout in layouts
+    ]
+
+
+def codec_vectors() -> list[dict[str, Any]]:
+    # Deterministic encoders only: stochastic rounding depends on a PRNG that other
+    # languages need not reproduce, and a decoder does not care how q was chosen.
+    rng = np.random.default_rng(11)
+    inputs = {
+        "small": DELTA,
+        "ramp40": np.linspace(-3.0, 5.0, 40, dtype=np.float32),
+        "gauss64": rng.standard_normal(64).astype(np.float32),
+    }
+    specs = [
+        ("small", CodecSpec("f32")),
+        ("small", CodecSpec("f16")),
+        ("small", CodecSpec("i8", chunk=4)),
+        ("ramp40", CodecSpec("i8", chunk=16)),
+        ("small", CodecSpec("f16", k=3, index="u32")),
+        ("gauss64", CodecSpec("i8", chunk=8, k=10, index="u32")),
+        ("gauss64", CodecSpec("i8", chunk=512, k=10, index="varint")),
+        ("gauss64", CodecSpec("f32", k=64, index="varint")),
+    ]
+    out = []
+    from protocol.codecs import decode
+
+    for name, spec in specs:
+        x = inputs[name]
+        payload = encode(x, spec)
+        out.append(
+            {
+                "name": str(spec),
+                "codec": tag(spec.to_wire()),
+                "num_params": int(x.size),
+                "input_f32": x.astype("<f4").tobytes().hex(),
+                "payload": payload.hex(),
+                "decoded_f32": decode(payload, spec, x.size).astype("<f4").tobytes().hex(),
+            }
+        )
+    return out
+
+
+def envelope_vectors() -> list[dict[str, Any]]:
+    out = []
+    for msg, payload in all_samples():
+        signer = SIGNERS[msg.sender]
+        data = seal(msg, payload, signer)
+        _version, header, body, signature = msgpack.unpackb(data)
+        out.append(
+            {
+                "kind": msg.KIND.value,
+                "signer_seed": signer.seed().hex(),
+                "signer_key_id": signer.key_id,
+                "header_fields": tag(msgpack.unpackb(header))["map"],
+                "header": header.hex(),
+                "signed_bytes": (SIGNING_CONTEXT + header).hex(),
+                "payload": body.hex(),
+                "signature": signature.hex(),
+                "envelope": data.hex(),
+            }
+        )
+    return out
+
+
+def invalid_vectors() -> list[dict[str, Any]]:
+    """Envelopes a receiver must reject, each with the reason token it should count."""
+    update, payload = all_samples()[0]
+    good = seal(update, payload, SIGNERS[update.sender])
+    version, header, body, signature = msgpack.unpackb(good)
+    fields = msgpack.unpackb(header)
+    device = SIGNERS[update.sender]
+
+    def resign(new_fields: dict[str, Any], new_body: bytes = body) -> bytes:
+        h = msgpack.packb(new_fields)
+        return msgpack.packb([version, h, new_body, device.sign(SIGNING_CONTEXT + h)])
+
+    cases: list[tuple[str, str, bytes]] = [
+        (
+            "payload byte flipped",
+            "digest_mismatch",
+            msgpack.packb([version, header, bytes([body[0] ^ 1]) + body[1:], signature]),
+        ),
+        (
+            "header byte changed",
+            "bad_signature",
+            msgpack.packb([version, header.replace(b"acme", b"acmf"), body, signature]),
+        ),
+        (
+            "signed by another key",
+            "bad_signature",
+            msgpack.packb(
+                [
+                    version,
+                    header,
+                    body,
+                    SIGNERS[next(k for k in KEYS if k != update.sender)].sign(
+                        SIGNING_CONTEXT + header
+                    ),
+                ]
+            ),
+        ),
+        ("version 2", "unsupported_version", msgpack.packb([2, header, body, signature])),
+        ("truncated", "malformed", good[:-1]),
+        ("trailing byte", "malformed", good + b"\x00"),
+        ("three items", "malformed", msgpack.packb([version, header, body])),
+        ("unknown field", "malformed", resign({**fields, "color": "red"})),
+        ("missing field", "malformed", resign({k: v for k, v in fields.items() if k != "seq"})),
+        ("bool as integer", "malformed", resign({**fields, "n_samples": True})),
+        (
+            "payload too short for codec",
+            "malformed",
+            resign({**fields, "payload_size": len(body) - 1}, body[:-1]),
+        ),
+        ("num_params above cap", "too_large", resign({**fields, "num_params": 2**40})),
+    ]
+    return [
+        {"case": case, "reason": reason, "envelope": data.hex()} for case, reason, data in cases
+    ]
+
+
+def main() -> None:
+    files = {
+        "identity.json": identity_vectors(),
+        "layout.json": layout_vectors(),
+        "codecs.json": codec_vectors(),
+        "envelopes.json": envelope_vectors(),
+        "invalid.json": invalid_vectors(),
+    }
+    keys = {k: v.raw.hex() for k, v in KEYS.items()}
+    files["invalid.json"] = {"keys": keys, "cases": files["invalid.json"]}  # type: ignore[assignment]
+    for name, content in files.items():
+        (HERE / name).write_text(json.dumps(content, indent=1) + "\n")
+        print(f"wrote {HERE / name}")
+
+
+if __name__ == "__main__":
+    main()

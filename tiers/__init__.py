@@ -1,0 +1,1 @@
+"""Tier daemons and their math; imports protocol, never client or simulations."""

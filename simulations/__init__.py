@@ -1,1 +1,1 @@
-"""Fleet scenarios, the simulator, the demo, benchmarks and the ``fedtier`` command; may import every package."""
+"""Fleet scenarios, simulator, demo, benchmarks and the ``fedtier`` command; may import all."""

@@ -1,0 +1,145 @@
+"""The ``fedtier`` command: one entry point, a subcommand per job; may import every package.
+
+Subcommands import their modules lazily, so ``fedtier keys`` does not pay for
+torch or the brokers. Errors the user can fix are one readable sentence on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from protocol.errors import FedtierError
+
+__all__ = ["main"]
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    from protocol.identity import SigningIdentity
+
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ident = SigningIdentity.generate()
+    private, public = out_dir / f"{args.name}.key", out_dir / f"{args.name}.pub"
+    ident.save(private)
+    ident.save_public(public)
+    _print_key(args, ident.key_id, ident.verify_key.raw.hex(), private=private, public=public)
+    return 0
+
+
+def _keys_show(args: argparse.Namespace) -> int:
+    from protocol.errors import KeyFileError
+    from protocol.identity import load_public_key, load_signing_identity
+
+    path: Path = args.path
+    try:
+        key = load_public_key(path)
+    except KeyFileError:
+        key = load_signing_identity(path).verify_key
+    _print_key(args, key.key_id, key.raw.hex(), source=path)
+    return 0
+
+
+def _print_key(
+    args: argparse.Namespace,
+    key_id: str,
+    public_hex: str,
+    *,
+    private: Path | None = None,
+    public: Path | None = None,
+    source: Path | None = None,
+) -> None:
+    info = {"key_id": key_id, "public_key": public_hex}
+    if source is not None:
+        info["file"] = str(source)
+    if private is not None:
+        info["private_key_file"] = str(private)
+    if public is not None:
+        info["public_key_file"] = str(public)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for name, value in info.items():
+            print(f"{name:17} {value}")
+
+
+def _bench_codec(args: argparse.Namespace) -> int:
+    from simulations.bench.codec import run_codec_bench
+
+    if args.params < 1 or args.repeats < 1:
+        raise FedtierError("--params and --repeats must be at least 1")
+    result = run_codec_bench(num_params=args.params, repeats=args.repeats, seed=args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"codecs on {args.params:,} float32 values (medians of {args.repeats})")
+    for column in ("codec", "wire bytes", "encode ms", "decode+fold ms", "vs raw fold", "rel L2"):
+        table.add_column(column, justify="right")
+    codecs = result["codecs"]
+    assert isinstance(codecs, dict)
+    for name, row in codecs.items():
+        table.add_row(
+            name,
+            f"{row['wire_bytes']:,}",
+            f"{row['encode_ms']:.3f}",
+            f"{row['decode_fold_ms']:.3f}",
+            f"{row['decode_fold_vs_baseline']:.2f}x",
+            f"{row['rel_l2_error']:.2e}",
+        )
+    Console().print(table)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtier",
+        description="Federated-learning aggregation mesh: devices over MQTT, tiers over NATS.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    keys = sub.add_parser("keys", help="create and inspect Ed25519 identities")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    new = keys_sub.add_parser("new", help="create a key pair: NAME.key (0600) and NAME.pub")
+    new.add_argument("--name", required=True, help="file name stem, e.g. veh-0042")
+    new.add_argument("--out", type=Path, default=Path(), help="directory (default: .)")
+    new.add_argument("--json", action="store_true", help="print JSON")
+    new.set_defaults(run=_keys_new)
+    show = keys_sub.add_parser("show", help="print the key id and public key of a key file")
+    show.add_argument("path", type=Path, help="a .key or .pub PEM file")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(run=_keys_show)
+
+    bench = sub.add_parser("bench", help="benchmarks against a raw baseline run alongside")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    codec = bench_sub.add_parser("codec", help="wire size, speed and error of each codec")
+    codec.add_argument("--params", type=int, default=1_000_000, help="delta length")
+    codec.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+    codec.add_argument("--seed", type=int, default=0, help="seed of the synthetic delta")
+    codec.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    codec.set_defaults(run=_bench_codec)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fedtier`` with ``argv`` (default: the process arguments); return the exit status."""
+    args = _parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except FedtierError as exc:
+        print(f"fedtier: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedtier: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,9 +4,16 @@ Three implementations share the interface in ``_base``: MQTT v5 (paho-mqtt
 driven from trio, no paho thread), NATS/JetStream (nats-py confined to one
 module under trio-asyncio) and an in-memory bus for fast tests of tier logic.
 One conformance suite (``tests/conformance``) runs against all three.
+
+The NATS names load lazily: importing ``trio_asyncio`` switches ``asyncio.run``
+to a slower loop for the whole process, which a process that never talks to
+NATS (a device, a test of tier math) should not pay for.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from protocol.bus._base import (
     Bus,
@@ -18,13 +25,60 @@ from protocol.bus._base import (
 )
 from protocol.bus._memory import MemoryBroker, MemoryBus
 
+if TYPE_CHECKING:
+    from protocol.bus._nats import (
+        KvBucket,
+        KvConflict,
+        KvEntry,
+        NatsBus,
+        NatsConfig,
+        ObjectNotFound,
+        ObjectStore,
+        StreamSpec,
+        open_nats_bus,
+        open_nats_loop,
+    )
+
+_LAZY = {
+    name: "protocol.bus._nats"
+    for name in (
+        "KvBucket",
+        "KvConflict",
+        "KvEntry",
+        "NatsBus",
+        "NatsConfig",
+        "ObjectNotFound",
+        "ObjectStore",
+        "StreamSpec",
+        "open_nats_bus",
+        "open_nats_loop",
+    )
+}
+
 __all__ = [
     "Bus",
     "Delivery",
     "Flavor",
+    "KvBucket",
+    "KvConflict",
+    "KvEntry",
     "MemoryBroker",
     "MemoryBus",
+    "NatsBus",
+    "NatsConfig",
+    "ObjectNotFound",
+    "ObjectStore",
     "PublishAck",
+    "StreamSpec",
     "Subscription",
+    "open_nats_bus",
+    "open_nats_loop",
     "subject_matches",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'protocol.bus' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,324 @@
+"""The NATS bus against a real nats-server: crashes, restarts, dedupe, KV and Object Store."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+import trio
+
+from protocol.bus._nats import (
+    KvConflict,
+    KvEntry,
+    NatsBus,
+    NatsConfig,
+    ObjectNotFound,
+    StreamSpec,
+    open_nats_bus,
+)
+from protocol.errors import BusUnavailable, ConfigError, LimitExceeded, PublishError
+from simulations.brokers.nats_server import NatsServerProcess
+
+pytestmark = pytest.mark.brokers
+
+# Most tests take the `nats_loop` fixture, opening the trio-asyncio loop once as
+# a daemon does (as an argument: pytest-trio does not run async fixtures named
+# only in usefixtures). Two let open_nats_bus open it, the path where errors
+# must come out unwrapped.
+
+DEADLINE_S = 30
+PARTIALS = StreamSpec("PART", ("part.>",), max_age_s=3600.0, duplicate_window_s=600.0)
+
+
+def config_for(server: NatsServerProcess, name: str, **overrides: object) -> NatsConfig:
+    base = NatsConfig(
+        servers=(server.url,),
+        name=name,
+        monitoring_url=server.monitoring_url,
+        streams=(PARTIALS,),
+        request_timeout_s=1.0,
+        reconnect_wait_s=0.1,
+    )
+    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+
+
+async def publish_until_acked(bus: NatsBus, subject: str, payload: bytes, msg_id: str) -> bool:
+    """Retry a publish with the same id until JetStream acks it; return its duplicate flag."""
+    backoff_s = 0.05
+    while True:
+        try:
+            ack = await bus.publish(subject, payload, msg_id=msg_id)
+        except (BusUnavailable, PublishError):
+            await trio.sleep(backoff_s)  # retry backoff, as a daemon does
+            backoff_s = min(backoff_s * 2, 0.5)
+        else:
+            return ack.duplicate
+
+
+def consumer_ack_floor_on_disk(server: NatsServerProcess, stream: str, durable: str) -> int:
+    """Stream sequence of the ack floor the server has written for a consumer (0 if none yet).
+
+    The file is the consumer state encoding of nats-server's filestore: two
+    header bytes, then uvarints ack floor (consumer seq, stream seq), ...
+    """
+    (path,) = server.store_dir.rglob(f"streams/{stream}/obs/{durable}/o.dat") or (None,)
+    if path is None or path.stat().st_size < 3:
+        return 0
+    data = path.read_bytes()
+    pos = 2
+    values = []
+    for _ in range(2):
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        values.append(value)
+    return values[1]
+
+
+async def wait_for_ack_floor_on_disk(
+    server: NatsServerProcess, stream: str, durable: str, sequence: int
+) -> None:
+    # JetStream writes consumer state about 10 ms after an ack, from a flusher
+    # goroutine; a kill -9 inside that window loses confirmed acks, which the
+    # design absorbs (receivers dedupe by id). The test checks the adapter,
+    # so it waits for the server's write, with a deadline.
+    delay_s = 0.005
+    with trio.fail_after(5):
+        while consumer_ack_floor_on_disk(server, stream, durable) < sequence:
+            await trio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.1)
+
+
+async def test_publisher_retrying_one_msg_id_across_a_crash_stores_one_copy(
+    fresh_nats_server: NatsServerProcess,
+    nats_loop: None,
+) -> None:
+    server = fresh_nats_server
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(config_for(server, "edge-pub")) as bus:
+            assert not await publish_until_acked(bus, "part.e1", b"a", "p-1")
+
+            await trio.to_thread.run_sync(server.kill)
+            with pytest.raises((BusUnavailable, PublishError)):
+                await bus.publish("part.e1", b"b", msg_id="p-2")
+
+            await trio.to_thread.run_sync(server.restart)
+            assert not await publish_until_acked(bus, "part.e1", b"b", "p-2")
+            # Retries after the PubAck (a lost ack looks the same to the sender).
+            assert await publish_until_acked(bus, "part.e1", b"b", "p-2")
+            assert await publish_until_acked(bus, "part.e1", b"a", "p-1")
+            await bus.publish("part.e1", b"end")
+
+            async with bus.subscribe("part.>", durable="reader") as sub:
+                got: list[bytes] = []
+                while not got or got[-1] != b"end":
+                    delivery = await sub.receive()
+                    await delivery.ack()
+                    got.append(delivery.payload)
+    assert got == [b"a", b"b", b"end"]
+
+
+async def test_durable_consumer_resumes_after_a_crash_redelivering_only_unacked(
+    fresh_nats_server: NatsServerProcess,
+    nats_loop: None,
+) -> None:
+    server = fresh_nats_server
+    config = config_for(server, "regional", ack_wait_s=1.0)
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(config) as bus:
+            sequences = [(await bus.publish("part.r", b"m%d" % i)).sequence for i in range(10)]
+            async with bus.subscribe("part.>", durable="regional", capacity=16) as sub:
+                first = [await sub.receive() for _ in range(10)]
+                for delivery in first[:6]:
+                    await delivery.ack()
+                seq_m5 = sequences[5]
+                assert seq_m5 is not None
+                await wait_for_ack_floor_on_disk(server, "PART", "regional", seq_m5)
+
+                await trio.to_thread.run_sync(server.kill)
+                await trio.to_thread.run_sync(server.restart)
+
+                # m6..m9 were never acked: ack_wait after the restart, they come back.
+                again = [await sub.receive() for _ in range(4)]
+                for delivery in again:
+                    await delivery.ack()
+                # Anything acked before the crash would have come back with them,
+                # ahead of a message published now.
+                await publish_until_acked(bus, "part.r", b"end", "end-1")
+                tail = await sub.receive()
+                await tail.ack()
+    assert [d.payload for d in first] == [b"m%d" % i for i in range(10)]
+    assert not any(d.redelivered for d in first)
+    assert sorted(d.payload for d in again) == [b"m6", b"m7", b"m8", b"m9"]
+    assert all(d.redelivered for d in again)
+    assert tail.payload == b"end"
+    assert not tail.redelivered
+
+
+async def test_subscribers_sharing_a_durable_share_the_work(
+    nats_server: NatsServerProcess, nats_loop: None
+) -> None:
+    config = config_for(nats_server, "shared", streams=(PARTIALS,))
+    topic = f"part.shared{os.getpid()}x{id(config) % 10_000}"
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            open_nats_bus(dataclasses.replace(config, name="regional-a")) as bus_a,
+            open_nats_bus(dataclasses.replace(config, name="regional-b")) as bus_b,
+        ):
+            for i in range(8):
+                await bus_a.publish(f"{topic}.u", b"%d" % i)
+            durable = topic.replace(".", "-")
+            async with (
+                bus_a.subscribe(f"{topic}.>", durable=durable, capacity=4) as sub_a,
+                bus_b.subscribe(f"{topic}.>", durable=durable, capacity=4) as sub_b,
+            ):
+                # a is full at 4 unacked, so the other 4 can only go to b.
+                got_a = [await sub_a.receive() for _ in range(4)]
+                got_b = [await sub_b.receive() for _ in range(4)]
+                for delivery in got_a + got_b:
+                    await delivery.ack()
+    payloads = sorted(int(d.payload) for d in got_a + got_b)
+    assert payloads == list(range(8))
+
+
+async def test_kv_update_with_a_stale_revision_conflicts(
+    nats_server: NatsServerProcess, nats_loop: None
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(config_for(nats_server, "central-kv")) as bus:
+            bucket = await bus.kv_bucket(f"pointer{os.getpid()}")
+            assert await bucket.get("model") is None
+            rev1 = await bucket.update("model", b"v1", 0)  # create only
+            with pytest.raises(KvConflict):
+                await bucket.update("model", b"v1-again", 0)
+            rev2 = await bucket.update("model", b"v2", rev1)
+            with pytest.raises(KvConflict):
+                await bucket.update("model", b"v2-stale", rev1)
+            assert await bucket.get("model") == (b"v2", rev2)
+
+            async with bucket.watch("model") as watch:
+                seen = [await anext(watch)]
+                rev3 = await bucket.put("model", b"v3")
+                seen.append(await anext(watch))
+    assert rev1 < rev2 < rev3
+    assert seen == [KvEntry("model", b"v2", rev2), KvEntry("model", b"v3", rev3)]
+
+
+async def test_object_store_round_trips_4_mib_with_its_digest(
+    nats_server: NatsServerProcess,
+    nats_loop: None,
+) -> None:
+    blob = os.urandom(4 * 1024 * 1024)
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(config_for(nats_server, "central-obj")) as bus:
+            store = await bus.object_store(f"models{os.getpid()}")
+            stored = await store.put("model-v1", blob)
+            back = await store.get("model-v1")
+            with pytest.raises(LimitExceeded):
+                await store.get("model-v1", max_size_bytes=1024)
+            with pytest.raises(ObjectNotFound):
+                await store.get("model-v0")
+            # A put is shielded: a cancellation arriving mid-put waits for it to
+            # finish (it never leaves half an object), then takes effect.
+            with trio.move_on_after(0.002):
+                await store.put("model-v2", blob)
+            assert await store.get("model-v2") == blob
+    sha = hashlib.sha256(blob).digest()
+    assert stored.size_bytes == len(blob)
+    assert stored.digest == "SHA-256=" + base64.urlsafe_b64encode(sha).decode()
+    assert back == blob
+
+
+def stream_messages(server: NatsServerProcess, stream: str) -> int:
+    """Messages a stream holds, from the monitoring endpoint."""
+    url = f"{server.monitoring_url}/jsz?streams=true"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        jsz = json.load(resp)
+    for account in jsz.get("account_details", []):
+        for detail in account.get("stream_detail", []):
+            if detail["name"] == stream:
+                return int(detail["state"]["messages"])
+    raise AssertionError(f"no stream {stream!r} in {url}")
+
+
+async def test_a_put_past_its_deadline_leaves_no_chunks_behind(
+    nats_server: NatsServerProcess,
+    nats_loop: None,
+) -> None:
+    blob = os.urandom(8 * 1024 * 1024)  # 64 chunks of 128 KiB, each fsynced: ~50 ms here
+    bucket = f"sweep{os.getpid()}"
+    with trio.fail_after(DEADLINE_S):
+        hasty = config_for(nats_server, "central-hasty", object_put_timeout_s=0.02)
+        async with open_nats_bus(hasty) as bus:
+            store = await bus.object_store(bucket)
+            try:
+                await store.put("model-v1", blob)
+            except PublishError:
+                completed = False
+            else:
+                # Python 3.11's asyncio.wait_for can swallow a cancellation that
+                # meets a finished reply; nats-py's put then runs to the end.
+                completed = True
+        # Either the whole object (64 chunks and its meta) or nothing at all:
+        # the chunks an interrupted put had written were purged.
+        assert stream_messages(nats_server, f"OBJ_{bucket}") == (65 if completed else 0)
+        async with open_nats_bus(config_for(nats_server, "central-retry")) as bus:
+            store = await bus.object_store(bucket)
+            await store.put("model-v1", blob)
+            assert await store.get("model-v1") == blob
+
+
+async def test_a_server_without_sync_always_is_refused(tmp_path: Path) -> None:
+    server = await trio.to_thread.run_sync(
+        lambda: NatsServerProcess.start(tmp_path / "lax", sync_always=False)
+    )
+    try:
+        with trio.fail_after(DEADLINE_S):
+            with pytest.raises(ConfigError, match="sync_interval: always"):
+                async with open_nats_bus(config_for(server, "strict")):
+                    pass
+            # The check can be turned off explicitly (a dev box, a benchmark).
+            lax = config_for(server, "lax", require_sync_always=False)
+            async with open_nats_bus(lax) as bus:
+                await bus.publish("part.x", b"ok")
+    finally:
+        await trio.to_thread.run_sync(server.stop)
+
+
+async def test_an_unreachable_server_fails_after_the_bounded_attempts() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = NatsConfig(
+        servers=(f"nats://127.0.0.1:{port}",),
+        connect_attempts=2,
+        connect_backoff_s=0.01,
+        reconnect_wait_s=0.01,
+        require_sync_always=False,
+    )
+    with trio.fail_after(DEADLINE_S), pytest.raises(BusUnavailable, match="after 2 attempts"):
+        async with open_nats_bus(config):
+            pass
+
+
+async def test_an_error_inside_a_durable_subscription_comes_out_unwrapped(
+    nats_server: NatsServerProcess,
+    nats_loop: None,
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(config_for(nats_server, "unwrap")) as bus:
+            with pytest.raises(KeyError, match="mine"):
+                async with bus.subscribe(f"part.unwrap{os.getpid()}.>", durable="unwrap"):
+                    raise KeyError("mine")

@@ -97,6 +97,13 @@ def _bench_codec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trace(args: argparse.Namespace) -> int:
+    from simulations.tracequery import main as trace_main
+
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    return trace_main(rest)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedtier",
@@ -124,11 +131,23 @@ def _parser() -> argparse.ArgumentParser:
     codec.add_argument("--seed", type=int, default=0, help="seed of the synthetic delta")
     codec.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     codec.set_defaults(run=_bench_codec)
+
+    trace = sub.add_parser(
+        "trace",
+        help="follow an update to the model version that included it (--dir DIR [--json])",
+        add_help=False,
+    )
+    trace.add_argument("rest", nargs=argparse.REMAINDER)
+    trace.set_defaults(run=_trace)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fedtier`` with ``argv`` (default: the process arguments); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["trace"]:
+        # trace owns its whole argument list (argparse.REMAINDER drops leading options).
+        argv = ["trace", "--", *argv[1:]]
     args = _parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:

@@ -28,7 +28,8 @@ def test_errors_are_one_sentence_not_a_traceback(
     capsys.readouterr()
     assert main(["keys", "new", "--name", "k", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fedtier: key file") and "refusing to overwrite" in err
+    assert err.startswith("fedtier: key file")
+    assert "refusing to overwrite" in err
     assert "Traceback" not in err
     assert main(["keys", "show", str(tmp_path / "missing.pub")]) == 2
 
@@ -44,5 +45,6 @@ def test_bench_codec_json_reports_every_codec(capsys: pytest.CaptureFixture[str]
     assert codecs["i8"]["rel_l2_error"] < 0.01
     for row in codecs.values():
         assert row["wire_bytes"] > row["payload_bytes"]  # the signed envelope around it
-        assert row["encode_ms"] >= 0 and row["decode_fold_ms"] >= 0
+        assert row["encode_ms"] >= 0
+        assert row["decode_fold_ms"] >= 0
     assert codecs["top1%+i8"]["payload_bytes"] < codecs["i8"]["payload_bytes"] / 15

@@ -1,0 +1,261 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from protocol.bus import MemoryBroker, MemoryBus
+from protocol.codecs import decode
+from protocol.envelope import open_envelope, payload_digest
+from protocol.errors import ConfigError
+from protocol.identity import SigningIdentity
+from protocol.messages import ModelAnnouncement, ModelBlob, Tier
+from protocol.names import NatsSubjects
+from tiers.aggregate import PartialAggregate as Accumulator
+from tiers.central import CentralDaemon
+from tiers.config import CentralConfig, load_initial_model
+from tiers.flush import FlushPolicy
+from tiers.model_registry import MemoryModelRegistry
+from tiers.registry import KeyRegistry, TierKeys
+from tiers.staleness import StalenessPolicy
+from tiers.testing import RecordingMetrics, sign_partial
+
+FLEET = "acme"
+CENTRAL = SigningIdentity.from_seed(b"\x01" * 32)
+REGIONALS = [SigningIdentity.from_seed(bytes([50 + i]) * 32) for i in range(2)]
+SUBJECTS = NatsSubjects(FLEET)
+KEYS = {CENTRAL.key_id: CENTRAL.verify_key}
+
+
+def write_initial_model(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "fc1.weight": rng.standard_normal((3, 2)).astype(np.float32),
+        "fc1.bias": np.zeros(3, np.float32),
+        "out.weight": rng.standard_normal((1, 3)).astype(np.float32),
+    }
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+
+
+@dataclass
+class Hub:
+    tmp: Path
+    config: CentralConfig
+    nats: MemoryBroker = field(default_factory=lambda: MemoryBroker("nats"))
+    registry: MemoryModelRegistry = field(default_factory=MemoryModelRegistry)
+    metrics: RecordingMetrics = field(default_factory=RecordingMetrics)
+
+    def daemon(self) -> CentralDaemon:
+        keys = TierKeys(
+            CENTRAL,
+            KeyRegistry.from_keys(
+                {f"regional-{i}": r.verify_key for i, r in enumerate(REGIONALS)}, role="regional"
+            ),
+            CENTRAL.verify_key,
+        )
+        return CentralDaemon(
+            self.config,
+            nats=MemoryBus(self.nats),
+            registry=self.registry,
+            keys=keys,
+            metrics=self.metrics,
+            clock_ms=lambda: 1_764_288_000_000,
+            store_in_thread=False,
+        )
+
+    async def send(self, data: bytes) -> None:
+        await MemoryBus(self.nats).publish(SUBJECTS.to_central(), data)
+
+    @property
+    def layout(self):
+        return load_initial_model(self.config.initial_model)[0]
+
+
+def make_config(tmp: Path, **overrides) -> CentralConfig:
+    model = tmp / "init.npz"
+    if not model.exists():
+        write_initial_model(model)
+    base = CentralConfig(
+        fleet=FLEET,
+        identity_key=tmp / "unused.pem",
+        state_dir=tmp / "central",
+        central_key=CENTRAL.verify_key.raw.hex(),
+        initial_model=model,
+        flush=FlushPolicy(max_inputs=2, max_age_s=None),
+        staleness=StalenessPolicy(max_staleness=4),
+        commit_window_s=0.001,
+    )
+    return replace(base, **overrides)
+
+
+@pytest.fixture
+def hub(tmp_path) -> Hub:
+    return Hub(tmp_path, make_config(tmp_path))
+
+
+def regional_buffer(seed: int, count: int, layout) -> Accumulator:
+    rng = np.random.default_rng(seed)
+    acc = Accumulator(layout.num_params)
+    for i in range(count):
+        acc.fold_update(
+            (seed * 1000 + i).to_bytes(16, "big"),
+            rng.standard_normal(layout.num_params).astype(np.float32),
+            n_samples=2 + i,
+            tau=0,
+            discount=1.0,
+            base_version=0,
+        )
+    return acc
+
+
+async def current_model(
+    registry: MemoryModelRegistry,
+) -> tuple[ModelAnnouncement, ModelBlob, np.ndarray]:
+    pointer_bytes = await registry.current_pointer()
+    assert pointer_bytes is not None
+    pointer = open_envelope(pointer_bytes, KEYS).message
+    assert isinstance(pointer, ModelAnnouncement)
+    blob_bytes = await registry.blob(pointer.version)
+    assert blob_bytes is not None
+    envelope = open_envelope(blob_bytes, KEYS)
+    blob = envelope.message
+    assert isinstance(blob, ModelBlob)
+    assert payload_digest(envelope.payload) == pointer.blob_blake3
+    return pointer, blob, decode(envelope.payload, blob.codec, blob.num_params)
+
+
+async def test_version_zero_is_published_once_from_the_initial_model(hub, autojump_clock):
+    layout, params0 = load_initial_model(hub.config.initial_model)
+    async with trio.open_nursery() as nursery:
+        central = hub.daemon()
+        await nursery.start(central.serve)
+        await trio.sleep(0.1)  # past the commit window
+        pointer, blob, params = await current_model(hub.registry)
+        assert pointer.version == 0
+        assert blob.tensors == layout
+        np.testing.assert_array_equal(params, params0)
+        assert central.lineage(0) == []
+        nursery.cancel_scope.cancel()
+    first_pointer = await hub.registry.current_pointer()
+    file_bytes = (hub.config.state_dir / "models" / "v0.blob").read_bytes()
+    assert open_envelope(file_bytes, KEYS).message.version == 0  # type: ignore[union-attr]
+    async with trio.open_nursery() as nursery:
+        central = hub.daemon()
+        await nursery.start(central.serve)
+        await wait_all_tasks_blocked()
+        assert central.version == 0
+        nursery.cancel_scope.cancel()
+    assert await hub.registry.current_pointer() == first_pointer
+
+
+async def test_two_partials_make_version_one_with_fedavg(hub, autojump_clock):
+    layout, params0 = load_initial_model(hub.config.initial_model)
+    a, b = regional_buffer(1, 3, layout), regional_buffer(2, 2, layout)
+    pa, data_a = sign_partial(REGIONALS[0], FLEET, layout, a, tier=Tier.REGIONAL)
+    pb, data_b = sign_partial(REGIONALS[1], FLEET, layout, b, tier=Tier.REGIONAL)
+    announcements = MemoryBus(hub.nats)
+    async with announcements.subscribe(SUBJECTS.model_announce()) as announced:
+        async with trio.open_nursery() as nursery:
+            central = hub.daemon()
+            await nursery.start(central.serve)
+            await hub.send(data_a)
+            await hub.send(data_a)  # a resend is deduplicated
+            await hub.send(data_b)
+            for _ in range(2):
+                delivery = await announced.receive()
+            await wait_all_tasks_blocked()
+            assert central.counts[("duplicate", "")] == 1
+            pointer, _blob, params1 = await current_model(hub.registry)
+            assert pointer.version == 1
+            assert pointer.update_count == 5
+            assert sorted(central.lineage(1)) == sorted([*a.leaf_ids, *b.leaf_ids])
+            nursery.cancel_scope.cancel()
+    # The announcement on NATS is the same signed pointer, verifiable with the central key.
+    assert open_envelope(delivery.payload, KEYS).message == pointer
+    flat = Accumulator(layout.num_params)
+    flat.fold_child(pa.partial_id, a, extra_tau=0, discount=1.0)
+    flat.fold_child(pb.partial_id, b, extra_tau=0, discount=1.0)
+    # FedAvg with lr = 1: model_1 = model_0 + aggregate.
+    np.testing.assert_allclose(params1, params0 + flat.result(), rtol=1e-6, atol=1e-7)
+    assert (hub.config.state_dir / "models" / "v1.blob").exists()
+
+
+async def test_partial_from_an_older_version_is_discounted(tmp_path, autojump_clock):
+    hub = Hub(tmp_path, make_config(tmp_path, flush=FlushPolicy(max_inputs=1, max_age_s=None)))
+    layout, _params0 = load_initial_model(hub.config.initial_model)
+    first, late = regional_buffer(3, 1, layout), regional_buffer(4, 1, layout)
+    _, data_first = sign_partial(REGIONALS[0], FLEET, layout, first, tier=Tier.REGIONAL)
+    _, data_late = sign_partial(REGIONALS[1], FLEET, layout, late, tier=Tier.REGIONAL)
+    async with trio.open_nursery() as nursery:
+        central = hub.daemon()
+        await nursery.start(central.serve)
+        await hub.send(data_first)
+        await wait_all_tasks_blocked()
+        await trio.sleep(0.1)
+        assert central.version == 1
+        _, _, params1 = await current_model(hub.registry)
+        await hub.send(data_late)  # made at v0, arrives at v1: extra_tau = 1
+        await trio.sleep(0.1)
+        assert central.version == 2
+        _, _, params2 = await current_model(hub.registry)
+        nursery.cancel_scope.cancel()
+    discount = np.float32(1 / math.sqrt(2))
+    expected = params1 + (late.numerator * discount) / np.float32(late.sample_count)
+    np.testing.assert_allclose(params2, expected, rtol=1e-6, atol=1e-7)
+
+
+async def test_restart_resumes_version_and_adaptive_optimizer_state(tmp_path, autojump_clock):
+    config = make_config(
+        tmp_path,
+        flush=FlushPolicy(max_inputs=1, max_age_s=None),
+        optimizer_name="fedadam",
+        optimizer_params={"lr": 0.1},
+    )
+    layout, _ = load_initial_model(config.initial_model)
+    buffers = [regional_buffer(10 + i, 1, layout) for i in range(2)]
+    datas = [
+        sign_partial(REGIONALS[i], FLEET, layout, buffers[i], tier=Tier.REGIONAL)[1]
+        for i in range(2)
+    ]
+
+    straight = Hub(tmp_path / "a", replace(config, state_dir=tmp_path / "a"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(straight.daemon().serve)
+        for data in datas:
+            await straight.send(data)
+            await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    params_straight = (await current_model(straight.registry))[2]
+
+    restarted = Hub(tmp_path / "b", replace(config, state_dir=tmp_path / "b"))
+    async with trio.open_nursery() as nursery:
+        central = restarted.daemon()
+        await nursery.start(central.serve)
+        await restarted.send(datas[0])
+        await trio.sleep(0.1)
+        central.request_shutdown()
+    async with trio.open_nursery() as nursery:
+        central = restarted.daemon()
+        await nursery.start(central.serve)
+        assert central.version == 1
+        assert central.optimizer.state_arrays()  # m and v came back from the store
+        await restarted.send(datas[1])
+        await trio.sleep(0.1)
+        assert central.version == 2
+        nursery.cancel_scope.cancel()
+    params_restarted = (await current_model(restarted.registry))[2]
+    np.testing.assert_array_equal(params_restarted, params_straight)
+
+
+def test_central_identity_must_be_the_pinned_key(tmp_path):
+    config = make_config(tmp_path)
+    keys = TierKeys(REGIONALS[0], KeyRegistry(), CENTRAL.verify_key)
+    with pytest.raises(ConfigError, match="pins"):
+        CentralDaemon(
+            config, nats=MemoryBus(MemoryBroker()), registry=MemoryModelRegistry(), keys=keys
+        )

@@ -1,0 +1,234 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from protocol.bus import MemoryBroker, MemoryBus, Subscription
+from protocol.codecs import decode
+from protocol.envelope import open_envelope
+from protocol.identity import SigningIdentity
+from protocol.layout import layout_of
+from protocol.messages import PartialAggregate, Tier
+from protocol.names import NatsSubjects
+from tiers.aggregate import PartialAggregate as Accumulator
+from tiers.aggregate import partial_id
+from tiers.config import RegionalConfig
+from tiers.flush import FlushPolicy
+from tiers.model_registry import MemoryModelRegistry
+from tiers.regional import RegionalDaemon
+from tiers.registry import KeyRegistry, TierKeys
+from tiers.staleness import StalenessPolicy
+from tiers.testing import RecordingMetrics, sign_model_version, sign_partial
+
+FLEET, REGION = "acme", "eu"
+LAYOUT = layout_of([("w", (3, 2)), ("b", (2,))])
+CENTRAL = SigningIdentity.from_seed(b"\x01" * 32)
+REGIONAL = SigningIdentity.from_seed(b"\x03" * 32)
+EDGES = [SigningIdentity.from_seed(bytes([40 + i]) * 32) for i in range(3)]
+STRANGER = SigningIdentity.from_seed(b"\x77" * 32)
+SUBJECTS = NatsSubjects(FLEET)
+
+
+def delta(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(LAYOUT.num_params).astype(np.float32)
+
+
+def edge_buffer(first_seed: int, count: int, *, base_version: int = 0) -> Accumulator:
+    acc = Accumulator(LAYOUT.num_params, hist_buckets=32)
+    for i in range(count):
+        acc.fold_update(
+            (first_seed * 100 + i).to_bytes(16, "big"),
+            delta(first_seed * 100 + i),
+            n_samples=3 + i,
+            tau=0,
+            discount=1.0,
+            base_version=base_version,
+        )
+    return acc
+
+
+@dataclass
+class Region:
+    tmp: Path
+    config: RegionalConfig
+    nats: MemoryBroker = field(default_factory=lambda: MemoryBroker("nats"))
+    registry: MemoryModelRegistry = field(default_factory=MemoryModelRegistry)
+    metrics: RecordingMetrics = field(default_factory=RecordingMetrics)
+
+    async def publish_model(self, version: int) -> None:
+        pointer, blob = sign_model_version(
+            CENTRAL, FLEET, version, LAYOUT, np.zeros(LAYOUT.num_params, np.float32)
+        )
+        await self.registry.put_blob(version, blob)
+        await self.registry.put_current(version, pointer)
+
+    def daemon(self) -> RegionalDaemon:
+        keys = TierKeys(
+            REGIONAL,
+            KeyRegistry.from_keys(
+                {f"edge-{i}": e.verify_key for i, e in enumerate(EDGES)}, role="edge"
+            ),
+            CENTRAL.verify_key,
+        )
+        return RegionalDaemon(
+            self.config,
+            nats=MemoryBus(self.nats),
+            registry_store=self.registry,
+            keys=keys,
+            metrics=self.metrics,
+            clock_ms=lambda: 1_764_288_000_000,
+            store_in_thread=False,
+        )
+
+    async def send(self, data: bytes, msg_id: str | None = None) -> None:
+        await MemoryBus(self.nats).publish(SUBJECTS.to_region(REGION), data, msg_id=msg_id)
+
+
+def make_config(tmp: Path, **overrides) -> RegionalConfig:
+    base = RegionalConfig(
+        fleet=FLEET,
+        region=REGION,
+        identity_key=tmp / "unused.pem",
+        state_dir=tmp / "regional",
+        central_key=CENTRAL.verify_key.raw.hex(),
+        flush=FlushPolicy(max_inputs=2, max_age_s=None),
+        staleness=StalenessPolicy(max_staleness=3),
+        commit_window_s=0.001,
+    )
+    return replace(base, **overrides)
+
+
+@pytest.fixture
+async def region(tmp_path) -> Region:
+    r = Region(tmp_path, make_config(tmp_path))
+    await r.publish_model(0)
+    return r
+
+
+async def receive_partial(sub: Subscription) -> tuple[PartialAggregate, np.ndarray]:
+    delivery = await sub.receive()
+    await delivery.ack()
+    envelope = open_envelope(delivery.payload, {REGIONAL.key_id: REGIONAL.verify_key})
+    message = envelope.message
+    assert isinstance(message, PartialAggregate)
+    return message, decode(envelope.payload, message.codec, message.num_params)
+
+
+async def test_two_edge_partials_become_one_regional_partial(region, autojump_clock):
+    a, b = edge_buffer(1, 3), edge_buffer(2, 2)
+    pa, data_a = sign_partial(EDGES[0], FLEET, LAYOUT, a)
+    pb, data_b = sign_partial(EDGES[1], FLEET, LAYOUT, b, seq=5)
+    up = MemoryBus(region.nats)
+    async with up.subscribe(SUBJECTS.to_central(), durable="probe") as central:
+        async with trio.open_nursery() as nursery:
+            regional = region.daemon()
+            await nursery.start(regional.serve)
+            await region.send(data_a, pa.partial_id.hex())
+            await region.send(data_b, pb.partial_id.hex())
+            partial, numerator = await receive_partial(central)
+            nursery.cancel_scope.cancel()
+    flat = Accumulator(LAYOUT.num_params)
+    flat.fold_child(pa.partial_id, a, extra_tau=0, discount=1.0)
+    flat.fold_child(pb.partial_id, b, extra_tau=0, discount=1.0)
+    np.testing.assert_array_equal(numerator, flat.numerator)
+    assert partial.tier is Tier.REGIONAL
+    assert partial.sample_count == a.sample_count + b.sample_count
+    assert partial.weight_sum == flat.weight_sum
+    assert partial.update_count == 5
+    assert list(partial.inputs) == [pa.partial_id, pb.partial_id]
+    assert list(partial.leaves) == [*a.leaf_ids, *b.leaf_ids]
+    assert partial.partial_id == partial_id(REGIONAL.key_id, partial.inputs)
+
+
+async def test_resent_partial_is_deduplicated_beyond_the_broker_window(region, autojump_clock):
+    a = edge_buffer(3, 2)
+    pa, data_a = sign_partial(EDGES[0], FLEET, LAYOUT, a)
+    async with trio.open_nursery() as nursery:
+        regional = region.daemon()
+        await nursery.start(regional.serve)
+        await region.send(data_a)  # no msg id: the broker does not dedupe
+        await region.send(data_a)
+        await trio.sleep(0.1)  # past the commit window: both are acknowledged
+        assert regional.counts[("accepted", "")] == 1
+        assert regional.counts[("duplicate", "")] == 1
+        assert regional.buffer.aggregate.input_count == 1
+        nursery.cancel_scope.cancel()
+    # After a restart the store still knows it (and it stays in the open buffer once).
+    async with trio.open_nursery() as nursery:
+        regional = region.daemon()
+        await nursery.start(regional.serve)
+        await region.send(data_a)
+        await wait_all_tasks_blocked()
+        assert regional.counts[("duplicate", "")] == 1
+        assert list(regional.buffer.aggregate.input_ids) == [pa.partial_id]
+        np.testing.assert_array_equal(regional.buffer.aggregate.numerator, a.numerator)
+        nursery.cancel_scope.cancel()
+    assert not region.nats._queues[SUBJECTS.regional_consumer(REGION)].pending
+
+
+async def test_extra_delay_is_discounted_not_renormalized(tmp_path, autojump_clock):
+    region = Region(tmp_path, make_config(tmp_path, flush=FlushPolicy(max_inputs=1)))
+    await region.publish_model(2)
+    a = edge_buffer(4, 2, base_version=1)
+    _pa, data = sign_partial(EDGES[2], FLEET, LAYOUT, a, known_version=1)
+    up = MemoryBus(region.nats)
+    async with up.subscribe(SUBJECTS.to_central(), durable="probe") as central:
+        async with trio.open_nursery() as nursery:
+            regional = region.daemon()
+            await nursery.start(regional.serve)
+            await region.send(data)
+            partial, numerator = await receive_partial(central)
+            nursery.cancel_scope.cancel()
+    discount = 1 / math.sqrt(2)  # fedbuff s(1): the regional knows v2, the edge flushed at v1
+    np.testing.assert_allclose(numerator, a.numerator * np.float32(discount), rtol=1e-6)
+    assert partial.sample_count == a.sample_count  # the denominator is never discounted
+    assert partial.weight_sum == pytest.approx(a.weight_sum * discount)
+    assert partial.staleness_hist[1] == 2  # each leaf is one more version behind
+    assert partial.known_version == 2
+
+
+def _tamper_signature(data: bytes) -> bytes:
+    version, header, payload, signature = msgpack.unpackb(data)
+    return msgpack.packb([version, header, payload, bytes([signature[0] ^ 1]) + signature[1:]])
+
+
+@pytest.mark.parametrize(
+    "reason", ["unknown_sender", "bad_signature", "malformed", "stale", "layout_mismatch"]
+)
+async def test_bad_partials_are_rejected_with_a_reason(region, autojump_clock, reason):
+    a = edge_buffer(5, 2)
+    if reason == "unknown_sender":
+        _, data = sign_partial(STRANGER, FLEET, LAYOUT, a)
+    elif reason == "bad_signature":
+        data = _tamper_signature(sign_partial(EDGES[0], FLEET, LAYOUT, a)[1])
+    elif reason == "malformed":  # a partial id that does not derive from its inputs
+        message, _ = sign_partial(EDGES[0], FLEET, LAYOUT, a)
+        forged = replace(message, partial_id=b"\x00" * 16)
+        from protocol.codecs import encode
+        from protocol.envelope import seal
+
+        data = seal(forged, encode(np.asarray(a.numerator), forged.codec), EDGES[0])
+    elif reason == "layout_mismatch":
+        other = layout_of([("w", (8,))])
+        _, data = sign_partial(EDGES[0], FLEET, other, a)
+    else:  # made 4 versions ago; max_staleness is 3
+        await region.publish_model(4)
+        _, data = sign_partial(EDGES[0], FLEET, LAYOUT, a, known_version=0)
+    async with trio.open_nursery() as nursery:
+        regional = region.daemon()
+        await nursery.start(regional.serve)
+        await region.send(data)
+        await wait_all_tasks_blocked()
+        assert regional.counts[("rejected", reason)] == 1
+        assert region.metrics.outcomes[("rejected", reason)] == 1
+        assert regional.buffer.aggregate.is_empty
+        nursery.cancel_scope.cancel()
+    # Rejected partials are acknowledged: they will never become valid.
+    assert not region.nats._queues[SUBJECTS.regional_consumer(REGION)].pending

@@ -1,0 +1,225 @@
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+import trio
+
+from tiers.store import (
+    InputRecord,
+    InputState,
+    ModelVersionRecord,
+    OutboxEntry,
+    StoreError,
+    open_state_store,
+    read_lineage,
+)
+
+SENDER = "a" * 24
+OTHER = "b" * 24
+
+
+def record(i: int, *, epoch: int = 0, sender: str = SENDER, seq: int | None = None) -> InputRecord:
+    return InputRecord(
+        sender=sender,
+        input_id=i.to_bytes(16, "big"),
+        seq=i if seq is None else seq,
+        epoch=epoch,
+        envelope=b"envelope-%d" % i,
+        base_version=3,
+        n_samples=10.0 + i,
+        tau=1,
+        discount=0.5,
+        clip_scale=1.0,
+        accepted_ms=1_000 + i,
+        trace=f"trace-{i}",
+    )
+
+
+def outbox(pid: int, epoch: int) -> OutboxEntry:
+    return OutboxEntry(
+        partial_id=pid.to_bytes(16, "big"),
+        epoch=epoch,
+        seq=100 + pid,
+        subject="ft.acme.up.region.r1",
+        envelope=b"partial-%d" % pid,
+        trace="parent",
+    )
+
+
+async def test_grouped_commit_is_durable_and_grouped(tmp_path):
+    path = tmp_path / "state.sqlite"
+    async with open_state_store(path, commit_window_s=0.005) as store:
+        async with trio.open_nursery() as nursery:
+            for i in range(1, 41):
+                nursery.start_soon(store.accept, record(i))
+        # 40 concurrent accepts share a handful of transactions, not 40 fsyncs.
+        assert store.commits < 10
+    async with open_state_store(path) as store:
+        recovery = await store.recover()
+        assert sorted(r.input_id for r in recovery.open_inputs) == [
+            i.to_bytes(16, "big") for i in range(1, 41)
+        ]
+        assert recovery.open_inputs[0].envelope.startswith(b"envelope-")
+        assert recovery.high_water == {SENDER: 40}
+
+
+async def test_input_is_pending_until_its_commit(tmp_path):
+    async with open_state_store(tmp_path / "s.sqlite", commit_window_s=0.01) as store:
+        ticket = store.submit_accept(record(1))
+        assert store.input_state(SENDER, record(1).input_id) is InputState.PENDING
+        assert store.pending_ticket(SENDER, record(1).input_id) is ticket
+        assert store.high_water(SENDER) == 1
+        durable_before = ticket.durable
+        await ticket.wait()
+        assert not durable_before
+        assert ticket.durable
+        assert store.input_state(SENDER, record(1).input_id) is InputState.OPEN
+        assert store.pending_ticket(SENDER, record(1).input_id) is None
+
+
+async def test_recover_rebuilds_the_open_buffer_in_fold_order(tmp_path):
+    path = tmp_path / "state.sqlite"
+    async with open_state_store(path) as store:
+        for i in (1, 2, 3):
+            store.submit_accept(record(i, epoch=0))
+        await store.flush(0, outbox(7, 0), input_count=3, out_seq=107)
+        for i in (5, 4):
+            store.submit_accept(record(i, epoch=1))
+        await store.accept(record(6, epoch=1))
+    async with open_state_store(path) as store:
+        recovery = await store.recover()
+    assert recovery.open_epoch == 1
+    assert [r.input_id[-1] for r in recovery.open_inputs] == [5, 4, 6]
+    assert recovery.open_inputs[0] == record(5, epoch=1)
+    assert [e.partial_id for e in recovery.pending_outbox] == [outbox(7, 0).partial_id]
+    assert recovery.pending_outbox[0] == outbox(7, 0)
+    assert recovery.out_seq == 107
+
+
+async def test_outbox_is_kept_until_acked_then_bytes_are_dropped(tmp_path):
+    path = tmp_path / "state.sqlite"
+    async with open_state_store(path) as store:
+        store.submit_accept(record(1))
+        await store.flush(0, outbox(9, 0), input_count=1, out_seq=1)
+    async with open_state_store(path) as store:
+        recovery = await store.recover()
+        assert len(recovery.pending_outbox) == 1
+        assert store.outbox_state(outbox(9, 0).partial_id) == "pending"
+        assert store.input_state(SENDER, record(1).input_id) is InputState.FLUSHED
+        await store.mark_acked(outbox(9, 0).partial_id)
+    async with open_state_store(path) as store:
+        recovery = await store.recover()
+        assert recovery.pending_outbox == ()
+        assert store.outbox_state(outbox(9, 0).partial_id) == "acked"
+        assert store.input_state(SENDER, record(1).input_id) is InputState.DONE
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT envelope FROM inputs").fetchall()
+        (outbox_bytes,) = conn.execute("SELECT envelope FROM outbox").fetchone()
+    conn.close()
+    assert rows == [(None,)]
+    assert outbox_bytes is None
+
+
+async def test_dedupe_of_received_ids_survives_reopen(tmp_path):
+    path = tmp_path / "state.sqlite"
+    async with open_state_store(path) as store:
+        await store.accept(record(1, sender=OTHER))
+        await store.flush(0, None, input_count=1, out_seq=1)
+    async with open_state_store(path) as store:
+        assert store.input_state(OTHER, record(1).input_id) is InputState.DONE
+        assert store.input_state(SENDER, record(1).input_id) is None
+        assert store.input_state(OTHER, record(2).input_id) is None
+
+
+async def test_high_water_marks_survive_reopen_and_never_go_down(tmp_path):
+    path = tmp_path / "state.sqlite"
+    async with open_state_store(path) as store:
+        store.submit_accept(record(1, seq=50))
+        store.submit_accept(record(2, seq=40))
+        await store.accept(record(3, sender=OTHER, seq=7))
+        assert store.high_water(SENDER) == 50
+    async with open_state_store(path) as store:
+        assert store.high_water(SENDER) == 50
+        assert store.high_water(OTHER) == 7
+        assert store.high_water("c" * 24) is None
+        assert (await store.recover()).high_water == {SENDER: 50, OTHER: 7}
+
+
+async def test_unawaited_writes_are_dropped_at_close_like_a_crash(tmp_path):
+    path = tmp_path / "state.sqlite"
+    async with open_state_store(path, commit_window_s=10.0) as store:
+        ticket = store.submit_accept(record(1))
+    with pytest.raises(StoreError):
+        await ticket.wait()
+    async with open_state_store(path) as store:
+        assert (await store.recover()).open_inputs == ()
+        assert store.high_water(SENDER) is None
+
+
+async def test_flush_naming_the_wrong_inputs_fails_the_commit(tmp_path):
+    # Both the committer and the waiting caller fail with it.
+    with pytest.RaisesGroup(StoreError, StoreError, flatten_subgroups=True):
+        async with open_state_store(tmp_path / "s.sqlite") as store:
+            store.submit_accept(record(1))
+            await store.flush(0, outbox(1, 0), input_count=2, out_seq=1)
+    # The transaction rolled back as a whole.
+    async with open_state_store(tmp_path / "s.sqlite") as store:
+        recovery = await store.recover()
+        assert recovery.open_inputs == ()
+        assert recovery.pending_outbox == ()
+
+
+async def test_model_versions_lineage_and_optimizer_state(tmp_path):
+    path = tmp_path / "state.sqlite"
+    leaves = (b"\x01" * 16, b"\x02" * 16)
+    async with open_state_store(path) as store:
+        await store.submit_version(
+            ModelVersionRecord(0, b"blob0", b"ptr0", (), 0, 1),
+            epoch=None,
+            input_count=0,
+            optimizer_state={},
+            out_seq=5,
+        ).wait()
+        store.submit_accept(record(1))
+        store.submit_accept(record(2))
+        m = np.arange(4, dtype=np.float32)
+        await store.submit_version(
+            ModelVersionRecord(1, b"blob1", b"ptr1", leaves, 2, 2),
+            epoch=0,
+            input_count=2,
+            optimizer_state={"m": m, "steps": np.array(1, dtype=np.int64)},
+            out_seq=6,
+        ).wait()
+        await store.submit_published(0).wait()
+    async with open_state_store(path) as store:
+        recovery = await store.recover()
+        assert recovery.latest_version is not None
+        assert recovery.latest_version.version == 1
+        assert recovery.latest_version.blob == b"blob1"
+        assert recovery.unpublished_versions == (1,)
+        assert recovery.open_epoch == 1
+        assert recovery.open_inputs == ()
+        assert recovery.known_version == 1
+        assert recovery.model_pointer == b"ptr1"
+        np.testing.assert_array_equal(recovery.optimizer_state["m"], np.arange(4))
+        assert recovery.optimizer_state["m"].dtype == np.float32
+        assert int(recovery.optimizer_state["steps"]) == 1
+        assert store.lineage(1) == list(leaves)
+        assert store.lineage(0) == []
+        with pytest.raises(StoreError):
+            store.lineage(2)
+    assert read_lineage(path, 1) == list(leaves)
+    with pytest.raises(StoreError, match="v7"):
+        read_lineage(path, 7)
+
+
+async def test_other_schema_versions_are_refused(tmp_path):
+    path = tmp_path / "state.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        async with open_state_store(path):
+            pass

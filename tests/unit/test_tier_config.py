@@ -1,0 +1,240 @@
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protocol.codecs import CodecSpec
+from protocol.errors import ConfigError
+from protocol.identity import SigningIdentity
+from tiers.config import (
+    CentralConfig,
+    EdgeConfig,
+    RegionalConfig,
+    load_config,
+    load_initial_model,
+)
+from tiers.daemon import KeyValueFormatter, SystemdNotifier
+from tiers.registry import KeyRegistry, TierKeys, load_verify_key
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def test_edge_example_loads():
+    config = load_config("edge", DEPLOY / "edge.example.toml")
+    assert isinstance(config, EdgeConfig)
+    assert (config.fleet, config.site, config.region) == ("acme", "plant-3", "eu-west")
+    assert config.identity_key == DEPLOY / "keys/edge-plant-3-a.key.pem"
+    assert config.sender_keys == (DEPLOY / "keys/devices.toml", DEPLOY / "keys/devices.d")
+    assert config.mqtt.client_id == "edge-plant-3-a"
+    assert config.flush.max_inputs == 50
+    assert config.flush.min_sample_weight is None
+    assert config.staleness.max_staleness == 16
+    assert config.max_norm == 100.0
+    assert config.norm_policy == "clip"
+    assert config.partial_codec == CodecSpec("f32")
+    assert config.commit_window_s == pytest.approx(0.002)
+    assert config.telemetry.prometheus_port == 9464
+    assert config.store_path == Path("/var/lib/fedtier/edge/state.sqlite")
+
+
+def test_regional_and_central_examples_load():
+    regional = load_config("regional", DEPLOY / "regional.example.toml")
+    assert isinstance(regional, RegionalConfig)
+    assert regional.region == "eu-west"
+    central = load_config("central", DEPLOY / "central.example.toml")
+    assert isinstance(central, CentralConfig)
+    assert central.initial_model == DEPLOY / "models/initial.npz"
+    assert central.make_optimizer().name == "fedavg"
+
+
+EDGE_MINIMAL = """
+fleet = "acme"
+site = "s1"
+region = "r1"
+identity_key = "k.pem"
+state_dir = "state"
+[keys]
+senders = "devices.toml"
+central = "central.pub"
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("colour = 'red'", "edge.toml: colour is not a known setting"),
+        ("[mqtt]\nprot = 1883", "mqtt.prot is not a known setting"),
+        ("[mqtt]\nport = 70000", "mqtt.port is 70000"),
+        ("[flush]\nmax_inputs = 0", "max_inputs is 0"),
+        ("[flush]\nmax_age_s = -1", "max_age_s is -1"),
+        ("[staleness]\nkind = 'linear'", "staleness.kind is 'linear'"),
+        ("[validation]\nnorm_policy = 'shrink'", "validation.norm_policy is 'shrink'"),
+        ("[validation]\nmax_norm = 0", "validation.max_norm is 0"),
+        ("[partial]\ncodec = 'f33'", "partial.codec is 'f33'"),
+        ("[partial]\ncodec = 'top10+f32'", "partials need a dense codec"),
+        ("[telemetry]\nprometheus_port = 'x'", "telemetry.prometheus_port is 'x'"),
+        ("[store]\ncommit_window_ms = -1", "store.commit_window_ms is -1"),
+        ("[limits]\nmax_ids = 0", "limits.max_ids is 0"),
+        ("[nats]\nservers = []", "nats.servers is []"),
+        ("intake_capacity = 0", "intake_capacity is 0"),
+    ],
+)
+def test_bad_edge_values_are_named(tmp_path, extra, message):
+    path = tmp_path / "edge.toml"
+    # Top-level keys must come before the first table.
+    text = EDGE_MINIMAL + "\n" + extra if extra.startswith("[") else extra + "\n" + EDGE_MINIMAL
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config("edge", path)
+
+
+def test_minimal_edge_config_takes_defaults(tmp_path):
+    path = tmp_path / "edge.toml"
+    path.write_text(EDGE_MINIMAL)
+    config = load_config("edge", path)
+    assert isinstance(config, EdgeConfig)
+    assert config.state_dir == tmp_path / "state"
+    assert config.sender_keys == (tmp_path / "devices.toml",)
+    assert config.max_norm is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (EDGE_MINIMAL.replace('fleet = "acme"', 'fleet = "Acme!"'), "fleet name 'Acme!'"),
+        (EDGE_MINIMAL.replace('site = "s1"', ""), "site is missing"),
+        (EDGE_MINIMAL.replace('senders = "devices.toml"', ""), "keys.senders is missing"),
+        (EDGE_MINIMAL.replace('central = "central.pub"', 'central = ""'), "keys.central"),
+        ("fleet = [", "not valid TOML"),
+    ],
+)
+def test_missing_or_invalid_required_values(tmp_path, text, message):
+    path = tmp_path / "edge.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config("edge", path)
+
+
+def test_central_optimizer_errors_are_named(tmp_path):
+    path = tmp_path / "central.toml"
+    path.write_text(
+        'fleet = "acme"\nidentity_key = "k"\nstate_dir = "s"\n[keys]\ncentral = "c.pub"\n'
+        '[model]\ninitial = "m.npz"\n[optimizer]\nname = "fedadam"\nbeta3 = 0.1\n'
+    )
+    with pytest.raises(ConfigError, match="beta3"):
+        load_config("central", path)
+
+
+def test_missing_file_and_unknown_kind(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config("edge", tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="daemon kind"):
+        load_config("hub", tmp_path / "nope.toml")  # type: ignore[arg-type]
+
+
+def test_initial_model_layout_is_file_order_and_pickle_is_refused(tmp_path):
+    good = tmp_path / "m.npz"
+    np.savez(good, b=np.ones((2, 3), np.float32), a=np.zeros(4, np.float32))
+    layout, flat = load_initial_model(good)
+    assert [t.name for t in layout.tensors] == ["b", "a"]
+    assert flat.shape == (10,)
+    assert flat[:6].tolist() == [1.0] * 6
+    pickled = tmp_path / "p.npz"
+    np.savez(pickled, x=np.array([{"evil": 1}], dtype=object))
+    with pytest.raises(ConfigError, match="cannot load initial model"):
+        load_initial_model(pickled)
+    ints = tmp_path / "i.npz"
+    np.savez(ints, x=np.arange(3))
+    with pytest.raises(ConfigError, match="cannot form a layout"):
+        load_initial_model(ints)
+
+
+# -- key registries ------------------------------------------------------------------
+
+
+def test_key_registry_from_toml_and_pem_folder(tmp_path):
+    a, b, c = (SigningIdentity.from_seed(bytes([i]) * 32) for i in (1, 2, 3))
+    toml = tmp_path / "devices.toml"
+    toml.write_text(f'[keys]\nveh-0042 = "{a.verify_key.raw.hex()}"\n')
+    folder = tmp_path / "devices.d"
+    folder.mkdir()
+    b.save_public(folder / "veh-7.pub")
+    registry = KeyRegistry([toml, folder], role="device")
+    assert set(registry) == {a.key_id, b.key_id}
+    assert registry[a.key_id] == a.verify_key
+    assert registry.describe(a.key_id) == f"device 'veh-0042' ({a.key_id[:5]}...)"
+    assert registry.describe(c.key_id).startswith("unregistered device")
+    assert registry.get(c.key_id) is None
+    c.save_public(folder / "veh-8.pub")
+    registry.reload()
+    assert c.key_id in registry
+
+
+def test_bad_key_registry_entries(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[keys]\nveh = "zz"\n')
+    with pytest.raises(ConfigError, match="key 'veh' is unusable"):
+        KeyRegistry([bad])
+    other = tmp_path / "other.toml"
+    other.write_text("[devices]\n")
+    with pytest.raises(ConfigError, match="unknown table 'devices'"):
+        KeyRegistry([other])
+    key = SigningIdentity.from_seed(b"\x05" * 32).verify_key.raw.hex()
+    twice = tmp_path / "twice.toml"
+    twice.write_text(f'[keys]\nx = "{key}"\ny = "{key}"\n')
+    with pytest.raises(ConfigError, match="listed as both"):
+        KeyRegistry([twice])
+
+
+def test_tier_keys_load(tmp_path):
+    me = SigningIdentity.from_seed(b"\x09" * 32)
+    central = SigningIdentity.from_seed(b"\x0a" * 32)
+    me.save(tmp_path / "me.key.pem")
+    central.save_public(tmp_path / "central.pub.pem")
+    (tmp_path / "senders.toml").write_text("[keys]\n")
+    keys = TierKeys.load(
+        tmp_path / "me.key.pem", [tmp_path / "senders.toml"], "central.pub.pem", role="edge"
+    )
+    assert keys.identity.key_id == me.key_id
+    assert keys.central == central.verify_key
+    assert load_verify_key(central.verify_key.raw.hex()) == central.verify_key
+    with pytest.raises(ConfigError, match="neither 64 hex digits nor a key file"):
+        load_verify_key("nothing-here.pub", base_dir=tmp_path)
+
+
+# -- daemon helpers ------------------------------------------------------------------
+
+
+def test_log_lines_are_key_value():
+    record = logging.makeLogRecord(
+        {"name": "fedtier.edge", "levelname": "INFO", "msg": 'partial %s "sent"', "args": ("ab",)}
+    )
+    record.partial_id = "ab12"
+    line = KeyValueFormatter().format(record)
+    assert "level=info logger=fedtier.edge" in line
+    assert 'msg="partial ab \\"sent\\""' in line
+    assert line.endswith("partial_id=ab12")
+
+
+def test_sd_notify_sends_datagrams(tmp_path, monkeypatch):
+    path = tmp_path / "notify.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.setenv("WATCHDOG_USEC", "4000000")
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+        notifier = SystemdNotifier.from_environment()
+        assert notifier is not None
+        assert notifier.watchdog_s == 4.0
+        notifier.notify("READY=1")
+        notifier.close()
+        assert server.recv(64) == b"READY=1"
+    finally:
+        server.close()
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert SystemdNotifier.from_environment() is None

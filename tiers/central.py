@@ -1,0 +1,457 @@
+"""The central daemon: partials in, signed model versions out; imports protocol, trio, tiers.
+
+Never imports client or simulations or a concrete bus adapter.
+
+Partials are admitted as at the regional tier (``tiers.tier``), with
+``extra_tau = current version - partial.known_version``. A flush makes the next
+version::
+
+    aggregate   = numerator / sample_count
+    model_{v+1} = model_v + optimizer.step(model_v, aggregate)
+
+and, in one store transaction, records the version (signed blob and pointer
+envelopes), its lineage (every device update id inside), the optimizer state
+(raw arrays) and closes the epoch. Then, in order and retried until done: the
+blob is written to ``<state_dir>/models/v<N>.blob`` (the signed envelope
+bytes), put in the registry's object store, the pointer is made current in the
+registry, and announced on ``model_announce()``. Version 0 comes from the
+initial model file the first time the store holds no version; later starts
+republish whatever was not confirmed, so startup is idempotent.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import trio
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from protocol.bus import Bus, Delivery, Subscription
+from protocol.codecs import CodecSpec, decode, encode
+from protocol.envelope import open_envelope, payload_digest, seal
+from protocol.errors import ConfigError, LocalProtocolError
+from protocol.layout import ModelLayout
+from protocol.messages import ModelAnnouncement, ModelBlob, Tier
+from protocol.names import NatsSubjects
+from protocol.telemetry import (
+    ATTR_FLUSH_REASON,
+    ATTR_INPUT_COUNT,
+    ATTR_INPUT_IDS,
+    ATTR_LEAF_COUNT,
+    ATTR_MODEL_VERSION,
+    span_name,
+)
+from tiers._telemetry import (
+    TierMetricsLike,
+    context_of,
+    headers_with_context,
+    links_to,
+    traceparent_of,
+)
+from tiers.config import CentralConfig, load_initial_model
+from tiers.model_registry import ModelRegistryWriter
+from tiers.registry import TierKeys
+from tiers.store import CommitTicket, ModelVersionRecord, Recovery, StoreError
+from tiers.tier import (
+    Admission,
+    ModelView,
+    OpenBuffer,
+    TierDaemon,
+    UpstreamWorker,
+    retry_transient,
+)
+
+__all__ = ["CentralDaemon", "ModelPublisher", "serve_central"]
+
+MODEL_CODEC: Final = CodecSpec("f32")
+
+
+@dataclass(frozen=True, slots=True)
+class PublishJob:
+    """A stored model version to publish.
+
+    Attributes:
+        version: the model version.
+        blob: signed blob envelope bytes.
+        pointer: signed pointer envelope bytes.
+        ticket: the version's commit, waited for before anything leaves.
+        trace: traceparent of the aggregate span (parent of the publish span).
+    """
+
+    version: int
+    blob: bytes
+    pointer: bytes
+    ticket: CommitTicket | None = None
+    trace: str = ""
+
+
+def _write_file_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a crash leaves the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class ModelPublisher(UpstreamWorker[PublishJob]):
+    """Publishes stored model versions: file, registry blob, registry pointer, announcement."""
+
+    def __init__(
+        self,
+        daemon: CentralDaemon,
+        *,
+        capacity: int,
+        on_room: Callable[[], None],
+    ) -> None:
+        super().__init__(capacity=capacity, on_room=on_room)
+        self._daemon = daemon
+        self.published: list[int] = []
+
+    async def run(self, job: PublishJob) -> None:
+        """Publish one version, retrying transient failures; mark it published in the store."""
+        daemon = self._daemon
+        if job.ticket is not None:
+            await job.ticket.wait()
+        store = daemon.store
+        retry = functools.partial(
+            retry_transient, retry=daemon.config.retry, metrics=daemon.metrics, log=daemon.log
+        )
+        version = job.version
+        with daemon.tracer.start_as_current_span(
+            span_name("central", "publish model"),
+            context=context_of(job.trace),
+            attributes={ATTR_MODEL_VERSION: version},
+        ) as span:
+            await store.run_blocking(_write_file_atomically, daemon.model_file(version), job.blob)
+            await retry(
+                f"registry put of model blob v{version}",
+                "registry_put_blob",
+                lambda: daemon.registry.put_blob(version, job.blob),
+            )
+            await retry(
+                f"registry put of model pointer v{version}",
+                "registry_put_current",
+                lambda: daemon.registry.put_current(version, job.pointer),
+            )
+            headers = headers_with_context(span)
+            await retry(
+                f"announcement of model v{version}",
+                "announce_model",
+                lambda: daemon.nats.publish(
+                    daemon.subjects.model_announce(),
+                    job.pointer,
+                    headers=dict(headers),
+                    msg_id=f"{daemon.config.fleet}-model-v{version}",
+                ),
+            )
+        store.submit_published(version)
+        self.published.append(version)
+        daemon.log.info("model v%d published", version)
+
+
+class CentralDaemon(TierDaemon):
+    """The central daemon of a fleet.
+
+    Args:
+        config: the central configuration.
+        nats: the NATS bus (partials in, announcements out).
+        registry: the model registry it writes (and reads).
+        keys: identity (must be the pinned central key), regional key registry;
+            loaded from the config's files when None.
+        metrics: duck-typed ``TierMetrics``; a no-op when None.
+        tracer: OpenTelemetry tracer; the global fedtier tracer when None.
+        clock_ms: wall clock for ``created_ms``.
+        store_in_thread: run sqlite commits and file writes on a worker thread.
+    """
+
+    tier = "central"
+
+    def __init__(
+        self,
+        config: CentralConfig,
+        *,
+        nats: Bus,
+        registry: ModelRegistryWriter,
+        keys: TierKeys | None = None,
+        metrics: TierMetricsLike | None = None,
+        tracer: trace.Tracer | None = None,
+        clock_ms: Callable[[], int] | None = None,
+        store_in_thread: bool = True,
+    ) -> None:
+        keys = (
+            keys
+            if keys is not None
+            else TierKeys.load(
+                config.identity_key, config.sender_keys, config.central_key, role="regional"
+            )
+        )
+        if keys.identity.key_id != keys.central.key_id:
+            raise ConfigError(
+                f"the central's identity is {keys.identity.key_id} but keys.central pins "
+                f"{keys.central.key_id}; devices would reject its models"
+            )
+        super().__init__(
+            config,
+            keys=keys,
+            metrics=metrics,
+            tracer=tracer,
+            clock_ms=clock_ms,
+            store_in_thread=store_in_thread,
+        )
+        self.central_config = config
+        self.nats = nats
+        self.registry = registry
+        self.subjects = NatsSubjects(config.fleet)
+        self.optimizer = config.make_optimizer()
+        self.version = 0
+        self.params: npt.NDArray[np.float32] | None = None
+        self.layout: ModelLayout | None = None
+        self._view: ModelView | None = None
+        self._publisher: ModelPublisher | None = None
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def known_version(self) -> int:
+        """The current model version."""
+        return self.version
+
+    @property
+    def upstream(self) -> ModelPublisher:
+        """The model publisher."""
+        assert self._publisher is not None
+        return self._publisher
+
+    def _model_view(self) -> ModelView:
+        assert self._view is not None
+        return self._view
+
+    def model_file(self, version: int) -> Path:
+        """Where the signed blob envelope of ``version`` is kept on disk."""
+        return self.config.state_dir / "models" / f"v{version}.blob"
+
+    def lineage(self, version: int) -> list[bytes]:
+        """Ids of the device updates folded into model ``version`` (from the state store).
+
+        Raises:
+            StoreError: the version is unknown or the daemon is not serving.
+        """
+        return self.store.lineage(version)
+
+    # -- start --------------------------------------------------------------------------
+
+    async def _start(self, nursery: trio.Nursery, recovery: Recovery) -> None:
+        initial: list[PublishJob] = []
+        latest = recovery.latest_version
+        if latest is None:
+            initial.append(self._make_version_zero())
+        else:
+            self._load_version(latest.version, latest.blob, latest.pointer)
+            self.optimizer.load_state_arrays(dict(recovery.optimizer_state))
+            for version in recovery.unpublished_versions:
+                record = self.store.model_version(version)
+                assert record is not None
+                initial.append(PublishJob(version, record.blob, record.pointer))
+        assert self._view is not None
+        self._buffer = OpenBuffer(self._view.num_params, recovery.open_epoch)
+        self._refold_partials(recovery)
+        self._publisher = ModelPublisher(self, capacity=4, on_room=self.buffer.poke)
+        await nursery.start(self._publisher.serve, initial)
+        self.metrics.model_version(self.version)
+
+    def _make_version_zero(self) -> PublishJob:
+        layout, params = load_initial_model(self.central_config.initial_model)
+        self.log.info(
+            "creating model v0 from %s: %d tensors, %d values",
+            self.central_config.initial_model,
+            len(layout.tensors),
+            layout.num_params,
+        )
+        self.layout = layout
+        job = self._seal_version(0, params, update_count=0, lineage=(), epoch=None, trace_parent="")
+        self.params = params
+        return job
+
+    def _load_version(self, version: int, blob_bytes: bytes, pointer_bytes: bytes) -> None:
+        keys = {self.key_id: self.keys.identity.verify_key}
+        envelope = open_envelope(blob_bytes, keys, self.config.limits)
+        blob = envelope.message
+        pointer = open_envelope(pointer_bytes, keys, self.config.limits).message
+        if not isinstance(blob, ModelBlob) or not isinstance(pointer, ModelAnnouncement):
+            raise StoreError(f"stored model v{version} does not hold a blob and a pointer")
+        self.layout = blob.tensors
+        self.params = decode(envelope.payload, blob.codec, blob.num_params)
+        self.version = version
+        self._view = ModelView(version, blob.layout, blob.num_params, pointer_bytes)
+
+    # -- input --------------------------------------------------------------------------
+
+    def _open_input(self) -> AbstractAsyncContextManager[Subscription]:
+        return self.nats.subscribe(
+            self.subjects.to_central(),
+            durable=self.subjects.central_consumer(),
+            capacity=self.config.intake_capacity,
+        )
+
+    def _admit(self, delivery: Delivery) -> Admission:
+        # Small deployments may send edge partials straight here: a sum is a sum.
+        return self._admit_partial(delivery, self._model_view(), (Tier.REGIONAL, Tier.EDGE))
+
+    # -- versions -----------------------------------------------------------------------
+
+    def _seal_version(
+        self,
+        version: int,
+        params: npt.NDArray[np.float32],
+        *,
+        update_count: int,
+        lineage: tuple[bytes, ...],
+        epoch: int | None,
+        trace_parent: str,
+        input_count: int = 0,
+    ) -> PublishJob:
+        layout = self.layout
+        assert layout is not None
+        payload = encode(params, MODEL_CODEC)
+        created_ms = self.clock_ms()
+        blob_seq = self._next_seq()
+        blob = ModelBlob(
+            fleet=self.config.fleet,
+            sender=self.key_id,
+            seq=blob_seq,
+            created_ms=created_ms,
+            version=version,
+            layout=layout.fingerprint,
+            num_params=layout.num_params,
+            codec=MODEL_CODEC,
+            tensors=layout,
+        )
+        pointer = ModelAnnouncement(
+            fleet=self.config.fleet,
+            sender=self.key_id,
+            seq=self._next_seq(),
+            created_ms=created_ms,
+            version=version,
+            layout=layout.fingerprint,
+            num_params=layout.num_params,
+            blob_blake3=payload_digest(payload),
+            blob_size=len(payload),
+            update_count=update_count,
+        )
+        blob_bytes = seal(blob, payload, self.keys.identity)
+        pointer_bytes = seal(pointer, b"", self.keys.identity)
+        ticket = self.store.submit_version(
+            ModelVersionRecord(
+                version=version,
+                blob=blob_bytes,
+                pointer=pointer_bytes,
+                lineage=lineage,
+                update_count=update_count,
+                created_ms=created_ms,
+            ),
+            epoch=epoch,
+            input_count=input_count,
+            optimizer_state=self.optimizer.state_arrays(),
+            out_seq=pointer.seq,
+        )
+        self.version = version
+        self._view = ModelView(version, layout.fingerprint, layout.num_params, pointer_bytes)
+        self.metrics.model_version(version)
+        return PublishJob(version, blob_bytes, pointer_bytes, ticket, trace_parent)
+
+    def _cut(self, reason: str) -> PublishJob | None:
+        buffer = self.buffer
+        aggregate = buffer.aggregate
+        if aggregate.is_empty:
+            return None
+        assert self.params is not None
+        started = time.perf_counter()
+        input_ids = list(aggregate.input_ids)
+        version = self.version + 1
+        with self.tracer.start_as_current_span(
+            span_name("central", "aggregate"),
+            context=Context(),
+            links=links_to(buffer.traces),
+            attributes={
+                ATTR_INPUT_IDS: [i.hex() for i in input_ids],
+                ATTR_INPUT_COUNT: len(input_ids),
+                ATTR_LEAF_COUNT: aggregate.update_count,
+                ATTR_FLUSH_REASON: reason,
+                ATTR_MODEL_VERSION: version,
+            },
+        ) as span:
+            saved_state = self.optimizer.state_arrays()
+            new_params = self.optimizer.step(self.params, aggregate.result())
+            if not bool(np.isfinite(new_params).all()):
+                # Refolding after a restart would give the same result: drop the epoch.
+                self.optimizer.load_state_arrays(saved_state)
+                self.log.error(
+                    "epoch %d would make model v%d non-finite; dropping its %d inputs",
+                    buffer.epoch,
+                    version,
+                    len(input_ids),
+                )
+                self.store.submit_flush(buffer.epoch, None, len(input_ids), self._next_seq())
+                buffer.advance()
+                return None
+            try:
+                job = self._seal_version(
+                    version,
+                    new_params,
+                    update_count=aggregate.update_count,
+                    lineage=tuple(aggregate.leaf_ids),
+                    epoch=buffer.epoch,
+                    input_count=len(input_ids),
+                    trace_parent=traceparent_of(span),
+                )
+            except LocalProtocolError:
+                self.optimizer.load_state_arrays(saved_state)
+                raise
+        self.params = new_params
+        self._report_cut(reason, len(input_ids), started)
+        self.log.info(
+            "model v%d made from epoch %d (%s): %d inputs, %d updates, %g samples",
+            version,
+            buffer.epoch,
+            reason,
+            len(input_ids),
+            aggregate.update_count,
+            aggregate.sample_count,
+        )
+        buffer.advance()
+        return job
+
+
+async def serve_central(
+    config: CentralConfig,
+    *,
+    nats: Bus,
+    registry: ModelRegistryWriter,
+    keys: TierKeys | None = None,
+    metrics: TierMetricsLike | None = None,
+    tracer: trace.Tracer | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the central daemon until cancelled (see :class:`CentralDaemon`)."""
+    daemon = CentralDaemon(
+        config, nats=nats, registry=registry, keys=keys, metrics=metrics, tracer=tracer
+    )
+    await daemon.serve(task_status=task_status)

@@ -1,0 +1,359 @@
+"""One tier daemon as a process: config, buses, telemetry, signals, systemd; no client imports.
+
+Never imports client or simulations. This is the one module of ``tiers`` that
+opens real transports: ``protocol.bus._mqtt`` and ``protocol.bus._nats``
+(imported when a daemon starts, so importing ``tiers`` stays free of nats-py
+and trio-asyncio).
+
+``run_daemon(kind, config_path)`` is what ``fedtier edge|regional|central
+--config FILE`` calls. Inside ``trio.run`` it opens the trio-asyncio loop once,
+directly (the NATS bridge needs that: errors and signals are handled inside
+it), then the buses, the daemon and its store. SIGTERM or SIGINT asks for a
+clean shutdown (stop input, flush the open buffer upstream, wait for PubAcks up
+to ``shutdown_timeout_s``); a second one stops at once, which loses nothing
+acknowledged. SIGHUP reloads the sender key registry. Under systemd
+(``Type=notify``) it reports ``READY=1`` once inputs are taken, ``STOPPING=1``
+on shutdown, and pings the watchdog from the event loop at half
+``WATCHDOG_USEC``, so a wedged loop gets the process restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from protocol.bus import Bus
+from protocol.errors import FedtierError
+from protocol.names import NatsSubjects
+from tiers.central import CentralDaemon
+from tiers.config import (
+    CentralConfig,
+    EdgeConfig,
+    RegionalConfig,
+    TierConfig,
+    TierKind,
+    load_config,
+)
+from tiers.edge import EdgeDaemon
+from tiers.model_registry import NatsModelRegistry
+from tiers.regional import RegionalDaemon
+from tiers.registry import TierKeys
+from tiers.tier import TierDaemon
+
+__all__ = ["KeyValueFormatter", "SystemdNotifier", "configure_logging", "run_daemon"]
+
+logger = logging.getLogger("fedtier.daemon")
+
+_SENDER_ROLES: Final[dict[str, str]] = {"edge": "device", "regional": "edge", "central": "regional"}
+# JetStream retention: partials wait days for a consumer that is down; ids are
+# remembered for 10 minutes (receivers dedupe beyond that in their stores).
+_UP_MAX_AGE_S: Final = 7 * 86_400.0
+_MODEL_MAX_AGE_S: Final = 30 * 86_400.0
+_DEDUPE_WINDOW_S: Final = 600.0
+
+_STANDARD_RECORD_KEYS: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+# -- logging --------------------------------------------------------------------------
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if text and not any(c in text for c in ' "=\n\t'):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+class KeyValueFormatter(logging.Formatter):
+    """One line per record: ``ts=... level=... logger=... msg="..." key=value...``.
+
+    Fields passed with ``extra={...}`` are appended as ``key=value``.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render ``record`` as one key=value line."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        parts = [
+            f"ts={stamp}.{int(record.msecs):03d}Z",
+            f"level={record.levelname.lower()}",
+            f"logger={record.name}",
+            f"msg={_quote(record.getMessage())}",
+        ]
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_RECORD_KEYS and not key.startswith("_"):
+                parts.append(f"{key}={_quote(value)}")
+        if record.exc_info:
+            parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
+        return " ".join(parts)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Send structured lines to stderr (journald keeps them under systemd)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+# -- systemd --------------------------------------------------------------------------
+
+
+class SystemdNotifier:
+    """``sd_notify`` over the unix datagram socket named by ``NOTIFY_SOCKET``; no dependency.
+
+    Args:
+        address: the socket path (a leading ``@`` names an abstract socket).
+        watchdog_s: the watchdog timeout from ``WATCHDOG_USEC``, or None.
+    """
+
+    def __init__(self, address: str, watchdog_s: float | None = None) -> None:
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.watchdog_s = watchdog_s
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.setblocking(False)
+
+    @classmethod
+    def from_environment(cls) -> SystemdNotifier | None:
+        """The notifier systemd asked for, or None outside ``Type=notify``."""
+        address = os.environ.get("NOTIFY_SOCKET")
+        if not address:
+            return None
+        watchdog_s: float | None = None
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+            watchdog_s = int(usec) / 1_000_000
+        return cls(address, watchdog_s)
+
+    def notify(self, state: str) -> None:
+        """Send one state line (``READY=1``, ``STOPPING=1``, ``WATCHDOG=1``...); never raises."""
+        try:
+            self._socket.sendto(state.encode("utf-8"), self.address)
+        except OSError as exc:
+            logger.warning("sd_notify %s failed: %s", state.split("=")[0], exc)
+
+    async def serve_watchdog(self) -> None:
+        """Ping the watchdog at half its timeout, from the event loop, until cancelled."""
+        if self.watchdog_s is None:
+            return
+        while True:
+            self.notify("WATCHDOG=1")
+            await trio.sleep(self.watchdog_s / 2)
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._socket.close()
+
+
+# -- transports -----------------------------------------------------------------------
+
+
+def _nats_config(kind: TierKind, config: TierConfig, key_id: str) -> Any:
+    from protocol.bus._nats import NatsConfig, StreamSpec
+
+    subjects = NatsSubjects(config.fleet)
+    up_name, up_subjects = subjects.up_stream()
+    model_name, model_subjects = subjects.model_stream()
+    settings = config.nats
+    return NatsConfig(
+        servers=settings.servers,
+        name=f"fedtier-{kind}-{key_id[:8]}",
+        tls_ca_file=settings.tls_ca_file,
+        tls_cert_file=settings.tls_cert_file,
+        tls_key_file=settings.tls_key_file,
+        nkeys_seed_file=settings.nkeys_seed_file,
+        credentials_file=settings.credentials_file,
+        require_sync_always=settings.require_sync_always,
+        monitoring_url=settings.monitoring_url,
+        streams=(
+            StreamSpec(up_name, (up_subjects,), _UP_MAX_AGE_S, _DEDUPE_WINDOW_S),
+            StreamSpec(
+                model_name,
+                (model_subjects,),
+                _MODEL_MAX_AGE_S,
+                _DEDUPE_WINDOW_S,
+                max_msgs_per_subject=16,
+            ),
+        ),
+    )
+
+
+@asynccontextmanager
+async def _open_mqtt(config: EdgeConfig) -> AsyncIterator[Bus]:
+    from protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+
+    settings = config.mqtt
+    mqtt_config = MqttConfig(
+        host=settings.host,
+        port=settings.port,
+        client_id=settings.client_id,
+        keepalive_s=settings.keepalive_s,
+        session_expiry_s=settings.session_expiry_s,
+        # The broker does not honour Receive Maximum once acks flow; the bus
+        # bounds itself, and the intake never holds more than this anyway.
+        receive_maximum=config.intake_capacity,
+        ca_file=settings.tls_ca_file,
+        cert_file=settings.tls_cert_file,
+        key_file=settings.tls_key_file,
+    )
+    async with open_mqtt_bus(mqtt_config) as bus:
+        yield bus
+
+
+# -- the process ----------------------------------------------------------------------
+
+
+async def _watch_signals(
+    daemon: TierDaemon,
+    keys: TierKeys,
+    notifier: SystemdNotifier | None,
+    hard_stop: trio.CancelScope,
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        stopping = False
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                try:
+                    keys.senders.reload()
+                except FedtierError as exc:
+                    logger.error("key registry reload failed, keeping the old keys: %s", exc)
+                else:
+                    logger.info(
+                        "key registry reloaded: %d %s keys", len(keys.senders), keys.senders.role
+                    )
+                continue
+            if stopping:
+                logger.warning("second %s: stopping now", signal.Signals(signum).name)
+                hard_stop.cancel()
+                return
+            stopping = True
+            logger.info("%s: shutting down cleanly", signal.Signals(signum).name)
+            if notifier is not None:
+                notifier.notify("STOPPING=1")
+            daemon.request_shutdown()
+
+
+async def serve_daemon(kind: TierKind, config: TierConfig) -> None:
+    """Run the ``kind`` daemon of ``config`` with real transports until it stops.
+
+    Raises:
+        FedtierError: configuration, keys, store or transports fail.
+    """
+    from protocol.bus._nats import open_nats_bus, open_nats_loop
+    from protocol.telemetry.metrics import TierMetrics, setup_metrics
+    from protocol.telemetry.tracing import setup_tracing
+
+    keys = TierKeys.load(
+        config.identity_key, config.sender_keys, config.central_key, role=_SENDER_ROLES[kind]
+    )
+    key_id = keys.identity.key_id
+    service = f"fedtier-{kind}"
+    notifier = SystemdNotifier.from_environment()
+    tracing = setup_tracing(service, instance_id=key_id, jsonl_dir=config.telemetry.jsonl_dir)
+    try:
+        with setup_metrics(
+            prometheus_port=config.telemetry.prometheus_port,
+            service_name=service,
+            instance_id=key_id,
+        ):
+            metrics = TierMetrics(kind, key_id)
+            async with open_nats_loop(), open_nats_bus(_nats_config(kind, config, key_id)) as nats:
+                subjects = NatsSubjects(config.fleet)
+                registry = NatsModelRegistry(
+                    await nats.kv_bucket(subjects.model_bucket()),
+                    await nats.object_store(subjects.blob_store()),
+                    max_blob_bytes=config.limits.max_envelope_bytes,
+                )
+                async with _open_daemon(
+                    kind, config, nats, registry, keys, metrics, tracing
+                ) as daemon:
+                    await _run(daemon, keys, notifier)
+    finally:
+        tracing.shutdown()
+        if notifier is not None:
+            notifier.close()
+
+
+@asynccontextmanager
+async def _open_daemon(
+    kind: TierKind,
+    config: TierConfig,
+    nats: Bus,
+    registry: NatsModelRegistry,
+    keys: TierKeys,
+    metrics: Any,
+    tracing: Any,
+) -> AsyncIterator[TierDaemon]:
+    common: dict[str, Any] = {"keys": keys, "metrics": metrics, "tracer": tracing.tracer}
+    if kind == "edge":
+        assert isinstance(config, EdgeConfig)
+        async with _open_mqtt(config) as mqtt:
+            yield EdgeDaemon(config, mqtt=mqtt, nats=nats, registry_store=registry, **common)
+    elif kind == "regional":
+        assert isinstance(config, RegionalConfig)
+        yield RegionalDaemon(config, nats=nats, registry_store=registry, **common)
+    else:
+        assert isinstance(config, CentralConfig)
+        yield CentralDaemon(config, nats=nats, registry=registry, **common)
+
+
+async def _run(daemon: TierDaemon, keys: TierKeys, notifier: SystemdNotifier | None) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def serve_then_stop(*, task_status: trio.TaskStatus[None]) -> None:
+            await daemon.serve(task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(_watch_signals, daemon, keys, notifier, nursery.cancel_scope)
+        await nursery.start(serve_then_stop)
+        if notifier is not None:
+            notifier.notify("READY=1")
+            nursery.start_soon(notifier.serve_watchdog)
+
+
+def _sole_error(exc: BaseException) -> BaseException:
+    """The one error inside nested exception groups, or ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def run_daemon(kind: str, config_path: Path | str) -> int:
+    """Run a tier daemon from its TOML config until SIGTERM/SIGINT; return the exit status.
+
+    Returns:
+        0 after a clean stop, 2 for an unusable configuration, 1 when the daemon
+        failed (the reason is logged as one sentence).
+    """
+    configure_logging()
+    if kind not in _SENDER_ROLES:
+        logger.error("daemon kind %r is not one of edge, regional, central", kind)
+        return 2
+    tier_kind: TierKind = kind  # type: ignore[assignment]  # checked above
+    try:
+        config = load_config(tier_kind, Path(config_path))
+    except FedtierError as exc:
+        logger.error("%s", exc)
+        return 2
+    try:
+        trio.run(serve_daemon, tier_kind, config)
+    except BaseException as exc:  # mapped to an exit status below
+        error = _sole_error(exc)
+        if isinstance(error, FedtierError):
+            logger.error("%s daemon stopped: %s", kind, error)
+            return 1
+        if isinstance(error, KeyboardInterrupt):
+            return 130
+        raise
+    return 0

@@ -1,0 +1,115 @@
+"""The regional daemon: edge partials of one region in, regional partials out to the central.
+
+Imports protocol, trio and tiers only; never client or simulations, never a
+concrete bus adapter.
+
+Each edge partial is verified against the registry of edge keys, checked
+(fleet, tier, layout, id derived from its inputs, finite numerator, staleness),
+deduplicated by partial id in the state store (beyond JetStream's dedupe
+window) and folded with ``extra_tau = known version - partial.known_version``
+and ``discount = s(extra_tau)``. The JetStream message is acknowledged only
+after the store commit (``tiers.tier``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+import trio
+from opentelemetry import trace
+
+from protocol.bus import Bus, Delivery, Subscription
+from protocol.messages import Tier
+from protocol.names import NatsSubjects
+from tiers._telemetry import TierMetricsLike
+from tiers.config import RegionalConfig
+from tiers.model_registry import ModelRegistryReader
+from tiers.registry import TierKeys
+from tiers.store import Recovery
+from tiers.tier import Admission, FollowerDaemon, UplinkJob
+
+__all__ = ["RegionalDaemon", "serve_regional"]
+
+
+class RegionalDaemon(FollowerDaemon):
+    """One regional daemon (several may share a region's durable consumer).
+
+    Args:
+        config: the regional configuration.
+        nats: the NATS bus (partials in and out).
+        registry_store: where the central's signed model versions are read.
+        keys: identity, edge key registry and pinned central key; loaded from
+            the config's files when None.
+        metrics: duck-typed ``TierMetrics``; a no-op when None.
+        tracer: OpenTelemetry tracer; the global fedtier tracer when None.
+        clock_ms: wall clock for ``created_ms``.
+        store_in_thread: run sqlite commits on a worker thread.
+    """
+
+    tier = "regional"
+
+    def __init__(
+        self,
+        config: RegionalConfig,
+        *,
+        nats: Bus,
+        registry_store: ModelRegistryReader,
+        keys: TierKeys | None = None,
+        metrics: TierMetricsLike | None = None,
+        tracer: trace.Tracer | None = None,
+        clock_ms: Callable[[], int] | None = None,
+        store_in_thread: bool = True,
+    ) -> None:
+        super().__init__(
+            config,
+            nats=nats,
+            registry_store=registry_store,
+            keys=keys
+            if keys is not None
+            else TierKeys.load(
+                config.identity_key, config.sender_keys, config.central_key, role="edge"
+            ),
+            metrics=metrics,
+            tracer=tracer,
+            clock_ms=clock_ms,
+            store_in_thread=store_in_thread,
+        )
+        self.regional_config = config
+        self.subjects = NatsSubjects(config.fleet)
+
+    def _open_input(self) -> AbstractAsyncContextManager[Subscription]:
+        region = self.regional_config.region
+        return self.nats.subscribe(
+            self.subjects.to_region(region),
+            durable=self.subjects.regional_consumer(region),
+            capacity=self.config.intake_capacity,
+        )
+
+    def _admit(self, delivery: Delivery) -> Admission:
+        return self._admit_partial(delivery, self._model_view(), (Tier.EDGE,))
+
+    def _refold(self, recovery: Recovery) -> None:
+        self._refold_partials(recovery)
+
+    def _cut(self, reason: str) -> UplinkJob | None:
+        return self._cut_partial(
+            reason, Tier.REGIONAL, self.subjects.to_central(), self.regional_config.partial_codec
+        )
+
+
+async def serve_regional(
+    config: RegionalConfig,
+    *,
+    nats: Bus,
+    registry_store: ModelRegistryReader,
+    keys: TierKeys | None = None,
+    metrics: TierMetricsLike | None = None,
+    tracer: trace.Tracer | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a regional daemon until cancelled (see :class:`RegionalDaemon`)."""
+    daemon = RegionalDaemon(
+        config, nats=nats, registry_store=registry_store, keys=keys, metrics=metrics, tracer=tracer
+    )
+    await daemon.serve(task_status=task_status)

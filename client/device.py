@@ -57,7 +57,7 @@ from protocol.errors import (
     RemoteProtocolError,
 )
 from protocol.identity import SigningIdentity, VerifyKey
-from protocol.messages import DeviceUpdate, Receipt, ReceiptStatus
+from protocol.messages import UNAUTHENTICATED_REJECTIONS, DeviceUpdate, Receipt, ReceiptStatus
 from protocol.names import MqttTopics, check_token
 from protocol.telemetry import (
     ATTR_DEVICE,
@@ -180,6 +180,8 @@ class DeviceReport:
         gave_up: times an update was left in the outbox after ``max_attempts``.
         skipped: trainings whose delta could not be encoded (non-finite,
             out of the codec's range); ``skip_reasons`` says why.
+        unconfirmed_rejections: rejections the edge gave before it could
+            authenticate the update (not final: the update is resent), by reason.
         bad_receipts: receipts ignored, by reason (bad signature, untrusted
             edge, another device, unknown update...).
         trainings: completed local trainings.
@@ -200,6 +202,7 @@ class DeviceReport:
     rejections: Counter[str] = field(default_factory=Counter)
     skip_reasons: Counter[str] = field(default_factory=Counter)
     bad_receipts: Counter[str] = field(default_factory=Counter)
+    unconfirmed_rejections: Counter[str] = field(default_factory=Counter)
 
     @property
     def delivered(self) -> int:
@@ -575,6 +578,19 @@ class _Device:
                 "seq_mismatch",
                 f"receipt for update {msg.update_id.hex()} names seq {msg.update_seq}; "
                 f"it was sent with seq {pending.seq}",
+            )
+            return
+        if msg.status is ReceiptStatus.REJECTED and msg.reason in UNAUTHENTICATED_REJECTIONS:
+            # The edge rejected bytes it could not authenticate: perhaps ours corrupted,
+            # perhaps a forgery carrying our update id. Not final: keep it, resend.
+            self.report.unconfirmed_rejections[msg.reason] += 1
+            _log.warning(
+                "edge %s could not authenticate update %s (seq %d): %s; it stays in the "
+                "outbox and will be resent",
+                msg.sender,
+                msg.update_id.hex(),
+                msg.update_seq,
+                msg.reason,
             )
             return
         self.outbox.resolve(msg.update_id, msg.status.value, msg.reason, now_s=self.wall_clock())

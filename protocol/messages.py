@@ -33,6 +33,7 @@ from protocol.names import check_token
 __all__ = [
     "MAX_UINT",
     "SCHEMAS",
+    "UNAUTHENTICATED_REJECTIONS",
     "DeviceUpdate",
     "Kind",
     "Message",
@@ -65,6 +66,21 @@ class ReceiptStatus(StrEnum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
     REJECTED = "rejected"
+
+
+# Rejections an edge gives before it has verified the update's signature. Anyone
+# able to publish on a device's topic can provoke them with the device's update id,
+# so a device must not treat them as final (protocol.md section 8.1).
+UNAUTHENTICATED_REJECTIONS: Final = frozenset(
+    {
+        "malformed",
+        "too_large",
+        "unsupported_version",
+        "unknown_sender",
+        "bad_signature",
+        "digest_mismatch",
+    }
+)
 
 
 class Tier(StrEnum):

@@ -82,6 +82,7 @@ class FakeEdge:
     bus: MemoryBus
     drop_receipts: int = 0  # receipts to lose (the edge still accepts the update)
     reject: int = 0  # updates to reject
+    reject_reason: str = "stale"
     forge_first: bool = False  # send a receipt signed by an untrusted key first
     answer: bool = True
     after_receipt: Callable[[int], Awaitable[None]] | None = None
@@ -110,7 +111,7 @@ class FakeEdge:
             status = ReceiptStatus.DUPLICATE
         elif self.reject:
             self.reject -= 1
-            status, reason = ReceiptStatus.REJECTED, "stale"
+            status, reason = ReceiptStatus.REJECTED, self.reject_reason
         else:
             status = ReceiptStatus.ACCEPTED
             self.accepted.add(update.update_id)
@@ -235,6 +236,18 @@ async def test_rejected_update_is_not_resent(broker, outbox, autojump_clock):
     assert outbox.pending() == []
     rejected = [e for e in outbox.log() if e.event.value == "receipt_rejected"]
     assert [(e.update_id, e.reason) for e in rejected] == [(ids[0].hex(), "stale")]
+
+
+async def test_unauthenticated_rejection_is_not_final(broker, outbox, autojump_clock):
+    # "bad_signature" is what an edge says of bytes it could not verify: a forger who
+    # copies our update id could provoke it, so the device keeps the update and resends.
+    edge = FakeEdge(MemoryBus(broker), reject=1, reject_reason="bad_signature")
+    await publish_model(edge.bus, 1)
+    report = await run_with_edge(edge, outbox, _config(rounds=1, receipt_timeout_s=30.0))
+    assert [s.raw for s in edge.seen] == [edge.seen[0].raw] * 2  # the same update, resent
+    assert report.unconfirmed_rejections == {"bad_signature": 1}
+    assert (report.rejected, report.accepted, report.resends) == (0, 1, 1)
+    assert outbox.pending() == []
 
 
 async def test_restarted_device_resends_its_outbox_first(broker, tmp_path):

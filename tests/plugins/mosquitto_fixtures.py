@@ -1,1 +1,43 @@
 """Pytest fixtures that start a real Mosquitto on a free loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from protocol.errors import ConfigError
+from simulations.brokers.mosquitto import MosquittoProcess
+
+
+def _start(workdir, **options) -> MosquittoProcess:
+    try:
+        return MosquittoProcess.start(workdir, **options)
+    except ConfigError as exc:
+        # Fail, never skip: the broker tests always run in `make test`.
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoProcess]:
+    """One broker shared by the whole test session; use fresh names per test."""
+    broker = _start(tmp_path_factory.mktemp("mosquitto"))
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def fresh_mosquitto(tmp_path) -> Iterator[MosquittoProcess]:
+    """A broker of this test's own, for tests that kill or restart it.
+
+    Sessions and subscriptions are saved as soon as they change, so they
+    survive a kill -9; unacknowledged messages are saved with the next
+    change or at ``stop()``/``restart()`` (SIGTERM).
+    """
+    broker = _start(tmp_path / "mosquitto", autosave_interval=1, autosave_on_changes=True)
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -57,6 +57,13 @@ class MqttSettings:
         keepalive_s: MQTT keepalive; well above any consumer stall.
         session_expiry_s: how long the broker keeps the session while away.
         tls_ca_file, tls_cert_file, tls_key_file: PEM files for TLS (client cert auth).
+        shared_subscription: share the site's updates with other edges through an
+            MQTT v5 shared subscription. Off by default: Mosquitto 2.0 delivers
+            nothing new to a shared subscription after a broker restart until it is
+            subscribed again (a window in which PUBACKed updates are dropped and
+            only the devices' resends recover them), and an update redelivered to
+            another edge after a crash would be folded by both (their stores do
+            not share dedupe).
     """
 
     host: str = "127.0.0.1"
@@ -67,6 +74,7 @@ class MqttSettings:
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    shared_subscription: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +449,7 @@ def _mqtt(table: _Table) -> MqttSettings:
         tls_ca_file=table.path("tls_ca_file", None),
         tls_cert_file=table.path("tls_cert_file", None),
         tls_key_file=table.path("tls_key_file", None),
+        shared_subscription=table.bool_("shared_subscription", False),
     )
     table.finish()
     return settings

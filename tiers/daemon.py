@@ -206,6 +206,7 @@ async def _open_mqtt(config: EdgeConfig) -> AsyncIterator[Bus]:
         ca_file=settings.tls_ca_file,
         cert_file=settings.tls_cert_file,
         key_file=settings.tls_key_file,
+        shared_durables=settings.shared_subscription,
     )
     async with open_mqtt_bus(mqtt_config) as bus:
         yield bus

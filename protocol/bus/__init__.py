@@ -53,7 +53,7 @@ _LAZY |= {
         "ObjectStore",
         "StreamSpec",
         "open_mqtt_bus",
-    "open_nats_bus",
+        "open_nats_bus",
         "open_nats_loop",
     )
 }

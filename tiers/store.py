@@ -70,6 +70,7 @@ __all__ = [
     "StoreError",
     "open_state_store",
     "read_lineage",
+    "read_lineages",
 ]
 
 logger = logging.getLogger(__name__)
@@ -846,23 +847,41 @@ def read_lineage(path: Path, version: int) -> list[bytes]:
     Raises:
         StoreError: unreadable file or unknown version.
     """
+    lineages = _read_versions(path, version)
+    if version not in lineages:
+        raise StoreError(f"model v{version} is not in state store {path}")
+    return lineages[version]
+
+
+def read_lineages(path: Path) -> dict[int, list[bytes]]:
+    """Every model version in a central's store file and the device update ids inside it.
+
+    Raises:
+        StoreError: unreadable file.
+    """
+    return _read_versions(path, None)
+
+
+def _read_versions(path: Path, version: int | None) -> dict[int, list[bytes]]:
     try:
         conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open state store {path} read-only: {exc}") from exc
+    query = (
+        "SELECT version, blob, pointer, lineage, update_count, created_ms, published"
+        " FROM model_versions"
+    )
     try:
-        row = conn.execute(
-            "SELECT version, blob, pointer, lineage, update_count, created_ms, published"
-            " FROM model_versions WHERE version = ?",
-            (version,),
-        ).fetchone()
+        if version is None:
+            rows = conn.execute(query + " ORDER BY version").fetchall()
+        else:
+            rows = conn.execute(query + " WHERE version = ?", (version,)).fetchall()
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read state store {path}: {exc}") from exc
     finally:
         conn.close()
-    if row is None:
-        raise StoreError(f"model v{version} is not in state store {path}")
-    return list(_version_from_row(row).lineage)
+    records = (_version_from_row(row) for row in rows)
+    return {record.version: list(record.lineage) for record in records}
 
 
 async def _run_inline(fn: Callable[..., Any], *args: Any) -> Any:

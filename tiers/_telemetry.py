@@ -2,8 +2,8 @@
 
 Everything the daemons need from telemetry passes through here, so moving to
 another telemetry module is one edit in this file. Metrics objects are duck-typed
-to ``protocol.telemetry.metrics.TierMetrics``; :class:`NullMetrics` is the
-default when a daemon is given none.
+to ``protocol.telemetry.metrics.TierMetrics`` (tests record through a fake);
+:func:`quiet_metrics` is the default when a daemon is given none.
 """
 
 from __future__ import annotations
@@ -14,18 +14,20 @@ from typing import Final, Protocol
 
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.trace import Link, Span
 
+from protocol.telemetry.metrics import TierMetrics
 from protocol.telemetry.tracing import extract_context, inject_headers, link_for
 
 __all__ = [
-    "NullMetrics",
     "TierMetricsLike",
     "context_of",
     "default_tracer",
     "extract_context",
     "inject_headers",
     "links_to",
+    "quiet_metrics",
     "traceparent_of",
 ]
 
@@ -70,41 +72,9 @@ class TierMetricsLike(Protocol):
         """Count the inputs of one flush and why it happened."""
 
 
-class NullMetrics:
-    """Metrics that go nowhere."""
-
-    def update_outcome(self, outcome: str, reason: str, /) -> None:
-        """Do nothing."""
-
-    def update_bytes(self, n: int, /) -> None:
-        """Do nothing."""
-
-    def staleness(self, tau: int, /) -> None:
-        """Do nothing."""
-
-    def anomalous(self, detector: str, /) -> None:
-        """Do nothing."""
-
-    def participation(self, n: int, /) -> None:
-        """Do nothing."""
-
-    def aggregation_duration(self, s: float, /) -> None:
-        """Do nothing."""
-
-    def aggregate_latency(self, s: float, /) -> None:
-        """Do nothing."""
-
-    def buffer_depth(self, n: int, /) -> None:
-        """Do nothing."""
-
-    def model_version(self, v: int, /) -> None:
-        """Do nothing."""
-
-    def retry(self, op: str, /) -> None:
-        """Do nothing."""
-
-    def inputs_flushed(self, count: int, reason: str, /) -> None:
-        """Do nothing."""
+def quiet_metrics(tier: str, instance: str) -> TierMetricsLike:
+    """Metrics that go nowhere: ``TierMetrics`` on a no-op provider (tests, embedded use)."""
+    return TierMetrics(tier, instance, meter_provider=NoOpMeterProvider())
 
 
 def default_tracer() -> trace.Tracer:

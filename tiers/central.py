@@ -71,7 +71,7 @@ from tiers.tier import (
     retry_transient,
 )
 
-__all__ = ["CentralDaemon", "ModelPublisher", "serve_central"]
+__all__ = ["CentralDaemon", "ModelPublisher"]
 
 MODEL_CODEC: Final = CodecSpec("f32")
 
@@ -438,20 +438,3 @@ class CentralDaemon(TierDaemon):
         )
         buffer.advance()
         return job
-
-
-async def serve_central(
-    config: CentralConfig,
-    *,
-    nats: Bus,
-    registry: ModelRegistryWriter,
-    keys: TierKeys | None = None,
-    metrics: TierMetricsLike | None = None,
-    tracer: trace.Tracer | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run the central daemon until cancelled (see :class:`CentralDaemon`)."""
-    daemon = CentralDaemon(
-        config, nats=nats, registry=registry, keys=keys, metrics=metrics, tracer=tracer
-    )
-    await daemon.serve(task_status=task_status)

@@ -53,7 +53,7 @@ from tiers.tier import (
     retry_transient,
 )
 
-__all__ = ["EdgeDaemon", "serve_edge"]
+__all__ = ["EdgeDaemon"]
 
 _NO_ID = bytes(16)
 
@@ -384,27 +384,3 @@ class EdgeDaemon(FollowerDaemon):
             )
         self.log.info("relayed model v%d to the devices of site %s", version, self.edge_config.site)
         return True
-
-
-async def serve_edge(
-    config: EdgeConfig,
-    *,
-    mqtt: Bus,
-    nats: Bus,
-    registry_store: ModelRegistryReader,
-    keys: TierKeys | None = None,
-    metrics: TierMetricsLike | None = None,
-    tracer: trace.Tracer | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run an edge daemon until cancelled (see :class:`EdgeDaemon`; keep it for a clean stop)."""
-    daemon = EdgeDaemon(
-        config,
-        mqtt=mqtt,
-        nats=nats,
-        registry_store=registry_store,
-        keys=keys,
-        metrics=metrics,
-        tracer=tracer,
-    )
-    await daemon.serve(task_status=task_status)

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
-import trio
 from opentelemetry import trace
 
 from protocol.bus import Bus, Delivery, Subscription
@@ -29,7 +28,7 @@ from tiers.registry import TierKeys
 from tiers.store import Recovery
 from tiers.tier import Admission, FollowerDaemon, UplinkJob
 
-__all__ = ["RegionalDaemon", "serve_regional"]
+__all__ = ["RegionalDaemon"]
 
 
 class RegionalDaemon(FollowerDaemon):
@@ -96,20 +95,3 @@ class RegionalDaemon(FollowerDaemon):
         return self._cut_partial(
             reason, Tier.REGIONAL, self.subjects.to_central(), self.regional_config.partial_codec
         )
-
-
-async def serve_regional(
-    config: RegionalConfig,
-    *,
-    nats: Bus,
-    registry_store: ModelRegistryReader,
-    keys: TierKeys | None = None,
-    metrics: TierMetricsLike | None = None,
-    tracer: trace.Tracer | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run a regional daemon until cancelled (see :class:`RegionalDaemon`)."""
-    daemon = RegionalDaemon(
-        config, nats=nats, registry_store=registry_store, keys=keys, metrics=metrics, tracer=tracer
-    )
-    await daemon.serve(task_status=task_status)

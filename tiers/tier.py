@@ -80,13 +80,13 @@ from protocol.telemetry import (
     span_name,
 )
 from tiers._telemetry import (
-    NullMetrics,
     TierMetricsLike,
     context_of,
     default_tracer,
     extract_context,
     headers_with_context,
     links_to,
+    quiet_metrics,
     traceparent_of,
 )
 from tiers.aggregate import PartialAggregate as Accumulator
@@ -618,7 +618,9 @@ class TierDaemon(abc.ABC):
     ) -> None:
         self.config = config
         self.keys = keys
-        self.metrics: TierMetricsLike = metrics if metrics is not None else NullMetrics()
+        self.metrics: TierMetricsLike = (
+            metrics if metrics is not None else quiet_metrics(self.tier, keys.identity.key_id)
+        )
         self.tracer = tracer if tracer is not None else default_tracer()
         self.clock_ms = clock_ms if clock_ms is not None else wall_clock_ms
         self._store_in_thread = store_in_thread

@@ -8,10 +8,12 @@ stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from protocol.errors import FedtierError
 
@@ -103,11 +105,48 @@ def _daemon(args: argparse.Namespace) -> int:
     return run_daemon(args.command, args.config)
 
 
-def _trace(args: argparse.Namespace) -> int:
-    from simulations.tracequery import main as trace_main
+def _device(args: argparse.Namespace) -> int:
+    from client.runner import run_device
 
-    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
-    return trace_main(rest)
+    return run_device(args.config)
+
+
+def _sim_fleet(args: argparse.Namespace) -> int:
+    from simulations.fleet import run_fleet
+
+    return run_fleet(args.config)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from simulations.demo import DemoOptions, main_demo
+
+    given = {
+        name: value
+        for name in ("duration_s", "devices", "out", "seed", "target_accuracy")
+        if (value := getattr(args, name)) is not None
+    }
+    return main_demo(DemoOptions(quiet=args.quiet, keep_temp=args.keep_temp, **given))
+
+
+def _forward(module: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand that hands its whole argument list to ``module.main``."""
+
+    def run(args: argparse.Namespace) -> int:
+        main_of: Callable[[list[str]], int] = importlib.import_module(module).main
+        rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+        return main_of(rest)
+
+    return run
+
+
+def _add_forwarded(sub: Any, name: str, module: str, help_text: str) -> None:
+    parser = sub.add_parser(name, help=help_text, add_help=False)
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.set_defaults(run=_forward(module))
+
+
+# Subcommands that own their argument lists (their modules have a main(argv)).
+_FORWARDED: tuple[tuple[str, ...], ...] = (("trace",), ("sim", "check"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -146,23 +185,65 @@ def _parser() -> argparse.ArgumentParser:
         daemon = sub.add_parser(kind, help=f"run the {kind} daemon: {what}")
         daemon.add_argument("--config", type=Path, required=True, help="the daemon's TOML file")
         daemon.set_defaults(run=_daemon)
+    device = sub.add_parser("device", help="run one device: train, sign, send, await receipts")
+    device.add_argument("--config", type=Path, required=True, help="the device's TOML file")
+    device.set_defaults(run=_device)
 
-    trace = sub.add_parser(
-        "trace",
-        help="follow an update to the model version that included it (--dir DIR [--json])",
-        add_help=False,
+    # Defaults live in simulations.demo.DemoOptions; importing it here would
+    # make every subcommand pay for the demo's imports.
+    demo = sub.add_parser(
+        "demo", help="brokers, 7 daemons and a simulated fleet on this machine, shown live"
     )
-    trace.add_argument("rest", nargs=argparse.REMAINDER)
-    trace.set_defaults(run=_trace)
+    demo.add_argument(
+        "--duration-s",
+        type=float,
+        help="training time (default 120); start-up and shutdown add ~15 s",
+    )
+    demo.add_argument("--devices", type=int, help="devices in the fleet (default 240)")
+    demo.add_argument("--out", type=Path, help="artefact directory (default ./fedtier-demo-out)")
+    demo.add_argument(
+        "--seed", type=int, help="seeds keys' order, data split, behaviour (default 0)"
+    )
+    demo.add_argument(
+        "--target-accuracy",
+        type=float,
+        help="stop early once this held-out accuracy held for 5 versions (default 0.94)",
+    )
+    demo.add_argument("--quiet", action="store_true", help="plain lines, no live display")
+    demo.add_argument(
+        "--keep-temp", action="store_true", help="keep keys, configs, state (debugging)"
+    )
+    demo.set_defaults(run=_demo)
+
+    sim = sub.add_parser("sim", help="simulations")
+    sim_sub = sim.add_subparsers(dest="sim_command", required=True, metavar="SIMULATION")
+    fleet = sim_sub.add_parser("fleet", help="many simulated devices in one process")
+    fleet.add_argument("--config", type=Path, required=True, help="the fleet's TOML file")
+    fleet.set_defaults(run=_sim_fleet)
+    _add_forwarded(
+        sim_sub,
+        "check",
+        "simulations.checker",
+        "classify every update: device logs against the central's lineage",
+    )
+
+    _add_forwarded(
+        sub,
+        "trace",
+        "simulations.tracequery",
+        "follow an update to the model version that included it (--dir DIR [--json])",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fedtier`` with ``argv`` (default: the process arguments); return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["trace"]:
-        # trace owns its whole argument list (argparse.REMAINDER drops leading options).
-        argv = ["trace", "--", *argv[1:]]
+    for prefix in _FORWARDED:
+        if tuple(argv[: len(prefix)]) == prefix:
+            # argparse.REMAINDER drops leading options: mark where the rest begins.
+            argv = [*prefix, "--", *argv[len(prefix) :]]
+            break
     args = _parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:

@@ -174,6 +174,10 @@ class NatsServerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                # Its own process group: a terminal Ctrl-C must reach only the
+                # parent, which stops the daemons (they flush through the
+                # brokers) before it stops the brokers.
+                process_group=0,
             )
         try:
             self._wait_ready()

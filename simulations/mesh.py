@@ -1,0 +1,800 @@
+"""A whole fedtier mesh on one machine as real processes: plan, files, start, ordered stop.
+
+Imports protocol, client (the model, to write version 0), tiers (nothing at
+run time: daemons are separate processes) and the simulations helpers; the
+demo and the integration tests build on it. Never imports a NATS client: the
+parent process talks only to Mosquitto, through the MQTT bus.
+
+``prepare_mesh(spec, workdir, out_dir, brokers)`` writes everything a run
+needs under ``workdir``: every Ed25519 key (``SigningIdentity.generate()``,
+saved 0600), the key registries each tier reads, version 0 of the model
+(``make_mlp`` weights as ``.npz`` in state-dict order), the digits shards of
+every device, and the TOML configs of the central, regional and edge daemons
+and of one fleet process per site. Run artefacts (span files, device logs,
+process logs) go under ``out_dir``.
+
+``open_brokers(workdir)`` runs one Mosquitto and one nats-server on free
+loopback ports. One Mosquitto serves every site (topics carry the site,
+``ft/<fleet>/<site>/...``): a broker per site would be the deployment shape,
+but on two cores each extra broker only costs CPU and start time, and
+nothing in the daemons or devices depends on sharing it.
+
+``open_mesh(plan, brokers)`` starts the central, waits until it serves
+version 0, starts regionals and edges together and waits until they serve;
+``RunningMesh.start_fleets`` starts the fleet processes. Leaving the block
+stops everything in order: fleets, edges (they flush their open buffers
+upstream), regionals, central, each with SIGTERM and a SIGKILL deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import trio
+
+from protocol.errors import ConfigError
+from protocol.identity import SigningIdentity
+from simulations.brokers.mosquitto import MALLOC_ENV, MosquittoProcess
+from simulations.brokers.nats_server import NatsServerProcess
+from simulations.datasets import (
+    NUM_CLASSES,
+    NUM_FEATURES,
+    DigitsSplit,
+    dirichlet_partition,
+    load_digits_split,
+    write_shards,
+)
+from simulations.fleet import KIND_NAMES, KindName, SendSpec, TrainingSpec
+from simulations.processes import Child, ProcessGroup, open_process_group
+
+__all__ = [
+    "Brokers",
+    "FlushSpec",
+    "KindProfile",
+    "MeshPlan",
+    "MeshSpec",
+    "RunningMesh",
+    "open_brokers",
+    "open_mesh",
+    "prepare_mesh",
+]
+
+# The daemons' log line once their input is open (tiers.tier.TierDaemon.serve).
+_SERVING: Final = r"serving \(epoch \d+, model v\d+\)"
+_LOOPBACK: Final = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class FlushSpec:
+    """One tier's flush policy: at ``max_inputs`` inputs or when the oldest is ``max_age_s`` old."""
+
+    max_inputs: int
+    max_age_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class KindProfile:
+    """How one kind of device is simulated, relative to the fleet's base interval ``T``.
+
+    Attributes:
+        share: fraction of the fleet of this kind.
+        volume: relative amount of local data (the Dirichlet split's weight).
+        interval: time between two trainings, in units of ``T``.
+        delay_median: median extra compute delay (log-normal), in units of ``T``.
+        delay_sigma: log-space sigma of that delay.
+        online_mean: mean online period in units of ``T``; None: always online.
+        offline_mean: mean offline period in units of ``T``.
+    """
+
+    share: float
+    volume: float
+    interval: float
+    delay_median: float = 0.0
+    delay_sigma: float = 0.0
+    online_mean: float | None = None
+    offline_mean: float = 0.0
+
+    @property
+    def availability(self) -> float:
+        """Expected fraction of time online."""
+        if self.online_mean is None:
+            return 1.0
+        return self.online_mean / (self.online_mean + self.offline_mean)
+
+
+DEFAULT_KINDS: Final[Mapping[KindName, KindProfile]] = {
+    # Vehicles: most data, fast, away a quarter of the time.
+    "vehicle": KindProfile(share=0.35, volume=3.0, interval=0.8, online_mean=3.0, offline_mean=1.0),
+    # Factory machines: medium data, slow hardware (a log-normal extra delay), always on.
+    "factory": KindProfile(
+        share=0.30, volume=1.5, interval=1.0, delay_median=0.25, delay_sigma=0.6
+    ),
+    # IoT gateways: little data, fast, almost always online.
+    "iot": KindProfile(share=0.35, volume=0.5, interval=1.2, online_mean=10.0, offline_mean=0.3),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSpec:
+    """The shape and tuning of a simulated mesh.
+
+    Attributes:
+        fleet: the fleet token.
+        regions: region token -> its site tokens (one edge daemon per site).
+        devices: devices in total, spread over the sites.
+        seed: seeds keys' order, data split, device behaviour.
+        updates_per_s: the device update rate the whole fleet aims at; it sets
+            the base interval ``T`` of every device.
+        misbehaving: devices that now and then publish a malformed or badly
+            signed update.
+        misbehave_every_s: mean time between two such updates of one device.
+        edge_flush: edge flush policy.
+        regional_flush: regional flush policy.
+        central_flush: central flush policy (inputs per model version).
+        max_staleness: staleness bound at every tier.
+        server_lr: the central's FedAvg server learning rate.
+        max_norm: edge L2 clip bound of an update.
+        training: device model and SGD settings.
+        send: device encoding and delivery.
+        kinds: device kind profiles.
+        dirichlet_alpha: label skew of the data split.
+        shutdown_timeout_s: daemons' clean-shutdown budget.
+        model_seed: seed of version 0's weights.
+        standalone_devices: this many devices (the first ones of the plan)
+            get their own ``fedtier device`` config instead of a fleet slot.
+        standalone_rounds: updates each standalone device delivers before it
+            exits; each waits for a newer model than the last it trained on.
+        fleet_duration_s: fleets stop by themselves after this long, a bound
+            in case their parent cannot stop them; None: only when told.
+    """
+
+    fleet: str = "demo"
+    regions: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("north", ("harbour", "plant")),
+        ("south", ("depot", "farm")),
+    )
+    devices: int = 240
+    seed: int = 0
+    updates_per_s: float = 15.0
+    misbehaving: int = 4
+    misbehave_every_s: float = 20.0
+    edge_flush: FlushSpec = FlushSpec(8, 1.0)
+    regional_flush: FlushSpec = FlushSpec(2, 1.0)
+    central_flush: FlushSpec = FlushSpec(2, 1.0)
+    max_staleness: int = 16
+    server_lr: float = 1.0
+    max_norm: float = 100.0
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    send: SendSpec = field(default_factory=SendSpec)
+    kinds: Mapping[KindName, KindProfile] = field(default_factory=lambda: dict(DEFAULT_KINDS))
+    dirichlet_alpha: float = 0.5
+    shutdown_timeout_s: float = 5.0
+    model_seed: int = 0
+    standalone_devices: int = 0
+    standalone_rounds: int = 2
+    fleet_duration_s: float | None = None
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """Every site, region by region."""
+        return tuple(site for _, sites in self.regions for site in sites)
+
+    def base_interval_s(self) -> float:
+        """``T``: the interval unit that makes the fleet send ``updates_per_s``."""
+        rate_per_t = sum(
+            self.devices * p.share * p.availability / (p.interval + p.delay_median)
+            for p in self.kinds.values()
+        )
+        return rate_per_t / self.updates_per_s
+
+
+@dataclass(frozen=True, slots=True)
+class Brokers:
+    """The running Mosquitto and nats-server of a run."""
+
+    mosquitto: MosquittoProcess
+    nats: NatsServerProcess
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEntry:
+    """One planned device."""
+
+    name: str
+    kind: KindName
+    site: str
+    key_id: str
+    n_examples: int
+
+
+@dataclass(frozen=True, slots=True)
+class MeshPlan:
+    """Everything ``prepare_mesh`` wrote and what a run needs to know about it.
+
+    Attributes:
+        spec: the mesh spec.
+        workdir: keys, configs, data, state (temporary).
+        out_dir: run artefacts.
+        trace_dir: span files of every process.
+        device_log_dir: device logs (written when fleets stop).
+        log_dir: process logs.
+        central_key_file: the central's public key (PEM).
+        central_key_id: its key id.
+        central_config, regional_configs, edge_configs, fleet_configs: config
+            files, by region / site for the middle tiers and fleets.
+        device_configs: ``fedtier device`` config per standalone device name.
+        prometheus_ports: daemon name -> its /metrics port.
+        mqtt_host, mqtt_port: the (single) Mosquitto.
+        devices: the planned devices.
+        split: the data; ``X_test``/``y_test`` are the held-out set.
+        initial_model: version 0's ``.npz``.
+        base_interval_s: ``T`` of the fleet.
+    """
+
+    spec: MeshSpec
+    workdir: Path
+    out_dir: Path
+    trace_dir: Path
+    device_log_dir: Path
+    log_dir: Path
+    central_key_file: Path
+    central_key_id: str
+    central_config: Path
+    regional_configs: Mapping[str, Path]
+    edge_configs: Mapping[str, Path]
+    fleet_configs: Mapping[str, Path]
+    device_configs: Mapping[str, Path]
+    prometheus_ports: Mapping[str, int]
+    mqtt_host: str
+    mqtt_port: int
+    devices: tuple[DeviceEntry, ...]
+    split: DigitsSplit
+    initial_model: Path
+    base_interval_s: float
+
+    @property
+    def edge_metrics_urls(self) -> dict[str, str]:
+        """Edge name -> its Prometheus ``/metrics`` URL."""
+        return {
+            name: f"http://{_LOOPBACK}:{port}/metrics"
+            for name, port in self.prometheus_ports.items()
+            if name.startswith("edge-")
+        }
+
+
+# -- files ----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    # Racy by nature (the port is free now); fine on a loopback-only demo host.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((_LOOPBACK, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _write_toml(path: Path, header: str, body: Mapping[str, object]) -> Path:
+    """Write a TOML file from a dict of scalars and one level of tables (and arrays of tables)."""
+    lines = [f"# {header}"]
+    tables: list[tuple[str, object]] = []
+    for key, value in body.items():
+        if isinstance(value, Mapping) or (
+            isinstance(value, list) and value and isinstance(value[0], Mapping)
+        ):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in tables:
+        if isinstance(value, Mapping):
+            nested = [(k, v) for k, v in value.items() if isinstance(v, Mapping)]
+            lines.append(f"\n[{key}]")
+            lines.extend(
+                f"{k} = {_toml_value(v)}" for k, v in value.items() if not isinstance(v, Mapping)
+            )
+            for sub, sub_value in nested:
+                assert isinstance(sub_value, Mapping)
+                lines.append(f"\n[{key}.{sub}]")
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in sub_value.items())
+        else:
+            assert isinstance(value, list)
+            for item in value:
+                lines.append(f"\n[[{key}]]")
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _new_identity(keys_dir: Path, name: str) -> SigningIdentity:
+    identity = SigningIdentity.generate()
+    identity.save(keys_dir / f"{name}.key")
+    identity.save_public(keys_dir / f"{name}.pub")
+    return identity
+
+
+def _write_registry(path: Path, members: Mapping[str, SigningIdentity]) -> Path:
+    lines = ["# Written by simulations.mesh: name = public key (hex).", "[keys]"]
+    lines.extend(
+        f"{json.dumps(name)} = {json.dumps(i.verify_key.raw.hex())}" for name, i in members.items()
+    )
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _write_initial_model(path: Path, hidden: int, seed: int) -> None:
+    from client.trainers import make_mlp
+
+    model = make_mlp(NUM_FEATURES, hidden, NUM_CLASSES, seed=seed)
+    arrays = {name: t.detach().numpy().astype(np.float32) for name, t in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Keyword order is the archive order, which is the layout order.
+    np.savez(path, **arrays)
+
+
+def _assign_kinds(spec: MeshSpec) -> list[KindName]:
+    """Kinds of devices 0..N-1: shares rounded by largest remainder, interleaved."""
+    names = [k for k in KIND_NAMES if k in spec.kinds]
+    exact = [spec.devices * spec.kinds[k].share for k in names]
+    total_share = sum(spec.kinds[k].share for k in names)
+    exact = [e / total_share for e in exact]
+    counts = [int(e) for e in exact]
+    for i in sorted(range(len(names)), key=lambda i: counts[i] - exact[i])[
+        : spec.devices - sum(counts)
+    ]:
+        counts[i] += 1
+    # Interleave so that round-robin site assignment gives every site a mix.
+    kinds: list[KindName] = []
+    left = dict(zip(names, counts, strict=True))
+    while len(kinds) < spec.devices:
+        for name in names:
+            if left[name] > 0:
+                kinds.append(name)
+                left[name] -= 1
+    return kinds
+
+
+_PREFIX: Final[Mapping[str, str]] = {"vehicle": "veh", "factory": "fac", "iot": "iot"}
+
+
+def prepare_mesh(spec: MeshSpec, workdir: Path, out_dir: Path, brokers: Brokers) -> MeshPlan:
+    """Write keys, registries, model, data and configs for ``spec``; returns the plan.
+
+    Synchronous and CPU-light (a second or so for 240 devices); call it from
+    trio through ``trio.to_thread.run_sync``.
+
+    Raises:
+        ConfigError: the spec cannot be met (too many devices for the data,
+            an invalid name).
+    """
+    if spec.devices - spec.standalone_devices < len(spec.sites):
+        raise ConfigError(
+            f"{spec.devices - spec.standalone_devices} fleet devices cannot cover "
+            f"{len(spec.sites)} sites"
+        )
+    workdir = workdir.resolve()
+    out_dir = out_dir.resolve()
+    keys_dir = workdir / "keys"
+    (keys_dir / "devices").mkdir(parents=True, exist_ok=True)
+    config_dir = workdir / "config"
+    state_dir = workdir / "state"
+    trace_dir = out_dir / "traces"
+    device_log_dir = out_dir / "devices"
+    log_dir = out_dir / "logs"
+    base_t = spec.base_interval_s()
+
+    central = _new_identity(keys_dir, "central")
+    regionals = {
+        region: _new_identity(keys_dir, f"regional-{region}") for region, _ in spec.regions
+    }
+    edges = {site: _new_identity(keys_dir, f"edge-{site}") for site in spec.sites}
+
+    kinds = _assign_kinds(spec)
+    names: list[str] = []
+    counters: dict[str, int] = {}
+    for kind in kinds:
+        counters[kind] = counters.get(kind, 0) + 1
+        names.append(f"{_PREFIX[kind]}-{counters[kind]:04d}")
+    device_ids = {name: _new_identity(keys_dir / "devices", name) for name in names}
+    sites = [spec.sites[i % len(spec.sites)] for i in range(spec.devices)]
+
+    split = load_digits_split(seed=spec.seed)
+    shards = dirichlet_partition(
+        split.y_train,
+        [spec.kinds[k].volume for k in kinds],
+        alpha=spec.dirichlet_alpha,
+        seed=spec.seed,
+    )
+    data_paths = [workdir / "data" / f"{name}.npz" for name in names]
+    write_shards(split, shards, data_paths)
+    initial_model = workdir / "model" / "initial.npz"
+    _write_initial_model(initial_model, spec.training.hidden, spec.model_seed)
+
+    registries = {
+        site: _write_registry(
+            keys_dir / f"devices-{site}.toml",
+            {n: device_ids[n] for n, s in zip(names, sites, strict=True) if s == site},
+        )
+        for site in spec.sites
+    }
+    edge_registries = {
+        region: _write_registry(
+            keys_dir / f"edges-{region}.toml", {f"edge-{s}": edges[s] for s in region_sites}
+        )
+        for region, region_sites in spec.regions
+    }
+    regional_registry = _write_registry(
+        keys_dir / "regionals.toml", {f"regional-{r}": i for r, i in regionals.items()}
+    )
+    central_pub = keys_dir / "central.pub"
+
+    mosquitto, nats = brokers.mosquitto, brokers.nats
+    ports = {name: _free_port() for name in ["central"]
+             + [f"regional-{r}" for r, _ in spec.regions]
+             + [f"edge-{s}" for s in spec.sites]}  # fmt: skip
+
+    def common(name: str, flush: FlushSpec, senders: Sequence[Path]) -> dict[str, object]:
+        return {
+            "fleet": spec.fleet,
+            "identity_key": keys_dir / f"{name}.key",
+            "state_dir": state_dir / name,
+            "intake_capacity": 64,
+            "shutdown_timeout_s": spec.shutdown_timeout_s,
+            "keys": {"senders": [str(p) for p in senders], "central": central_pub},
+            "nats": {
+                "servers": [nats.url],
+                "monitoring_url": nats.monitoring_url,
+                "require_sync_always": True,
+            },
+            "flush": {"max_inputs": flush.max_inputs, "max_age_s": flush.max_age_s},
+            "staleness": {"kind": "fedbuff", "max_staleness": spec.max_staleness},
+            "store": {"commit_window_ms": 2},
+            "retry": {"initial_backoff_s": 0.1, "max_backoff_s": 2.0},
+            "telemetry": {"jsonl_dir": trace_dir, "prometheus_port": ports[name]},
+        }
+
+    header = "Written by simulations.mesh for one run; see deploy/*.example.toml."
+    central_config = _write_toml(
+        config_dir / "central.toml",
+        header,
+        {
+            **common("central", spec.central_flush, [regional_registry]),
+            "model": {"initial": initial_model},
+            "optimizer": {"name": "fedavg", "lr": spec.server_lr},
+        },
+    )
+    regional_configs = {
+        region: _write_toml(
+            config_dir / f"regional-{region}.toml",
+            header,
+            {
+                "region": region,
+                **common(f"regional-{region}", spec.regional_flush, [edge_registries[region]]),
+                "partial": {"codec": "f32"},
+            },
+        )
+        for region, _ in spec.regions
+    }
+    region_of = {site: region for region, region_sites in spec.regions for site in region_sites}
+    edge_configs = {
+        site: _write_toml(
+            config_dir / f"edge-{site}.toml",
+            header,
+            {
+                "site": site,
+                "region": region_of[site],
+                **common(f"edge-{site}", spec.edge_flush, [registries[site]]),
+                "mqtt": {
+                    "host": mosquitto.host,
+                    "port": mosquitto.port,
+                    "client_id": f"edge-{site}",
+                    "keepalive_s": 60,
+                    "session_expiry_s": 600,
+                },
+                "validation": {"max_norm": spec.max_norm, "norm_policy": "clip"},
+                "partial": {"codec": "f32"},
+            },
+        )
+        for site in spec.sites
+    }
+
+    rogue = _pick_rogues(spec, kinds, sites)
+    standalone = range(spec.standalone_devices)
+    device_configs = {
+        names[i]: _write_toml(
+            config_dir / f"device-{names[i]}.toml",
+            header,
+            {
+                "device": {
+                    "fleet": spec.fleet,
+                    "site": sites[i],
+                    "identity_key": keys_dir / "devices" / f"{names[i]}.key",
+                    "outbox": state_dir / names[i] / "outbox.sqlite",
+                    "model_cache": state_dir / names[i] / "model.blob",
+                    "data": data_paths[i],
+                },
+                "central": {"public_key": central_pub},
+                "edges": {"public_keys": [keys_dir / f"edge-{sites[i]}.pub"]},
+                "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "keepalive_s": 60},
+                "send": {
+                    "codec": spec.send.codec,
+                    "receipt_timeout_s": spec.send.receipt_timeout_s,
+                    "max_attempts": spec.send.max_attempts,
+                },
+                "schedule": {"rounds": spec.standalone_rounds, "wait_for_new_model": True},
+                "training": {
+                    "model": "mlp",
+                    "num_classes": spec.training.num_classes,
+                    "hidden": spec.training.hidden,
+                    "epochs": spec.training.epochs,
+                    "batch_size": spec.training.batch_size,
+                    "lr": spec.training.lr,
+                    "torch_threads": 1,
+                },
+            },
+        )
+        for i in standalone
+    }
+    fleet_configs: dict[str, Path] = {}
+    for site in spec.sites:
+        members = [i for i in range(spec.devices) if sites[i] == site and i not in standalone]
+        fleet_configs[site] = _write_toml(
+            config_dir / f"fleet-{site}.toml",
+            header,
+            {
+                "fleet": spec.fleet,
+                "name": f"fleet-{site}",
+                "seed": spec.seed * 1000 + spec.sites.index(site),
+                "state_dir": state_dir / f"fleet-{site}",
+                "log_dir": device_log_dir,
+                "trace_dir": trace_dir,
+                "start_spread_s": round(base_t, 3),
+                **({} if spec.fleet_duration_s is None else {"duration_s": spec.fleet_duration_s}),
+                "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "keepalive_s": 60},
+                "central": {"public_key": central_pub},
+                "send": {
+                    "codec": spec.send.codec,
+                    "error_feedback": spec.send.error_feedback,
+                    "receipt_timeout_s": spec.send.receipt_timeout_s,
+                    "max_attempts": spec.send.max_attempts,
+                    "backoff_max_s": spec.send.backoff_max_s,
+                },
+                "training": {
+                    "epochs": spec.training.epochs,
+                    "batch_size": spec.training.batch_size,
+                    "lr": spec.training.lr,
+                    "hidden": spec.training.hidden,
+                    "num_classes": spec.training.num_classes,
+                },
+                "kinds": {
+                    name: _kind_table(profile, base_t) for name, profile in spec.kinds.items()
+                },
+                "sites": {site: {"edge_keys": [keys_dir / f"edge-{site}.pub"]}},
+                "devices": [
+                    {
+                        "name": names[i],
+                        "kind": kinds[i],
+                        "site": site,
+                        "identity_key": keys_dir / "devices" / f"{names[i]}.key",
+                        "data": data_paths[i],
+                        **({"misbehave_every_s": spec.misbehave_every_s} if i in rogue else {}),
+                    }
+                    for i in members
+                ],
+            },
+        )
+
+    return MeshPlan(
+        spec=spec,
+        workdir=workdir,
+        out_dir=out_dir,
+        trace_dir=trace_dir,
+        device_log_dir=device_log_dir,
+        log_dir=log_dir,
+        central_key_file=central_pub,
+        central_key_id=central.key_id,
+        central_config=central_config,
+        regional_configs=regional_configs,
+        edge_configs=edge_configs,
+        fleet_configs=fleet_configs,
+        device_configs=device_configs,
+        prometheus_ports=ports,
+        mqtt_host=mosquitto.host,
+        mqtt_port=mosquitto.port,
+        devices=tuple(
+            DeviceEntry(names[i], kinds[i], sites[i], device_ids[names[i]].key_id, len(shards[i]))
+            for i in range(spec.devices)
+        ),
+        split=split,
+        initial_model=initial_model,
+        base_interval_s=base_t,
+    )
+
+
+def _pick_rogues(spec: MeshSpec, kinds: Sequence[KindName], sites: Sequence[str]) -> set[int]:
+    """Indices of the misbehaving devices: IoT gateways first, spread over the sites."""
+    order = sorted(range(spec.devices), key=lambda i: (kinds[i] != "iot", i))
+    chosen: list[int] = []
+    used_sites: set[str] = set()
+    for i in order:  # one per site first
+        if len(chosen) < spec.misbehaving and sites[i] not in used_sites:
+            chosen.append(i)
+            used_sites.add(sites[i])
+    for i in order:
+        if len(chosen) < spec.misbehaving and i not in chosen:
+            chosen.append(i)
+    return set(chosen)
+
+
+def _kind_table(profile: KindProfile, base_t: float) -> dict[str, object]:
+    interval = profile.interval * base_t
+    table: dict[str, object] = {
+        "min_interval_s": round(interval, 3),
+        # Without a newer model for this long a device trains on the current one.
+        "model_wait_s": round(2 * interval, 3),
+    }
+    if profile.delay_median > 0:
+        table["delay_median_s"] = round(profile.delay_median * base_t, 3)
+        table["delay_sigma"] = profile.delay_sigma
+    if profile.online_mean is not None:
+        table["online_mean_s"] = round(profile.online_mean * base_t, 3)
+        table["offline_mean_s"] = round(profile.offline_mean * base_t, 3)
+    return table
+
+
+# -- running ------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def open_brokers(workdir: Path) -> AsyncIterator[Brokers]:
+    """Run Mosquitto and nats-server (JetStream, ``sync_interval: always``) under ``workdir``.
+
+    Both are stopped (SIGTERM, then SIGKILL) when the block exits, cancellation
+    included.
+
+    Raises:
+        ConfigError: a broker is missing or does not start.
+    """
+    # to_thread without abandon: a start that is cancelled still returns its
+    # handle, so the finally below always knows what to stop.
+    mosquitto = await trio.to_thread.run_sync(MosquittoProcess.start, workdir / "mosquitto")
+    try:
+        nats = await trio.to_thread.run_sync(NatsServerProcess.start, workdir / "nats")
+        try:
+            yield Brokers(mosquitto, nats)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(nats.stop)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(mosquitto.stop)
+
+
+def child_environment(trace_dir: Path | None = None) -> dict[str, str]:
+    """The environment of daemons and fleets: ours plus the malloc tuning and JSON-lines spans."""
+    env = {**os.environ, **MALLOC_ENV}
+    if trace_dir is not None:
+        # The run's own span files are what `fedtier trace` and the demo read,
+        # whatever OTLP endpoint the caller's shell may point at.
+        env["OTEL_TRACES_EXPORTER"] = "jsonl"
+    env.pop("OTEL_SDK_DISABLED", None)
+    return env
+
+
+@dataclass(eq=False)
+class RunningMesh:
+    """The daemons (and, once started, the fleets) of a run."""
+
+    plan: MeshPlan
+    group: ProcessGroup
+    central: Child
+    regionals: list[Child]
+    edges: list[Child]
+    fleets: list[Child] = field(default_factory=list)
+    devices: list[Child] = field(default_factory=list)
+
+    async def start_fleets(self, on_line: Callable[[str], None]) -> list[Child]:
+        """Start one fleet process per site; ``on_line`` gets their stdout JSON lines."""
+        for site, config in self.plan.fleet_configs.items():
+            self.fleets.append(
+                await self.group.start(
+                    f"fleet-{site}",
+                    [sys.executable, "-m", "simulations.fleet", "--config", str(config)],
+                    on_stdout_line=on_line,
+                )
+            )
+        return self.fleets
+
+    async def start_devices(self) -> list[Child]:
+        """Start each standalone device as a ``fedtier device`` process.
+
+        They exit by themselves after their rounds; that is not a failure.
+        """
+        for name, config in self.plan.device_configs.items():
+            child = await self.group.start(
+                f"device-{name}",
+                [sys.executable, "-m", "simulations.cli", "device", "--config", str(config)],
+                # A single device has no trace directory of its own; with the
+                # run's jsonl exporter forced on it would refuse to start.
+                env={"OTEL_TRACES_EXPORTER": None},
+            )
+            child.stopping = True  # exiting after its rounds is its job
+            self.devices.append(child)
+        return self.devices
+
+    def failed(self) -> Child | None:
+        """A child that exited although nobody asked it to stop, if any."""
+        for child in self.group.children:
+            if child.exited.is_set() and not child.stopping:
+                return child
+        return None
+
+    async def wait_failed(self) -> Child:
+        """Wait until some child exits on its own; return it."""
+        while True:
+            child = self.failed()
+            if child is not None:
+                return child
+            await self.group.changed()
+
+    async def stop(self, *, grace_s: float) -> None:
+        """Stop fleets, then edges, regionals and central, each tier after the one below."""
+        for tier in (self.fleets + self.devices, self.edges, self.regionals, [self.central]):
+            await self.group.stop(tier, grace_s=grace_s)
+
+
+@asynccontextmanager
+async def open_mesh(
+    plan: MeshPlan, *, ready_timeout_s: float = 60.0, stop_grace_s: float = 15.0
+) -> AsyncIterator[RunningMesh]:
+    """Start the central, then regionals and edges; yield once all serve; stop them in order.
+
+    Raises:
+        ChildFailed: a daemon exited or was not serving within ``ready_timeout_s``.
+    """
+    env = child_environment(plan.trace_dir)
+
+    def daemon(kind: str, config: Path) -> list[str]:
+        return [sys.executable, "-m", "simulations.cli", kind, "--config", str(config)]
+
+    async with open_process_group(plan.log_dir, env=env, stop_grace_s=stop_grace_s) as group:
+        central = await group.start(
+            "central", daemon("central", plan.central_config), ready_pattern=_SERVING
+        )
+        # Followers wait for version 0 in the registry anyway; starting them
+        # after the central serves keeps their logs free of retries.
+        await group.wait_ready([central], timeout_s=ready_timeout_s)
+        regionals = [
+            await group.start(f"regional-{r}", daemon("regional", p), ready_pattern=_SERVING)
+            for r, p in plan.regional_configs.items()
+        ]
+        edges = [
+            await group.start(f"edge-{s}", daemon("edge", p), ready_pattern=_SERVING)
+            for s, p in plan.edge_configs.items()
+        ]
+        await group.wait_ready([*regionals, *edges], timeout_s=ready_timeout_s)
+        mesh = RunningMesh(plan, group, central, regionals, edges)
+        try:
+            yield mesh
+        finally:
+            await mesh.stop(grace_s=stop_grace_s)

@@ -1,0 +1,66 @@
+"""What ``prepare_mesh`` writes is what daemons, fleets and devices read (no process started)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from client.config import load_device_settings
+from protocol.errors import ConfigError
+from simulations.fleet import load_fleet_config
+from simulations.mesh import MeshSpec, prepare_mesh
+from tiers.config import load_config, load_initial_model
+
+
+def _fake_brokers() -> Any:
+    # prepare_mesh reads only addresses from the brokers; no process is started.
+    return SimpleNamespace(
+        mosquitto=SimpleNamespace(host="127.0.0.1", port=1883),
+        nats=SimpleNamespace(url="nats://127.0.0.1:4222", monitoring_url="http://127.0.0.1:8222"),
+    )
+
+
+def test_every_written_config_loads(tmp_path: Path) -> None:
+    spec = MeshSpec(devices=13, standalone_devices=1, misbehaving=2)
+    plan = prepare_mesh(spec, tmp_path / "work", tmp_path / "out", _fake_brokers())
+
+    central = load_config("central", plan.central_config)
+    assert central.flush.max_inputs == spec.central_flush.max_inputs
+    for config in plan.regional_configs.values():
+        load_config("regional", config)
+    edges = {site: load_config("edge", path) for site, path in plan.edge_configs.items()}
+    assert set(edges) == set(spec.sites)
+
+    fleets = {site: load_fleet_config(path) for site, path in plan.fleet_configs.items()}
+    in_fleets = [d for f in fleets.values() for d in f.devices]
+    assert len(in_fleets) == 12  # one device runs on its own
+    assert {d.kind for d in in_fleets} == {"vehicle", "factory", "iot"}
+    assert sum(d.misbehave_every_s is not None for d in in_fleets) == 2
+    assert all(d.site == site for site, f in fleets.items() for d in f.devices)
+
+    (device_config,) = plan.device_configs.values()
+    settings = load_device_settings(device_config)
+    assert settings.device.rounds == spec.standalone_rounds
+    assert settings.training.model == "mlp"
+
+    layout, params = load_initial_model(plan.initial_model)
+    assert [t.name for t in layout.tensors] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert params.size == 64 * 32 + 32 + 32 * 10 + 10
+
+    key = plan.workdir / "keys" / "central.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert sum(d.n_examples for d in plan.devices) == len(plan.split.y_train)
+
+
+def test_base_interval_scales_with_the_fleet() -> None:
+    small, large = MeshSpec(devices=24), MeshSpec(devices=240)
+    assert large.base_interval_s() == pytest.approx(10 * small.base_interval_s())
+
+
+def test_too_few_fleet_devices_is_one_sentence(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot cover 4 sites"):
+        prepare_mesh(MeshSpec(devices=3), tmp_path, tmp_path / "out", _fake_brokers())

@@ -52,7 +52,6 @@ _LAZY |= {
         "ObjectNotFound",
         "ObjectStore",
         "StreamSpec",
-        "open_mqtt_bus",
         "open_nats_bus",
         "open_nats_loop",
     )

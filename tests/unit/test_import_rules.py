@@ -74,3 +74,10 @@ def test_only_the_nats_module_touches_asyncio_nats_or_trio_asyncio() -> None:
         and p != ROOT / "protocol" / "bus" / "_nats.py"
     ]
     assert offenders == []
+
+
+def test_every_public_bus_name_imports() -> None:
+    import protocol.bus
+
+    for name in protocol.bus.__all__:
+        assert getattr(protocol.bus, name) is not None, name

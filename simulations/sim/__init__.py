@@ -1,0 +1,22 @@
+"""The fleet simulator, its scenarios and experiments; protocol, tiers and client never import it.
+
+``scenario`` reads the TOML format, ``engine`` runs it on a virtual clock over
+``nodes`` (the tiers' own math) and ``devices`` (the client's own trainers),
+``report`` writes what a run measured, ``experiments`` runs the documented
+studies, and ``mesh_engine`` runs a small scenario on the real daemons.
+"""
+
+from __future__ import annotations
+
+from simulations.sim.engine import RunResult, Simulation, VersionRecord, run_scenario
+from simulations.sim.scenario import Scenario, load_scenario, parse_scenario
+
+__all__ = [
+    "RunResult",
+    "Scenario",
+    "Simulation",
+    "VersionRecord",
+    "load_scenario",
+    "parse_scenario",
+    "run_scenario",
+]

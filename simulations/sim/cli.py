@@ -1,0 +1,144 @@
+"""``fedtier sim``: run a scenario or one of the documented experiments; may import every package.
+
+``main(argv)`` takes the arguments after ``sim`` and returns an exit status;
+``simulations.cli`` hands ``fedtier sim ...`` to it, and ``python -m
+simulations.sim ...`` is the same command. Errors the user can fix (a bad
+scenario value, an unsupported setting for the mesh engine) are one sentence
+on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from protocol.errors import FedtierError
+
+__all__ = ["main"]
+
+EXPERIMENTS = ("fedprox", "async-vs-sync", "codecs", "scale")
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r} must be integers like 0,1,2") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds needs at least one seed")
+    return seeds
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtier sim",
+        description="Simulate a fleet scenario (virtual clock, in process) or run it on the mesh.",
+    )
+    sub = parser.add_subparsers(dest="sim_command", required=True, metavar="ACTION")
+    run = sub.add_parser("run", help="run one scenario; writes metrics.csv, plots and report.md")
+    run.add_argument("scenario", type=Path, help="the scenario TOML file")
+    run.add_argument("--out", type=Path, required=True, help="output directory")
+    run.add_argument("--seed", type=int, default=None, help="replace scenario.seed")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a scenario value, e.g. --set training.mu=1 (repeatable)",
+    )
+    run.add_argument(
+        "--engine",
+        choices=("sim", "mesh"),
+        default="sim",
+        help="sim: in-process virtual clock (default); mesh: real daemons and devices",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    exp = sub.add_parser("experiment", help="run a documented experiment over several seeds")
+    exp.add_argument("name", choices=EXPERIMENTS, help="which experiment")
+    exp.add_argument("--out", type=Path, required=True, help="output directory")
+    exp.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated seeds")
+    exp.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    exp.add_argument(
+        "--scenarios",
+        type=Path,
+        default=None,
+        help="directory of the scenario files (default: the shipped simulations/scenarios)",
+    )
+    exp.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value in every run (for quick, smaller trials)",
+    )
+    exp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    from simulations.sim.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario, overrides=args.overrides, seed=args.seed)
+    if args.engine == "mesh":
+        from simulations.sim.mesh_engine import run_on_mesh
+
+        result = run_on_mesh(
+            scenario, show_progress=not args.no_progress, keep_dir=args.out / "mesh"
+        )
+    else:
+        from simulations.sim.engine import run_scenario
+        from simulations.sim.progress import progress_bar
+
+        with progress_bar(f"{scenario.name} (seed {scenario.seed})", not args.no_progress) as tick:
+            result = run_scenario(scenario, progress=tick)
+    from simulations.sim.report import write_run
+
+    report = write_run(result, args.out, command=command)
+    final = result.final
+    print(
+        f"{scenario.name}: v{final.version}, accuracy {final.test_accuracy:.4f}, "
+        f"{final.time_s:,.0f} virtual s, {result.wall_s:,.1f} wall s; report: {report}"
+    )
+    return 0
+
+
+def _experiment(args: argparse.Namespace, command: str) -> int:
+    from simulations.sim.experiments import run_experiment
+
+    if args.jobs < 1:
+        raise FedtierError(f"--jobs is {args.jobs}; it must be at least 1")
+    summary = run_experiment(
+        args.name,
+        out=args.out,
+        seeds=args.seeds,
+        jobs=args.jobs,
+        scenarios_dir=args.scenarios,
+        overrides=args.overrides,
+        show_progress=not args.no_progress,
+        command=command,
+    )
+    print(summary.read_text())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fedtier sim`` with ``argv`` (the arguments after ``sim``); return the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(args_list)
+    command = "fedtier sim " + shlex.join(args_list)
+    try:
+        if args.sim_command == "run":
+            return _run(args, command)
+        return _experiment(args, command)
+    except FedtierError as exc:
+        print(f"fedtier sim: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedtier sim: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,675 @@
+"""The in-process engine: a scenario as discrete events on a virtual clock; no trio, bus or clock.
+
+Imports numpy, protocol, tiers (through ``nodes``) and client (through
+``devices``); never trio, a bus or a clock other than the virtual one (wall
+time is measured only to report how long a run took). Deterministic given the
+scenario's seed.
+
+Events are ``(time, sequence, kind, a, b)`` tuples in one heap; the sequence
+number breaks ties in insertion order, so equal times never depend on the
+payloads. A device run is computed when it starts (it trains from the model
+its edge relays at that moment) and lands at the first tier after download,
+compute and upload time. In async mode a fixed number of concurrency slots
+are refilled from idle devices as runs finish or are lost (FedBuff); in sync
+mode each round picks devices, waits for them (or for the deadline), folds
+what arrived and steps. Either way the folding, flushing and stepping are the
+tiers' own code (``simulations.sim.nodes``).
+
+Sync rounds fold every update straight into the central: with no delay inside
+a round, edge -> regional -> central gives the same aggregate as one flat fold
+(design.md section 4, ``tests/property/test_aggregation_invariants.py``), so
+the hierarchy would change nothing but the bytes on the central link.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import numpy as np
+import numpy.typing as npt
+
+from protocol.codecs import CodecSpec
+from protocol.envelope import parse_envelope
+from protocol.messages import Tier
+from simulations.sim.data import FederatedData, build_data
+from simulations.sim.devices import FLEET, DeviceRun, LocalTraining
+from simulations.sim.nodes import CentralNode, TierNode
+from simulations.sim.scenario import DeviceKind, Scenario, TierSpec
+from tiers.optimizers import make_optimizer
+
+__all__ = ["RunResult", "Simulation", "VersionRecord", "run_scenario"]
+
+# Event kinds.
+_UPDATE = 0  # a device's update reaches its first tier: (device, DeviceRun)
+_LOST = 1  # a device vanished mid-run: (device, None)
+_READY = 2  # a device is idle and online again: (device, None)
+_SKIPPED = 3  # a run ended without an update (non-finite delta): (device, None)
+_PARTIAL = 4  # a partial reaches a tier: (node index, envelope)
+_DEADLINE = 5  # a buffer's deadline: (node index, epoch)
+_VERSION = 6  # the tiers learn a new version: (version, None)
+
+_STREAM_DATA = 1
+_STREAM_SELECT = 11
+_STREAM_DURATION = 12
+_STREAM_DROPOUT = 13
+_STREAM_REST = 14
+_STREAM_ROUND = 20
+# A sync run gives up after this many rounds in a row that made no version.
+_MAX_EMPTY_ROUNDS = 1000
+
+
+@dataclass(slots=True)
+class VersionRecord:
+    """What the run looked like when the central made one version (a CSV row).
+
+    Byte and update counts are cumulative since the start. ``uploaded_bytes``
+    counts codec payloads (values and indices) of updates that reached their
+    first tier; ``*_wire_bytes`` count whole signed envelopes.
+    """
+
+    version: int
+    time_s: float
+    test_accuracy: float
+    test_loss: float
+    train_loss: float
+    uploaded_bytes: int
+    uploaded_wire_bytes: int
+    updates_uploaded: int
+    central_bytes: int
+    central_wire_bytes: int
+    updates_in_version: int
+    mean_staleness: float
+    participants: int
+    stale_rejections: int
+    lost_runs: int
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        """CSV header, in field order."""
+        return [f.name for f in fields(cls)]
+
+    def row(self) -> list[str]:
+        """CSV values, in field order."""
+        out: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out.append(f"{value:.6g}" if isinstance(value, float) else str(value))
+        return out
+
+
+@dataclass
+class RunResult:
+    """Everything a run measured.
+
+    Attributes:
+        scenario: what ran.
+        records: one per evaluated version, in order.
+        staleness_hist: leaves folded into versions, by staleness at the central.
+        updates_per_device: accepted updates per device.
+        counts: outcomes by tier and reason (``"edge:stale"``...).
+        wall_s: wall-clock seconds the run took, setup (data, trainers) included.
+        virtual_time_s: virtual seconds simulated.
+        num_params: model size.
+        codec: the devices' codec.
+        num_devices: devices in the fleet.
+        engine: ``"sim"`` (in process, virtual clock) or ``"mesh"`` (real
+            processes; times are wall-clock seconds of training).
+    """
+
+    scenario: Scenario
+    records: list[VersionRecord]
+    staleness_hist: list[int]
+    updates_per_device: npt.NDArray[np.int64]
+    counts: dict[str, int]
+    wall_s: float
+    virtual_time_s: float
+    num_params: int
+    codec: str
+    num_devices: int
+    engine: str = "sim"
+
+    @property
+    def final(self) -> VersionRecord:
+        """The last record (the last version made)."""
+        return self.records[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class _Device:
+    region: int
+    edge: int
+    kind: DeviceKind
+
+
+ProgressCallback = Callable[[float], None]
+
+
+class Simulation:
+    """One scenario, ready to run once.
+
+    Args:
+        scenario: the scenario.
+        progress: called with the fraction done (0..1) after each version.
+    """
+
+    def __init__(self, scenario: Scenario, *, progress: ProgressCallback | None = None) -> None:
+        # Wall time counts the setup too (data, trainers): it is part of what a run costs.
+        self._created = time.perf_counter()
+        self.scenario = s = scenario
+        self._progress = progress
+        self.devices: list[_Device] = []
+        for region in range(s.fleet.regions):
+            for local_edge in range(s.fleet.edges_per_region):
+                edge = region * s.fleet.edges_per_region + local_edge
+                for kind in s.fleet.kinds:
+                    self.devices.extend(_Device(region, edge, kind) for _ in range(kind.count))
+        self.data: FederatedData = build_data(
+            s.data, [d.kind.data_volume for d in self.devices], seed=s.seed
+        )
+        self.training = LocalTraining(
+            s.training,
+            self.data,
+            codec=s.codec.name,
+            error_feedback=s.codec.error_feedback,
+            seed=s.seed,
+        )
+        layout = self.training.layout
+        agg = s.aggregation
+        central_spec = agg.central
+        self.central = CentralNode(
+            "central",
+            params=self.training.initial_params,
+            optimizer=make_optimizer(central_spec.optimizer, **dict(central_spec.optimizer_params)),
+            fleet=FLEET,
+            layout=layout,
+            flush=central_spec.flush,
+            staleness=central_spec.staleness,
+            max_norm=agg.edge.max_norm,
+            norm_policy=agg.edge.norm_policy,
+            seed=s.seed,
+        )
+        # nodes[i], its spec and its parent's index; the central is last.
+        self.nodes: list[TierNode] = []
+        self._node_spec: list[TierSpec | None] = []
+        self._parent: list[int] = []
+        self._edge_node: list[int] = []
+        hierarchical = agg.mode == "async" and agg.topology == "hierarchical"
+        if hierarchical:
+            regional_index: list[int] = []
+            for region in range(s.fleet.regions):
+                regional_index.append(
+                    self._add_node(f"regional-{region}", Tier.REGIONAL, agg.regional)
+                )
+            for edge in range(s.fleet.num_edges):
+                region = edge // s.fleet.edges_per_region
+                index = self._add_node(f"edge-{edge}", Tier.EDGE, agg.edge)
+                self._parent[index] = regional_index[region]
+                self._edge_node.append(index)
+        self.central_index = len(self.nodes)
+        self.nodes.append(self.central)
+        self._node_spec.append(None)
+        self._parent.append(-1)
+        for i, parent in enumerate(self._parent):
+            if parent == -2:
+                self._parent[i] = self.central_index
+        self._hierarchical = hierarchical
+
+        n = len(self.devices)
+        self._heap: list[tuple[float, int, int, int, object]] = []
+        self._seq = 0
+        self.now = 0.0
+        self._rng_select = self._rng(_STREAM_SELECT)
+        self._rng_duration = self._rng(_STREAM_DURATION)
+        self._rng_dropout = self._rng(_STREAM_DROPOUT)
+        self._rng_rest = self._rng(_STREAM_REST)
+        self._weights = self.data.samples.astype(np.float64)
+        # The version the edges relay to devices, and the parameters of versions
+        # not yet relayed (a version is relayed model_propagation_s after it is made).
+        self._relayed = 0
+        self._params: dict[int, npt.NDArray[np.float32]] = {0: self.central.params}
+        self._idle: list[int] = []
+        self._idle_pos = np.full(n, -1, dtype=np.int64)
+        self._active = 0
+        self._offline_until = np.zeros(n)
+        self.updates_per_device = np.zeros(n, dtype=np.int64)
+        self.records: list[VersionRecord] = []
+        self.staleness_hist = [0] * 32
+        self._uploaded = 0
+        self._uploaded_wire = 0
+        self._updates_uploaded = 0
+        self._central_bytes = 0
+        self._central_wire = 0
+        self._stale = 0
+        self._lost = 0
+        self._skipped = 0
+        self._participants = 0
+
+    # -- construction helpers ------------------------------------------------------
+
+    def _rng(self, *stream: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.scenario.seed, *stream]))
+
+    def _add_node(self, name: str, tier: Tier, spec: TierSpec) -> int:
+        node = TierNode(
+            name,
+            tier=tier,
+            fleet=FLEET,
+            layout=self.training.layout,
+            flush=spec.flush,
+            staleness=spec.staleness,
+            partial_codec=CodecSpec.parse(
+                spec.partial_codec, num_params=self.training.layout.num_params
+            ),
+            max_norm=self.scenario.aggregation.edge.max_norm if tier is Tier.EDGE else None,
+            norm_policy=self.scenario.aggregation.edge.norm_policy,
+            seed=self.scenario.seed,
+        )
+        self.nodes.append(node)
+        self._node_spec.append(spec)
+        self._parent.append(-2)  # the central, fixed up once its index is known
+        return len(self.nodes) - 1
+
+    # -- running -------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        """Run to the stop condition and return what was measured."""
+        self._record(evaluate=True)
+        if self.scenario.aggregation.mode == "sync":
+            self._run_sync()
+        else:
+            self._run_async()
+        if math.isnan(self.records[-1].test_accuracy):
+            self._record(evaluate=True)
+        counts: dict[str, int] = {}
+        for node in self.nodes:
+            prefix = node.name.split("-")[0]
+            for outcome, count in node.counts.items():
+                key = f"{prefix}:{outcome}"
+                counts[key] = counts.get(key, 0) + count
+        counts["device:lost"] = self._lost
+        counts["device:skipped"] = self._skipped
+        return RunResult(
+            scenario=self.scenario,
+            records=self.records,
+            staleness_hist=self.staleness_hist,
+            updates_per_device=self.updates_per_device,
+            counts=counts,
+            wall_s=time.perf_counter() - self._created,
+            virtual_time_s=self.now,
+            num_params=self.training.layout.num_params,
+            codec=str(self.training.codec),
+            num_devices=len(self.devices),
+        )
+
+    def _push(self, at: float, kind: int, a: int, b: object = None) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (at, self._seq, kind, a, b))
+
+    def _done(self) -> bool:
+        stop = self.scenario.stop
+        if stop.versions is not None and self.central.version >= stop.versions:
+            return True
+        return stop.virtual_time_s is not None and self.now >= stop.virtual_time_s
+
+    def _report_progress(self) -> None:
+        if self._progress is None:
+            return
+        stop = self.scenario.stop
+        fraction = 0.0
+        if stop.versions is not None:
+            fraction = self.central.version / stop.versions
+        if stop.virtual_time_s is not None:
+            fraction = max(fraction, self.now / stop.virtual_time_s)
+        self._progress(min(1.0, fraction))
+
+    # -- device timing -------------------------------------------------------------
+
+    def _compute_s(self, device: int, rng: np.random.Generator) -> float:
+        clients = self.scenario.clients
+        draw = rng.lognormal(0.0, clients.compute_sigma) if clients.compute_sigma else 1.0
+        return clients.compute_median_s * self.devices[device].kind.speed * float(draw)
+
+    def _download_s(self, device: int) -> float:
+        clients = self.scenario.clients
+        rate = self.devices[device].kind.downlink_bytes_per_s or clients.downlink_bytes_per_s
+        return clients.latency_s + self.training.model_bytes / rate
+
+    def _upload_s(self, device: int, size: int) -> float:
+        clients = self.scenario.clients
+        rate = self.devices[device].kind.uplink_bytes_per_s or clients.uplink_bytes_per_s
+        return clients.latency_s + size / rate
+
+    # -- async ---------------------------------------------------------------------
+
+    def _run_async(self) -> None:
+        for device in range(len(self.devices)):
+            self._make_idle(device)
+        self._fill()
+        limit = self.scenario.stop.virtual_time_s
+        while self._heap and not self._done():
+            at, _seq, kind, a, b = heapq.heappop(self._heap)
+            if limit is not None and at > limit:
+                self.now = limit
+                break
+            self.now = at
+            if kind == _UPDATE:
+                assert isinstance(b, DeviceRun)
+                self._on_update(a, b)
+            elif kind == _PARTIAL:
+                assert isinstance(b, bytes)
+                self._on_partial(a, b)
+            elif kind == _DEADLINE:
+                node = self.nodes[a]
+                if node.epoch == b and node.due(self.now) is not None:
+                    self._cut(a)
+            elif kind == _VERSION:
+                self._on_relay(a)
+            elif kind == _LOST:
+                self._active -= 1
+                self._lost += 1
+                back = self._rng_rest.exponential(self.scenario.clients.offline_s)
+                self._push(self.now + float(back), _READY, a)
+                self._fill()
+            elif kind == _SKIPPED:
+                self._active -= 1
+                self._rest(a)
+            elif kind == _READY:
+                self._make_idle(a)
+                self._fill()
+
+    def _make_idle(self, device: int) -> None:
+        self._idle_pos[device] = len(self._idle)
+        self._idle.append(device)
+
+    def _take_idle(self) -> int:
+        clients = self.scenario.clients
+        if clients.selection == "by_samples":
+            weights = self._weights[self._idle]
+            position = int(self._rng_select.choice(len(self._idle), p=weights / weights.sum()))
+        else:
+            position = int(self._rng_select.integers(len(self._idle)))
+        device = self._idle[position]
+        last = self._idle.pop()
+        if last != device:
+            self._idle[position] = last
+            self._idle_pos[last] = position
+        self._idle_pos[device] = -1
+        return device
+
+    def _fill(self) -> None:
+        slots = self.scenario.clients.concurrency or len(self.devices)
+        while self._active < slots and self._idle:
+            self._start(self._take_idle())
+
+    def _start(self, device: int) -> None:
+        self._active += 1
+        version = self._relayed
+        download = self._download_s(device)
+        compute = self._compute_s(device, self._rng_duration)
+        if self._rng_dropout.random() < self.devices[device].kind.dropout:
+            vanish = self.now + float(self._rng_dropout.random()) * (download + compute)
+            self._push(vanish, _LOST, device)
+            return
+        run = self.training.run(device, self._params[version], version, now_s=self.now)
+        if run is None:
+            self._skipped += 1
+            self._push(self.now + download + compute, _SKIPPED, device)
+            return
+        upload = self._upload_s(device, len(run.envelope))
+        self._push(self.now + download + compute + upload, _UPDATE, device, run)
+
+    def _rest(self, device: int) -> None:
+        rest_s = self.scenario.clients.rest_s
+        if rest_s > 0:
+            self._push(self.now + float(self._rng_rest.exponential(rest_s)), _READY, device)
+        else:
+            self._make_idle(device)
+        self._fill()
+
+    def _on_update(self, device: int, run: DeviceRun) -> None:
+        self._active -= 1
+        self._count_upload(run)
+        index = self._edge_node[self.devices[device].edge] if self._hierarchical else None
+        node = self.central if index is None else self.nodes[index]
+        if index is None:
+            self._central_bytes += run.payload_bytes
+            self._central_wire += len(run.envelope)
+        self._count_outcome(device, node.admit_update(run.envelope, self.now))
+        self._after_input(self.central_index if index is None else index)
+        self._rest(device)
+
+    def _count_upload(self, run: DeviceRun) -> None:
+        self._uploaded += run.payload_bytes
+        self._uploaded_wire += len(run.envelope)
+        self._updates_uploaded += 1
+
+    def _count_outcome(self, device: int, outcome: str) -> None:
+        if outcome == "accepted":
+            if self.updates_per_device[device] == 0:
+                self._participants += 1
+            self.updates_per_device[device] += 1
+        elif outcome == "stale":
+            self._stale += 1
+
+    def _on_partial(self, index: int, envelope: bytes) -> None:
+        node = self.nodes[index]
+        if node is self.central:
+            self._central_bytes += len(parse_envelope(envelope).payload)
+            self._central_wire += len(envelope)
+        if node.admit_partial(envelope, self.now) == "stale":
+            self._stale += 1
+        self._after_input(index)
+
+    def _after_input(self, index: int) -> None:
+        node = self.nodes[index]
+        if node.due(self.now) is not None:
+            self._cut(index)
+            return
+        if node.aggregate.input_count == 1:
+            deadline = node.deadline()
+            if deadline is not None:
+                self._push(deadline, _DEADLINE, index, node.epoch)
+
+    def _cut(self, index: int) -> None:
+        node = self.nodes[index]
+        if node is self.central:
+            if self.central.make_version():
+                self._on_version()
+            return
+        envelope = node.cut_partial()
+        if envelope is None:
+            return
+        spec = self._node_spec[index]
+        assert spec is not None
+        delay = spec.uplink_latency_s
+        if spec.uplink_bytes_per_s is not None:
+            delay += len(envelope) / spec.uplink_bytes_per_s
+        self._push(self.now + delay, _PARTIAL, self._parent[index], envelope)
+
+    def _on_version(self) -> None:
+        version = self.central.version
+        self._params[version] = self.central.params
+        for bucket, count in enumerate(self.central.last_hist):
+            self.staleness_hist[min(bucket, len(self.staleness_hist) - 1)] += count
+        every = self.scenario.eval.every_versions
+        self._record(evaluate=version % every == 0 or self._done())
+        delay = self.scenario.aggregation.model_propagation_s
+        if self.scenario.aggregation.mode == "sync":
+            self._on_relay(version)
+        else:
+            self._push(self.now + delay, _VERSION, version)
+        self._report_progress()
+
+    def _on_relay(self, version: int) -> None:
+        if version <= self._relayed:
+            return
+        for old in [v for v in self._params if v < version]:
+            del self._params[old]
+        self._relayed = version
+        for node in self.nodes:
+            if node is not self.central:
+                node.known_version = max(node.known_version, version)
+
+    # -- sync ----------------------------------------------------------------------
+
+    def _run_sync(self) -> None:
+        s = self.scenario
+        agg, clients = s.aggregation, s.clients
+        empty_rounds = 0
+        round_number = 0
+        while not self._done():
+            round_number += 1
+            rng = self._rng(_STREAM_ROUND, round_number)
+            start = self.now
+            eligible = np.flatnonzero(self._offline_until <= start)
+            if eligible.size == 0:
+                self.now = float(self._offline_until.min())
+                continue
+            k = min(agg.clients_per_round, int(eligible.size))
+            p = None
+            if clients.selection == "by_samples":
+                weights = self._weights[eligible]
+                p = weights / weights.sum()
+            selected = [int(d) for d in rng.choice(eligible, size=k, replace=False, p=p)]
+            stragglers = {
+                int(d)
+                for d in rng.choice(
+                    selected, size=round(clients.straggler_fraction * k), replace=False
+                )
+            }
+            version = self.central.version
+            params = self.central.params
+            # Draw every selected device's times and fate before the policy decides
+            # who trains, so FedAvg and FedProx see the same round.
+            plans = []
+            for device in selected:
+                download = self._download_s(device)
+                compute = self._compute_s(device, rng)
+                vanishes = rng.random() < self.devices[device].kind.dropout
+                vanish_at = float(rng.random())
+                epochs_done = self._straggler_epochs(rng)
+                plans.append((device, download, compute, vanishes, vanish_at, epochs_done))
+            finishes: list[tuple[float, int, bool, DeviceRun]] = []
+            ends: list[float] = []
+            straggler_ends: list[float] = []
+            for device, download, compute, vanishes, vanish_at, epochs_done in plans:
+                straggler = device in stragglers
+                if straggler and clients.straggler_policy == "drop":
+                    continue
+                if vanishes:
+                    gone = start + vanish_at * (download + compute)
+                    ends.append(gone)
+                    self._lost += 1
+                    back = float(rng.exponential(clients.offline_s))
+                    self._offline_until[device] = gone + back
+                    continue
+                max_steps = None
+                if straggler:
+                    per_epoch = self.training.steps_per_epoch(device)
+                    max_steps = max(1, int(epochs_done * per_epoch))
+                run = self.training.run(device, params, version, max_steps=max_steps, now_s=start)
+                if run is None:
+                    self._skipped += 1
+                    continue
+                finish = start + download + compute + self._upload_s(device, len(run.envelope))
+                (straggler_ends if straggler else ends).append(finish)
+                finishes.append((finish, device, straggler, run))
+            end = max(ends) if ends else (max(straggler_ends) if straggler_ends else start)
+            if agg.round_deadline_s is not None:
+                end = min(end, start + agg.round_deadline_s)
+            # Stragglers work until the round closes and send what they have then.
+            arrivals = sorted(
+                (end if straggler else finish, device, run)
+                for finish, device, straggler, run in finishes
+            )
+            for at, device, run in arrivals:
+                if at > end:
+                    self._lost += 1
+                    continue
+                self._count_upload(run)
+                self._central_bytes += run.payload_bytes
+                self._central_wire += len(run.envelope)
+                self._count_outcome(device, self.central.admit_update(run.envelope, at))
+            self.now = end
+            if self.central.make_version():
+                empty_rounds = 0
+                self._on_version()
+            else:
+                empty_rounds += 1
+                if empty_rounds >= _MAX_EMPTY_ROUNDS:
+                    break
+            self.now += agg.model_propagation_s
+
+    def _straggler_epochs(self, rng: np.random.Generator) -> float:
+        # FedProx's stragglers run randint(1, E) epochs (1..E-1); with E < 2 there is
+        # no whole epoch to cut, so a straggler manages a uniform fraction of one.
+        epochs = self.scenario.training.local_epochs
+        if epochs >= 2:
+            return float(rng.integers(1, math.floor(epochs)))
+        return float(rng.uniform(0.0, epochs))
+
+    # -- measuring -----------------------------------------------------------------
+
+    def _record(self, *, evaluate: bool) -> None:
+        central = self.central
+        accuracy = loss = train_loss = math.nan
+        if evaluate:
+            metrics = self.training.evaluate(central.params, self.data.X_test, self.data.y_test)
+            accuracy, loss = metrics["accuracy"], metrics["loss"]
+            if self.scenario.eval.train_loss:
+                X, y = self.data.all_train
+                train_loss = self.training.evaluate(central.params, X, y)["loss"]
+        if self.records and self.records[-1].version == central.version:
+            # The last version, evaluated after the fact: keep what it measured then.
+            last = self.records[-1]
+            last.test_accuracy, last.test_loss, last.train_loss = accuracy, loss, train_loss
+            return
+        hist = central.last_hist
+        leaves = sum(hist)
+        mean_tau = sum(i * c for i, c in enumerate(hist)) / leaves if leaves else math.nan
+        record = VersionRecord(
+            version=central.version,
+            time_s=self.now,
+            test_accuracy=accuracy,
+            test_loss=loss,
+            train_loss=train_loss,
+            uploaded_bytes=self._uploaded,
+            uploaded_wire_bytes=self._uploaded_wire,
+            updates_uploaded=self._updates_uploaded,
+            central_bytes=self._central_bytes,
+            central_wire_bytes=self._central_wire,
+            updates_in_version=central.last_update_count,
+            mean_staleness=mean_tau,
+            participants=self._participants,
+            stale_rejections=self._stale,
+            lost_runs=self._lost,
+        )
+        self.records.append(record)
+
+
+def run_scenario(scenario: Scenario, *, progress: ProgressCallback | None = None) -> RunResult:
+    """Build and run one scenario in process.
+
+    Args:
+        scenario: the scenario (its seed included).
+        progress: called with the fraction done after each version.
+    """
+    threads = None
+    if scenario.training.model == "mlp":
+        import torch
+
+        # One simulated device at a time: torch's intra-op threads only add overhead
+        # on models this small, and the CPUs are shared with other runs.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+    try:
+        return Simulation(scenario, progress=progress).run()
+    finally:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)

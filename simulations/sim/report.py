@@ -1,0 +1,312 @@
+"""A run's CSV, PNG plots and markdown report; imports matplotlib, never a tier, trainer or bus.
+
+Imports matplotlib (Agg, no display), numpy and the scenario and result types;
+never a tier, a trainer or a bus. Every file is written from a ``RunResult``,
+so the mesh engine's results use the same writers.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from simulations.sim.engine import RunResult, VersionRecord
+from simulations.sim.scenario import Scenario, dump_toml
+
+__all__ = [
+    "evaluated",
+    "plot_curves",
+    "time_to_accuracy",
+    "write_csv",
+    "write_run",
+]
+
+_DPI = 110
+
+
+def evaluated(records: Sequence[VersionRecord]) -> list[VersionRecord]:
+    """The records whose model was evaluated (accuracy is not NaN)."""
+    return [r for r in records if not math.isnan(r.test_accuracy)]
+
+
+def time_to_accuracy(records: Sequence[VersionRecord], target: float) -> VersionRecord | None:
+    """The first evaluated record with ``test_accuracy >= target``, or None if never."""
+    for record in evaluated(records):
+        if record.test_accuracy >= target:
+            return record
+    return None
+
+
+def write_csv(result: RunResult, path: Path) -> None:
+    """One row per model version (``VersionRecord`` fields; NaN where not evaluated)."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(VersionRecord.columns())
+        for record in result.records:
+            writer.writerow(record.row())
+
+
+def _pyplot() -> object:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(
+    series: Sequence[tuple[str, Sequence[VersionRecord]]],
+    path: Path,
+    *,
+    x: str,
+    title: str,
+    log_x: bool = False,
+    hline: float | None = None,
+) -> None:
+    """Accuracy (left) and loss (right) of several runs against one x column.
+
+    Args:
+        series: (label, records) per run.
+        path: the PNG to write.
+        x: a ``VersionRecord`` field (``time_s``, ``uploaded_bytes``...).
+        title: the figure title.
+        log_x: log-scale x axis (bytes).
+        hline: a horizontal line on the accuracy panel (a target), or None.
+    """
+    plt = _pyplot()
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))  # type: ignore[attr-defined]
+    for label, records in series:
+        points = evaluated(records)
+        xs = [getattr(r, x) for r in points]
+        acc_ax.plot(xs, [r.test_accuracy for r in points], label=label)
+        loss_ax.plot(xs, [r.test_loss for r in points], label=label)
+    if hline is not None:
+        acc_ax.axhline(hline, color="grey", linestyle="--", linewidth=1)
+    xlabel = {
+        "time_s": "virtual time (s)",
+        "uploaded_bytes": "uploaded bytes (codec payloads)",
+        "uploaded_wire_bytes": "uploaded bytes (signed envelopes)",
+        "central_bytes": "bytes into the central",
+        "version": "model version",
+    }.get(x, x)
+    for ax, ylabel in ((acc_ax, "test accuracy"), (loss_ax, "test loss")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if log_x:
+            ax.set_xscale("log")
+    acc_ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI, metadata={"Software": None})
+    plt.close(fig)  # type: ignore[attr-defined]
+
+
+def _plot_staleness(result: RunResult, path: Path) -> None:
+    plt = _pyplot()
+    hist = result.staleness_hist
+    last = max((i for i, c in enumerate(hist) if c), default=0)
+    fig, ax = plt.subplots(figsize=(6, 3.5))  # type: ignore[attr-defined]
+    ax.bar(range(last + 1), hist[: last + 1], color="tab:blue")
+    ax.set_xlabel("staleness at the central (versions behind)")
+    ax.set_ylabel("device updates folded")
+    ax.set_title("Staleness of folded updates")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI, metadata={"Software": None})
+    plt.close(fig)  # type: ignore[attr-defined]
+
+
+def _plot_participation(result: RunResult, path: Path) -> None:
+    plt = _pyplot()
+    fig, (hist_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 3.5))  # type: ignore[attr-defined]
+    counts = result.updates_per_device
+    bins = np.arange(0, int(counts.max(initial=0)) + 2) - 0.5
+    hist_ax.hist(counts, bins=bins if len(bins) < 80 else 40, color="tab:green")
+    hist_ax.set_xlabel("accepted updates per device")
+    hist_ax.set_ylabel("devices")
+    hist_ax.set_title(f"{int((counts > 0).sum())} of {len(counts)} devices took part")
+    records = result.records
+    time_ax.plot([r.time_s for r in records], [r.participants for r in records])
+    time_ax.set_xlabel("virtual time (s)")
+    time_ax.set_ylabel("distinct devices with an accepted update")
+    for ax in (hist_ax, time_ax):
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI, metadata={"Software": None})
+    plt.close(fig)  # type: ignore[attr-defined]
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"  # pragma: no cover - the loop always returns
+
+
+def _scenario_summary(s: Scenario) -> list[str]:
+    fleet, data, training, clients, agg = s.fleet, s.data, s.training, s.clients, s.aggregation
+    kinds = ", ".join(f"{k.count} {k.name}" for k in fleet.kinds)
+    if data.dataset == "synthetic":
+        name = "Synthetic IID" if data.iid else f"Synthetic({data.alpha:g},{data.beta:g})"
+        data_line = (
+            f"{name}, {data.features} features, {data.classes} classes, samples per device "
+            f"int(lognormal({data.samples_log_mean:g}, {data.samples_log_sigma:g})) + "
+            f"{data.samples_min}, {1 - data.test_fraction:.0%}/{data.test_fraction:.0%} "
+            "train/test per device"
+        )
+    else:
+        split = (
+            f"Dirichlet(alpha={data.dirichlet_alpha:g}) label skew"
+            if data.partition == "dirichlet"
+            else "IID split"
+        )
+        data_line = (
+            f"digits (scikit-learn, 8x8), {split}, quantity skew sigma "
+            f"{data.quantity_sigma:g}, {data.test_fraction:.0%} held out"
+        )
+    if agg.mode == "sync":
+        aggregation = (
+            f"synchronous rounds of {agg.clients_per_round} devices"
+            + (f", deadline {agg.round_deadline_s:g} s" if agg.round_deadline_s else "")
+            + f"; stragglers: {clients.straggler_fraction:.0%}, policy {clients.straggler_policy}"
+        )
+    elif agg.topology == "flat":
+        c = agg.central
+        aggregation = (
+            f"flat FedBuff: K = {c.flush.max_inputs}, deadline {c.flush.max_age_s} s, "
+            f"staleness {c.staleness.kind} (max {c.staleness.max_staleness})"
+        )
+    else:
+        parts = []
+        for tier_name, spec in (
+            ("edge", agg.edge),
+            ("regional", agg.regional),
+            ("central", agg.central),
+        ):
+            parts.append(
+                f"{tier_name} K = {spec.flush.max_inputs}, deadline {spec.flush.max_age_s} s, "
+                f"{spec.staleness.kind} (max {spec.staleness.max_staleness})"
+            )
+        aggregation = "hierarchical FedBuff: " + "; ".join(parts)
+    central = agg.central
+    params = ", ".join(f"{k} {v:g}" for k, v in central.optimizer_params)
+    return [
+        f"- **Fleet**: {fleet.regions} region(s) x {fleet.edges_per_region} edge(s) x "
+        f"({kinds}) = {fleet.num_devices:,} devices",
+        f"- **Data**: {data_line}",
+        f"- **Local training**: {training.model}, {training.optimizer} lr {training.lr:g}, "
+        f"batch {training.batch_size}, {training.local_epochs:g} local epochs, "
+        f"FedProx mu {training.mu:g}",
+        f"- **Clients**: compute log-normal(median {clients.compute_median_s:g} s, sigma "
+        f"{clients.compute_sigma:g}), latency {clients.latency_s:g} s, uplink "
+        f"{_human_bytes(clients.uplink_bytes_per_s)}/s, selection {clients.selection}, "
+        f"concurrency {clients.concurrency or 'all devices'}",
+        f"- **Aggregation**: {aggregation}",
+        f"- **Server optimizer**: {central.optimizer} ({params or 'defaults'})",
+        f"- **Codec**: {s.codec.name}, error feedback {'on' if s.codec.error_feedback else 'off'}",
+        f"- **Seed**: {s.seed}",
+    ]
+
+
+def write_run(result: RunResult, out: Path, *, command: str = "") -> Path:
+    """Write ``metrics.csv``, the PNG plots and ``report.md`` into ``out``.
+
+    Args:
+        result: the run.
+        out: the directory (created when missing).
+        command: the command line that produced the run, quoted in the report.
+
+    Returns:
+        The report's path.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(result, out / "metrics.csv")
+    s = result.scenario
+    label = s.name
+    plot_curves(
+        [(label, result.records)], out / "accuracy_time.png", x="time_s", title=f"{label}: vs time"
+    )
+    plot_curves(
+        [(label, result.records)],
+        out / "accuracy_bytes.png",
+        x="uploaded_bytes",
+        title=f"{label}: vs uploaded bytes",
+    )
+    _plot_staleness(result, out / "staleness.png")
+    _plot_participation(result, out / "participation.png")
+    final = result.final
+    best = max(evaluated(result.records), key=lambda r: r.test_accuracy)
+    lines = [
+        f"# Simulation report: {s.name}",
+        "",
+        s.description or "(no description)",
+        "",
+    ]
+    if command:
+        lines += ["Produced by:", "", "```", command, "```", ""]
+    engine = (
+        "the real mesh (Mosquitto, nats-server, daemon and fleet processes on this machine); "
+        "times are wall-clock seconds of training, and the network is the loopback"
+        if result.engine == "mesh"
+        else "in process, on a virtual clock (simulations/sim/engine.py)"
+    )
+    lines += ["## Scenario", "", f"- **Engine**: {engine}", *_scenario_summary(s), ""]
+    lines += [
+        "## Outcome",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| model versions | {final.version} |",
+        f"| virtual time | {final.time_s:,.1f} s |",
+        f"| final test accuracy | {final.test_accuracy:.4f} |",
+        f"| final test loss | {final.test_loss:.4f} |",
+    ]
+    if not math.isnan(final.train_loss):
+        lines.append(f"| final training loss | {final.train_loss:.4f} |")
+    lines += [
+        f"| best test accuracy | {best.test_accuracy:.4f} (v{best.version}) |",
+        f"| updates uploaded | {final.updates_uploaded:,} |",
+        f"| uploaded bytes (codec payloads) | {_human_bytes(final.uploaded_bytes)} |",
+        f"| uploaded bytes (signed envelopes) | {_human_bytes(final.uploaded_wire_bytes)} |",
+        f"| bytes into the central (payloads / envelopes) | "
+        f"{_human_bytes(final.central_bytes)} / {_human_bytes(final.central_wire_bytes)} |",
+        f"| devices that took part | {final.participants:,} of {result.num_devices:,} |",
+        f"| updates rejected as stale | {final.stale_rejections:,} |",
+        f"| runs lost (dropouts, late) | {final.lost_runs:,} |",
+        f"| model parameters | {result.num_params:,} |",
+        f"| wall-clock time | {result.wall_s:,.1f} s |",
+        "",
+        "Outcomes by tier: "
+        + ", ".join(f"`{k}` {v:,}" for k, v in sorted(result.counts.items()) if v),
+        "",
+        "## Plots",
+        "",
+        "![accuracy and loss against virtual time](accuracy_time.png)",
+        "",
+        "![accuracy and loss against uploaded bytes](accuracy_bytes.png)",
+        "",
+        "![staleness histogram](staleness.png)",
+        "",
+        "![participation](participation.png)",
+        "",
+        "Per-version numbers: [metrics.csv](metrics.csv).",
+        "",
+        "## Scenario as run",
+        "",
+        "Base files merged, overrides and seed applied:",
+        "",
+        "```toml",
+        dump_toml(s.effective).rstrip(),
+        "```",
+        "",
+    ]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report

@@ -1,0 +1,737 @@
+"""Fleet scenarios: the TOML format both engines read, parsed into frozen specs; no engine imports.
+
+Imports the standard library, ``protocol`` (errors, codec names) and the tier
+policies whose own config readers it reuses (``tiers.flush``,
+``tiers.staleness``, ``tiers.optimizers``); never a bus, trio, a trainer or an
+engine. A scenario says *what* runs (fleet, data, local training, client
+behaviour, aggregation, codec, when to stop); ``engine.py`` (in-process,
+virtual clock) and ``mesh.py`` (real daemons) say *how*.
+
+A file may start with ``base = "other.toml"``: it is read first and this file's
+tables are merged over it key by key (arrays of tables are replaced whole), so
+variants of one experiment share one description of the fleet and the data.
+``--set a.b=value`` overrides (TOML values) are applied to the merged tables
+before anything is checked. The format, with every key and its default, is in
+``simulations/scenarios/README.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tomllib
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+from protocol.codecs import CodecSpec
+from protocol.errors import ConfigError, LocalProtocolError
+from simulations.sim._table import Table
+from tiers.flush import FlushPolicy
+from tiers.optimizers import make_optimizer
+from tiers.staleness import StalenessPolicy
+
+__all__ = [
+    "AggregationSpec",
+    "CentralSpec",
+    "ClientsSpec",
+    "CodecSettings",
+    "DataSpec",
+    "DeviceKind",
+    "EvalSpec",
+    "FleetSpec",
+    "Scenario",
+    "StopSpec",
+    "TierSpec",
+    "TrainingSpec",
+    "apply_override",
+    "dump_toml",
+    "load_scenario",
+    "parse_scenario",
+]
+
+_MAX_BASE_DEPTH: Final = 8
+# A codec name with "%" needs a model size to resolve; any size >= 100 checks the syntax.
+_CODEC_CHECK_PARAMS: Final = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceKind:
+    """One kind of device and how many of it every edge site has.
+
+    Attributes:
+        name: the kind's name (``"phone"``, ``"vehicle"``...).
+        count: devices of this kind per edge site.
+        speed: multiplier of the per-run compute time (2.0 is twice as slow).
+        dropout: probability that a run is lost: the device goes offline
+            mid-run and its update never arrives.
+        data_volume: relative share of the data a device of this kind holds
+            (digits partition; the synthetic generator draws its own sizes).
+        uplink_bytes_per_s: this kind's uplink, or None for the clients' default.
+        downlink_bytes_per_s: this kind's downlink, or None for the default.
+    """
+
+    name: str
+    count: int
+    speed: float = 1.0
+    dropout: float = 0.0
+    data_volume: float = 1.0
+    uplink_bytes_per_s: float | None = None
+    downlink_bytes_per_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSpec:
+    """Regions, edges per region, and the devices of every edge.
+
+    Attributes:
+        regions: number of regions (one regional daemon each).
+        edges_per_region: edge sites per region.
+        kinds: the devices of each edge site.
+    """
+
+    regions: int
+    edges_per_region: int
+    kinds: tuple[DeviceKind, ...]
+
+    @property
+    def num_edges(self) -> int:
+        """Edge sites in the fleet."""
+        return self.regions * self.edges_per_region
+
+    @property
+    def devices_per_edge(self) -> int:
+        """Devices at every edge site."""
+        return sum(k.count for k in self.kinds)
+
+    @property
+    def num_devices(self) -> int:
+        """Devices in the fleet."""
+        return self.num_edges * self.devices_per_edge
+
+
+@dataclass(frozen=True, slots=True)
+class DataSpec:
+    """Which data, and how it is spread over the devices.
+
+    Attributes:
+        dataset: ``"synthetic"`` (FedProx's Synthetic(alpha, beta) generator,
+            one local distribution per device) or ``"digits"`` (scikit-learn's
+            bundled 8x8 digits, split over the devices).
+        alpha: synthetic: spread of the devices' models (``u_k ~ N(0, alpha)``).
+        beta: synthetic: spread of the devices' feature means (``B_k ~ N(0, beta)``).
+        iid: synthetic: one shared model and zero-mean features (Synthetic IID).
+        features: synthetic: input dimension (60 in the paper).
+        classes: synthetic: number of classes (10 in the paper).
+        samples_log_mean: synthetic: samples per device are
+            ``int(lognormal(samples_log_mean, samples_log_sigma)) + samples_min``.
+        samples_log_sigma: see ``samples_log_mean``.
+        samples_min: see ``samples_log_mean``.
+        samples_max: synthetic: cap on samples per device, None for none.
+        test_fraction: synthetic: each device's held-out share (the paper's 10%);
+            digits: the global held-out share, stratified.
+        partition: digits: ``"dirichlet"`` (label skew) or ``"iid"``.
+        dirichlet_alpha: digits: Dirichlet concentration over labels.
+        quantity_sigma: digits: quantity skew; a device's share of the data is
+            ``data_volume * lognormal(0, quantity_sigma)``.
+        seed: seed of the data, or None to use the run's seed.
+    """
+
+    dataset: Literal["synthetic", "digits"] = "synthetic"
+    alpha: float = 0.0
+    beta: float = 0.0
+    iid: bool = False
+    features: int = 60
+    classes: int = 10
+    samples_log_mean: float = 4.0
+    samples_log_sigma: float = 2.0
+    samples_min: int = 50
+    samples_max: int | None = None
+    test_fraction: float = 0.1
+    partition: Literal["dirichlet", "iid"] = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    quantity_sigma: float = 0.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingSpec:
+    """Local training on every device (``client.trainers``).
+
+    Attributes:
+        model: ``"logreg"`` (multinomial logistic regression, numpy) or
+            ``"mlp"`` (``client.trainers.make_mlp``, torch).
+        hidden: mlp: hidden units.
+        optimizer: local optimizer; ``"sgd"`` is the one the trainers implement.
+        lr: local learning rate.
+        momentum: SGD momentum (mlp only; the numpy trainer has none).
+        batch_size: examples per local step.
+        local_epochs: passes over the local data per run (fractions allowed).
+        mu: FedProx proximal coefficient, 0 for plain local SGD.
+    """
+
+    model: Literal["logreg", "mlp"] = "logreg"
+    hidden: int = 32
+    optimizer: Literal["sgd"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    batch_size: int = 10
+    local_epochs: float = 1.0
+    mu: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClientsSpec:
+    """How devices are picked, how long they take, and how they fail.
+
+    Attributes:
+        selection: ``"uniform"`` or ``"by_samples"`` (probability proportional
+            to local data), for sync rounds and async concurrency slots.
+        concurrency: async: devices training at once, None for every device.
+        rest_s: async: mean (exponential) idle time between two runs of a device.
+        compute_median_s: median compute time of one full run; each run draws
+            ``compute_median_s * speed * lognormal(0, compute_sigma)``.
+        compute_sigma: log-normal sigma of compute times.
+        latency_s: one-way network latency of a device.
+        uplink_bytes_per_s: default device uplink.
+        downlink_bytes_per_s: default device downlink.
+        offline_s: mean (exponential) time a device that dropped out stays away.
+        straggler_fraction: sync: share of each round's devices that are
+            stragglers; a straggler manages ``randint(1, local_epochs)`` epochs
+            by the round's end (FedProx, section 5.2).
+        straggler_policy: sync: ``"drop"`` (FedAvg drops stragglers) or
+            ``"partial"`` (FedProx keeps their partial work).
+    """
+
+    selection: Literal["uniform", "by_samples"] = "uniform"
+    concurrency: int | None = None
+    rest_s: float = 0.0
+    compute_median_s: float = 10.0
+    compute_sigma: float = 1.0
+    latency_s: float = 0.05
+    uplink_bytes_per_s: float = 1e6
+    downlink_bytes_per_s: float = 1e7
+    offline_s: float = 300.0
+    straggler_fraction: float = 0.0
+    straggler_policy: Literal["drop", "partial"] = "drop"
+
+
+@dataclass(frozen=True, slots=True)
+class TierSpec:
+    """One edge or regional tier's aggregation settings (as in its daemon's TOML).
+
+    Attributes:
+        flush: when its buffer flushes (``tiers.flush.FlushPolicy``).
+        staleness: its staleness function and cap (``tiers.staleness``).
+        partial_codec: codec name of the partials it sends up.
+        uplink_latency_s: delay of its partials to the next tier.
+        uplink_bytes_per_s: bandwidth to the next tier, None for unlimited.
+        max_norm: edge: L2 bound on device updates, None for none.
+        norm_policy: edge: ``"clip"`` or ``"reject"`` above ``max_norm``.
+    """
+
+    flush: FlushPolicy
+    staleness: StalenessPolicy
+    partial_codec: str = "f32"
+    uplink_latency_s: float = 0.02
+    uplink_bytes_per_s: float | None = None
+    max_norm: float | None = None
+    norm_policy: Literal["clip", "reject"] = "clip"
+
+
+@dataclass(frozen=True, slots=True)
+class CentralSpec:
+    """The central's buffer, staleness and server optimizer.
+
+    Attributes:
+        flush: when it makes a version (the FedBuff ``K`` in a flat topology).
+        staleness: its staleness function and cap.
+        optimizer: server optimizer name (``tiers.optimizers.make_optimizer``).
+        optimizer_params: its parameters, e.g. ``(("lr", 1.0),)``.
+    """
+
+    flush: FlushPolicy
+    staleness: StalenessPolicy
+    optimizer: str = "fedavg"
+    optimizer_params: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AggregationSpec:
+    """Synchronous rounds, or buffered asynchronous aggregation over one or three tiers.
+
+    Attributes:
+        mode: ``"sync"`` (rounds with a barrier) or ``"async"`` (FedBuff).
+        topology: async: ``"flat"`` (devices fold straight into the central)
+            or ``"hierarchical"`` (edge -> regional -> central).
+        model_propagation_s: delay before the tiers (and so the devices) see a
+            new version.
+        clients_per_round: sync: devices per round.
+        round_deadline_s: sync: a round closes this long after it starts,
+            None to wait for every device that has not dropped out.
+        edge: edge tier settings (hierarchical).
+        regional: regional tier settings (hierarchical).
+        central: the central's settings.
+    """
+
+    mode: Literal["sync", "async"]
+    topology: Literal["flat", "hierarchical"]
+    model_propagation_s: float
+    clients_per_round: int
+    round_deadline_s: float | None
+    edge: TierSpec
+    regional: TierSpec
+    central: CentralSpec
+
+
+@dataclass(frozen=True, slots=True)
+class CodecSettings:
+    """How devices compress their updates.
+
+    Attributes:
+        name: a ``protocol.codecs.CodecSpec.parse`` name (``"f32"``, ``"i8"``,
+            ``"top1%+f16"``...).
+        error_feedback: carry the compression residual into the next update
+            (``client.error_feedback``).
+    """
+
+    name: str = "f32"
+    error_feedback: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StopSpec:
+    """When a run ends (the first limit reached).
+
+    Attributes:
+        versions: model versions (sync: rounds), None for no limit.
+        virtual_time_s: virtual seconds, None for no limit.
+    """
+
+    versions: int | None = None
+    virtual_time_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EvalSpec:
+    """How often the global model is evaluated.
+
+    Attributes:
+        every_versions: evaluate every this many versions (and the last one).
+        train_loss: also compute the loss over all training data (the FedProx
+            paper's metric; costs a pass over every device's data).
+    """
+
+    every_versions: int = 1
+    train_loss: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """A whole scenario, checked.
+
+    Attributes:
+        name: short name (file stem by default).
+        description: one paragraph for the report.
+        seed: the run's seed.
+        fleet: regions, edges, devices.
+        data: dataset and partition.
+        training: local training.
+        clients: speed, availability, network.
+        aggregation: sync rounds or async tiers.
+        codec: device codec and error feedback.
+        stop: when to stop.
+        eval: evaluation schedule.
+        effective: the merged tables as run (base files and overrides applied),
+            for the report.
+    """
+
+    name: str
+    description: str
+    seed: int
+    fleet: FleetSpec
+    data: DataSpec
+    training: TrainingSpec
+    clients: ClientsSpec
+    aggregation: AggregationSpec
+    codec: CodecSettings
+    stop: StopSpec
+    eval: EvalSpec
+    effective: Mapping[str, object]
+
+
+# -- reading files ------------------------------------------------------------------
+
+
+def _read_toml(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"scenario file {path} cannot be read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"scenario file {path} is not valid TOML: {exc}") from exc
+
+
+def _merge(base: MutableMapping[str, object], over: Mapping[str, object]) -> None:
+    for key, value in over.items():
+        current = base.get(key)
+        if isinstance(current, MutableMapping) and isinstance(value, Mapping):
+            _merge(current, value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _read_with_bases(path: Path, depth: int = 0) -> dict[str, object]:
+    if depth > _MAX_BASE_DEPTH:
+        raise ConfigError(f"scenario {path} has more than {_MAX_BASE_DEPTH} levels of base files")
+    raw = _read_toml(path)
+    base_name = raw.pop("base", None)
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str) or not base_name:
+        raise ConfigError(f"{path.name}: base is {base_name!r}; expected a file name")
+    merged = _read_with_bases(path.parent / base_name, depth + 1)
+    _merge(merged, raw)
+    return merged
+
+
+def apply_override(tables: MutableMapping[str, object], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is TOML, else a bare string.
+
+    Raises:
+        ConfigError: no ``=``, an empty key, or a key that crosses a non-table.
+    """
+    key, sep, text = assignment.partition("=")
+    path = [part.strip() for part in key.split(".")]
+    if not sep or not all(path):
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    try:
+        value: object = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    node = tables
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, MutableMapping):
+            raise ConfigError(f"override {assignment!r}: {part!r} is not a table")
+        node = child
+    node[path[-1]] = value
+
+
+def load_scenario(
+    path: Path, *, overrides: Sequence[str] = (), seed: int | None = None
+) -> Scenario:
+    """Read, merge, override and check a scenario file.
+
+    Args:
+        path: the TOML file.
+        overrides: ``section.key=value`` assignments applied after merging.
+        seed: replaces ``scenario.seed`` when given.
+
+    Raises:
+        ConfigError: one sentence naming the file, key and bad value.
+    """
+    tables = _read_with_bases(path)
+    for assignment in overrides:
+        apply_override(tables, assignment)
+    if seed is not None:
+        apply_override(tables, f"scenario.seed={seed}")
+    return parse_scenario(tables, name=path.stem)
+
+
+# -- checking -----------------------------------------------------------------------
+
+
+def parse_scenario(tables: Mapping[str, object], *, name: str = "scenario") -> Scenario:
+    """Check merged scenario tables and build the :class:`Scenario`.
+
+    Raises:
+        ConfigError: one sentence naming the key and bad value.
+    """
+    root = Table(tables, name)
+    meta = root.table("scenario")
+    scenario_name = meta.string("name", name)
+    description = meta.string("description", "")
+    seed = meta.integer("seed", 0)
+    meta.done()
+    fleet = _fleet(root.table("fleet"))
+    data = _data(root.table("data"))
+    training = _training(root.table("training"))
+    clients = _clients(root.table("clients"))
+    aggregation = _aggregation(root.table("aggregation"))
+    codec = _codec(root.table("codec"))
+    stop = _stop(root.table("stop"))
+    evaluation = _eval(root.table("eval"))
+    root.done()
+    if aggregation.mode == "sync" and aggregation.clients_per_round > fleet.num_devices:
+        raise ConfigError(
+            f"{name}: aggregation.clients_per_round is {aggregation.clients_per_round} but the "
+            f"fleet has only {fleet.num_devices} devices"
+        )
+    if stop.versions is None and stop.virtual_time_s is None:
+        raise ConfigError(f"{name}: set stop.versions or stop.virtual_time_s (or both)")
+    if training.model == "logreg" and training.momentum:
+        raise ConfigError(
+            f"{name}: training.momentum needs model = 'mlp' (the numpy trainer has none)"
+        )
+    if data.dataset == "digits" and fleet.num_devices * 2 > 1437:
+        raise ConfigError(
+            f"{name}: digits has 1,437 training examples, too few for {fleet.num_devices} "
+            "devices; use dataset = 'synthetic'"
+        )
+    return Scenario(
+        name=scenario_name,
+        description=description,
+        seed=seed,
+        fleet=fleet,
+        data=data,
+        training=training,
+        clients=clients,
+        aggregation=aggregation,
+        codec=codec,
+        stop=stop,
+        eval=evaluation,
+        effective=copy.deepcopy(dict(tables)),
+    )
+
+
+def _fleet(t: Table) -> FleetSpec:
+    regions = t.integer("regions", 1, low=1)
+    edges = t.integer("edges_per_region", 1, low=1)
+    kinds: list[DeviceKind] = []
+    for d in t.tables("devices"):
+        kinds.append(
+            DeviceKind(
+                name=d.string("kind", f"kind{len(kinds)}"),
+                count=d.integer("count", 1, low=1),
+                speed=d.number("speed", 1.0, low=0.0, low_open=True),
+                dropout=d.number("dropout", 0.0, low=0.0, high=1.0),
+                data_volume=d.number("data_volume", 1.0, low=0.0, low_open=True),
+                uplink_bytes_per_s=d.optional_number("uplink_bytes_per_s", None),
+                downlink_bytes_per_s=d.optional_number("downlink_bytes_per_s", None),
+            )
+        )
+        d.done()
+    if not kinds:
+        raise ConfigError(f"{t.where} needs at least one [[fleet.devices]] table")
+    t.done()
+    return FleetSpec(regions, edges, tuple(kinds))
+
+
+def _data(t: Table) -> DataSpec:
+    dataset: Literal["synthetic", "digits"] = t.choice(
+        "dataset", "synthetic", ("synthetic", "digits")
+    )
+    samples_max = t.integer("samples_max", 0, low=0)
+    seed_raw = t.raw("seed")
+    spec = DataSpec(
+        dataset=dataset,
+        alpha=t.number("alpha", 0.0, low=0.0),
+        beta=t.number("beta", 0.0, low=0.0),
+        iid=t.boolean("iid", False),
+        features=t.integer("features", 60, low=1),
+        classes=t.integer("classes", 10, low=2),
+        samples_log_mean=t.number("samples_log_mean", 4.0),
+        samples_log_sigma=t.number("samples_log_sigma", 2.0, low=0.0),
+        samples_min=t.integer("samples_min", 50, low=2),
+        samples_max=samples_max or None,
+        test_fraction=t.number("test_fraction", 0.1, low=0.0, high=0.9, low_open=True),
+        partition=t.choice("partition", "dirichlet", ("dirichlet", "iid")),
+        dirichlet_alpha=t.number("dirichlet_alpha", 0.5, low=0.0, low_open=True),
+        quantity_sigma=t.number("quantity_sigma", 0.0, low=0.0),
+        seed=None if seed_raw is None else t.integer("seed", 0),
+    )
+    t.done()
+    if spec.samples_max is not None and spec.samples_max < spec.samples_min:
+        raise ConfigError(
+            f"{t.where}.samples_max is {spec.samples_max}; it must be >= samples_min "
+            f"({spec.samples_min})"
+        )
+    return spec
+
+
+def _training(t: Table) -> TrainingSpec:
+    spec = TrainingSpec(
+        model=t.choice("model", "logreg", ("logreg", "mlp")),
+        hidden=t.integer("hidden", 32, low=1),
+        optimizer=t.choice("optimizer", "sgd", ("sgd",)),
+        lr=t.number("lr", 0.01, low=0.0, low_open=True),
+        momentum=t.number("momentum", 0.0, low=0.0, high=0.99),
+        batch_size=t.integer("batch_size", 10, low=1),
+        local_epochs=t.number("local_epochs", 1.0, low=0.0, low_open=True),
+        mu=t.number("mu", 0.0, low=0.0),
+    )
+    t.done()
+    return spec
+
+
+def _clients(t: Table) -> ClientsSpec:
+    concurrency = t.integer("concurrency", 0, low=0)
+    spec = ClientsSpec(
+        selection=t.choice("selection", "uniform", ("uniform", "by_samples")),
+        concurrency=concurrency or None,
+        rest_s=t.number("rest_s", 0.0, low=0.0),
+        compute_median_s=t.number("compute_median_s", 10.0, low=0.0, low_open=True),
+        compute_sigma=t.number("compute_sigma", 1.0, low=0.0),
+        latency_s=t.number("latency_s", 0.05, low=0.0),
+        uplink_bytes_per_s=t.number("uplink_bytes_per_s", 1e6, low=0.0, low_open=True),
+        downlink_bytes_per_s=t.number("downlink_bytes_per_s", 1e7, low=0.0, low_open=True),
+        offline_s=t.number("offline_s", 300.0, low=0.0),
+        straggler_fraction=t.number("straggler_fraction", 0.0, low=0.0, high=1.0),
+        straggler_policy=t.choice("straggler_policy", "drop", ("drop", "partial")),
+    )
+    t.done()
+    return spec
+
+
+def _policies(t: Table, default_k: int) -> tuple[FlushPolicy, StalenessPolicy]:
+    flush_table = dict(t.mapping("flush"))
+    flush_table.setdefault("max_inputs", default_k)
+    flush = FlushPolicy.from_config(flush_table, section=f"{t.where}.flush")
+    staleness = StalenessPolicy.from_config(t.mapping("staleness"), section=f"{t.where}.staleness")
+    return flush, staleness
+
+
+def _check_codec_name(t: Table, key: str, default: str) -> str:
+    name = t.string(key, default)
+    try:
+        CodecSpec.parse(name, num_params=_CODEC_CHECK_PARAMS)
+    except LocalProtocolError as exc:
+        raise ConfigError(f"{t.where}.{key}: {exc}") from exc
+    return name
+
+
+def _tier(t: Table, default_k: int) -> TierSpec:
+    flush, staleness = _policies(t, default_k)
+    spec = TierSpec(
+        flush=flush,
+        staleness=staleness,
+        partial_codec=_check_codec_name(t, "partial_codec", "f32"),
+        uplink_latency_s=t.number("uplink_latency_s", 0.02, low=0.0),
+        uplink_bytes_per_s=t.optional_number("uplink_bytes_per_s", None),
+        max_norm=t.optional_number("max_norm", None),
+        norm_policy=t.choice("norm_policy", "clip", ("clip", "reject")),
+    )
+    t.done()
+    return spec
+
+
+def _central(t: Table) -> CentralSpec:
+    flush, staleness = _policies(t, 10)
+    optimizer = t.mapping("optimizer")
+    name = optimizer.get("name", "fedavg")
+    if not isinstance(name, str):
+        raise ConfigError(f"{t.where}.optimizer.name is {name!r}; expected a name")
+    params: list[tuple[str, float]] = []
+    for key, value in optimizer.items():
+        if key == "name":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{t.where}.optimizer.{key} is {value!r}; expected a number")
+        params.append((key, float(value)))
+    make_optimizer(name, **dict(params))  # ConfigError names a bad name or parameter
+    t.done()
+    return CentralSpec(flush, staleness, name, tuple(params))
+
+
+def _aggregation(t: Table) -> AggregationSpec:
+    spec = AggregationSpec(
+        mode=t.choice("mode", "async", ("sync", "async")),
+        topology=t.choice("topology", "hierarchical", ("flat", "hierarchical")),
+        model_propagation_s=t.number("model_propagation_s", 0.1, low=0.0),
+        clients_per_round=t.integer("clients_per_round", 10, low=1),
+        round_deadline_s=t.optional_number("round_deadline_s", None),
+        edge=_tier(t.table("edge"), 10),
+        regional=_tier(t.table("regional"), 10),
+        central=_central(t.table("central")),
+    )
+    t.done()
+    return spec
+
+
+def _codec(t: Table) -> CodecSettings:
+    spec = CodecSettings(
+        name=_check_codec_name(t, "name", "f32"),
+        error_feedback=t.boolean("error_feedback", False),
+    )
+    t.done()
+    return spec
+
+
+def _stop(t: Table) -> StopSpec:
+    versions = t.integer("versions", 0, low=0)
+    spec = StopSpec(
+        versions=versions or None,
+        virtual_time_s=t.optional_number("virtual_time_s", None),
+    )
+    t.done()
+    return spec
+
+
+def _eval(t: Table) -> EvalSpec:
+    spec = EvalSpec(
+        every_versions=t.integer("every_versions", 1, low=1),
+        train_loss=t.boolean("train_loss", True),
+    )
+    t.done()
+    return spec
+
+
+# -- writing ------------------------------------------------------------------------
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, Mapping):
+        inner = ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {value!r} as TOML")
+
+
+def dump_toml(tables: Mapping[str, object]) -> str:
+    """Write nested tables back as TOML (scalars first, then sub-tables); for reports."""
+    lines: list[str] = []
+
+    def emit(prefix: str, table: Mapping[str, object]) -> None:
+        top = not prefix
+        scalars = {k: v for k, v in table.items() if not _is_table_like(v, top)}
+        nested = {k: v for k, v in table.items() if _is_table_like(v, top)}
+        if prefix and (scalars or not nested):
+            lines.append(f"[{prefix}]")
+        for key, value in scalars.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        if scalars:
+            lines.append("")
+        for key, value in nested.items():
+            name = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, list):
+                for item in value:
+                    lines.append(f"[[{name}]]")
+                    lines.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+                    lines.append("")
+            else:
+                assert isinstance(value, Mapping)
+                emit(name, value)
+
+    emit("", tables)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _is_table_like(value: object, top: bool) -> bool:
+    if isinstance(value, Mapping):
+        # Small leaf tables (flush = {...}) stay inline, as they are written in scenarios.
+        return top or any(isinstance(v, Mapping) for v in value.values()) or len(value) > 4
+    return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)

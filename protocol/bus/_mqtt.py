@@ -108,6 +108,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import trio
 from paho.mqtt.client import (
+    MQTT_LOG_ERR,
     Client,
     ConnectFlags,
     DisconnectFlags,
@@ -323,6 +324,10 @@ class _Link:
         self._connack: tuple[ReasonCode, bool] | None = None
         self._connack_seen = trio.Event()
         self._disconnect_reason: str = "socket closed"
+        # The first error paho logged while connecting (a TLS alert such as
+        # "certificate required" is only ever logged: paho's loop_read()
+        # turns it into a plain connection loss).
+        self._connect_error: str | None = None
         # Bumped by every callback; a loop_read() that bumps nothing read no
         # whole packet, so the reader stops looping and waits for the socket.
         self._progress = 0
@@ -382,6 +387,12 @@ class _Link:
         self._progress += 1
         origin = "broker" if flags.is_disconnect_packet_from_server else "client"
         self._disconnect_reason = f"{reason} ({origin})"
+
+    def _on_connect_log(self, client: Client, userdata: Any, level: int, message: str) -> None:
+        # Installed only until CONNACK: paho formats every log line for an
+        # on_log callback, too costly on the message path.
+        if level == MQTT_LOG_ERR and self._connect_error is None:
+            self._connect_error = message
 
     # -- hooks for subclasses
 
@@ -485,6 +496,8 @@ class _Link:
         self._connack_seen = trio.Event()
         self._session_over = trio.Event()
         self._disconnect_reason = "socket closed"
+        self._connect_error = None
+        self.client.on_log = self._on_connect_log
         try:
             # reconnect() blocks up to connect_timeout and cannot be
             # interrupted; cancellation waits for it, then cleans up.
@@ -504,8 +517,9 @@ class _Link:
             with trio.move_on_after(self.config.connect_timeout_s):
                 await self._connack_seen.wait()
             connack = self._connack_result()
+            self.client.on_log = None
             if connack is None or connack[0].is_failure or self._session_over.is_set():
-                reason = "no CONNACK in time" if connack is None else f"CONNACK {connack[0]}"
+                reason = self._refusal_reason(connack)
                 refused = (
                     f"MQTT broker {self.where} did not accept client {self.client_id!r}: {reason}"
                 )
@@ -533,6 +547,16 @@ class _Link:
         self.connected = False
         self._connected_event = trio.Event()
         self._on_lost()
+
+    def _refusal_reason(self, connack: tuple[ReasonCode, bool] | None) -> str:
+        if connack is not None:
+            return f"CONNACK {connack[0]}"
+        if not self._session_over.is_set():
+            return "no CONNACK in time"
+        # Under TLS 1.3 a broker that rejects the client certificate does so
+        # after the handshake, so it looks like a connection closed early.
+        detail = self._connect_error or self._disconnect_reason
+        return f"connection closed before CONNACK ({detail})"
 
     def _connack_result(self) -> tuple[ReasonCode, bool] | None:
         # A method call, so the type checker does not assume the None set

@@ -42,6 +42,15 @@ consumers are idempotent (``_base.Delivery.ack``). Closing a durable
 subscription sends ``-NAK`` for every delivery it still holds, so they come
 back at once rather than after ``ack_wait``; only messages a cancelled fetch
 had already taken off the wire wait for ``ack_wait``.
+
+Permissions. A server refuses a subject the user may not publish to by
+dropping the message and reporting ``Permissions Violation`` to the error
+callback; the connection stays up and a request would simply time out as
+"outcome unknown". So each call names the subjects, streams and buckets it
+touches, and a violation on one of them ends it at once: ``PublishError``
+for a refused write (nothing stored), ``ConfigError`` for a refused read or
+setup call. A login the server refuses raises ``ConfigError`` without
+retrying.
 """
 
 from __future__ import annotations
@@ -53,11 +62,20 @@ import importlib.util
 import itertools
 import json
 import logging
+import re
 import ssl
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
@@ -487,6 +505,79 @@ def _boundary(action: str, *, outcome_unknown: bool = False) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------
+# Refusals (server permissions)
+
+# nats-py lowercases the server's -ERR text: 'nats: permissions violation for
+# publish to "ft.fleet1.up.central"'.
+_PERMISSION_VIOLATION_RE = re.compile(
+    r'permissions violation for (?:publish|subscription) to "([^"]+)"', re.IGNORECASE
+)
+
+
+class _RefusalWatch:
+    """One call in flight that a permissions violation on its subjects ends at once.
+
+    ``names`` are lowercased subjects, stream, bucket or consumer names: a
+    violating subject matches when it equals one or has one as a token
+    (``$js.api.stream.info.kv_ft_fleet1_models`` matches ``kv_ft_fleet1_models``).
+    """
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self.names = names
+        self.scope = trio.CancelScope()
+        self.violation: str | None = None
+
+    def offer(self, subject: str, message: str) -> None:
+        if self.violation is None and (
+            subject in self.names or not self.names.isdisjoint(subject.split("."))
+        ):
+            self.violation = message
+            self.scope.cancel()
+
+
+@contextmanager
+def _refusals(
+    events: _ConnectionEvents, action: str, names: Iterable[str], *, write: bool
+) -> Iterator[_RefusalWatch]:
+    """End the block at once with a typed error when the server refuses one of ``names``.
+
+    A refused write raises ``PublishError`` (nothing was stored; retrying will
+    not help until the permissions change); a refused read or setup call
+    raises ``ConfigError``. Yields the watch, whose ``violation`` says
+    afterwards whether that is what happened.
+    """
+    watch = _RefusalWatch(frozenset(name.lower() for name in names))
+    events.refusal_watches.add(watch)
+    try:
+        with watch.scope:
+            yield watch
+    except Exception as exc:
+        if watch.violation is None:
+            raise
+        raise _refused(action, watch.violation, write=write) from exc
+    finally:
+        events.refusal_watches.discard(watch)
+    if watch.violation is not None:
+        raise _refused(action, watch.violation, write=write)
+
+
+def _refused(action: str, violation: str, *, write: bool) -> FedtierError:
+    message = (
+        f"{action}: the NATS server refused it ({violation}); grant it in this user's "
+        "permissions (deploy/nats/nats-server.conf) or use another user"
+    )
+    return PublishError(message) if write else ConfigError(message)
+
+
+def _is_auth_refusal(exc: BaseException | None) -> bool:
+    # nats-py raises a plain Error("nats: 'Authorization Violation'") when the
+    # server refuses the CONNECT, and AuthorizationError on other paths.
+    return isinstance(exc, nats.errors.AuthorizationError) or (
+        isinstance(exc, nats.errors.Error) and "authorization violation" in str(exc).lower()
+    )
+
+
+# --------------------------------------------------------------------------
 # Connection
 
 
@@ -505,18 +596,35 @@ class _ConnectionEvents:
         self.established = False
         self.closing = False
         self.last_error: Exception | None = None
+        self.first_error: Exception | None = None
         # Scopes of calls that wait for a reply only this connection can bring
         # (a pull request lingers on the server it was sent to): a disconnect
         # cancels them instead of letting them run into their timeout.
         self.until_disconnect: set[trio.CancelScope] = set()
+        # Calls that a permissions violation on one of their subjects ends at
+        # once (see _refusals).
+        self.refusal_watches: set[_RefusalWatch] = set()
 
     def _signal(self) -> None:
         fired, self.changed = self.changed, trio.Event()
         fired.set()
 
+    def forget_errors(self) -> None:
+        """Clear ``first_error`` and ``last_error``, so that a connect attempt reports its own."""
+        self.first_error = self.last_error = None
+
     async def on_error(self, exc: Exception) -> None:
         self.last_error = exc
+        if self.first_error is None:
+            self.first_error = exc
         logger.warning("nats %s: %s", self.label, exc or type(exc).__name__)
+        # nats-py reports a refused publish only here (the server drops the
+        # message and keeps the connection), so a request waiting for its
+        # reply would otherwise run into its timeout as "outcome unknown".
+        match = _PERMISSION_VIOLATION_RE.search(str(exc))
+        if match is not None:
+            for watch in list(self.refusal_watches):
+                watch.offer(match[1].lower(), str(exc))
 
     async def on_disconnected(self) -> None:
         # nats-py also calls this when a first connect attempt fails; only a
@@ -627,23 +735,33 @@ async def _connect(config: NatsConfig, events: _ConnectionEvents) -> Any:
     options = _connect_options(config, events)
     delay = config.connect_backoff_s
     for attempt in range(1, config.connect_attempts + 1):
+        events.forget_errors()
         try:
             return await _aio(_aio_connect, options)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            # nats-py reports a refused login to error_cb and then gives up
-            # with NoServersError; retrying will not fix credentials.
-            refused = events.last_error
-            if isinstance(exc, nats.errors.AuthorizationError) or isinstance(
-                refused, nats.errors.AuthorizationError
-            ):
+            # nats-py reports a refused login to error_cb (maybe followed by
+            # a broken pipe) and then gives up with NoServersError; retrying
+            # will not fix credentials.
+            refused = next(
+                (e for e in (exc, events.first_error, events.last_error) if _is_auth_refusal(e)),
+                None,
+            )
+            if refused is not None:
                 raise ConfigError(
                     f"NATS at {', '.join(config.servers)} refused the credentials "
-                    f"of {config.name!r}"
+                    f"of {config.name!r} ({refused})"
                 ) from exc
             if attempt == config.connect_attempts:
+                # NoServersError says nothing of why; the first error reported
+                # often does (a TLS alert such as "certificate required",
+                # when it is read before the broken pipe that follows it).
+                why = f"{exc or type(exc).__name__}"
+                first = events.first_error
+                if first is not None and first is not exc:
+                    why += f"; first error: {first}"
                 raise BusUnavailable(
                     f"cannot connect to NATS at {', '.join(config.servers)} after "
-                    f"{attempt} attempts: {exc or type(exc).__name__}"
+                    f"{attempt} attempts: {why}"
                 ) from exc
             logger.warning(
                 "nats %s: connect attempt %d/%d failed (%s); retrying in %.1f s",
@@ -692,7 +810,11 @@ async def _ensure_streams(conn: _Connection) -> None:
     if not conn.config.streams:
         return
     try:
-        with _boundary("ensure JetStream streams"):
+        names = [spec.name for spec in conn.config.streams]
+        with (
+            _refusals(conn.events, "ensure JetStream streams", names, write=False),
+            _boundary("ensure JetStream streams"),
+        ):
             await _aio(
                 _aio_ensure_streams, conn.js, conn.config.streams, conn.config.manage_streams
             )
@@ -1162,7 +1284,8 @@ class NatsBus(Bus):
                 named ``Nats-*``, a payload above the server's max_payload.
             BusUnavailable: not connected now; nothing was sent.
             PublishError: no PubAck (timeout, no responder, interrupted);
-                retry with the same ``msg_id``.
+                retry with the same ``msg_id``. Or the server refused the
+                subject (permissions): nothing was stored.
             BusClosed: the bus is closed.
 
         On cancellation the message may or may not have been stored.
@@ -1181,7 +1304,10 @@ class NatsBus(Bus):
         data = payload if isinstance(payload, bytes) else bytes(payload)
         self._conn.check_connected(action)
         timeout_s = self._config.request_timeout_s
-        with _boundary(action, outcome_unknown=True):
+        with (
+            _refusals(self._conn.events, action, [subject], write=True),
+            _boundary(action, outcome_unknown=True),
+        ):
             if spec is not None:
                 duplicate, sequence = await _aio(
                     _aio_js_publish,
@@ -1265,7 +1391,11 @@ class NatsBus(Bus):
                 f"no configured stream covers {subject_filter!r} for durable {durable!r}; "
                 f"streams: {[(s.name, s.subjects) for s in self._config.streams]}"
             )
-        with _boundary(f"bind durable {durable!r} on stream {spec.name!r}"):
+        action = f"bind durable {durable!r} on stream {spec.name!r}"
+        with (
+            _refusals(self._conn.events, action, [spec.name, durable], write=False),
+            _boundary(action),
+        ):
             psub = await _aio(
                 _aio_bind_pull,
                 self._conn.js,
@@ -1302,14 +1432,22 @@ class NatsBus(Bus):
             history: values kept per key when the bucket is created (1-64).
         """
         self._check_open(f"KV bucket {name!r}")
-        with _boundary(f"open KV bucket {name!r}"):
+        action = f"open KV bucket {name!r}"
+        with (
+            _refusals(self._conn.events, action, _kv_names(name), write=False),
+            _boundary(action),
+        ):
             kv = await _aio(_aio_kv_bucket, self._conn.js, name, history)
         return KvBucket(self, kv, name)
 
     async def object_store(self, name: str) -> ObjectStore:
         """Bind to the object store bucket ``name``, creating it (file storage) if missing."""
         self._check_open(f"object store {name!r}")
-        with _boundary(f"open object store {name!r}"):
+        action = f"open object store {name!r}"
+        with (
+            _refusals(self._conn.events, action, _object_names(name), write=False),
+            _boundary(action),
+        ):
             await _aio(_aio_object_store, self._conn.js, name)
         return ObjectStore(self, name)
 
@@ -1353,6 +1491,11 @@ class KvEntry:
     value: bytes
     revision: int
     deleted: bool = False
+
+
+def _kv_names(bucket: str) -> list[str]:
+    # Its subjects are $KV.<bucket>.<key>, its stream KV_<bucket>.
+    return [bucket, f"KV_{bucket}"]
 
 
 async def _aio_kv_bucket(js: Any, name: str, history: int) -> Any:
@@ -1438,20 +1581,26 @@ class KvBucket:
         self._kv = kv
         self.name = name
 
+    def _refusals(self, action: str, *, write: bool) -> AbstractContextManager[_RefusalWatch]:
+        return _refusals(self._bus._conn.events, action, _kv_names(self.name), write=write)
+
     async def get(self, key: str) -> tuple[bytes, int] | None:
         """Return ``(value, revision)`` of the key's latest value, or None if absent or deleted."""
-        self._bus._check_open(f"KV get {self.name}/{key}")
-        with _boundary(f"KV get {self.name}/{key}"):
+        action = f"KV get {self.name}/{key}"
+        self._bus._check_open(action)
+        with self._refusals(action, write=False), _boundary(action):
             return await _aio(_aio_kv_get, self._kv, key)
 
     async def put(self, key: str, value: bytes) -> int:
         """Store ``value`` under ``key`` unconditionally; return the new revision.
 
         Raises:
-            PublishError: no confirmation; the value may have been stored.
+            PublishError: no confirmation, the value may have been stored; or
+                the server refused it (permissions).
         """
-        self._bus._check_open(f"KV put {self.name}/{key}")
-        with _boundary(f"KV put {self.name}/{key}", outcome_unknown=True):
+        action = f"KV put {self.name}/{key}"
+        self._bus._check_open(action)
+        with self._refusals(action, write=True), _boundary(action, outcome_unknown=True):
             revision: int = await _aio(self._kv.put, key, bytes(value))
         return int(revision)
 
@@ -1462,11 +1611,12 @@ class KvBucket:
 
         Raises:
             KvConflict: someone else changed the key since ``last_revision``.
-            PublishError: no confirmation; read the key to learn the outcome.
+            PublishError: no confirmation, read the key to learn the outcome;
+                or the server refused it (permissions).
         """
         action = f"KV update {self.name}/{key} at revision {last_revision}"
         self._bus._check_open(action)
-        with _boundary(action, outcome_unknown=True):
+        with self._refusals(action, write=True), _boundary(action, outcome_unknown=True):
             try:
                 revision: int = await _aio(self._kv.update, key, bytes(value), last_revision)
             except nats.js.errors.KeyWrongLastSequenceError as exc:
@@ -1483,7 +1633,8 @@ class KvBucket:
         """
         label = f"{self.name}/{key}"
         self._bus._check_open(f"KV watch {label}")
-        with _boundary(f"KV watch {label}"):
+        action = f"KV watch {label}"
+        with self._refusals(action, write=False), _boundary(action):
             watcher = await _aio(self._kv.watch, key)
         watch = KvWatch(watcher, label)
         try:
@@ -1516,6 +1667,11 @@ class StoredObject:
     name: str
     size_bytes: int
     digest: str
+
+
+def _object_names(bucket: str) -> list[str]:
+    # Its subjects are $O.<bucket>.C.<nuid> and $O.<bucket>.M.<name>, its stream OBJ_<bucket>.
+    return [bucket, f"OBJ_{bucket}"]
 
 
 async def _aio_object_store(js: Any, name: str) -> Any:
@@ -1638,6 +1794,9 @@ class ObjectStore:
         self.name = name
         self._put_lock = trio.Lock()
 
+    def _refusals(self, action: str, *, write: bool) -> AbstractContextManager[_RefusalWatch]:
+        return _refusals(self._bus._conn.events, action, _object_names(self.name), write=write)
+
     async def put(self, name: str, data: bytes) -> StoredObject:
         """Store ``data`` as object ``name`` (replacing an older one of that name).
 
@@ -1649,7 +1808,8 @@ class ObjectStore:
         cancellation, nats-py then finishes the put and this returns normally.
 
         Raises:
-            PublishError: the put failed or timed out; retry it.
+            PublishError: the put failed or timed out, retry it; or the server
+                refused it (permissions), and nothing is swept.
         """
         action = f"object put {self.name}/{name} ({len(data)} bytes)"
         self._bus._check_open(action)
@@ -1660,14 +1820,23 @@ class ObjectStore:
             with trio.CancelScope(shield=True):
                 previous: str | None = None
                 failure: BusError | None = None
+                refusal = _RefusalWatch(frozenset())
                 with trio.move_on_after(config.object_put_timeout_s):
                     try:
-                        with _boundary(action, outcome_unknown=True):
+                        with (
+                            self._refusals(action, write=True) as refusal,
+                            _boundary(action, outcome_unknown=True),
+                        ):
                             previous = await _aio(_aio_object_previous_nuid, js, self.name, name)
                             size, digest = await _aio(_aio_object_put, js, self.name, name, payload)
                         return StoredObject(name=name, size_bytes=size, digest=digest)
                     except BusError as exc:
                         failure = exc
+                if refusal.violation is not None:
+                    # Nothing was stored, and a user that may not write here
+                    # may not purge here either: no sweep.
+                    assert failure is not None
+                    raise failure
                 await self._sweep(action, name, previous)
         if failure is None:
             raise PublishError(f"{action}: not done within {config.object_put_timeout_s} s; retry")
@@ -1701,7 +1870,7 @@ class ObjectStore:
         self._bus._check_open(action)
         timeout_s = self._bus._config.object_get_timeout_s
         try:
-            with trio.fail_after(timeout_s), _boundary(action):
+            with trio.fail_after(timeout_s), self._refusals(action, write=False), _boundary(action):
                 return await _aio(
                     _aio_object_get, self._bus._conn.js, self.name, name, max_size_bytes
                 )

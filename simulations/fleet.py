@@ -178,6 +178,8 @@ class SendSpec:
     receipt_timeout_s: float = 10.0
     max_attempts: int = 5
     backoff_max_s: float = 60.0
+    # UNSAFE, chaos suite only: see client.device.DeviceConfig.unsafe_trust_puback.
+    unsafe_trust_puback: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +371,7 @@ def load_fleet_config(path: Path) -> FleetConfig:
         receipt_timeout_s=send_table.number("receipt_timeout_s", 10.0, minimum=0.01),
         max_attempts=send_table.integer("max_attempts", 5, minimum=1),
         backoff_max_s=send_table.number("backoff_max_s", 60.0, minimum=0.01),
+        unsafe_trust_puback=send_table.flag("unsafe_trust_puback", False),
     )
     send_table.finish()
     try:
@@ -597,6 +600,7 @@ class _FleetDevice:
             # +-20%: devices of one kind must not all train in the same instant.
             min_interval_s=kind.min_interval_s * rng.uniform(0.8, 1.2),
             model_wait_s=kind.model_wait_s,
+            unsafe_trust_puback=send.unsafe_trust_puback,
         )
         self.topics = MqttTopics(config.fleet, spec.site)
         self.limiter: trio.CapacityLimiter = (

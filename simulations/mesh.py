@@ -62,6 +62,7 @@ __all__ = [
     "KindProfile",
     "MeshPlan",
     "MeshSpec",
+    "Routes",
     "RunningMesh",
     "open_brokers",
     "open_mesh",
@@ -155,6 +156,10 @@ class MeshSpec:
             exits; each waits for a newer model than the last it trained on.
         fleet_duration_s: fleets stop by themselves after this long, a bound
             in case their parent cannot stop them; None: only when told.
+        commit_window_ms: every daemon's grouped-commit window.
+        edge_keepalive_s: the edges' MQTT keepalive.
+        ack_wait_s: JetStream redelivery delay of the regional and central
+            consumers; None keeps the daemons' default.
     """
 
     fleet: str = "demo"
@@ -182,6 +187,9 @@ class MeshSpec:
     standalone_devices: int = 0
     standalone_rounds: int = 2
     fleet_duration_s: float | None = None
+    commit_window_ms: float = 2.0
+    edge_keepalive_s: int = 60
+    ack_wait_s: float | None = None
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -195,6 +203,20 @@ class MeshSpec:
             for p in self.kinds.values()
         )
         return rate_per_t / self.updates_per_s
+
+
+@dataclass(frozen=True, slots=True)
+class Routes:
+    """Where edges and devices reach the brokers when something (a proxy) sits in between.
+
+    Attributes:
+        edge_nats_url: the NATS URL of the edges; None: the server's own.
+        device_mqtt_port: the port devices connect to on the Mosquitto host;
+            None: the broker's own.
+    """
+
+    edge_nats_url: str | None = None
+    device_mqtt_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,11 +399,19 @@ def _assign_kinds(spec: MeshSpec) -> list[KindName]:
 _PREFIX: Final[Mapping[str, str]] = {"vehicle": "veh", "factory": "fac", "iot": "iot"}
 
 
-def prepare_mesh(spec: MeshSpec, workdir: Path, out_dir: Path, brokers: Brokers) -> MeshPlan:
+def prepare_mesh(
+    spec: MeshSpec,
+    workdir: Path,
+    out_dir: Path,
+    brokers: Brokers,
+    *,
+    routes: Routes | None = None,
+) -> MeshPlan:
     """Write keys, registries, model, data and configs for ``spec``; returns the plan.
 
     Synchronous and CPU-light (a second or so for 240 devices); call it from
-    trio through ``trio.to_thread.run_sync``.
+    trio through ``trio.to_thread.run_sync``. ``routes`` sends edges and
+    devices through other addresses (the chaos suite's proxies).
 
     Raises:
         ConfigError: the spec cannot be met (too many devices for the data,
@@ -449,11 +479,15 @@ def prepare_mesh(spec: MeshSpec, workdir: Path, out_dir: Path, brokers: Brokers)
     central_pub = keys_dir / "central.pub"
 
     mosquitto, nats = brokers.mosquitto, brokers.nats
+    routes = routes or Routes()
+    device_mqtt_port = routes.device_mqtt_port or mosquitto.port
     ports = {name: _free_port() for name in ["central"]
              + [f"regional-{r}" for r, _ in spec.regions]
              + [f"edge-{s}" for s in spec.sites]}  # fmt: skip
 
-    def common(name: str, flush: FlushSpec, senders: Sequence[Path]) -> dict[str, object]:
+    def common(
+        name: str, flush: FlushSpec, senders: Sequence[Path], nats_url: str = nats.url
+    ) -> dict[str, object]:
         return {
             "fleet": spec.fleet,
             "identity_key": keys_dir / f"{name}.key",
@@ -462,13 +496,14 @@ def prepare_mesh(spec: MeshSpec, workdir: Path, out_dir: Path, brokers: Brokers)
             "shutdown_timeout_s": spec.shutdown_timeout_s,
             "keys": {"senders": [str(p) for p in senders], "central": central_pub},
             "nats": {
-                "servers": [nats.url],
+                "servers": [nats_url],
                 "monitoring_url": nats.monitoring_url,
                 "require_sync_always": True,
+                **({} if spec.ack_wait_s is None else {"ack_wait_s": spec.ack_wait_s}),
             },
             "flush": {"max_inputs": flush.max_inputs, "max_age_s": flush.max_age_s},
             "staleness": {"kind": "fedbuff", "max_staleness": spec.max_staleness},
-            "store": {"commit_window_ms": 2},
+            "store": {"commit_window_ms": spec.commit_window_ms},
             "retry": {"initial_backoff_s": 0.1, "max_backoff_s": 2.0},
             "telemetry": {"jsonl_dir": trace_dir, "prometheus_port": ports[name]},
         }
@@ -503,12 +538,17 @@ def prepare_mesh(spec: MeshSpec, workdir: Path, out_dir: Path, brokers: Brokers)
             {
                 "site": site,
                 "region": region_of[site],
-                **common(f"edge-{site}", spec.edge_flush, [registries[site]]),
+                **common(
+                    f"edge-{site}",
+                    spec.edge_flush,
+                    [registries[site]],
+                    routes.edge_nats_url or nats.url,
+                ),
                 "mqtt": {
                     "host": mosquitto.host,
                     "port": mosquitto.port,
                     "client_id": f"edge-{site}",
-                    "keepalive_s": 60,
+                    "keepalive_s": spec.edge_keepalive_s,
                     "session_expiry_s": 600,
                 },
                 "validation": {"max_norm": spec.max_norm, "norm_policy": "clip"},
@@ -535,7 +575,7 @@ def prepare_mesh(spec: MeshSpec, workdir: Path, out_dir: Path, brokers: Brokers)
                 },
                 "central": {"public_key": central_pub},
                 "edges": {"public_keys": [keys_dir / f"edge-{sites[i]}.pub"]},
-                "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "keepalive_s": 60},
+                "mqtt": {"host": mosquitto.host, "port": device_mqtt_port, "keepalive_s": 60},
                 "send": {
                     "codec": spec.send.codec,
                     "receipt_timeout_s": spec.send.receipt_timeout_s,
@@ -570,7 +610,7 @@ def prepare_mesh(spec: MeshSpec, workdir: Path, out_dir: Path, brokers: Brokers)
                 "trace_dir": trace_dir,
                 "start_spread_s": round(base_t, 3),
                 **({} if spec.fleet_duration_s is None else {"duration_s": spec.fleet_duration_s}),
-                "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "keepalive_s": 60},
+                "mqtt": {"host": mosquitto.host, "port": device_mqtt_port, "keepalive_s": 60},
                 "central": {"public_key": central_pub},
                 "send": {
                     "codec": spec.send.codec,
@@ -578,6 +618,7 @@ def prepare_mesh(spec: MeshSpec, workdir: Path, out_dir: Path, brokers: Brokers)
                     "receipt_timeout_s": spec.send.receipt_timeout_s,
                     "max_attempts": spec.send.max_attempts,
                     "backoff_max_s": spec.send.backoff_max_s,
+                    **({"unsafe_trust_puback": True} if spec.send.unsafe_trust_puback else {}),
                 },
                 "training": {
                     "epochs": spec.training.epochs,

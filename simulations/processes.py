@@ -60,6 +60,8 @@ class Child:
         exited: set once the process has exited and been reaped.
         tail: its last stderr lines, for error messages.
         stopping: set when the parent asked it to stop (an exit is then expected).
+        stderr_done: set once its stderr is read to the end (its last words are
+            in ``tail`` and the log file then).
     """
 
     name: str
@@ -70,6 +72,7 @@ class Child:
     exited: trio.Event = field(default_factory=trio.Event)
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=_TAIL_LINES))
     stopping: bool = False
+    stderr_done: trio.Event = field(default_factory=trio.Event)
     # Pipe readers are shielded: cancelling them would close the pipes under a
     # child that is still shutting down (its last log lines lost, its writes
     # failing). They end at EOF, or shortly after the child was reaped.
@@ -251,6 +254,7 @@ class ProcessGroup:
                         self._changed.unpark_all()
         finally:
             log_file.close()
+            child.stderr_done.set()
             await stream.aclose()
 
     @staticmethod

@@ -59,6 +59,7 @@ from tiers._telemetry import (
     traceparent_of,
 )
 from tiers.config import CentralConfig, load_initial_model
+from tiers.faults import crash_point
 from tiers.model_registry import ModelRegistryWriter
 from tiers.registry import TierKeys
 from tiers.store import CommitTicket, ModelVersionRecord, Recovery, StoreError
@@ -130,6 +131,7 @@ class ModelPublisher(UpstreamWorker[PublishJob]):
         daemon = self._daemon
         if job.ticket is not None:
             await job.ticket.wait()
+        crash_point("central.before_publish")
         store = daemon.store
         retry = functools.partial(
             retry_transient, retry=daemon.config.retry, metrics=daemon.metrics, log=daemon.log
@@ -162,6 +164,7 @@ class ModelPublisher(UpstreamWorker[PublishJob]):
                     msg_id=f"{daemon.config.fleet}-model-v{version}",
                 ),
             )
+        crash_point("central.after_publish")
         store.submit_published(version)
         self.published.append(version)
         daemon.log.info("model v%d published", version)

@@ -85,19 +85,26 @@ class NatsSettings:
         servers: server URLs.
         monitoring_url: HTTP monitoring base URL, read to check ``sync_interval: always``.
         require_sync_always: refuse a server that does not fsync every JetStream write.
+        ack_wait_s: how long JetStream waits for this daemon's ack of a delivery
+            before redelivering it (set when the durable consumer is created).
         tls_ca_file, tls_cert_file, tls_key_file: PEM files for TLS.
         credentials_file: a ``.creds`` file (user JWT and nkey seed).
         nkeys_seed_file: an nkeys user seed.
+        manage_streams: create or update the JetStream streams at start; None
+            means only the central does (the others just check they exist), which
+            is what the per-user permissions of deploy/nats/nats-server.conf allow.
     """
 
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     monitoring_url: str | None = None
     require_sync_always: bool = True
+    ack_wait_s: float = 30.0
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     credentials_file: Path | None = None
     nkeys_seed_file: Path | None = None
+    manage_streams: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,11 +430,13 @@ def _nats(table: _Table) -> NatsSettings:
         servers=tuple(servers),
         monitoring_url=monitoring,
         require_sync_always=table.bool_("require_sync_always", True),
+        ack_wait_s=table.float_("ack_wait_s", _DEFAULT_NATS.ack_wait_s),
         tls_ca_file=table.path("tls_ca_file", None),
         tls_cert_file=table.path("tls_cert_file", None),
         tls_key_file=table.path("tls_key_file", None),
         credentials_file=table.path("credentials_file", None),
         nkeys_seed_file=table.path("nkeys_seed_file", None),
+        manage_streams=table.bool_("manage_streams", None),
     )
     table.finish()
     return settings

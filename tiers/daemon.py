@@ -19,6 +19,7 @@ on shutdown, and pings the watchdog from the event loop at half
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -26,15 +27,16 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
 
 import trio
 
 from protocol.bus import Bus
-from protocol.errors import FedtierError
+from protocol.errors import BusUnavailable, FedtierError
 from protocol.names import NatsSubjects
+from tiers import faults
 from tiers.central import CentralDaemon
 from tiers.config import (
     CentralConfig,
@@ -48,9 +50,16 @@ from tiers.edge import EdgeDaemon
 from tiers.model_registry import NatsModelRegistry
 from tiers.regional import RegionalDaemon
 from tiers.registry import TierKeys
-from tiers.tier import TierDaemon
+from tiers.tier import TierDaemon, retry_transient
 
-__all__ = ["KeyValueFormatter", "SystemdNotifier", "configure_logging", "run_daemon"]
+__all__ = [
+    "MQTT_CONNECT_ATTEMPTS",
+    "KeyValueFormatter",
+    "SystemdNotifier",
+    "configure_logging",
+    "open_registry",
+    "run_daemon",
+]
 
 logger = logging.getLogger("fedtier.daemon")
 
@@ -60,6 +69,8 @@ _SENDER_ROLES: Final[dict[str, str]] = {"edge": "device", "regional": "edge", "c
 _UP_MAX_AGE_S: Final = 7 * 86_400.0
 _MODEL_MAX_AGE_S: Final = 30 * 86_400.0
 _DEDUPE_WINDOW_S: Final = 600.0
+MQTT_CONNECT_ATTEMPTS: Final = 8
+"""Tries of an edge's first MQTT connect, with the config's retry backoff in between."""
 
 _STANDARD_RECORD_KEYS: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -176,6 +187,10 @@ def _nats_config(kind: TierKind, config: TierConfig, key_id: str) -> Any:
         credentials_file=settings.credentials_file,
         require_sync_always=settings.require_sync_always,
         monitoring_url=settings.monitoring_url,
+        ack_wait_s=settings.ack_wait_s,
+        manage_streams=(
+            settings.manage_streams if settings.manage_streams is not None else kind == "central"
+        ),
         streams=(
             StreamSpec(up_name, (up_subjects,), _UP_MAX_AGE_S, _DEDUPE_WINDOW_S),
             StreamSpec(
@@ -208,7 +223,27 @@ async def _open_mqtt(config: EdgeConfig) -> AsyncIterator[Bus]:
         key_file=settings.tls_key_file,
         shared_durables=settings.shared_subscription,
     )
-    async with open_mqtt_bus(mqtt_config) as bus:
+    async with AsyncExitStack() as stack:
+        # Like the NATS connect, the first MQTT connect retries a few times: an
+        # edge restarted while its broker restarts too (a power cut, a crash
+        # loop) must wait for it, not exit.
+        delay_s = config.retry.initial_backoff_s
+        for attempt in range(1, MQTT_CONNECT_ATTEMPTS + 1):
+            try:
+                bus: Bus = await stack.enter_async_context(open_mqtt_bus(mqtt_config))
+                break
+            except BusUnavailable as exc:
+                if attempt == MQTT_CONNECT_ATTEMPTS:
+                    raise
+                logger.warning(
+                    "MQTT broker not reachable (attempt %d of %d): %s; retrying in %.1f s",
+                    attempt,
+                    MQTT_CONNECT_ATTEMPTS,
+                    exc,
+                    delay_s,
+                )
+            await trio.sleep(delay_s)
+            delay_s = min(delay_s * 2, config.retry.max_backoff_s)
         yield bus
 
 
@@ -270,12 +305,7 @@ async def serve_daemon(kind: TierKind, config: TierConfig) -> None:
         ):
             metrics = TierMetrics(kind, key_id)
             async with open_nats_loop(), open_nats_bus(_nats_config(kind, config, key_id)) as nats:
-                subjects = NatsSubjects(config.fleet)
-                registry = NatsModelRegistry(
-                    await nats.kv_bucket(subjects.model_bucket()),
-                    await nats.object_store(subjects.blob_store()),
-                    max_blob_bytes=config.limits.max_envelope_bytes,
-                )
+                registry = await open_registry(nats, config, metrics)
                 async with _open_daemon(
                     kind, config, nats, registry, keys, metrics, tracing
                 ) as daemon:
@@ -284,6 +314,28 @@ async def serve_daemon(kind: TierKind, config: TierConfig) -> None:
         tracing.shutdown()
         if notifier is not None:
             notifier.close()
+
+
+async def open_registry(nats: Any, config: TierConfig, metrics: Any) -> NatsModelRegistry:
+    """Bind the model registry's KV bucket and object store, retrying transient failures.
+
+    A daemon that starts while nats-server restarts (or its link flaps) gets
+    no reply in time: that is retried with the config's backoff, each retry
+    logged and counted, like every other bus operation of a running daemon.
+    """
+    subjects = NatsSubjects(config.fleet)
+    retry = functools.partial(retry_transient, retry=config.retry, metrics=metrics, log=logger)
+    kv = await retry(
+        "open of the model registry bucket",
+        "open_registry",
+        lambda: nats.kv_bucket(subjects.model_bucket()),
+    )
+    blobs = await retry(
+        "open of the model blob store",
+        "open_registry",
+        lambda: nats.object_store(subjects.blob_store()),
+    )
+    return NatsModelRegistry(kv, blobs, max_blob_bytes=config.limits.max_envelope_bytes)
 
 
 @asynccontextmanager
@@ -344,6 +396,9 @@ def run_daemon(kind: str, config_path: Path | str) -> int:
     tier_kind: TierKind = kind  # type: ignore[assignment]  # checked above
     try:
         config = load_config(tier_kind, Path(config_path))
+        # Crash points and unsafe switches for the chaos suite; off unless set.
+        for warning in faults.configure_from_environment():
+            logger.warning("%s", warning)
     except FedtierError as exc:
         logger.error("%s", exc)
         return 2

@@ -186,7 +186,9 @@ class EdgeDaemon(FollowerDaemon):
         model = self._model_view()
         model.check_layout(message.layout, message.num_params, f"update {uid} from {who}")
         store = self.store
-        if store.input_state(message.sender, message.update_id) is not None:
+        state = store.input_state(message.sender, message.update_id)
+        forgotten = self._forgotten(state, message.update_id)
+        if state is not None and not forgotten:
             self._count(span, Outcome.DUPLICATE)
             self.log.info("update %s from %s is a duplicate", uid, who)
             return Admission(
@@ -200,8 +202,9 @@ class EdgeDaemon(FollowerDaemon):
         # Retries reorder a device's updates (an unanswered one is resent after newer
         # ones were accepted), so the rule is not "above the high-water mark" but
         # "a seq is never used by two update ids": replaying an accepted envelope is a
-        # duplicate, and a forged one cannot carry a valid signature.
-        if store.seq_taken(message.sender, message.seq):
+        # duplicate, and a forged one cannot carry a valid signature. (A forgotten
+        # input, under an unsafe switch, took its own seq: it is no replay.)
+        if not forgotten and store.seq_taken(message.sender, message.seq):
             raise rejection(
                 "replay",
                 f"update {uid} from {who} reuses seq {message.seq}, already taken by "
@@ -259,7 +262,8 @@ class EdgeDaemon(FollowerDaemon):
                 clip_scale=result.scale,
                 accepted_ms=accepted_ms,
                 trace=trace_parent,
-            )
+            ),
+            replace=forgotten,
         )
         buffer.note(
             sender=message.sender,

@@ -38,6 +38,9 @@ Schema (``PRAGMA user_version = 1``; WAL, ``synchronous=FULL``)::
 A flush is one transaction: the partial enters the outbox, the inputs of the
 flushed epoch become ``flushed`` and the open epoch moves on. When the partial
 is acknowledged upstream its inputs become ``done`` and their bytes are dropped.
+
+The committer passes the crash points ``<tier>.before_commit`` and
+``<tier>.after_commit`` (``tiers.faults``) around every transaction.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ import numpy.typing as npt
 import trio
 
 from protocol.errors import FedtierError
+from tiers.faults import crash_point
 
 __all__ = [
     "CommitTicket",
@@ -330,10 +334,13 @@ class StateStore:
         *,
         commit_window_s: float,
         run_blocking: RunBlocking,
+        crash_label: str = "store",
     ) -> None:
         if not commit_window_s >= 0:
             raise StoreError(f"commit window must be >= 0 s, got {commit_window_s!r}")
         self.path = path
+        self._before_commit_point = f"{crash_label}.before_commit"
+        self._after_commit_point = f"{crash_label}.after_commit"
         self.commit_window_s = commit_window_s
         self._run_blocking = run_blocking
         self._writer: sqlite3.Connection | None = None
@@ -391,6 +398,7 @@ class StateStore:
             self._wakeup = trio.Event()
             if not batch:
                 continue
+            crash_point(self._before_commit_point)
             # Not cancellable once started (to_thread's default): the transaction
             # either commits or rolls back as a whole, never half-way.
             try:
@@ -401,6 +409,8 @@ class StateStore:
                 if isinstance(exc, sqlite3.Error):
                     raise StoreError(f"state store {self.path}: commit failed: {exc}") from exc
                 raise
+            # On disk, and nobody has been told: the moment between commit and ack.
+            crash_point(self._after_commit_point)
             self.commits += 1
             for _, ticket, key in batch:
                 if key is not None and self._pending_inputs.get(key) is ticket:
@@ -464,18 +474,26 @@ class StateStore:
         """The highest ``seq`` accepted from ``sender`` (including pending accepts), or None."""
         return self._high_water.get(sender)
 
-    def submit_accept(self, record: InputRecord) -> CommitTicket:
-        """Record an accepted input and raise its sender's high-water mark; see ``accept``."""
+    def submit_accept(self, record: InputRecord, *, replace: bool = False) -> CommitTicket:
+        """Record an accepted input and raise its sender's high-water mark; see ``accept``.
+
+        Args:
+            record: the input.
+            replace: overwrite an earlier record of the same input (only the
+                unsafe switch ``dedupe_open_buffer_only`` does that: the input is
+                then folded a second time, which is what the switch is for).
+        """
         key = (record.sender, record.input_id)
-        if key in self._pending_inputs:
+        if key in self._pending_inputs and not replace:
             raise StoreError(
                 f"input {record.input_id.hex()} from {record.sender} is already pending"
             )
+        insert = "INSERT OR REPLACE" if replace else "INSERT"
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO inputs (sender, input_id, seq, epoch, status, envelope, base_version,"
-                " n_samples, tau, discount, clip_scale, accepted_ms, trace)"
+                f"{insert} INTO inputs (sender, input_id, seq, epoch, status, envelope,"
+                " base_version, n_samples, tau, discount, clip_scale, accepted_ms, trace)"
                 " VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.sender,
@@ -519,7 +537,13 @@ class StateStore:
     # -- flushing ------------------------------------------------------------------
 
     def submit_flush(
-        self, epoch: int, entry: OutboxEntry | None, input_count: int, out_seq: int
+        self,
+        epoch: int,
+        entry: OutboxEntry | None,
+        input_count: int,
+        out_seq: int,
+        *,
+        replace: bool = False,
     ) -> CommitTicket:
         """Close ``epoch``: record its partial in the outbox and mark its inputs flushed.
 
@@ -530,13 +554,17 @@ class StateStore:
             input_count: how many inputs the partial holds; a mismatch with the
                 stored rows is a bug and fails the commit.
             out_seq: the sequence number used on the partial, persisted.
+            replace: overwrite an earlier outbox entry with the same partial id
+                (only under the unsafe ``dedupe_open_buffer_only``, which can fold
+                the same inputs into a second partial).
         """
+        insert = "INSERT OR REPLACE" if replace else "INSERT"
 
         def op(conn: sqlite3.Connection) -> None:
             if entry is not None:
                 conn.execute(
-                    "INSERT INTO outbox (partial_id, epoch, seq, subject, envelope, trace, state,"
-                    " created_ms) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
+                    f"{insert} INTO outbox (partial_id, epoch, seq, subject, envelope, trace,"
+                    " state, created_ms) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
                     (
                         entry.partial_id,
                         epoch,
@@ -896,6 +924,7 @@ async def open_state_store(
     *,
     commit_window_s: float = 0.002,
     in_thread: bool = True,
+    crash_label: str = "store",
 ) -> AsyncIterator[StateStore]:
     """Open (creating if needed) the state store at ``path`` and run its committer.
 
@@ -906,6 +935,8 @@ async def open_state_store(
         in_thread: run sqlite commits on a worker thread (the default). False runs
             them on the trio thread: for tests under a fake clock, whose autojump
             would otherwise jump while a thread works.
+        crash_label: the tier name of the crash points ``<label>.before_commit``
+            and ``<label>.after_commit`` (``tiers.faults``).
 
     Raises:
         StoreError: the file cannot be opened or has another schema.
@@ -914,7 +945,12 @@ async def open_state_store(
     (exactly what a crash would do); a commit in progress finishes first.
     """
     run_blocking: RunBlocking = trio.to_thread.run_sync if in_thread else _run_inline
-    store = StateStore(Path(path), commit_window_s=commit_window_s, run_blocking=run_blocking)
+    store = StateStore(
+        Path(path),
+        commit_window_s=commit_window_s,
+        run_blocking=run_blocking,
+        crash_label=crash_label,
+    )
     await run_blocking(store._open_sync)
     try:
         async with trio.open_nursery() as nursery:

@@ -28,6 +28,15 @@ worker waits for that commit, publishes with retry (same ``msg_id`` each
 time), and marks the partial acknowledged. While the upstream worker is full,
 cuts wait and the open buffer keeps growing (constant memory): no tier stops
 taking input because the next one is down.
+
+Fault injection (``tiers.faults``, for the chaos suite) names the moments of
+this sequence: ``<tier>.after_admit``, ``.before_commit`` and ``.after_commit``
+(the committer), ``.after_ack``, ``.after_receipt`` (edge), and around the
+upstream publish ``.before_publish`` and ``.after_publish``. Its unsafe
+switches bend it at exactly one place each: the settler acknowledges before the
+commit (``ack_before_commit``), admission forgets ids that left the open buffer
+(``dedupe_open_buffer_only``), the uplink drops a partial after one failed
+publish (``drop_unconfirmed_partials``).
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ import trio
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from protocol.bus import Bus, Delivery, Subscription
+from protocol.bus import Bus, Delivery, PublishAck, Subscription
 from protocol.codecs import CodecSpec, all_finite, decode, encode, fold_into
 from protocol.envelope import Envelope, open_envelope, parse_envelope, seal
 from protocol.errors import (
@@ -92,11 +101,13 @@ from tiers._telemetry import (
 from tiers.aggregate import PartialAggregate as Accumulator
 from tiers.aggregate import partial_id as derive_partial_id
 from tiers.config import RetrySettings, TierConfig
+from tiers.faults import crash_point, unsafe
 from tiers.model_registry import ModelRegistryReader
 from tiers.registry import TierKeys
 from tiers.store import (
     CommitTicket,
     InputRecord,
+    InputState,
     OutboxEntry,
     Recovery,
     StateStore,
@@ -368,6 +379,10 @@ class Intake:
         capacity: admissions waiting to be settled; the subscription's capacity
             bounds it already, so the reader never waits here in practice.
         log: where settle problems are logged.
+        tier: names the crash points ``<tier>.after_admit``, ``.after_ack`` and
+            ``.after_receipt`` (``tiers.faults``).
+        ack_before_commit: the unsafe switch of that name: acknowledge (and
+            send the receipt) first, wait for the commit after.
     """
 
     def __init__(
@@ -377,11 +392,17 @@ class Intake:
         *,
         capacity: int,
         log: logging.Logger,
+        tier: str = "",
+        ack_before_commit: bool = False,
     ) -> None:
         self._admit = admit
         self._after_admit = after_admit
         self._capacity = capacity
         self._log = log
+        self._ack_before_commit = ack_before_commit
+        self._after_admit_point = f"{tier}.after_admit"
+        self._after_ack_point = f"{tier}.after_ack"
+        self._after_receipt_point = f"{tier}.after_receipt"
         self._stopping = False
         self._receive_scope: trio.CancelScope | None = None
         self.finished = trio.Event()
@@ -413,7 +434,9 @@ class Intake:
                         self._receive_scope = None
                         if scope.cancelled_caught:
                             break
-                        await send.send(self._admit(delivery))
+                        admission = self._admit(delivery)
+                        crash_point(self._after_admit_point)
+                        await send.send(admission)
                         await self._after_admit()
         finally:
             self.finished.set()
@@ -421,18 +444,26 @@ class Intake:
     async def _settle(self, receive: trio.MemoryReceiveChannel[Admission]) -> None:
         async with receive:
             async for admission in receive:
+                if self._ack_before_commit:
+                    # UNSAFE: what a broker's auto-ack does; a crash before the
+                    # commit loses an input its sender was told is accepted.
+                    await self._acknowledge(admission)
                 if admission.ticket is not None:
                     # StoreError propagates: a daemon whose store fails must stop.
                     await admission.ticket.wait()
-                try:
-                    await admission.delivery.ack()
-                except BusError as exc:
-                    # The broker redelivers; the copy is then a duplicate.
-                    self._log.warning(
-                        "ack of a delivery on %s failed: %s", admission.delivery.subject, exc
-                    )
-                if admission.after_ack is not None:
-                    await admission.after_ack()
+                if not self._ack_before_commit:
+                    await self._acknowledge(admission)
+
+    async def _acknowledge(self, admission: Admission) -> None:
+        try:
+            await admission.delivery.ack()
+        except BusError as exc:
+            # The broker redelivers; the copy is then a duplicate.
+            self._log.warning("ack of a delivery on %s failed: %s", admission.delivery.subject, exc)
+        crash_point(self._after_ack_point)
+        if admission.after_ack is not None:
+            await admission.after_ack()
+            crash_point(self._after_receipt_point)
 
 
 # -- upstream workers -----------------------------------------------------------------
@@ -527,6 +558,7 @@ class Uplink(UpstreamWorker[UplinkJob]):
         log: logging.Logger,
         capacity: int,
         on_room: Callable[[], None],
+        drop_unconfirmed: bool = False,
     ) -> None:
         super().__init__(capacity=capacity, on_room=on_room)
         self._bus = bus
@@ -536,12 +568,15 @@ class Uplink(UpstreamWorker[UplinkJob]):
         self._metrics = metrics
         self._retry = retry
         self._log = log
+        self._drop_unconfirmed = drop_unconfirmed
         self.published = 0
+        self.dropped = 0
 
     async def run(self, job: UplinkJob) -> None:
         """Wait for the flush commit, publish with ``msg_id = partial id``, mark acked."""
         if job.ticket is not None:
             await job.ticket.wait()
+        crash_point(f"{self._tier}.before_publish")
         entry = job.entry
         pid = entry.partial_id.hex()
         with self._tracer.start_as_current_span(
@@ -551,16 +586,37 @@ class Uplink(UpstreamWorker[UplinkJob]):
         ) as span:
             # A fresh dict per try: some transports mutate the headers they are given.
             headers = headers_with_context(span)
-            ack = await retry_transient(
-                f"publish of partial {pid} to {entry.subject}",
-                "publish_partial",
-                lambda: self._bus.publish(
+
+            def publish() -> Awaitable[PublishAck]:
+                return self._bus.publish(
                     entry.subject, entry.envelope, headers=dict(headers), msg_id=pid
-                ),
-                retry=self._retry,
-                metrics=self._metrics,
-                log=self._log,
-            )
+                )
+
+            if self._drop_unconfirmed:
+                try:
+                    ack = await publish()
+                except (BusUnavailable, PublishError) as exc:
+                    # UNSAFE: the inputs inside are gone although their senders
+                    # were told they are accepted.
+                    self.dropped += 1
+                    self._log.warning(
+                        "UNSAFE drop_unconfirmed_partials: partial %s dropped after one "
+                        "failed publish: %s",
+                        pid,
+                        exc,
+                    )
+                    self._store.submit_acked(entry.partial_id)
+                    return
+            else:
+                ack = await retry_transient(
+                    f"publish of partial {pid} to {entry.subject}",
+                    "publish_partial",
+                    publish,
+                    retry=self._retry,
+                    metrics=self._metrics,
+                    log=self._log,
+                )
+        crash_point(f"{self._tier}.after_publish")
         self.published += 1
         self._log.info(
             "partial %s (epoch %d) stored upstream on %s%s",
@@ -635,6 +691,10 @@ class TierDaemon(abc.ABC):
         self._shutdown = trio.Event()
         self._intake: Intake | None = None
         self.ready = trio.Event()
+        # Read once: the unsafe switches of tiers.faults, off unless a chaos test sets them.
+        self._unsafe_ack_before_commit = unsafe("ack_before_commit")
+        self._unsafe_dedupe_open_buffer_only = unsafe("dedupe_open_buffer_only")
+        self._unsafe_drop_unconfirmed = unsafe("drop_unconfirmed_partials")
 
     # -- accessors ------------------------------------------------------------------
 
@@ -697,6 +757,7 @@ class TierDaemon(abc.ABC):
             self.config.store_path,
             commit_window_s=self.config.commit_window_s,
             in_thread=self._store_in_thread,
+            crash_label=self.tier,
         ) as store:
             self._store = store
             try:
@@ -710,6 +771,8 @@ class TierDaemon(abc.ABC):
                         self._maybe_flush,
                         capacity=self.config.intake_capacity,
                         log=self.log,
+                        tier=self.tier,
+                        ack_before_commit=self._unsafe_ack_before_commit,
                     )
                     async with self._open_input() as subscription:
                         await nursery.start(self._intake.serve, subscription)
@@ -814,6 +877,19 @@ class TierDaemon(abc.ABC):
     def _next_seq(self) -> int:
         return self._seq.next()
 
+    def _forgotten(self, state: InputState | None, input_id: bytes) -> bool:
+        """Whether a known input is treated as new: only under ``dedupe_open_buffer_only``.
+
+        That unsafe switch remembers ids only while they are in the open
+        buffer, like a broker's dedupe window: a copy of an input already cut
+        into a partial is folded again and its record replaced.
+        """
+        return (
+            self._unsafe_dedupe_open_buffer_only
+            and state is not None
+            and input_id not in self.buffer.aggregate.input_ids
+        )
+
     def _admit_partial(
         self,
         delivery: Delivery,
@@ -871,7 +947,9 @@ class TierDaemon(abc.ABC):
                 f"partial {message.partial_id.hex()} from {who} has an id that does not derive "
                 "from its sender and inputs"
             )
-        if self.store.input_state(message.sender, message.partial_id) is not None:
+        state = self.store.input_state(message.sender, message.partial_id)
+        forgotten = self._forgotten(state, message.partial_id)
+        if state is not None and not forgotten:
             self._count(span, Outcome.DUPLICATE)
             self.log.info("partial %s from %s is a duplicate", message.partial_id.hex(), who)
             return Admission(
@@ -922,7 +1000,8 @@ class TierDaemon(abc.ABC):
                 clip_scale=1.0,
                 accepted_ms=accepted_ms,
                 trace=trace_parent,
-            )
+            ),
+            replace=forgotten,
         )
         buffer.note(
             sender=message.sender,
@@ -1047,7 +1126,13 @@ class TierDaemon(abc.ABC):
                 envelope=envelope,
                 trace=traceparent_of(span),
             )
-            ticket = self.store.submit_flush(buffer.epoch, entry, len(input_ids), seq)
+            ticket = self.store.submit_flush(
+                buffer.epoch,
+                entry,
+                len(input_ids),
+                seq,
+                replace=self._unsafe_dedupe_open_buffer_only,
+            )
         self._report_cut(reason, len(input_ids), started)
         self.log.info(
             "epoch %d flushed (%s) as partial %s: %d inputs, %d updates, %g samples",
@@ -1145,6 +1230,7 @@ class FollowerDaemon(TierDaemon):
             log=self.log,
             capacity=4,
             on_room=self.buffer.poke,
+            drop_unconfirmed=self._unsafe_drop_unconfirmed,
         )
         await nursery.start(
             self._uplink.serve, [UplinkJob(entry) for entry in recovery.pending_outbox]

@@ -380,3 +380,15 @@ def test_training_data_and_trainer_from_config(tmp_path):
     np.savez(tmp_path / "bad.npz", X=np.array([{"a": 1}], dtype=object), y=np.arange(1))
     with pytest.raises(ConfigError):
         load_training_data(tmp_path / "bad.npz")
+
+
+async def test_unsafe_trust_puback_resolves_on_the_broker_ack(broker, outbox, autojump_clock):
+    # UNSAFE (chaos suite): an edge that never answers still leaves the device
+    # believing its updates were accepted.
+    silent = FakeEdge(MemoryBus(broker), answer=False)
+    await publish_model(silent.bus, 1)
+    report = await run_with_edge(silent, outbox, _config(rounds=2, unsafe_trust_puback=True))
+    assert (report.sent, report.accepted, report.resends) == (2, 2, 0)
+    assert len(silent.seen) == 2
+    assert outbox.pending() == []
+    assert [e.event.value for e in outbox.log()] == ["sent", "receipt_accepted"] * 2

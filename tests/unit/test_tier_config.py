@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import logging
 import socket
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+import trio
 
 from protocol.codecs import CodecSpec
 from protocol.errors import ConfigError
@@ -45,6 +47,7 @@ def test_regional_and_central_examples_load():
     regional = load_config("regional", DEPLOY / "regional.example.toml")
     assert isinstance(regional, RegionalConfig)
     assert regional.region == "eu-west"
+    assert regional.nats.ack_wait_s == 30.0
     central = load_config("central", DEPLOY / "central.example.toml")
     assert isinstance(central, CentralConfig)
     assert central.initial_model == DEPLOY / "models/initial.npz"
@@ -80,6 +83,7 @@ central = "central.pub"
         ("[store]\ncommit_window_ms = -1", "store.commit_window_ms is -1"),
         ("[limits]\nmax_ids = 0", "limits.max_ids is 0"),
         ("[nats]\nservers = []", "nats.servers is []"),
+        ("[nats]\nack_wait_s = 0", "nats.ack_wait_s is 0"),
         ("intake_capacity = 0", "intake_capacity is 0"),
     ],
 )
@@ -100,6 +104,7 @@ def test_minimal_edge_config_takes_defaults(tmp_path):
     assert config.state_dir == tmp_path / "state"
     assert config.sender_keys == (tmp_path / "devices.toml",)
     assert config.max_norm is None
+    assert config.nats.ack_wait_s == 30.0
 
 
 @pytest.mark.parametrize(
@@ -238,3 +243,74 @@ def test_sd_notify_sends_datagrams(tmp_path, monkeypatch):
         server.close()
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert SystemdNotifier.from_environment() is None
+
+
+async def test_edge_waits_for_a_broker_that_is_not_up_yet(tmp_path, monkeypatch, autojump_clock):
+    import protocol.bus._mqtt as mqtt_module
+    from protocol.errors import BusUnavailable
+    from tiers import daemon
+
+    path = tmp_path / "edge.toml"
+    path.write_text(EDGE_MINIMAL)
+    config = load_config("edge", path)
+    assert isinstance(config, EdgeConfig)
+    refusals = 3
+    tries: list[float] = []
+    bus = object()
+
+    @asynccontextmanager
+    async def fake_open(mqtt_config):
+        tries.append(trio.current_time())
+        if len(tries) <= refusals:
+            raise BusUnavailable("connection refused")
+        yield bus
+
+    monkeypatch.setattr(mqtt_module, "open_mqtt_bus", fake_open)
+    async with daemon._open_mqtt(config) as opened:
+        assert opened is bus
+    assert len(tries) == refusals + 1
+    assert tries[1] - tries[0] == pytest.approx(config.retry.initial_backoff_s)
+
+    refusals = daemon.MQTT_CONNECT_ATTEMPTS
+    tries.clear()
+    with pytest.raises(BusUnavailable):
+        async with daemon._open_mqtt(config):
+            pass
+    assert len(tries) == daemon.MQTT_CONNECT_ATTEMPTS
+
+
+async def test_registry_open_waits_out_a_nats_restart(tmp_path, autojump_clock):
+    from protocol.errors import BusUnavailable
+    from tiers import daemon
+    from tiers.testing import RecordingMetrics
+
+    path = tmp_path / "edge.toml"
+    path.write_text(EDGE_MINIMAL)
+    config = load_config("edge", path)
+    kv, blobs = object(), object()
+
+    class RestartingNats:
+        """Answers nothing in time twice (the server is restarting), then works."""
+
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        async def _answer(self, what: str, value: object) -> object:
+            self.calls.append(what)
+            await trio.lowlevel.checkpoint()
+            if len(self.calls) <= 2:
+                raise BusUnavailable(f"{what}: no reply in time")
+            return value
+
+        async def kv_bucket(self, name: str) -> object:
+            return await self._answer(f"kv {name}", kv)
+
+        async def object_store(self, name: str) -> object:
+            return await self._answer(f"objects {name}", blobs)
+
+    nats = RestartingNats()
+    metrics = RecordingMetrics()
+    registry = await daemon.open_registry(nats, config, metrics)
+    assert (registry._kv, registry._objects) == (kv, blobs)
+    assert len(nats.calls) == 4
+    assert metrics.calls["retry:open_registry"] == 2

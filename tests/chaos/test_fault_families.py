@@ -1,0 +1,143 @@
+"""Each fault family on a real mesh, twice: safe, then with the safety it tests turned off.
+
+A safe run must end with nothing lost, duplicated or unexpected; the same run
+with the family's safety off must make the checker report loss or
+duplication: a fault test that cannot fail proves nothing. Where a random
+schedule might miss the window that the safety covers, the fault is made
+deterministic (a crash point at a chosen passage, a broker that does not
+autosave, edges frozen while the broker holds their updates).
+
+Every run starts its own Mosquitto, nats-server, proxies, daemons and fleet
+(``simulations.chaos.run_chaos``) and stops them all before it returns; the
+whole run is bounded by ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from simulations.chaos import ChaosOptions, ChaosResult, FaultPlan, run_chaos
+from simulations.checker import render_report
+
+pytestmark = pytest.mark.brokers
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    faults: FaultPlan
+    # The safety this family's faults test, and what its absence must show.
+    unsafe: frozenset[str]
+    shows: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+FAMILIES = [
+    Family(
+        # kill -9 of every tier at random moments, plus each tier crashing once
+        # right after its acknowledgement (edge: after the receipt) and once
+        # between commit and acknowledgement. A 200 ms commit window makes
+        # "before the commit" a wide target for the unsafe run.
+        "daemon_kill",
+        FaultPlan(kill_edge=2, kill_regional=1, kill_central=1),
+        frozenset({"ack_before_commit"}),
+        "lost",
+        {
+            "crash_at": ",".join(
+                [
+                    "edge.after_receipt:1:6",
+                    "edge.after_commit:1:12",
+                    "regional.after_ack:1:1",
+                    "regional.after_commit:1:6",
+                    "central.after_ack:1:1",
+                    "central.after_commit:1:6",
+                ]
+            ),
+            "crash_once": True,
+            "commit_window_ms": 200.0,
+        },
+    ),
+    Family(
+        # Mosquitto keeps acknowledged updates in memory until its next
+        # autosave: with none in the run, its kill -9 loses what queued for
+        # the frozen edges. Devices that keep their outbox resend.
+        "mosquitto_kill",
+        FaultPlan(kill_mosquitto=2),
+        frozenset({"device_trust_puback"}),
+        "lost",
+        {"mosquitto_autosave_s": 3600},
+    ),
+    Family(
+        # nats-server down for 2-3 s: edges flush meanwhile; their partials
+        # must wait in the outbox until a PubAck.
+        "nats_kill",
+        FaultPlan(kill_nats=2, broker_down_s=(2.0, 3.0)),
+        frozenset({"drop_unconfirmed_partials"}),
+        "lost",
+    ),
+    Family(
+        # Frozen past the MQTT keepalive and the JetStream ack wait: brokers
+        # redeliver, devices resend, and the copies arrive after the originals
+        # were flushed. Only dedupe in the store (no window) keeps them out.
+        "sigstop",
+        FaultPlan(stop_edge=2, stop_regional=1, stop_central=1),
+        frozenset({"dedupe_open_buffer_only"}),
+        "duplicated",
+    ),
+    Family(
+        # Links reset, partitioned and slowed between edges and NATS and
+        # between devices and Mosquitto: a partial whose PubAck never came
+        # must be resent with the same id.
+        "tcp_proxy",
+        FaultPlan(proxy_reset=2, proxy_partition=2, proxy_delay=2),
+        frozenset({"drop_unconfirmed_partials"}),
+        "lost",
+    ),
+]
+
+
+def explain(result: ChaosResult) -> str:
+    lines = render_report(result.report, result.updates_in_logs) + result.summary_lines()
+    return "\n".join(lines)
+
+
+def options_for(family: Family, out_dir: Path, *, safe: bool) -> ChaosOptions:
+    return ChaosOptions(
+        out_dir=out_dir,
+        devices=10,
+        updates=30,
+        duration_s=6.0,
+        max_run_s=90.0,
+        drain_timeout_s=60.0,
+        seed=7,
+        ack_wait_s=2.0,
+        faults=family.faults,
+        unsafe=frozenset() if safe else family.unsafe,
+        **family.options,
+    )
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safe", "safety_off"])
+@pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
+async def test_fault_family(family: Family, safe: bool, tmp_path: Path) -> None:
+    options = options_for(family, tmp_path / "out", safe=safe)
+    with trio.fail_after(240):
+        result = await run_chaos(options)
+    why = explain(result)
+    # Every planned fault hit a running target.
+    for kind in FaultPlan.kinds():
+        assert result.faults[kind] == family.faults.count(kind), why
+    if "crash_at" in family.options:
+        for tier in ("edge", "regional", "central"):
+            assert result.exits[f"{tier}:crash_point"] >= 1, why
+    if safe:
+        assert not result.failed, why
+        assert result.drained, why
+        assert result.report.counts["ok"] >= 20, why
+    else:
+        assert result.report.counts[family.shows] > 0, why

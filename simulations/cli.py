@@ -128,25 +128,34 @@ def _demo(args: argparse.Namespace) -> int:
     return main_demo(DemoOptions(quiet=args.quiet, keep_temp=args.keep_temp, **given))
 
 
-def _forward(module: str) -> Callable[[argparse.Namespace], int]:
-    """A subcommand that hands its whole argument list to ``module.main``."""
+def _forward(module: str, lead: tuple[str, ...] = ()) -> Callable[[argparse.Namespace], int]:
+    """A subcommand that hands its argument list (after ``lead``) to ``module.main``."""
 
     def run(args: argparse.Namespace) -> int:
         main_of: Callable[[list[str]], int] = importlib.import_module(module).main
         rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
-        return main_of(rest)
+        return main_of([*lead, *rest])
 
     return run
 
 
-def _add_forwarded(sub: Any, name: str, module: str, help_text: str) -> None:
+def _add_forwarded(
+    sub: Any, name: str, module: str, help_text: str, *, keep_name: bool = False
+) -> None:
     parser = sub.add_parser(name, help=help_text, add_help=False)
     parser.add_argument("rest", nargs=argparse.REMAINDER)
-    parser.set_defaults(run=_forward(module))
+    parser.set_defaults(run=_forward(module, (name,) if keep_name else ()))
 
 
 # Subcommands that own their argument lists (their modules have a main(argv)).
-_FORWARDED: tuple[tuple[str, ...], ...] = (("trace",), ("sim", "check"))
+_FORWARDED: tuple[tuple[str, ...], ...] = (
+    ("trace",),
+    ("sim", "check"),
+    ("sim", "chaos"),
+    ("sim", "run"),
+    ("sim", "experiment"),
+    ("bench", "edge"),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,6 +185,12 @@ def _parser() -> argparse.ArgumentParser:
     codec.add_argument("--seed", type=int, default=0, help="seed of the synthetic delta")
     codec.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     codec.set_defaults(run=_bench_codec)
+    _add_forwarded(
+        bench_sub,
+        "edge",
+        "simulations.bench.edge",
+        "edge daemon intake vs a bare paho+numpy pipeline on a real Mosquitto (--json)",
+    )
 
     for kind, what in (
         ("edge", "device updates in over MQTT, partials out over NATS, models relayed down"),
@@ -225,6 +240,26 @@ def _parser() -> argparse.ArgumentParser:
         "check",
         "simulations.checker",
         "classify every update: device logs against the central's lineage",
+    )
+    _add_forwarded(
+        sim_sub,
+        "run",
+        "simulations.sim.cli",
+        "run a scenario (TOML) in the virtual-clock simulator or on a real mesh",
+        keep_name=True,
+    )
+    _add_forwarded(
+        sim_sub,
+        "experiment",
+        "simulations.sim.cli",
+        "the studies of docs/results.md: fedprox, async-vs-sync, codecs, scale",
+        keep_name=True,
+    )
+    _add_forwarded(
+        sim_sub,
+        "chaos",
+        "simulations.chaos",
+        "a mesh under kill -9s, broker crashes, stalls and link faults, then the checker",
     )
 
     _add_forwarded(

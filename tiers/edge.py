@@ -26,7 +26,6 @@ import trio
 from opentelemetry import trace
 
 from protocol.bus import Bus, Delivery, Subscription
-from protocol.codecs import fold_into
 from protocol.envelope import Envelope, parse_envelope, seal
 from protocol.errors import (
     BusError,
@@ -39,6 +38,7 @@ from protocol.names import MqttTopics, NatsSubjects
 from protocol.telemetry import ATTR_DEVICE, ATTR_STALENESS, ATTR_UPDATE_ID, span_name
 from tiers._telemetry import TierMetricsLike, extract_context, traceparent_of
 from tiers.config import EdgeConfig
+from tiers.folding import fold_update_message
 from tiers.model_registry import ModelRegistryReader
 from tiers.registry import TierKeys
 from tiers.store import InputRecord, Recovery
@@ -237,13 +237,12 @@ class EdgeDaemon(FollowerDaemon):
             )
         self._make_room(1, 1)
         buffer = self.buffer
-        buffer.aggregate.fold_update(
-            message.update_id,
-            functools.partial(fold_into, payload=payload, spec=message.codec),
-            n_samples=message.n_samples,
+        fold_update_message(
+            buffer.aggregate,
+            message,
+            payload,
             tau=assessment.tau,
             discount=assessment.discount,
-            base_version=message.base_version,
             clip_scale=result.scale,
         )
         accepted_ms = self.clock_ms()
@@ -333,13 +332,12 @@ class EdgeDaemon(FollowerDaemon):
             envelope = parse_envelope(record.envelope, self.config.limits)
             message = envelope.message
             assert isinstance(message, DeviceUpdate)
-            buffer.aggregate.fold_update(
-                message.update_id,
-                functools.partial(fold_into, payload=envelope.payload, spec=message.codec),
-                n_samples=message.n_samples,
+            fold_update_message(
+                buffer.aggregate,
+                message,
+                envelope.payload,
                 tau=record.tau,
                 discount=record.discount,
-                base_version=message.base_version,
                 clip_scale=record.clip_scale,
             )
             self._note_recovered(record)

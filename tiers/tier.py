@@ -42,7 +42,6 @@ publish (``drop_unconfirmed_partials``).
 from __future__ import annotations
 
 import abc
-import functools
 import logging
 import math
 import time
@@ -59,7 +58,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from protocol.bus import Bus, Delivery, PublishAck, Subscription
-from protocol.codecs import CodecSpec, all_finite, decode, encode, fold_into
+from protocol.codecs import CodecSpec, all_finite, decode, encode
 from protocol.envelope import Envelope, open_envelope, parse_envelope, seal
 from protocol.errors import (
     BusError,
@@ -102,6 +101,7 @@ from tiers.aggregate import PartialAggregate as Accumulator
 from tiers.aggregate import partial_id as derive_partial_id
 from tiers.config import RetrySettings, TierConfig
 from tiers.faults import crash_point, unsafe
+from tiers.folding import fold_partial_message
 from tiers.model_registry import ModelRegistryReader
 from tiers.registry import TierKeys
 from tiers.store import (
@@ -971,18 +971,12 @@ class TierDaemon(abc.ABC):
         )
         self._make_room(1, message.update_count)
         buffer = self.buffer
-        buffer.aggregate.fold_partial(
-            message.partial_id,
-            functools.partial(fold_into, payload=envelope.payload, spec=message.codec),
-            sample_count=message.sample_count,
-            weight_sum=message.weight_sum,
-            update_count=message.update_count,
-            staleness_hist=message.staleness_hist,
-            leaf_ids=message.leaves,
+        fold_partial_message(
+            buffer.aggregate,
+            message,
+            envelope.payload,
             extra_tau=assessment.tau,
             discount=assessment.discount,
-            min_base_version=message.min_base_version,
-            max_base_version=message.max_base_version,
         )
         accepted_ms = self.clock_ms()
         trace_parent = traceparent_of(span)
@@ -1028,18 +1022,12 @@ class TierDaemon(abc.ABC):
             envelope = parse_envelope(record.envelope, self.config.limits)
             message = envelope.message
             assert isinstance(message, PartialAggregate)
-            buffer.aggregate.fold_partial(
-                message.partial_id,
-                functools.partial(fold_into, payload=envelope.payload, spec=message.codec),
-                sample_count=message.sample_count,
-                weight_sum=message.weight_sum,
-                update_count=message.update_count,
-                staleness_hist=message.staleness_hist,
-                leaf_ids=message.leaves,
+            fold_partial_message(
+                buffer.aggregate,
+                message,
+                envelope.payload,
                 extra_tau=record.tau,
                 discount=record.discount,
-                min_base_version=message.min_base_version,
-                max_base_version=message.max_base_version,
             )
             self._note_recovered(record)
 

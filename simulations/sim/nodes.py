@@ -23,14 +23,13 @@ that the model versions are equal bit for bit.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections import Counter
 
 import numpy as np
 import numpy.typing as npt
 
-from protocol.codecs import CodecSpec, fold_into
+from protocol.codecs import CodecSpec
 from protocol.envelope import parse_envelope
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.identity import SigningIdentity
@@ -39,6 +38,7 @@ from protocol.limits import DEFAULT_LIMITS
 from protocol.messages import DeviceUpdate, PartialAggregate, Tier
 from tiers.aggregate import PartialAggregate as Accumulator
 from tiers.flush import FlushPolicy, FlushReason
+from tiers.folding import fold_partial_message, fold_update_message
 from tiers.optimizers import ServerOptimizer
 from tiers.staleness import StalenessPolicy
 from tiers.testing import sign_partial
@@ -132,13 +132,12 @@ class TierNode:
         except RemoteProtocolError as exc:
             return self._count(exc.reason)
         self._check_room(1, 1)
-        self.aggregate.fold_update(
-            message.update_id,
-            functools.partial(fold_into, payload=parsed.payload, spec=message.codec),
-            n_samples=message.n_samples,
+        fold_update_message(
+            self.aggregate,
+            message,
+            parsed.payload,
             tau=assessment.tau,
             discount=assessment.discount,
-            base_version=message.base_version,
             clip_scale=result.scale,
         )
         if result.clipped:
@@ -164,18 +163,12 @@ class TierNode:
             parsed.payload, message.codec, message.num_params, max_norm=None, norm_policy="clip"
         )
         self._check_room(1, message.update_count)
-        self.aggregate.fold_partial(
-            message.partial_id,
-            functools.partial(fold_into, payload=parsed.payload, spec=message.codec),
-            sample_count=message.sample_count,
-            weight_sum=message.weight_sum,
-            update_count=message.update_count,
-            staleness_hist=message.staleness_hist,
-            leaf_ids=message.leaves,
+        fold_partial_message(
+            self.aggregate,
+            message,
+            parsed.payload,
             extra_tau=assessment.tau,
             discount=assessment.discount,
-            min_base_version=message.min_base_version,
-            max_base_version=message.max_base_version,
         )
         self._note(now)
         return self._count("accepted")

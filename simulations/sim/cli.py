@@ -32,6 +32,13 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--datasets needs at least one name")
+    return names
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedtier sim",
@@ -77,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a value in every run (for quick, smaller trials)",
     )
+    exp.add_argument(
+        "--datasets",
+        type=_names,
+        default=[],
+        help="fedprox only: comma-separated datasets to run (iid, 0-0, 0.5-0.5, 1-1, "
+        "1-1-stragglers; default all)",
+    )
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -120,6 +134,7 @@ def _experiment(args: argparse.Namespace, command: str) -> int:
         jobs=args.jobs,
         scenarios_dir=args.scenarios,
         overrides=args.overrides,
+        datasets=args.datasets,
         show_progress=not args.no_progress,
         command=command,
     )

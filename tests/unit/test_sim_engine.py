@@ -9,6 +9,7 @@ import math
 import pytest
 
 from protocol.codecs import CodecSpec
+from protocol.errors import ConfigError
 from simulations.sim.cli import main
 from simulations.sim.engine import run_scenario
 from simulations.sim.experiments import run_experiment
@@ -179,3 +180,29 @@ def test_an_experiment_writes_its_summary(tmp_path):
     assert "hierarchical FedBuff" in text
     assert (tmp_path / "async-vs-sync-time.png").exists()
     assert (tmp_path / "runs" / "hierarchical-fedbuff" / "seed0" / "metrics.csv").exists()
+
+
+def test_the_fedprox_experiment_runs_only_the_datasets_asked_for(tmp_path):
+    summary = run_experiment(
+        "fedprox",
+        out=tmp_path,
+        seeds=[0],
+        overrides=["stop.versions=2"],
+        datasets=["1-1-stragglers"],
+        show_progress=False,
+    )
+    text = summary.read_text()
+    assert "| Synthetic(1,1), 90% stragglers |" in text
+    assert "Synthetic IID" not in text
+    assert "2 runs, seeds 0" in text
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "synthetic-1-1-90-stragglers-fedavg",
+        "synthetic-1-1-90-stragglers-fedprox-mu-1",
+    ]
+
+
+def test_an_unknown_fedprox_dataset_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="fedprox dataset '2-2' is unknown"):
+        run_experiment("fedprox", out=tmp_path, seeds=[0], datasets=["2-2"], show_progress=False)
+    with pytest.raises(ConfigError, match="only for the fedprox experiment"):
+        run_experiment("codecs", out=tmp_path, seeds=[0], datasets=["iid"], show_progress=False)

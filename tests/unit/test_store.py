@@ -115,11 +115,189 @@ async def test_outbox_is_kept_until_acked_then_bytes_are_dropped(tmp_path):
         assert store.outbox_state(outbox(9, 0).partial_id) == "acked"
         assert store.input_state(SENDER, record(1).input_id) is InputState.DONE
     with sqlite3.connect(path) as conn:
-        rows = conn.execute("SELECT envelope FROM inputs").fetchall()
+        (envelopes,) = conn.execute("SELECT count(*) FROM input_envelopes").fetchone()
         (outbox_bytes,) = conn.execute("SELECT envelope FROM outbox").fetchone()
     conn.close()
-    assert rows == [(None,)]
+    assert envelopes == 0
     assert outbox_bytes is None
+
+
+def stored_envelopes(path) -> list[bytes]:
+    conn = sqlite3.connect(path)
+    try:
+        return [bytes(row[0]) for row in conn.execute("SELECT envelope FROM input_envelopes")]
+    finally:
+        conn.close()
+
+
+async def test_an_inputs_envelope_is_kept_while_open_and_deleted_at_its_flush(tmp_path):
+    # The partial in the outbox carries what a flushed input contributed, so its
+    # envelope is no longer needed; an open input's is, to refold it.
+    path = tmp_path / "state.sqlite"
+    async with open_state_store(path) as store:
+        await store.accept(record(1))
+        await store.accept(record(2))
+        assert sorted(stored_envelopes(path)) == [b"envelope-1", b"envelope-2"]
+        await store.flush(0, outbox(9, 0), input_count=2, out_seq=1)
+        await store.accept(record(3, epoch=1))
+        await store.flush(1, None, input_count=1, out_seq=1)
+        await store.accept(record(4, epoch=2))
+        assert stored_envelopes(path) == [b"envelope-4"]
+    async with open_state_store(path) as store:
+        recovery = await store.recover()
+        assert recovery.open_inputs == (record(4, epoch=2),)
+        assert store.input_state(SENDER, record(1).input_id) is InputState.FLUSHED
+        assert store.input_state(SENDER, record(3).input_id) is InputState.DONE
+
+
+async def test_a_missing_envelope_of_an_open_input_is_reported_not_skipped(tmp_path):
+    path = tmp_path / "state.sqlite"
+    async with open_state_store(path) as store:
+        await store.accept(record(1))
+        await store.accept(record(2))
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("DELETE FROM input_envelopes WHERE envelope = ?", (b"envelope-2",))
+    conn.close()
+    async with open_state_store(path) as store:
+        with pytest.raises(StoreError, match="envelopes of only 1"):
+            await store.recover()
+
+
+# Schema version 1 (fedtier before envelopes moved to their own table), verbatim.
+V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value BLOB
+);
+CREATE TABLE IF NOT EXISTS inputs (
+    pos INTEGER PRIMARY KEY AUTOINCREMENT,
+    sender TEXT NOT NULL,
+    input_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('open', 'flushed', 'done')),
+    partial_id BLOB,
+    version INTEGER,
+    envelope BLOB,
+    base_version INTEGER NOT NULL,
+    n_samples REAL NOT NULL,
+    tau INTEGER NOT NULL,
+    discount REAL NOT NULL,
+    clip_scale REAL NOT NULL,
+    accepted_ms INTEGER NOT NULL,
+    trace TEXT NOT NULL DEFAULT '',
+    UNIQUE (sender, input_id)
+);
+CREATE INDEX IF NOT EXISTS inputs_by_epoch ON inputs (epoch, status);
+CREATE INDEX IF NOT EXISTS inputs_by_partial ON inputs (partial_id);
+CREATE INDEX IF NOT EXISTS inputs_by_sender_seq ON inputs (sender, seq);
+CREATE TABLE IF NOT EXISTS senders (
+    sender TEXT PRIMARY KEY,
+    hwm INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    partial_id BLOB PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    subject TEXT NOT NULL,
+    envelope BLOB,
+    trace TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL CHECK (state IN ('pending', 'acked')),
+    created_ms INTEGER NOT NULL,
+    acked_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS model_versions (
+    version INTEGER PRIMARY KEY,
+    blob BLOB NOT NULL,
+    pointer BLOB NOT NULL,
+    lineage BLOB NOT NULL,
+    update_count INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS optimizer_state (
+    name TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+"""
+
+
+def make_v1_store(path) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(V1_SCHEMA)
+    rows = [
+        # flushed into partial 9 (pending upstream), open in epoch 1, done
+        (1, 0, "flushed", (9).to_bytes(16, "big"), b"envelope-1"),
+        (2, 1, "open", None, b"envelope-2"),
+        (3, 1, "open", None, b"envelope-3"),
+        (4, 0, "done", (8).to_bytes(16, "big"), None),
+    ]
+    for i, epoch, status, partial, envelope in rows:
+        r = record(i, epoch=epoch)
+        conn.execute(
+            "INSERT INTO inputs (sender, input_id, seq, epoch, status, partial_id, envelope,"
+            " base_version, n_samples, tau, discount, clip_scale, accepted_ms, trace)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                r.sender,
+                r.input_id,
+                r.seq,
+                epoch,
+                status,
+                partial,
+                envelope,
+                r.base_version,
+                r.n_samples,
+                r.tau,
+                r.discount,
+                r.clip_scale,
+                r.accepted_ms,
+                r.trace,
+            ),
+        )
+    conn.execute("INSERT INTO senders (sender, hwm) VALUES (?, 4)", (SENDER,))
+    conn.execute(
+        "INSERT INTO outbox (partial_id, epoch, seq, subject, envelope, trace, state,"
+        " created_ms) VALUES (?, 0, 109, 'ft.acme.up.region.r1', ?, 'parent', 'pending', 1)",
+        ((9).to_bytes(16, "big"), b"partial-9"),
+    )
+    conn.execute("INSERT INTO meta (key, value) VALUES ('open_epoch', 1), ('out_seq', 109)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+
+
+async def test_a_version_1_store_is_migrated_without_losing_an_input(tmp_path):
+    path = tmp_path / "state.sqlite"
+    make_v1_store(path)
+    async with open_state_store(path) as store:
+        recovery = await store.recover()
+        assert recovery.open_epoch == 1
+        assert recovery.open_inputs == (record(2, epoch=1), record(3, epoch=1))
+        assert [e.envelope for e in recovery.pending_outbox] == [b"partial-9"]
+        assert recovery.high_water == {SENDER: 4}
+        assert store.input_state(SENDER, record(1).input_id) is InputState.FLUSHED
+        assert store.input_state(SENDER, record(4).input_id) is InputState.DONE
+        # The migrated store works like a new one: the open epoch flushes.
+        await store.flush(1, outbox(10, 1), input_count=2, out_seq=110)
+        await store.accept(record(5, epoch=2))
+    conn = sqlite3.connect(path)
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        (inline,) = conn.execute(
+            "SELECT count(*) FROM inputs WHERE envelope IS NOT NULL"
+        ).fetchone()
+    finally:
+        conn.close()
+    assert version == 2
+    assert inline == 0
+    assert stored_envelopes(path) == [b"envelope-5"]
+    async with open_state_store(path) as store:
+        assert (await store.recover()).open_inputs == (record(5, epoch=2),)
 
 
 async def test_dedupe_of_received_ids_survives_reopen(tmp_path):

@@ -847,15 +847,42 @@ async def _check_sync_always(config: NatsConfig) -> None:
         )
         return
     url = config.monitoring_url.rstrip("/") + "/varz"
-    try:
-        varz = await trio.to_thread.run_sync(
-            _read_varz, url, config.request_timeout_s, config.tls_ca_file, abandon_on_cancel=True
-        )
-    except (TimeoutError, OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot read {url} to check JetStream's sync_interval ({exc}); fix monitoring_url "
-            "or set require_sync_always = false"
-        ) from exc
+    # A server that restarts right after the connect (a crash loop, a rolling
+    # restart) refuses or drops the monitoring request for a moment: retry as the
+    # connect does. A wrong URL keeps failing and is reported after the last try.
+    delay = config.connect_backoff_s
+    for attempt in range(1, config.connect_attempts + 1):
+        try:
+            varz = await trio.to_thread.run_sync(
+                _read_varz,
+                url,
+                config.request_timeout_s,
+                config.tls_ca_file,
+                abandon_on_cancel=True,
+            )
+            break
+        except (TimeoutError, OSError) as exc:
+            if attempt == config.connect_attempts:
+                raise ConfigError(
+                    f"cannot read {url} to check JetStream's sync_interval after {attempt} "
+                    f"attempts ({exc}); fix monitoring_url or set require_sync_always = false"
+                ) from exc
+            logger.warning(
+                "nats %s: reading %s failed (attempt %d/%d: %s); retrying in %.1f s",
+                config.name,
+                url,
+                attempt,
+                config.connect_attempts,
+                exc,
+                delay,
+            )
+        except ValueError as exc:  # not http(s), or not JSON: retrying will not help
+            raise ConfigError(
+                f"cannot read {url} to check JetStream's sync_interval ({exc}); fix "
+                "monitoring_url or set require_sync_always = false"
+            ) from exc
+        await trio.sleep(delay)
+        delay *= 2
     server = varz.get("server_name") or varz.get("server_id") or config.monitoring_url
     jetstream = varz.get("jetstream") or {}
     js_config = jetstream.get("config")

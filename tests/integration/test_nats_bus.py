@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -295,6 +296,69 @@ async def test_a_server_without_sync_always_is_refused(tmp_path: Path) -> None:
                 await bus.publish("part.x", b"ok")
     finally:
         await trio.to_thread.run_sync(server.stop)
+
+
+async def _relay(a: trio.SocketStream, b: trio.SocketStream) -> None:
+    try:
+        while data := await a.receive_some(65536):
+            await b.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the other direction finished first and closed both
+    finally:
+        with trio.CancelScope(shield=True):
+            await b.aclose()
+
+
+async def test_the_sync_check_retries_a_monitoring_port_that_drops_its_first_request(
+    nats_server: NatsServerProcess, nursery: trio.Nursery
+) -> None:
+    # As when nats-server restarts between the client's connect and the check: the
+    # first request is dropped, the next one reaches the server.
+    connections = 0
+
+    async def handle(client: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 1:
+            await client.aclose()
+            return
+        upstream = await trio.open_tcp_stream("127.0.0.1", nats_server.monitoring_port)
+        async with trio.open_nursery() as pipes:
+            pipes.start_soon(_relay, client, upstream)
+            pipes.start_soon(_relay, upstream, client)
+
+    (listener,) = await nursery.start(
+        functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1")
+    )
+    port = listener.socket.getsockname()[1]
+    config = config_for(
+        nats_server, "sync-retry", monitoring_url=f"http://127.0.0.1:{port}", connect_backoff_s=0.01
+    )
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(config) as bus:
+            await bus.publish("part.x", b"ok")
+    assert connections == 2
+
+
+async def test_a_monitoring_url_nothing_answers_is_a_config_error_after_the_attempts(
+    nats_server: NatsServerProcess,
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = config_for(
+        nats_server,
+        "sync-wrong-url",
+        monitoring_url=f"http://127.0.0.1:{port}",
+        connect_attempts=3,
+        connect_backoff_s=0.01,
+    )
+    with (
+        trio.fail_after(DEADLINE_S),
+        pytest.raises(ConfigError, match="sync_interval after 3 attempts"),
+    ):
+        async with open_nats_bus(config):
+            pass
 
 
 async def test_an_unreachable_server_fails_after_the_bounded_attempts() -> None:

@@ -147,7 +147,8 @@ class TierConfig:
         central_key: the pinned central public key: 64 hex digits or a PEM path.
         nats: NATS connection settings.
         flush: when the open buffer is flushed upstream.
-        staleness: staleness function and bound.
+        staleness: staleness function and bound (at a regional or the central the
+            bound only marks a partial as late: partials are never refused).
         limits: decoding caps.
         commit_window_s: how long a grouped commit waits for company.
         intake_capacity: most inputs held unacknowledged at once.

@@ -4,11 +4,12 @@ Imports protocol, trio and tiers only; never client or simulations, never a
 concrete bus adapter.
 
 Each edge partial is verified against the registry of edge keys, checked
-(fleet, tier, layout, id derived from its inputs, finite numerator, staleness),
+(fleet, tier, layout, id derived from its inputs, finite numerator),
 deduplicated by partial id in the state store (beyond JetStream's dedupe
 window) and folded with ``extra_tau = known version - partial.known_version``
-and ``discount = s(extra_tau)``. The JetStream message is acknowledged only
-after the store commit (``tiers.tier``).
+and ``discount = s(extra_tau)``, however large ``extra_tau`` is (past
+``max_staleness`` it is counted as ``late_partial``, never refused). The
+JetStream message is acknowledged only after the store commit (``tiers.tier``).
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ A tier that knows model version ``v_t`` receives an update trained from
 ``base_version``. Its staleness is ``tau = v_t - base_version``. The tier rejects
 ``tau > max_staleness`` and otherwise weights the update by ``n_samples * s(tau)``.
 
+A child partial is different: the device updates inside it were acknowledged to
+their devices when the edge accepted them, so refusing the partial would lose
+them. :meth:`StalenessPolicy.assess_acknowledged` never refuses; past
+``max_staleness`` the input is *late* and still weighted by ``s(tau)``.
+
 A *negative* raw staleness means the update names a version this tier has not
 heard of yet (the central published it and the device got it first). Such an
 update is not stale at all: it is accepted as ``tau = 0``. :func:`effective_tau`
@@ -16,8 +21,9 @@ decides whether to count it, log it, or wait for the model pointer to catch up.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 from protocol.errors import ConfigError, LocalProtocolError
@@ -67,8 +73,9 @@ class StalenessAssessment:
         raw_tau: ``known_version - base_version``, negative when the input is ahead.
         tau: the staleness used for weighting and histograms (``max(0, raw_tau)``).
         ahead: the input names a version newer than the tier knows.
-        accepted: ``tau <= max_staleness``.
+        accepted: ``tau <= max_staleness``, or an acknowledged input (always).
         discount: ``s(tau)``, or 0.0 when not accepted.
+        late: an acknowledged input past ``max_staleness``, folded anyway.
     """
 
     raw_tau: int
@@ -76,6 +83,7 @@ class StalenessAssessment:
     ahead: bool
     accepted: bool
     discount: float
+    late: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,3 +216,20 @@ class StalenessPolicy:
             accepted=accepted,
             discount=self.weight(tau) if accepted else 0.0,
         )
+
+    def assess_acknowledged(self, known_version: int, base_version: int) -> StalenessAssessment:
+        """As :meth:`assess`, for an input acknowledged below this tier: never refused.
+
+        A child partial carries device updates that their devices hold receipts
+        for. Past ``max_staleness`` it is ``late``: accepted, weighted by
+        ``s(tau)`` like any other input (never below the smallest normal float,
+        so no delay can make its discount 0).
+
+        Raises:
+            LocalProtocolError: a version is not a non-negative integer.
+        """
+        assessment = self.assess(known_version, base_version)
+        if assessment.accepted:
+            return assessment
+        discount = max(self.weight(assessment.tau), sys.float_info.min)
+        return replace(assessment, accepted=True, discount=discount, late=True)

@@ -8,7 +8,10 @@ tier::
 
     reader task (in delivery order, synchronous per delivery)
         parse -> sender registered -> signature + digest -> fleet -> layout
-        -> dedupe by (sender, input id) -> replay (edge) -> staleness
+        -> dedupe by (sender, input id) -> replay (edge) -> staleness (an edge
+           rejects a device update past max_staleness; a partial is never
+           rejected for it, only discounted and counted late: its updates were
+           acknowledged below)
         -> finite / norm -> fold into the open buffer -> submit the record to
         the store (grouped commit) -> hand the delivery to the settler
     settler task (same order)
@@ -78,6 +81,7 @@ from protocol.telemetry import (
     ATTR_FLUSH_REASON,
     ATTR_INPUT_COUNT,
     ATTR_INPUT_IDS,
+    ATTR_LATE,
     ATTR_LEAF_COUNT,
     ATTR_MODEL_VERSION,
     ATTR_OUTCOME,
@@ -957,15 +961,11 @@ class TierDaemon(abc.ABC):
                 Outcome.DUPLICATE,
                 ticket=self.store.pending_ticket(message.sender, message.partial_id),
             )
-        assessment = self.config.staleness.assess(self.known_version, message.known_version)
+        # Never refused for lateness: its device updates were acknowledged below.
+        assessment = self.config.staleness.assess_acknowledged(
+            self.known_version, message.known_version
+        )
         span.set_attribute(ATTR_STALENESS, assessment.tau)
-        if not assessment.accepted:
-            raise rejection(
-                "stale",
-                f"partial {message.partial_id.hex()} from {who} was made at model "
-                f"v{message.known_version}; this {self.tier} knows v{self.known_version} and "
-                f"accepts at most {self.config.staleness.max_staleness} versions of delay",
-            )
         check_payload(
             envelope.payload, message.codec, message.num_params, max_norm=None, norm_policy="clip"
         )
@@ -1006,6 +1006,21 @@ class TierDaemon(abc.ABC):
         self._count(span, Outcome.ACCEPTED)
         self.metrics.staleness(assessment.tau)
         self.metrics.buffer_depth(buffer.aggregate.input_count)
+        if assessment.late:
+            span.set_attribute(ATTR_LATE, True)
+            self.metrics.anomalous("late_partial")
+            self.log.warning(
+                "partial %s from %s was made at model v%d; this %s knows v%d, past "
+                "max_staleness %d: folded with discount %.3g (its %d updates were acknowledged)",
+                message.partial_id.hex(),
+                who,
+                message.known_version,
+                self.tier,
+                self.known_version,
+                self.config.staleness.max_staleness,
+                assessment.discount,
+                message.update_count,
+            )
         self.log.debug(
             "accepted partial %s from %s (%d updates, extra tau %d)",
             message.partial_id.hex(),

@@ -27,6 +27,7 @@ __all__ = [
     "ATTR_FLUSH_REASON",
     "ATTR_INPUT_COUNT",
     "ATTR_INPUT_IDS",
+    "ATTR_LATE",
     "ATTR_LEAF_COUNT",
     "ATTR_MODEL_VERSION",
     "ATTR_OUTCOME",
@@ -49,6 +50,7 @@ ATTR_SENDER: Final = "fedtier.sender"  # key id of the message's sender
 ATTR_TIER: Final = "fedtier.tier"  # device, edge, regional, central
 ATTR_MODEL_VERSION: Final = "fedtier.model_version"
 ATTR_STALENESS: Final = "fedtier.staleness"
+ATTR_LATE: Final = "fedtier.late"  # a partial folded past max_staleness
 ATTR_OUTCOME: Final = "fedtier.outcome"  # accepted, duplicate, rejected
 ATTR_REASON: Final = "fedtier.reason"  # rejection reason token
 ATTR_FLUSH_REASON: Final = "fedtier.flush_reason"  # count, weight, deadline, shutdown

@@ -7,7 +7,7 @@ functions its daemon runs (``tiers.edge``, ``tiers.tier``, ``tiers.central``):
 
     update in:   parse_envelope -> layout -> StalenessPolicy.assess -> check_payload
                  -> PartialAggregate.fold_update(fold_into folder)
-    partial in:  parse_envelope -> layout -> StalenessPolicy.assess -> check_payload
+    partial in:  parse_envelope -> layout -> StalenessPolicy.assess_acknowledged -> check_payload
                  -> PartialAggregate.fold_partial(fold_into folder, extra_tau, discount)
     cut:         FlushPolicy.should_flush -> tiers.testing.sign_partial (encode the
                  numerator with the partial codec, derive the partial id, seal)
@@ -156,13 +156,14 @@ class TierNode:
         if not isinstance(message, PartialAggregate):
             raise LocalProtocolError(f"{self.name} expected a partial, got {message.KIND}")
         self._check_layout(message.layout, message.num_params)
-        assessment = self.staleness.assess(self.known_version, message.known_version)
-        if not assessment.accepted:
-            return self._count("stale")
+        # As the daemons: a partial is never refused for lateness (see staleness.py).
+        assessment = self.staleness.assess_acknowledged(self.known_version, message.known_version)
         check_payload(
             parsed.payload, message.codec, message.num_params, max_norm=None, norm_policy="clip"
         )
         self._check_room(1, message.update_count)
+        if assessment.late:
+            self.counts["late_partial"] += 1
         fold_partial_message(
             self.aggregate,
             message,

@@ -18,9 +18,11 @@ from protocol.bus import MemoryBroker, MemoryBus
 from protocol.codecs import CodecSpec
 from protocol.envelope import open_envelope
 from protocol.identity import SigningIdentity
+from protocol.layout import layout_of
 from protocol.messages import ModelAnnouncement, Receipt, ReceiptStatus, Tier
 from protocol.names import MqttTopics
 from simulations.sim.nodes import CentralNode, TierNode
+from tiers.aggregate import PartialAggregate as Accumulator
 from tiers.central import CentralDaemon
 from tiers.config import CentralConfig, EdgeConfig, RegionalConfig, load_initial_model
 from tiers.edge import EdgeDaemon
@@ -30,7 +32,7 @@ from tiers.optimizers import make_optimizer
 from tiers.regional import RegionalDaemon
 from tiers.registry import KeyRegistry, TierKeys
 from tiers.staleness import StalenessPolicy
-from tiers.testing import SimDevice
+from tiers.testing import SimDevice, sign_partial
 
 FLEET, REGION = "acme", "eu"
 SITES = ("north", "south")
@@ -279,3 +281,29 @@ async def test_simulator_tiers_make_the_daemons_model_versions(tmp_path, autojum
         np.testing.assert_array_equal(sim_versions[version], daemon_versions[version])
     # The stale updates of round 2 were discounted, not dropped: v2 moved.
     assert not np.array_equal(daemon_versions[2], daemon_versions[1])
+
+
+def test_the_simulators_regional_folds_a_late_partial_as_the_daemon_does() -> None:
+    # tests/unit/test_regional.py checks the daemon; the node must not refuse it either.
+    layout = layout_of([("w", (4,))])
+    child = Accumulator(layout.num_params)
+    child.fold_update(
+        b"\x01" * 16, np.ones(4, np.float32), n_samples=2, tau=0, discount=1.0, base_version=0
+    )
+    _message, data = sign_partial(EDGES["north"], FLEET, layout, child, known_version=0)
+    node = TierNode(
+        "regional",
+        tier=Tier.REGIONAL,
+        fleet=FLEET,
+        layout=layout,
+        flush=REGIONAL_FLUSH,
+        staleness=STALENESS,
+        partial_codec=CodecSpec("f32"),
+        identity=REGIONAL,
+    )
+    node.known_version = 20  # max_staleness is 8
+    assert node.admit_partial(data, now=0.0) == "accepted"
+    assert node.counts["late_partial"] == 1
+    discount = STALENESS.weight(20)
+    np.testing.assert_allclose(node.aggregate.numerator, 2 * discount * np.ones(4), rtol=1e-6)
+    assert list(node.aggregate.leaf_ids) == [b"\x01" * 16]

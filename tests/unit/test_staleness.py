@@ -97,6 +97,19 @@ def test_assess_reports_fresh_stale_ahead_and_rejected() -> None:
     assert too_old.discount == 0.0
 
 
+def test_an_acknowledged_input_is_never_refused_only_discounted() -> None:
+    policy = StalenessPolicy(max_staleness=4)
+    assert policy.assess_acknowledged(10, 7) == policy.assess(10, 7)
+    assert not policy.assess(10, 7).late
+    late = policy.assess_acknowledged(10, 0)
+    assert (late.tau, late.accepted, late.late) == (10, True, True)
+    assert late.discount == pytest.approx(1 / math.sqrt(11))
+    # No delay makes the discount 0, which would drop the input's weight entirely.
+    steep = StalenessPolicy(kind="polynomial", a=400.0, max_staleness=4)
+    assert steep.weight(10**6) == 0.0
+    assert 0.0 < steep.assess_acknowledged(10**6, 0).discount <= 1e-300
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -209,6 +209,8 @@ class ChaosOptions:
         edge_keepalive_s: the edges' MQTT keepalive.
         receipt_timeout_s: a device resends after this long without a receipt.
         mosquitto_autosave_s: seconds between Mosquitto's persistence saves.
+        partial_max_staleness: the regionals' and the central's ``max_staleness``
+            (partials later than it are folded as late); the edges keep 64.
         proxies: route edges -> NATS and devices -> Mosquitto through proxies.
         keep_workdir: keep keys, configs, stores and broker files.
         progress: called with a line every few seconds (None: quiet).
@@ -237,6 +239,7 @@ class ChaosOptions:
     edge_keepalive_s: int = 5
     receipt_timeout_s: float = 2.0
     mosquitto_autosave_s: int = 1
+    partial_max_staleness: int = 64
     proxies: bool = True
     keep_workdir: bool = False
     progress: Callable[[str], None] | None = None
@@ -273,6 +276,7 @@ class ChaosOptions:
             central_flush=central,
             # Slow devices are part of the chaos; stale ones are rejected, not lost.
             max_staleness=64,
+            partial_max_staleness=self.partial_max_staleness,
             training=TrainingSpec(epochs=1.0),
             send=SendSpec(
                 codec="i8",
@@ -984,6 +988,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add("--commit-window-ms", type=float, default=2.0, help="daemons' grouped-commit window")
     add("--mosquitto-autosave-s", type=int, default=1, help="Mosquitto autosave interval")
+    add(
+        "--partial-max-staleness",
+        type=int,
+        default=64,
+        metavar="N",
+        help="regionals' and central's max_staleness; later partials are folded as late",
+    )
     add("--no-proxies", action="store_true", help="connect edges and devices directly")
     add("--out", type=Path, default=Path("fedtier-chaos-out"), help="artefact directory")
     add("--keep-workdir", action="store_true", help="keep keys, configs and stores")
@@ -1007,6 +1018,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             updates_per_s=args.rate,
             commit_window_ms=args.commit_window_ms,
             mosquitto_autosave_s=args.mosquitto_autosave_s,
+            partial_max_staleness=args.partial_max_staleness,
             proxies=not args.no_proxies,
             keep_workdir=args.keep_workdir,
             progress=None if args.json else _print_err,

@@ -142,6 +142,8 @@ class MeshSpec:
         regional_flush: regional flush policy.
         central_flush: central flush policy (inputs per model version).
         max_staleness: staleness bound at every tier.
+        partial_max_staleness: the regionals' and the central's bound, when it
+            differs (partials past it are folded as late, never refused).
         server_lr: the central's FedAvg server learning rate.
         max_norm: edge L2 clip bound of an update.
         training: device model and SGD settings.
@@ -176,6 +178,7 @@ class MeshSpec:
     regional_flush: FlushSpec = FlushSpec(2, 1.0)
     central_flush: FlushSpec = FlushSpec(2, 1.0)
     max_staleness: int = 16
+    partial_max_staleness: int | None = None
     server_lr: float = 1.0
     max_norm: float = 100.0
     training: TrainingSpec = field(default_factory=TrainingSpec)
@@ -502,7 +505,14 @@ def prepare_mesh(
                 **({} if spec.ack_wait_s is None else {"ack_wait_s": spec.ack_wait_s}),
             },
             "flush": {"max_inputs": flush.max_inputs, "max_age_s": flush.max_age_s},
-            "staleness": {"kind": "fedbuff", "max_staleness": spec.max_staleness},
+            "staleness": {
+                "kind": "fedbuff",
+                "max_staleness": (
+                    spec.max_staleness
+                    if name.startswith("edge-") or spec.partial_max_staleness is None
+                    else spec.partial_max_staleness
+                ),
+            },
             "store": {"commit_window_ms": spec.commit_window_ms},
             "retry": {"initial_backoff_s": 0.1, "max_backoff_s": 2.0},
             "telemetry": {"jsonl_dir": trace_dir, "prometheus_port": ports[name]},

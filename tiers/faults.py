@@ -47,6 +47,9 @@ Unsafe switches (``FEDTIER_UNSAFE``)
       after the original was flushed is folded again.
     * ``drop_unconfirmed_partials``: publish a partial once; if no PubAck
       comes, count it as sent and drop it instead of retrying.
+    * ``reject_late_partials``: refuse a partial made more than
+      ``max_staleness`` versions ago as ``stale`` (what fedtier did before it
+      folded them), dropping the acknowledged updates inside it.
 
     The device's own switch (trust the broker's PUBACK instead of waiting for
     the edge's receipt) is ``client.device.DeviceConfig.unsafe_trust_puback``.
@@ -91,7 +94,12 @@ CRASH_MOMENTS: Final = (
     "after_publish",
 )
 UNSAFE_SWITCHES: Final = frozenset(
-    {"ack_before_commit", "dedupe_open_buffer_only", "drop_unconfirmed_partials"}
+    {
+        "ack_before_commit",
+        "dedupe_open_buffer_only",
+        "drop_unconfirmed_partials",
+        "reject_late_partials",
+    }
 )
 
 

@@ -39,7 +39,8 @@ upstream publish ``.before_publish`` and ``.after_publish``. Its unsafe
 switches bend it at exactly one place each: the settler acknowledges before the
 commit (``ack_before_commit``), admission forgets ids that left the open buffer
 (``dedupe_open_buffer_only``), the uplink drops a partial after one failed
-publish (``drop_unconfirmed_partials``).
+publish (``drop_unconfirmed_partials``), admission refuses a late partial
+(``reject_late_partials``).
 """
 
 from __future__ import annotations
@@ -699,6 +700,7 @@ class TierDaemon(abc.ABC):
         self._unsafe_ack_before_commit = unsafe("ack_before_commit")
         self._unsafe_dedupe_open_buffer_only = unsafe("dedupe_open_buffer_only")
         self._unsafe_drop_unconfirmed = unsafe("drop_unconfirmed_partials")
+        self._unsafe_reject_late = unsafe("reject_late_partials")
 
     # -- accessors ------------------------------------------------------------------
 
@@ -966,6 +968,13 @@ class TierDaemon(abc.ABC):
             self.known_version, message.known_version
         )
         span.set_attribute(ATTR_STALENESS, assessment.tau)
+        if assessment.late and self._unsafe_reject_late:
+            raise rejection(
+                "stale",
+                f"UNSAFE reject_late_partials: partial {message.partial_id.hex()} from {who} "
+                f"was made at model v{message.known_version}; this {self.tier} knows "
+                f"v{self.known_version}",
+            )
         check_payload(
             envelope.payload, message.codec, message.num_params, max_norm=None, norm_policy="clip"
         )

@@ -98,6 +98,17 @@ FAMILIES = [
         frozenset({"drop_unconfirmed_partials"}),
         "lost",
     ),
+    Family(
+        # Regionals and the central with max_staleness 0: every partial that
+        # arrives after a newer version exists is late, more so across a
+        # regional's kill -9. Its updates were acknowledged, so it must be
+        # folded (discounted), not refused.
+        "late_partial",
+        FaultPlan(kill_regional=1),
+        frozenset({"reject_late_partials"}),
+        "lost",
+        {"partial_max_staleness": 0},
+    ),
 ]
 
 

@@ -109,6 +109,19 @@ class Table:
             raise self.fail(key, f"an integer >= {low}{upper}")
         return value
 
+    def integers(self, key: str, *, low: int = 0) -> tuple[int, ...] | None:
+        """A non-empty array of integers >= ``low``, or None when absent."""
+        value = self.raw(key)
+        if value is None:
+            return None
+        if (
+            not isinstance(value, list)
+            or not value
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in value)
+        ):
+            raise self.fail(key, f"a non-empty array of integers >= {low}")
+        return tuple(value)
+
     def boolean(self, key: str, default: bool) -> bool:
         """``true`` or ``false``."""
         self._read.add(key)

@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_names,
         default=[],
         help="fedprox only: comma-separated datasets to run (iid, 0-0, 0.5-0.5, 1-1, "
-        "1-1-stragglers; default all)",
+        "1-1-stragglers; default those five), or 1-1-stragglers-paper-sizes",
     )
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser

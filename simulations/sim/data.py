@@ -84,6 +84,7 @@ def build_data(spec: DataSpec, volumes: Sequence[float], *, seed: int) -> Federa
             samples_log_sigma=spec.samples_log_sigma,
             samples_min=spec.samples_min,
             samples_max=spec.samples_max,
+            sizes=spec.samples_per_device,
             test_fraction=spec.test_fraction,
         )
         return FederatedData(

@@ -155,10 +155,15 @@ def _scenario_summary(s: Scenario) -> list[str]:
     kinds = ", ".join(f"{k.count} {k.name}" for k in fleet.kinds)
     if data.dataset == "synthetic":
         name = "Synthetic IID" if data.iid else f"Synthetic({data.alpha:g},{data.beta:g})"
+        sizes = (
+            f"int(lognormal({data.samples_log_mean:g}, {data.samples_log_sigma:g})) + "
+            f"{data.samples_min}"
+            if data.samples_per_device is None
+            else f"fixed ({', '.join(map(str, data.samples_per_device))})"
+        )
         data_line = (
             f"{name}, {data.features} features, {data.classes} classes, samples per device "
-            f"int(lognormal({data.samples_log_mean:g}, {data.samples_log_sigma:g})) + "
-            f"{data.samples_min}, {1 - data.test_fraction:.0%}/{data.test_fraction:.0%} "
+            f"{sizes}, {1 - data.test_fraction:.0%}/{data.test_fraction:.0%} "
             "train/test per device"
         )
     else:

@@ -129,6 +129,10 @@ class DataSpec:
         samples_log_sigma: see ``samples_log_mean``.
         samples_min: see ``samples_log_mean``.
         samples_max: synthetic: cap on samples per device, None for none.
+        samples_per_device: synthetic: each device's sample count, replacing the
+            log-normal draw (drawn anyway, so a seed's model and input means per
+            device stay those of the same scenario without it); one entry per
+            device. None: draw them.
         test_fraction: synthetic: each device's held-out share (the paper's 10%);
             digits: the global held-out share, stratified.
         partition: digits: ``"dirichlet"`` (label skew) or ``"iid"``.
@@ -148,6 +152,7 @@ class DataSpec:
     samples_log_sigma: float = 2.0
     samples_min: int = 50
     samples_max: int | None = None
+    samples_per_device: tuple[int, ...] | None = None
     test_fraction: float = 0.1
     partition: Literal["dirichlet", "iid"] = "dirichlet"
     dirichlet_alpha: float = 0.5
@@ -476,6 +481,13 @@ def parse_scenario(tables: Mapping[str, object], *, name: str = "scenario") -> S
         raise ConfigError(
             f"{name}: training.momentum needs model = 'mlp' (the numpy trainer has none)"
         )
+    if data.samples_per_device is not None and (
+        data.dataset != "synthetic" or len(data.samples_per_device) != fleet.num_devices
+    ):
+        raise ConfigError(
+            f"{name}: data.samples_per_device names {len(data.samples_per_device)} sample "
+            f"counts; it needs dataset = 'synthetic' and one per device ({fleet.num_devices})"
+        )
     if data.dataset == "digits" and fleet.num_devices * 2 > 1437:
         raise ConfigError(
             f"{name}: digits has 1,437 training examples, too few for {fleet.num_devices} "
@@ -537,6 +549,7 @@ def _data(t: Table) -> DataSpec:
         samples_log_sigma=t.number("samples_log_sigma", 2.0, low=0.0),
         samples_min=t.integer("samples_min", 50, low=2),
         samples_max=samples_max or None,
+        samples_per_device=t.integers("samples_per_device", low=2),
         test_fraction=t.number("test_fraction", 0.1, low=0.0, high=0.9, low_open=True),
         partition=t.choice("partition", "dirichlet", ("dirichlet", "iid")),
         dirichlet_alpha=t.number("dirichlet_alpha", 0.5, low=0.0, low_open=True),

@@ -26,6 +26,7 @@ same in distribution, not bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +72,7 @@ def generate_synthetic(
     samples_log_sigma: float = 2.0,
     samples_min: int = 50,
     samples_max: int | None = None,
+    sizes: Sequence[int] | None = None,
     test_fraction: float = 0.1,
 ) -> list[DeviceSplit]:
     """Draw Synthetic(alpha, beta) (or Synthetic IID) for ``num_devices`` devices.
@@ -89,6 +91,10 @@ def generate_synthetic(
         samples_log_sigma: see ``samples_log_mean``.
         samples_min: see ``samples_log_mean``.
         samples_max: cap on samples per device, None for none.
+        sizes: each device's sample count, replacing the drawn ones (which are
+            drawn anyway, so the devices' model and input means, drawn before
+            any sample, are those the same ``rng`` gives without ``sizes``);
+            one per device, each >= 2.
         test_fraction: each device's held-out share.
 
     Raises:
@@ -98,10 +104,17 @@ def generate_synthetic(
         raise ConfigError(f"synthetic data needs at least one device, got {num_devices}")
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"test_fraction is {test_fraction!r}; expected a number in (0, 1)")
-    sizes = rng.lognormal(samples_log_mean, samples_log_sigma, num_devices).astype(np.int64)
-    sizes += samples_min
+    drawn = rng.lognormal(samples_log_mean, samples_log_sigma, num_devices).astype(np.int64)
+    drawn += samples_min
     if samples_max is not None:
-        np.minimum(sizes, samples_max, out=sizes)
+        np.minimum(drawn, samples_max, out=drawn)
+    if sizes is not None:
+        if len(sizes) != num_devices or min(sizes) < 2:
+            raise ConfigError(
+                f"sizes names {len(sizes)} sample counts for {num_devices} devices; "
+                "expected one per device, each >= 2"
+            )
+        drawn = np.asarray(sizes, dtype=np.int64)
     scale = np.sqrt(feature_variances(features))
     if iid:
         shared_w = rng.normal(0.0, 1.0, (features, classes))
@@ -120,7 +133,7 @@ def generate_synthetic(
         else:
             w = rng.normal(model_means[k], 1.0, (features, classes))
             b = rng.normal(model_means[k], 1.0, classes)
-        n = int(sizes[k])
+        n = int(drawn[k])
         x = input_means[k] + rng.standard_normal((n, features)) * scale
         # argmax of the softmax is the argmax of the logits.
         y = np.argmax(x @ w + b, axis=1).astype(np.int64)

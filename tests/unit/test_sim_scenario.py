@@ -48,6 +48,19 @@ def test_a_minimal_scenario_takes_the_defaults():
         ),
         ({"fleet": MINIMAL["fleet"]}, "set stop.versions or stop.virtual_time_s"),
         ({**MINIMAL, "fleet": {"devices": []}}, "needs at least one [[fleet.devices]]"),
+        (
+            {**MINIMAL, "data": {"samples_per_device": [80, 90]}},
+            "names 2 sample counts; it needs dataset = 'synthetic' and one per device (3)",
+        ),
+        (
+            {**MINIMAL, "data": {"samples_per_device": [80, 1, 90]}},
+            "samples_per_device is [80, 1, 90]; expected a non-empty array of integers >= 2",
+        ),
+        ({**MINIMAL, "data": {"samples_per_device": []}}, "samples_per_device is []"),
+        (
+            {**MINIMAL, "data": {"dataset": "digits", "samples_per_device": [80, 80, 80]}},
+            "it needs dataset = 'synthetic'",
+        ),
     ],
 )
 def test_bad_values_are_one_readable_sentence(tables, fragment):
@@ -113,3 +126,20 @@ def test_synthetic_iid_shares_one_labelling_model():
     assert abs(float(X.mean())) < 0.05
     variances = X.var(axis=0)
     assert variances[0] > variances[-1] * 5
+
+
+def test_fixed_sample_counts_replace_the_draw_and_keep_the_device_means():
+    def draw(sizes):
+        return generate_synthetic(
+            3, alpha=1.0, beta=1.0, iid=False, rng=np.random.default_rng(5), sizes=sizes
+        )
+
+    plain, fixed = draw(None), draw((20, 40, 1000))
+    assert [len(s.y_train) + len(s.y_test) for s in fixed] == [20, 40, 1000]
+    assert [len(s.y_test) for s in fixed] == [2, 4, 100]
+    # The sizes are drawn anyway, so device 0 gets the same model, input mean and
+    # first samples as without them.
+    np.testing.assert_array_equal(fixed[0].X_train, plain[0].X_train[:18])
+    np.testing.assert_array_equal(fixed[0].y_train, plain[0].y_train[:18])
+    with pytest.raises(ConfigError, match="expected one per device"):
+        draw((20, 40))

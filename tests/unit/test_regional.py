@@ -121,6 +121,23 @@ async def receive_partial(sub: Subscription) -> tuple[PartialAggregate, np.ndarr
     return message, decode(envelope.payload, message.codec, message.num_params)
 
 
+async def through_regional(
+    region: Region, *partials: bytes
+) -> tuple[RegionalDaemon, PartialAggregate, np.ndarray]:
+    """Run a regional, send it ``partials`` and return the first partial it sends up."""
+    up = MemoryBus(region.nats)
+    async with up.subscribe(SUBJECTS.to_central(), durable="probe") as central:
+        async with trio.open_nursery() as nursery:
+            regional = region.daemon()
+            await nursery.start(regional.serve)
+            for data in partials:
+                await region.send(data)
+            with trio.fail_after(60):  # virtual seconds (autojump clock)
+                partial, numerator = await receive_partial(central)
+            nursery.cancel_scope.cancel()
+    return regional, partial, numerator
+
+
 async def test_two_edge_partials_become_one_regional_partial(region, autojump_clock):
     a, b = edge_buffer(1, 3), edge_buffer(2, 2)
     pa, data_a = sign_partial(EDGES[0], FLEET, LAYOUT, a)
@@ -178,14 +195,7 @@ async def test_extra_delay_is_discounted_not_renormalized(tmp_path, autojump_clo
     await region.publish_model(2)
     a = edge_buffer(4, 2, base_version=1)
     _pa, data = sign_partial(EDGES[2], FLEET, LAYOUT, a, known_version=1)
-    up = MemoryBus(region.nats)
-    async with up.subscribe(SUBJECTS.to_central(), durable="probe") as central:
-        async with trio.open_nursery() as nursery:
-            regional = region.daemon()
-            await nursery.start(regional.serve)
-            await region.send(data)
-            partial, numerator = await receive_partial(central)
-            nursery.cancel_scope.cancel()
+    _regional, partial, numerator = await through_regional(region, data)
     discount = 1 / math.sqrt(2)  # fedbuff s(1): the regional knows v2, the edge flushed at v1
     np.testing.assert_allclose(numerator, a.numerator * np.float32(discount), rtol=1e-6)
     assert partial.sample_count == a.sample_count  # the denominator is never discounted
@@ -207,16 +217,7 @@ async def test_a_partial_later_than_max_staleness_is_folded_not_lost(tmp_path, a
     late, fresh = edge_buffer(6, 3), edge_buffer(7, 2, base_version=9)
     p_late, data_late = sign_partial(EDGES[0], FLEET, LAYOUT, late, known_version=0)
     p_fresh, data_fresh = sign_partial(EDGES[1], FLEET, LAYOUT, fresh, known_version=9)
-    up = MemoryBus(region.nats)
-    async with up.subscribe(SUBJECTS.to_central(), durable="probe") as central:
-        async with trio.open_nursery() as nursery:
-            regional = region.daemon()
-            await nursery.start(regional.serve)
-            await region.send(data_late)
-            await region.send(data_fresh)
-            with trio.fail_after(60):  # virtual seconds: the late partial must count
-                partial, numerator = await receive_partial(central)
-            nursery.cancel_scope.cancel()
+    regional, partial, numerator = await through_regional(region, data_late, data_fresh)
     discount = 1 / math.sqrt(10)  # fedbuff s(9), past max_staleness but never 0
     assert regional.counts[("accepted", "")] == 2
     assert region.metrics.anomalies["late_partial"] == 1

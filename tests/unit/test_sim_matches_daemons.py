@@ -199,6 +199,19 @@ async def run_daemons(tmp_path, layout, model_file, devices, rounds, optimizer):
     return versions
 
 
+def regional_node(layout) -> TierNode:
+    return TierNode(
+        "regional",
+        tier=Tier.REGIONAL,
+        fleet=FLEET,
+        layout=layout,
+        flush=REGIONAL_FLUSH,
+        staleness=STALENESS,
+        partial_codec=CodecSpec("f32"),
+        identity=REGIONAL,
+    )
+
+
 def run_simulator_nodes(layout, params0, rounds, optimizer):
     name, params = optimizer
     edges = {
@@ -214,16 +227,7 @@ def run_simulator_nodes(layout, params0, rounds, optimizer):
         )
         for site in SITES
     }
-    regional = TierNode(
-        "regional",
-        tier=Tier.REGIONAL,
-        fleet=FLEET,
-        layout=layout,
-        flush=REGIONAL_FLUSH,
-        staleness=STALENESS,
-        partial_codec=CodecSpec("f32"),
-        identity=REGIONAL,
-    )
+    regional = regional_node(layout)
     central = CentralNode(
         "central",
         params=params0,
@@ -291,16 +295,7 @@ def test_the_simulators_regional_folds_a_late_partial_as_the_daemon_does() -> No
         b"\x01" * 16, np.ones(4, np.float32), n_samples=2, tau=0, discount=1.0, base_version=0
     )
     _message, data = sign_partial(EDGES["north"], FLEET, layout, child, known_version=0)
-    node = TierNode(
-        "regional",
-        tier=Tier.REGIONAL,
-        fleet=FLEET,
-        layout=layout,
-        flush=REGIONAL_FLUSH,
-        staleness=STALENESS,
-        partial_codec=CodecSpec("f32"),
-        identity=REGIONAL,
-    )
+    node = regional_node(layout)
     node.known_version = 20  # max_staleness is 8
     assert node.admit_partial(data, now=0.0) == "accepted"
     assert node.counts["late_partial"] == 1

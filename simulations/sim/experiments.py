@@ -35,7 +35,7 @@ FEDPROX_DATASETS = (
     ("Synthetic(1,1)", "fedprox-synthetic-1-1"),
     ("Synthetic(1,1), 90% stragglers", "fedprox-synthetic-1-1-stragglers"),
     (
-        "Synthetic(1,1), 90% stragglers, paper's sizes",
+        "Synthetic(1,1), 90% stragglers, published sizes",
         "fedprox-synthetic-1-1-stragglers-paper-sizes",
     ),
 )
@@ -54,7 +54,7 @@ FEDPROX_TARGETS = {
     "Synthetic(0.5,0.5)": "FedProx - FedAvg >= 3 points",
     "Synthetic(1,1)": "FedProx - FedAvg >= 3 points",
     "Synthetic(1,1), 90% stragglers": "FedProx - FedAvg >= 10 points",
-    "Synthetic(1,1), 90% stragglers, paper's sizes": "FedProx - FedAvg >= 10 points",
+    "Synthetic(1,1), 90% stragglers, published sizes": "FedProx - FedAvg >= 10 points",
 }
 # The paper's findings as its Figures 1 and 2 show them (training-loss curves, read
 # qualitatively; docs/results.md quotes the sources). No per-dataset numbers are given here.
@@ -67,7 +67,7 @@ FEDPROX_PAPER = {
         "Fig. 1: FedAvg (drops stragglers) is unstable or diverges; FedProx with partial "
         "work and mu > 0 converges"
     ),
-    "Synthetic(1,1), 90% stragglers, paper's sizes": (
+    "Synthetic(1,1), 90% stragglers, published sizes": (
         "as above; the device sizes of the published draw, the rest drawn per seed"
     ),
 }

@@ -186,6 +186,7 @@ class CentralDaemon(TierDaemon):
     """
 
     tier = "central"
+    sender_role = "regional"
 
     def __init__(
         self,
@@ -199,13 +200,7 @@ class CentralDaemon(TierDaemon):
         clock_ms: Callable[[], int] | None = None,
         store_in_thread: bool = True,
     ) -> None:
-        keys = (
-            keys
-            if keys is not None
-            else TierKeys.load(
-                config.identity_key, config.sender_keys, config.central_key, role="regional"
-            )
-        )
+        keys = keys if keys is not None else self.load_keys(config)
         if keys.identity.key_id != keys.central.key_id:
             raise ConfigError(
                 f"the central's identity is {keys.identity.key_id} but keys.central pins "

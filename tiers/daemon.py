@@ -63,7 +63,11 @@ __all__ = [
 
 logger = logging.getLogger("fedtier.daemon")
 
-_SENDER_ROLES: Final[dict[str, str]] = {"edge": "device", "regional": "edge", "central": "regional"}
+_DAEMONS: Final[dict[str, type[TierDaemon]]] = {
+    "edge": EdgeDaemon,
+    "regional": RegionalDaemon,
+    "central": CentralDaemon,
+}
 # JetStream retention: partials wait days for a consumer that is down; ids are
 # remembered for 10 minutes (receivers dedupe beyond that in their stores).
 _UP_MAX_AGE_S: Final = 7 * 86_400.0
@@ -290,9 +294,7 @@ async def serve_daemon(kind: TierKind, config: TierConfig) -> None:
     from protocol.telemetry.metrics import TierMetrics, setup_metrics
     from protocol.telemetry.tracing import setup_tracing
 
-    keys = TierKeys.load(
-        config.identity_key, config.sender_keys, config.central_key, role=_SENDER_ROLES[kind]
-    )
+    keys = _DAEMONS[kind].load_keys(config)
     key_id = keys.identity.key_id
     service = f"fedtier-{kind}"
     notifier = SystemdNotifier.from_environment()
@@ -390,7 +392,7 @@ def run_daemon(kind: str, config_path: Path | str) -> int:
         failed (the reason is logged as one sentence).
     """
     configure_logging()
-    if kind not in _SENDER_ROLES:
+    if kind not in _DAEMONS:
         logger.error("daemon kind %r is not one of edge, regional, central", kind)
         return 2
     tier_kind: TierKind = kind  # type: ignore[assignment]  # checked above

@@ -22,7 +22,6 @@ import functools
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 
-import trio
 from opentelemetry import trace
 
 from protocol.bus import Bus, Delivery, Subscription
@@ -76,6 +75,7 @@ class EdgeDaemon(FollowerDaemon):
     """
 
     tier = "edge"
+    sender_role = "device"
 
     def __init__(
         self,
@@ -94,11 +94,7 @@ class EdgeDaemon(FollowerDaemon):
             config,
             nats=nats,
             registry_store=registry_store,
-            keys=keys
-            if keys is not None
-            else TierKeys.load(
-                config.identity_key, config.sender_keys, config.central_key, role="device"
-            ),
+            keys=keys if keys is not None else self.load_keys(config),
             metrics=metrics,
             tracer=tracer,
             clock_ms=clock_ms,
@@ -264,15 +260,7 @@ class EdgeDaemon(FollowerDaemon):
             ),
             replace=forgotten,
         )
-        buffer.note(
-            sender=message.sender,
-            trace_parent=trace_parent,
-            accepted_ms=accepted_ms,
-            at=trio.current_time(),
-        )
-        self._count(span, Outcome.ACCEPTED)
-        self.metrics.staleness(assessment.tau)
-        self.metrics.buffer_depth(buffer.aggregate.input_count)
+        self._note_accepted(span, message.sender, trace_parent, accepted_ms, assessment.tau)
         self.log.debug("accepted update %s from %s (tau %d)", uid, who, assessment.tau)
         return Admission(
             delivery,

@@ -48,6 +48,7 @@ class RegionalDaemon(FollowerDaemon):
     """
 
     tier = "regional"
+    sender_role = "edge"
 
     def __init__(
         self,
@@ -65,11 +66,7 @@ class RegionalDaemon(FollowerDaemon):
             config,
             nats=nats,
             registry_store=registry_store,
-            keys=keys
-            if keys is not None
-            else TierKeys.load(
-                config.identity_key, config.sender_keys, config.central_key, role="edge"
-            ),
+            keys=keys if keys is not None else self.load_keys(config),
             metrics=metrics,
             tracer=tracer,
             clock_ms=clock_ms,

@@ -666,6 +666,15 @@ class TierDaemon(abc.ABC):
     """
 
     tier: ClassVar[str]
+    sender_role: ClassVar[str]
+    """Whose inputs this tier takes: the role of its sender key registry."""
+
+    @classmethod
+    def load_keys(cls, config: TierConfig) -> TierKeys:
+        """Its identity, the keys of the senders it accepts and the pinned central key."""
+        return TierKeys.load(
+            config.identity_key, config.sender_keys, config.central_key, role=cls.sender_role
+        )
 
     def __init__(
         self,
@@ -876,6 +885,21 @@ class TierDaemon(abc.ABC):
         if reason:
             span.set_attribute(ATTR_REASON, reason)
 
+    def _note_accepted(
+        self, span: trace.Span, sender: str, trace_parent: str, accepted_ms: int, tau: int
+    ) -> None:
+        """Book an input just folded into the open buffer: flush clock, counts, metrics."""
+        buffer = self.buffer
+        buffer.note(
+            sender=sender,
+            trace_parent=trace_parent,
+            accepted_ms=accepted_ms,
+            at=trio.current_time(),
+        )
+        self._count(span, Outcome.ACCEPTED)
+        self.metrics.staleness(tau)
+        self.metrics.buffer_depth(buffer.aggregate.input_count)
+
     def _note_anomaly(self, detector: str) -> None:
         self.anomalies[detector] += 1
         self.metrics.anomalous(detector)
@@ -1006,18 +1030,10 @@ class TierDaemon(abc.ABC):
             ),
             replace=forgotten,
         )
-        buffer.note(
-            sender=message.sender,
-            trace_parent=trace_parent,
-            accepted_ms=accepted_ms,
-            at=trio.current_time(),
-        )
-        self._count(span, Outcome.ACCEPTED)
-        self.metrics.staleness(assessment.tau)
-        self.metrics.buffer_depth(buffer.aggregate.input_count)
+        self._note_accepted(span, message.sender, trace_parent, accepted_ms, assessment.tau)
         if assessment.late:
             span.set_attribute(ATTR_LATE, True)
-            self.metrics.anomalous("late_partial")
+            self._note_anomaly("late_partial")
             self.log.warning(
                 "partial %s from %s was made at model v%d; this %s knows v%d, past "
                 "max_staleness %d: folded with discount %.3g (its %d updates were acknowledged)",

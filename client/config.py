@@ -24,12 +24,12 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 
-from client.device import DeviceConfig
-from client.trainers import Trainer
-from protocol.codecs import CodecSpec
-from protocol.errors import ConfigError, FedtierError, KeyFileError, LocalProtocolError
-from protocol.identity import VerifyKey, load_public_key
-from protocol.names import check_token
+from fedtier.client.device import DeviceConfig
+from fedtier.client.trainers import Trainer
+from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.errors import ConfigError, FedtierError, KeyFileError, LocalProtocolError
+from fedtier.protocol.identity import VerifyKey, load_public_key
+from fedtier.protocol.names import check_token
 
 __all__ = [
     "DeviceSettings",
@@ -410,7 +410,7 @@ def build_trainer(
     num_classes = training.num_classes or int(y.max()) + 1
     try:
         if training.model == "logreg":
-            from client.trainers import NumpyLogRegTrainer
+            from fedtier.client.trainers import NumpyLogRegTrainer
 
             if X.ndim != 2:
                 raise ConfigError(f"logreg needs 2-D features; the data has shape {X.shape}")
@@ -426,7 +426,7 @@ def build_trainer(
                 seed=training.seed,
                 max_local_steps=training.max_local_steps,
             )
-        from client.trainers import TorchTrainer, make_mlp
+        from fedtier.client.trainers import TorchTrainer, make_mlp
 
         if training.torch_threads is not None:
             import torch

@@ -9,7 +9,7 @@ One ``serve_device`` call runs one device against its site's MQTT broker
     publish up/<device>, QoS 1, span "device send" with W3C traceparent in the headers
     receipt/<device> (durable subscription) --> verify (trusted edge key) --> Outbox.resolve
 
-Acceptance is end to end (design.md section 5): an update stays in the outbox
+Acceptance is end to end (docs/architecture.md, data guarantees): an update stays in the outbox
 until a signed receipt for it arrives. Accepted and duplicate receipts
 resolve it; a rejected one resolves it too (resending cannot change the
 verdict) and its reason is logged. Without a receipt the same envelope bytes
@@ -42,24 +42,29 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from client.error_feedback import ErrorFeedback
-from client.model_store import ModelStore, OfferStatus
-from client.outbox import Outbox, PendingUpdate
-from client.trainers import Trainer, TrainResult
-from protocol.bus import Bus, Delivery, Subscription
-from protocol.codecs import CodecSpec, encode, pick_codec
-from protocol.envelope import open_envelope, parse_envelope, seal
-from protocol.errors import (
+from fedtier.client.error_feedback import ErrorFeedback
+from fedtier.client.model_store import ModelStore, OfferStatus
+from fedtier.client.outbox import Outbox, PendingUpdate
+from fedtier.client.trainers import Trainer, TrainResult
+from fedtier.protocol.bus import Bus, Delivery, Subscription
+from fedtier.protocol.codecs import CodecSpec, encode, pick_codec
+from fedtier.protocol.envelope import open_envelope, parse_envelope, seal
+from fedtier.protocol.errors import (
     BusUnavailable,
     FedtierError,
     LocalProtocolError,
     PublishError,
     RemoteProtocolError,
 )
-from protocol.identity import SigningIdentity, VerifyKey
-from protocol.messages import UNAUTHENTICATED_REJECTIONS, DeviceUpdate, Receipt, ReceiptStatus
-from protocol.names import MqttTopics, check_token
-from protocol.telemetry import (
+from fedtier.protocol.identity import SigningIdentity, VerifyKey
+from fedtier.protocol.messages import (
+    UNAUTHENTICATED_REJECTIONS,
+    DeviceUpdate,
+    Receipt,
+    ReceiptStatus,
+)
+from fedtier.protocol.names import MqttTopics, check_token
+from fedtier.protocol.telemetry import (
     ATTR_DEVICE,
     ATTR_MODEL_VERSION,
     ATTR_TIER,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from protocol.codecs import CodecSpec, decode, encode
-from protocol.errors import LocalProtocolError
+from fedtier.protocol.codecs import CodecSpec, decode, encode
+from fedtier.protocol.errors import LocalProtocolError
 
 __all__ = ["ErrorFeedback"]
 

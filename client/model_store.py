@@ -1,7 +1,7 @@
 """The device's verified current model from the central's signed pointer and blob; imports no trio.
 
 A device loads model parameters only from bytes that verify against the
-central's pinned public key (design.md section 6). The central publishes two
+central's pinned public key (docs/architecture.md, security). The central publishes two
 retained messages per site: a small signed ``ModelAnnouncement`` (version,
 layout, BLAKE3 of the blob's payload) and a signed ``ModelBlob`` (the
 parameters). They may arrive in either order, and again after every
@@ -35,14 +35,14 @@ from typing import Final, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from protocol.codecs import decode
-from protocol.envelope import Envelope, open_envelope
-from protocol.errors import RemoteProtocolError
-from protocol.identity import VerifyKey
-from protocol.layout import ModelLayout
-from protocol.limits import DEFAULT_LIMITS, Limits
-from protocol.messages import ModelAnnouncement, ModelBlob
-from protocol.names import check_token
+from fedtier.protocol.codecs import decode
+from fedtier.protocol.envelope import Envelope, open_envelope
+from fedtier.protocol.errors import RemoteProtocolError
+from fedtier.protocol.identity import VerifyKey
+from fedtier.protocol.layout import ModelLayout
+from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
+from fedtier.protocol.messages import ModelAnnouncement, ModelBlob
+from fedtier.protocol.names import check_token
 
 __all__ = ["ModelOffer", "ModelStore", "OfferStatus"]
 

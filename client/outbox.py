@@ -1,7 +1,7 @@
 """The device's durable outbox, sequence counter and event log in one sqlite file; imports no trio.
 
 An update leaves the outbox only when the edge's signed receipt for it has
-arrived (design.md section 5): a broker's PUBACK is not acceptance. The file
+arrived (docs/architecture.md, data guarantees): a broker's PUBACK is not acceptance. The file
 holds four tables:
 
 * ``meta``: the next sequence number. ``next_seq`` commits the increment before
@@ -37,7 +37,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
-from protocol.errors import ConfigError, LocalProtocolError
+from fedtier.protocol.errors import ConfigError, LocalProtocolError
 
 __all__ = ["RESOLVED_KEEP", "LogEntry", "LogEvent", "Outbox", "PendingUpdate"]
 

@@ -24,7 +24,7 @@ from typing import Final
 
 import trio
 
-from protocol.errors import BusUnavailable, ConfigError, FedtierError, KeyFileError
+from fedtier.protocol.errors import BusUnavailable, ConfigError, FedtierError, KeyFileError
 
 __all__ = ["run_device"]
 
@@ -47,13 +47,13 @@ def _configure_logging() -> None:
 
 
 async def _serve(config_path: Path) -> None:
-    from client.config import build_trainer, load_device_settings, load_training_data
-    from client.device import DeviceReport, serve_device
-    from client.model_store import ModelStore
-    from client.outbox import Outbox
-    from protocol.bus._mqtt import MqttConfig, open_mqtt_bus
-    from protocol.identity import load_public_key, load_signing_identity
-    from protocol.telemetry.tracing import setup_tracing
+    from fedtier.client.config import build_trainer, load_device_settings, load_training_data
+    from fedtier.client.device import DeviceReport, serve_device
+    from fedtier.client.model_store import ModelStore
+    from fedtier.client.outbox import Outbox
+    from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+    from fedtier.protocol.identity import load_public_key, load_signing_identity
+    from fedtier.protocol.telemetry.tracing import setup_tracing
 
     settings = load_device_settings(config_path)
     try:

@@ -15,8 +15,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from protocol.errors import LayoutMismatch
-from protocol.layout import ModelLayout, TensorSpec
+from fedtier.protocol.errors import LayoutMismatch
+from fedtier.protocol.layout import ModelLayout, TensorSpec
 
 __all__ = ["flat_from_state_dict", "layout_from_state_dict", "load_flat"]
 

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from protocol.errors import LayoutMismatch, LocalProtocolError
-from protocol.layout import ModelLayout, layout_of
+from fedtier.protocol.errors import LayoutMismatch, LocalProtocolError
+from fedtier.protocol.layout import ModelLayout, layout_of
 
 if TYPE_CHECKING:
     import torch
@@ -330,7 +330,7 @@ class TorchTrainer:
     ) -> None:
         import torch
 
-        from client.torch_state import layout_from_state_dict
+        from fedtier.client.torch_state import layout_from_state_dict
 
         X = np.asarray(X)
         y = np.asarray(y)
@@ -371,7 +371,7 @@ class TorchTrainer:
 
     def initial_params(self) -> F32Array:
         """The module's current parameters as a flat vector (its initialisation)."""
-        from client.torch_state import flat_from_state_dict
+        from fedtier.client.torch_state import flat_from_state_dict
 
         return flat_from_state_dict(self._model.state_dict(), self._layout)
 
@@ -385,7 +385,7 @@ class TorchTrainer:
         """
         import torch
 
-        from client.torch_state import flat_from_state_dict, load_flat
+        from fedtier.client.torch_state import flat_from_state_dict, load_flat
 
         _check_params(params, self._layout)
         model = self._model
@@ -439,7 +439,7 @@ class TorchTrainer:
         """Mean cross-entropy ``loss`` and ``accuracy`` of ``params`` on ``(X, y)``."""
         import torch
 
-        from client.torch_state import load_flat
+        from fedtier.client.torch_state import load_flat
 
         _check_params(params, self._layout)
         model = self._model

@@ -38,7 +38,7 @@ from typing import Final, Literal, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from protocol.errors import DecodeError, LimitExceeded, LocalProtocolError
+from fedtier.protocol.errors import DecodeError, LimitExceeded, LocalProtocolError
 
 __all__ = [
     "DEFAULT_I8_CHUNK",

@@ -26,7 +26,7 @@ from typing import Any, Final, TypeAlias
 import blake3
 import msgpack
 
-from protocol.errors import (
+from fedtier.protocol.errors import (
     DecodeError,
     DigestMismatch,
     FedtierError,
@@ -35,9 +35,9 @@ from protocol.errors import (
     UnknownSender,
     UnsupportedVersion,
 )
-from protocol.identity import SigningIdentity, VerifyKey
-from protocol.limits import DEFAULT_LIMITS, Limits
-from protocol.messages import Kind, Message, message_from_wire, message_to_wire
+from fedtier.protocol.identity import SigningIdentity, VerifyKey
+from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
+from fedtier.protocol.messages import Kind, Message, message_from_wire, message_to_wire
 
 __all__ = [
     "PROTOCOL_VERSION",

@@ -1,10 +1,11 @@
-"""The project's exception tree; imports nothing but the standard library.
+"""The project's one exception tree and its reason tokens; imports nothing but the standard library.
 
-Every error fedtier raises on purpose is a ``FedtierError``. The tree says whose
-fault it was, as h11 does: a ``RemoteProtocolError`` means bytes that came off a
-network were bad (count it, drop that message, keep serving); a
-``LocalProtocolError`` means our own caller built something invalid (a bug or a
-bad configuration on this side).
+Every error fedtier raises on purpose is a ``FedtierError``, defined here and
+nowhere else. The tree says whose fault it was, as h11 does: a
+``RemoteProtocolError`` means bytes that came off a network were bad (count it,
+drop or quarantine that message, keep serving); a ``LocalProtocolError`` means
+our own caller built something invalid (a bug or a bad configuration on this
+side).
 
 ::
 
@@ -16,40 +17,83 @@ bad configuration on this side).
     │   ├── SignatureError           Ed25519 signature does not verify
     │   ├── DigestMismatch           payload bytes do not match the signed digest
     │   ├── UnknownSender            no registered key for the sender id
-    │   └── LayoutMismatch           update is for another model layout or size
+    │   ├── LayoutMismatch           update is for another model layout or size
+    │   ├── UpdateRejected           an input failed a check before folding
+    │   │                            (wrong_fleet, replay, stale, non_finite, ...)
+    │   └── InconsistentPartial      a partial's counts, ids or versions disagree
     ├── LocalProtocolError           invalid message or argument built on this side
     ├── ConfigError                  a configuration file or value is unusable
     ├── KeyFileError                 a key file cannot be read, parsed or written
-    └── BusError                     a transport failed (see ``protocol.bus``)
-        ├── BusUnavailable           not connected; transient, retry with backoff
-        ├── PublishError             the broker did not confirm a publish
-        └── BusClosed                the bus was closed while in use
+    ├── StoreError                   a daemon's state store failed; the daemon stops
+    ├── BusError                     a transport failed (see ``fedtier.protocol.bus``)
+    │   ├── BusUnavailable           not connected; transient, retry with backoff
+    │   ├── PublishError             the broker did not confirm a publish
+    │   ├── BusClosed                the bus was closed while in use
+    │   ├── KvConflict               a KV compare-and-set lost against a newer revision
+    │   └── ObjectNotFound           the object store holds no object of that name
+    └── LabError                     the lab (``fedtier.simulations``) could not run
+        ├── ChildFailed              a child process died or never got ready
+        └── BenchError               a benchmark could not measure
 
-``reason`` is a short snake_case token meant for metric labels
-(``updates_rejected_total{reason="bad_signature"}``); the message is one
-sentence naming the offending value, for the log.
+``reason`` is a :class:`Reason` token meant for metric labels
+(``updates_rejected_total{reason="bad_signature"}``), receipts and logs; the
+message is one sentence naming the offending value, for the log.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 __all__ = [
+    "BenchError",
     "BusClosed",
     "BusError",
     "BusUnavailable",
+    "ChildFailed",
     "ConfigError",
     "DecodeError",
     "DigestMismatch",
     "FedtierError",
+    "InconsistentPartial",
     "KeyFileError",
+    "KvConflict",
+    "LabError",
     "LayoutMismatch",
     "LimitExceeded",
     "LocalProtocolError",
+    "ObjectNotFound",
     "PublishError",
+    "Reason",
     "RemoteProtocolError",
     "SignatureError",
+    "StoreError",
     "UnknownSender",
     "UnsupportedVersion",
+    "UpdateRejected",
 ]
+
+
+class Reason(StrEnum):
+    """Why an input was refused: the one list of tokens for receipts, metrics and logs.
+
+    The wire carries a receipt's reason as a plain string, so a peer may send a
+    token this list does not know; fedtier only ever emits these.
+    """
+
+    PROTOCOL = "protocol"
+    MALFORMED = "malformed"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    BAD_SIGNATURE = "bad_signature"
+    DIGEST_MISMATCH = "digest_mismatch"
+    UNKNOWN_SENDER = "unknown_sender"
+    LAYOUT_MISMATCH = "layout_mismatch"
+    WRONG_FLEET = "wrong_fleet"
+    REPLAY = "replay"
+    STALE = "stale"
+    NON_FINITE = "non_finite"
+    NORM_EXCEEDED = "norm_exceeded"
+    INCONSISTENT_PARTIAL = "inconsistent_partial"
 
 
 class FedtierError(Exception):
@@ -60,57 +104,70 @@ class RemoteProtocolError(FedtierError):
     """A peer sent something that breaks the wire contract.
 
     Attributes:
-        reason: stable snake_case token for metrics, e.g. ``"bad_signature"``.
+        reason: stable token for metrics, receipts and logs, e.g. ``Reason.BAD_SIGNATURE``.
     """
 
-    reason: str = "protocol"
+    reason: Reason = Reason.PROTOCOL
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(self, message: str, *, reason: Reason | None = None) -> None:
         super().__init__(message)
         if reason is not None:
-            self.reason = reason
+            self.reason = Reason(reason)
 
 
 class DecodeError(RemoteProtocolError):
     """Bytes that do not parse as the message they claim to be."""
 
-    reason = "malformed"
+    reason = Reason.MALFORMED
 
 
 class LimitExceeded(DecodeError):
     """A declared or actual size, length or count is above its cap."""
 
-    reason = "too_large"
+    reason = Reason.TOO_LARGE
 
 
 class UnsupportedVersion(DecodeError):
     """The envelope names a protocol version this implementation does not speak."""
 
-    reason = "unsupported_version"
+    reason = Reason.UNSUPPORTED_VERSION
 
 
 class SignatureError(RemoteProtocolError):
     """The Ed25519 signature does not verify against the sender's key."""
 
-    reason = "bad_signature"
+    reason = Reason.BAD_SIGNATURE
 
 
 class DigestMismatch(RemoteProtocolError):
     """The payload does not hash to the digest the signed header declares."""
 
-    reason = "digest_mismatch"
+    reason = Reason.DIGEST_MISMATCH
 
 
 class UnknownSender(RemoteProtocolError):
     """No key is registered for the sender id the envelope names."""
 
-    reason = "unknown_sender"
+    reason = Reason.UNKNOWN_SENDER
 
 
 class LayoutMismatch(RemoteProtocolError):
     """An update or partial is for a different model layout or size."""
 
-    reason = "layout_mismatch"
+    reason = Reason.LAYOUT_MISMATCH
+
+
+class UpdateRejected(RemoteProtocolError):
+    """An input failed a check before folding; ``reason`` names the check (always given)."""
+
+    def __init__(self, message: str, *, reason: Reason) -> None:
+        super().__init__(message, reason=reason)
+
+
+class InconsistentPartial(RemoteProtocolError):
+    """A child partial's counts, histogram, ids or versions contradict each other."""
+
+    reason = Reason.INCONSISTENT_PARTIAL
 
 
 class LocalProtocolError(FedtierError, ValueError):
@@ -123,6 +180,10 @@ class ConfigError(FedtierError):
 
 class KeyFileError(FedtierError):
     """A key file cannot be read, parsed or written safely."""
+
+
+class StoreError(FedtierError):
+    """The state store cannot be opened, read or written; the daemon must stop."""
 
 
 class BusError(FedtierError):
@@ -139,3 +200,23 @@ class PublishError(BusError):
 
 class BusClosed(BusError):
     """The bus was closed while an operation was using it."""
+
+
+class KvConflict(BusError):
+    """A KV ``update`` named a revision that is no longer the key's latest."""
+
+
+class ObjectNotFound(BusError):
+    """The object store holds no object of that name."""
+
+
+class LabError(FedtierError):
+    """The lab (simulator, demo, benchmarks, chaos harness) could not do what it was asked."""
+
+
+class ChildFailed(LabError):
+    """A child process exited while it was expected to run, or did not get ready in time."""
+
+
+class BenchError(LabError):
+    """A benchmark could not measure: a child failed, timed out, or counts disagree."""

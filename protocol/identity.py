@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocol.errors import KeyFileError, LocalProtocolError, SignatureError
+from fedtier.protocol.errors import KeyFileError, LocalProtocolError, SignatureError
 
 __all__ = [
     "KEY_ID_LENGTH",

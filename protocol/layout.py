@@ -30,8 +30,8 @@ import blake3
 import numpy as np
 import numpy.typing as npt
 
-from protocol.errors import DecodeError, LayoutMismatch, LimitExceeded, LocalProtocolError
-from protocol.limits import DEFAULT_LIMITS, Limits
+from fedtier.protocol.errors import DecodeError, LayoutMismatch, LimitExceeded, LocalProtocolError
+from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
 
 __all__ = ["DTYPE_CODES", "ModelLayout", "TensorSpec"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocol.errors import LocalProtocolError
+from fedtier.protocol.errors import LocalProtocolError
 
 __all__ = ["DEFAULT_LIMITS", "Limits"]
 

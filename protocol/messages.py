@@ -23,12 +23,12 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, ClassVar, Final, TypeAlias
 
-from protocol.codecs import CodecSpec
-from protocol.errors import DecodeError, LimitExceeded, LocalProtocolError
-from protocol.identity import valid_key_id
-from protocol.layout import ModelLayout
-from protocol.limits import DEFAULT_LIMITS, Limits
-from protocol.names import check_token
+from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.errors import DecodeError, LimitExceeded, LocalProtocolError
+from fedtier.protocol.identity import valid_key_id
+from fedtier.protocol.layout import ModelLayout
+from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
+from fedtier.protocol.names import check_token
 
 __all__ = [
     "MAX_UINT",

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import re
 
-from protocol.errors import LocalProtocolError
-from protocol.identity import valid_key_id
+from fedtier.protocol.errors import LocalProtocolError
+from fedtier.protocol.identity import valid_key_id
 
 __all__ = [
     "MqttTopics",

@@ -71,12 +71,12 @@ from typing import Final
 
 import trio
 
-from protocol.errors import FedtierError
-from simulations.brokers.mosquitto import MosquittoProcess
-from simulations.brokers.nats_server import NatsServerProcess
-from simulations.checker import CheckReport, check, load_device_logs, render_report
-from simulations.fleet import SendSpec, TrainingSpec
-from simulations.mesh import (
+from fedtier.protocol.errors import ChildFailed, FedtierError, StoreError
+from fedtier.simulations.brokers.mosquitto import MosquittoProcess
+from fedtier.simulations.brokers.nats_server import NatsServerProcess
+from fedtier.simulations.checker import CheckReport, check, load_device_logs, render_report
+from fedtier.simulations.fleet import SendSpec, TrainingSpec
+from fedtier.simulations.mesh import (
     Brokers,
     FlushSpec,
     MeshPlan,
@@ -85,10 +85,10 @@ from simulations.mesh import (
     child_environment,
     prepare_mesh,
 )
-from simulations.processes import Child, ChildFailed, ProcessGroup, open_process_group
-from simulations.proxy import FaultyProxy
-from tiers.faults import CRASH_ENV, CRASH_EXIT_STATUS, UNSAFE_ENV, UNSAFE_SWITCHES
-from tiers.store import StoreError, read_lineages
+from fedtier.simulations.processes import Child, ProcessGroup, open_process_group
+from fedtier.simulations.proxy import FaultyProxy
+from fedtier.tiers.faults import CRASH_ENV, CRASH_EXIT_STATUS, UNSAFE_ENV, UNSAFE_SWITCHES
+from fedtier.tiers.store import read_lineages
 
 __all__ = [
     "DEVICE_UNSAFE_SWITCH",
@@ -502,7 +502,7 @@ class _Run:
         plan = self.plan
 
         def argv(kind: str, config: Path) -> list[str]:
-            return [sys.executable, "-m", "simulations.cli", kind, "--config", str(config)]
+            return [sys.executable, "-m", "fedtier.simulations.cli", kind, "--config", str(config)]
 
         async def add(tier: str, name: str, config: Path) -> _Supervised:
             process = await self._start_new(
@@ -538,7 +538,7 @@ class _Run:
                 nursery,
                 "fleet",
                 name,
-                [sys.executable, "-m", "simulations.fleet", "--config", str(config)],
+                [sys.executable, "-m", "fedtier.simulations.fleet", "--config", str(config)],
                 ready_pattern=None,
                 on_stdout_line=self._fleet_line_handler(name),
             )
@@ -774,7 +774,7 @@ def _outboxes(plan: MeshPlan) -> list[tuple[str, Path]]:
 
 def export_device_logs(plan: MeshPlan) -> int:
     """Write every device's log from its outbox file (durable, unlike a killed fleet's export)."""
-    from client.outbox import Outbox
+    from fedtier.client.outbox import Outbox
 
     plan.device_log_dir.mkdir(parents=True, exist_ok=True)
     written = 0
@@ -1024,7 +1024,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=None if args.json else _print_err,
         )
         if args.crash_at:
-            from tiers.faults import configure
+            from fedtier.tiers.faults import configure
 
             configure(crash_at=args.crash_at)  # checks the syntax before anything starts
             configure()

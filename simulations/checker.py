@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol.errors import FedtierError
+from fedtier.protocol.errors import FedtierError
 
 __all__ = [
     "FAILURES",
@@ -140,7 +140,7 @@ def load_lineage_counts(central_store: Path) -> tuple[Counter[str], int]:
     Returns:
         The counts by update id (hex) and the number of versions read.
     """
-    from tiers.store import read_lineages
+    from fedtier.tiers.store import read_lineages
 
     lineages = read_lineages(central_store)
     counted: Counter[str] = Counter()

@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import FedtierError
+from fedtier.protocol.errors import FedtierError
 
 __all__ = ["main"]
 
 
 def _keys_new(args: argparse.Namespace) -> int:
-    from protocol.identity import SigningIdentity
+    from fedtier.protocol.identity import SigningIdentity
 
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -34,8 +34,8 @@ def _keys_new(args: argparse.Namespace) -> int:
 
 
 def _keys_show(args: argparse.Namespace) -> int:
-    from protocol.errors import KeyFileError
-    from protocol.identity import load_public_key, load_signing_identity
+    from fedtier.protocol.errors import KeyFileError
+    from fedtier.protocol.identity import load_public_key, load_signing_identity
 
     path: Path = args.path
     try:
@@ -70,7 +70,7 @@ def _print_key(
 
 
 def _bench_codec(args: argparse.Namespace) -> int:
-    from simulations.bench.codec import run_codec_bench
+    from fedtier.simulations.bench.codec import run_codec_bench
 
     if args.params < 1 or args.repeats < 1:
         raise FedtierError("--params and --repeats must be at least 1")
@@ -100,25 +100,25 @@ def _bench_codec(args: argparse.Namespace) -> int:
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    from tiers.daemon import run_daemon
+    from fedtier.tiers.daemon import run_daemon
 
     return run_daemon(args.command, args.config)
 
 
 def _device(args: argparse.Namespace) -> int:
-    from client.runner import run_device
+    from fedtier.client.runner import run_device
 
     return run_device(args.config)
 
 
 def _sim_fleet(args: argparse.Namespace) -> int:
-    from simulations.fleet import run_fleet
+    from fedtier.simulations.fleet import run_fleet
 
     return run_fleet(args.config)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from simulations.demo import DemoOptions, main_demo
+    from fedtier.simulations.demo import DemoOptions, main_demo
 
     given = {
         name: value
@@ -188,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_forwarded(
         bench_sub,
         "edge",
-        "simulations.bench.edge",
+        "fedtier.simulations.bench.edge",
         "edge daemon intake vs a bare paho+numpy pipeline on a real Mosquitto (--json)",
     )
 
@@ -238,34 +238,34 @@ def _parser() -> argparse.ArgumentParser:
     _add_forwarded(
         sim_sub,
         "check",
-        "simulations.checker",
+        "fedtier.simulations.checker",
         "classify every update: device logs against the central's lineage",
     )
     _add_forwarded(
         sim_sub,
         "run",
-        "simulations.sim.cli",
+        "fedtier.simulations.sim.cli",
         "run a scenario (TOML) in the virtual-clock simulator or on a real mesh",
         keep_name=True,
     )
     _add_forwarded(
         sim_sub,
         "experiment",
-        "simulations.sim.cli",
+        "fedtier.simulations.sim.cli",
         "the studies of docs/results.md: fedprox, async-vs-sync, codecs, scale",
         keep_name=True,
     )
     _add_forwarded(
         sim_sub,
         "chaos",
-        "simulations.chaos",
+        "fedtier.simulations.chaos",
         "a mesh under kill -9s, broker crashes, stalls and link faults, then the checker",
     )
 
     _add_forwarded(
         sub,
         "trace",
-        "simulations.tracequery",
+        "fedtier.simulations.tracequery",
         "follow an update to the model version that included it (--dir DIR [--json])",
     )
     return parser

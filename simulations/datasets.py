@@ -24,7 +24,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from protocol.errors import ConfigError
+from fedtier.protocol.errors import ConfigError
 
 __all__ = [
     "DigitsSplit",

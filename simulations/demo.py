@@ -48,9 +48,15 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from protocol.errors import ConfigError, FedtierError
-from simulations.mesh import MeshPlan, MeshSpec, RunningMesh, open_brokers, open_mesh, prepare_mesh
-from simulations.processes import ChildFailed
+from fedtier.protocol.errors import ChildFailed, ConfigError, FedtierError
+from fedtier.simulations.mesh import (
+    MeshPlan,
+    MeshSpec,
+    RunningMesh,
+    open_brokers,
+    open_mesh,
+    prepare_mesh,
+)
 
 __all__ = ["DemoControl", "DemoOptions", "DemoResult", "main_demo", "run_demo"]
 
@@ -226,15 +232,15 @@ def _mlp_accuracy(
 
 async def _watch_models(plan: MeshPlan, state: _State) -> None:
     """Verify and evaluate every model version one site's edge relays (retained MQTT topics)."""
-    from client.model_store import ModelStore, OfferStatus
-    from protocol.bus import Delivery, Subscription
-    from protocol.bus._mqtt import MqttConfig, open_mqtt_bus
-    from protocol.envelope import open_envelope
-    from protocol.errors import RemoteProtocolError
-    from protocol.identity import load_public_key
-    from protocol.messages import ModelAnnouncement
-    from protocol.names import MqttTopics
-    from tiers.config import load_initial_model
+    from fedtier.client.model_store import ModelStore, OfferStatus
+    from fedtier.protocol.bus import Delivery, Subscription
+    from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+    from fedtier.protocol.envelope import open_envelope
+    from fedtier.protocol.errors import RemoteProtocolError
+    from fedtier.protocol.identity import load_public_key
+    from fedtier.protocol.messages import ModelAnnouncement
+    from fedtier.protocol.names import MqttTopics
+    from fedtier.tiers.config import load_initial_model
 
     layout, _ = load_initial_model(plan.initial_model)
     central_key = load_public_key(plan.central_key_file)
@@ -647,7 +653,7 @@ def _collect(
 
 def _finish_artefacts(result: DemoResult, plan: MeshPlan, out: Path) -> None:
     """After every process stopped: find a traced update, draw the plot, write the summary."""
-    from simulations.tracequery import TraceIndex, follow_update
+    from fedtier.simulations.tracequery import TraceIndex, follow_update
 
     index = TraceIndex.load(plan.trace_dir) if plan.trace_dir.is_dir() else None
     if index is not None:

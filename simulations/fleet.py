@@ -55,10 +55,10 @@ from typing import Any, Final, Literal, cast
 import numpy as np
 import trio
 
-from protocol.bus import Bus, PublishAck, Subscription
-from protocol.codecs import CodecSpec, encode
-from protocol.envelope import seal
-from protocol.errors import (
+from fedtier.protocol.bus import Bus, PublishAck, Subscription
+from fedtier.protocol.codecs import CodecSpec, encode
+from fedtier.protocol.envelope import seal
+from fedtier.protocol.errors import (
     BusClosed,
     BusUnavailable,
     ConfigError,
@@ -67,9 +67,9 @@ from protocol.errors import (
     LocalProtocolError,
     PublishError,
 )
-from protocol.identity import VerifyKey, load_public_key, load_signing_identity
-from protocol.messages import DeviceUpdate
-from protocol.names import MqttTopics, check_token
+from fedtier.protocol.identity import VerifyKey, load_public_key, load_signing_identity
+from fedtier.protocol.messages import DeviceUpdate
+from fedtier.protocol.names import MqttTopics, check_token
 
 __all__ = [
     "DeviceKind",
@@ -553,10 +553,10 @@ class _FleetDevice:
         rng: random.Random,
         stack: ExitStack,
     ) -> None:
-        from client.device import DeviceConfig, DeviceReport
-        from client.model_store import ModelStore
-        from client.outbox import Outbox
-        from client.trainers import TorchTrainer, make_mlp
+        from fedtier.client.device import DeviceConfig, DeviceReport
+        from fedtier.client.model_store import ModelStore
+        from fedtier.client.outbox import Outbox
+        from fedtier.client.trainers import TorchTrainer, make_mlp
 
         kind = config.kinds[spec.kind]
         try:
@@ -637,8 +637,8 @@ class _FleetDevice:
             await trio.sleep(self.kind.offline_period_s(self.rng))
 
     async def _online(self) -> None:
-        from client.device import serve_device
-        from protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+        from fedtier.client.device import serve_device
+        from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
 
         config = MqttConfig(
             host=self.mqtt_host,
@@ -711,7 +711,7 @@ class _FleetDevice:
 
 
 def _load_shard(path: Path) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    from client.config import load_training_data
+    from fedtier.client.config import load_training_data
 
     return load_training_data(path)
 
@@ -815,7 +815,7 @@ async def _report_progress(
 
 
 async def _serve_until_signal(config: FleetConfig) -> None:
-    from protocol.telemetry.tracing import setup_tracing
+    from fedtier.protocol.telemetry.tracing import setup_tracing
 
     tracing = setup_tracing(
         "fedtier-device", instance_id=config.name, jsonl_dir=config.trace_dir, tier="device"

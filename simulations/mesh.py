@@ -41,11 +41,11 @@ from typing import Final
 import numpy as np
 import trio
 
-from protocol.errors import ConfigError
-from protocol.identity import SigningIdentity
-from simulations.brokers.mosquitto import MALLOC_ENV, MosquittoProcess
-from simulations.brokers.nats_server import NatsServerProcess
-from simulations.datasets import (
+from fedtier.protocol.errors import ConfigError
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.simulations.brokers.mosquitto import MALLOC_ENV, MosquittoProcess
+from fedtier.simulations.brokers.nats_server import NatsServerProcess
+from fedtier.simulations.datasets import (
     NUM_CLASSES,
     NUM_FEATURES,
     DigitsSplit,
@@ -53,8 +53,8 @@ from simulations.datasets import (
     load_digits_split,
     write_shards,
 )
-from simulations.fleet import KIND_NAMES, KindName, SendSpec, TrainingSpec
-from simulations.processes import Child, ProcessGroup, open_process_group
+from fedtier.simulations.fleet import KIND_NAMES, KindName, SendSpec, TrainingSpec
+from fedtier.simulations.processes import Child, ProcessGroup, open_process_group
 
 __all__ = [
     "Brokers",
@@ -368,7 +368,7 @@ def _write_registry(path: Path, members: Mapping[str, SigningIdentity]) -> Path:
 
 
 def _write_initial_model(path: Path, hidden: int, seed: int) -> None:
-    from client.trainers import make_mlp
+    from fedtier.client.trainers import make_mlp
 
     model = make_mlp(NUM_FEATURES, hidden, NUM_CLASSES, seed=seed)
     arrays = {name: t.detach().numpy().astype(np.float32) for name, t in model.state_dict().items()}
@@ -770,7 +770,7 @@ class RunningMesh:
             self.fleets.append(
                 await self.group.start(
                     f"fleet-{site}",
-                    [sys.executable, "-m", "simulations.fleet", "--config", str(config)],
+                    [sys.executable, "-m", "fedtier.simulations.fleet", "--config", str(config)],
                     on_stdout_line=on_line,
                 )
             )
@@ -784,7 +784,14 @@ class RunningMesh:
         for name, config in self.plan.device_configs.items():
             child = await self.group.start(
                 f"device-{name}",
-                [sys.executable, "-m", "simulations.cli", "device", "--config", str(config)],
+                [
+                    sys.executable,
+                    "-m",
+                    "fedtier.simulations.cli",
+                    "device",
+                    "--config",
+                    str(config),
+                ],
                 # A single device has no trace directory of its own; with the
                 # run's jsonl exporter forced on it would refuse to start.
                 env={"OTEL_TRACES_EXPORTER": None},
@@ -826,7 +833,7 @@ async def open_mesh(
     env = child_environment(plan.trace_dir)
 
     def daemon(kind: str, config: Path) -> list[str]:
-        return [sys.executable, "-m", "simulations.cli", kind, "--config", str(config)]
+        return [sys.executable, "-m", "fedtier.simulations.cli", kind, "--config", str(config)]
 
     async with open_process_group(plan.log_dir, env=env, stop_grace_s=stop_grace_s) as group:
         central = await group.start(

@@ -31,19 +31,15 @@ from typing import IO, Final
 
 import trio
 
-from protocol.errors import FedtierError
+from fedtier.protocol.errors import ChildFailed
 
-__all__ = ["Child", "ChildFailed", "ProcessGroup", "open_process_group"]
+__all__ = ["Child", "ProcessGroup", "open_process_group"]
 
 _TAIL_LINES: Final = 12
 _TAIL_IN_MESSAGES: Final = 3
 _MAX_LINE_BYTES: Final = 1 << 20
 # A grandchild could hold a pipe open after the child exits; stop reading then.
 _PUMP_AFTER_EXIT_S: Final = 2.0
-
-
-class ChildFailed(FedtierError):
-    """A child process exited while it was expected to run, or did not get ready in time."""
 
 
 @dataclass(eq=False)

@@ -40,7 +40,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from protocol.telemetry import (
+from fedtier.protocol.telemetry import (
     ATTR_DEVICE,
     ATTR_FLUSH_REASON,
     ATTR_INPUT_COUNT,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from protocol.codecs import CodecSpec, encode
-from protocol.identity import SigningIdentity
-from protocol.layout import layout_of
-from protocol.messages import (
+from fedtier.protocol.codecs import CodecSpec, encode
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.layout import layout_of
+from fedtier.protocol.messages import (
     DeviceUpdate,
     Message,
     ModelAnnouncement,
@@ -109,7 +109,7 @@ def sample_blob() -> tuple[ModelBlob, bytes]:
 
 
 def sample_announcement() -> tuple[ModelAnnouncement, bytes]:
-    from protocol.envelope import payload_digest
+    from fedtier.protocol.envelope import payload_digest
 
     _blob, blob_payload = sample_blob()
     return (

@@ -17,8 +17,8 @@ from opentelemetry.context import Context
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.trace import Link, Span
 
-from protocol.telemetry.metrics import TierMetrics
-from protocol.telemetry.tracing import extract_context, inject_headers, link_for
+from fedtier.protocol.telemetry.metrics import TierMetrics
+from fedtier.protocol.telemetry.tracing import extract_context, inject_headers, link_for
 
 __all__ = [
     "TierMetricsLike",

@@ -2,7 +2,7 @@
 
 Pure numpy: imports numpy, blake3 and ``protocol.errors`` only.
 
-Discount, do not renormalize (design.md, section 4). A partial carries the
+Discount, do not renormalize (docs/architecture.md, aggregation). A partial carries the
 numerator ``sum n_i s(tau_i) delta_i`` and the denominator ``sum n_i``, plus the
 discounted weight ``sum n_i s(tau_i)``, counts, a staleness histogram and the ids
 of its inputs. An upper tier adds numerators and denominators, multiplying the
@@ -39,14 +39,17 @@ import blake3
 import numpy as np
 import numpy.typing as npt
 
-from protocol.errors import LayoutMismatch, LocalProtocolError, RemoteProtocolError
+from fedtier.protocol.errors import (
+    InconsistentPartial,
+    LayoutMismatch,
+    LocalProtocolError,
+)
 
 __all__ = [
     "ID_SIZE_BYTES",
+    "Accumulator",
     "DeltaSource",
     "Folder",
-    "InconsistentPartial",
-    "PartialAggregate",
     "coordinate_median",
     "multi_krum",
     "partial_id",
@@ -68,7 +71,7 @@ class Folder(Protocol):
     ``functools.partial(protocol.codecs.fold_into, payload=..., spec=...)`` is one;
     so is ``lambda acc, weight: ...``. A folder must check its payload completely
     before it writes into ``acc``: if it raises after writing, the aggregate cannot
-    tell what it added and marks itself broken until :meth:`PartialAggregate.reset`.
+    tell what it added and marks itself broken until :meth:`Accumulator.reset`.
     """
 
     def __call__(self, acc: npt.NDArray[np.float32], /, *, weight: float) -> None:
@@ -77,12 +80,6 @@ class Folder(Protocol):
 
 DeltaSource: TypeAlias = npt.NDArray[np.floating] | Folder
 """A dense vector (float32, or any float dtype, rounded to float32 as it folds) or a Folder."""
-
-
-class InconsistentPartial(RemoteProtocolError):
-    """A child partial's counts, histogram, ids or versions contradict each other."""
-
-    reason = "inconsistent_partial"
 
 
 def _is_int(value: object) -> bool:
@@ -140,7 +137,7 @@ def partial_id(sender_id: str, input_ids: Iterable[bytes]) -> bytes:
     return digest[:ID_SIZE_BYTES]
 
 
-class PartialAggregate:
+class Accumulator:
     """A mutable accumulator for one open buffer: folds updates and child partials.
 
     Every fold checks all of its arguments before it changes anything, so a
@@ -263,7 +260,7 @@ class PartialAggregate:
 
     def __repr__(self) -> str:
         return (
-            f"<PartialAggregate num_params={self.num_params} inputs={self.input_count} "
+            f"<Accumulator num_params={self.num_params} inputs={self.input_count} "
             f"updates={self._update_count} samples={self._sample_count:g} "
             f"weight={self._weight_sum:g}{' BROKEN' if self._broken else ''}>"
         )
@@ -413,7 +410,7 @@ class PartialAggregate:
         self._widen_versions(min_base_version, max_base_version)
 
     def fold_child(
-        self, partial_id: bytes, child: PartialAggregate, *, extra_tau: int, discount: float
+        self, partial_id: bytes, child: Accumulator, *, extra_tau: int, discount: float
     ) -> None:
         """Fold another in-process aggregate as a child partial (simulator, tests).
 

@@ -36,14 +36,14 @@ import trio
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from protocol.bus import Bus, Delivery, Subscription
-from protocol.codecs import CodecSpec, decode, encode
-from protocol.envelope import open_envelope, payload_digest, seal
-from protocol.errors import ConfigError, LocalProtocolError
-from protocol.layout import ModelLayout
-from protocol.messages import ModelAnnouncement, ModelBlob, Tier
-from protocol.names import NatsSubjects
-from protocol.telemetry import (
+from fedtier.protocol.bus import Bus, Delivery, Subscription
+from fedtier.protocol.codecs import CodecSpec, decode, encode
+from fedtier.protocol.envelope import open_envelope, payload_digest, seal
+from fedtier.protocol.errors import ConfigError, LocalProtocolError, StoreError
+from fedtier.protocol.layout import ModelLayout
+from fedtier.protocol.messages import ModelAnnouncement, ModelBlob, Tier
+from fedtier.protocol.names import NatsSubjects
+from fedtier.protocol.telemetry import (
     ATTR_FLUSH_REASON,
     ATTR_INPUT_COUNT,
     ATTR_INPUT_IDS,
@@ -51,19 +51,19 @@ from protocol.telemetry import (
     ATTR_MODEL_VERSION,
     span_name,
 )
-from tiers._telemetry import (
+from fedtier.tiers._telemetry import (
     TierMetricsLike,
     context_of,
     headers_with_context,
     links_to,
     traceparent_of,
 )
-from tiers.config import CentralConfig, load_initial_model
-from tiers.faults import crash_point
-from tiers.model_registry import ModelRegistryWriter
-from tiers.registry import TierKeys
-from tiers.store import CommitTicket, ModelVersionRecord, Recovery, StoreError
-from tiers.tier import (
+from fedtier.tiers.config import CentralConfig, load_initial_model
+from fedtier.tiers.faults import crash_point
+from fedtier.tiers.model_registry import ModelRegistryWriter
+from fedtier.tiers.registry import TierKeys
+from fedtier.tiers.store import CommitTicket, ModelVersionRecord, Recovery
+from fedtier.tiers.tier import (
     Admission,
     ModelView,
     OpenBuffer,

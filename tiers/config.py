@@ -18,15 +18,15 @@ from typing import Any, Final, Literal, TypeAlias
 
 import numpy as np
 
-from protocol.codecs import CodecSpec
-from protocol.errors import ConfigError, LocalProtocolError
-from protocol.layout import ModelLayout
-from protocol.limits import DEFAULT_LIMITS, Limits
-from protocol.names import check_token
-from tiers.flush import FlushPolicy
-from tiers.optimizers import ServerOptimizer, make_optimizer
-from tiers.staleness import StalenessPolicy
-from tiers.validation import NormPolicy
+from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.errors import ConfigError, LocalProtocolError
+from fedtier.protocol.layout import ModelLayout
+from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
+from fedtier.protocol.names import check_token
+from fedtier.tiers.flush import FlushPolicy
+from fedtier.tiers.optimizers import ServerOptimizer, make_optimizer
+from fedtier.tiers.staleness import StalenessPolicy
+from fedtier.tiers.validation import NormPolicy
 
 __all__ = [
     "CentralConfig",

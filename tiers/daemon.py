@@ -33,12 +33,12 @@ from typing import Any, Final
 
 import trio
 
-from protocol.bus import Bus
-from protocol.errors import BusUnavailable, FedtierError
-from protocol.names import NatsSubjects
-from tiers import faults
-from tiers.central import CentralDaemon
-from tiers.config import (
+from fedtier.protocol.bus import Bus
+from fedtier.protocol.errors import BusUnavailable, FedtierError
+from fedtier.protocol.names import NatsSubjects
+from fedtier.tiers import faults
+from fedtier.tiers.central import CentralDaemon
+from fedtier.tiers.config import (
     CentralConfig,
     EdgeConfig,
     RegionalConfig,
@@ -46,11 +46,11 @@ from tiers.config import (
     TierKind,
     load_config,
 )
-from tiers.edge import EdgeDaemon
-from tiers.model_registry import NatsModelRegistry
-from tiers.regional import RegionalDaemon
-from tiers.registry import TierKeys
-from tiers.tier import TierDaemon, retry_transient
+from fedtier.tiers.edge import EdgeDaemon
+from fedtier.tiers.model_registry import NatsModelRegistry
+from fedtier.tiers.regional import RegionalDaemon
+from fedtier.tiers.registry import TierKeys
+from fedtier.tiers.tier import TierDaemon, retry_transient
 
 __all__ = [
     "MQTT_CONNECT_ATTEMPTS",
@@ -175,7 +175,7 @@ class SystemdNotifier:
 
 
 def _nats_config(kind: TierKind, config: TierConfig, key_id: str) -> Any:
-    from protocol.bus._nats import NatsConfig, StreamSpec
+    from fedtier.protocol.bus._nats import NatsConfig, StreamSpec
 
     subjects = NatsSubjects(config.fleet)
     up_name, up_subjects = subjects.up_stream()
@@ -210,7 +210,7 @@ def _nats_config(kind: TierKind, config: TierConfig, key_id: str) -> Any:
 
 @asynccontextmanager
 async def _open_mqtt(config: EdgeConfig) -> AsyncIterator[Bus]:
-    from protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+    from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
 
     settings = config.mqtt
     mqtt_config = MqttConfig(
@@ -290,9 +290,9 @@ async def serve_daemon(kind: TierKind, config: TierConfig) -> None:
     Raises:
         FedtierError: configuration, keys, store or transports fail.
     """
-    from protocol.bus._nats import open_nats_bus, open_nats_loop
-    from protocol.telemetry.metrics import TierMetrics, setup_metrics
-    from protocol.telemetry.tracing import setup_tracing
+    from fedtier.protocol.bus._nats import open_nats_bus, open_nats_loop
+    from fedtier.protocol.telemetry.metrics import TierMetrics, setup_metrics
+    from fedtier.protocol.telemetry.tracing import setup_tracing
 
     keys = _DAEMONS[kind].load_keys(config)
     key_id = keys.identity.key_id

@@ -24,30 +24,31 @@ from contextlib import AbstractAsyncContextManager
 
 from opentelemetry import trace
 
-from protocol.bus import Bus, Delivery, Subscription
-from protocol.envelope import Envelope, parse_envelope, seal
-from protocol.errors import (
+from fedtier.protocol.bus import Bus, Delivery, Subscription
+from fedtier.protocol.envelope import Envelope, parse_envelope, seal
+from fedtier.protocol.errors import (
     BusError,
     DecodeError,
+    Reason,
     RemoteProtocolError,
     UnknownSender,
 )
-from protocol.messages import DeviceUpdate, ModelAnnouncement, Receipt, ReceiptStatus, Tier
-from protocol.names import MqttTopics, NatsSubjects
-from protocol.telemetry import ATTR_DEVICE, ATTR_STALENESS, ATTR_UPDATE_ID, span_name
-from tiers._telemetry import TierMetricsLike, extract_context, traceparent_of
-from tiers.config import EdgeConfig
-from tiers.folding import fold_update_message
-from tiers.model_registry import ModelRegistryReader
-from tiers.registry import TierKeys
-from tiers.store import InputRecord, Recovery
-from tiers.tier import (
+from fedtier.protocol.messages import DeviceUpdate, ModelAnnouncement, Receipt, ReceiptStatus, Tier
+from fedtier.protocol.models import open_model_blob
+from fedtier.protocol.names import MqttTopics, NatsSubjects
+from fedtier.protocol.telemetry import ATTR_DEVICE, ATTR_STALENESS, ATTR_UPDATE_ID, span_name
+from fedtier.tiers._telemetry import TierMetricsLike, extract_context, traceparent_of
+from fedtier.tiers.config import EdgeConfig
+from fedtier.tiers.folding import fold_update_message
+from fedtier.tiers.model_registry import ModelRegistryReader
+from fedtier.tiers.registry import TierKeys
+from fedtier.tiers.store import InputRecord, Recovery
+from fedtier.tiers.tier import (
     Admission,
     FollowerDaemon,
     Outcome,
     UplinkJob,
     check_payload,
-    open_model_blob,
     rejection,
     retry_transient,
 )
@@ -175,7 +176,7 @@ class EdgeDaemon(FollowerDaemon):
         uid = message.update_id.hex()
         if message.fleet != config.fleet:
             raise rejection(
-                "wrong_fleet",
+                Reason.WRONG_FLEET,
                 f"update {uid} from {who} is for fleet {message.fleet!r}; this edge serves "
                 f"{config.fleet!r}",
             )
@@ -202,7 +203,7 @@ class EdgeDaemon(FollowerDaemon):
         # input, under an unsafe switch, took its own seq: it is no replay.)
         if not forgotten and store.seq_taken(message.sender, message.seq):
             raise rejection(
-                "replay",
+                Reason.REPLAY,
                 f"update {uid} from {who} reuses seq {message.seq}, already taken by "
                 "another update from the same device",
             )
@@ -210,7 +211,7 @@ class EdgeDaemon(FollowerDaemon):
         span.set_attribute(ATTR_STALENESS, assessment.tau)
         if not assessment.accepted:
             raise rejection(
-                "stale",
+                Reason.STALE,
                 f"update {uid} from {who} was trained from model v{message.base_version}; "
                 f"this edge knows v{model.version} and accepts at most "
                 f"{self.config.staleness.max_staleness} versions of staleness",

@@ -63,7 +63,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from protocol.errors import ConfigError
+from fedtier.protocol.errors import ConfigError
 
 __all__ = [
     "CRASH_ENV",

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeGuard
 
-from protocol.errors import ConfigError, LocalProtocolError
+from fedtier.protocol.errors import ConfigError, LocalProtocolError
 
 __all__ = ["FlushPolicy", "FlushReason"]
 

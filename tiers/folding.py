@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import functools
 
-from protocol.codecs import Payload, fold_into
-from protocol.messages import DeviceUpdate, PartialAggregate
-from tiers.aggregate import PartialAggregate as Accumulator
+from fedtier.protocol.codecs import Payload, fold_into
+from fedtier.protocol.messages import DeviceUpdate, PartialAggregate
+from fedtier.tiers.aggregate import Accumulator
 
 __all__ = ["fold_partial_message", "fold_update_message"]
 

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import trio
 
-from protocol.names import NatsSubjects
+from fedtier.protocol.names import NatsSubjects
 
 __all__ = [
     "MemoryModelRegistry",
@@ -161,7 +161,7 @@ class NatsModelRegistry:
     async def blob(self, version: int) -> bytes | None:
         """See ``ModelRegistryReader``."""
         # Imported here: the module stays free of nats-py at import time.
-        from protocol.bus._nats import ObjectNotFound
+        from fedtier.protocol.errors import ObjectNotFound
 
         try:
             return await self._objects.get(

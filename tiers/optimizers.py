@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from protocol.errors import ConfigError, LocalProtocolError
+from fedtier.protocol.errors import ConfigError, LocalProtocolError
 
 __all__ = [
     "FedAdam",

@@ -19,15 +19,15 @@ from contextlib import AbstractAsyncContextManager
 
 from opentelemetry import trace
 
-from protocol.bus import Bus, Delivery, Subscription
-from protocol.messages import Tier
-from protocol.names import NatsSubjects
-from tiers._telemetry import TierMetricsLike
-from tiers.config import RegionalConfig
-from tiers.model_registry import ModelRegistryReader
-from tiers.registry import TierKeys
-from tiers.store import Recovery
-from tiers.tier import Admission, FollowerDaemon, UplinkJob
+from fedtier.protocol.bus import Bus, Delivery, Subscription
+from fedtier.protocol.messages import Tier
+from fedtier.protocol.names import NatsSubjects
+from fedtier.tiers._telemetry import TierMetricsLike
+from fedtier.tiers.config import RegionalConfig
+from fedtier.tiers.model_registry import ModelRegistryReader
+from fedtier.tiers.registry import TierKeys
+from fedtier.tiers.store import Recovery
+from fedtier.tiers.tier import Admission, FollowerDaemon, UplinkJob
 
 __all__ = ["RegionalDaemon"]
 

@@ -19,8 +19,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.errors import ConfigError, KeyFileError, LocalProtocolError
-from protocol.identity import SigningIdentity, VerifyKey, load_public_key, load_signing_identity
+from fedtier.protocol.errors import ConfigError, KeyFileError, LocalProtocolError
+from fedtier.protocol.identity import (
+    SigningIdentity,
+    VerifyKey,
+    load_public_key,
+    load_signing_identity,
+)
 
 __all__ = ["KeyRegistry", "TierKeys", "load_verify_key"]
 

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
-from protocol.errors import ConfigError, LocalProtocolError
+from fedtier.protocol.errors import ConfigError, LocalProtocolError
 
 __all__ = [
     "StalenessAssessment",

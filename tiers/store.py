@@ -1,6 +1,6 @@
 """The durable state store of one tier daemon (sqlite); imports protocol and trio, never a bus.
 
-Acceptance is end to end (design.md section 5): a daemon acknowledges an input
+Acceptance is end to end (docs/architecture.md, data guarantees): a daemon acknowledges an input
 to its sender (MQTT PUBACK, JetStream ack, receipt) only once the input is
 recorded here and the record is on disk. Writes are grouped: callers submit
 operations, one committer task gathers what arrives within ``commit_window_s``
@@ -71,8 +71,8 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from protocol.errors import FedtierError
-from tiers.faults import crash_point
+from fedtier.protocol.errors import StoreError
+from fedtier.tiers.faults import crash_point
 
 __all__ = [
     "CommitTicket",
@@ -82,7 +82,6 @@ __all__ = [
     "OutboxEntry",
     "Recovery",
     "StateStore",
-    "StoreError",
     "open_state_store",
     "read_lineage",
     "read_lineages",
@@ -161,10 +160,6 @@ _ARRAY_DTYPES: Final = frozenset({"float16", "float32", "float64", "int32", "int
 
 RunBlocking: TypeAlias = Callable[..., Awaitable[Any]]
 """How blocking sqlite work runs: ``trio.to_thread.run_sync`` by default."""
-
-
-class StoreError(FedtierError):
-    """The state store cannot be opened, read or written; the daemon must stop."""
 
 
 class InputState(StrEnum):

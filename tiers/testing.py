@@ -15,13 +15,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from protocol.codecs import CodecSpec, encode
-from protocol.envelope import payload_digest, seal
-from protocol.identity import SigningIdentity
-from protocol.layout import ModelLayout
-from protocol.messages import DeviceUpdate, ModelAnnouncement, ModelBlob, PartialAggregate, Tier
-from tiers.aggregate import PartialAggregate as Accumulator
-from tiers.aggregate import partial_id
+from fedtier.protocol.codecs import CodecSpec, encode
+from fedtier.protocol.envelope import payload_digest, seal
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.layout import ModelLayout
+from fedtier.protocol.messages import (
+    DeviceUpdate,
+    ModelAnnouncement,
+    ModelBlob,
+    PartialAggregate,
+    Tier,
+)
+from fedtier.tiers.aggregate import Accumulator, partial_id
 
 __all__ = ["RecordingMetrics", "SimDevice", "sign_model_version", "sign_partial"]
 

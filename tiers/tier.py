@@ -3,7 +3,7 @@
 Never imports ``client`` or ``simulations``, and never a concrete bus adapter:
 daemons talk to ``protocol.bus.Bus`` and to ``tiers.model_registry``.
 
-Acceptance sequence of one delivery (design.md section 5), the same at every
+Acceptance sequence of one delivery (docs/architecture.md, data guarantees), the same at every
 tier::
 
     reader task (in delivery order, synchronous per delivery)
@@ -61,24 +61,24 @@ import trio
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from protocol.bus import Bus, Delivery, PublishAck, Subscription
-from protocol.codecs import CodecSpec, all_finite, decode, encode
-from protocol.envelope import Envelope, open_envelope, parse_envelope, seal
-from protocol.errors import (
+from fedtier.protocol.bus import Bus, Delivery, PublishAck, Subscription
+from fedtier.protocol.codecs import CodecSpec, all_finite, decode, encode
+from fedtier.protocol.envelope import parse_envelope, seal
+from fedtier.protocol.errors import (
     BusError,
     BusUnavailable,
     DecodeError,
-    DigestMismatch,
     LayoutMismatch,
     LocalProtocolError,
     PublishError,
+    Reason,
     RemoteProtocolError,
     UnknownSender,
+    UpdateRejected,
 )
-from protocol.identity import VerifyKey
-from protocol.limits import Limits
-from protocol.messages import ModelAnnouncement, ModelBlob, PartialAggregate, Tier
-from protocol.telemetry import (
+from fedtier.protocol.messages import ModelAnnouncement, PartialAggregate, Tier
+from fedtier.protocol.models import open_model_pointer
+from fedtier.protocol.telemetry import (
     ATTR_FLUSH_REASON,
     ATTR_INPUT_COUNT,
     ATTR_INPUT_IDS,
@@ -92,7 +92,7 @@ from protocol.telemetry import (
     ATTR_STALENESS,
     span_name,
 )
-from tiers._telemetry import (
+from fedtier.tiers._telemetry import (
     TierMetricsLike,
     context_of,
     default_tracer,
@@ -102,14 +102,14 @@ from tiers._telemetry import (
     quiet_metrics,
     traceparent_of,
 )
-from tiers.aggregate import PartialAggregate as Accumulator
-from tiers.aggregate import partial_id as derive_partial_id
-from tiers.config import RetrySettings, TierConfig
-from tiers.faults import crash_point, unsafe
-from tiers.folding import fold_partial_message
-from tiers.model_registry import ModelRegistryReader
-from tiers.registry import TierKeys
-from tiers.store import (
+from fedtier.tiers.aggregate import Accumulator
+from fedtier.tiers.aggregate import partial_id as derive_partial_id
+from fedtier.tiers.config import RetrySettings, TierConfig
+from fedtier.tiers.faults import crash_point, unsafe
+from fedtier.tiers.folding import fold_partial_message
+from fedtier.tiers.model_registry import ModelRegistryReader
+from fedtier.tiers.registry import TierKeys
+from fedtier.tiers.store import (
     CommitTicket,
     InputRecord,
     InputState,
@@ -118,7 +118,7 @@ from tiers.store import (
     StateStore,
     open_state_store,
 )
-from tiers.validation import NormPolicy, UpdateRejected, ValidationResult, check_update_vector
+from fedtier.tiers.validation import NormPolicy, ValidationResult, check_update_vector
 
 __all__ = [
     "Admission",
@@ -127,8 +127,6 @@ __all__ = [
     "Outcome",
     "TierDaemon",
     "check_payload",
-    "open_model_blob",
-    "open_model_pointer",
     "retry_transient",
     "wall_clock_ms",
 ]
@@ -152,7 +150,7 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def rejection(reason: str, message: str) -> RemoteProtocolError:
+def rejection(reason: Reason, message: str) -> RemoteProtocolError:
     """A rejection with a reason token that has no dedicated error class."""
     return RemoteProtocolError(message, reason=reason)
 
@@ -186,7 +184,7 @@ def check_payload(
     if max_norm is None:
         if not all_finite(payload, codec, num_params):
             raise UpdateRejected(
-                f"{codec} payload decodes to a NaN or infinite value", reason="non_finite"
+                f"{codec} payload decodes to a NaN or infinite value", reason=Reason.NON_FINITE
             )
         return ValidationResult(norm=math.nan)
     dense = decode(payload, codec, num_params)
@@ -216,56 +214,6 @@ class ModelView:
                 f"{what} is for layout {layout.hex()} with {num_params} values; model "
                 f"v{self.version} is {self.layout.hex()} with {self.num_params}"
             )
-
-
-def open_model_pointer(
-    data: bytes, central: VerifyKey, fleet: str, limits: Limits
-) -> tuple[Envelope, ModelAnnouncement]:
-    """Verify a model pointer against the pinned central key.
-
-    Raises:
-        RemoteProtocolError: malformed, not signed by the central, another kind or fleet.
-    """
-    envelope = open_envelope(data, {central.key_id: central}, limits)
-    message = envelope.message
-    if not isinstance(message, ModelAnnouncement):
-        raise DecodeError(f"expected a model pointer, got a {message.KIND.value} message")
-    if message.fleet != fleet:
-        raise rejection(
-            "wrong_fleet", f"model pointer v{message.version} is for fleet {message.fleet!r}"
-        )
-    return envelope, message
-
-
-def open_model_blob(
-    data: bytes, central: VerifyKey, pointer: ModelAnnouncement, limits: Limits
-) -> tuple[Envelope, ModelBlob]:
-    """Verify a model blob against the pinned central key and the pointer that names it.
-
-    Raises:
-        RemoteProtocolError: malformed, not signed by the central, or not the blob
-            the pointer names (version, layout, size or digest).
-    """
-    envelope = open_envelope(data, {central.key_id: central}, limits)
-    blob = envelope.message
-    if not isinstance(blob, ModelBlob):
-        raise DecodeError(f"expected a model blob, got a {blob.KIND.value} message")
-    if (blob.version, blob.layout, blob.num_params, blob.fleet) != (
-        pointer.version,
-        pointer.layout,
-        pointer.num_params,
-        pointer.fleet,
-    ):
-        raise LayoutMismatch(
-            f"model blob v{blob.version} ({blob.layout.hex()}, {blob.num_params} values) is not "
-            f"the blob pointer v{pointer.version} names"
-        )
-    if envelope.payload_blake3 != pointer.blob_blake3 or len(envelope.payload) != pointer.blob_size:
-        raise DigestMismatch(
-            f"model blob v{blob.version} has {len(envelope.payload)} bytes and another digest "
-            f"than its pointer declares ({pointer.blob_size} bytes)"
-        )
-    return envelope, blob
 
 
 # -- retries --------------------------------------------------------------------------
@@ -961,7 +909,7 @@ class TierDaemon(abc.ABC):
         who = self.keys.senders.describe(message.sender)
         if message.fleet != self.config.fleet:
             raise rejection(
-                "wrong_fleet",
+                Reason.WRONG_FLEET,
                 f"partial {message.partial_id.hex()} from {who} is for fleet {message.fleet!r}",
             )
         if message.tier not in expected_tiers:
@@ -994,7 +942,7 @@ class TierDaemon(abc.ABC):
         span.set_attribute(ATTR_STALENESS, assessment.tau)
         if assessment.late and self._unsafe_reject_late:
             raise rejection(
-                "stale",
+                Reason.STALE,
                 f"UNSAFE reject_late_partials: partial {message.partial_id.hex()} from {who} "
                 f"was made at model v{message.known_version}; this {self.tier} knows "
                 f"v{self.known_version}",

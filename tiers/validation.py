@@ -27,11 +27,15 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from protocol.errors import LayoutMismatch, LocalProtocolError, RemoteProtocolError
+from fedtier.protocol.errors import (
+    LayoutMismatch,
+    LocalProtocolError,
+    Reason,
+    UpdateRejected,
+)
 
 __all__ = [
     "NormPolicy",
-    "UpdateRejected",
     "ValidationResult",
     "check_update_vector",
     "update_norm",
@@ -41,13 +45,6 @@ NormPolicy = Literal["clip", "reject"]
 _NORM_POLICIES = ("clip", "reject")
 # 64 Ki values: a float32 block of 256 KiB stays in cache.
 _NORM_BLOCK = 1 << 16
-
-
-class UpdateRejected(RemoteProtocolError):
-    """An update failed a check before folding; ``reason`` names the check."""
-
-    def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message, reason=reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +133,8 @@ def check_update_vector(
         The norm and the scale to fold with.
 
     Raises:
-        UpdateRejected: ``reason="non_finite"`` for a NaN or infinity;
-            ``reason="norm_exceeded"`` for a norm above ``max_norm`` under ``"reject"``.
+        UpdateRejected: ``reason=Reason.NON_FINITE`` for a NaN or infinity;
+            ``reason=Reason.NORM_EXCEEDED`` for a norm above ``max_norm`` under ``"reject"``.
         LayoutMismatch: ``delta`` does not have ``num_params`` values.
         LocalProtocolError: a bad argument (not a 1-D float array, bad bound or policy).
     """
@@ -156,20 +153,20 @@ def check_update_vector(
     if math.isnan(norm):
         bad = int(delta.shape[0] - np.count_nonzero(np.isfinite(delta)))
         raise UpdateRejected(
-            f"update has {bad} non-finite value(s) among {delta.shape[0]}", reason="non_finite"
+            f"update has {bad} non-finite value(s) among {delta.shape[0]}", reason=Reason.NON_FINITE
         )
     if max_norm is None or norm <= max_norm:
         return ValidationResult(norm=norm)
     if norm_policy == "reject":
         raise UpdateRejected(
             f"update has L2 norm {norm:.6g}, above the bound {max_norm:.6g}",
-            reason="norm_exceeded",
+            reason=Reason.NORM_EXCEEDED,
         )
     scale = max_norm / norm
     if not scale > 0.0:
         # Only a float64 vector with a norm beyond ~1e154 gets here; nothing to clip to.
         raise UpdateRejected(
             f"update has L2 norm {norm:.6g}, too large to clip to {max_norm:.6g}",
-            reason="norm_exceeded",
+            reason=Reason.NORM_EXCEEDED,
         )
     return ValidationResult(norm=norm, scale=scale)

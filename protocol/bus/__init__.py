@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from protocol.bus._base import (
+from fedtier.protocol.bus._base import (
     Bus,
     Delivery,
     Flavor,
@@ -23,33 +23,30 @@ from protocol.bus._base import (
     Subscription,
     subject_matches,
 )
-from protocol.bus._memory import MemoryBroker, MemoryBus
+from fedtier.protocol.bus._memory import MemoryBroker, MemoryBus
+from fedtier.protocol.errors import KvConflict, ObjectNotFound
 
 if TYPE_CHECKING:
-    from protocol.bus._mqtt import MqttBus, MqttConfig, open_mqtt_bus
-    from protocol.bus._nats import (
+    from fedtier.protocol.bus._mqtt import MqttBus, MqttConfig, open_mqtt_bus
+    from fedtier.protocol.bus._nats import (
         KvBucket,
-        KvConflict,
         KvEntry,
         NatsBus,
         NatsConfig,
-        ObjectNotFound,
         ObjectStore,
         StreamSpec,
         open_nats_bus,
         open_nats_loop,
     )
 
-_LAZY = {name: "protocol.bus._mqtt" for name in ("MqttBus", "MqttConfig", "open_mqtt_bus")}
+_LAZY = {name: "fedtier.protocol.bus._mqtt" for name in ("MqttBus", "MqttConfig", "open_mqtt_bus")}
 _LAZY |= {
-    name: "protocol.bus._nats"
+    name: "fedtier.protocol.bus._nats"
     for name in (
         "KvBucket",
-        "KvConflict",
         "KvEntry",
         "NatsBus",
         "NatsConfig",
-        "ObjectNotFound",
         "ObjectStore",
         "StreamSpec",
         "open_nats_bus",
@@ -85,5 +82,5 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'protocol.bus' has no attribute {name!r}")
+        raise AttributeError(f"module 'fedtier.protocol.bus' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)

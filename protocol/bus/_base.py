@@ -7,7 +7,7 @@ every implementation:
 * ``publish`` returns only once the broker has taken the message (MQTT QoS 1
   PUBACK, JetStream PubAck, core NATS flush). A broker's acknowledgement is not
   acceptance by the consumer: end-to-end acceptance is built above the bus
-  (design.md section 5). If the outcome is unknown it raises ``PublishError``;
+  (docs/architecture.md, data guarantees). If the outcome is unknown it raises ``PublishError``;
   the caller retries with the same ``msg_id``.
 * A subscription yields ``Delivery`` objects; each must be acknowledged with
   ``await delivery.ack()`` once the consumer has durably accepted it. A durable
@@ -97,7 +97,7 @@ class Subscription(abc.ABC):
     async def __anext__(self) -> Delivery:
         # A plain __anext__ rather than an async generator: breaking out of an
         # ``async for`` must not leave a generator for the GC to finalize.
-        from protocol.errors import BusClosed
+        from fedtier.protocol.errors import BusClosed
 
         try:
             return await self.receive()

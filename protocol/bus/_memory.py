@@ -17,8 +17,15 @@ from dataclasses import dataclass, field
 
 import trio
 
-from protocol.bus._base import Bus, Delivery, Flavor, PublishAck, Subscription, subject_matches
-from protocol.errors import BusClosed, LocalProtocolError
+from fedtier.protocol.bus._base import (
+    Bus,
+    Delivery,
+    Flavor,
+    PublishAck,
+    Subscription,
+    subject_matches,
+)
+from fedtier.protocol.errors import BusClosed, LocalProtocolError
 
 __all__ = ["MemoryBroker", "MemoryBus"]
 

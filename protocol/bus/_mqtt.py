@@ -7,7 +7,7 @@ many times per wakeup, honouring ``sock.pending()`` under TLS), one writes
 and one drives connect and reconnect with backoff (blocking ``reconnect()``
 in ``trio.to_thread``), woken by ``on_socket_close``. Paho callbacks only
 record into plain state; trio tasks do everything else
-(``shared/notes/mqtt-under-trio.md``).
+(``docs/transport.md`` (MQTT)).
 
 Two connections per bus
     A subscription at capacity must stop the socket being read (backpressure
@@ -121,8 +121,15 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from protocol.bus._base import Bus, Delivery, Flavor, PublishAck, Subscription, subject_matches
-from protocol.errors import (
+from fedtier.protocol.bus._base import (
+    Bus,
+    Delivery,
+    Flavor,
+    PublishAck,
+    Subscription,
+    subject_matches,
+)
+from fedtier.protocol.errors import (
     BusClosed,
     BusUnavailable,
     ConfigError,

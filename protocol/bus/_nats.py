@@ -7,7 +7,7 @@ per batch of acknowledgements. Everything that leaves the module is plain
 data: ``bytes``, ``dict[str, str]`` headers and small frozen records; nats-py
 objects never do, and neither do its exceptions, which are mapped to
 ``protocol.errors`` at the boundary with ``raise ... from exc``
-(``shared/notes/nats-under-trio.md`` holds the measured traps behind each rule
+(``docs/transport.md`` (NATS) holds the measured traps behind each rule
 below).
 
 Public surface::
@@ -88,27 +88,34 @@ import nats.js.object_store
 import trio
 import trio_asyncio
 
-from protocol.bus._base import Bus, Delivery, Flavor, PublishAck, Subscription, subject_matches
-from protocol.errors import (
+from fedtier.protocol.bus._base import (
+    Bus,
+    Delivery,
+    Flavor,
+    PublishAck,
+    Subscription,
+    subject_matches,
+)
+from fedtier.protocol.errors import (
     BusClosed,
     BusError,
     BusUnavailable,
     ConfigError,
     DigestMismatch,
     FedtierError,
+    KvConflict,
     LimitExceeded,
     LocalProtocolError,
+    ObjectNotFound,
     PublishError,
 )
 
 __all__ = [
     "KvBucket",
-    "KvConflict",
     "KvEntry",
     "KvWatch",
     "NatsBus",
     "NatsConfig",
-    "ObjectNotFound",
     "ObjectStore",
     "StoredObject",
     "StreamSpec",
@@ -126,14 +133,6 @@ _T = TypeVar("_T")
 # stripped on delivery so headers round-trip exactly as the caller wrote them.
 _RESERVED_HEADER_PREFIX = "nats-"
 _MSG_ID_HEADER = "Nats-Msg-Id"
-
-
-class KvConflict(BusError):
-    """A KV ``update`` named a revision that is no longer the key's latest."""
-
-
-class ObjectNotFound(BusError):
-    """The object store holds no object of that name."""
 
 
 # --------------------------------------------------------------------------
@@ -216,7 +215,7 @@ class NatsConfig:
             JetStream API permissions to do so). False only checks that they
             exist, for least-privilege users (deploy/nats/nats-server.conf).
         require_sync_always: refuse to start unless the server fsyncs every
-            JetStream write (``sync_interval: always``, design.md section 5).
+            JetStream write (``sync_interval: always``, docs/architecture.md, data guarantees).
         monitoring_url: the server's HTTP monitoring base URL
             (``http://127.0.0.1:8222``), read for that check. Without it the
             check is skipped with a logged warning: the client protocol does

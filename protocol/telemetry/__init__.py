@@ -4,7 +4,7 @@ Like ``protocol.bus`` this subpackage does I/O (exporters write files or send
 OTLP) and is kept apart from the sans-IO wire contract. Names live here so a
 trace explorer query written once works against every tier.
 
-Spans (design.md section 8)::
+Spans (docs/architecture.md, telemetry)::
 
     device send          device      root of an update's trace
     edge process         edge        child of the device span (context in MQTT user properties)

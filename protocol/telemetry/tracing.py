@@ -52,8 +52,8 @@ from opentelemetry.trace import Link, format_span_id, format_trace_id
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
-from protocol.errors import ConfigError
-from protocol.telemetry import ATTR_TIER
+from fedtier.protocol.errors import ConfigError
+from fedtier.protocol.telemetry import ATTR_TIER
 
 __all__ = [
     "TRACER_NAME",

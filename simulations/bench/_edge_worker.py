@@ -37,24 +37,24 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from protocol.bus import MemoryBroker, MemoryBus, Subscription
-from protocol.bus._mqtt import MqttBus, MqttConfig, open_mqtt_bus
-from protocol.codecs import CodecSpec, encode, fold_into
-from protocol.envelope import open_envelope, parse_envelope, seal
-from protocol.errors import LocalProtocolError
-from protocol.identity import SigningIdentity, VerifyKey
-from protocol.layout import ModelLayout, layout_of
-from protocol.messages import DeviceUpdate, Receipt
-from protocol.names import MqttTopics
-from simulations.bench.codec import _median_ms
-from tiers.config import EdgeConfig, MqttSettings
-from tiers.edge import EdgeDaemon
-from tiers.flush import FlushPolicy
-from tiers.model_registry import MemoryModelRegistry
-from tiers.registry import KeyRegistry, TierKeys
-from tiers.staleness import StalenessPolicy
-from tiers.testing import sign_model_version
-from tiers.validation import NormPolicy
+from fedtier.protocol.bus import MemoryBroker, MemoryBus, Subscription
+from fedtier.protocol.bus._mqtt import MqttBus, MqttConfig, open_mqtt_bus
+from fedtier.protocol.codecs import CodecSpec, encode, fold_into
+from fedtier.protocol.envelope import open_envelope, parse_envelope, seal
+from fedtier.protocol.errors import LocalProtocolError
+from fedtier.protocol.identity import SigningIdentity, VerifyKey
+from fedtier.protocol.layout import ModelLayout, layout_of
+from fedtier.protocol.messages import DeviceUpdate, Receipt
+from fedtier.protocol.names import MqttTopics
+from fedtier.simulations.bench.codec import _median_ms
+from fedtier.tiers.config import EdgeConfig, MqttSettings
+from fedtier.tiers.edge import EdgeDaemon
+from fedtier.tiers.flush import FlushPolicy
+from fedtier.tiers.model_registry import MemoryModelRegistry
+from fedtier.tiers.registry import KeyRegistry, TierKeys
+from fedtier.tiers.staleness import StalenessPolicy
+from fedtier.tiers.testing import sign_model_version
+from fedtier.tiers.validation import NormPolicy
 
 __all__ = ["EDGE_SETTINGS", "READY_LINE", "EdgeBenchSettings", "Role", "WorkerSpec", "main"]
 

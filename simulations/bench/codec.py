@@ -17,12 +17,12 @@ from functools import partial
 
 import numpy as np
 
-from protocol.codecs import CodecSpec, decode, encode, fold_into, relative_l2_error
-from protocol.envelope import seal
-from protocol.errors import LocalProtocolError
-from protocol.identity import SigningIdentity
-from protocol.layout import layout_of
-from protocol.messages import DeviceUpdate
+from fedtier.protocol.codecs import CodecSpec, decode, encode, fold_into, relative_l2_error
+from fedtier.protocol.envelope import seal
+from fedtier.protocol.errors import LocalProtocolError
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.layout import layout_of
+from fedtier.protocol.messages import DeviceUpdate
 
 __all__ = ["CODEC_NAMES", "main", "run_codec_bench"]
 

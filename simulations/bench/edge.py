@@ -3,7 +3,7 @@
 ``run_edge_bench`` starts Mosquitto on a free loopback port in a temporary
 folder, then for each update format runs two pipelines in turn, each as child
 processes (``simulations.bench._edge_worker``) so that they start with the
-malloc environment of ``shared/notes/performance-facts.md``:
+malloc environment of ``docs/transport.md`` (performance facts):
 
 * **baseline**: a bare subscriber on the trio-driven MQTT adapter (per the notes
   faster than paho's own loop thread, and the edge's own transport, so the
@@ -45,13 +45,13 @@ from typing import Any, Final, Literal
 import numpy as np
 import trio
 
-from protocol.codecs import CodecSpec
-from protocol.errors import FedtierError, LocalProtocolError
-from simulations.bench._edge_worker import EDGE_SETTINGS, READY_LINE, Role, WorkerSpec
-from simulations.brokers.mosquitto import MALLOC_ENV, MosquittoProcess
-from simulations.processes import Child, ProcessGroup, open_process_group
+from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.errors import BenchError, FedtierError, LocalProtocolError
+from fedtier.simulations.bench._edge_worker import EDGE_SETTINGS, READY_LINE, Role, WorkerSpec
+from fedtier.simulations.brokers.mosquitto import MALLOC_ENV, MosquittoProcess
+from fedtier.simulations.processes import Child, ProcessGroup, open_process_group
 
-__all__ = ["DEFAULT_FORMATS", "EdgeBenchError", "main", "render_table", "run_edge_bench"]
+__all__ = ["DEFAULT_FORMATS", "main", "render_table", "run_edge_bench"]
 
 DEFAULT_FORMATS: Final = ("f32", "i8", "top1%+i8")
 MAX_UPDATES: Final = 100_000
@@ -66,10 +66,6 @@ _RESULT_AFTER_EXIT_S: Final = 5.0
 _STOP_GRACE_S: Final = 60.0
 
 Pipeline = Literal["baseline", "edge"]
-
-
-class EdgeBenchError(FedtierError):
-    """The edge benchmark could not measure: a child failed, timed out, or counts disagree."""
 
 
 @dataclass
@@ -93,7 +89,7 @@ class _Result:
         with trio.move_on_after(_RESULT_AFTER_EXIT_S):
             await self.arrived.wait()
         if self.value is None:
-            raise EdgeBenchError(f"{child.describe_exit()}; it printed no result")
+            raise BenchError(f"{child.describe_exit()}; it printed no result")
         return self.value
 
 
@@ -151,7 +147,7 @@ class _Runner:
     async def _start(
         self, group: ProcessGroup, name: str, spec: WorkerSpec, result: _Result
     ) -> Child:
-        argv = [sys.executable, "-m", "simulations.bench._edge_worker", spec.to_json()]
+        argv = [sys.executable, "-m", "fedtier.simulations.bench._edge_worker", spec.to_json()]
         return await group.start(
             name,
             argv,
@@ -189,7 +185,7 @@ class _Runner:
             with trio.move_on_after(plan.run_timeout_s) as scope:
                 await _until_done(group, publisher, consumer, consumer_exits=pipeline == "baseline")
             if scope.cancelled_caught:
-                raise EdgeBenchError(
+                raise BenchError(
                     f"{what} did not finish within {plan.run_timeout_s:g} s"
                     f" ({plan.updates} updates); publisher: {publisher.describe_exit()};"
                     f" {pipeline}: {consumer.describe_exit()}"
@@ -199,7 +195,7 @@ class _Runner:
                 # SIGTERM: the edge samples its counters, then shuts down cleanly.
                 await group.stop([consumer], grace_s=_STOP_GRACE_S)
                 if consumer.returncode != 0:
-                    raise EdgeBenchError(f"{what}: {consumer.describe_exit()}")
+                    raise BenchError(f"{what}: {consumer.describe_exit()}")
             published = await publisher_result.get(publisher)
             consumed = await consumer_result.get(consumer)
         broker_cpu = (
@@ -217,9 +213,9 @@ async def _until_done(
     while True:
         for child in (publisher, consumer):
             if child.exited.is_set() and child.returncode != 0:
-                raise EdgeBenchError(child.describe_exit())
+                raise BenchError(child.describe_exit())
         if consumer.exited.is_set() and not consumer_exits:
-            raise EdgeBenchError(f"{consumer.describe_exit()} before the publisher finished")
+            raise BenchError(f"{consumer.describe_exit()} before the publisher finished")
         if publisher.exited.is_set() and (consumer.exited.is_set() or not consumer_exits):
             return
         await group.changed()
@@ -232,13 +228,11 @@ def _summarise(
     base_pub, base_sub = baseline["publisher"], baseline["consumer"]
     edge_pub, edge_host = edge["publisher"], edge["consumer"]
     if base_sub["folded"] != updates:
-        raise EdgeBenchError(
-            f"baseline of {codec} folded {base_sub['folded']} of {updates} updates"
-        )
+        raise BenchError(f"baseline of {codec} folded {base_sub['folded']} of {updates} updates")
     accepted = edge_host["outcomes"].get("accepted", 0)
     receipts = edge_pub["run"]["receipts"]
     if accepted != updates or receipts.get("accepted", 0) != updates:
-        raise EdgeBenchError(
+        raise BenchError(
             f"edge of {codec} accepted {accepted} of {updates} updates and sent receipts"
             f" {receipts}; outcomes {edge_host['outcomes']}"
         )
@@ -379,7 +373,7 @@ def run_edge_bench(
     Raises:
         LocalProtocolError: arguments out of bounds.
         ConfigError: Mosquitto is missing or does not start.
-        EdgeBenchError: a child failed or timed out, or counts disagree.
+        BenchError: a child failed or timed out, or counts disagree.
     """
     names = _checked_formats(formats, num_params, updates, devices)
     if repeats < 1 or not run_timeout_s > 0:
@@ -438,7 +432,7 @@ def run_edge_bench(
             "malloc_tuning": malloc_tuning,
             "broker_malloc_tuning": True,
             "broker": "loopback, plaintext (no TLS), set_tcp_nodelay true, persistence true",
-            "transport": "protocol.bus._mqtt (paho driven from trio) for every client",
+            "transport": "fedtier.protocol.bus._mqtt (paho driven from trio) for every client",
             "edge": {
                 **asdict(EDGE_SETTINGS),
                 "upstream": "in-memory NATS",

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import sys
 
-from protocol.errors import ConfigError
-from simulations.brokers.mosquitto import find_mosquitto
-from simulations.brokers.nats_server import find_nats_server
+from fedtier.protocol.errors import ConfigError
+from fedtier.simulations.brokers.mosquitto import find_mosquitto
+from fedtier.simulations.brokers.nats_server import find_nats_server
 
 
 def main() -> int:

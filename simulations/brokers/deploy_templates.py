@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
-from protocol.errors import ConfigError
-from protocol.names import check_token
+from fedtier.protocol.errors import ConfigError
+from fedtier.protocol.names import check_token
 
 __all__ = [
     "DEPLOY_DIR",

@@ -2,13 +2,13 @@
 
 ``MosquittoProcess.start(workdir)`` writes a config into ``workdir``, starts
 ``mosquitto -c`` on a loopback port and returns once the port accepts TCP
-connections. The config carries what the project relies on (design.md
-section 5, ``shared/notes``): ``persistence true`` (without it a restart
+connections. The config carries what the project relies on (``docs/transport.md``,
+MQTT): ``persistence true`` (without it a restart
 forgets sessions and queued QoS 1 messages), ``max_queued_messages`` raised
 (Mosquitto silently drops QoS 1 messages past the default 1000, online
 clients included), ``set_tcp_nodelay true`` (large QoS 1 messages stall on
 small acks without it) and a packet size that fits 8 MiB payloads. The broker
-runs with the malloc settings of ``performance-facts.md``. Anonymous access
+runs with the malloc settings of ``docs/transport.md``. Anonymous access
 on loopback only, unless ``start(tls=MosquittoTls(...))`` makes the listener
 what ``deploy/mosquitto/mosquitto.conf`` configures: TLS 1.3, a client
 certificate required, its Common Name as the user name, and an ACL file
@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from protocol.errors import ConfigError
+from fedtier.protocol.errors import ConfigError
 
 __all__ = ["MALLOC_ENV", "MosquittoProcess", "MosquittoTls", "find_mosquitto"]
 

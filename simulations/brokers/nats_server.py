@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from protocol.errors import ConfigError
+from fedtier.protocol.errors import ConfigError
 
 __all__ = ["MIN_NATS_SERVER_VERSION", "NatsServerProcess", "NatsTls", "find_nats_server"]
 
@@ -64,7 +64,7 @@ def find_nats_server() -> Path:
 
     Raises:
         ConfigError: no binary, or one older than 2.12.3 (older servers can
-            lose acknowledged JetStream writes; design.md section 5).
+            lose acknowledged JetStream writes; docs/architecture.md, data guarantees).
     """
     beside_python = Path(sys.executable).parent / "nats-server"
     found = str(beside_python) if beside_python.is_file() else shutil.which("nats-server")

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protocol.errors import ConfigError
+from fedtier.protocol.errors import ConfigError
 
 __all__ = ["CertFiles", "NkeyUser", "TestPki"]
 

@@ -8,8 +8,8 @@ studies, and ``mesh_engine`` runs a small scenario on the real daemons.
 
 from __future__ import annotations
 
-from simulations.sim.engine import RunResult, Simulation, VersionRecord, run_scenario
-from simulations.sim.scenario import Scenario, load_scenario, parse_scenario
+from fedtier.simulations.sim.engine import RunResult, Simulation, VersionRecord, run_scenario
+from fedtier.simulations.sim.scenario import Scenario, load_scenario, parse_scenario
 
 __all__ = [
     "RunResult",

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from simulations.sim.cli import main
+from fedtier.simulations.sim.cli import main
 
 raise SystemExit(main())

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
-from protocol.errors import ConfigError
+from fedtier.protocol.errors import ConfigError
 
 __all__ = ["Table"]
 

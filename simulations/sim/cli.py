@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from protocol.errors import FedtierError
+from fedtier.protocol.errors import FedtierError
 
 __all__ = ["main"]
 
@@ -96,22 +96,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, command: str) -> int:
-    from simulations.sim.scenario import load_scenario
+    from fedtier.simulations.sim.scenario import load_scenario
 
     scenario = load_scenario(args.scenario, overrides=args.overrides, seed=args.seed)
     if args.engine == "mesh":
-        from simulations.sim.mesh_engine import run_on_mesh
+        from fedtier.simulations.sim.mesh_engine import run_on_mesh
 
         result = run_on_mesh(
             scenario, show_progress=not args.no_progress, keep_dir=args.out / "mesh"
         )
     else:
-        from simulations.sim.engine import run_scenario
-        from simulations.sim.progress import progress_bar
+        from fedtier.simulations.sim.engine import run_scenario
+        from fedtier.simulations.sim.progress import progress_bar
 
         with progress_bar(f"{scenario.name} (seed {scenario.seed})", not args.no_progress) as tick:
             result = run_scenario(scenario, progress=tick)
-    from simulations.sim.report import write_run
+    from fedtier.simulations.sim.report import write_run
 
     report = write_run(result, args.out, command=command)
     final = result.final
@@ -123,7 +123,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
 
 def _experiment(args: argparse.Namespace, command: str) -> int:
-    from simulations.sim.experiments import run_experiment
+    from fedtier.simulations.sim.experiments import run_experiment
 
     if args.jobs < 1:
         raise FedtierError(f"--jobs is {args.jobs}; it must be at least 1")

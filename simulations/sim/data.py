@@ -15,9 +15,9 @@ from functools import cached_property
 import numpy as np
 import numpy.typing as npt
 
-from simulations.datasets import dirichlet_partition, load_digits_split, split_sizes
-from simulations.sim.scenario import DataSpec
-from simulations.sim.synthetic import generate_synthetic
+from fedtier.simulations.datasets import dirichlet_partition, load_digits_split, split_sizes
+from fedtier.simulations.sim.scenario import DataSpec
+from fedtier.simulations.sim.synthetic import generate_synthetic
 
 __all__ = ["FederatedData", "build_data"]
 

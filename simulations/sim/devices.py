@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from client.error_feedback import ErrorFeedback
-from client.trainers import NumpyLogRegTrainer, TorchTrainer, TrainResult, make_mlp
-from protocol.codecs import CodecSpec, encode
-from protocol.envelope import seal
-from protocol.errors import LocalProtocolError
-from protocol.identity import SigningIdentity
-from protocol.layout import ModelLayout
-from protocol.messages import DeviceUpdate
-from simulations.sim.data import FederatedData
-from simulations.sim.nodes import identity_for
-from simulations.sim.scenario import TrainingSpec
+from fedtier.client.error_feedback import ErrorFeedback
+from fedtier.client.trainers import NumpyLogRegTrainer, TorchTrainer, TrainResult, make_mlp
+from fedtier.protocol.codecs import CodecSpec, encode
+from fedtier.protocol.envelope import seal
+from fedtier.protocol.errors import LocalProtocolError
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.layout import ModelLayout
+from fedtier.protocol.messages import DeviceUpdate
+from fedtier.simulations.sim.data import FederatedData
+from fedtier.simulations.sim.nodes import identity_for
+from fedtier.simulations.sim.scenario import TrainingSpec
 
 if TYPE_CHECKING:
     import torch

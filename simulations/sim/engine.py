@@ -17,7 +17,7 @@ tiers' own code (``simulations.sim.nodes``).
 
 Sync rounds fold every update straight into the central: with no delay inside
 a round, edge -> regional -> central gives the same aggregate as one flat fold
-(design.md section 4, ``tests/property/test_aggregation_invariants.py``), so
+(docs/architecture.md, aggregation, ``tests/property/test_aggregation_invariants.py``), so
 the hierarchy would change nothing but the bytes on the central link.
 """
 
@@ -32,14 +32,14 @@ from dataclasses import dataclass, fields
 import numpy as np
 import numpy.typing as npt
 
-from protocol.codecs import CodecSpec
-from protocol.envelope import parse_envelope
-from protocol.messages import Tier
-from simulations.sim.data import FederatedData, build_data
-from simulations.sim.devices import FLEET, DeviceRun, LocalTraining
-from simulations.sim.nodes import CentralNode, TierNode
-from simulations.sim.scenario import DeviceKind, Scenario, TierSpec
-from tiers.optimizers import make_optimizer
+from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.envelope import parse_envelope
+from fedtier.protocol.messages import Tier
+from fedtier.simulations.sim.data import FederatedData, build_data
+from fedtier.simulations.sim.devices import FLEET, DeviceRun, LocalTraining
+from fedtier.simulations.sim.nodes import CentralNode, TierNode
+from fedtier.simulations.sim.scenario import DeviceKind, Scenario, TierSpec
+from fedtier.tiers.optimizers import make_optimizer
 
 __all__ = ["RunResult", "Simulation", "VersionRecord", "run_scenario"]
 

@@ -19,10 +19,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.errors import ConfigError
-from simulations.sim.engine import RunResult, VersionRecord, run_scenario
-from simulations.sim.report import evaluated, plot_curves, time_to_accuracy, write_run
-from simulations.sim.scenario import load_scenario
+from fedtier.protocol.errors import ConfigError
+from fedtier.simulations.sim.engine import RunResult, VersionRecord, run_scenario
+from fedtier.simulations.sim.report import evaluated, plot_curves, time_to_accuracy, write_run
+from fedtier.simulations.sim.scenario import load_scenario
 
 __all__ = ["Cell", "fedprox_dataset_keys", "run_experiment"]
 

@@ -49,14 +49,14 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from protocol.codecs import CodecSpec
-from protocol.errors import ConfigError
-from simulations.sim.engine import RunResult, VersionRecord
-from simulations.sim.scenario import ClientsSpec, Scenario, TierSpec
-from tiers.flush import FlushPolicy
+from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.errors import ConfigError
+from fedtier.simulations.sim.engine import RunResult, VersionRecord
+from fedtier.simulations.sim.scenario import ClientsSpec, Scenario, TierSpec
+from fedtier.tiers.flush import FlushPolicy
 
 if TYPE_CHECKING:
-    from simulations.mesh import FlushSpec, MeshSpec
+    from fedtier.simulations.mesh import FlushSpec, MeshSpec
 
 __all__ = ["mesh_problems", "mesh_spec_for", "run_on_mesh"]
 
@@ -150,9 +150,9 @@ def mesh_spec_for(s: Scenario) -> MeshSpec:
     Raises:
         ConfigError: the scenario asks for something the mesh cannot run.
     """
-    from simulations.fleet import SendSpec
-    from simulations.fleet import TrainingSpec as FleetTraining
-    from simulations.mesh import FlushSpec, KindProfile, MeshSpec
+    from fedtier.simulations.fleet import SendSpec
+    from fedtier.simulations.fleet import TrainingSpec as FleetTraining
+    from fedtier.simulations.mesh import FlushSpec, KindProfile, MeshSpec
 
     problems = mesh_problems(s)
     if problems:
@@ -291,21 +291,20 @@ def _staleness_hist(samples: Sequence[tuple[str, dict[str, str], float]]) -> lis
 async def _run_mesh(
     s: Scenario, workdir: Path, out: Path, progress: Callable[[float], None]
 ) -> RunResult:
-    from client.model_store import ModelStore, OfferStatus
-    from client.trainers import TorchTrainer, make_mlp
-    from protocol.bus import Delivery, Subscription
+    from fedtier.client.model_store import ModelStore, OfferStatus
+    from fedtier.client.trainers import TorchTrainer, make_mlp
+    from fedtier.protocol.bus import Delivery, Subscription
 
     # protocol.bus's lazy table maps open_mqtt_bus to the NATS module; import it from
     # its own module, as the demo does.
-    from protocol.bus._mqtt import MqttConfig, open_mqtt_bus
-    from protocol.envelope import open_envelope
-    from protocol.errors import RemoteProtocolError
-    from protocol.identity import load_public_key
-    from protocol.messages import ModelAnnouncement
-    from protocol.names import MqttTopics
-    from simulations.mesh import MeshPlan, open_brokers, open_mesh, prepare_mesh
-    from simulations.processes import ChildFailed
-    from tiers.config import load_initial_model
+    from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+    from fedtier.protocol.envelope import open_envelope
+    from fedtier.protocol.errors import ChildFailed, RemoteProtocolError
+    from fedtier.protocol.identity import load_public_key
+    from fedtier.protocol.messages import ModelAnnouncement
+    from fedtier.protocol.names import MqttTopics
+    from fedtier.simulations.mesh import MeshPlan, open_brokers, open_mesh, prepare_mesh
+    from fedtier.tiers.config import load_initial_model
 
     spec = mesh_spec_for(s)
     watch = _Watch()
@@ -487,7 +486,7 @@ def run_on_mesh(
             is missing.
         ChildFailed: a daemon or fleet exited on its own.
     """
-    from simulations.sim.progress import progress_bar
+    from fedtier.simulations.sim.progress import progress_bar
 
     mesh_spec_for(s)  # refuse before starting anything
     workdir = Path(tempfile.mkdtemp(prefix="fedtier-sim-mesh-"))

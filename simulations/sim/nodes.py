@@ -29,21 +29,21 @@ from collections import Counter
 import numpy as np
 import numpy.typing as npt
 
-from protocol.codecs import CodecSpec
-from protocol.envelope import parse_envelope
-from protocol.errors import LocalProtocolError, RemoteProtocolError
-from protocol.identity import SigningIdentity
-from protocol.layout import ModelLayout
-from protocol.limits import DEFAULT_LIMITS
-from protocol.messages import DeviceUpdate, PartialAggregate, Tier
-from tiers.aggregate import PartialAggregate as Accumulator
-from tiers.flush import FlushPolicy, FlushReason
-from tiers.folding import fold_partial_message, fold_update_message
-from tiers.optimizers import ServerOptimizer
-from tiers.staleness import StalenessPolicy
-from tiers.testing import sign_partial
-from tiers.tier import HIST_BUCKETS, check_payload
-from tiers.validation import NormPolicy
+from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.envelope import parse_envelope
+from fedtier.protocol.errors import LocalProtocolError, RemoteProtocolError
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.layout import ModelLayout
+from fedtier.protocol.limits import DEFAULT_LIMITS
+from fedtier.protocol.messages import DeviceUpdate, PartialAggregate, Tier
+from fedtier.tiers.aggregate import Accumulator
+from fedtier.tiers.flush import FlushPolicy, FlushReason
+from fedtier.tiers.folding import fold_partial_message, fold_update_message
+from fedtier.tiers.optimizers import ServerOptimizer
+from fedtier.tiers.staleness import StalenessPolicy
+from fedtier.tiers.testing import sign_partial
+from fedtier.tiers.tier import HIST_BUCKETS, check_payload
+from fedtier.tiers.validation import NormPolicy
 
 __all__ = ["CentralNode", "Outcome", "TierNode", "identity_for"]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.sim.engine import RunResult, VersionRecord
-from simulations.sim.scenario import Scenario, dump_toml
+from fedtier.simulations.sim.engine import RunResult, VersionRecord
+from fedtier.simulations.sim.scenario import Scenario, dump_toml
 
 __all__ = [
     "evaluated",

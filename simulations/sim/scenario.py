@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from protocol.codecs import CodecSpec
-from protocol.errors import ConfigError, LocalProtocolError
-from simulations.sim._table import Table
-from tiers.flush import FlushPolicy
-from tiers.optimizers import make_optimizer
-from tiers.staleness import StalenessPolicy
+from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.errors import ConfigError, LocalProtocolError
+from fedtier.simulations.sim._table import Table
+from fedtier.tiers.flush import FlushPolicy
+from fedtier.tiers.optimizers import make_optimizer
+from fedtier.tiers.staleness import StalenessPolicy
 
 __all__ = [
     "AggregationSpec",

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from protocol.errors import ConfigError
+from fedtier.protocol.errors import ConfigError
 
 __all__ = ["DeviceSplit", "feature_variances", "generate_synthetic"]
 

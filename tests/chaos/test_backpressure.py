@@ -21,17 +21,24 @@ import numpy as np
 import pytest
 import trio
 
-from protocol.bus import Bus, Subscription
-from protocol.bus._mqtt import MqttConfig, open_mqtt_bus
-from protocol.envelope import open_envelope
-from protocol.identity import load_public_key, load_signing_identity
-from protocol.messages import Receipt, ReceiptStatus
-from protocol.names import MqttTopics
-from simulations.fleet import TrainingSpec
-from simulations.mesh import FlushSpec, MeshPlan, MeshSpec, open_brokers, open_mesh, prepare_mesh
-from simulations.processes import Child
-from tiers.config import load_initial_model
-from tiers.testing import SimDevice
+from fedtier.protocol.bus import Bus, Subscription
+from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+from fedtier.protocol.envelope import open_envelope
+from fedtier.protocol.identity import load_public_key, load_signing_identity
+from fedtier.protocol.messages import Receipt, ReceiptStatus
+from fedtier.protocol.names import MqttTopics
+from fedtier.simulations.fleet import TrainingSpec
+from fedtier.simulations.mesh import (
+    FlushSpec,
+    MeshPlan,
+    MeshSpec,
+    open_brokers,
+    open_mesh,
+    prepare_mesh,
+)
+from fedtier.simulations.processes import Child
+from fedtier.tiers.config import load_initial_model
+from fedtier.tiers.testing import SimDevice
 
 pytestmark = pytest.mark.brokers
 

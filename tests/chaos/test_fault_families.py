@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import trio
 
-from simulations.chaos import ChaosOptions, ChaosResult, FaultPlan, run_chaos
-from simulations.checker import render_report
+from fedtier.simulations.chaos import ChaosOptions, ChaosResult, FaultPlan, run_chaos
+from fedtier.simulations.checker import render_report
 
 pytestmark = pytest.mark.brokers
 

@@ -9,7 +9,7 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from simulations.proxy import LOOPBACK, FaultyProxy
+from fedtier.simulations.proxy import LOOPBACK, FaultyProxy
 
 
 class Echo:

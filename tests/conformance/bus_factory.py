@@ -11,7 +11,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from protocol.bus import Bus, Flavor
+from fedtier.protocol.bus import Bus, Flavor
 
 
 class BusFactory(Protocol):

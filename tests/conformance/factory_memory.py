@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from protocol.bus import Bus, MemoryBroker, MemoryBus
+from fedtier.protocol.bus import Bus, MemoryBroker, MemoryBus
 
 FACTORY_FIXTURE = "memory_bus_factory"
 

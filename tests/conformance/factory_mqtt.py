@@ -7,9 +7,9 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from protocol.bus import Bus
-from protocol.bus._mqtt import MqttConfig, open_mqtt_bus
-from simulations.brokers.mosquitto import MosquittoProcess
+from fedtier.protocol.bus import Bus
+from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+from fedtier.simulations.brokers.mosquitto import MosquittoProcess
 
 FACTORY_FIXTURE = "mqtt_bus_factory"
 

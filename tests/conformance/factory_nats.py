@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from simulations.brokers.nats_server import NatsServerProcess
+from fedtier.simulations.brokers.nats_server import NatsServerProcess
 
 if TYPE_CHECKING:
-    from protocol.bus import Bus
+    from fedtier.protocol.bus import Bus
 
 FACTORY_FIXTURE = "nats_bus_factory"
 
@@ -24,7 +24,7 @@ class NatsFactory:
     def __init__(self, server: NatsServerProcess) -> None:
         # Imported here, not at plugin load: importing trio_asyncio changes
         # asyncio.run for the whole process, so only NATS runs should do it.
-        from protocol.bus._nats import NatsConfig, StreamSpec
+        from fedtier.protocol.bus._nats import NatsConfig, StreamSpec
 
         self.config = NatsConfig(
             servers=(server.url,),
@@ -33,7 +33,7 @@ class NatsFactory:
         )
 
     def connect(self, client_id: str) -> AbstractAsyncContextManager[Bus]:
-        from protocol.bus._nats import open_nats_bus
+        from fedtier.protocol.bus._nats import open_nats_bus
 
         # open_nats_bus opens the trio-asyncio loop itself when none is open.
         return open_nats_bus(dataclasses.replace(self.config, name=client_id))

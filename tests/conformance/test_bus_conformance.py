@@ -8,7 +8,7 @@ import uuid
 import pytest
 import trio
 
-from protocol.errors import BusClosed, LocalProtocolError
+from fedtier.protocol.errors import BusClosed, LocalProtocolError
 from tests.conformance.bus_factory import BusFactory
 
 DEADLINE_S = 20

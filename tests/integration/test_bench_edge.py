@@ -1,6 +1,6 @@
 """`fedtier bench edge` with tiny numbers: well-formed JSON, positive rates, right counts.
 
-No timing assertions (shared/notes: speed is measured by benchmarks, never by
+No timing assertions (speed is measured by benchmarks, never by
 tests); the bench starts its own Mosquitto, so this needs the real broker.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from simulations.bench.edge import DEFAULT_FORMATS
-from simulations.cli import main
+from fedtier.simulations.bench.edge import DEFAULT_FORMATS
+from fedtier.simulations.cli import main
 
 pytestmark = pytest.mark.brokers
 

@@ -8,11 +8,11 @@ import uuid
 import pytest
 import trio
 
-from protocol.bus import Subscription
-from protocol.bus._mqtt import MqttBus, MqttConfig, open_mqtt_bus
-from protocol.errors import BusUnavailable, ConfigError, PublishError
-from simulations.brokers import mosquitto as mosquitto_module
-from simulations.brokers.mosquitto import MosquittoProcess
+from fedtier.protocol.bus import Subscription
+from fedtier.protocol.bus._mqtt import MqttBus, MqttConfig, open_mqtt_bus
+from fedtier.protocol.errors import BusUnavailable, ConfigError, PublishError
+from fedtier.simulations.brokers import mosquitto as mosquitto_module
+from fedtier.simulations.brokers.mosquitto import MosquittoProcess
 
 DEADLINE_S = 60
 

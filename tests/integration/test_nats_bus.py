@@ -15,17 +15,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from protocol.bus._nats import (
+from fedtier.protocol.bus._nats import KvEntry, NatsBus, NatsConfig, StreamSpec, open_nats_bus
+from fedtier.protocol.errors import (
+    BusUnavailable,
+    ConfigError,
     KvConflict,
-    KvEntry,
-    NatsBus,
-    NatsConfig,
+    LimitExceeded,
     ObjectNotFound,
-    StreamSpec,
-    open_nats_bus,
+    PublishError,
 )
-from protocol.errors import BusUnavailable, ConfigError, LimitExceeded, PublishError
-from simulations.brokers.nats_server import NatsServerProcess
+from fedtier.simulations.brokers.nats_server import NatsServerProcess
 
 pytestmark = pytest.mark.brokers
 

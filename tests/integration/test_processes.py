@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from simulations.processes import ChildFailed, open_process_group
+from fedtier.protocol.errors import ChildFailed
+from fedtier.simulations.processes import open_process_group
 
 # A child that logs readiness, then waits for SIGTERM and logs that too.
 _POLITE = """

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from simulations.sim.engine import run_scenario
-from simulations.sim.mesh_engine import run_on_mesh
-from simulations.sim.report import write_run
-from simulations.sim.scenario import load_scenario
+from fedtier.simulations.sim.engine import run_scenario
+from fedtier.simulations.sim.mesh_engine import run_on_mesh
+from fedtier.simulations.sim.report import write_run
+from fedtier.simulations.sim.scenario import load_scenario
 
 pytestmark = pytest.mark.brokers
 

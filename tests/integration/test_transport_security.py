@@ -1,4 +1,4 @@
-"""Transport security (design.md section 6) on real brokers run with the rules of ``deploy/``.
+"""Transport security on real brokers run with the rules of ``deploy/``.
 
 Mosquitto runs a TLS listener that requires a client certificate, takes its
 CN as the user name and applies ``deploy/mosquitto/acl`` (edge user blocks
@@ -23,15 +23,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from protocol.bus._mqtt import MqttConfig, open_mqtt_bus
-from protocol.bus._nats import NatsConfig, StreamSpec, open_nats_bus
-from protocol.errors import BusUnavailable, ConfigError, PublishError
-from protocol.identity import SigningIdentity
-from protocol.names import MqttTopics, NatsSubjects
-from simulations.brokers.deploy_templates import mosquitto_acl, nats_accounts
-from simulations.brokers.mosquitto import MosquittoProcess, MosquittoTls
-from simulations.brokers.nats_server import NatsServerProcess, NatsTls
-from simulations.brokers.pki import CertFiles, NkeyUser, TestPki
+from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+from fedtier.protocol.bus._nats import NatsConfig, StreamSpec, open_nats_bus
+from fedtier.protocol.errors import BusUnavailable, ConfigError, PublishError
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.names import MqttTopics, NatsSubjects
+from fedtier.simulations.brokers.deploy_templates import mosquitto_acl, nats_accounts
+from fedtier.simulations.brokers.mosquitto import MosquittoProcess, MosquittoTls
+from fedtier.simulations.brokers.nats_server import NatsServerProcess, NatsTls
+from fedtier.simulations.brokers.pki import CertFiles, NkeyUser, TestPki
 
 pytestmark = pytest.mark.brokers
 

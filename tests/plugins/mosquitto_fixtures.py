@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from protocol.errors import ConfigError
-from simulations.brokers.mosquitto import MosquittoProcess
+from fedtier.protocol.errors import ConfigError
+from fedtier.simulations.brokers.mosquitto import MosquittoProcess
 
 
 def _start(workdir, **options) -> MosquittoProcess:

@@ -28,9 +28,9 @@ import numpy.typing as npt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiers.aggregate import PartialAggregate, partial_id
-from tiers.optimizers import FedAdam, FedAvg, FedYogi
-from tiers.staleness import StalenessPolicy
+from fedtier.tiers.aggregate import Accumulator, partial_id
+from fedtier.tiers.optimizers import FedAdam, FedAvg, FedYogi
+from fedtier.tiers.staleness import StalenessPolicy
 
 SETTINGS = settings(max_examples=100, deadline=None)
 U = 2.0**-24
@@ -47,7 +47,7 @@ class Update:
         self.base = base
         self.discount = POLICY.weight(tau)
 
-    def fold_into(self, agg: PartialAggregate) -> None:
+    def fold_into(self, agg: Accumulator) -> None:
         agg.fold_update(
             self.id,
             self.delta,
@@ -77,14 +77,14 @@ def update_sets(draw: st.DrawFn, max_updates: int = 40) -> tuple[int, list[Updat
     return dim, updates
 
 
-def flat_aggregate(dim: int, updates: list[Update]) -> PartialAggregate:
-    agg = PartialAggregate(dim)
+def flat_aggregate(dim: int, updates: list[Update]) -> Accumulator:
+    agg = Accumulator(dim)
     for update in updates:
         update.fold_into(agg)
     return agg
 
 
-def assert_same_aggregate(a: PartialAggregate, b: PartialAggregate, updates: list[Update]) -> None:
+def assert_same_aggregate(a: Accumulator, b: Accumulator, updates: list[Update]) -> None:
     terms = np.zeros(a.num_params, dtype=np.float64)
     for u in updates:
         terms += np.abs(np.float32(u.n * u.discount) * u.delta).astype(np.float64)
@@ -127,14 +127,14 @@ def test_hierarchical_equals_flat_without_extra_delay(
         label="regional_of",
     )
 
-    edges = [PartialAggregate(dim) for _ in range(num_edges)]
+    edges = [Accumulator(dim) for _ in range(num_edges)]
     for update, e in zip(updates, edge_of, strict=True):
         update.fold_into(edges[e])
-    regionals = [PartialAggregate(dim) for _ in range(num_regionals)]
+    regionals = [Accumulator(dim) for _ in range(num_regionals)]
     for e, edge in enumerate(edges):
         pid = partial_id(f"edge-{e}", edge.input_ids)
         regionals[regional_of[e]].fold_child(pid, edge, extra_tau=0, discount=1.0)
-    central = PartialAggregate(dim)
+    central = Accumulator(dim)
     for r, regional in enumerate(regionals):
         central.fold_child(
             partial_id(f"regional-{r}", regional.input_ids), regional, extra_tau=0, discount=1.0
@@ -165,7 +165,7 @@ def test_folding_a_partial_discounts_numerator_and_weight_not_samples(
 ) -> None:
     dim, updates = case
     child = flat_aggregate(dim, updates)
-    parent = PartialAggregate(dim)
+    parent = Accumulator(dim)
     parent.fold_child(b"\xaa" * 16, child, extra_tau=extra_tau, discount=discount)
     # Into an empty parent the fold is one float32 product per value: exact to compare.
     np.testing.assert_array_equal(parent.numerator, np.float32(discount) * child.numerator)

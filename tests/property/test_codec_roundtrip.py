@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from protocol.codecs import CodecSpec, all_finite, decode, encode, fold_into
-from protocol.errors import DecodeError
+from fedtier.protocol.codecs import CodecSpec, all_finite, decode, encode, fold_into
+from fedtier.protocol.errors import DecodeError
 
 FINITE = st.floats(width=32, allow_nan=False, allow_infinity=False)
 IN_F16_RANGE = st.floats(-65504.0, 65504.0, width=32)

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.codecs import decode
-from protocol.envelope import open_envelope, parse_envelope, seal
-from protocol.errors import LimitExceeded, RemoteProtocolError
-from protocol.limits import Limits
+from fedtier.protocol.codecs import decode
+from fedtier.protocol.envelope import open_envelope, parse_envelope, seal
+from fedtier.protocol.errors import LimitExceeded, RemoteProtocolError
+from fedtier.protocol.limits import Limits
 from tests.samples import KEYS, SIGNERS, all_samples
 
 SEALED = [seal(msg, payload, SIGNERS[msg.sender]) for msg, payload in all_samples()]

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.envelope import open_envelope, seal
-from protocol.errors import RemoteProtocolError
+from fedtier.protocol.envelope import open_envelope, seal
+from fedtier.protocol.errors import RemoteProtocolError
 from tests.samples import KEYS, SIGNERS, all_samples
 
 SEALED = [seal(msg, payload, SIGNERS[msg.sender]) for msg, payload in all_samples()]

@@ -10,10 +10,14 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from protocol.errors import LayoutMismatch, LocalProtocolError, RemoteProtocolError
-from tiers.aggregate import (
+from fedtier.protocol.errors import (
     InconsistentPartial,
-    PartialAggregate,
+    LayoutMismatch,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from fedtier.tiers.aggregate import (
+    Accumulator,
     coordinate_median,
     multi_krum,
     partial_id,
@@ -29,13 +33,11 @@ def vec(*values: float) -> npt.NDArray[np.float32]:
     return np.array(values, dtype=np.float32)
 
 
-def fold(
-    agg: PartialAggregate, i: int, delta, n: int = 1, tau: int = 0, d: float = 1.0, v: int = 0
-):
+def fold(agg: Accumulator, i: int, delta, n: int = 1, tau: int = 0, d: float = 1.0, v: int = 0):
     agg.fold_update(uid(i), delta, n_samples=n, tau=tau, discount=d, base_version=v)
 
 
-def snapshot(agg: PartialAggregate) -> tuple[object, ...]:
+def snapshot(agg: Accumulator) -> tuple[object, ...]:
     return (
         agg.numerator.tobytes(),
         agg.sample_count,
@@ -54,7 +56,7 @@ def snapshot(agg: PartialAggregate) -> tuple[object, ...]:
 
 
 def test_new_aggregate_is_empty() -> None:
-    agg = PartialAggregate(3)
+    agg = Accumulator(3)
     assert agg.is_empty
     assert agg.numerator.dtype == np.float32
     assert agg.numerator.shape == (3,)
@@ -65,7 +67,7 @@ def test_new_aggregate_is_empty() -> None:
 
 
 def test_single_fresh_update_is_its_own_aggregate() -> None:
-    agg = PartialAggregate(3)
+    agg = Accumulator(3)
     fold(agg, 1, vec(1.0, -2.0, 0.5), n=7)
     np.testing.assert_array_equal(agg.result(), vec(1.0, -2.0, 0.5))
     assert agg.sample_count == 7.0
@@ -76,14 +78,14 @@ def test_single_fresh_update_is_its_own_aggregate() -> None:
 
 
 def test_weighted_mean_by_sample_count() -> None:
-    agg = PartialAggregate(2)
+    agg = Accumulator(2)
     fold(agg, 1, vec(1.0, 0.0), n=1)
     fold(agg, 2, vec(0.0, 1.0), n=3)
     np.testing.assert_allclose(agg.result(), [0.25, 0.75], rtol=1e-7)
 
 
 def test_discount_shrinks_numerator_and_weight_but_not_denominator() -> None:
-    agg = PartialAggregate(2)
+    agg = Accumulator(2)
     fold(agg, 1, vec(2.0, 4.0), n=10, tau=3, d=0.5, v=4)
     fold(agg, 2, vec(2.0, 4.0), n=10, tau=0, d=1.0, v=7)
     np.testing.assert_allclose(agg.numerator, [30.0, 60.0])
@@ -97,7 +99,7 @@ def test_discount_shrinks_numerator_and_weight_but_not_denominator() -> None:
 
 
 def test_clip_scale_scales_delta_not_weight() -> None:
-    agg = PartialAggregate(2)
+    agg = Accumulator(2)
     agg.fold_update(
         uid(1), vec(3.0, 4.0), n_samples=2, tau=0, discount=1.0, base_version=0, clip_scale=0.2
     )
@@ -107,7 +109,7 @@ def test_clip_scale_scales_delta_not_weight() -> None:
 
 
 def test_large_staleness_lands_in_last_bucket() -> None:
-    agg = PartialAggregate(1, hist_buckets=4)
+    agg = Accumulator(1, hist_buckets=4)
     for i, tau in enumerate([0, 2, 3, 4, 40]):
         fold(agg, i, vec(1.0), tau=tau, d=0.5)
     assert agg.staleness_hist == [1, 0, 1, 3]
@@ -117,7 +119,7 @@ def test_multi_block_fold_matches_float64_reference() -> None:
     # Larger than one fold block (2**17), with a ragged tail.
     rng = np.random.default_rng(7)
     size = (1 << 17) * 2 + 12345
-    agg = PartialAggregate(size)
+    agg = Accumulator(size)
     reference = np.zeros(size, dtype=np.float64)
     for i in range(5):
         delta = rng.standard_normal(size, dtype=np.float32)
@@ -128,9 +130,9 @@ def test_multi_block_fold_matches_float64_reference() -> None:
 
 
 def test_float16_and_float64_deltas_fold_as_float32() -> None:
-    agg16 = PartialAggregate(3)
+    agg16 = Accumulator(3)
     fold(agg16, 1, np.array([0.5, -1.0, 2.0], dtype=np.float16), n=2, d=0.5)
-    agg64 = PartialAggregate(3)
+    agg64 = Accumulator(3)
     fold(agg64, 1, np.array([0.5, -1.0, 2.0], dtype=np.float64), n=2, d=0.5)
     np.testing.assert_array_equal(agg16.numerator, vec(0.5, -1.0, 2.0))
     np.testing.assert_array_equal(agg64.numerator, agg16.numerator)
@@ -139,7 +141,7 @@ def test_float16_and_float64_deltas_fold_as_float32() -> None:
 def test_folder_callable_equals_dense_fold() -> None:
     rng = np.random.default_rng(1)
     delta = rng.standard_normal(1000, dtype=np.float32)
-    dense = PartialAggregate(1000)
+    dense = Accumulator(1000)
     fold(dense, 1, delta, n=13, d=0.7)
 
     seen: list[float] = []
@@ -148,7 +150,7 @@ def test_folder_callable_equals_dense_fold() -> None:
         seen.append(weight)
         acc += np.float32(weight) * delta
 
-    via_folder = PartialAggregate(1000)
+    via_folder = Accumulator(1000)
     fold(via_folder, 1, folder, n=13, d=0.7)
     assert seen == [13 * 0.7]
     np.testing.assert_array_equal(via_folder.numerator, dense.numerator)
@@ -161,14 +163,14 @@ def test_folder_built_with_functools_partial_of_a_codec_signature() -> None:
         assert spec == "f32"
         acc += np.float32(weight) * np.frombuffer(payload, dtype="<f4")
 
-    agg = PartialAggregate(2)
+    agg = Accumulator(2)
     payload = vec(1.0, 2.0).tobytes()
     fold(agg, 1, functools.partial(fold_into, payload=payload, spec="f32"), n=4)
     np.testing.assert_array_equal(agg.result(), vec(1.0, 2.0))
 
 
 def test_folder_that_raises_breaks_the_aggregate_until_reset() -> None:
-    agg = PartialAggregate(2)
+    agg = Accumulator(2)
     fold(agg, 1, vec(1.0, 1.0))
 
     def half_written(acc: npt.NDArray[np.float32], *, weight: float) -> None:
@@ -213,7 +215,7 @@ def test_folder_that_raises_breaks_the_aggregate_until_reset() -> None:
 def test_rejected_fold_leaves_the_aggregate_unchanged(
     kwargs: dict[str, object], error: type[Exception]
 ) -> None:
-    agg = PartialAggregate(2)
+    agg = Accumulator(2)
     fold(agg, 1, vec(1.0, 2.0), n=3, tau=1, d=0.5, v=2)
     before = snapshot(agg)
     args: dict[str, object] = {
@@ -230,36 +232,36 @@ def test_rejected_fold_leaves_the_aggregate_unchanged(
 
 
 def test_layout_mismatch_is_a_remote_error() -> None:
-    agg = PartialAggregate(2)
+    agg = Accumulator(2)
     with pytest.raises(RemoteProtocolError) as info:
         fold(agg, 1, vec(1.0))
     assert info.value.reason == "layout_mismatch"
 
 
 def test_same_input_cannot_be_folded_twice() -> None:
-    agg = PartialAggregate(1)
+    agg = Accumulator(1)
     fold(agg, 1, vec(1.0))
     with pytest.raises(LocalProtocolError, match="already folded"):
         fold(agg, 1, vec(1.0))
-    child = PartialAggregate(1)
+    child = Accumulator(1)
     fold(child, 2, vec(1.0))
     with pytest.raises(LocalProtocolError, match="already folded"):
         agg.fold_child(uid(1), child, extra_tau=0, discount=1.0)
 
 
 def test_numerator_is_read_only_for_callers() -> None:
-    agg = PartialAggregate(2)
+    agg = Accumulator(2)
     with pytest.raises(ValueError, match="read-only"):
         agg.numerator[0] = 1.0
 
 
 def test_reset_zeroes_in_place_and_forgets_everything() -> None:
-    agg = PartialAggregate(2)
+    agg = Accumulator(2)
     fold(agg, 1, vec(1.0, 2.0), n=2, tau=5, d=0.5, v=3)
     view = agg.numerator
     agg.reset()
     assert agg.is_empty
-    assert snapshot(agg) == snapshot(PartialAggregate(2))
+    assert snapshot(agg) == snapshot(Accumulator(2))
     assert np.shares_memory(view, agg.numerator)
     fold(agg, 1, vec(3.0, 4.0))  # the same id is new again in the next buffer
     np.testing.assert_array_equal(agg.result(), vec(3.0, 4.0))
@@ -272,7 +274,7 @@ def test_replaying_the_same_folds_is_bit_identical() -> None:
     ]
     runs = []
     for _ in range(2):
-        agg = PartialAggregate(50)
+        agg = Accumulator(50)
         for i, (delta, tau) in enumerate(inputs):
             fold(agg, i, delta, n=i + 1, tau=tau, d=1.0 / math.sqrt(1 + tau))
         runs.append(snapshot(agg))
@@ -284,14 +286,14 @@ def test_constructor_validates(kwargs: dict[str, object]) -> None:
     args: dict[str, object] = {"num_params": 2} | kwargs
     num_params = args.pop("num_params")
     with pytest.raises(LocalProtocolError):
-        PartialAggregate(num_params, **args)  # type: ignore[arg-type]
+        Accumulator(num_params, **args)  # type: ignore[arg-type]
 
 
 # -- fold_partial --------------------------------------------------------------------
 
 
-def make_child(*updates: tuple[int, list[float], int, int, float, int]) -> PartialAggregate:
-    child = PartialAggregate(len(updates[0][1]), hist_buckets=8)
+def make_child(*updates: tuple[int, list[float], int, int, float, int]) -> Accumulator:
+    child = Accumulator(len(updates[0][1]), hist_buckets=8)
     for i, values, n, tau, d, v in updates:
         fold(child, i, vec(*values), n=n, tau=tau, d=d, v=v)
     return child
@@ -299,7 +301,7 @@ def make_child(*updates: tuple[int, list[float], int, int, float, int]) -> Parti
 
 def test_fold_partial_discounts_numerator_and_weight_not_samples() -> None:
     child = make_child((1, [2.0, 4.0], 10, 0, 1.0, 5), (2, [4.0, 0.0], 30, 2, 0.5, 3))
-    parent = PartialAggregate(2, hist_buckets=8)
+    parent = Accumulator(2, hist_buckets=8)
     parent.fold_child(uid(100), child, extra_tau=2, discount=0.25)
     np.testing.assert_allclose(parent.numerator, 0.25 * child.numerator)
     assert parent.sample_count == child.sample_count == 40.0
@@ -314,7 +316,7 @@ def test_fold_partial_discounts_numerator_and_weight_not_samples() -> None:
 
 
 def test_fold_partial_shift_overflows_into_last_bucket_and_accepts_other_bucket_counts() -> None:
-    parent = PartialAggregate(1, hist_buckets=4)
+    parent = Accumulator(1, hist_buckets=4)
     parent.fold_partial(
         uid(9),
         vec(1.0),
@@ -334,7 +336,7 @@ def test_fold_partial_shift_overflows_into_last_bucket_and_accepts_other_bucket_
 def test_partial_with_no_extra_delay_is_a_plain_sum() -> None:
     a = make_child((1, [1.0, 2.0], 3, 1, 0.7, 1))
     b = make_child((2, [5.0, -1.0], 4, 0, 1.0, 2))
-    parent = PartialAggregate(2, hist_buckets=8)
+    parent = Accumulator(2, hist_buckets=8)
     parent.fold_child(uid(50), a, extra_tau=0, discount=1.0)
     parent.fold_child(uid(51), b, extra_tau=0, discount=1.0)
     flat = make_child((1, [1.0, 2.0], 3, 1, 0.7, 1), (2, [5.0, -1.0], 4, 0, 1.0, 2))
@@ -380,7 +382,7 @@ def partial_args(**overrides: object) -> dict[str, object]:
     ],
 )
 def test_inconsistent_partial_is_rejected_unchanged(overrides: dict[str, object]) -> None:
-    agg = PartialAggregate(2)
+    agg = Accumulator(2)
     fold(agg, 1, vec(1.0, 1.0))
     before = snapshot(agg)
     with pytest.raises(InconsistentPartial) as info:
@@ -400,7 +402,7 @@ def test_inconsistent_partial_is_rejected_unchanged(overrides: dict[str, object]
     ],
 )
 def test_fold_partial_argument_errors(overrides: dict[str, object], error: type[Exception]) -> None:
-    agg = PartialAggregate(2)
+    agg = Accumulator(2)
     with pytest.raises(error):
         agg.fold_partial(**partial_args(**overrides))  # type: ignore[arg-type]
     assert agg.is_empty
@@ -408,7 +410,7 @@ def test_fold_partial_argument_errors(overrides: dict[str, object], error: type[
 
 def test_fold_child_refuses_empty_child() -> None:
     with pytest.raises(LocalProtocolError, match="empty"):
-        PartialAggregate(1).fold_child(uid(1), PartialAggregate(1), extra_tau=0, discount=1.0)
+        Accumulator(1).fold_child(uid(1), Accumulator(1), extra_tau=0, discount=1.0)
 
 
 # -- partial_id ----------------------------------------------------------------------
@@ -502,7 +504,7 @@ def test_robust_rules_validate(call, match: str) -> None:
 
 MATH_MODULES = ["staleness", "aggregate", "flush", "optimizers", "validation"]
 FORBIDDEN = {"trio", "time", "logging", "socket", "asyncio", "datetime", "client", "simulations"}
-FORBIDDEN_PROTOCOL = {"protocol.bus", "protocol.codecs"}
+FORBIDDEN_PROTOCOL = {"fedtier.protocol.bus", "fedtier.protocol.codecs"}
 
 
 @pytest.mark.parametrize("module", MATH_MODULES)

@@ -9,21 +9,21 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from protocol.bus import MemoryBroker, MemoryBus
-from protocol.codecs import decode
-from protocol.envelope import open_envelope, payload_digest
-from protocol.errors import ConfigError
-from protocol.identity import SigningIdentity
-from protocol.messages import ModelAnnouncement, ModelBlob, Tier
-from protocol.names import NatsSubjects
-from tiers.aggregate import PartialAggregate as Accumulator
-from tiers.central import CentralDaemon
-from tiers.config import CentralConfig, load_initial_model
-from tiers.flush import FlushPolicy
-from tiers.model_registry import MemoryModelRegistry
-from tiers.registry import KeyRegistry, TierKeys
-from tiers.staleness import StalenessPolicy
-from tiers.testing import RecordingMetrics, sign_partial
+from fedtier.protocol.bus import MemoryBroker, MemoryBus
+from fedtier.protocol.codecs import decode
+from fedtier.protocol.envelope import open_envelope, payload_digest
+from fedtier.protocol.errors import ConfigError
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.messages import ModelAnnouncement, ModelBlob, Tier
+from fedtier.protocol.names import NatsSubjects
+from fedtier.tiers.aggregate import Accumulator
+from fedtier.tiers.central import CentralDaemon
+from fedtier.tiers.config import CentralConfig, load_initial_model
+from fedtier.tiers.flush import FlushPolicy
+from fedtier.tiers.model_registry import MemoryModelRegistry
+from fedtier.tiers.registry import KeyRegistry, TierKeys
+from fedtier.tiers.staleness import StalenessPolicy
+from fedtier.tiers.testing import RecordingMetrics, sign_partial
 
 FLEET = "acme"
 CENTRAL = SigningIdentity.from_seed(b"\x01" * 32)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from protocol.errors import FedtierError
-from simulations import chaos, cli
-from simulations.chaos import ALL_UNSAFE, ChaosOptions, FaultPlan
+from fedtier.protocol.errors import FedtierError
+from fedtier.simulations import chaos, cli
+from fedtier.simulations.chaos import ALL_UNSAFE, ChaosOptions, FaultPlan
 
 
 def test_schedule_holds_every_fault_in_the_window_and_targets_in_turn():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.checker import DeviceHistory, check, load_device_logs, main
+from fedtier.simulations.checker import DeviceHistory, check, load_device_logs, main
 
 
 def write_log(path: Path, events: list[tuple[str, str]]) -> None:

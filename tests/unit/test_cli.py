@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.cli import main
+from fedtier.simulations.cli import main
 
 
 def test_keys_new_then_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

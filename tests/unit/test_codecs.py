@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from protocol.codecs import (
+from fedtier.protocol.codecs import (
     CodecSpec,
     all_finite,
     decode,
@@ -17,7 +17,7 @@ from protocol.codecs import (
     pick_codec,
     relative_l2_error,
 )
-from protocol.errors import DecodeError, LimitExceeded, LocalProtocolError
+from fedtier.protocol.errors import DecodeError, LimitExceeded, LocalProtocolError
 
 
 def f32(*values: float) -> np.ndarray:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protocol.errors import ConfigError
-from simulations.datasets import (
+from fedtier.protocol.errors import ConfigError
+from fedtier.simulations.datasets import (
     dirichlet_partition,
     load_digits_split,
     split_sizes,

@@ -9,16 +9,16 @@ from pathlib import Path
 import nkeys
 import pytest
 
-from protocol.errors import ConfigError
-from simulations.brokers.deploy_templates import (
+from fedtier.protocol.errors import ConfigError
+from fedtier.simulations.brokers.deploy_templates import (
     EXAMPLE_NKEYS,
     MOSQUITTO_ACL_TEMPLATE,
     NATS_CONF_TEMPLATE,
     mosquitto_acl,
     nats_accounts,
 )
-from simulations.brokers.mosquitto import MosquittoTls, _render_config
-from simulations.brokers.pki import TestPki
+from fedtier.simulations.brokers.mosquitto import MosquittoTls, _render_config
+from fedtier.simulations.brokers.pki import TestPki
 
 
 def rules(text: str) -> list[str]:

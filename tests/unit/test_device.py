@@ -14,19 +14,25 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from client.config import build_trainer, load_device_settings, load_training_data
-from client.device import DeviceConfig, DeviceReport, serve_device
-from client.model_store import ModelStore
-from client.outbox import Outbox
-from client.trainers import NumpyLogRegTrainer
-from protocol.bus import MemoryBroker, MemoryBus
-from protocol.codecs import CodecSpec, encode
-from protocol.envelope import open_envelope, payload_digest, seal
-from protocol.errors import BusUnavailable, ConfigError
-from protocol.identity import SigningIdentity
-from protocol.messages import DeviceUpdate, ModelAnnouncement, ModelBlob, Receipt, ReceiptStatus
-from protocol.names import MqttTopics
-from protocol.telemetry import ATTR_DEVICE, ATTR_MODEL_VERSION, ATTR_UPDATE_ID
+from fedtier.client.config import build_trainer, load_device_settings, load_training_data
+from fedtier.client.device import DeviceConfig, DeviceReport, serve_device
+from fedtier.client.model_store import ModelStore
+from fedtier.client.outbox import Outbox
+from fedtier.client.trainers import NumpyLogRegTrainer
+from fedtier.protocol.bus import MemoryBroker, MemoryBus
+from fedtier.protocol.codecs import CodecSpec, encode
+from fedtier.protocol.envelope import open_envelope, payload_digest, seal
+from fedtier.protocol.errors import BusUnavailable, ConfigError
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.messages import (
+    DeviceUpdate,
+    ModelAnnouncement,
+    ModelBlob,
+    Receipt,
+    ReceiptStatus,
+)
+from fedtier.protocol.names import MqttTopics
+from fedtier.protocol.telemetry import ATTR_DEVICE, ATTR_MODEL_VERSION, ATTR_UPDATE_ID
 from tests.samples import CENTRAL, CREATED_MS, DEVICE, EDGE
 
 FLEET, SITE = "acme", "site-1"

@@ -18,25 +18,24 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import set_span_in_context
 from trio.testing import wait_all_tasks_blocked
 
-from protocol.bus import Bus, Delivery, MemoryBroker, MemoryBus, PublishAck, Subscription
-from protocol.codecs import CodecSpec, decode, encode
-from protocol.envelope import open_envelope, parse_envelope, seal
-from protocol.errors import BusUnavailable
-from protocol.identity import SigningIdentity
-from protocol.layout import layout_of
-from protocol.limits import Limits
-from protocol.messages import DeviceUpdate, PartialAggregate, Receipt, ReceiptStatus
-from protocol.names import MqttTopics, NatsSubjects
-from protocol.telemetry.tracing import extract_context, inject_headers
-from tiers.aggregate import PartialAggregate as Accumulator
-from tiers.aggregate import partial_id
-from tiers.config import EdgeConfig
-from tiers.edge import EdgeDaemon
-from tiers.flush import FlushPolicy
-from tiers.model_registry import MemoryModelRegistry
-from tiers.registry import KeyRegistry, TierKeys
-from tiers.staleness import StalenessPolicy
-from tiers.testing import RecordingMetrics, SimDevice, sign_model_version
+from fedtier.protocol.bus import Bus, Delivery, MemoryBroker, MemoryBus, PublishAck, Subscription
+from fedtier.protocol.codecs import CodecSpec, decode, encode
+from fedtier.protocol.envelope import open_envelope, parse_envelope, seal
+from fedtier.protocol.errors import BusUnavailable
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.layout import layout_of
+from fedtier.protocol.limits import Limits
+from fedtier.protocol.messages import DeviceUpdate, PartialAggregate, Receipt, ReceiptStatus
+from fedtier.protocol.names import MqttTopics, NatsSubjects
+from fedtier.protocol.telemetry.tracing import extract_context, inject_headers
+from fedtier.tiers.aggregate import Accumulator, partial_id
+from fedtier.tiers.config import EdgeConfig
+from fedtier.tiers.edge import EdgeDaemon
+from fedtier.tiers.flush import FlushPolicy
+from fedtier.tiers.model_registry import MemoryModelRegistry
+from fedtier.tiers.registry import KeyRegistry, TierKeys
+from fedtier.tiers.staleness import StalenessPolicy
+from fedtier.tiers.testing import RecordingMetrics, SimDevice, sign_model_version
 
 FLEET, SITE, REGION = "acme", "depot-1", "eu"
 LAYOUT = layout_of([("w", (4,)), ("b", (2,))])

@@ -5,9 +5,9 @@ import dataclasses
 import msgpack
 import pytest
 
-from protocol.codecs import CodecSpec
-from protocol.envelope import SIGNING_CONTEXT, open_envelope, parse_envelope, seal
-from protocol.errors import (
+from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.envelope import SIGNING_CONTEXT, open_envelope, parse_envelope, seal
+from fedtier.protocol.errors import (
     DecodeError,
     DigestMismatch,
     LimitExceeded,
@@ -16,8 +16,8 @@ from protocol.errors import (
     UnknownSender,
     UnsupportedVersion,
 )
-from protocol.limits import Limits
-from protocol.messages import DeviceUpdate, Receipt
+from fedtier.protocol.limits import Limits
+from fedtier.protocol.messages import DeviceUpdate, Receipt
 from tests.samples import DEVICE, EDGE, KEYS, SIGNERS, all_samples, sample_receipt, sample_update
 
 

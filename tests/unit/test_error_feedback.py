@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.error_feedback import ErrorFeedback
-from protocol.codecs import CodecSpec, decode, encode
-from protocol.errors import LocalProtocolError
+from fedtier.client.error_feedback import ErrorFeedback
+from fedtier.protocol.codecs import CodecSpec, decode, encode
+from fedtier.protocol.errors import LocalProtocolError
 
 N = 1_000
 ROUNDS = 300

@@ -8,9 +8,11 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from protocol.bus import MemoryBus
-from protocol.errors import ConfigError
-from protocol.messages import Receipt, ReceiptStatus
+from fedtier.protocol.bus import MemoryBus
+from fedtier.protocol.errors import ConfigError
+from fedtier.protocol.messages import Receipt, ReceiptStatus
+from fedtier.tiers import faults
+from fedtier.tiers.flush import FlushPolicy
 from tests.unit.test_edge import (
     DEVICES,
     REGION,
@@ -25,8 +27,6 @@ from tests.unit.test_edge import (
     send_and_receipt,
     stored_update_ids,
 )
-from tiers import faults
-from tiers.flush import FlushPolicy
 
 
 class Crashed(Exception):

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from protocol.errors import ConfigError, LocalProtocolError
-from tiers.flush import FlushPolicy, FlushReason
+from fedtier.protocol.errors import ConfigError, LocalProtocolError
+from fedtier.tiers.flush import FlushPolicy, FlushReason
 
 
 def test_reasons_are_metric_label_strings() -> None:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol.errors import KeyFileError, LocalProtocolError, SignatureError
-from protocol.identity import (
+from fedtier.protocol.errors import KeyFileError, LocalProtocolError, SignatureError
+from fedtier.protocol.identity import (
     SigningIdentity,
     VerifyKey,
     key_id_for,

@@ -1,4 +1,4 @@
-"""The dependency rules of design.md section 2, checked on the source (every import, any depth)."""
+"""The dependency rules of docs/architecture.md (layering), checked on every import."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_only_the_nats_module_touches_asyncio_nats_or_trio_asyncio() -> None:
 
 
 def test_every_public_bus_name_imports() -> None:
-    import protocol.bus
+    import fedtier.protocol.bus
 
-    for name in protocol.bus.__all__:
-        assert getattr(protocol.bus, name) is not None, name
+    for name in fedtier.protocol.bus.__all__:
+        assert getattr(fedtier.protocol.bus, name) is not None, name

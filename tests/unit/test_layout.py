@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.torch_state import flat_from_state_dict, layout_from_state_dict, load_flat
-from protocol.errors import DecodeError, LayoutMismatch, LimitExceeded, LocalProtocolError
-from protocol.layout import ModelLayout, TensorSpec, layout_of
-from protocol.limits import Limits
+from fedtier.client.torch_state import flat_from_state_dict, layout_from_state_dict, load_flat
+from fedtier.protocol.errors import DecodeError, LayoutMismatch, LimitExceeded, LocalProtocolError
+from fedtier.protocol.layout import ModelLayout, TensorSpec, layout_of
+from fedtier.protocol.limits import Limits
 
 
 def test_flatten_unflatten_round_trip_keeps_order_and_dtypes() -> None:

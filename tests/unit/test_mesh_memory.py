@@ -8,21 +8,21 @@ import numpy as np
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from protocol.bus import MemoryBroker, MemoryBus
-from protocol.codecs import CodecSpec, decode
-from protocol.envelope import open_envelope
-from protocol.identity import SigningIdentity, VerifyKey
-from protocol.messages import ModelAnnouncement, ModelBlob, Receipt, ReceiptStatus
-from protocol.names import MqttTopics
-from tiers.aggregate import PartialAggregate as Accumulator
-from tiers.central import CentralDaemon
-from tiers.config import CentralConfig, EdgeConfig, RegionalConfig, load_initial_model
-from tiers.edge import EdgeDaemon
-from tiers.flush import FlushPolicy
-from tiers.model_registry import MemoryModelRegistry
-from tiers.regional import RegionalDaemon
-from tiers.registry import KeyRegistry, TierKeys
-from tiers.testing import SimDevice
+from fedtier.protocol.bus import MemoryBroker, MemoryBus
+from fedtier.protocol.codecs import CodecSpec, decode
+from fedtier.protocol.envelope import open_envelope
+from fedtier.protocol.identity import SigningIdentity, VerifyKey
+from fedtier.protocol.messages import ModelAnnouncement, ModelBlob, Receipt, ReceiptStatus
+from fedtier.protocol.names import MqttTopics
+from fedtier.tiers.aggregate import Accumulator
+from fedtier.tiers.central import CentralDaemon
+from fedtier.tiers.config import CentralConfig, EdgeConfig, RegionalConfig, load_initial_model
+from fedtier.tiers.edge import EdgeDaemon
+from fedtier.tiers.flush import FlushPolicy
+from fedtier.tiers.model_registry import MemoryModelRegistry
+from fedtier.tiers.regional import RegionalDaemon
+from fedtier.tiers.registry import KeyRegistry, TierKeys
+from fedtier.tiers.testing import SimDevice
 
 FLEET, REGION = "acme", "eu"
 SITES = ("north", "south")
@@ -181,8 +181,8 @@ async def test_updates_flow_up_and_a_new_version_comes_down(tmp_path, autojump_c
     # The lineage of version 1 is exactly the accepted updates.
     assert sorted(lineage) == sorted(m.update_id for m, _ in sent)
     assert len(lineage) == 6
-    # Invariant (design.md section 4): with no extra delay, edge -> regional -> central
-    # equals one flat aggregation of every update.
+    # Invariant (docs/architecture.md, aggregation): with no extra delay,
+    # edge -> regional -> central equals one flat aggregation of every update.
     flat = Accumulator(layout.num_params)
     for message, data in sent:
         envelope = open_envelope(data, {message.sender: devices_key(devices, message.sender)})

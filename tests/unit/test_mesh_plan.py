@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from client.config import load_device_settings
-from protocol.errors import ConfigError
-from simulations.fleet import load_fleet_config
-from simulations.mesh import MeshSpec, prepare_mesh
-from tiers.config import load_config, load_initial_model
+from fedtier.client.config import load_device_settings
+from fedtier.protocol.errors import ConfigError
+from fedtier.simulations.fleet import load_fleet_config
+from fedtier.simulations.mesh import MeshSpec, prepare_mesh
+from fedtier.tiers.config import load_config, load_initial_model
 
 
 def _fake_brokers() -> Any:

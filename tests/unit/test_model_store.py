@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from client.model_store import ModelStore, OfferStatus
-from protocol.codecs import CodecSpec, encode
-from protocol.envelope import payload_digest, seal
-from protocol.identity import SigningIdentity
-from protocol.layout import layout_of
-from protocol.messages import ModelAnnouncement, ModelBlob
+from fedtier.client.model_store import ModelStore, OfferStatus
+from fedtier.protocol.codecs import CodecSpec, encode
+from fedtier.protocol.envelope import payload_digest, seal
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.layout import layout_of
+from fedtier.protocol.messages import ModelAnnouncement, ModelBlob
 from tests.samples import CENTRAL, CREATED_MS, LAYOUT, sample_announcement, sample_blob
 
 F32 = CodecSpec("f32")

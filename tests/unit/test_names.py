@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.bus import subject_matches
-from protocol.errors import LocalProtocolError
-from protocol.identity import SigningIdentity
-from protocol.names import MqttTopics, NatsSubjects, check_token
+from fedtier.protocol.bus import subject_matches
+from fedtier.protocol.errors import LocalProtocolError
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.names import MqttTopics, NatsSubjects, check_token
 
 DEVICE = SigningIdentity.from_seed(bytes(32)).key_id
 

@@ -4,8 +4,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from protocol.errors import ConfigError, LocalProtocolError
-from tiers.optimizers import FedAdam, FedAvg, FedYogi, ServerOptimizer, make_optimizer
+from fedtier.protocol.errors import ConfigError, LocalProtocolError
+from fedtier.tiers.optimizers import FedAdam, FedAvg, FedYogi, ServerOptimizer, make_optimizer
 
 
 def f32(*values: float) -> npt.NDArray[np.float32]:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from client.outbox import RESOLVED_KEEP, LogEvent, Outbox
-from protocol.errors import LocalProtocolError
+from fedtier.client.outbox import RESOLVED_KEEP, LogEvent, Outbox
+from fedtier.protocol.errors import LocalProtocolError
 
 UID = [bytes([i]) * 16 for i in range(1, 6)]
 
@@ -75,7 +75,7 @@ def test_resolve_removes_and_remembers(tmp_path):
 
 
 def test_resolved_table_stays_small(tmp_path, monkeypatch):
-    monkeypatch.setattr("client.outbox.RESOLVED_KEEP", 2)
+    monkeypatch.setattr("fedtier.client.outbox.RESOLVED_KEEP", 2)
     with Outbox(tmp_path / "o.sqlite") as box:
         for i, uid in enumerate(UID):
             box.put(uid, i, b"x")

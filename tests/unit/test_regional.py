@@ -10,22 +10,21 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from protocol.bus import MemoryBroker, MemoryBus, Subscription
-from protocol.codecs import decode
-from protocol.envelope import open_envelope
-from protocol.identity import SigningIdentity
-from protocol.layout import layout_of
-from protocol.messages import PartialAggregate, Tier
-from protocol.names import NatsSubjects
-from tiers.aggregate import PartialAggregate as Accumulator
-from tiers.aggregate import partial_id
-from tiers.config import RegionalConfig
-from tiers.flush import FlushPolicy
-from tiers.model_registry import MemoryModelRegistry
-from tiers.regional import RegionalDaemon
-from tiers.registry import KeyRegistry, TierKeys
-from tiers.staleness import StalenessPolicy
-from tiers.testing import RecordingMetrics, sign_model_version, sign_partial
+from fedtier.protocol.bus import MemoryBroker, MemoryBus, Subscription
+from fedtier.protocol.codecs import decode
+from fedtier.protocol.envelope import open_envelope
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.layout import layout_of
+from fedtier.protocol.messages import PartialAggregate, Tier
+from fedtier.protocol.names import NatsSubjects
+from fedtier.tiers.aggregate import Accumulator, partial_id
+from fedtier.tiers.config import RegionalConfig
+from fedtier.tiers.flush import FlushPolicy
+from fedtier.tiers.model_registry import MemoryModelRegistry
+from fedtier.tiers.regional import RegionalDaemon
+from fedtier.tiers.registry import KeyRegistry, TierKeys
+from fedtier.tiers.staleness import StalenessPolicy
+from fedtier.tiers.testing import RecordingMetrics, sign_model_version, sign_partial
 
 FLEET, REGION = "acme", "eu"
 LAYOUT = layout_of([("w", (3, 2)), ("b", (2,))])
@@ -244,8 +243,8 @@ async def test_bad_partials_are_rejected_with_a_reason(region, autojump_clock, r
     elif reason == "malformed":  # a partial id that does not derive from its inputs
         message, _ = sign_partial(EDGES[0], FLEET, LAYOUT, a)
         forged = replace(message, partial_id=b"\x00" * 16)
-        from protocol.codecs import encode
-        from protocol.envelope import seal
+        from fedtier.protocol.codecs import encode
+        from fedtier.protocol.envelope import seal
 
         data = seal(forged, encode(np.asarray(a.numerator), forged.codec), EDGES[0])
     else:

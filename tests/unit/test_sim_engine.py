@@ -8,12 +8,12 @@ import math
 
 import pytest
 
-from protocol.codecs import CodecSpec
-from protocol.errors import ConfigError
-from simulations.sim.cli import main
-from simulations.sim.engine import run_scenario
-from simulations.sim.experiments import run_experiment
-from simulations.sim.scenario import dump_toml, parse_scenario
+from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.errors import ConfigError
+from fedtier.simulations.sim.cli import main
+from fedtier.simulations.sim.engine import run_scenario
+from fedtier.simulations.sim.experiments import run_experiment
+from fedtier.simulations.sim.scenario import dump_toml, parse_scenario
 
 TINY: dict[str, object] = {
     "scenario": {"seed": 3},

@@ -14,25 +14,25 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from protocol.bus import MemoryBroker, MemoryBus
-from protocol.codecs import CodecSpec
-from protocol.envelope import open_envelope
-from protocol.identity import SigningIdentity
-from protocol.layout import layout_of
-from protocol.messages import ModelAnnouncement, Receipt, ReceiptStatus, Tier
-from protocol.names import MqttTopics
-from simulations.sim.nodes import CentralNode, TierNode
-from tiers.aggregate import PartialAggregate as Accumulator
-from tiers.central import CentralDaemon
-from tiers.config import CentralConfig, EdgeConfig, RegionalConfig, load_initial_model
-from tiers.edge import EdgeDaemon
-from tiers.flush import FlushPolicy
-from tiers.model_registry import MemoryModelRegistry
-from tiers.optimizers import make_optimizer
-from tiers.regional import RegionalDaemon
-from tiers.registry import KeyRegistry, TierKeys
-from tiers.staleness import StalenessPolicy
-from tiers.testing import SimDevice, sign_partial
+from fedtier.protocol.bus import MemoryBroker, MemoryBus
+from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.envelope import open_envelope
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.layout import layout_of
+from fedtier.protocol.messages import ModelAnnouncement, Receipt, ReceiptStatus, Tier
+from fedtier.protocol.names import MqttTopics
+from fedtier.simulations.sim.nodes import CentralNode, TierNode
+from fedtier.tiers.aggregate import Accumulator
+from fedtier.tiers.central import CentralDaemon
+from fedtier.tiers.config import CentralConfig, EdgeConfig, RegionalConfig, load_initial_model
+from fedtier.tiers.edge import EdgeDaemon
+from fedtier.tiers.flush import FlushPolicy
+from fedtier.tiers.model_registry import MemoryModelRegistry
+from fedtier.tiers.optimizers import make_optimizer
+from fedtier.tiers.regional import RegionalDaemon
+from fedtier.tiers.registry import KeyRegistry, TierKeys
+from fedtier.tiers.staleness import StalenessPolicy
+from fedtier.tiers.testing import SimDevice, sign_partial
 
 FLEET, REGION = "acme", "eu"
 SITES = ("north", "south")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from protocol.errors import ConfigError
-from simulations.sim.mesh_engine import mesh_problems, mesh_spec_for
-from simulations.sim.scenario import load_scenario
+from fedtier.protocol.errors import ConfigError
+from fedtier.simulations.sim.mesh_engine import mesh_problems, mesh_spec_for
+from fedtier.simulations.sim.scenario import load_scenario
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
 

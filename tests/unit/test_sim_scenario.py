@@ -7,9 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protocol.errors import ConfigError
-from simulations.sim.scenario import apply_override, dump_toml, load_scenario, parse_scenario
-from simulations.sim.synthetic import generate_synthetic
+from fedtier.protocol.errors import ConfigError
+from fedtier.simulations.sim.scenario import (
+    apply_override,
+    dump_toml,
+    load_scenario,
+    parse_scenario,
+)
+from fedtier.simulations.sim.synthetic import generate_synthetic
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from protocol.errors import ConfigError, LocalProtocolError
-from tiers.staleness import StalenessPolicy, effective_tau
+from fedtier.protocol.errors import ConfigError, LocalProtocolError
+from fedtier.tiers.staleness import StalenessPolicy, effective_tau
 
 
 @pytest.mark.parametrize(

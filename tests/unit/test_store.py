@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import trio
 
-from tiers.store import (
+from fedtier.protocol.errors import StoreError
+from fedtier.tiers.store import (
     InputRecord,
     InputState,
     ModelVersionRecord,
     OutboxEntry,
-    StoreError,
     open_state_store,
     read_lineage,
 )

@@ -23,10 +23,10 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from protocol.errors import ConfigError
-from protocol.telemetry import ATTR_INPUT_IDS, ATTR_TIER, ATTR_UPDATE_ID
-from protocol.telemetry.metrics import TierMetrics, setup_metrics
-from protocol.telemetry.tracing import (
+from fedtier.protocol.errors import ConfigError
+from fedtier.protocol.telemetry import ATTR_INPUT_IDS, ATTR_TIER, ATTR_UPDATE_ID
+from fedtier.protocol.telemetry.metrics import TierMetrics, setup_metrics
+from fedtier.protocol.telemetry.tracing import (
     JsonLinesSpanExporter,
     extract_context,
     inject_headers,
@@ -472,8 +472,8 @@ _GLOBAL_WIRING = """
 import json, sys, urllib.request
 from pathlib import Path
 from opentelemetry import trace
-from protocol.telemetry.metrics import TierMetrics, setup_metrics
-from protocol.telemetry.tracing import setup_tracing
+from fedtier.protocol.telemetry.metrics import TierMetrics, setup_metrics
+from fedtier.protocol.telemetry.tracing import setup_tracing
 
 out = Path(sys.argv[1])
 early = TierMetrics("edge", "e1")  # made before any provider exists

@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import trio
 
-from protocol.codecs import CodecSpec
-from protocol.errors import ConfigError
-from protocol.identity import SigningIdentity
-from tiers.config import (
+from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.errors import ConfigError
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.tiers.config import (
     CentralConfig,
     EdgeConfig,
     RegionalConfig,
     load_config,
     load_initial_model,
 )
-from tiers.daemon import KeyValueFormatter, SystemdNotifier
-from tiers.registry import KeyRegistry, TierKeys, load_verify_key
+from fedtier.tiers.daemon import KeyValueFormatter, SystemdNotifier
+from fedtier.tiers.registry import KeyRegistry, TierKeys, load_verify_key
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -246,9 +246,9 @@ def test_sd_notify_sends_datagrams(tmp_path, monkeypatch):
 
 
 async def test_edge_waits_for_a_broker_that_is_not_up_yet(tmp_path, monkeypatch, autojump_clock):
-    import protocol.bus._mqtt as mqtt_module
-    from protocol.errors import BusUnavailable
-    from tiers import daemon
+    import fedtier.protocol.bus._mqtt as mqtt_module
+    from fedtier.protocol.errors import BusUnavailable
+    from fedtier.tiers import daemon
 
     path = tmp_path / "edge.toml"
     path.write_text(EDGE_MINIMAL)
@@ -280,9 +280,9 @@ async def test_edge_waits_for_a_broker_that_is_not_up_yet(tmp_path, monkeypatch,
 
 
 async def test_registry_open_waits_out_a_nats_restart(tmp_path, autojump_clock):
-    from protocol.errors import BusUnavailable
-    from tiers import daemon
-    from tiers.testing import RecordingMetrics
+    from fedtier.protocol.errors import BusUnavailable
+    from fedtier.tiers import daemon
+    from fedtier.tiers.testing import RecordingMetrics
 
     path = tmp_path / "edge.toml"
     path.write_text(EDGE_MINIMAL)

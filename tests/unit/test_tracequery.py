@@ -11,7 +11,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 from rich.console import Console
 
-from protocol.telemetry import (
+from fedtier.protocol.telemetry import (
     ATTR_FLUSH_REASON,
     ATTR_INPUT_COUNT,
     ATTR_INPUT_IDS,
@@ -22,14 +22,14 @@ from protocol.telemetry import (
     ATTR_UPDATE_ID,
     span_name,
 )
-from protocol.telemetry.tracing import (
+from fedtier.protocol.telemetry.tracing import (
     TracingHandle,
     extract_context,
     inject_headers,
     link_for,
     setup_tracing,
 )
-from simulations.tracequery import (
+from fedtier.simulations.tracequery import (
     LinkRecord,
     SpanRecord,
     TraceIndex,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from sklearn.datasets import make_classification
 
-from client.torch_state import layout_from_state_dict
-from client.trainers import NumpyLogRegTrainer, TorchTrainer, Trainer, TrainResult, make_mlp
-from protocol.errors import LayoutMismatch, LocalProtocolError
+from fedtier.client.torch_state import layout_from_state_dict
+from fedtier.client.trainers import NumpyLogRegTrainer, TorchTrainer, Trainer, TrainResult, make_mlp
+from fedtier.protocol.errors import LayoutMismatch, LocalProtocolError
 
 
 def _data(n=300, features=8, classes=3, seed=0):

@@ -5,9 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from protocol.errors import LayoutMismatch, LocalProtocolError, RemoteProtocolError
-from tiers.aggregate import PartialAggregate
-from tiers.validation import UpdateRejected, ValidationResult, check_update_vector, update_norm
+from fedtier.protocol.errors import (
+    LayoutMismatch,
+    LocalProtocolError,
+    RemoteProtocolError,
+    UpdateRejected,
+)
+from fedtier.tiers.aggregate import Accumulator
+from fedtier.tiers.validation import ValidationResult, check_update_vector, update_norm
 
 
 def test_within_bound_passes_unscaled() -> None:
@@ -53,7 +58,7 @@ def test_clip_policy_returns_a_scale_that_folds_to_the_bound() -> None:
     result = check_update_vector(delta, max_norm=1.0, norm_policy="clip")
     assert result.clipped
     assert result.scale == pytest.approx(0.2)
-    agg = PartialAggregate(2)
+    agg = Accumulator(2)
     agg.fold_update(
         b"\x01" * 16,
         delta,

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol.codecs import CodecSpec, decode, encode
-from protocol.envelope import open_envelope
-from protocol.errors import RemoteProtocolError
-from protocol.identity import SigningIdentity, VerifyKey
-from protocol.layout import ModelLayout
+from fedtier.protocol.codecs import CodecSpec, decode, encode
+from fedtier.protocol.envelope import open_envelope
+from fedtier.protocol.errors import RemoteProtocolError
+from fedtier.protocol.identity import SigningIdentity, VerifyKey
+from fedtier.protocol.layout import ModelLayout
 
 VECTORS = Path(__file__).parent.parent / "vectors"
 

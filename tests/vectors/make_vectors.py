@@ -18,10 +18,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from protocol.codecs import CodecSpec, encode
-from protocol.envelope import SIGNING_CONTEXT, seal
-from protocol.identity import SigningIdentity
-from protocol.layout import ModelLayout, TensorSpec
+from fedtier.protocol.codecs import CodecSpec, encode
+from fedtier.protocol.envelope import SIGNING_CONTEXT, seal
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.layout import ModelLayout, TensorSpec
 from tests.samples import DELTA, KEYS, LAYOUT, SIGNERS, all_samples
 
 HERE = Path(__file__).parent
@@ -106,7 +106,7 @@ def codec_vectors() -> list[dict[str, Any]]:
         ("gauss64", CodecSpec("f32", k=64, index="varint")),
     ]
     out = []
-    from protocol.codecs import decode
+    from fedtier.protocol.codecs import decode
 
     for name, spec in specs:
         x = inputs[name]

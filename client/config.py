@@ -2,10 +2,12 @@
 
 The file (see ``deploy/device.example.toml``) has the sections ``[device]``,
 ``[central]``, ``[edges]``, ``[mqtt]``, ``[send]``, ``[schedule]`` and
-``[training]``. Relative paths are relative to the file's directory. Unknown
-sections and keys are errors, so a typo never silently falls back to a
-default. Every problem is a ``ConfigError`` whose one sentence names the key,
-e.g. ``device.toml: [send] max_attempts must be an integer >= 1, got 'five'``.
+``[training]``, read through ``protocol.files.ConfigTable`` (``[mqtt]`` through
+``protocol.bus.settings``, shared with the edges). Relative paths are relative
+to the file's directory. Unknown sections and keys are errors, so a typo never
+silently falls back to a default. Every problem is a ``ConfigError`` whose one
+sentence names the key, e.g. ``device.toml: send.max_attempts is 'five';
+expected an integer >= 1``.
 
 Loading reads the edges' public keys (``DeviceConfig`` holds them); the
 device's private key, the central key, the outbox and the data file are
@@ -15,20 +17,20 @@ data file without pickle).
 
 from __future__ import annotations
 
-import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from fedtier.client.device import DeviceConfig
 from fedtier.client.trainers import Trainer
+from fedtier.protocol.bus.settings import MqttSettings, parse_mqtt_settings
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.errors import ConfigError, FedtierError, KeyFileError, LocalProtocolError
-from fedtier.protocol.identity import VerifyKey, load_public_key
+from fedtier.protocol.files import ConfigTable, load_public_key
+from fedtier.protocol.identity import VerifyKey
 from fedtier.protocol.names import check_token
 
 __all__ = [
@@ -41,30 +43,9 @@ __all__ = [
 ]
 
 _SECTIONS: Final = ("device", "central", "edges", "mqtt", "send", "schedule", "training")
-_MISSING: Final = object()
-
-
-@dataclass(frozen=True, slots=True)
-class MqttSettings:
-    """Where and how the device reaches its site broker (map onto the MQTT adapter's config).
-
-    Attributes:
-        host: broker host name or address.
-        port: broker port (1883 plain, 8883 TLS by convention).
-        client_id: MQTT client id; None means the device's key id.
-        ca_file: CA bundle for TLS; None for plain TCP.
-        cert_file: the device's TLS client certificate.
-        key_file: the TLS client certificate's private key.
-        keepalive_s: MQTT keepalive.
-    """
-
-    host: str
-    port: int = 1883
-    client_id: str | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    keepalive_s: float = 60.0
+# A device keeps the adapter's own session expiry; an edge keeps its session longer.
+_MQTT_DEFAULTS: Final = MqttSettings(session_expiry_s=3600)
+_MODELS: Final[tuple[Literal["logreg", "mlp"], ...]] = ("logreg", "mlp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,100 +106,6 @@ class DeviceSettings:
     training: TrainingSettings
 
 
-class _Table:
-    """One TOML table, read key by key with typed checks; remembers what was read."""
-
-    def __init__(self, source: str, section: str, raw: object, base: Path) -> None:
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: [{section}] must be a table")
-        self.source = source
-        self.section = section
-        self.raw: dict[str, Any] = raw
-        self.base = base
-        self.read: set[str] = set()
-
-    def _bad(self, key: str, wants: str, value: object) -> ConfigError:
-        return ConfigError(f"{self.source}: [{self.section}] {key} must be {wants}, got {value!r}")
-
-    def _get(self, key: str, default: object) -> object:
-        self.read.add(key)
-        value = self.raw.get(key, default)
-        if value is _MISSING:
-            raise ConfigError(f"{self.source}: [{self.section}] {key} is required")
-        return value
-
-    def str_(self, key: str, default: object = _MISSING) -> str | None:
-        value = self._get(key, default)
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value:
-            raise self._bad(key, "a non-empty string", value)
-        return value
-
-    def path(self, key: str, default: object = _MISSING) -> Path | None:
-        text = self.str_(key, default)
-        return None if text is None else self.base / Path(text).expanduser()
-
-    def required_path(self, key: str) -> Path:
-        path = self.path(key)
-        assert path is not None
-        return path
-
-    def int_(self, key: str, default: object = _MISSING, *, minimum: int = 0) -> int | None:
-        value = self._get(key, default)
-        if value is None:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise self._bad(key, f"an integer >= {minimum}", value)
-        return value
-
-    def float_(
-        self, key: str, default: object = _MISSING, *, positive: bool = False
-    ) -> float | None:
-        value = self._get(key, default)
-        if value is None:
-            return None
-        wants = "a number > 0" if positive else "a number >= 0"
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise self._bad(key, wants, value)
-        number = float(value)
-        if not (math.isfinite(number) and (number > 0 if positive else number >= 0)):
-            raise self._bad(key, wants, value)
-        return number
-
-    def bool_(self, key: str, default: bool) -> bool:
-        value = self._get(key, default)
-        if not isinstance(value, bool):
-            raise self._bad(key, "true or false", value)
-        return value
-
-    def str_list(self, key: str) -> list[str]:
-        value = self._get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise self._bad(key, "a list of non-empty strings", value)
-        return value
-
-    def check_unknown(self) -> None:
-        unknown = sorted(set(self.raw) - self.read)
-        if unknown:
-            raise ConfigError(
-                f"{self.source}: [{self.section}] has unknown key {unknown[0]!r}; "
-                f"known keys are {', '.join(sorted(self.read))}"
-            )
-
-
-def _num(value: float | None) -> float:
-    assert value is not None
-    return value
-
-
-def _int(value: int | None) -> int:
-    assert value is not None
-    return value
-
-
 def load_device_settings(path: Path) -> DeviceSettings:
     """Read and check a device configuration file.
 
@@ -228,96 +115,74 @@ def load_device_settings(path: Path) -> DeviceSettings:
     """
     path = Path(path)
     source = path.name
-    try:
-        with path.open("rb") as f:
-            doc = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"cannot read device configuration {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    unknown = sorted(set(doc) - set(_SECTIONS))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown section [{unknown[0]}]; sections are {', '.join(_SECTIONS)}"
-        )
-    base = path.parent
-    tables = {name: _Table(source, name, doc.get(name), base) for name in _SECTIONS}
+    root = ConfigTable.load(path, what="device configuration")
+    tables = {name: root.table(name) for name in _SECTIONS}
+    root.finish()
 
     dev = tables["device"]
-    fleet = _str(dev.str_("fleet"))
-    site = _str(dev.str_("site"))
+    fleet = dev.string("fleet")
+    site = dev.string("site")
     for key, value in (("fleet", fleet), ("site", site)):
         try:
             check_token(key, value)
         except LocalProtocolError as exc:
-            raise ConfigError(f"{source}: [device] {key}: {exc}") from exc
-    identity_key = dev.required_path("identity_key")
-    outbox = dev.required_path("outbox")
+            raise ConfigError(f"{dev.locate(key)}: {exc}") from exc
+    identity_key = dev.path("identity_key")
+    outbox = dev.path("outbox")
     model_cache = dev.path("model_cache", None)
-    data = dev.required_path("data")
+    data = dev.path("data")
 
-    central_key = tables["central"].required_path("public_key")
+    central_key = tables["central"].path("public_key")
 
     edges = tables["edges"]
     trusted: list[VerifyKey] = []
-    for i, name in enumerate(edges.str_list("public_keys")):
-        key_path = base / Path(name).expanduser()
+    for i, key_path in enumerate(edges.paths("public_keys")):
         try:
             trusted.append(load_public_key(key_path))
         except KeyFileError as exc:
-            raise ConfigError(f"{source}: [edges] public_keys[{i}]: {exc}") from exc
-    for i, text in enumerate(edges.str_list("public_keys_hex")):
+            raise ConfigError(f"{edges.locate('public_keys')}[{i}]: {exc}") from exc
+    for i, text in enumerate(edges.strings("public_keys_hex")):
         try:
             trusted.append(VerifyKey.from_hex(text))
         except LocalProtocolError as exc:
-            raise ConfigError(f"{source}: [edges] public_keys_hex[{i}]: {exc}") from exc
+            raise ConfigError(f"{edges.locate('public_keys_hex')}[{i}]: {exc}") from exc
     if not trusted:
         raise ConfigError(
-            f"{source}: [edges] needs at least one trusted edge key in public_keys or "
-            "public_keys_hex"
+            f"{edges.where} needs at least one trusted edge key in public_keys or public_keys_hex"
         )
 
     mq = tables["mqtt"]
-    port = _int(mq.int_("port", 1883, minimum=1))
-    if port > 65535:
-        raise ConfigError(f"{source}: [mqtt] port must be at most 65535, got {port}")
-    mqtt = MqttSettings(
-        host=_str(mq.str_("host")),
-        port=port,
-        client_id=mq.str_("client_id", None),
-        ca_file=mq.path("ca_file", None),
-        cert_file=mq.path("cert_file", None),
-        key_file=mq.path("key_file", None),
-        keepalive_s=_num(mq.float_("keepalive_s", 60.0, positive=True)),
-    )
-    if (mqtt.cert_file is None) != (mqtt.key_file is None):
-        raise ConfigError(f"{source}: [mqtt] cert_file and key_file must be given together")
+    mqtt = parse_mqtt_settings(mq, _MQTT_DEFAULTS, host_required=True)
+    if mqtt.shared_subscription:
+        # Receipts come to one device only: an exclusive subscription has no
+        # loss window across a broker restart (docs/transport.md, MQTT).
+        raise mq.fail("shared_subscription", "false: a device subscribes alone")
 
     send = tables["send"]
-    codec = _str(send.str_("codec", "f32"))
+    codec = send.string("codec", "f32")
     try:
         # A percentage needs the model size; any size checks the name's syntax.
         CodecSpec.parse(codec, num_params=2**31 if "%" in codec else None)
     except LocalProtocolError as exc:
-        raise ConfigError(f"{source}: [send] codec: {exc}") from exc
+        raise ConfigError(f"{send.locate('codec')}: {exc}") from exc
     schedule = tables["schedule"]
-    wait_for_new = schedule.bool_("wait_for_new_model", False)
-    model_wait_s = _num(schedule.float_("model_wait_s", 60.0))
+    wait_for_new = schedule.boolean("wait_for_new_model", False)
+    model_wait_s = schedule.number("model_wait_s", 60.0, low=0.0)
     try:
         device = DeviceConfig(
             fleet=fleet,
             site=site,
             trusted_edges=tuple(trusted),
             codec=codec,
-            byte_budget=send.int_("byte_budget", None, minimum=1),
-            error_feedback=send.bool_("error_feedback", True),
-            receipt_timeout_s=_num(send.float_("receipt_timeout_s", 30.0, positive=True)),
-            max_attempts=_int(send.int_("max_attempts", 5, minimum=1)),
-            backoff_factor=_num(send.float_("backoff_factor", 2.0, positive=True)),
-            backoff_max_s=_num(send.float_("backoff_max_s", 300.0, positive=True)),
-            retry_delay_s=_num(send.float_("retry_delay_s", 1.0, positive=True)),
-            rounds=schedule.int_("rounds", None, minimum=1),
-            min_interval_s=_num(schedule.float_("min_interval_s", 0.0)),
+            byte_budget=send.integer("byte_budget", None, low=1),
+            error_feedback=send.boolean("error_feedback", True),
+            receipt_timeout_s=send.number("receipt_timeout_s", 30.0, low=0.0, low_open=True),
+            max_attempts=send.integer("max_attempts", 5, low=1),
+            backoff_factor=send.number("backoff_factor", 2.0, low=0.0, low_open=True),
+            backoff_max_s=send.number("backoff_max_s", 300.0, low=0.0, low_open=True),
+            retry_delay_s=send.number("retry_delay_s", 1.0, low=0.0, low_open=True),
+            rounds=schedule.integer("rounds", None, low=1),
+            min_interval_s=schedule.number("min_interval_s", 0.0, low=0.0),
             model_wait_s=None if wait_for_new else model_wait_s,
         )
     except LocalProtocolError as exc:
@@ -325,27 +190,24 @@ def load_device_settings(path: Path) -> DeviceSettings:
         raise ConfigError(f"{source}: {exc}") from exc
 
     tr = tables["training"]
-    model = _str(tr.str_("model", "logreg"))
-    if model not in ("logreg", "mlp"):
-        raise ConfigError(f"{source}: [training] model must be 'logreg' or 'mlp', got {model!r}")
     training = TrainingSettings(
-        model="logreg" if model == "logreg" else "mlp",
-        epochs=_num(tr.float_("epochs", 1.0, positive=True)),
-        batch_size=_int(tr.int_("batch_size", 32, minimum=1)),
-        lr=_num(tr.float_("lr", 0.1, positive=True)),
-        momentum=_num(tr.float_("momentum", 0.0)),
-        mu=_num(tr.float_("mu", 0.0)),
-        seed=_int(tr.int_("seed", 0)),
-        hidden=_int(tr.int_("hidden", 32, minimum=1)),
-        max_local_steps=tr.int_("max_local_steps", None, minimum=1),
-        num_classes=tr.int_("num_classes", None, minimum=2),
-        torch_threads=tr.int_("torch_threads", None, minimum=1),
+        model=tr.choice("model", _MODELS, "logreg"),
+        epochs=tr.number("epochs", 1.0, low=0.0, low_open=True),
+        batch_size=tr.integer("batch_size", 32, low=1),
+        lr=tr.number("lr", 0.1, low=0.0, low_open=True),
+        momentum=tr.number("momentum", 0.0, low=0.0),
+        mu=tr.number("mu", 0.0, low=0.0),
+        seed=tr.integer("seed", 0),
+        hidden=tr.integer("hidden", 32, low=1),
+        max_local_steps=tr.integer("max_local_steps", None, low=1),
+        num_classes=tr.integer("num_classes", None, low=2),
+        torch_threads=tr.integer("torch_threads", None, low=1),
     )
     if training.momentum >= 1:
-        raise ConfigError(f"{source}: [training] momentum must be below 1, got {training.momentum}")
+        raise tr.fail("momentum", "a number below 1")
 
     for table in tables.values():
-        table.check_unknown()
+        table.finish()
     return DeviceSettings(
         device=device,
         identity_key=identity_key,
@@ -356,11 +218,6 @@ def load_device_settings(path: Path) -> DeviceSettings:
         mqtt=mqtt,
         training=training,
     )
-
-
-def _str(value: str | None) -> str:
-    assert value is not None
-    return value
 
 
 def load_training_data(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:

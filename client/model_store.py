@@ -9,23 +9,22 @@ reconnect. The store:
 
 * accepts a blob when it verifies, is for this fleet and layout, is newer
   than the current version, decodes to finite values and, when the pointer
-  for that version is already known, has exactly the payload digest and size
-  the pointer names;
+  for that version is already known, is the blob that pointer names
+  (``protocol.models.check_blob_against_pointer``, the rule every tier applies);
 * remembers pointers (they tell which blob digest to expect for a version);
 * on any failure keeps the last good model and counts the reason in
   ``rejected`` (a repeat or an older version is counted in ``ignored``).
 
 A loaded blob can be kept in a cache file: the blob envelope exactly as
-received, written atomically. On start the file is verified again like any
-received blob: the signed envelope is the one source of truth, so the file
-holds nothing a signature does not cover, and nothing in it is unpickled.
+received, written atomically (``protocol.files.atomic_write``). On start the
+file is verified again like any received blob: the signed envelope is the one
+source of truth, so the file holds nothing a signature does not cover, and
+nothing in it is unpickled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
@@ -38,10 +37,12 @@ import numpy.typing as npt
 from fedtier.protocol.codecs import decode
 from fedtier.protocol.envelope import Envelope, open_envelope
 from fedtier.protocol.errors import RemoteProtocolError
+from fedtier.protocol.files import atomic_write
 from fedtier.protocol.identity import VerifyKey
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
 from fedtier.protocol.messages import ModelAnnouncement, ModelBlob
+from fedtier.protocol.models import check_blob_against_pointer
 from fedtier.protocol.names import check_token
 
 __all__ = ["ModelOffer", "ModelStore", "OfferStatus"]
@@ -183,18 +184,9 @@ class ModelStore:
             reason = "same_version" if msg.version == self._version else "older_version"
             return self._ignore(msg.version, reason, "blob")
         pointer = self._pointers.get(msg.version)
-        if pointer is not None and (
-            pointer.blob_blake3 != envelope.payload_blake3
-            or pointer.blob_size != len(envelope.payload)
-        ):
-            return self._reject(
-                msg.version,
-                "digest_mismatch",
-                f"blob for model v{msg.version} has payload digest "
-                f"{envelope.payload_blake3.hex()[:16]}... ({len(envelope.payload)} bytes); its "
-                f"pointer names {pointer.blob_blake3.hex()[:16]}... ({pointer.blob_size} bytes)",
-            )
         try:
+            if pointer is not None:
+                check_blob_against_pointer(envelope, msg, pointer)
             params = decode(envelope.payload, msg.codec, msg.num_params)
         except RemoteProtocolError as exc:
             return self._reject(msg.version, exc.reason, f"blob for model v{msg.version}: {exc}")
@@ -267,21 +259,7 @@ class ModelStore:
 
     @staticmethod
     def _write_cache(path: Path, data: bytes) -> None:
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            # Rename after fsync: a crash leaves the old file or the new one, never half.
-            os.replace(tmp, path)
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write(path, data)
         except OSError as exc:
             _log.warning("cannot write model cache %s: %s", path, exc.strerror)
-            with contextlib.suppress(OSError):
-                tmp.unlink()

@@ -51,8 +51,8 @@ async def _serve(config_path: Path) -> None:
     from fedtier.client.device import DeviceReport, serve_device
     from fedtier.client.model_store import ModelStore
     from fedtier.client.outbox import Outbox
-    from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
-    from fedtier.protocol.identity import load_public_key, load_signing_identity
+    from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
+    from fedtier.protocol.files import load_public_key, load_signing_identity
     from fedtier.protocol.telemetry.tracing import setup_tracing
 
     settings = load_device_settings(config_path)
@@ -74,12 +74,13 @@ async def _serve(config_path: Path) -> None:
         host=mqtt.host,
         port=mqtt.port,
         client_id=mqtt.client_id or identity.key_id,
-        keepalive_s=max(1, round(mqtt.keepalive_s)),
-        ca_file=mqtt.ca_file,
-        cert_file=mqtt.cert_file,
-        key_file=mqtt.key_file,
+        keepalive_s=mqtt.keepalive_s,
+        session_expiry_s=mqtt.session_expiry_s,
+        ca_file=mqtt.tls_ca_file,
+        cert_file=mqtt.tls_cert_file,
+        key_file=mqtt.tls_key_file,
         # One consumer per receipt topic: an exclusive durable subscription
-        # has no loss window across a broker restart (protocol.bus._mqtt).
+        # has no loss window across a broker restart (docs/transport.md, MQTT).
         shared_durables=False,
     )
     tracing = setup_tracing("fedtier-device", instance_id=identity.key_id, jsonl_dir=None)

@@ -1,4 +1,8 @@
-"""Ed25519 identities of devices, tier daemons and the central; no I/O beyond key files.
+"""Ed25519 identities of devices, tier daemons and the central, to and from bytes; no file I/O.
+
+Keys go to and from PEM bytes here; reading and writing key files (mode 0600,
+refusing a world-readable private key) is ``fedtier.protocol.files``'s job, so
+this module never touches the file system.
 
 A key id is the stable, printable name of a public key: the first 15 bytes of
 BLAKE3 over the 32 raw public-key bytes, in lowercase RFC 4648 base32 without
@@ -9,25 +13,21 @@ subjects and file names, and every message names its sender by it.
 from __future__ import annotations
 
 import base64
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import blake3
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedtier.protocol.errors import KeyFileError, LocalProtocolError, SignatureError
+from fedtier.protocol.errors import LocalProtocolError, SignatureError
 
 __all__ = [
     "KEY_ID_LENGTH",
     "SigningIdentity",
     "VerifyKey",
     "key_id_for",
-    "load_public_key",
-    "load_signing_identity",
     "valid_key_id",
 ]
 
@@ -89,6 +89,21 @@ class VerifyKey:
         )
 
     @classmethod
+    def from_pem(cls, data: bytes) -> VerifyKey:
+        """Parse a SubjectPublicKeyInfo PEM block (what :meth:`to_pem` writes).
+
+        Raises:
+            LocalProtocolError: not a PEM public key, or not an Ed25519 one.
+        """
+        try:
+            key = serialization.load_pem_public_key(data)
+        except ValueError as exc:
+            raise LocalProtocolError("not a PEM public key") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise LocalProtocolError(f"holds a {type(key).__name__}, not an Ed25519 public key")
+        return cls(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+    @classmethod
     def from_hex(cls, text: str) -> VerifyKey:
         """Parse 64 hex digits (the form registries and configs use)."""
         try:
@@ -140,72 +155,25 @@ class SigningIdentity:
             serialization.NoEncryption(),
         )
 
-    def save(self, path: Path) -> None:
-        """Write the private key as PKCS#8 PEM, readable by the owner only (0600).
-
-        The file is created with mode 0600 from the start (never chmod after
-        writing) and must not exist yet, so a key is never silently replaced.
-        """
-        pem = self._private.private_bytes(
+    def to_pem(self) -> bytes:
+        """Return the private key as unencrypted PKCS#8 PEM (secret: write it mode 0600)."""
+        return self._private.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> SigningIdentity:
+        """Parse an unencrypted PEM private key (what :meth:`to_pem` writes).
+
+        Raises:
+            LocalProtocolError: not an unencrypted PEM private key, or not an Ed25519 one.
+        """
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError as exc:
-            raise KeyFileError(f"key file {path} already exists; refusing to overwrite it") from exc
-        except OSError as exc:
-            raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from exc
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def save_public(self, path: Path) -> None:
-        """Write the public key as PEM (not secret)."""
-        path.write_bytes(self.verify_key.to_pem())
-
-
-def load_signing_identity(path: Path) -> SigningIdentity:
-    """Read a private key written by ``SigningIdentity.save``.
-
-    Raises:
-        KeyFileError: missing, unreadable, readable by others, or not an
-            Ed25519 private key.
-    """
-    try:
-        mode = path.stat().st_mode & 0o777
-        data = path.read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from exc
-    if mode & 0o077:
-        raise KeyFileError(
-            f"key file {path} has mode {mode:04o}; a private key must be 0600 (chmod 600 {path})"
-        )
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise KeyFileError(f"key file {path} is not an unencrypted PEM private key") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"key file {path} holds a {type(key).__name__}, not an Ed25519 key")
-    return SigningIdentity(key)
-
-
-def load_public_key(path: Path) -> VerifyKey:
-    """Read a public key written by ``SigningIdentity.save_public`` (PEM).
-
-    Raises:
-        KeyFileError: missing, unreadable or not an Ed25519 public key.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read public key file {path}: {exc.strerror}") from exc
-    try:
-        key = serialization.load_pem_public_key(data)
-    except ValueError as exc:
-        raise KeyFileError(f"public key file {path} is not a PEM public key") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"public key file {path} holds a {type(key).__name__}, not Ed25519")
-    return VerifyKey(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise LocalProtocolError("not an unencrypted PEM private key") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise LocalProtocolError(f"holds a {type(key).__name__}, not an Ed25519 private key")
+        return cls(key)

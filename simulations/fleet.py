@@ -45,7 +45,6 @@ import random
 import signal
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, ExitStack
 from dataclasses import dataclass, field
@@ -67,7 +66,8 @@ from fedtier.protocol.errors import (
     LocalProtocolError,
     PublishError,
 )
-from fedtier.protocol.identity import VerifyKey, load_public_key, load_signing_identity
+from fedtier.protocol.files import ConfigTable, load_public_key, load_signing_identity
+from fedtier.protocol.identity import VerifyKey
 from fedtier.protocol.messages import DeviceUpdate
 from fedtier.protocol.names import MqttTopics, check_token
 
@@ -230,104 +230,23 @@ class FleetConfig:
     start_spread_s: float = 5.0
 
 
-class _Reader:
-    """Typed access to one TOML table; each problem is a ConfigError naming the key."""
-
-    def __init__(self, data: object, where: str, base: Path) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where} must be a table")
-        self.data: dict[str, Any] = data
-        self.where = where
-        self.base = base
-        self.used: set[str] = set()
-
-    def _get(self, key: str, default: object) -> object:
-        self.used.add(key)
-        if key in self.data:
-            return self.data[key]
-        if default is _REQUIRED:
-            raise ConfigError(f"{self.where}: {key} is missing; it is required")
-        return default
-
-    def _bad(self, key: str, value: object, expected: str) -> ConfigError:
-        return ConfigError(f"{self.where}: {key} is {value!r}; expected {expected}")
-
-    def text(self, key: str, default: str | None = None) -> str:
-        value = self._get(key, _REQUIRED if default is None else default)
-        if not isinstance(value, str) or not value:
-            raise self._bad(key, value, "a non-empty string")
-        return value
-
-    def token(self, key: str) -> str:
-        value = self.text(key)
-        try:
-            return check_token(key, value)
-        except LocalProtocolError as exc:
-            raise ConfigError(f"{self.where}: {exc}") from exc
-
-    def number(self, key: str, default: float | None = None, *, minimum: float = 0.0) -> float:
-        value = self._get(key, _REQUIRED if default is None else default)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < minimum
-        ):
-            raise self._bad(key, value, f"a number >= {minimum:g}")
-        return float(value)
-
-    def optional_number(self, key: str) -> float | None:
-        if key not in self.data or self.data[key] is False:
-            self.used.add(key)
-            return None
-        return self.number(key, minimum=1e-9)
-
-    def integer(self, key: str, default: int | None = None, *, minimum: int = 0) -> int:
-        value = self._get(key, _REQUIRED if default is None else default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self._bad(key, value, f"an integer >= {minimum}")
-        return value
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self._get(key, default)
-        if not isinstance(value, bool):
-            raise self._bad(key, value, "true or false")
-        return value
-
-    def path(self, key: str, default: str | None = None) -> Path:
-        text = self.text(key, default)
-        path = Path(text).expanduser()
-        return path if path.is_absolute() else self.base / path
-
-    def table(self, key: str) -> _Reader:
-        return _Reader(self._get(key, {}), f"{self.where} [{key}]", self.base)
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(f"{self.where}: {unknown[0]!r} is not a known setting")
-
-
-_REQUIRED: Final = object()
-
-
-def _load_key(path: Path, where: str) -> VerifyKey:
+def _load_key(table: ConfigTable, key: str, path: Path) -> VerifyKey:
     try:
         return load_public_key(path)
     except KeyFileError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        raise ConfigError(f"{table.locate(key)}: {exc}") from exc
 
 
-def _kind(name: KindName, table: _Reader) -> DeviceKind:
+def _kind(name: KindName, table: ConfigTable) -> DeviceKind:
     online = table.optional_number("online_mean_s")
     kind = DeviceKind(
         name=name,
-        min_interval_s=table.number("min_interval_s"),
-        model_wait_s=table.number("model_wait_s", 30.0),
-        delay_median_s=table.number("delay_median_s", 0.0),
-        delay_sigma=table.number("delay_sigma", 0.0),
+        min_interval_s=table.number("min_interval_s", low=0.0),
+        model_wait_s=table.number("model_wait_s", 30.0, low=0.0),
+        delay_median_s=table.number("delay_median_s", 0.0, low=0.0),
+        delay_sigma=table.number("delay_sigma", 0.0, low=0.0),
         online_mean_s=online,
-        offline_mean_s=table.number("offline_mean_s", 0.0),
+        offline_mean_s=table.number("offline_mean_s", 0.0, low=0.0),
     )
     table.finish()
     return kind
@@ -340,88 +259,74 @@ def load_fleet_config(path: Path) -> FleetConfig:
         ConfigError: unreadable, not TOML, or a key is missing, unknown or bad
             (one sentence naming it).
     """
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read fleet file {path}: {exc.strerror}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"fleet file {path} is not valid TOML: {exc}") from exc
-    root = _Reader(data, path.name, path.parent)
+    root = ConfigTable.load(path, what="fleet file")
     duration = root.optional_number("duration_s")
-    trace_dir = root.path("trace_dir") if "trace_dir" in data else None
-    root.used.add("trace_dir")
+    trace_dir = root.path("trace_dir", None)
 
     mqtt = root.table("mqtt")
-    port = mqtt.integer("port", minimum=1)
-    if port > 65535:
-        raise ConfigError(f"{mqtt.where}: port is {port}; expected a TCP port (1-65535)")
-    host = mqtt.text("host", "127.0.0.1")
-    keepalive = mqtt.integer("keepalive_s", 60, minimum=5)
+    port = mqtt.port("port")
+    host = mqtt.string("host", "127.0.0.1")
+    keepalive = mqtt.integer("keepalive_s", 60, low=5)
     mqtt.finish()
 
     central = root.table("central")
-    central_key = _load_key(central.path("public_key"), central.where)
+    central_key = _load_key(central, "public_key", central.path("public_key"))
     central.finish()
 
     send_table = root.table("send")
     send = SendSpec(
-        codec=send_table.text("codec", "i8"),
-        error_feedback=send_table.flag("error_feedback", True),
-        receipt_timeout_s=send_table.number("receipt_timeout_s", 10.0, minimum=0.01),
-        max_attempts=send_table.integer("max_attempts", 5, minimum=1),
-        backoff_max_s=send_table.number("backoff_max_s", 60.0, minimum=0.01),
-        unsafe_trust_puback=send_table.flag("unsafe_trust_puback", False),
+        codec=send_table.string("codec", "i8"),
+        error_feedback=send_table.boolean("error_feedback", True),
+        receipt_timeout_s=send_table.number("receipt_timeout_s", 10.0, low=0.01),
+        max_attempts=send_table.integer("max_attempts", 5, low=1),
+        backoff_max_s=send_table.number("backoff_max_s", 60.0, low=0.01),
+        unsafe_trust_puback=send_table.boolean("unsafe_trust_puback", False),
     )
     send_table.finish()
     try:
+        # A percentage needs the model size; any size checks the name's syntax.
         CodecSpec.parse(send.codec, num_params=2**31 if "%" in send.codec else None)
     except LocalProtocolError as exc:
-        raise ConfigError(f"{send_table.where}: codec: {exc}") from exc
+        raise ConfigError(f"{send_table.locate('codec')}: {exc}") from exc
 
     tr = root.table("training")
     training = TrainingSpec(
-        epochs=tr.number("epochs", 5.0, minimum=1e-9),
-        batch_size=tr.integer("batch_size", 8, minimum=1),
-        lr=tr.number("lr", 0.2, minimum=1e-12),
-        hidden=tr.integer("hidden", 32, minimum=1),
-        num_classes=tr.integer("num_classes", 10, minimum=2),
+        epochs=tr.number("epochs", 5.0, low=0.0, low_open=True),
+        batch_size=tr.integer("batch_size", 8, low=1),
+        lr=tr.number("lr", 0.2, low=0.0, low_open=True),
+        hidden=tr.integer("hidden", 32, low=1),
+        num_classes=tr.integer("num_classes", 10, low=2),
     )
     tr.finish()
 
     kinds_table = root.table("kinds")
     kinds: dict[str, DeviceKind] = {}
     for kind_name in KIND_NAMES:
-        if kind_name in kinds_table.data:
+        if kinds_table.has(kind_name):
             kinds[kind_name] = _kind(kind_name, kinds_table.table(kind_name))
     kinds_table.finish()
 
+    # Site names are the keys of [sites], each checked as a token here.
     sites_table = root.table("sites")
     edge_keys: dict[str, tuple[VerifyKey, ...]] = {}
-    for site in list(sites_table.data):
+    for site in sites_table.remaining():
         try:
             check_token("site", site)
         except LocalProtocolError as exc:
             raise ConfigError(f"{sites_table.where}: {exc}") from exc
         table = sites_table.table(site)
-        raw = table._get("edge_keys", _REQUIRED)
-        if not isinstance(raw, list) or not raw or not all(isinstance(p, str) for p in raw):
-            raise table._bad("edge_keys", raw, "a non-empty list of public key files")
         edge_keys[site] = tuple(
-            _load_key(table.base / Path(p).expanduser(), table.where) for p in raw
+            _load_key(table, f"edge_keys[{i}]", key_file)
+            for i, key_file in enumerate(table.paths("edge_keys", required=True))
         )
         table.finish()
     sites_table.finish()
 
-    raw_devices = root._get("devices", _REQUIRED)
-    if not isinstance(raw_devices, list) or not raw_devices:
-        raise ConfigError(f"{path.name}: devices must be a non-empty array of tables")
     devices: list[DeviceSpec] = []
     names: set[str] = set()
-    for i, raw in enumerate(raw_devices):
-        table = _Reader(raw, f"{path.name} devices[{i}]", path.parent)
-        name = table.token("name")
-        kind = table.text("kind")
+    for table in root.tables("devices", required=True):
+        name = table.token("name", kind="device")
+        kind = table.choice("kind", KIND_NAMES)
         site = table.token("site")
         if kind not in kinds:
             raise ConfigError(f"{table.where}: kind {kind!r} has no [kinds.{kind}] table")
@@ -433,7 +338,7 @@ def load_fleet_config(path: Path) -> FleetConfig:
         devices.append(
             DeviceSpec(
                 name=name,
-                kind=cast(KindName, kind),
+                kind=kind,
                 site=site,
                 identity_key=table.path("identity_key"),
                 data=table.path("data"),
@@ -444,7 +349,7 @@ def load_fleet_config(path: Path) -> FleetConfig:
 
     config = FleetConfig(
         fleet=root.token("fleet"),
-        name=root.token("name"),
+        name=root.token("name", kind="fleet process"),
         duration_s=duration,
         seed=root.integer("seed", 0),
         state_dir=root.path("state_dir"),
@@ -459,9 +364,9 @@ def load_fleet_config(path: Path) -> FleetConfig:
         training=training,
         kinds=kinds,
         devices=tuple(devices),
-        train_threads=root.integer("train_threads", 1, minimum=1),
-        progress_interval_s=root.number("progress_interval_s", 1.0, minimum=0.05),
-        start_spread_s=root.number("start_spread_s", 5.0),
+        train_threads=root.integer("train_threads", 1, low=1),
+        progress_interval_s=root.number("progress_interval_s", 1.0, low=0.05),
+        start_spread_s=root.number("start_spread_s", 5.0, low=0.0),
     )
     root.finish()
     return config
@@ -638,7 +543,7 @@ class _FleetDevice:
 
     async def _online(self) -> None:
         from fedtier.client.device import serve_device
-        from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+        from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
 
         config = MqttConfig(
             host=self.mqtt_host,

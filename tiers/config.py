@@ -1,16 +1,16 @@
 """Typed configuration of the tier daemons, loaded from TOML; imports protocol and tiers math only.
 
-No bus, no trio: a config is plain frozen data. ``load_config(kind, path)``
-reads a file with ``tomllib``; every unknown key or unusable value raises
-``ConfigError`` with one sentence naming it (``edge.toml: flush.max_inputs is 0;
-expected an integer >= 1``). Relative paths are relative to the file's folder.
-Commented examples live in ``deploy/*.example.toml``.
+No trio here: a config is plain frozen data. ``load_config(kind, path)``
+reads a file through ``protocol.files.ConfigTable`` (the ``[mqtt]`` table
+through ``protocol.bus.settings``, shared with devices); every unknown key or
+unusable value raises ``ConfigError`` with one sentence naming it
+(``edge.toml: flush.max_inputs is 0; expected an integer >= 1``). Relative
+paths are relative to the file's folder. Commented examples live in
+``deploy/*.example.toml``.
 """
 
 from __future__ import annotations
 
-import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,8 +18,10 @@ from typing import Any, Final, Literal, TypeAlias
 
 import numpy as np
 
+from fedtier.protocol.bus.settings import MqttSettings, parse_mqtt_settings
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.errors import ConfigError, LocalProtocolError
+from fedtier.protocol.files import ConfigTable
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
 from fedtier.protocol.names import check_token
@@ -44,37 +46,6 @@ __all__ = [
 
 TierKind: TypeAlias = Literal["edge", "regional", "central"]
 TIER_KINDS: Final = ("edge", "regional", "central")
-
-
-@dataclass(frozen=True, slots=True)
-class MqttSettings:
-    """How an edge reaches its site's MQTT broker.
-
-    Attributes:
-        host: broker host name or address.
-        port: broker port (8883 is usual with TLS).
-        client_id: MQTT client id; stable, so the broker keeps the session.
-        keepalive_s: MQTT keepalive; well above any consumer stall.
-        session_expiry_s: how long the broker keeps the session while away.
-        tls_ca_file, tls_cert_file, tls_key_file: PEM files for TLS (client cert auth).
-        shared_subscription: share the site's updates with other edges through an
-            MQTT v5 shared subscription. Off by default: Mosquitto 2.0 delivers
-            nothing new to a shared subscription after a broker restart until it is
-            subscribed again (a window in which PUBACKed updates are dropped and
-            only the devices' resends recover them), and an update redelivered to
-            another edge after a crash would be folded by both (their stores do
-            not share dedupe).
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    client_id: str = "fedtier-edge"
-    keepalive_s: int = 60
-    session_expiry_s: int = 86_400
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    shared_subscription: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,116 +277,14 @@ def load_initial_model(path: Path) -> tuple[ModelLayout, np.ndarray[Any, np.dtyp
 
 # -- loading ------------------------------------------------------------------------
 
-_REQUIRED: Final = object()
 _DEFAULT_NATS: Final = NatsSettings()
 _DEFAULT_MQTT: Final = MqttSettings()
 _DEFAULT_RETRY: Final = RetrySettings()
+_NORM_POLICIES: Final[tuple[NormPolicy, ...]] = ("clip", "reject")
 
 
-class _Table:
-    """One TOML table being read: typed getters, then a check that nothing is left over."""
-
-    def __init__(self, data: Mapping[str, Any], name: str, file: Path) -> None:
-        self._data = data
-        self._name = name
-        self._file = file
-        self._used: set[str] = set()
-
-    def _where(self, key: str) -> str:
-        full = f"{self._name}.{key}" if self._name else key
-        return f"{self._file.name}: {full}"
-
-    def _get(self, key: str, default: object) -> Any:
-        self._used.add(key)
-        if key in self._data:
-            return self._data[key]
-        if default is _REQUIRED:
-            raise ConfigError(f"{self._where(key)} is missing; it is required")
-        return default
-
-    def fail(self, key: str, value: object, expected: str) -> ConfigError:
-        return ConfigError(f"{self._where(key)} is {value!r}; expected {expected}")
-
-    def has(self, key: str) -> bool:
-        return key in self._data
-
-    def str_(self, key: str, default: object = _REQUIRED) -> Any:
-        value = self._get(key, default)
-        if value is not default and not isinstance(value, str):
-            raise self.fail(key, value, "a string")
-        return value
-
-    def int_(self, key: str, default: object = _REQUIRED, *, minimum: int = 0) -> Any:
-        value = self._get(key, default)
-        if value is default:
-            return value
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.fail(key, value, f"an integer >= {minimum}")
-        return value
-
-    def float_(self, key: str, default: object = _REQUIRED, *, allow_off: bool = False) -> Any:
-        value = self._get(key, default)
-        if value is default:
-            return value
-        if allow_off and value is False:
-            return None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            expected = "a number > 0" + (", or false for none" if allow_off else "")
-            raise self.fail(key, value, expected)
-        return float(value)
-
-    def bool_(self, key: str, default: object = _REQUIRED) -> Any:
-        value = self._get(key, default)
-        if value is not default and not isinstance(value, bool):
-            raise self.fail(key, value, "true or false")
-        return value
-
-    def path(self, key: str, default: object = _REQUIRED) -> Any:
-        value = self.str_(key, default)
-        if value is default or value is None:
-            return value
-        if not value:
-            raise self.fail(key, value, "a non-empty path")
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else self._file.parent / path
-
-    def paths(self, key: str) -> tuple[Path, ...]:
-        value = self._get(key, [])
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise self.fail(key, value, "a path or a list of paths")
-        out = []
-        for item in value:
-            path = Path(item).expanduser()
-            out.append(path if path.is_absolute() else self._file.parent / path)
-        return tuple(out)
-
-    def table(self, key: str) -> _Table:
-        value = self._get(key, {})
-        if not isinstance(value, dict):
-            raise self.fail(key, value, "a table")
-        return _Table(value, f"{self._name}.{key}" if self._name else key, self._file)
-
-    def raw_table(self, key: str) -> dict[str, Any]:
-        value = self._get(key, {})
-        if not isinstance(value, dict):
-            raise self.fail(key, value, "a table")
-        return value
-
-    def finish(self) -> None:
-        unknown = sorted(k for k in self._data if k not in self._used)
-        if unknown:
-            raise ConfigError(f"{self._where(unknown[0])} is not a known setting")
-
-
-def _nats(table: _Table) -> NatsSettings:
-    servers = table._get("servers", list(_DEFAULT_NATS.servers))
+def _nats(table: ConfigTable) -> NatsSettings:
+    servers = table.raw("servers", list(_DEFAULT_NATS.servers))
     if isinstance(servers, str):
         servers = [servers]
     if (
@@ -423,122 +292,96 @@ def _nats(table: _Table) -> NatsSettings:
         or not servers
         or not all(isinstance(s, str) and s for s in servers)
     ):
-        raise table.fail("servers", servers, "a non-empty list of NATS URLs")
-    monitoring = table.str_("monitoring_url", None)
+        raise table.fail("servers", "a non-empty list of NATS URLs")
+    monitoring = table.string("monitoring_url", None)
     if monitoring is not None and not monitoring.startswith(("http://", "https://")):
-        raise table.fail("monitoring_url", monitoring, "an http:// or https:// URL")
+        raise table.fail("monitoring_url", "an http:// or https:// URL")
     settings = NatsSettings(
         servers=tuple(servers),
         monitoring_url=monitoring,
-        require_sync_always=table.bool_("require_sync_always", True),
-        ack_wait_s=table.float_("ack_wait_s", _DEFAULT_NATS.ack_wait_s),
+        require_sync_always=table.boolean("require_sync_always", True),
+        ack_wait_s=table.number("ack_wait_s", _DEFAULT_NATS.ack_wait_s, low=0.0, low_open=True),
         tls_ca_file=table.path("tls_ca_file", None),
         tls_cert_file=table.path("tls_cert_file", None),
         tls_key_file=table.path("tls_key_file", None),
         credentials_file=table.path("credentials_file", None),
         nkeys_seed_file=table.path("nkeys_seed_file", None),
-        manage_streams=table.bool_("manage_streams", None),
+        manage_streams=table.boolean("manage_streams", None),
     )
     table.finish()
     return settings
 
 
-def _mqtt(table: _Table) -> MqttSettings:
-    port = table.int_("port", 1883, minimum=1)
-    if port > 65535:
-        raise table.fail("port", port, "a TCP port (1-65535)")
-    client_id = table.str_("client_id", _DEFAULT_MQTT.client_id)
-    if not 1 <= len(client_id) <= 128:
-        raise table.fail("client_id", client_id, "1-128 characters")
-    settings = MqttSettings(
-        host=table.str_("host", _DEFAULT_MQTT.host),
-        port=port,
-        client_id=client_id,
-        keepalive_s=table.int_("keepalive_s", _DEFAULT_MQTT.keepalive_s, minimum=5),
-        session_expiry_s=table.int_("session_expiry_s", _DEFAULT_MQTT.session_expiry_s, minimum=1),
-        tls_ca_file=table.path("tls_ca_file", None),
-        tls_cert_file=table.path("tls_cert_file", None),
-        tls_key_file=table.path("tls_key_file", None),
-        shared_subscription=table.bool_("shared_subscription", False),
-    )
-    table.finish()
-    return settings
-
-
-def _limits(table: _Table) -> Limits:
+def _limits(table: ConfigTable) -> Limits:
     values: dict[str, int] = {}
     for spec in fields(Limits):
         if table.has(spec.name):
-            values[spec.name] = table.int_(spec.name, minimum=1)
+            values[spec.name] = table.integer(spec.name, low=1)
     table.finish()
     return Limits(**values)
 
 
-def _telemetry(table: _Table) -> TelemetrySettings:
-    port = table._get("prometheus_port", None)
-    if port is False:
-        port = None
-    if port is not None and (
-        isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535
-    ):
-        raise table.fail("prometheus_port", port, "a TCP port (1-65535), or false for none")
-    settings = TelemetrySettings(jsonl_dir=table.path("jsonl_dir", None), prometheus_port=port)
-    table.finish()
-    return settings
-
-
-def _retry(table: _Table) -> RetrySettings:
-    settings = RetrySettings(
-        initial_backoff_s=table.float_("initial_backoff_s", _DEFAULT_RETRY.initial_backoff_s),
-        max_backoff_s=table.float_("max_backoff_s", _DEFAULT_RETRY.max_backoff_s),
+def _telemetry(table: ConfigTable) -> TelemetrySettings:
+    settings = TelemetrySettings(
+        jsonl_dir=table.path("jsonl_dir", None),
+        prometheus_port=table.optional_port("prometheus_port"),
     )
     table.finish()
     return settings
 
 
-def _codec(table: _Table, key: str) -> CodecSpec:
-    name = table.str_(key, "f32")
+def _retry(table: ConfigTable) -> RetrySettings:
+    settings = RetrySettings(
+        initial_backoff_s=table.number(
+            "initial_backoff_s", _DEFAULT_RETRY.initial_backoff_s, low=0.0, low_open=True
+        ),
+        max_backoff_s=table.number(
+            "max_backoff_s", _DEFAULT_RETRY.max_backoff_s, low=0.0, low_open=True
+        ),
+    )
+    table.finish()
+    return settings
+
+
+def _codec(table: ConfigTable, key: str) -> CodecSpec:
+    name = table.string(key, "f32")
     try:
         return CodecSpec.parse(name)
     except LocalProtocolError as exc:
-        raise table.fail(key, name, f"a codec name such as 'f32', 'f16', 'i8' ({exc})") from exc
+        raise table.fail(key, f"a codec name such as 'f32', 'f16', 'i8' ({exc})") from exc
 
 
-def _policies(root: _Table, file: Path) -> dict[str, Any]:
-    try:
-        flush = FlushPolicy.from_config(root.raw_table("flush"))
-        staleness = StalenessPolicy.from_config(root.raw_table("staleness"))
-    except ConfigError as exc:
-        raise ConfigError(f"{file.name}: {exc}") from exc
+def _policies(root: ConfigTable) -> dict[str, Any]:
+    flush = FlushPolicy.from_config(root.mapping("flush"), section=root.locate("flush"))
+    staleness = StalenessPolicy.from_config(
+        root.mapping("staleness"), section=root.locate("staleness")
+    )
     return {"flush": flush, "staleness": staleness}
 
 
-def _common(root: _Table, file: Path, kind: TierKind) -> dict[str, Any]:
+def _common(root: ConfigTable, kind: TierKind) -> dict[str, Any]:
     keys = root.table("keys")
     common: dict[str, Any] = {
-        "fleet": root.str_("fleet"),
+        "fleet": root.string("fleet"),
         "identity_key": root.path("identity_key"),
         "state_dir": root.path("state_dir"),
         "sender_keys": keys.paths("senders"),
-        "central_key": keys.str_("central"),
+        "central_key": keys.string("central", nonempty=False),
         "nats": _nats(root.table("nats")),
         "limits": _limits(root.table("limits")),
-        "intake_capacity": root.int_("intake_capacity", 64, minimum=1),
-        "shutdown_timeout_s": root.float_("shutdown_timeout_s", 30.0),
+        "intake_capacity": root.integer("intake_capacity", 64, low=1),
+        "shutdown_timeout_s": root.number("shutdown_timeout_s", 30.0, low=0.0, low_open=True),
         "retry": _retry(root.table("retry")),
         "telemetry": _telemetry(root.table("telemetry")),
-        **_policies(root, file),
+        **_policies(root),
     }
     if kind != "central" and not common["sender_keys"]:
-        raise ConfigError(f"{file.name}: keys.senders is missing; list at least one key registry")
+        raise ConfigError(f"{keys.locate('senders')} is missing; list at least one key registry")
     if not common["central_key"]:
-        raise ConfigError(f"{file.name}: keys.central is empty; pin the central's public key")
+        raise ConfigError(f"{keys.locate('central')} is empty; pin the central's public key")
     keys.finish()
     store = root.table("store")
-    window_ms = store._get("commit_window_ms", 2.0)
-    if isinstance(window_ms, bool) or not isinstance(window_ms, int | float) or window_ms < 0:
-        raise store.fail("commit_window_ms", window_ms, "a number of milliseconds >= 0")
-    common["commit_window_s"] = float(window_ms) / 1000.0
+    common["commit_window_s"] = store.number("commit_window_ms", 2.0, low=0.0) / 1000.0
     store.finish()
     return common
 
@@ -552,31 +395,23 @@ def load_config(kind: TierKind, path: Path) -> TierConfig:
     if kind not in TIER_KINDS:
         raise ConfigError(f"daemon kind {kind!r} is not one of {', '.join(TIER_KINDS)}")
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    root = _Table(data, "", path)
-    common = _common(root, path, kind)
+    root = ConfigTable.load(path)
+    common = _common(root, kind)
     config: TierConfig
     try:
         if kind == "edge":
             validation = root.table("validation")
-            policy = validation.str_("norm_policy", "clip")
-            if policy not in ("clip", "reject"):
-                raise validation.fail("norm_policy", policy, "'clip' or 'reject'")
-            max_norm = validation.float_("max_norm", None, allow_off=True)
+            policy = validation.choice("norm_policy", _NORM_POLICIES, "clip")
+            max_norm = validation.optional_number("max_norm")
             validation.finish()
             partial = root.table("partial")
             codec = _codec(partial, "codec")
             partial.finish()
             config = EdgeConfig(
                 **common,
-                site=root.str_("site"),
-                region=root.str_("region"),
-                mqtt=_mqtt(root.table("mqtt")),
+                site=root.string("site"),
+                region=root.string("region"),
+                mqtt=parse_mqtt_settings(root.table("mqtt"), _DEFAULT_MQTT),
                 max_norm=max_norm,
                 norm_policy=policy,
                 partial_codec=codec,
@@ -585,15 +420,16 @@ def load_config(kind: TierKind, path: Path) -> TierConfig:
             partial = root.table("partial")
             codec = _codec(partial, "codec")
             partial.finish()
-            config = RegionalConfig(**common, region=root.str_("region"), partial_codec=codec)
+            config = RegionalConfig(**common, region=root.string("region"), partial_codec=codec)
         else:
             model = root.table("model")
             initial = model.path("initial")
             model.finish()
             optimizer = root.table("optimizer")
-            name = optimizer.str_("name", "fedavg")
-            params = {k: v for k, v in optimizer._data.items() if k != "name"}
-            optimizer._used.update(params)
+            name = optimizer.string("name", "fedavg")
+            # Parameter names are the optimizer's to check (make_optimizer names
+            # an unknown one); here they only have to be numbers.
+            params = {key: optimizer.number(key) for key in optimizer.remaining()}
             config = CentralConfig(
                 **common, initial_model=initial, optimizer_name=name, optimizer_params=params
             )

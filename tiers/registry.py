@@ -14,18 +14,13 @@ old keys.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedtier.protocol.errors import ConfigError, KeyFileError, LocalProtocolError
-from fedtier.protocol.identity import (
-    SigningIdentity,
-    VerifyKey,
-    load_public_key,
-    load_signing_identity,
-)
+from fedtier.protocol.files import load_public_key, load_signing_identity, read_toml
+from fedtier.protocol.identity import SigningIdentity, VerifyKey
 
 __all__ = ["KeyRegistry", "TierKeys", "load_verify_key"]
 
@@ -81,12 +76,7 @@ class KeyRegistry(Mapping[str, VerifyKey]):
         self._names[key_id] = name
 
     def _load_toml(self, path: Path) -> None:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read key registry {path}: {exc.strerror}") from exc
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"key registry {path} is not valid TOML: {exc}") from exc
+        data = read_toml(path, what="key registry")
         unknown = sorted(k for k in data if k != "keys")
         if unknown:
             raise ConfigError(f"key registry {path} has unknown table {unknown[0]!r}; use [keys]")

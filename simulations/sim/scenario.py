@@ -27,7 +27,7 @@ from typing import Final, Literal
 
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.errors import ConfigError, LocalProtocolError
-from fedtier.simulations.sim._table import Table
+from fedtier.protocol.files import ConfigTable, read_toml
 from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.optimizers import make_optimizer
 from fedtier.tiers.staleness import StalenessPolicy
@@ -369,16 +369,6 @@ class Scenario:
 # -- reading files ------------------------------------------------------------------
 
 
-def _read_toml(path: Path) -> dict[str, object]:
-    try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(f"scenario file {path} cannot be read: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"scenario file {path} is not valid TOML: {exc}") from exc
-
-
 def _merge(base: MutableMapping[str, object], over: Mapping[str, object]) -> None:
     for key, value in over.items():
         current = base.get(key)
@@ -391,7 +381,7 @@ def _merge(base: MutableMapping[str, object], over: Mapping[str, object]) -> Non
 def _read_with_bases(path: Path, depth: int = 0) -> dict[str, object]:
     if depth > _MAX_BASE_DEPTH:
         raise ConfigError(f"scenario {path} has more than {_MAX_BASE_DEPTH} levels of base files")
-    raw = _read_toml(path)
+    raw = read_toml(path, what="scenario file")
     base_name = raw.pop("base", None)
     if base_name is None:
         return raw
@@ -455,12 +445,12 @@ def parse_scenario(tables: Mapping[str, object], *, name: str = "scenario") -> S
     Raises:
         ConfigError: one sentence naming the key and bad value.
     """
-    root = Table(tables, name)
+    root = ConfigTable(tables, source=name)
     meta = root.table("scenario")
     scenario_name = meta.string("name", name)
     description = meta.string("description", "")
     seed = meta.integer("seed", 0)
-    meta.done()
+    meta.finish()
     fleet = _fleet(root.table("fleet"))
     data = _data(root.table("data"))
     training = _training(root.table("training"))
@@ -469,7 +459,7 @@ def parse_scenario(tables: Mapping[str, object], *, name: str = "scenario") -> S
     codec = _codec(root.table("codec"))
     stop = _stop(root.table("stop"))
     evaluation = _eval(root.table("eval"))
-    root.done()
+    root.finish()
     if aggregation.mode == "sync" and aggregation.clients_per_round > fleet.num_devices:
         raise ConfigError(
             f"{name}: aggregation.clients_per_round is {aggregation.clients_per_round} but the "
@@ -509,7 +499,14 @@ def parse_scenario(tables: Mapping[str, object], *, name: str = "scenario") -> S
     )
 
 
-def _fleet(t: Table) -> FleetSpec:
+def _optional_number(t: ConfigTable, key: str) -> float | None:
+    """A number > 0, or None when absent, ``false`` or 0 (scenarios write 0 for "no limit")."""
+    if t.raw(key) == 0:  # also ``false``
+        return None
+    return t.optional_number(key)
+
+
+def _fleet(t: ConfigTable) -> FleetSpec:
     regions = t.integer("regions", 1, low=1)
     edges = t.integer("edges_per_region", 1, low=1)
     kinds: list[DeviceKind] = []
@@ -521,20 +518,20 @@ def _fleet(t: Table) -> FleetSpec:
                 speed=d.number("speed", 1.0, low=0.0, low_open=True),
                 dropout=d.number("dropout", 0.0, low=0.0, high=1.0),
                 data_volume=d.number("data_volume", 1.0, low=0.0, low_open=True),
-                uplink_bytes_per_s=d.optional_number("uplink_bytes_per_s", None),
-                downlink_bytes_per_s=d.optional_number("downlink_bytes_per_s", None),
+                uplink_bytes_per_s=_optional_number(d, "uplink_bytes_per_s"),
+                downlink_bytes_per_s=_optional_number(d, "downlink_bytes_per_s"),
             )
         )
-        d.done()
+        d.finish()
     if not kinds:
         raise ConfigError(f"{t.where} needs at least one [[fleet.devices]] table")
-    t.done()
+    t.finish()
     return FleetSpec(regions, edges, tuple(kinds))
 
 
-def _data(t: Table) -> DataSpec:
+def _data(t: ConfigTable) -> DataSpec:
     dataset: Literal["synthetic", "digits"] = t.choice(
-        "dataset", "synthetic", ("synthetic", "digits")
+        "dataset", ("synthetic", "digits"), "synthetic"
     )
     samples_max = t.integer("samples_max", 0, low=0)
     seed_raw = t.raw("seed")
@@ -551,39 +548,39 @@ def _data(t: Table) -> DataSpec:
         samples_max=samples_max or None,
         samples_per_device=t.integers("samples_per_device", low=2),
         test_fraction=t.number("test_fraction", 0.1, low=0.0, high=0.9, low_open=True),
-        partition=t.choice("partition", "dirichlet", ("dirichlet", "iid")),
+        partition=t.choice("partition", ("dirichlet", "iid"), "dirichlet"),
         dirichlet_alpha=t.number("dirichlet_alpha", 0.5, low=0.0, low_open=True),
         quantity_sigma=t.number("quantity_sigma", 0.0, low=0.0),
         seed=None if seed_raw is None else t.integer("seed", 0),
     )
-    t.done()
+    t.finish()
     if spec.samples_max is not None and spec.samples_max < spec.samples_min:
         raise ConfigError(
-            f"{t.where}.samples_max is {spec.samples_max}; it must be >= samples_min "
+            f"{t.locate('samples_max')} is {spec.samples_max}; it must be >= samples_min "
             f"({spec.samples_min})"
         )
     return spec
 
 
-def _training(t: Table) -> TrainingSpec:
+def _training(t: ConfigTable) -> TrainingSpec:
     spec = TrainingSpec(
-        model=t.choice("model", "logreg", ("logreg", "mlp")),
+        model=t.choice("model", ("logreg", "mlp"), "logreg"),
         hidden=t.integer("hidden", 32, low=1),
-        optimizer=t.choice("optimizer", "sgd", ("sgd",)),
+        optimizer=t.choice("optimizer", ("sgd",), "sgd"),
         lr=t.number("lr", 0.01, low=0.0, low_open=True),
         momentum=t.number("momentum", 0.0, low=0.0, high=0.99),
         batch_size=t.integer("batch_size", 10, low=1),
         local_epochs=t.number("local_epochs", 1.0, low=0.0, low_open=True),
         mu=t.number("mu", 0.0, low=0.0),
     )
-    t.done()
+    t.finish()
     return spec
 
 
-def _clients(t: Table) -> ClientsSpec:
+def _clients(t: ConfigTable) -> ClientsSpec:
     concurrency = t.integer("concurrency", 0, low=0)
     spec = ClientsSpec(
-        selection=t.choice("selection", "uniform", ("uniform", "by_samples")),
+        selection=t.choice("selection", ("uniform", "by_samples"), "uniform"),
         concurrency=concurrency or None,
         rest_s=t.number("rest_s", 0.0, low=0.0),
         compute_median_s=t.number("compute_median_s", 10.0, low=0.0, low_open=True),
@@ -593,102 +590,95 @@ def _clients(t: Table) -> ClientsSpec:
         downlink_bytes_per_s=t.number("downlink_bytes_per_s", 1e7, low=0.0, low_open=True),
         offline_s=t.number("offline_s", 300.0, low=0.0),
         straggler_fraction=t.number("straggler_fraction", 0.0, low=0.0, high=1.0),
-        straggler_policy=t.choice("straggler_policy", "drop", ("drop", "partial")),
+        straggler_policy=t.choice("straggler_policy", ("drop", "partial"), "drop"),
     )
-    t.done()
+    t.finish()
     return spec
 
 
-def _policies(t: Table, default_k: int) -> tuple[FlushPolicy, StalenessPolicy]:
+def _policies(t: ConfigTable, default_k: int) -> tuple[FlushPolicy, StalenessPolicy]:
     flush_table = dict(t.mapping("flush"))
     flush_table.setdefault("max_inputs", default_k)
-    flush = FlushPolicy.from_config(flush_table, section=f"{t.where}.flush")
-    staleness = StalenessPolicy.from_config(t.mapping("staleness"), section=f"{t.where}.staleness")
+    flush = FlushPolicy.from_config(flush_table, section=t.locate("flush"))
+    staleness = StalenessPolicy.from_config(t.mapping("staleness"), section=t.locate("staleness"))
     return flush, staleness
 
 
-def _check_codec_name(t: Table, key: str, default: str) -> str:
+def _check_codec_name(t: ConfigTable, key: str, default: str) -> str:
     name = t.string(key, default)
     try:
         CodecSpec.parse(name, num_params=_CODEC_CHECK_PARAMS)
     except LocalProtocolError as exc:
-        raise ConfigError(f"{t.where}.{key}: {exc}") from exc
+        raise ConfigError(f"{t.locate(key)}: {exc}") from exc
     return name
 
 
-def _tier(t: Table, default_k: int) -> TierSpec:
+def _tier(t: ConfigTable, default_k: int) -> TierSpec:
     flush, staleness = _policies(t, default_k)
     spec = TierSpec(
         flush=flush,
         staleness=staleness,
         partial_codec=_check_codec_name(t, "partial_codec", "f32"),
         uplink_latency_s=t.number("uplink_latency_s", 0.02, low=0.0),
-        uplink_bytes_per_s=t.optional_number("uplink_bytes_per_s", None),
-        max_norm=t.optional_number("max_norm", None),
-        norm_policy=t.choice("norm_policy", "clip", ("clip", "reject")),
+        uplink_bytes_per_s=_optional_number(t, "uplink_bytes_per_s"),
+        max_norm=_optional_number(t, "max_norm"),
+        norm_policy=t.choice("norm_policy", ("clip", "reject"), "clip"),
     )
-    t.done()
+    t.finish()
     return spec
 
 
-def _central(t: Table) -> CentralSpec:
+def _central(t: ConfigTable) -> CentralSpec:
     flush, staleness = _policies(t, 10)
-    optimizer = t.mapping("optimizer")
-    name = optimizer.get("name", "fedavg")
-    if not isinstance(name, str):
-        raise ConfigError(f"{t.where}.optimizer.name is {name!r}; expected a name")
-    params: list[tuple[str, float]] = []
-    for key, value in optimizer.items():
-        if key == "name":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{t.where}.optimizer.{key} is {value!r}; expected a number")
-        params.append((key, float(value)))
+    optimizer = t.table("optimizer")
+    name = optimizer.string("name", "fedavg")
+    # Parameter names are the optimizer's to check; here they only have to be numbers.
+    params = tuple((key, optimizer.number(key)) for key in optimizer.remaining())
     make_optimizer(name, **dict(params))  # ConfigError names a bad name or parameter
-    t.done()
-    return CentralSpec(flush, staleness, name, tuple(params))
+    t.finish()
+    return CentralSpec(flush, staleness, name, params)
 
 
-def _aggregation(t: Table) -> AggregationSpec:
+def _aggregation(t: ConfigTable) -> AggregationSpec:
     spec = AggregationSpec(
-        mode=t.choice("mode", "async", ("sync", "async")),
-        topology=t.choice("topology", "hierarchical", ("flat", "hierarchical")),
+        mode=t.choice("mode", ("sync", "async"), "async"),
+        topology=t.choice("topology", ("flat", "hierarchical"), "hierarchical"),
         model_propagation_s=t.number("model_propagation_s", 0.1, low=0.0),
         clients_per_round=t.integer("clients_per_round", 10, low=1),
-        round_deadline_s=t.optional_number("round_deadline_s", None),
+        round_deadline_s=_optional_number(t, "round_deadline_s"),
         edge=_tier(t.table("edge"), 10),
         regional=_tier(t.table("regional"), 10),
         central=_central(t.table("central")),
     )
-    t.done()
+    t.finish()
     return spec
 
 
-def _codec(t: Table) -> CodecSettings:
+def _codec(t: ConfigTable) -> CodecSettings:
     spec = CodecSettings(
         name=_check_codec_name(t, "name", "f32"),
         error_feedback=t.boolean("error_feedback", False),
     )
-    t.done()
+    t.finish()
     return spec
 
 
-def _stop(t: Table) -> StopSpec:
+def _stop(t: ConfigTable) -> StopSpec:
     versions = t.integer("versions", 0, low=0)
     spec = StopSpec(
         versions=versions or None,
-        virtual_time_s=t.optional_number("virtual_time_s", None),
+        virtual_time_s=_optional_number(t, "virtual_time_s"),
     )
-    t.done()
+    t.finish()
     return spec
 
 
-def _eval(t: Table) -> EvalSpec:
+def _eval(t: ConfigTable) -> EvalSpec:
     spec = EvalSpec(
         every_versions=t.integer("every_versions", 1, low=1),
         train_loss=t.boolean("train_loss", True),
     )
-    t.done()
+    t.finish()
     return spec
 
 

@@ -6,14 +6,13 @@ from pathlib import Path
 import pytest
 
 from fedtier.protocol.errors import KeyFileError, LocalProtocolError, SignatureError
-from fedtier.protocol.identity import (
-    SigningIdentity,
-    VerifyKey,
-    key_id_for,
+from fedtier.protocol.files import (
     load_public_key,
     load_signing_identity,
-    valid_key_id,
+    save_public_key,
+    save_signing_identity,
 )
+from fedtier.protocol.identity import SigningIdentity, VerifyKey, key_id_for, valid_key_id
 
 
 def test_key_id_is_stable_and_topic_safe() -> None:
@@ -39,17 +38,17 @@ def test_sign_and_verify_round_trip_and_tamper() -> None:
 def test_private_key_file_is_0600_and_never_overwritten(tmp_path: Path) -> None:
     ident = SigningIdentity.generate()
     path = tmp_path / "device.key"
-    ident.save(path)
+    save_signing_identity(ident, path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert load_signing_identity(path).key_id == ident.key_id
     with pytest.raises(KeyFileError, match="already exists"):
-        SigningIdentity.generate().save(path)
+        save_signing_identity(SigningIdentity.generate(), path)
     assert load_signing_identity(path).key_id == ident.key_id
 
 
 def test_loading_refuses_a_world_readable_key(tmp_path: Path) -> None:
     path = tmp_path / "k.pem"
-    SigningIdentity.generate().save(path)
+    save_signing_identity(SigningIdentity.generate(), path)
     path.chmod(0o644)
     with pytest.raises(KeyFileError, match="0644"):
         load_signing_identity(path)
@@ -70,10 +69,30 @@ def test_loading_garbage_and_missing_files_is_a_key_file_error(tmp_path: Path) -
 def test_public_key_round_trips_through_pem_and_hex(tmp_path: Path) -> None:
     ident = SigningIdentity.generate()
     path = tmp_path / "device.pub"
-    ident.save_public(path)
+    save_public_key(ident.verify_key, path)
     assert load_public_key(path) == ident.verify_key
     assert VerifyKey.from_hex(ident.verify_key.raw.hex()) == ident.verify_key
     with pytest.raises(LocalProtocolError):
         VerifyKey(b"short")
     with pytest.raises(LocalProtocolError):
         VerifyKey.from_hex("zz")
+
+
+def test_keys_round_trip_through_pem_bytes() -> None:
+    ident = SigningIdentity.generate()
+    assert SigningIdentity.from_pem(ident.to_pem()).key_id == ident.key_id
+    assert VerifyKey.from_pem(ident.verify_key.to_pem()) == ident.verify_key
+    with pytest.raises(LocalProtocolError, match="not an unencrypted PEM private key"):
+        SigningIdentity.from_pem(ident.verify_key.to_pem())
+    with pytest.raises(LocalProtocolError, match="not a PEM public key"):
+        VerifyKey.from_pem(b"garbage")
+
+
+def test_a_private_key_is_0600_from_creation_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "k.pem"
+    save_signing_identity(SigningIdentity.generate(), path)
+    save_public_key(SigningIdentity.generate().verify_key, tmp_path / "k.pub")
+    save_public_key(SigningIdentity.generate().verify_key, tmp_path / "k.pub")  # replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.pem", "k.pub"]
+    with pytest.raises(KeyFileError, match="cannot create key file"):
+        save_signing_identity(SigningIdentity.generate(), tmp_path / "missing" / "k.pem")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from fedtier.simulations.sim.scenario import (
     load_scenario,
     parse_scenario,
 )
-from fedtier.simulations.sim.synthetic import generate_synthetic
+from fedtier.simulations.sim.synthetic import DeviceSplit, generate_synthetic
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
 
@@ -24,7 +25,7 @@ MINIMAL = {
 }
 
 
-def test_a_minimal_scenario_takes_the_defaults():
+def test_a_minimal_scenario_takes_the_defaults() -> None:
     s = parse_scenario(MINIMAL, name="tiny")
     assert s.name == "tiny"
     assert s.fleet.num_devices == 3
@@ -68,13 +69,13 @@ def test_a_minimal_scenario_takes_the_defaults():
         ),
     ],
 )
-def test_bad_values_are_one_readable_sentence(tables, fragment):
+def test_bad_values_are_one_readable_sentence(tables: Mapping[str, object], fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_scenario(tables, name="tiny")
     assert fragment in str(info.value)
 
 
-def test_a_file_inherits_its_base_and_overrides_apply_last(tmp_path):
+def test_a_file_inherits_its_base_and_overrides_apply_last(tmp_path: Path) -> None:
     (tmp_path / "base.toml").write_text(
         '[fleet]\nregions = 2\n[[fleet.devices]]\nkind = "phone"\ncount = 4\n'
         "[training]\nlr = 0.5\nmu = 0.0\n[stop]\nversions = 3\n"
@@ -92,7 +93,7 @@ def test_a_file_inherits_its_base_and_overrides_apply_last(tmp_path):
     assert again.fleet == s.fleet
 
 
-def test_overrides_parse_toml_values_and_fall_back_to_strings():
+def test_overrides_parse_toml_values_and_fall_back_to_strings() -> None:
     tables: dict[str, object] = {}
     apply_override(tables, "a.b=3")
     apply_override(tables, "a.c=top1%+f16")
@@ -103,12 +104,12 @@ def test_overrides_parse_toml_values_and_fall_back_to_strings():
 
 
 @pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.toml")), ids=lambda p: p.name)
-def test_every_shipped_scenario_parses(path):
+def test_every_shipped_scenario_parses(path: Path) -> None:
     s = load_scenario(path)
     assert s.fleet.num_devices >= 1
 
 
-def test_synthetic_follows_the_fedprox_recipe():
+def test_synthetic_follows_the_fedprox_recipe() -> None:
     rng = np.random.default_rng(0)
     splits = generate_synthetic(30, alpha=1.0, beta=1.0, iid=False, rng=rng)
     assert len(splits) == 30
@@ -124,7 +125,7 @@ def test_synthetic_follows_the_fedprox_recipe():
     np.testing.assert_array_equal(again[5].X_train, splits[5].X_train)
 
 
-def test_synthetic_iid_shares_one_labelling_model():
+def test_synthetic_iid_shares_one_labelling_model() -> None:
     splits = generate_synthetic(4, alpha=0.0, beta=0.0, iid=True, rng=np.random.default_rng(1))
     # Zero-mean inputs with variances j^-1.2: the first feature varies most.
     X = np.concatenate([s.X_train for s in splits])
@@ -133,8 +134,8 @@ def test_synthetic_iid_shares_one_labelling_model():
     assert variances[0] > variances[-1] * 5
 
 
-def test_fixed_sample_counts_replace_the_draw_and_keep_the_device_means():
-    def draw(sizes):
+def test_fixed_sample_counts_replace_the_draw_and_keep_the_device_means() -> None:
+    def draw(sizes: Sequence[int] | None) -> list[DeviceSplit]:
         return generate_synthetic(
             3, alpha=1.0, beta=1.0, iid=False, rng=np.random.default_rng(5), sizes=sizes
         )

@@ -2,15 +2,18 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import trio
+from trio.testing import MockClock
 
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.errors import ConfigError
+from fedtier.protocol.files import save_public_key, save_signing_identity
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.tiers.config import (
     CentralConfig,
@@ -25,7 +28,7 @@ from fedtier.tiers.registry import KeyRegistry, TierKeys, load_verify_key
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
-def test_edge_example_loads():
+def test_edge_example_loads() -> None:
     config = load_config("edge", DEPLOY / "edge.example.toml")
     assert isinstance(config, EdgeConfig)
     assert (config.fleet, config.site, config.region) == ("acme", "plant-3", "eu-west")
@@ -43,7 +46,7 @@ def test_edge_example_loads():
     assert config.store_path == Path("/var/lib/fedtier/edge/state.sqlite")
 
 
-def test_regional_and_central_examples_load():
+def test_regional_and_central_examples_load() -> None:
     regional = load_config("regional", DEPLOY / "regional.example.toml")
     assert isinstance(regional, RegionalConfig)
     assert regional.region == "eu-west"
@@ -87,7 +90,7 @@ central = "central.pub"
         ("intake_capacity = 0", "intake_capacity is 0"),
     ],
 )
-def test_bad_edge_values_are_named(tmp_path, extra, message):
+def test_bad_edge_values_are_named(tmp_path: Path, extra: str, message: str) -> None:
     path = tmp_path / "edge.toml"
     # Top-level keys must come before the first table.
     text = EDGE_MINIMAL + "\n" + extra if extra.startswith("[") else extra + "\n" + EDGE_MINIMAL
@@ -96,7 +99,7 @@ def test_bad_edge_values_are_named(tmp_path, extra, message):
         load_config("edge", path)
 
 
-def test_minimal_edge_config_takes_defaults(tmp_path):
+def test_minimal_edge_config_takes_defaults(tmp_path: Path) -> None:
     path = tmp_path / "edge.toml"
     path.write_text(EDGE_MINIMAL)
     config = load_config("edge", path)
@@ -117,14 +120,14 @@ def test_minimal_edge_config_takes_defaults(tmp_path):
         ("fleet = [", "not valid TOML"),
     ],
 )
-def test_missing_or_invalid_required_values(tmp_path, text, message):
+def test_missing_or_invalid_required_values(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "edge.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config("edge", path)
 
 
-def test_central_optimizer_errors_are_named(tmp_path):
+def test_central_optimizer_errors_are_named(tmp_path: Path) -> None:
     path = tmp_path / "central.toml"
     path.write_text(
         'fleet = "acme"\nidentity_key = "k"\nstate_dir = "s"\n[keys]\ncentral = "c.pub"\n'
@@ -134,14 +137,14 @@ def test_central_optimizer_errors_are_named(tmp_path):
         load_config("central", path)
 
 
-def test_missing_file_and_unknown_kind(tmp_path):
+def test_missing_file_and_unknown_kind(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config("edge", tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="daemon kind"):
         load_config("hub", tmp_path / "nope.toml")  # type: ignore[arg-type]
 
 
-def test_initial_model_layout_is_file_order_and_pickle_is_refused(tmp_path):
+def test_initial_model_layout_is_file_order_and_pickle_is_refused(tmp_path: Path) -> None:
     good = tmp_path / "m.npz"
     np.savez(good, b=np.ones((2, 3), np.float32), a=np.zeros(4, np.float32))
     layout, flat = load_initial_model(good)
@@ -161,25 +164,25 @@ def test_initial_model_layout_is_file_order_and_pickle_is_refused(tmp_path):
 # -- key registries ------------------------------------------------------------------
 
 
-def test_key_registry_from_toml_and_pem_folder(tmp_path):
+def test_key_registry_from_toml_and_pem_folder(tmp_path: Path) -> None:
     a, b, c = (SigningIdentity.from_seed(bytes([i]) * 32) for i in (1, 2, 3))
     toml = tmp_path / "devices.toml"
     toml.write_text(f'[keys]\nveh-0042 = "{a.verify_key.raw.hex()}"\n')
     folder = tmp_path / "devices.d"
     folder.mkdir()
-    b.save_public(folder / "veh-7.pub")
+    save_public_key(b.verify_key, folder / "veh-7.pub")
     registry = KeyRegistry([toml, folder], role="device")
     assert set(registry) == {a.key_id, b.key_id}
     assert registry[a.key_id] == a.verify_key
     assert registry.describe(a.key_id) == f"device 'veh-0042' ({a.key_id[:5]}...)"
     assert registry.describe(c.key_id).startswith("unregistered device")
     assert registry.get(c.key_id) is None
-    c.save_public(folder / "veh-8.pub")
+    save_public_key(c.verify_key, folder / "veh-8.pub")
     registry.reload()
     assert c.key_id in registry
 
 
-def test_bad_key_registry_entries(tmp_path):
+def test_bad_key_registry_entries(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[keys]\nveh = "zz"\n')
     with pytest.raises(ConfigError, match="key 'veh' is unusable"):
@@ -195,11 +198,11 @@ def test_bad_key_registry_entries(tmp_path):
         KeyRegistry([twice])
 
 
-def test_tier_keys_load(tmp_path):
+def test_tier_keys_load(tmp_path: Path) -> None:
     me = SigningIdentity.from_seed(b"\x09" * 32)
     central = SigningIdentity.from_seed(b"\x0a" * 32)
-    me.save(tmp_path / "me.key.pem")
-    central.save_public(tmp_path / "central.pub.pem")
+    save_signing_identity(me, tmp_path / "me.key.pem")
+    save_public_key(central.verify_key, tmp_path / "central.pub.pem")
     (tmp_path / "senders.toml").write_text("[keys]\n")
     keys = TierKeys.load(
         tmp_path / "me.key.pem", [tmp_path / "senders.toml"], "central.pub.pem", role="edge"
@@ -214,7 +217,7 @@ def test_tier_keys_load(tmp_path):
 # -- daemon helpers ------------------------------------------------------------------
 
 
-def test_log_lines_are_key_value():
+def test_log_lines_are_key_value() -> None:
     record = logging.makeLogRecord(
         {"name": "fedtier.edge", "levelname": "INFO", "msg": 'partial %s "sent"', "args": ("ab",)}
     )
@@ -225,7 +228,7 @@ def test_log_lines_are_key_value():
     assert line.endswith("partial_id=ab12")
 
 
-def test_sd_notify_sends_datagrams(tmp_path, monkeypatch):
+def test_sd_notify_sends_datagrams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "notify.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(str(path))
@@ -245,8 +248,10 @@ def test_sd_notify_sends_datagrams(tmp_path, monkeypatch):
     assert SystemdNotifier.from_environment() is None
 
 
-async def test_edge_waits_for_a_broker_that_is_not_up_yet(tmp_path, monkeypatch, autojump_clock):
-    import fedtier.protocol.bus._mqtt as mqtt_module
+async def test_edge_waits_for_a_broker_that_is_not_up_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: MockClock
+) -> None:
+    import fedtier.protocol.bus.mqtt as mqtt_package
     from fedtier.protocol.errors import BusUnavailable
     from fedtier.tiers import daemon
 
@@ -259,13 +264,14 @@ async def test_edge_waits_for_a_broker_that_is_not_up_yet(tmp_path, monkeypatch,
     bus = object()
 
     @asynccontextmanager
-    async def fake_open(mqtt_config):
+    async def fake_open(mqtt_config: mqtt_package.MqttConfig) -> AsyncIterator[object]:
         tries.append(trio.current_time())
         if len(tries) <= refusals:
             raise BusUnavailable("connection refused")
         yield bus
 
-    monkeypatch.setattr(mqtt_module, "open_mqtt_bus", fake_open)
+    # The daemon imports open_mqtt_bus from the public package when it opens the bus.
+    monkeypatch.setattr(mqtt_package, "open_mqtt_bus", fake_open)
     async with daemon._open_mqtt(config) as opened:
         assert opened is bus
     assert len(tries) == refusals + 1
@@ -279,10 +285,12 @@ async def test_edge_waits_for_a_broker_that_is_not_up_yet(tmp_path, monkeypatch,
     assert len(tries) == daemon.MQTT_CONNECT_ATTEMPTS
 
 
-async def test_registry_open_waits_out_a_nats_restart(tmp_path, autojump_clock):
+async def test_registry_open_waits_out_a_nats_restart(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     from fedtier.protocol.errors import BusUnavailable
+    from fedtier.simulations.testing import RecordingMetrics
     from fedtier.tiers import daemon
-    from fedtier.tiers.testing import RecordingMetrics
 
     path = tmp_path / "edge.toml"
     path.write_text(EDGE_MINIMAL)

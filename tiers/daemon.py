@@ -1,7 +1,7 @@
 """One tier daemon as a process: config, buses, telemetry, signals, systemd; no client imports.
 
 Never imports client or simulations. This is the one module of ``tiers`` that
-opens real transports: ``protocol.bus._mqtt`` and ``protocol.bus._nats``
+opens real transports: ``fedtier.protocol.bus.mqtt`` and ``fedtier.protocol.bus.nats``
 (imported when a daemon starts, so importing ``tiers`` stays free of nats-py
 and trio-asyncio).
 
@@ -37,6 +37,7 @@ from fedtier.protocol.bus import Bus
 from fedtier.protocol.errors import BusUnavailable, FedtierError
 from fedtier.protocol.names import NatsSubjects
 from fedtier.tiers import faults
+from fedtier.tiers._upstream import retry_transient
 from fedtier.tiers.central import CentralDaemon
 from fedtier.tiers.config import (
     CentralConfig,
@@ -50,7 +51,7 @@ from fedtier.tiers.edge import EdgeDaemon
 from fedtier.tiers.model_registry import NatsModelRegistry
 from fedtier.tiers.regional import RegionalDaemon
 from fedtier.tiers.registry import TierKeys
-from fedtier.tiers.tier import TierDaemon, retry_transient
+from fedtier.tiers.tier import TierDaemon
 
 __all__ = [
     "MQTT_CONNECT_ATTEMPTS",
@@ -175,7 +176,7 @@ class SystemdNotifier:
 
 
 def _nats_config(kind: TierKind, config: TierConfig, key_id: str) -> Any:
-    from fedtier.protocol.bus._nats import NatsConfig, StreamSpec
+    from fedtier.protocol.bus.nats import NatsConfig, StreamSpec
 
     subjects = NatsSubjects(config.fleet)
     up_name, up_subjects = subjects.up_stream()
@@ -210,13 +211,13 @@ def _nats_config(kind: TierKind, config: TierConfig, key_id: str) -> Any:
 
 @asynccontextmanager
 async def _open_mqtt(config: EdgeConfig) -> AsyncIterator[Bus]:
-    from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+    from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
 
     settings = config.mqtt
     mqtt_config = MqttConfig(
         host=settings.host,
         port=settings.port,
-        client_id=settings.client_id,
+        client_id=settings.client_id or "fedtier-edge",
         keepalive_s=settings.keepalive_s,
         session_expiry_s=settings.session_expiry_s,
         # The broker does not honour Receive Maximum once acks flow; the bus
@@ -290,7 +291,7 @@ async def serve_daemon(kind: TierKind, config: TierConfig) -> None:
     Raises:
         FedtierError: configuration, keys, store or transports fail.
     """
-    from fedtier.protocol.bus._nats import open_nats_bus, open_nats_loop
+    from fedtier.protocol.bus.nats import open_nats_bus, open_nats_loop
     from fedtier.protocol.telemetry.metrics import TierMetrics, setup_metrics
     from fedtier.protocol.telemetry.tracing import setup_tracing
 

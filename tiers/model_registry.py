@@ -1,8 +1,8 @@
 """Where signed model versions live for the tiers: the interface, an in-memory and a NATS one.
 
 Imports trio and protocol only; the NATS implementation takes the KV bucket and
-object store handles ``protocol.bus._nats`` gives out, duck-typed, so this
-module never imports nats-py or trio-asyncio.
+object store handles ``protocol.bus`` gives out, whose types it names for the
+type checker only, so this module never imports nats-py or trio-asyncio.
 
 The registry holds two kinds of signed envelopes, both written by the central:
 the *pointer* (a ``model`` message) of the current version under one key, and
@@ -14,11 +14,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from fedtier.protocol.errors import ObjectNotFound
 from fedtier.protocol.names import NatsSubjects
+
+if TYPE_CHECKING:
+    # For the type checker only: importing the NATS bus at run time would
+    # import trio-asyncio, which slows asyncio for the whole process.
+    from fedtier.protocol.bus import KvBucket, KvEntry, ObjectStore
 
 __all__ = [
     "MemoryModelRegistry",
@@ -115,28 +121,6 @@ class _MemoryPointerWatch:
             await self._registry._changed.wait()
 
 
-class _KvLike(Protocol):
-    async def get(self, key: str) -> tuple[bytes, int] | None: ...
-
-    async def put(self, key: str, value: bytes) -> int: ...
-
-    def watch(self, key: str) -> AbstractAsyncContextManager[AsyncIterator[_KvEntryLike]]: ...
-
-
-class _KvEntryLike(Protocol):
-    @property
-    def value(self) -> bytes: ...
-
-    @property
-    def deleted(self) -> bool: ...
-
-
-class _ObjectsLike(Protocol):
-    async def put(self, name: str, data: bytes) -> object: ...
-
-    async def get(self, name: str, *, max_size_bytes: int | None = None) -> bytes: ...
-
-
 class NatsModelRegistry:
     """The registry on NATS: pointer in the KV bucket, blobs in the object store.
 
@@ -147,7 +131,7 @@ class NatsModelRegistry:
     """
 
     def __init__(
-        self, kv: _KvLike, objects: _ObjectsLike, *, max_blob_bytes: int | None = None
+        self, kv: KvBucket, objects: ObjectStore, *, max_blob_bytes: int | None = None
     ) -> None:
         self._kv = kv
         self._objects = objects
@@ -160,9 +144,6 @@ class NatsModelRegistry:
 
     async def blob(self, version: int) -> bytes | None:
         """See ``ModelRegistryReader``."""
-        # Imported here: the module stays free of nats-py at import time.
-        from fedtier.protocol.errors import ObjectNotFound
-
         try:
             return await self._objects.get(
                 NatsSubjects.blob_object(version), max_size_bytes=self._max_blob_bytes
@@ -188,7 +169,7 @@ class NatsModelRegistry:
 class _KvPointerWatch:
     """Values of a KV watch, skipping deletes and the empty initial marker."""
 
-    def __init__(self, watch: AsyncIterator[_KvEntryLike]) -> None:
+    def __init__(self, watch: AsyncIterator[KvEntry]) -> None:
         self._watch = watch
 
     def __aiter__(self) -> _KvPointerWatch:

@@ -24,11 +24,12 @@ from fedtier.protocol.bus._base import (
     subject_matches,
 )
 from fedtier.protocol.bus._memory import MemoryBroker, MemoryBus
+from fedtier.protocol.bus.settings import MqttSettings, parse_mqtt_settings
 from fedtier.protocol.errors import KvConflict, ObjectNotFound
 
 if TYPE_CHECKING:
-    from fedtier.protocol.bus._mqtt import MqttBus, MqttConfig, open_mqtt_bus
-    from fedtier.protocol.bus._nats import (
+    from fedtier.protocol.bus.mqtt import MqttBus, MqttConfig, open_mqtt_bus
+    from fedtier.protocol.bus.nats import (
         KvBucket,
         KvEntry,
         NatsBus,
@@ -39,9 +40,9 @@ if TYPE_CHECKING:
         open_nats_loop,
     )
 
-_LAZY = {name: "fedtier.protocol.bus._mqtt" for name in ("MqttBus", "MqttConfig", "open_mqtt_bus")}
+_LAZY = {name: "fedtier.protocol.bus.mqtt" for name in ("MqttBus", "MqttConfig", "open_mqtt_bus")}
 _LAZY |= {
-    name: "fedtier.protocol.bus._nats"
+    name: "fedtier.protocol.bus.nats"
     for name in (
         "KvBucket",
         "KvEntry",
@@ -65,6 +66,7 @@ __all__ = [
     "MemoryBus",
     "MqttBus",
     "MqttConfig",
+    "MqttSettings",
     "NatsBus",
     "NatsConfig",
     "ObjectNotFound",
@@ -75,6 +77,7 @@ __all__ = [
     "open_mqtt_bus",
     "open_nats_bus",
     "open_nats_loop",
+    "parse_mqtt_settings",
     "subject_matches",
 ]
 

@@ -8,8 +8,8 @@ from contextlib import asynccontextmanager
 import pytest
 
 from fedtier.protocol.bus import Bus
-from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
-from fedtier.simulations.brokers.mosquitto import MosquittoProcess
+from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
+from fedtier.simulations.testing import MosquittoProcess
 
 FACTORY_FIXTURE = "mqtt_bus_factory"
 

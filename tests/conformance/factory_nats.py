@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from fedtier.simulations.brokers.nats_server import NatsServerProcess
+from fedtier.simulations.testing import NatsServerProcess
 
 if TYPE_CHECKING:
     from fedtier.protocol.bus import Bus
@@ -24,7 +24,7 @@ class NatsFactory:
     def __init__(self, server: NatsServerProcess) -> None:
         # Imported here, not at plugin load: importing trio_asyncio changes
         # asyncio.run for the whole process, so only NATS runs should do it.
-        from fedtier.protocol.bus._nats import NatsConfig, StreamSpec
+        from fedtier.protocol.bus.nats import NatsConfig, StreamSpec
 
         self.config = NatsConfig(
             servers=(server.url,),
@@ -33,7 +33,7 @@ class NatsFactory:
         )
 
     def connect(self, client_id: str) -> AbstractAsyncContextManager[Bus]:
-        from fedtier.protocol.bus._nats import open_nats_bus
+        from fedtier.protocol.bus.nats import open_nats_bus
 
         # open_nats_bus opens the trio-asyncio loop itself when none is open.
         return open_nats_bus(dataclasses.replace(self.config, name=client_id))

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import socket
 import uuid
+from pathlib import Path
 
 import pytest
 import trio
 
 from fedtier.protocol.bus import Subscription
-from fedtier.protocol.bus._mqtt import MqttBus, MqttConfig, open_mqtt_bus
+from fedtier.protocol.bus.mqtt import MqttBus, MqttConfig, open_mqtt_bus
 from fedtier.protocol.errors import BusUnavailable, ConfigError, PublishError
-from fedtier.simulations.brokers import mosquitto as mosquitto_module
-from fedtier.simulations.brokers.mosquitto import MosquittoProcess
+from fedtier.simulations.testing import MosquittoProcess
+from fedtier.simulations.testing import _mosquitto as mosquitto_module
 
 DEADLINE_S = 60
 
@@ -290,7 +291,9 @@ async def test_open_fails_clearly_when_no_broker_listens() -> None:
             pass
 
 
-def test_missing_mosquitto_is_a_clear_config_error(monkeypatch, tmp_path) -> None:
+def test_missing_mosquitto_is_a_clear_config_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(mosquitto_module, "_FALLBACK_BINARY", tmp_path / "mosquitto")
     with pytest.raises(ConfigError, match="apt-get install -y mosquitto"):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fedtier.protocol.bus._nats import KvEntry, NatsBus, NatsConfig, StreamSpec, open_nats_bus
+from fedtier.protocol.bus.nats import KvEntry, NatsBus, NatsConfig, StreamSpec, open_nats_bus
 from fedtier.protocol.errors import (
     BusUnavailable,
     ConfigError,
@@ -24,7 +24,7 @@ from fedtier.protocol.errors import (
     ObjectNotFound,
     PublishError,
 )
-from fedtier.simulations.brokers.nats_server import NatsServerProcess
+from fedtier.simulations.testing import NatsServerProcess
 
 pytestmark = pytest.mark.brokers
 

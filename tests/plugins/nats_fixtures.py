@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedtier.protocol.errors import ConfigError
-from fedtier.simulations.brokers.nats_server import NatsServerProcess
+from fedtier.simulations.testing import NatsServerProcess
 
 
 def _start(workdir: Path) -> NatsServerProcess:
@@ -52,7 +52,7 @@ async def nats_loop() -> AsyncIterator[None]:
     """
     # Imported here so that sessions without NATS tests never import
     # trio_asyncio, which changes asyncio.run for the whole process.
-    from fedtier.protocol.bus._nats import open_nats_loop
+    from fedtier.protocol.bus.nats import open_nats_loop
 
     async with open_nats_loop():
         yield

@@ -1,0 +1,191 @@
+"""The NATS bus's configuration records (``StreamSpec``, ``NatsConfig``); imports no I/O library."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fedtier.protocol.bus._base import subject_matches
+from fedtier.protocol.bus.nats._subjects import _check_subject, _pattern_covers
+from fedtier.protocol.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """A JetStream stream the bus creates or updates when it connects.
+
+    Attributes:
+        name: stream name (no ``.``, ``*``, ``>`` or whitespace).
+        subjects: subject patterns the stream captures.
+        max_age_s: how long messages are kept; 0 keeps them until other limits.
+        duplicate_window_s: how long ``Nats-Msg-Id`` values are remembered for
+            dedupe; at most ``max_age_s`` when that is set.
+        max_msgs_per_subject: keep only the newest N messages per subject.
+        storage: ``"file"`` (survives restarts) or ``"memory"``.
+    """
+
+    name: str
+    subjects: tuple[str, ...]
+    max_age_s: float
+    duplicate_window_s: float
+    max_msgs_per_subject: int | None = None
+    storage: Literal["file", "memory"] = "file"
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in ".*> \t\r\n"):
+            raise ConfigError(
+                f"stream name {self.name!r} must be non-empty without . * > or spaces"
+            )
+        subjects: object = self.subjects
+        if isinstance(subjects, str) or not subjects:
+            raise ConfigError(
+                f"stream {self.name!r} needs a tuple of subjects, got {self.subjects!r}"
+            )
+        for subject in self.subjects:
+            _check_subject(subject, allow_wildcards=True)
+        if self.max_age_s < 0 or self.duplicate_window_s < 0:
+            raise ConfigError(
+                f"stream {self.name!r} has a negative max_age_s or duplicate_window_s"
+            )
+        if self.max_age_s and self.duplicate_window_s > self.max_age_s:
+            raise ConfigError(
+                f"stream {self.name!r}: duplicate_window_s {self.duplicate_window_s} "
+                f"exceeds max_age_s {self.max_age_s}"
+            )
+        if self.storage not in ("file", "memory"):
+            raise ConfigError(f"stream {self.name!r}: storage must be 'file' or 'memory'")
+
+    def covers(self, subject_filter: str) -> bool:
+        """Return True when every subject matching ``subject_filter`` lands in this stream."""
+        return any(_pattern_covers(p, subject_filter) for p in self.subjects)
+
+
+@dataclass(frozen=True, slots=True)
+class NatsConfig:
+    """How to reach NATS and what JetStream state to expect there.
+
+    Attributes:
+        servers: server URLs (``nats://host:4222``, ``tls://...``).
+        name: connection name shown in the server's monitoring.
+        connect_timeout_s: per-server TCP/TLS connect timeout.
+        connect_attempts: rounds over ``servers`` for the initial connect
+            (nats-py's initial connect does not retry on its own; after it
+            succeeds the client reconnects forever).
+        connect_backoff_s: first delay between rounds; doubles, capped at 10 s.
+        reconnect_wait_s: delay between reconnect attempts to one server.
+        request_timeout_s: JetStream API calls, PubAcks, ack confirmations.
+        close_timeout_s: bound on the goodbyes (acks, naks, unsubscribe, close).
+        tls_ca_file, tls_cert_file, tls_key_file: PEM files; the cert and key
+            go together.
+        tls_hostname: server name to verify when it differs from the URL host.
+        nkeys_seed_file: an nkeys user seed (needs the ``nkeys`` package).
+        credentials_file: a ``.creds`` file with user JWT and seed (ditto).
+        streams: streams this client uses: publishes to subjects they cover
+            go through JetStream, durable subscriptions bind to them.
+        manage_streams: create or update ``streams`` on connect (needs the
+            JetStream API permissions to do so). False only checks that they
+            exist, for least-privilege users (deploy/nats/nats-server.conf).
+        require_sync_always: refuse to start unless the server fsyncs every
+            JetStream write (``sync_interval: always``, docs/architecture.md, data guarantees).
+        monitoring_url: the server's HTTP monitoring base URL
+            (``http://127.0.0.1:8222``), read for that check. Without it the
+            check is skipped with a logged warning: the client protocol does
+            not expose the setting. With a cluster, it checks that one server.
+        ack_wait_s: how long a durable consumer waits for an ack before
+            redelivering (set when the consumer is created).
+        max_ack_pending: server-side bound on unacked messages per consumer,
+            summed over every process sharing it.
+        confirm_acks: ``Delivery.ack()`` of a durable delivery returns once
+            the server confirmed it (one round trip per batch of concurrent
+            acks). False returns once the ack is queued: faster for a
+            consumer that acks one message at a time, but an ack queued just
+            before a crash of this process is lost and the message redelivered.
+        fetch_batch: most messages one fetch asks for (also bounded by each
+            subscription's free capacity).
+        fetch_wait_s: how long one pull request lingers when the consumer has
+            nothing; a fetch returns as soon as anything arrives.
+        object_put_timeout_s: deadline of one object store put, which runs
+            shielded from outside cancellation so it never leaves half an object.
+        object_get_timeout_s: deadline of one object store get.
+    """
+
+    servers: Sequence[str]
+    name: str = "fedtier"
+    connect_timeout_s: float = 2.0
+    connect_attempts: int = 5
+    connect_backoff_s: float = 0.5
+    reconnect_wait_s: float = 0.5
+    request_timeout_s: float = 5.0
+    close_timeout_s: float = 5.0
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_hostname: str | None = None
+    nkeys_seed_file: Path | None = None
+    credentials_file: Path | None = None
+    streams: tuple[StreamSpec, ...] = ()
+    manage_streams: bool = True
+    require_sync_always: bool = True
+    monitoring_url: str | None = None
+    ack_wait_s: float = 30.0
+    max_ack_pending: int = 10_000
+    confirm_acks: bool = True
+    fetch_batch: int = 256
+    fetch_wait_s: float = 5.0
+    object_put_timeout_s: float = 60.0
+    object_get_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.servers, str) or not self.servers:
+            raise ConfigError(
+                f"NATS servers must be a non-empty list of URLs, got {self.servers!r}"
+            )
+        object.__setattr__(self, "servers", tuple(self.servers))
+        positive = {
+            "connect_timeout_s": self.connect_timeout_s,
+            "connect_backoff_s": self.connect_backoff_s,
+            "reconnect_wait_s": self.reconnect_wait_s,
+            "request_timeout_s": self.request_timeout_s,
+            "close_timeout_s": self.close_timeout_s,
+            "ack_wait_s": self.ack_wait_s,
+            "fetch_wait_s": self.fetch_wait_s,
+            "object_put_timeout_s": self.object_put_timeout_s,
+            "object_get_timeout_s": self.object_get_timeout_s,
+        }
+        for key, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"NATS setting {key} must be > 0, got {value!r}")
+        for key, count in {
+            "connect_attempts": self.connect_attempts,
+            "max_ack_pending": self.max_ack_pending,
+            "fetch_batch": self.fetch_batch,
+        }.items():
+            if count < 1:
+                raise ConfigError(f"NATS setting {key} must be >= 1, got {count!r}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("NATS tls_cert_file and tls_key_file must be given together")
+        if self.nkeys_seed_file is not None and self.credentials_file is not None:
+            raise ConfigError("give NATS either nkeys_seed_file or credentials_file, not both")
+        names = [s.name for s in self.streams]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"NATS stream names repeat: {names}")
+        if self.monitoring_url is not None and not self.monitoring_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(f"NATS monitoring_url must be http(s), got {self.monitoring_url!r}")
+
+    def stream_for_subject(self, subject: str) -> StreamSpec | None:
+        """Return the configured stream a concrete subject is published into, if any."""
+        for spec in self.streams:
+            if any(subject_matches(p, subject, "nats") for p in spec.subjects):
+                return spec
+        return None
+
+    def stream_covering(self, subject_filter: str) -> StreamSpec | None:
+        """Return the configured stream holding every subject the filter matches, if any."""
+        for spec in self.streams:
+            if spec.covers(subject_filter):
+                return spec
+        return None

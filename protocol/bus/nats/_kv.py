@@ -1,0 +1,199 @@
+"""JetStream key-value buckets, trio-facing; imports the bus module for typing only.
+
+Opened by ``NatsBus.kv_bucket``: get, put, compare-and-set update, watch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import nats.js.api
+import nats.js.errors
+import trio
+
+from fedtier.protocol.bus.nats._bridge import _aio, _boundary
+from fedtier.protocol.bus.nats._refusals import _refusals, _RefusalWatch
+from fedtier.protocol.errors import BusError, KvConflict
+
+if TYPE_CHECKING:
+    from fedtier.protocol.bus.nats._bus import NatsBus
+
+logger = logging.getLogger("fedtier.protocol.bus.nats")
+
+
+@dataclass(frozen=True, slots=True)
+class KvEntry:
+    """One change seen by a KV watch.
+
+    Attributes:
+        key: the key.
+        value: the new value; empty for a delete.
+        revision: the stream sequence of this change.
+        deleted: True when the key was deleted or purged.
+    """
+
+    key: str
+    value: bytes
+    revision: int
+    deleted: bool = False
+
+
+def _kv_names(bucket: str) -> list[str]:
+    # Its subjects are $KV.<bucket>.<key>, its stream KV_<bucket>.
+    return [bucket, f"KV_{bucket}"]
+
+
+async def _aio_kv_bucket(js: Any, name: str, history: int) -> Any:
+    try:
+        return await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    try:
+        # direct=True: reads use $JS.API.DIRECT.GET, which any replica answers
+        # and which a read-only user can be granted on its own.
+        return await js.create_key_value(
+            bucket=name, history=history, storage=nats.js.api.StorageType.FILE, direct=True
+        )
+    except nats.js.errors.APIError:
+        # Another process created it between our two calls.
+        return await js.key_value(name)
+
+
+async def _aio_kv_get(kv: Any, key: str) -> tuple[bytes, int] | None:
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return bytes(entry.value or b""), int(entry.revision)
+
+
+_WATCH_STOPPED = object()
+
+
+async def _aio_watch_next(watcher: Any) -> Any:
+    async for entry in watcher:
+        return entry
+    return _WATCH_STOPPED
+
+
+class KvWatch:
+    """Changes to one key (or pattern) of a KV bucket: its current value first, then each change.
+
+    Iterate with ``async for``; each step crosses the bridge once.
+    """
+
+    def __init__(self, watcher: Any, label: str) -> None:
+        self._watcher = watcher
+        self._label = label
+        self._stopped = False
+
+    def __aiter__(self) -> KvWatch:
+        return self
+
+    async def __anext__(self) -> KvEntry:
+        while True:
+            if self._stopped:
+                raise StopAsyncIteration
+            with _boundary(f"watch {self._label}"):
+                item = await _aio(_aio_watch_next, self._watcher)
+            if item is _WATCH_STOPPED:
+                self._stopped = True
+                raise StopAsyncIteration
+            if item is None:
+                continue  # nats-py's "initial values done" marker
+            op = item.operation
+            return KvEntry(
+                key=item.key,
+                value=b"" if op in ("DEL", "PURGE") else bytes(item.value or b""),
+                revision=int(item.revision),
+                deleted=op in ("DEL", "PURGE"),
+            )
+
+    async def stop(self) -> None:
+        """Stop the watch; iteration then ends."""
+        if self._stopped:
+            return
+        self._stopped = True
+        with _boundary(f"stop watching {self._label}"):
+            await _aio(self._watcher.stop)
+
+
+class KvBucket:
+    """A JetStream key-value bucket, trio-facing; from ``NatsBus.kv_bucket``."""
+
+    def __init__(self, bus: NatsBus, kv: Any, name: str) -> None:
+        self._bus = bus
+        self._kv = kv
+        self.name = name
+
+    def _refusals(self, action: str, *, write: bool) -> AbstractContextManager[_RefusalWatch]:
+        return _refusals(self._bus._conn.events, action, _kv_names(self.name), write=write)
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        """Return ``(value, revision)`` of the key's latest value, or None if absent or deleted."""
+        action = f"KV get {self.name}/{key}"
+        self._bus._check_open(action)
+        with self._refusals(action, write=False), _boundary(action):
+            return await _aio(_aio_kv_get, self._kv, key)
+
+    async def put(self, key: str, value: bytes) -> int:
+        """Store ``value`` under ``key`` unconditionally; return the new revision.
+
+        Raises:
+            PublishError: no confirmation, the value may have been stored; or
+                the server refused it (permissions).
+        """
+        action = f"KV put {self.name}/{key}"
+        self._bus._check_open(action)
+        with self._refusals(action, write=True), _boundary(action, outcome_unknown=True):
+            revision: int = await _aio(self._kv.put, key, bytes(value))
+        return int(revision)
+
+    async def update(self, key: str, value: bytes, last_revision: int) -> int:
+        """Store ``value`` only if ``last_revision`` is still the key's latest; return the new one.
+
+        ``last_revision=0`` means "only if the key does not exist yet".
+
+        Raises:
+            KvConflict: someone else changed the key since ``last_revision``.
+            PublishError: no confirmation, read the key to learn the outcome;
+                or the server refused it (permissions).
+        """
+        action = f"KV update {self.name}/{key} at revision {last_revision}"
+        self._bus._check_open(action)
+        with self._refusals(action, write=True), _boundary(action, outcome_unknown=True):
+            try:
+                revision: int = await _aio(self._kv.update, key, bytes(value), last_revision)
+            except nats.js.errors.KeyWrongLastSequenceError as exc:
+                raise KvConflict(
+                    f"{action}: the key has changed since that revision; read it again"
+                ) from exc
+        return int(revision)
+
+    @asynccontextmanager
+    async def watch(self, key: str) -> AsyncIterator[KvWatch]:
+        """Watch ``key`` (``*`` and ``>`` allowed): its current value, then every change.
+
+        The watch is stopped on exit (shielded, bounded by ``close_timeout_s``).
+        """
+        label = f"{self.name}/{key}"
+        self._bus._check_open(f"KV watch {label}")
+        action = f"KV watch {label}"
+        with self._refusals(action, write=False), _boundary(action):
+            watcher = await _aio(self._kv.watch, key)
+        watch = KvWatch(watcher, label)
+        try:
+            yield watch
+        finally:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(self._bus._config.close_timeout_s),
+            ):
+                try:
+                    await watch.stop()
+                except BusError as exc:
+                    logger.warning("%s", exc)

@@ -1,0 +1,128 @@
+"""The central's tables (model versions, their lineage, optimizer state); no protocol messages.
+
+A new version is one transaction with the epoch it closes, the optimizer's
+arrays after the step and the model pointer, so a restart never sees a version
+without the state that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Mapping
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from fedtier.protocol.errors import StoreError
+from fedtier.tiers.store._engine import CommitTicket
+from fedtier.tiers.store._inputs import InputTables, drop_open_envelopes, put_meta
+from fedtier.tiers.store._records import ModelVersionRecord, version_from_row
+
+__all__ = ["ARRAY_DTYPES", "CentralTables"]
+
+# Only plain numeric dtypes are persisted, so loading never needs pickle.
+ARRAY_DTYPES: Final = frozenset({"float16", "float32", "float64", "int32", "int64", "uint64"})
+
+
+class CentralTables(InputTables):
+    """The central's model versions and optimizer state, on top of the tables every tier has."""
+
+    def submit_version(
+        self,
+        record: ModelVersionRecord,
+        *,
+        epoch: int | None,
+        input_count: int,
+        optimizer_state: Mapping[str, npt.NDArray[Any]],
+        out_seq: int,
+    ) -> CommitTicket:
+        """Store a new model version; with ``epoch``, close that epoch into it (one transaction).
+
+        Args:
+            record: the version, its signed envelopes and lineage.
+            epoch: the buffer epoch the version was made from (None for version 0).
+            input_count: inputs in that epoch, checked against the stored rows.
+            optimizer_state: the optimizer's arrays after the step (replaces older state).
+            out_seq: the sequence number used on the envelopes, persisted.
+        """
+        arrays = {name: np.array(a, order="C", copy=True) for name, a in optimizer_state.items()}
+        for name, array in arrays.items():
+            if array.dtype.name not in ARRAY_DTYPES:
+                raise StoreError(f"optimizer array {name!r} has dtype {array.dtype}; not storable")
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO model_versions (version, blob, pointer, lineage, update_count,"
+                " created_ms, published) VALUES (?, ?, ?, ?, ?, ?, 0)",
+                (
+                    record.version,
+                    record.blob,
+                    record.pointer,
+                    b"".join(record.lineage),
+                    record.update_count,
+                    record.created_ms,
+                ),
+            )
+            if epoch is not None:
+                drop_open_envelopes(conn, epoch)
+                cursor = conn.execute(
+                    "UPDATE inputs SET status = 'done', version = ?"
+                    " WHERE epoch = ? AND status = 'open'",
+                    (record.version, epoch),
+                )
+                if cursor.rowcount != input_count:
+                    raise StoreError(
+                        f"model v{record.version} names {input_count} inputs of epoch {epoch}; "
+                        f"the store holds {cursor.rowcount} open ones"
+                    )
+                put_meta(conn, "open_epoch", epoch + 1)
+            conn.execute("DELETE FROM optimizer_state")
+            for name, array in arrays.items():
+                conn.execute(
+                    "INSERT INTO optimizer_state (name, version, dtype, shape, data)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        name,
+                        record.version,
+                        array.dtype.str,
+                        json.dumps(list(array.shape)),
+                        array.tobytes(),
+                    ),
+                )
+            put_meta(conn, "known_version", record.version)
+            put_meta(conn, "model_pointer", record.pointer)
+            put_meta(conn, "out_seq", out_seq)
+
+        return self._submit(op, f"model v{record.version}")
+
+    def submit_published(self, version: int) -> CommitTicket:
+        """Mark a model version's registry writes and announcement done."""
+        return self._submit(
+            lambda conn: conn.execute(
+                "UPDATE model_versions SET published = 1 WHERE version = ?", (version,)
+            ),
+            f"publication of model v{version}",
+        )
+
+    def model_version(self, version: int) -> ModelVersionRecord | None:
+        """The stored model version ``version``, or None."""
+        assert self._reader is not None
+        row = self._reader.execute(
+            "SELECT version, blob, pointer, lineage, update_count, created_ms, published"
+            " FROM model_versions WHERE version = ?",
+            (version,),
+        ).fetchone()
+        return None if row is None else version_from_row(row)
+
+    def lineage(self, version: int) -> list[bytes]:
+        """Ids of the device updates folded into model ``version`` (empty for version 0).
+
+        Raises:
+            StoreError: no such version is stored.
+        """
+        record = self.model_version(version)
+        if record is None:
+            raise StoreError(f"model v{version} is not in state store {self.path}")
+        return list(record.lineage)

@@ -1,0 +1,285 @@
+"""The tables every tier writes (inputs, envelopes, senders, outbox, meta); no protocol messages.
+
+An input is accepted once its record is durable here: a daemon acknowledges it
+to its sender (MQTT PUBACK, JetStream ack, receipt) only then. Dedupe and the
+high-water marks are answered from memory (accepts still waiting for their
+commit) plus the read connection, so there is no gap between the two.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from fedtier.protocol.errors import StoreError
+from fedtier.tiers.store._engine import CommitEngine, CommitTicket, RunBlocking
+from fedtier.tiers.store._records import InputKey, InputRecord, InputState, OutboxEntry
+
+__all__ = ["InputTables", "drop_open_envelopes", "now_ms", "put_meta"]
+
+
+class InputTables(CommitEngine[InputKey]):
+    """Accepting inputs, flushing epochs into the outbox, acks and the small ``meta`` state."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        commit_window_s: float,
+        run_blocking: RunBlocking,
+        crash_label: str = "store",
+    ) -> None:
+        super().__init__(
+            path,
+            commit_window_s=commit_window_s,
+            run_blocking=run_blocking,
+            crash_label=crash_label,
+        )
+        self._pending_inputs: dict[InputKey, CommitTicket] = {}
+        self._pending_seqs: set[tuple[str, int]] = set()
+        self._high_water: dict[str, int] = {}
+
+    def _load_sync(self, conn: sqlite3.Connection) -> None:
+        for sender, hwm in conn.execute("SELECT sender, hwm FROM senders"):
+            self._high_water[sender] = int(hwm)
+
+    def _committed(self, key: InputKey, ticket: CommitTicket) -> None:
+        if self._pending_inputs.get(key) is ticket:
+            # Now readable through the read connection: no gap in dedupe.
+            del self._pending_inputs[key]
+            if ticket.seq is not None:
+                self._pending_seqs.discard((key[0], ticket.seq))
+
+    # -- accepting inputs ------------------------------------------------------------
+
+    def input_state(self, sender: str, input_id: bytes) -> InputState | None:
+        """Whether ``(sender, input_id)`` was accepted, and where it is now; None if never."""
+        if (sender, input_id) in self._pending_inputs:
+            return InputState.PENDING
+        assert self._reader is not None
+        row = self._reader.execute(
+            "SELECT status FROM inputs WHERE sender = ? AND input_id = ?", (sender, input_id)
+        ).fetchone()
+        return None if row is None else InputState(row[0])
+
+    def pending_ticket(self, sender: str, input_id: bytes) -> CommitTicket | None:
+        """The ticket of an accept still waiting for its commit, if any."""
+        return self._pending_inputs.get((sender, input_id))
+
+    def seq_taken(self, sender: str, seq: int) -> bool:
+        """Whether an input from ``sender`` with sequence ``seq`` was accepted (or is pending)."""
+        if (sender, seq) in self._pending_seqs:
+            return True
+        assert self._reader is not None
+        row = self._reader.execute(
+            "SELECT 1 FROM inputs WHERE sender = ? AND seq = ? LIMIT 1", (sender, seq)
+        ).fetchone()
+        return row is not None
+
+    def high_water(self, sender: str) -> int | None:
+        """The highest ``seq`` accepted from ``sender`` (including pending accepts), or None."""
+        return self._high_water.get(sender)
+
+    def submit_accept(self, record: InputRecord, *, replace: bool = False) -> CommitTicket:
+        """Record an accepted input and raise its sender's high-water mark; see ``accept``.
+
+        Args:
+            record: the input.
+            replace: overwrite an earlier record of the same input (only the
+                unsafe switch ``dedupe_open_buffer_only`` does that: the input is
+                then folded a second time, which is what the switch is for).
+        """
+        key = (record.sender, record.input_id)
+        if key in self._pending_inputs and not replace:
+            raise StoreError(
+                f"input {record.input_id.hex()} from {record.sender} is already pending"
+            )
+        insert = "INSERT OR REPLACE" if replace else "INSERT"
+
+        def op(conn: sqlite3.Connection) -> None:
+            if replace:
+                conn.execute(
+                    "DELETE FROM input_envelopes WHERE pos IN"
+                    " (SELECT pos FROM inputs WHERE sender = ? AND input_id = ?)",
+                    (record.sender, record.input_id),
+                )
+            cursor = conn.execute(
+                f"{insert} INTO inputs (sender, input_id, seq, epoch, status,"
+                " base_version, n_samples, tau, discount, clip_scale, accepted_ms, trace)"
+                " VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.sender,
+                    record.input_id,
+                    record.seq,
+                    record.epoch,
+                    record.base_version,
+                    record.n_samples,
+                    record.tau,
+                    record.discount,
+                    record.clip_scale,
+                    record.accepted_ms,
+                    record.trace,
+                ),
+            )
+            conn.execute(
+                "INSERT INTO input_envelopes (pos, envelope) VALUES (?, ?)",
+                (cursor.lastrowid, record.envelope),
+            )
+            conn.execute(
+                "INSERT INTO senders (sender, hwm) VALUES (?, ?)"
+                " ON CONFLICT (sender) DO UPDATE SET hwm = max(hwm, excluded.hwm)",
+                (record.sender, record.seq),
+            )
+
+        ticket = self._submit(op, f"input {record.input_id.hex()} from {record.sender}", key)
+        ticket.seq = record.seq
+        self._pending_inputs[key] = ticket
+        self._pending_seqs.add((record.sender, record.seq))
+        previous = self._high_water.get(record.sender)
+        if previous is None or record.seq > previous:
+            self._high_water[record.sender] = record.seq
+        return ticket
+
+    async def accept(self, record: InputRecord) -> None:
+        """Record an accepted input; returns once it is durable.
+
+        Raises:
+            StoreError: the store is closed or the commit failed.
+        """
+        ticket = self.submit_accept(record)
+        await ticket.wait()
+
+    # -- flushing ------------------------------------------------------------------
+
+    def submit_flush(
+        self,
+        epoch: int,
+        entry: OutboxEntry | None,
+        input_count: int,
+        out_seq: int,
+        *,
+        replace: bool = False,
+    ) -> CommitTicket:
+        """Close ``epoch``: record its partial in the outbox and mark its inputs flushed.
+
+        Args:
+            epoch: the epoch being closed; the open epoch becomes ``epoch + 1``.
+            entry: the partial to send upstream, or None to drop the epoch's inputs
+                (``done`` with nothing sent).
+            input_count: how many inputs the partial holds; a mismatch with the
+                stored rows is a bug and fails the commit.
+            out_seq: the sequence number used on the partial, persisted.
+            replace: overwrite an earlier outbox entry with the same partial id
+                (only under the unsafe ``dedupe_open_buffer_only``, which can fold
+                the same inputs into a second partial).
+        """
+        insert = "INSERT OR REPLACE" if replace else "INSERT"
+
+        def op(conn: sqlite3.Connection) -> None:
+            drop_open_envelopes(conn, epoch)
+            if entry is not None:
+                conn.execute(
+                    f"{insert} INTO outbox (partial_id, epoch, seq, subject, envelope, trace,"
+                    " state, created_ms) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
+                    (
+                        entry.partial_id,
+                        epoch,
+                        entry.seq,
+                        entry.subject,
+                        entry.envelope,
+                        entry.trace,
+                        now_ms(),
+                    ),
+                )
+                cursor = conn.execute(
+                    "UPDATE inputs SET status = 'flushed', partial_id = ?"
+                    " WHERE epoch = ? AND status = 'open'",
+                    (entry.partial_id, epoch),
+                )
+            else:
+                cursor = conn.execute(
+                    "UPDATE inputs SET status = 'done' WHERE epoch = ? AND status = 'open'",
+                    (epoch,),
+                )
+            if cursor.rowcount != input_count:
+                raise StoreError(
+                    f"flush of epoch {epoch} names {input_count} inputs; the store holds "
+                    f"{cursor.rowcount} open ones"
+                )
+            put_meta(conn, "open_epoch", epoch + 1)
+            put_meta(conn, "out_seq", out_seq)
+
+        what = f"flush of epoch {epoch}"
+        if entry is not None:
+            what += f" as partial {entry.partial_id.hex()}"
+        return self._submit(op, what)
+
+    async def flush(
+        self, epoch: int, entry: OutboxEntry | None, input_count: int, out_seq: int
+    ) -> None:
+        """As :meth:`submit_flush`, returning once it is durable."""
+        await self.submit_flush(epoch, entry, input_count, out_seq).wait()
+
+    def submit_acked(self, partial_id: bytes) -> CommitTicket:
+        """Mark an outbox partial acknowledged upstream (its inputs ``done``) and drop its bytes."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE outbox SET state = 'acked', envelope = NULL, acked_ms = ?"
+                " WHERE partial_id = ?",
+                (now_ms(), partial_id),
+            )
+            conn.execute("UPDATE inputs SET status = 'done' WHERE partial_id = ?", (partial_id,))
+
+        return self._submit(op, f"ack of partial {partial_id.hex()}")
+
+    async def mark_acked(self, partial_id: bytes) -> None:
+        """As :meth:`submit_acked`, returning once it is durable."""
+        await self.submit_acked(partial_id).wait()
+
+    def outbox_state(self, partial_id: bytes) -> str | None:
+        """``"pending"``, ``"acked"`` or None for a partial id this daemon never flushed."""
+        assert self._reader is not None
+        row = self._reader.execute(
+            "SELECT state FROM outbox WHERE partial_id = ?", (partial_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    # -- small state -----------------------------------------------------------------
+
+    def submit_model_pointer(self, version: int, pointer: bytes) -> CommitTicket:
+        """Persist the newest verified model version and its signed pointer."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            put_meta(conn, "known_version", version)
+            put_meta(conn, "model_pointer", pointer)
+
+        return self._submit(op, f"model pointer v{version}")
+
+    def submit_out_seq(self, out_seq: int) -> CommitTicket:
+        """Persist the last sequence number this daemon used."""
+        return self._submit(lambda conn: put_meta(conn, "out_seq", out_seq), "out_seq")
+
+
+def drop_open_envelopes(conn: sqlite3.Connection, epoch: int) -> None:
+    """Delete the envelopes of ``epoch``'s open inputs (their fold is leaving the buffer)."""
+    conn.execute(
+        "DELETE FROM input_envelopes WHERE pos IN"
+        " (SELECT pos FROM inputs WHERE epoch = ? AND status = 'open')",
+        (epoch,),
+    )
+
+
+def put_meta(conn: sqlite3.Connection, key: str, value: int | bytes) -> None:
+    """Set ``meta[key]`` (open_epoch, out_seq, known_version, model_pointer)."""
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds since the epoch, as the tables record them."""
+    return time.time_ns() // 1_000_000

@@ -1,0 +1,164 @@
+"""The store's record types and how a version row decodes; imports no sqlite3, trio or protocol.
+
+They are plain frozen values: the daemons build them, the store persists and
+returns them, and nothing here knows how they are stored beyond the column
+order of a ``model_versions`` row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final, TypeAlias
+
+import numpy.typing as npt
+
+__all__ = [
+    "ID_BYTES",
+    "InputKey",
+    "InputRecord",
+    "InputState",
+    "ModelVersionRecord",
+    "OutboxEntry",
+    "Recovery",
+    "version_from_row",
+]
+
+ID_BYTES: Final = 16
+
+InputKey: TypeAlias = tuple[str, bytes]
+"""An input's identity: ``(sender, input_id)``."""
+
+
+class InputState(StrEnum):
+    """Where an accepted input is in its life."""
+
+    PENDING = "pending"  # submitted, commit not yet durable (in memory only)
+    OPEN = "open"
+    FLUSHED = "flushed"
+    DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class InputRecord:
+    """One accepted input: a device update (edge) or a child partial (regional, central).
+
+    Attributes:
+        sender: key id of the input's sender.
+        input_id: its 16-byte update id or partial id.
+        seq: the envelope's sequence number.
+        epoch: the open buffer it was folded into.
+        envelope: the signed envelope bytes, enough to refold it.
+        base_version: the update's base version (a partial's min base version).
+        n_samples: the update's n_samples (a partial's sample_count).
+        tau: staleness used at the fold (``extra_tau`` for a partial).
+        discount: the staleness discount applied.
+        clip_scale: the norm clipping factor applied (1 when not clipped).
+        accepted_ms: wall-clock acceptance time, ms since the epoch.
+        trace: W3C traceparent of the input's process span, or empty.
+    """
+
+    sender: str
+    input_id: bytes
+    seq: int
+    epoch: int
+    envelope: bytes
+    base_version: int
+    n_samples: float
+    tau: int
+    discount: float
+    clip_scale: float
+    accepted_ms: int
+    trace: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A flushed partial waiting for its upstream PubAck.
+
+    Attributes:
+        partial_id: 16-byte id (its hex is the ``Nats-Msg-Id``).
+        epoch: the buffer epoch it closed.
+        seq: the envelope's sequence number.
+        subject: where it is published.
+        envelope: the signed envelope bytes.
+        trace: traceparent of the aggregate span, the parent of the send span.
+    """
+
+    partial_id: bytes
+    epoch: int
+    seq: int
+    subject: str
+    envelope: bytes
+    trace: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersionRecord:
+    """A model version as the central stored it.
+
+    Attributes:
+        version: the model version.
+        blob: signed ``model_blob`` envelope bytes.
+        pointer: signed ``model`` (announcement) envelope bytes.
+        lineage: ids of every device update folded into this version.
+        update_count: number of those updates.
+        created_ms: wall-clock creation time.
+        published: whether the registry and the announcement are done.
+    """
+
+    version: int
+    blob: bytes
+    pointer: bytes
+    lineage: tuple[bytes, ...]
+    update_count: int
+    created_ms: int
+    published: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What a daemon needs to resume after a stop or a crash.
+
+    Attributes:
+        open_epoch: the epoch of the open buffer.
+        open_inputs: its accepted inputs, in fold order (refold them).
+        pending_outbox: flushed partials not yet acknowledged upstream (resend them).
+        high_water: per-sender sequence high-water marks.
+        out_seq: the last sequence number this daemon used on its own messages.
+        known_version: the newest model version this daemon had verified.
+        model_pointer: the signed pointer of that version, if any.
+        latest_version: the central's newest stored model version, if any.
+        unpublished_versions: the central's versions whose publication is not done.
+        optimizer_state: the central optimizer's arrays, as of ``latest_version``.
+    """
+
+    open_epoch: int
+    open_inputs: tuple[InputRecord, ...]
+    pending_outbox: tuple[OutboxEntry, ...]
+    high_water: Mapping[str, int]
+    out_seq: int
+    known_version: int | None
+    model_pointer: bytes | None
+    latest_version: ModelVersionRecord | None
+    unpublished_versions: tuple[int, ...]
+    optimizer_state: Mapping[str, npt.NDArray[Any]]
+
+
+def version_from_row(row: Sequence[Any]) -> ModelVersionRecord:
+    """Decode a ``SELECT version, blob, pointer, lineage, update_count, created_ms, published``.
+
+    The lineage column is the concatenated 16-byte leaf update ids.
+    """
+    lineage_bytes = bytes(row[3])
+    lineage = tuple(lineage_bytes[i : i + ID_BYTES] for i in range(0, len(lineage_bytes), ID_BYTES))
+    return ModelVersionRecord(
+        version=int(row[0]),
+        blob=bytes(row[1]),
+        pointer=bytes(row[2]),
+        lineage=lineage,
+        update_count=int(row[4]),
+        created_ms=int(row[5]),
+        published=bool(row[6]),
+    )

@@ -22,13 +22,11 @@ republish whatever was not confirmed, so startup is idempotent.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -37,9 +35,10 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from fedtier.protocol.bus import Bus, Delivery, Subscription
-from fedtier.protocol.codecs import CodecSpec, decode, encode
-from fedtier.protocol.envelope import open_envelope, payload_digest, seal
+from fedtier.protocol.codecs import decode
+from fedtier.protocol.envelope import open_envelope
 from fedtier.protocol.errors import ConfigError, LocalProtocolError, StoreError
+from fedtier.protocol.files import atomic_write
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.messages import ModelAnnouncement, ModelBlob, Tier
 from fedtier.protocol.names import NatsSubjects
@@ -51,6 +50,7 @@ from fedtier.protocol.telemetry import (
     ATTR_MODEL_VERSION,
     span_name,
 )
+from fedtier.tiers._intake import Admission
 from fedtier.tiers._telemetry import (
     TierMetricsLike,
     context_of,
@@ -58,23 +58,16 @@ from fedtier.tiers._telemetry import (
     links_to,
     traceparent_of,
 )
+from fedtier.tiers._upstream import UpstreamWorker, retry_transient
 from fedtier.tiers.config import CentralConfig, load_initial_model
+from fedtier.tiers.core import ModelView, seal_version, step_model
 from fedtier.tiers.faults import crash_point
 from fedtier.tiers.model_registry import ModelRegistryWriter
 from fedtier.tiers.registry import TierKeys
 from fedtier.tiers.store import CommitTicket, ModelVersionRecord, Recovery
-from fedtier.tiers.tier import (
-    Admission,
-    ModelView,
-    OpenBuffer,
-    TierDaemon,
-    UpstreamWorker,
-    retry_transient,
-)
+from fedtier.tiers.tier import OpenBuffer, TierDaemon
 
 __all__ = ["CentralDaemon", "ModelPublisher"]
-
-MODEL_CODEC: Final = CodecSpec("f32")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,20 +89,10 @@ class PublishJob:
     trace: str = ""
 
 
-def _write_file_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a crash leaves the old file or the new one, never half."""
+def _write_model_file(path: Path, data: bytes) -> None:
+    """Keep a version's signed blob on disk: a crash leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, data)
 
 
 class ModelPublisher(UpstreamWorker[PublishJob]):
@@ -142,7 +125,7 @@ class ModelPublisher(UpstreamWorker[PublishJob]):
             context=context_of(job.trace),
             attributes={ATTR_MODEL_VERSION: version},
         ) as span:
-            await store.run_blocking(_write_file_atomically, daemon.model_file(version), job.blob)
+            await store.run_blocking(_write_model_file, daemon.model_file(version), job.blob)
             await retry(
                 f"registry put of model blob v{version}",
                 "registry_put_blob",
@@ -186,6 +169,8 @@ class CentralDaemon(TierDaemon):
     """
 
     tier = "central"
+    # Small deployments may send edge partials straight here: a sum is a sum.
+    accepts = (Tier.REGIONAL, Tier.EDGE)
     sender_role = "regional"
 
     def __init__(
@@ -270,7 +255,7 @@ class CentralDaemon(TierDaemon):
                 initial.append(PublishJob(version, record.blob, record.pointer))
         assert self._view is not None
         self._buffer = OpenBuffer(self._view.num_params, recovery.open_epoch)
-        self._refold_partials(recovery)
+        self._refold(recovery)
         self._publisher = ModelPublisher(self, capacity=4, on_room=self.buffer.poke)
         await nursery.start(self._publisher.serve, initial)
         self.metrics.model_version(self.version)
@@ -310,8 +295,7 @@ class CentralDaemon(TierDaemon):
         )
 
     def _admit(self, delivery: Delivery) -> Admission:
-        # Small deployments may send edge partials straight here: a sum is a sum.
-        return self._admit_partial(delivery, self._model_view(), (Tier.REGIONAL, Tier.EDGE))
+        return self._admit_partial(delivery)
 
     # -- versions -----------------------------------------------------------------------
 
@@ -328,34 +312,20 @@ class CentralDaemon(TierDaemon):
     ) -> PublishJob:
         layout = self.layout
         assert layout is not None
-        payload = encode(params, MODEL_CODEC)
         created_ms = self.clock_ms()
         blob_seq = self._next_seq()
-        blob = ModelBlob(
+        sealed = seal_version(
+            version,
+            params,
+            layout,
+            identity=self.keys.identity,
             fleet=self.config.fleet,
-            sender=self.key_id,
-            seq=blob_seq,
             created_ms=created_ms,
-            version=version,
-            layout=layout.fingerprint,
-            num_params=layout.num_params,
-            codec=MODEL_CODEC,
-            tensors=layout,
-        )
-        pointer = ModelAnnouncement(
-            fleet=self.config.fleet,
-            sender=self.key_id,
-            seq=self._next_seq(),
-            created_ms=created_ms,
-            version=version,
-            layout=layout.fingerprint,
-            num_params=layout.num_params,
-            blob_blake3=payload_digest(payload),
-            blob_size=len(payload),
+            blob_seq=blob_seq,
+            pointer_seq=self._next_seq(),
             update_count=update_count,
         )
-        blob_bytes = seal(blob, payload, self.keys.identity)
-        pointer_bytes = seal(pointer, b"", self.keys.identity)
+        blob_bytes, pointer_bytes = sealed.blob, sealed.pointer
         ticket = self.store.submit_version(
             ModelVersionRecord(
                 version=version,
@@ -368,7 +338,7 @@ class CentralDaemon(TierDaemon):
             epoch=epoch,
             input_count=input_count,
             optimizer_state=self.optimizer.state_arrays(),
-            out_seq=pointer.seq,
+            out_seq=sealed.pointer_message.seq,
         )
         self.version = version
         self._view = ModelView(version, layout.fingerprint, layout.num_params, pointer_bytes)
@@ -377,7 +347,7 @@ class CentralDaemon(TierDaemon):
 
     def _cut(self, reason: str) -> PublishJob | None:
         buffer = self.buffer
-        aggregate = buffer.aggregate
+        aggregate = buffer.accumulator
         if aggregate.is_empty:
             return None
         assert self.params is not None
@@ -387,7 +357,7 @@ class CentralDaemon(TierDaemon):
         with self.tracer.start_as_current_span(
             span_name("central", "aggregate"),
             context=Context(),
-            links=links_to(buffer.traces),
+            links=links_to(buffer.tags),
             attributes={
                 ATTR_INPUT_IDS: [i.hex() for i in input_ids],
                 ATTR_INPUT_COUNT: len(input_ids),
@@ -397,10 +367,9 @@ class CentralDaemon(TierDaemon):
             },
         ) as span:
             saved_state = self.optimizer.state_arrays()
-            new_params = self.optimizer.step(self.params, aggregate.result())
-            if not bool(np.isfinite(new_params).all()):
+            new_params = step_model(self.params, self.optimizer, aggregate)
+            if new_params is None:
                 # Refolding after a restart would give the same result: drop the epoch.
-                self.optimizer.load_state_arrays(saved_state)
                 self.log.error(
                     "epoch %d would make model v%d non-finite; dropping its %d inputs",
                     buffer.epoch,

@@ -3,21 +3,17 @@
 Imports protocol, trio and tiers only; never client or simulations, never a
 concrete bus adapter (it is handed two ``Bus`` objects and a model registry).
 
-Per delivery (see ``tiers.tier`` for the shared sequence) the edge checks, in
-this order, so each rejection has exactly one reason: ``malformed`` /
-``too_large`` / ``unsupported_version`` (parsing), ``unknown_sender`` (device not
-registered here), ``bad_signature``, ``digest_mismatch``, ``wrong_fleet``,
-``layout_mismatch``; then a known ``(device, update id)`` is a *duplicate*
-(acknowledged, receipt ``duplicate``, not folded); then ``replay`` (the seq
-was already used by another update id of that device), ``stale`` (tau > max_staleness),
-``non_finite``, ``norm_exceeded`` (reject policy; the clip policy scales the
-update down and counts it as anomalous ``norm_clipped``). Rejected updates are
-acknowledged too (they never become valid) and answered with a rejected receipt
-when the device can be told apart (from the message or its topic).
+Per delivery the core (``fedtier.tiers.core.admit_update``) decides, with one
+reason per rejection, in the order its docstring gives; this shell folds and
+records what it accepts, and answers the device with a signed receipt:
+``accepted`` and ``duplicate`` once the record is durable, ``rejected`` with its
+reason (acknowledged too: it will never become valid) when the device can be
+told apart (from the message or its topic).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -25,33 +21,24 @@ from contextlib import AbstractAsyncContextManager
 from opentelemetry import trace
 
 from fedtier.protocol.bus import Bus, Delivery, Subscription
-from fedtier.protocol.envelope import Envelope, parse_envelope, seal
+from fedtier.protocol.envelope import seal
 from fedtier.protocol.errors import (
     BusError,
-    DecodeError,
     Reason,
     RemoteProtocolError,
-    UnknownSender,
 )
-from fedtier.protocol.messages import DeviceUpdate, ModelAnnouncement, Receipt, ReceiptStatus, Tier
+from fedtier.protocol.messages import ModelAnnouncement, Receipt, ReceiptStatus, Tier
 from fedtier.protocol.models import open_model_blob
 from fedtier.protocol.names import MqttTopics, NatsSubjects
-from fedtier.protocol.telemetry import ATTR_DEVICE, ATTR_STALENESS, ATTR_UPDATE_ID, span_name
-from fedtier.tiers._telemetry import TierMetricsLike, extract_context, traceparent_of
+from fedtier.protocol.telemetry import ATTR_DEVICE, ATTR_UPDATE_ID, span_name
+from fedtier.tiers._intake import Admission
+from fedtier.tiers._telemetry import TierMetricsLike, extract_context
+from fedtier.tiers._upstream import UplinkJob, retry_transient
 from fedtier.tiers.config import EdgeConfig
-from fedtier.tiers.folding import fold_update_message
+from fedtier.tiers.core import AdmissionRules, Outcome, admit_update
 from fedtier.tiers.model_registry import ModelRegistryReader
 from fedtier.tiers.registry import TierKeys
-from fedtier.tiers.store import InputRecord, Recovery
-from fedtier.tiers.tier import (
-    Admission,
-    FollowerDaemon,
-    Outcome,
-    UplinkJob,
-    check_payload,
-    rejection,
-    retry_transient,
-)
+from fedtier.tiers.tier import FollowerDaemon
 
 __all__ = ["EdgeDaemon"]
 
@@ -117,160 +104,84 @@ class EdgeDaemon(FollowerDaemon):
             capacity=self.config.intake_capacity,
         )
 
+    def _admission_rules(self) -> AdmissionRules:
+        # Called by TierDaemon.__init__, before this class's own attributes exist.
+        config = self.config
+        assert isinstance(config, EdgeConfig)
+        return dataclasses.replace(
+            super()._admission_rules(), max_norm=config.max_norm, norm_policy=config.norm_policy
+        )
+
     def _admit(self, delivery: Delivery) -> Admission:
         with self.tracer.start_as_current_span(
             span_name("edge", "process"), context=extract_context(delivery.headers)
         ) as span:
             self.metrics.update_bytes(len(delivery.payload))
-            topic_device = self.topics.device_of(delivery.subject)
-            claimed: DeviceUpdate | None = None
-            try:
-                envelope = parse_envelope(delivery.payload, self.config.limits)
-                message = envelope.message
-                if not isinstance(message, DeviceUpdate):
-                    raise DecodeError(
-                        f"a {message.KIND.value} message arrived on update topic {delivery.subject}"
-                    )
-                claimed = message
-                span.set_attribute(ATTR_UPDATE_ID, message.update_id.hex())
-                span.set_attribute(ATTR_DEVICE, message.sender)
-                if topic_device is not None and message.sender != topic_device:
-                    raise DecodeError(
-                        f"update {message.update_id.hex()} names device {message.sender} but "
-                        f"arrived on the topic of device {topic_device}"
-                    )
-                return self._check_and_fold(delivery, envelope, message, span)
-            except RemoteProtocolError as exc:
-                self._count(span, Outcome.REJECTED, exc.reason)
-                if exc.reason in ("non_finite", "norm_exceeded"):
-                    self._note_anomaly(exc.reason)
-                device = claimed.sender if claimed is not None else topic_device
+            decision = admit_update(
+                delivery.payload,
+                rules=self._rules,
+                senders=self.keys.senders,
+                model=self._model_view(),
+                seen=self._seen,
+                topic_device=self.topics.device_of(delivery.subject),
+            )
+            self._annotate(span, decision, ATTR_UPDATE_ID, ATTR_DEVICE)
+            device = decision.sender
+            update_id = decision.input_id if decision.input_id is not None else _NO_ID
+            if decision.outcome is Outcome.REJECTED:
+                reason = decision.reason
+                assert reason is not None
+                self._count(span, Outcome.REJECTED, reason)
+                if reason in (Reason.NON_FINITE, Reason.NORM_EXCEEDED):
+                    self._note_anomaly(reason)
                 label = self.keys.senders.describe(device) if device else "an unknown device"
-                self.log.warning("rejected an update from %s (%s): %s", label, exc.reason, exc)
+                self.log.warning(
+                    "rejected an update from %s (%s): %s", label, reason, decision.error
+                )
                 return Admission(
                     delivery,
                     Outcome.REJECTED,
-                    exc.reason,
+                    reason,
                     after_ack=self._receipt_sender(
-                        device,
-                        claimed.update_id if claimed is not None else _NO_ID,
-                        claimed.seq if claimed is not None else 0,
-                        ReceiptStatus.REJECTED,
-                        exc.reason,
+                        device, update_id, decision.seq, ReceiptStatus.REJECTED, reason
                     ),
                 )
-
-    def _check_and_fold(
-        self, delivery: Delivery, envelope: Envelope, message: DeviceUpdate, span: trace.Span
-    ) -> Admission:
-        config = self.edge_config
-        key = self.keys.senders.get(message.sender)
-        if key is None:
-            raise UnknownSender(
-                f"update {message.update_id.hex()} from device {message.sender}, which is not "
-                f"registered at edge site {config.site!r}"
+            assert device is not None
+            who = self.keys.senders.describe(device)
+            if decision.outcome is Outcome.DUPLICATE:
+                self._count(span, Outcome.DUPLICATE)
+                self.log.info("update %s from %s is a duplicate", update_id.hex(), who)
+                return Admission(
+                    delivery,
+                    Outcome.DUPLICATE,
+                    ticket=self.store.pending_ticket(device, update_id),
+                    after_ack=self._receipt_sender(
+                        device, update_id, decision.seq, ReceiptStatus.DUPLICATE, ""
+                    ),
+                )
+            accepted = decision.accepted
+            assert accepted is not None
+            if accepted.clipped:
+                self._note_anomaly("norm_clipped")
+                self.log.info(
+                    "update %s from %s has L2 norm %.6g; clipped to %.6g",
+                    update_id.hex(),
+                    who,
+                    accepted.norm,
+                    self.edge_config.max_norm,
+                )
+            ticket = self._fold_and_record(delivery, accepted, span)
+            self.log.debug(
+                "accepted update %s from %s (tau %d)", update_id.hex(), who, accepted.tau
             )
-        envelope.verify(key)
-        payload = envelope.payload
-        who = self.keys.senders.describe(message.sender)
-        uid = message.update_id.hex()
-        if message.fleet != config.fleet:
-            raise rejection(
-                Reason.WRONG_FLEET,
-                f"update {uid} from {who} is for fleet {message.fleet!r}; this edge serves "
-                f"{config.fleet!r}",
-            )
-        model = self._model_view()
-        model.check_layout(message.layout, message.num_params, f"update {uid} from {who}")
-        store = self.store
-        state = store.input_state(message.sender, message.update_id)
-        forgotten = self._forgotten(state, message.update_id)
-        if state is not None and not forgotten:
-            self._count(span, Outcome.DUPLICATE)
-            self.log.info("update %s from %s is a duplicate", uid, who)
             return Admission(
                 delivery,
-                Outcome.DUPLICATE,
-                ticket=store.pending_ticket(message.sender, message.update_id),
+                Outcome.ACCEPTED,
+                ticket=ticket,
                 after_ack=self._receipt_sender(
-                    message.sender, message.update_id, message.seq, ReceiptStatus.DUPLICATE, ""
+                    device, update_id, decision.seq, ReceiptStatus.ACCEPTED, ""
                 ),
             )
-        # Retries reorder a device's updates (an unanswered one is resent after newer
-        # ones were accepted), so the rule is not "above the high-water mark" but
-        # "a seq is never used by two update ids": replaying an accepted envelope is a
-        # duplicate, and a forged one cannot carry a valid signature. (A forgotten
-        # input, under an unsafe switch, took its own seq: it is no replay.)
-        if not forgotten and store.seq_taken(message.sender, message.seq):
-            raise rejection(
-                Reason.REPLAY,
-                f"update {uid} from {who} reuses seq {message.seq}, already taken by "
-                "another update from the same device",
-            )
-        assessment = self.config.staleness.assess(model.version, message.base_version)
-        span.set_attribute(ATTR_STALENESS, assessment.tau)
-        if not assessment.accepted:
-            raise rejection(
-                Reason.STALE,
-                f"update {uid} from {who} was trained from model v{message.base_version}; "
-                f"this edge knows v{model.version} and accepts at most "
-                f"{self.config.staleness.max_staleness} versions of staleness",
-            )
-        result = check_payload(
-            payload,
-            message.codec,
-            message.num_params,
-            max_norm=config.max_norm,
-            norm_policy=config.norm_policy,
-        )
-        if result.clipped:
-            self._note_anomaly("norm_clipped")
-            self.log.info(
-                "update %s from %s has L2 norm %.6g; clipped to %.6g",
-                uid,
-                who,
-                result.norm,
-                config.max_norm,
-            )
-        self._make_room(1, 1)
-        buffer = self.buffer
-        fold_update_message(
-            buffer.aggregate,
-            message,
-            payload,
-            tau=assessment.tau,
-            discount=assessment.discount,
-            clip_scale=result.scale,
-        )
-        accepted_ms = self.clock_ms()
-        trace_parent = traceparent_of(span)
-        ticket = store.submit_accept(
-            InputRecord(
-                sender=message.sender,
-                input_id=message.update_id,
-                seq=message.seq,
-                epoch=buffer.epoch,
-                envelope=bytes(delivery.payload),
-                base_version=message.base_version,
-                n_samples=float(message.n_samples),
-                tau=assessment.tau,
-                discount=assessment.discount,
-                clip_scale=result.scale,
-                accepted_ms=accepted_ms,
-                trace=trace_parent,
-            ),
-            replace=forgotten,
-        )
-        self._note_accepted(span, message.sender, trace_parent, accepted_ms, assessment.tau)
-        self.log.debug("accepted update %s from %s (tau %d)", uid, who, assessment.tau)
-        return Admission(
-            delivery,
-            Outcome.ACCEPTED,
-            ticket=ticket,
-            after_ack=self._receipt_sender(
-                message.sender, message.update_id, message.seq, ReceiptStatus.ACCEPTED, ""
-            ),
-        )
 
     def _receipt_sender(
         self,
@@ -314,22 +225,6 @@ class EdgeDaemon(FollowerDaemon):
         return send_receipt
 
     # -- buffer -----------------------------------------------------------------------
-
-    def _refold(self, recovery: Recovery) -> None:
-        buffer = self.buffer
-        for record in recovery.open_inputs:
-            envelope = parse_envelope(record.envelope, self.config.limits)
-            message = envelope.message
-            assert isinstance(message, DeviceUpdate)
-            fold_update_message(
-                buffer.aggregate,
-                message,
-                envelope.payload,
-                tau=record.tau,
-                discount=record.discount,
-                clip_scale=record.clip_scale,
-            )
-            self._note_recovered(record)
 
     def _cut(self, reason: str) -> UplinkJob | None:
         return self._cut_partial(

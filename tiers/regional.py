@@ -22,12 +22,13 @@ from opentelemetry import trace
 from fedtier.protocol.bus import Bus, Delivery, Subscription
 from fedtier.protocol.messages import Tier
 from fedtier.protocol.names import NatsSubjects
+from fedtier.tiers._intake import Admission
 from fedtier.tiers._telemetry import TierMetricsLike
+from fedtier.tiers._upstream import UplinkJob
 from fedtier.tiers.config import RegionalConfig
 from fedtier.tiers.model_registry import ModelRegistryReader
 from fedtier.tiers.registry import TierKeys
-from fedtier.tiers.store import Recovery
-from fedtier.tiers.tier import Admission, FollowerDaemon, UplinkJob
+from fedtier.tiers.tier import FollowerDaemon
 
 __all__ = ["RegionalDaemon"]
 
@@ -49,6 +50,7 @@ class RegionalDaemon(FollowerDaemon):
 
     tier = "regional"
     sender_role = "edge"
+    accepts = (Tier.EDGE,)
 
     def __init__(
         self,
@@ -84,10 +86,7 @@ class RegionalDaemon(FollowerDaemon):
         )
 
     def _admit(self, delivery: Delivery) -> Admission:
-        return self._admit_partial(delivery, self._model_view(), (Tier.EDGE,))
-
-    def _refold(self, recovery: Recovery) -> None:
-        self._refold_partials(recovery)
+        return self._admit_partial(delivery)
 
     def _cut(self, reason: str) -> UplinkJob | None:
         return self._cut_partial(

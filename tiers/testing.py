@@ -1,8 +1,8 @@
 """In-process helpers for tests and simulations of the tiers: signed devices, models, metrics.
 
-Imports protocol, numpy and tiers.aggregate (no trio, no bus), in the manner of
-``trio.testing``: small tools that build real signed messages, so tier tests
-exercise the same bytes as production.
+Imports protocol, numpy and the tier core (no trio, no bus), in the manner of
+``trio.testing``: small tools that build real signed messages with the core's
+own builders, so tier tests exercise the same bytes as production.
 """
 
 from __future__ import annotations
@@ -16,17 +16,15 @@ import numpy as np
 import numpy.typing as npt
 
 from fedtier.protocol.codecs import CodecSpec, encode
-from fedtier.protocol.envelope import payload_digest, seal
+from fedtier.protocol.envelope import seal
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.messages import (
     DeviceUpdate,
-    ModelAnnouncement,
-    ModelBlob,
     PartialAggregate,
     Tier,
 )
-from fedtier.tiers.aggregate import Accumulator, partial_id
+from fedtier.tiers.core import Accumulator, build_partial, seal_version
 
 __all__ = ["RecordingMetrics", "SimDevice", "sign_model_version", "sign_partial"]
 
@@ -91,33 +89,19 @@ def sign_model_version(
     update_count: int = 0,
     seq: int = 1,
 ) -> tuple[bytes, bytes]:
-    """Sign model ``version`` as the central would: returns (pointer bytes, blob bytes)."""
-    spec = CodecSpec("f32")
-    payload = encode(np.asarray(params, np.float32), spec)
-    blob = ModelBlob(
+    """Sign model ``version`` as the central does (``seal_version``): (pointer, blob) bytes."""
+    sealed = seal_version(
+        version,
+        params,
+        layout,
+        identity=central,
         fleet=fleet,
-        sender=central.key_id,
-        seq=seq,
         created_ms=CREATED_MS,
-        version=version,
-        layout=layout.fingerprint,
-        num_params=layout.num_params,
-        codec=spec,
-        tensors=layout,
-    )
-    pointer = ModelAnnouncement(
-        fleet=fleet,
-        sender=central.key_id,
-        seq=seq + 1,
-        created_ms=CREATED_MS,
-        version=version,
-        layout=layout.fingerprint,
-        num_params=layout.num_params,
-        blob_blake3=payload_digest(payload),
-        blob_size=len(payload),
+        blob_seq=seq,
+        pointer_seq=seq + 1,
         update_count=update_count,
     )
-    return seal(pointer, b"", central), seal(blob, payload, central)
+    return sealed.pointer, sealed.blob
 
 
 def sign_partial(
@@ -131,32 +115,19 @@ def sign_partial(
     seq: int = 1,
     codec: CodecSpec | None = None,
 ) -> tuple[PartialAggregate, bytes]:
-    """Sign the partial a tier would send for ``accumulator``: (message, envelope bytes)."""
-    spec = codec or CodecSpec("f32")
-    assert accumulator.min_base_version is not None
-    assert accumulator.max_base_version is not None
-    message = PartialAggregate(
+    """Sign the partial a tier would cut from ``accumulator`` (``build_partial``)."""
+    return build_partial(
+        accumulator,
+        identity=sender,
         fleet=fleet,
-        sender=sender.key_id,
-        seq=seq,
-        created_ms=CREATED_MS,
-        partial_id=partial_id(sender.key_id, accumulator.input_ids),
         tier=tier,
         known_version=known_version,
         layout=layout.fingerprint,
         num_params=layout.num_params,
-        codec=spec,
-        sample_count=float(accumulator.sample_count),
-        weight_sum=float(accumulator.weight_sum),
-        update_count=accumulator.update_count,
-        staleness_hist=tuple(accumulator.staleness_hist),
-        min_base_version=accumulator.min_base_version,
-        max_base_version=accumulator.max_base_version,
-        inputs=tuple(accumulator.input_ids),
-        leaves=tuple(accumulator.leaf_ids),
+        codec=codec or CodecSpec("f32"),
+        seq=seq,
+        created_ms=CREATED_MS,
     )
-    payload = encode(np.asarray(accumulator.numerator), spec)
-    return message, seal(message, payload, sender)
 
 
 class RecordingMetrics:

@@ -1,19 +1,21 @@
-"""Machinery shared by the edge, regional and central daemons; imports protocol, trio, tiers.
+"""The daemons' shell around the sans-IO tier core; imports protocol, trio and tiers.
 
 Never imports ``client`` or ``simulations``, and never a concrete bus adapter:
 daemons talk to ``protocol.bus.Bus`` and to ``tiers.model_registry``.
 
-Acceptance sequence of one delivery (docs/architecture.md, data guarantees), the same at every
-tier::
+The core (``fedtier.tiers.core``) decides about each input and cuts partials;
+this module adds the state store, the open buffer's wake-ups, the flush loop and
+the clean shutdown, with the intake (``tiers._intake``: acks and receipts in
+order) and the upstream workers (``tiers._upstream``: publish with retry).
+
+Acceptance sequence of one delivery (docs/architecture.md, data guarantees),
+the same at every tier::
 
     reader task (in delivery order, synchronous per delivery)
-        parse -> sender registered -> signature + digest -> fleet -> layout
-        -> dedupe by (sender, input id) -> replay (edge) -> staleness (an edge
-           rejects a device update past max_staleness; a partial is never
-           rejected for it, only discounted and counted late: its updates were
-           acknowledged below)
-        -> finite / norm -> fold into the open buffer -> submit the record to
-        the store (grouped commit) -> hand the delivery to the settler
+        the core's admission (parse -> sender -> signature -> fleet -> layout
+           -> dedupe -> replay -> staleness -> finite / norm; see
+           ``fedtier.tiers.core``) -> fold into the open buffer -> submit the
+        record to the store (grouped commit) -> hand the delivery to the settler
     settler task (same order)
         wait for the record's commit -> ack the delivery -> receipt (edge)
 
@@ -50,33 +52,23 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any, ClassVar, Final, Generic, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-import numpy as np
 import trio
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from fedtier.protocol.bus import Bus, Delivery, PublishAck, Subscription
-from fedtier.protocol.codecs import CodecSpec, all_finite, decode, encode
-from fedtier.protocol.envelope import parse_envelope, seal
+from fedtier.protocol.bus import Bus, Delivery, Subscription
+from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.envelope import parse_envelope
 from fedtier.protocol.errors import (
     BusError,
-    BusUnavailable,
-    DecodeError,
-    LayoutMismatch,
     LocalProtocolError,
-    PublishError,
-    Reason,
     RemoteProtocolError,
-    UnknownSender,
-    UpdateRejected,
 )
-from fedtier.protocol.messages import ModelAnnouncement, PartialAggregate, Tier
+from fedtier.protocol.messages import DeviceUpdate, ModelAnnouncement, PartialAggregate, Tier
 from fedtier.protocol.models import open_model_pointer
 from fedtier.protocol.telemetry import (
     ATTR_FLUSH_REASON,
@@ -92,21 +84,28 @@ from fedtier.protocol.telemetry import (
     ATTR_STALENESS,
     span_name,
 )
+from fedtier.tiers._intake import Admission, Intake
 from fedtier.tiers._telemetry import (
     TierMetricsLike,
-    context_of,
     default_tracer,
     extract_context,
-    headers_with_context,
     links_to,
     quiet_metrics,
     traceparent_of,
 )
-from fedtier.tiers.aggregate import Accumulator
-from fedtier.tiers.aggregate import partial_id as derive_partial_id
-from fedtier.tiers.config import RetrySettings, TierConfig
-from fedtier.tiers.faults import crash_point, unsafe
-from fedtier.tiers.folding import fold_partial_message
+from fedtier.tiers._upstream import Uplink, UplinkJob, UpstreamWorker
+from fedtier.tiers.config import TierConfig
+from fedtier.tiers.core import (
+    AcceptedInput,
+    AdmissionRules,
+    Decision,
+    ModelView,
+    Outcome,
+    TierBuffer,
+    admit_partial,
+    build_partial,
+)
+from fedtier.tiers.faults import unsafe
 from fedtier.tiers.model_registry import ModelRegistryReader
 from fedtier.tiers.registry import TierKeys
 from fedtier.tiers.store import (
@@ -118,31 +117,17 @@ from fedtier.tiers.store import (
     StateStore,
     open_state_store,
 )
-from fedtier.tiers.validation import NormPolicy, ValidationResult, check_update_vector
 
 __all__ = [
-    "Admission",
-    "ModelView",
+    "FollowerDaemon",
     "OpenBuffer",
-    "Outcome",
+    "StoreLedger",
     "TierDaemon",
-    "check_payload",
-    "retry_transient",
     "wall_clock_ms",
 ]
 
-HIST_BUCKETS: Final = 32
-
 J = TypeVar("J")
 T = TypeVar("T")
-
-
-class Outcome(StrEnum):
-    """What a daemon decided about one input; metric labels."""
-
-    ACCEPTED = "accepted"
-    DUPLICATE = "duplicate"
-    REJECTED = "rejected"
 
 
 def wall_clock_ms() -> int:
@@ -150,145 +135,19 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def rejection(reason: Reason, message: str) -> RemoteProtocolError:
-    """A rejection with a reason token that has no dedicated error class."""
-    return RemoteProtocolError(message, reason=reason)
-
-
-# -- checks ---------------------------------------------------------------------------
-
-
-def check_payload(
-    payload: bytes,
-    codec: CodecSpec,
-    num_params: int,
-    *,
-    max_norm: float | None,
-    norm_policy: NormPolicy,
-) -> ValidationResult:
-    """Check an encoded vector completely before it is folded: layout, finiteness, norm.
-
-    Dense f32/f16 payloads are checked in place (zero-copy views); i8 and top-k
-    payloads are scanned without a dense copy unless a norm bound needs one.
-
-    Raises:
-        DecodeError: the payload breaks its codec (``malformed``).
-        UpdateRejected: ``non_finite``, or ``norm_exceeded`` under the reject policy.
-    """
-    if codec.k is None and codec.values in ("f32", "f16"):
-        expected = codec.expected_payload_size(num_params)
-        if len(payload) != expected:
-            raise DecodeError(f"{codec} payload has {len(payload)} bytes; expected {expected}")
-        values = np.frombuffer(payload, dtype="<f4" if codec.values == "f32" else "<f2")
-        return check_update_vector(values, max_norm=max_norm, norm_policy=norm_policy)
-    if max_norm is None:
-        if not all_finite(payload, codec, num_params):
-            raise UpdateRejected(
-                f"{codec} payload decodes to a NaN or infinite value", reason=Reason.NON_FINITE
-            )
-        return ValidationResult(norm=math.nan)
-    dense = decode(payload, codec, num_params)
-    return check_update_vector(dense, max_norm=max_norm, norm_policy=norm_policy)
-
-
-@dataclass(frozen=True, slots=True)
-class ModelView:
-    """The model version a daemon knows, from a verified pointer.
-
-    Attributes:
-        version: the model version.
-        layout: its layout fingerprint.
-        num_params: its number of parameters.
-        pointer: the signed pointer envelope bytes.
-    """
-
-    version: int
-    layout: bytes
-    num_params: int
-    pointer: bytes
-
-    def check_layout(self, layout: bytes, num_params: int, what: str) -> None:
-        """Raise ``LayoutMismatch`` unless ``layout``/``num_params`` are this model's."""
-        if layout != self.layout or num_params != self.num_params:
-            raise LayoutMismatch(
-                f"{what} is for layout {layout.hex()} with {num_params} values; model "
-                f"v{self.version} is {self.layout.hex()} with {self.num_params}"
-            )
-
-
-# -- retries --------------------------------------------------------------------------
-
-
-async def retry_transient(
-    what: str,
-    op: str,
-    fn: Callable[[], Awaitable[T]],
-    *,
-    retry: RetrySettings,
-    metrics: TierMetricsLike,
-    log: logging.Logger,
-) -> T:
-    """Call ``fn`` until it succeeds, retrying ``BusUnavailable`` and ``PublishError`` with backoff.
-
-    Every retry is logged and counted (``metrics.retry(op)``). Other errors
-    propagate. Cancellation stops the retries.
-    """
-    backoff = retry.initial_backoff_s
-    attempt = 0
-    while True:
-        try:
-            return await fn()
-        except (BusUnavailable, PublishError) as exc:
-            attempt += 1
-            metrics.retry(op)
-            log.warning(
-                "%s failed (attempt %d): %s; retrying in %.2f s", what, attempt, exc, backoff
-            )
-        await trio.sleep(backoff)
-        backoff = min(backoff * 2, retry.max_backoff_s)
-
-
 # -- the open buffer ------------------------------------------------------------------
 
 
-class OpenBuffer:
-    """The open epoch: its accumulator plus what the flush needs to know about its inputs.
-
-    Attributes:
-        aggregate: the accumulator of the epoch.
-        epoch: the epoch number (stored beside each input).
-        oldest_at: trio time of the oldest input, None when empty (flush deadline).
-        oldest_accepted_ms: wall time of the oldest input (aggregate latency).
-        traces: traceparent of each input's process span, in fold order (links).
-        senders: distinct senders (participation).
-    """
+class OpenBuffer(TierBuffer):
+    """The core's open buffer, plus a trio event that wakes the flush loop when it changes."""
 
     def __init__(self, num_params: int, epoch: int) -> None:
-        self.aggregate = Accumulator(num_params, hist_buckets=HIST_BUCKETS)
-        self.epoch = epoch
-        self.oldest_at: float | None = None
-        self.oldest_accepted_ms: int | None = None
-        self.traces: list[str] = []
-        self.senders: set[str] = set()
+        super().__init__(num_params, epoch)
         self._changed = trio.Event()
-
-    def note(self, *, sender: str, trace_parent: str, accepted_ms: int, at: float) -> None:
-        """Record the bookkeeping of an input just folded."""
-        if self.oldest_at is None:
-            self.oldest_at = at
-            self.oldest_accepted_ms = accepted_ms
-        self.traces.append(trace_parent)
-        self.senders.add(sender)
-        self.poke()
 
     def advance(self) -> None:
         """Start the next epoch with an empty accumulator."""
-        self.aggregate.reset()
-        self.epoch += 1
-        self.oldest_at = None
-        self.oldest_accepted_ms = None
-        self.traces = []
-        self.senders = set()
+        super().advance()
         self.poke()
 
     def poke(self) -> None:
@@ -301,289 +160,47 @@ class OpenBuffer:
         await self._changed.wait()
 
 
-# -- intake ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """The decision about one delivery, carried from the reader to the settler.
-
-    Attributes:
-        delivery: the delivery to acknowledge.
-        outcome: accepted, duplicate or rejected.
-        reason: the rejection reason token (empty otherwise).
-        ticket: the commit to wait for before acknowledging, if any.
-        after_ack: what to do once acknowledged (the edge's receipt).
-    """
-
-    delivery: Delivery
-    outcome: Outcome
-    reason: str = ""
-    ticket: CommitTicket | None = None
-    after_ack: Callable[[], Awaitable[None]] | None = None
-
-
-class Intake:
-    """Reads one subscription: admits in order, settles (commit, ack, receipt) in order.
-
-    Args:
-        admit: synchronous decision about one delivery (never raises for bad input).
-        after_admit: awaited after each admission (flush triggers).
-        capacity: admissions waiting to be settled; the subscription's capacity
-            bounds it already, so the reader never waits here in practice.
-        log: where settle problems are logged.
-        tier: names the crash points ``<tier>.after_admit``, ``.after_ack`` and
-            ``.after_receipt`` (``tiers.faults``).
-        ack_before_commit: the unsafe switch of that name: acknowledge (and
-            send the receipt) first, wait for the commit after.
-    """
-
-    def __init__(
-        self,
-        admit: Callable[[Delivery], Admission],
-        after_admit: Callable[[], Awaitable[None]],
-        *,
-        capacity: int,
-        log: logging.Logger,
-        tier: str = "",
-        ack_before_commit: bool = False,
-    ) -> None:
-        self._admit = admit
-        self._after_admit = after_admit
-        self._capacity = capacity
-        self._log = log
-        self._ack_before_commit = ack_before_commit
-        self._after_admit_point = f"{tier}.after_admit"
-        self._after_ack_point = f"{tier}.after_ack"
-        self._after_receipt_point = f"{tier}.after_receipt"
-        self._stopping = False
-        self._receive_scope: trio.CancelScope | None = None
-        self.finished = trio.Event()
-
-    def stop(self) -> None:
-        """Stop taking deliveries; what was admitted is still settled."""
-        self._stopping = True
-        if self._receive_scope is not None:
-            self._receive_scope.cancel()
-
-    async def serve(
-        self, subscription: Subscription, *, task_status: trio.TaskStatus[None]
-    ) -> None:
-        """Run until :meth:`stop` (then settle what was admitted) or cancellation."""
-        send, receive = trio.open_memory_channel[Admission](self._capacity)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._settle, receive)
-                async with send:
-                    task_status.started()
-                    while not self._stopping:
-                        # Only the wait for a delivery is interruptible by stop():
-                        # an admitted delivery is always handed on and settled.
-                        with trio.CancelScope() as scope:
-                            self._receive_scope = scope
-                            # BusError (the bus closed under us) propagates: a daemon
-                            # without input must stop, not idle.
-                            delivery = await subscription.receive()
-                        self._receive_scope = None
-                        if scope.cancelled_caught:
-                            break
-                        admission = self._admit(delivery)
-                        crash_point(self._after_admit_point)
-                        await send.send(admission)
-                        await self._after_admit()
-        finally:
-            self.finished.set()
-
-    async def _settle(self, receive: trio.MemoryReceiveChannel[Admission]) -> None:
-        async with receive:
-            async for admission in receive:
-                if self._ack_before_commit:
-                    # UNSAFE: what a broker's auto-ack does; a crash before the
-                    # commit loses an input its sender was told is accepted.
-                    await self._acknowledge(admission)
-                if admission.ticket is not None:
-                    # StoreError propagates: a daemon whose store fails must stop.
-                    await admission.ticket.wait()
-                if not self._ack_before_commit:
-                    await self._acknowledge(admission)
-
-    async def _acknowledge(self, admission: Admission) -> None:
-        try:
-            await admission.delivery.ack()
-        except BusError as exc:
-            # The broker redelivers; the copy is then a duplicate.
-            self._log.warning("ack of a delivery on %s failed: %s", admission.delivery.subject, exc)
-        crash_point(self._after_ack_point)
-        if admission.after_ack is not None:
-            await admission.after_ack()
-            crash_point(self._after_receipt_point)
-
-
-# -- upstream workers -----------------------------------------------------------------
-
-
-class UpstreamWorker(abc.ABC, Generic[J]):
-    """A bounded queue of jobs that leave the daemon (partials, model versions), run in order.
-
-    ``has_room`` lets a daemon hold a cut back instead of blocking its intake;
-    ``drain`` is the clean shutdown's wait.
-    """
-
-    def __init__(self, *, capacity: int, on_room: Callable[[], None]) -> None:
-        self._capacity = capacity
-        self._on_room = on_room
-        self._send, self._receive = trio.open_memory_channel[J](capacity)
-        self._outstanding = 0
-        self._drained = trio.Event()
-        self._drained.set()
-
-    @property
-    def outstanding(self) -> int:
-        """Jobs queued or in progress."""
-        return self._outstanding
-
-    def has_room(self) -> bool:
-        """Whether ``put`` would not wait."""
-        return self._outstanding < self._capacity
-
-    def _started_one(self) -> None:
-        if self._outstanding == 0:
-            self._drained = trio.Event()
-        self._outstanding += 1
-
-    def _finished_one(self) -> None:
-        self._outstanding -= 1
-        if self._outstanding == 0:
-            self._drained.set()
-        self._on_room()
-
-    async def put(self, job: J) -> None:
-        """Queue a job, waiting while the queue is full."""
-        self._started_one()
-        try:
-            await self._send.send(job)
-        except BaseException:
-            self._finished_one()
-            raise
-
-    async def drain(self) -> None:
-        """Wait until every queued job is done."""
-        while self._outstanding:
-            await self._drained.wait()
-
-    async def serve(self, initial: Sequence[J], *, task_status: trio.TaskStatus[None]) -> None:
-        """Run ``initial`` jobs (recovered from the store), then queued ones, in order."""
-        for _ in initial:
-            self._started_one()
-        task_status.started()
-        for job in initial:
-            await self.run(job)
-            self._finished_one()
-        async for job in self._receive:
-            await self.run(job)
-            self._finished_one()
-
-    @abc.abstractmethod
-    async def run(self, job: J) -> None:
-        """Do one job, retrying transient failures until it is done."""
-
-
-@dataclass(frozen=True, slots=True)
-class UplinkJob:
-    """A partial to publish once its flush is durable."""
-
-    entry: OutboxEntry
-    ticket: CommitTicket | None = None
-
-
-class Uplink(UpstreamWorker[UplinkJob]):
-    """Publishes flushed partials upstream; each stays in the outbox until its PubAck."""
-
-    def __init__(
-        self,
-        bus: Bus,
-        store: StateStore,
-        *,
-        tier: str,
-        tracer: trace.Tracer,
-        metrics: TierMetricsLike,
-        retry: RetrySettings,
-        log: logging.Logger,
-        capacity: int,
-        on_room: Callable[[], None],
-        drop_unconfirmed: bool = False,
-    ) -> None:
-        super().__init__(capacity=capacity, on_room=on_room)
-        self._bus = bus
-        self._store = store
-        self._tier = tier
-        self._tracer = tracer
-        self._metrics = metrics
-        self._retry = retry
-        self._log = log
-        self._drop_unconfirmed = drop_unconfirmed
-        self.published = 0
-        self.dropped = 0
-
-    async def run(self, job: UplinkJob) -> None:
-        """Wait for the flush commit, publish with ``msg_id = partial id``, mark acked."""
-        if job.ticket is not None:
-            await job.ticket.wait()
-        crash_point(f"{self._tier}.before_publish")
-        entry = job.entry
-        pid = entry.partial_id.hex()
-        with self._tracer.start_as_current_span(
-            span_name(self._tier, "send"),
-            context=context_of(entry.trace),
-            attributes={ATTR_PARTIAL_ID: pid},
-        ) as span:
-            # A fresh dict per try: some transports mutate the headers they are given.
-            headers = headers_with_context(span)
-
-            def publish() -> Awaitable[PublishAck]:
-                return self._bus.publish(
-                    entry.subject, entry.envelope, headers=dict(headers), msg_id=pid
-                )
-
-            if self._drop_unconfirmed:
-                try:
-                    ack = await publish()
-                except (BusUnavailable, PublishError) as exc:
-                    # UNSAFE: the inputs inside are gone although their senders
-                    # were told they are accepted.
-                    self.dropped += 1
-                    self._log.warning(
-                        "UNSAFE drop_unconfirmed_partials: partial %s dropped after one "
-                        "failed publish: %s",
-                        pid,
-                        exc,
-                    )
-                    self._store.submit_acked(entry.partial_id)
-                    return
-            else:
-                ack = await retry_transient(
-                    f"publish of partial {pid} to {entry.subject}",
-                    "publish_partial",
-                    publish,
-                    retry=self._retry,
-                    metrics=self._metrics,
-                    log=self._log,
-                )
-        crash_point(f"{self._tier}.after_publish")
-        self.published += 1
-        self._log.info(
-            "partial %s (epoch %d) stored upstream on %s%s",
-            pid,
-            entry.epoch,
-            entry.subject,
-            " as a duplicate" if ack.duplicate else "",
-        )
-        # Not awaited: if this commit is lost, the partial is resent at the next
-        # start and the receiver dedupes it by id.
-        self._store.submit_acked(entry.partial_id)
-
-
 # -- the daemon skeleton --------------------------------------------------------------
+
+
+class StoreLedger:
+    """What a daemon has seen, for the core's admission: its state store's dedupe index.
+
+    Under the unsafe switch ``dedupe_open_buffer_only`` it remembers ids only
+    while they are in the open buffer, like a broker's dedupe window: a copy of
+    an input already cut into a partial is taken as new, folded again and its
+    record replaced (:meth:`forgot` tells the daemon to replace it).
+    """
+
+    def __init__(self, daemon: TierDaemon) -> None:
+        self._daemon = daemon
+        self._forgotten: tuple[str, bytes] | None = None
+
+    def _state(self, sender: str, input_id: bytes) -> tuple[InputState | None, bool]:
+        daemon = self._daemon
+        state = daemon.store.input_state(sender, input_id)
+        forgotten = (
+            daemon._unsafe_dedupe_open_buffer_only
+            and state is not None
+            and input_id not in daemon.buffer.accumulator.input_ids
+        )
+        return state, forgotten
+
+    def is_known(self, sender: str, input_id: bytes, /) -> bool:
+        """Whether the store holds ``(sender, input_id)`` and the unsafe switch keeps it."""
+        state, forgotten = self._state(sender, input_id)
+        self._forgotten = (sender, input_id) if forgotten else None
+        return state is not None and not forgotten
+
+    def seq_used_elsewhere(self, sender: str, seq: int, input_id: bytes, /) -> bool:
+        """Whether an accepted input of ``sender`` took ``seq`` (this one is new, so another)."""
+        if self._forgotten == (sender, input_id):
+            return False  # a forgotten input took its own seq: it is no replay
+        return self._daemon.store.seq_taken(sender, seq)
+
+    def forgot(self, sender: str, input_id: bytes) -> bool:
+        """Whether the last :meth:`is_known` forgot this input (its record must be replaced)."""
+        return self._forgotten == (sender, input_id)
 
 
 class SeqCounter:
@@ -616,6 +233,8 @@ class TierDaemon(abc.ABC):
     tier: ClassVar[str]
     sender_role: ClassVar[str]
     """Whose inputs this tier takes: the role of its sender key registry."""
+    accepts: ClassVar[tuple[Tier, ...]] = ()
+    """Which tiers' partials it folds (none at the edge, which folds device updates)."""
 
     @classmethod
     def load_keys(cls, config: TierConfig) -> TierKeys:
@@ -658,6 +277,8 @@ class TierDaemon(abc.ABC):
         self._unsafe_dedupe_open_buffer_only = unsafe("dedupe_open_buffer_only")
         self._unsafe_drop_unconfirmed = unsafe("drop_unconfirmed_partials")
         self._unsafe_reject_late = unsafe("reject_late_partials")
+        self._seen = StoreLedger(self)
+        self._rules = self._admission_rules()
 
     # -- accessors ------------------------------------------------------------------
 
@@ -804,11 +425,7 @@ class TierDaemon(abc.ABC):
     async def _maybe_flush(self) -> None:
         """Flush when the policy says so and the upstream has room (else keep folding)."""
         await self._send_stashed()
-        buffer = self.buffer
-        aggregate = buffer.aggregate
-        reason = self.config.flush.should_flush(
-            aggregate.input_count, aggregate.sample_count, buffer.oldest_at, trio.current_time()
-        )
+        reason = self.buffer.due(self.config.flush, trio.current_time())
         if reason is None or not self.upstream.has_room():
             return
         job = self._cut(str(reason))
@@ -817,14 +434,22 @@ class TierDaemon(abc.ABC):
 
     def _make_room(self, inputs: int, leaves: int) -> None:
         """Cut first when folding would push the buffer past the id caps of one partial."""
-        aggregate = self.buffer.aggregate
-        cap = self.config.limits.max_ids
-        if aggregate.input_count + inputs > cap or aggregate.update_count + leaves > cap:
+        if not self.buffer.has_room(inputs, leaves, self.config.limits.max_ids):
             job = self._cut("ids")
             if job is not None:
                 self._stashed.append(job)
 
-    # -- shared pieces of admission ------------------------------------------------------
+    # -- the shell around the core's admission --------------------------------------------
+
+    def _admission_rules(self) -> AdmissionRules:
+        """What this tier checks inputs against (the edge adds its norm bound)."""
+        return AdmissionRules(
+            fleet=self.config.fleet,
+            limits=self.config.limits,
+            staleness=self.config.staleness,
+            accepts=self.accepts,
+            reject_late_partials=self._unsafe_reject_late,
+        )
 
     def _count(self, span: trace.Span, outcome: Outcome, reason: str = "") -> None:
         self.counts[(outcome.value, reason)] += 1
@@ -833,20 +458,52 @@ class TierDaemon(abc.ABC):
         if reason:
             span.set_attribute(ATTR_REASON, reason)
 
-    def _note_accepted(
-        self, span: trace.Span, sender: str, trace_parent: str, accepted_ms: int, tau: int
+    def _annotate(
+        self, span: trace.Span, decision: Decision, id_attr: str, sender_attr: str
     ) -> None:
-        """Book an input just folded into the open buffer: flush clock, counts, metrics."""
+        """Put what the input claims, and its staleness once known, on its process span."""
+        if decision.input_id is not None:
+            span.set_attribute(id_attr, decision.input_id.hex())
+        if decision.sender is not None:
+            span.set_attribute(sender_attr, decision.sender)
+        if decision.tau is not None:
+            span.set_attribute(ATTR_STALENESS, decision.tau)
+
+    def _fold_and_record(
+        self, delivery: Delivery, accepted: AcceptedInput, span: trace.Span
+    ) -> CommitTicket:
+        """Fold an admitted input into the open buffer and submit its record to the store.
+
+        Both happen synchronously, in delivery order, so the buffer and the
+        committer (FIFO) never disagree about what an epoch holds.
+        """
+        self._make_room(1, accepted.update_count)
         buffer = self.buffer
-        buffer.note(
-            sender=sender,
-            trace_parent=trace_parent,
-            accepted_ms=accepted_ms,
-            at=trio.current_time(),
+        accepted_ms = self.clock_ms()
+        trace_parent = traceparent_of(span)
+        buffer.fold(accepted, now=trio.current_time(), accepted_ms=accepted_ms, tag=trace_parent)
+        buffer.poke()
+        ticket = self.store.submit_accept(
+            InputRecord(
+                sender=accepted.sender,
+                input_id=accepted.input_id,
+                seq=accepted.seq,
+                epoch=buffer.epoch,
+                envelope=bytes(delivery.payload),
+                base_version=accepted.base_version,
+                n_samples=accepted.n_samples,
+                tau=accepted.tau,
+                discount=accepted.discount,
+                clip_scale=accepted.clip_scale,
+                accepted_ms=accepted_ms,
+                trace=trace_parent,
+            ),
+            replace=self._seen.forgot(accepted.sender, accepted.input_id),
         )
         self._count(span, Outcome.ACCEPTED)
-        self.metrics.staleness(tau)
-        self.metrics.buffer_depth(buffer.aggregate.input_count)
+        self.metrics.staleness(accepted.tau)
+        self.metrics.buffer_depth(buffer.accumulator.input_count)
+        return ticket
 
     def _note_anomaly(self, detector: str) -> None:
         self.anomalies[detector] += 1
@@ -855,179 +512,88 @@ class TierDaemon(abc.ABC):
     def _next_seq(self) -> int:
         return self._seq.next()
 
-    def _forgotten(self, state: InputState | None, input_id: bytes) -> bool:
-        """Whether a known input is treated as new: only under ``dedupe_open_buffer_only``.
-
-        That unsafe switch remembers ids only while they are in the open
-        buffer, like a broker's dedupe window: a copy of an input already cut
-        into a partial is folded again and its record replaced.
-        """
-        return (
-            self._unsafe_dedupe_open_buffer_only
-            and state is not None
-            and input_id not in self.buffer.aggregate.input_ids
-        )
-
-    def _admit_partial(
-        self,
-        delivery: Delivery,
-        model: ModelView,
-        expected_tiers: tuple[Tier, ...],
-    ) -> Admission:
-        """Admission of a child partial (regional and central)."""
+    def _admit_partial(self, delivery: Delivery) -> Admission:
+        """Admission of a child partial (regional and central), by the core."""
         with self.tracer.start_as_current_span(
             span_name(self.tier, "process"), context=extract_context(delivery.headers)
         ) as span:
             self.metrics.update_bytes(len(delivery.payload))
-            try:
-                return self._check_and_fold_partial(delivery, model, expected_tiers, span)
-            except RemoteProtocolError as exc:
-                self._count(span, Outcome.REJECTED, exc.reason)
-                self.log.warning("rejected a partial on %s: %s", delivery.subject, exc)
-                return Admission(delivery, Outcome.REJECTED, exc.reason)
-
-    def _check_and_fold_partial(
-        self,
-        delivery: Delivery,
-        model: ModelView,
-        expected_tiers: tuple[Tier, ...],
-        span: trace.Span,
-    ) -> Admission:
-        limits = self.config.limits
-        envelope = parse_envelope(delivery.payload, limits)
-        message = envelope.message
-        if not isinstance(message, PartialAggregate):
-            raise DecodeError(f"expected a partial, got a {message.KIND.value} message")
-        span.set_attribute(ATTR_PARTIAL_ID, message.partial_id.hex())
-        span.set_attribute(ATTR_SENDER, message.sender)
-        key = self.keys.senders.get(message.sender)
-        if key is None:
-            raise UnknownSender(
-                f"partial {message.partial_id.hex()} from unregistered sender {message.sender}"
+            decision = admit_partial(
+                delivery.payload,
+                rules=self._rules,
+                senders=self.keys.senders,
+                model=self._model_view(),
+                seen=self._seen,
+                tier=self.tier,
             )
-        envelope.verify(key)
-        who = self.keys.senders.describe(message.sender)
-        if message.fleet != self.config.fleet:
-            raise rejection(
-                Reason.WRONG_FLEET,
-                f"partial {message.partial_id.hex()} from {who} is for fleet {message.fleet!r}",
-            )
-        if message.tier not in expected_tiers:
-            raise DecodeError(
-                f"partial {message.partial_id.hex()} from {who} comes from tier "
-                f"{message.tier.value}; this {self.tier} takes {[t.value for t in expected_tiers]}"
-            )
-        model.check_layout(message.layout, message.num_params, f"partial from {who}")
-        if not message.inputs or (
-            derive_partial_id(message.sender, message.inputs) != message.partial_id
-        ):
-            raise DecodeError(
-                f"partial {message.partial_id.hex()} from {who} has an id that does not derive "
-                "from its sender and inputs"
-            )
-        state = self.store.input_state(message.sender, message.partial_id)
-        forgotten = self._forgotten(state, message.partial_id)
-        if state is not None and not forgotten:
-            self._count(span, Outcome.DUPLICATE)
-            self.log.info("partial %s from %s is a duplicate", message.partial_id.hex(), who)
-            return Admission(
-                delivery,
-                Outcome.DUPLICATE,
-                ticket=self.store.pending_ticket(message.sender, message.partial_id),
-            )
-        # Never refused for lateness: its device updates were acknowledged below.
-        assessment = self.config.staleness.assess_acknowledged(
-            self.known_version, message.known_version
-        )
-        span.set_attribute(ATTR_STALENESS, assessment.tau)
-        if assessment.late and self._unsafe_reject_late:
-            raise rejection(
-                Reason.STALE,
-                f"UNSAFE reject_late_partials: partial {message.partial_id.hex()} from {who} "
-                f"was made at model v{message.known_version}; this {self.tier} knows "
-                f"v{self.known_version}",
-            )
-        check_payload(
-            envelope.payload, message.codec, message.num_params, max_norm=None, norm_policy="clip"
-        )
-        self._make_room(1, message.update_count)
-        buffer = self.buffer
-        fold_partial_message(
-            buffer.aggregate,
-            message,
-            envelope.payload,
-            extra_tau=assessment.tau,
-            discount=assessment.discount,
-        )
-        accepted_ms = self.clock_ms()
-        trace_parent = traceparent_of(span)
-        ticket = self.store.submit_accept(
-            InputRecord(
-                sender=message.sender,
-                input_id=message.partial_id,
-                seq=message.seq,
-                epoch=buffer.epoch,
-                envelope=bytes(delivery.payload),
-                base_version=message.min_base_version,
-                n_samples=message.sample_count,
-                tau=assessment.tau,
-                discount=assessment.discount,
-                clip_scale=1.0,
-                accepted_ms=accepted_ms,
-                trace=trace_parent,
-            ),
-            replace=forgotten,
-        )
-        self._note_accepted(span, message.sender, trace_parent, accepted_ms, assessment.tau)
-        if assessment.late:
-            span.set_attribute(ATTR_LATE, True)
-            self._note_anomaly("late_partial")
-            self.log.warning(
-                "partial %s from %s was made at model v%d; this %s knows v%d, past "
-                "max_staleness %d: folded with discount %.3g (its %d updates were acknowledged)",
-                message.partial_id.hex(),
+            self._annotate(span, decision, ATTR_PARTIAL_ID, ATTR_SENDER)
+            if decision.outcome is Outcome.REJECTED:
+                assert decision.reason is not None
+                self._count(span, Outcome.REJECTED, decision.reason)
+                self.log.warning("rejected a partial on %s: %s", delivery.subject, decision.error)
+                return Admission(delivery, Outcome.REJECTED, decision.reason)
+            assert decision.sender is not None
+            assert decision.input_id is not None
+            who = self.keys.senders.describe(decision.sender)
+            pid = decision.input_id.hex()
+            if decision.outcome is Outcome.DUPLICATE:
+                self._count(span, Outcome.DUPLICATE)
+                self.log.info("partial %s from %s is a duplicate", pid, who)
+                return Admission(
+                    delivery,
+                    Outcome.DUPLICATE,
+                    ticket=self.store.pending_ticket(decision.sender, decision.input_id),
+                )
+            accepted = decision.accepted
+            assert accepted is not None
+            ticket = self._fold_and_record(delivery, accepted, span)
+            message = accepted.message
+            if accepted.late:
+                assert isinstance(message, PartialAggregate)
+                span.set_attribute(ATTR_LATE, True)
+                self._note_anomaly("late_partial")
+                self.log.warning(
+                    "partial %s from %s was made at model v%d; this %s knows v%d, past "
+                    "max_staleness %d: folded with discount %.3g (its %d updates were "
+                    "acknowledged)",
+                    pid,
+                    who,
+                    message.known_version,
+                    self.tier,
+                    self.known_version,
+                    self.config.staleness.max_staleness,
+                    accepted.discount,
+                    accepted.update_count,
+                )
+            self.log.debug(
+                "accepted partial %s from %s (%d updates, extra tau %d)",
+                pid,
                 who,
-                message.known_version,
-                self.tier,
-                self.known_version,
-                self.config.staleness.max_staleness,
-                assessment.discount,
-                message.update_count,
+                accepted.update_count,
+                accepted.tau,
             )
-        self.log.debug(
-            "accepted partial %s from %s (%d updates, extra tau %d)",
-            message.partial_id.hex(),
-            who,
-            message.update_count,
-            assessment.tau,
-        )
-        return Admission(delivery, Outcome.ACCEPTED, ticket=ticket)
+            return Admission(delivery, Outcome.ACCEPTED, ticket=ticket)
 
-    def _refold_partials(self, recovery: Recovery) -> None:
-        """Rebuild the open buffer from stored child partials, with their stored weights."""
+    def _refold(self, recovery: Recovery) -> None:
+        """Rebuild the open buffer from the stored inputs, with their stored weights."""
         buffer = self.buffer
         for record in recovery.open_inputs:
             envelope = parse_envelope(record.envelope, self.config.limits)
             message = envelope.message
-            assert isinstance(message, PartialAggregate)
-            fold_partial_message(
-                buffer.aggregate,
+            assert isinstance(message, (DeviceUpdate, PartialAggregate))
+            # Keep the flush deadline of the crashed run: an input's age is wall-clock age.
+            age_s = max(0.0, (self.clock_ms() - record.accepted_ms) / 1000.0)
+            buffer.refold(
                 message,
                 envelope.payload,
-                extra_tau=record.tau,
+                tau=record.tau,
                 discount=record.discount,
+                clip_scale=record.clip_scale,
+                now=trio.current_time() - age_s,
+                accepted_ms=record.accepted_ms,
+                tag=record.trace,
             )
-            self._note_recovered(record)
-
-    def _note_recovered(self, record: InputRecord) -> None:
-        # Keep the flush deadline of the crashed run: the input's age is wall-clock age.
-        age_s = max(0.0, (self.clock_ms() - record.accepted_ms) / 1000.0)
-        self.buffer.note(
-            sender=record.sender,
-            trace_parent=record.trace,
-            accepted_ms=record.accepted_ms,
-            at=trio.current_time() - age_s,
-        )
+        buffer.poke()
 
     # -- cutting a partial (edge, regional) ------------------------------------------------
 
@@ -1035,29 +601,38 @@ class TierDaemon(abc.ABC):
         self, reason: str, tier: Tier, subject: str, codec: CodecSpec
     ) -> UplinkJob | None:
         buffer = self.buffer
-        aggregate = buffer.aggregate
-        if aggregate.is_empty:
+        accumulator = buffer.accumulator
+        if accumulator.is_empty:
             return None
         started = time.perf_counter()
-        input_ids = list(aggregate.input_ids)
+        input_ids = list(accumulator.input_ids)
         model = self._model_view()
         with self.tracer.start_as_current_span(
             span_name(self.tier, "aggregate"),
             context=Context(),
-            links=links_to(buffer.traces),
+            links=links_to(buffer.tags),
             attributes={
                 ATTR_INPUT_IDS: [i.hex() for i in input_ids],
                 ATTR_INPUT_COUNT: len(input_ids),
-                ATTR_LEAF_COUNT: aggregate.update_count,
+                ATTR_LEAF_COUNT: accumulator.update_count,
                 ATTR_FLUSH_REASON: reason,
                 ATTR_MODEL_VERSION: model.version,
             },
         ) as span:
-            pid = derive_partial_id(self.key_id, input_ids)
-            span.set_attribute(ATTR_PARTIAL_ID, pid.hex())
             seq = self._next_seq()
             try:
-                payload = encode(np.asarray(aggregate.numerator), codec)
+                message, envelope = build_partial(
+                    accumulator,
+                    identity=self.keys.identity,
+                    fleet=self.config.fleet,
+                    tier=tier,
+                    known_version=self.known_version,
+                    layout=model.layout,
+                    num_params=model.num_params,
+                    codec=codec,
+                    seq=seq,
+                    created_ms=self.clock_ms(),
+                )
             except LocalProtocolError as exc:
                 # Only an overflowing sum gets here; refolding would fail the same
                 # way after a restart, so the epoch is dropped, loudly.
@@ -1071,29 +646,8 @@ class TierDaemon(abc.ABC):
                 self.store.submit_flush(buffer.epoch, None, len(input_ids), seq)
                 buffer.advance()
                 return None
-            assert aggregate.min_base_version is not None
-            assert aggregate.max_base_version is not None
-            message = PartialAggregate(
-                fleet=self.config.fleet,
-                sender=self.key_id,
-                seq=seq,
-                created_ms=self.clock_ms(),
-                partial_id=pid,
-                tier=tier,
-                known_version=self.known_version,
-                layout=model.layout,
-                num_params=model.num_params,
-                codec=codec,
-                sample_count=float(aggregate.sample_count),
-                weight_sum=float(aggregate.weight_sum),
-                update_count=aggregate.update_count,
-                staleness_hist=tuple(aggregate.staleness_hist),
-                min_base_version=aggregate.min_base_version,
-                max_base_version=aggregate.max_base_version,
-                inputs=tuple(input_ids),
-                leaves=tuple(aggregate.leaf_ids),
-            )
-            envelope = seal(message, payload, self.keys.identity)
+            pid = message.partial_id
+            span.set_attribute(ATTR_PARTIAL_ID, pid.hex())
             entry = OutboxEntry(
                 partial_id=pid,
                 epoch=buffer.epoch,
@@ -1116,8 +670,8 @@ class TierDaemon(abc.ABC):
             reason,
             pid.hex(),
             len(input_ids),
-            aggregate.update_count,
-            aggregate.sample_count,
+            accumulator.update_count,
+            accumulator.sample_count,
         )
         buffer.advance()
         return UplinkJob(entry, ticket)
@@ -1218,10 +772,6 @@ class FollowerDaemon(TierDaemon):
                 len(recovery.open_inputs),
                 len(recovery.pending_outbox),
             )
-
-    @abc.abstractmethod
-    def _refold(self, recovery: Recovery) -> None:
-        """Fold the recovered open inputs into the fresh buffer."""
 
     def _set_model(self, pointer: ModelAnnouncement, data: bytes) -> None:
         self.model = ModelView(pointer.version, pointer.layout, pointer.num_params, data)

@@ -28,7 +28,7 @@ from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.messages import DeviceUpdate
 from fedtier.simulations.sim.data import FederatedData
-from fedtier.simulations.sim.nodes import identity_for
+from fedtier.simulations.sim.nodes import SimKeys, identity_for
 from fedtier.simulations.sim.scenario import TrainingSpec
 
 if TYPE_CHECKING:
@@ -95,6 +95,8 @@ class LocalTraining:
         self._trainers: dict[int, Trainer] = {}
         self._feedback: dict[int, ErrorFeedback] = {}
         self._identities: dict[int, SigningIdentity] = {}
+        self.keys = SimKeys()
+        """Every device's public key, registered as its identity is made (nodes verify with it)."""
         self._runs: dict[int, int] = {}
 
     @property
@@ -155,7 +157,7 @@ class LocalTraining:
         """``device``'s signing identity."""
         identity = self._identities.get(device)
         if identity is None:
-            identity = identity_for(f"device-{device}", self.seed)
+            identity = self.keys.register(identity_for(f"device-{device}", self.seed))
             self._identities[device] = identity
         return identity
 

@@ -190,6 +190,7 @@ class Simulation:
             staleness=central_spec.staleness,
             max_norm=agg.edge.max_norm,
             norm_policy=agg.edge.norm_policy,
+            keys=self.training.keys,
             seed=s.seed,
         )
         # nodes[i], its spec and its parent's index; the central is last.
@@ -266,6 +267,7 @@ class Simulation:
             ),
             max_norm=self.scenario.aggregation.edge.max_norm if tier is Tier.EDGE else None,
             norm_policy=self.scenario.aggregation.edge.norm_policy,
+            keys=self.training.keys,
             seed=self.scenario.seed,
         )
         self.nodes.append(node)
@@ -364,7 +366,7 @@ class Simulation:
                 self._on_partial(a, b)
             elif kind == _DEADLINE:
                 node = self.nodes[a]
-                if node.epoch == b and node.due(self.now) is not None:
+                if node.buffer.epoch == b and node.due(self.now) is not None:
                     self._cut(a)
             elif kind == _VERSION:
                 self._on_relay(a)
@@ -469,10 +471,10 @@ class Simulation:
         if node.due(self.now) is not None:
             self._cut(index)
             return
-        if node.aggregate.input_count == 1:
+        if node.buffer.accumulator.input_count == 1:
             deadline = node.deadline()
             if deadline is not None:
-                self._push(deadline, _DEADLINE, index, node.epoch)
+                self._push(deadline, _DEADLINE, index, node.buffer.epoch)
 
     def _cut(self, index: int) -> None:
         node = self.nodes[index]

@@ -1,24 +1,23 @@
-"""The simulator's tiers: the daemons' fold, cut and server step; no bus, store or event loop.
+"""The simulator's tiers: the production tier core with no bus, store or event loop.
 
-Imports protocol and tiers, never a bus or a state store, and runs nothing on
-trio (``tiers.tier``, for ``check_payload``, brings it along); the engine owns
-time and passes it in as ``now``. Each node runs, on the same signed bytes, the
-functions its daemon runs (``tiers.edge``, ``tiers.tier``, ``tiers.central``):
+Imports protocol and tiers (the sans-IO core, never a daemon, bus or state
+store); the engine owns time and passes it in as ``now``. Each node runs, on the
+same signed bytes, the functions the daemons run (``fedtier.tiers.core``):
 
-    update in:   parse_envelope -> layout -> StalenessPolicy.assess -> check_payload
-                 -> PartialAggregate.fold_update(fold_into folder)
-    partial in:  parse_envelope -> layout -> StalenessPolicy.assess_acknowledged -> check_payload
-                 -> PartialAggregate.fold_partial(fold_into folder, extra_tau, discount)
-    cut:         FlushPolicy.should_flush -> tiers.testing.sign_partial (encode the
-                 numerator with the partial codec, derive the partial id, seal)
-    version:     ServerOptimizer.step(params, aggregate.result())
+    update in:   admit_update  (parse, signature, fleet, layout, staleness, norm)
+                 -> TierBuffer.fold
+    partial in:  admit_partial (parse, signature, id, staleness: never refused)
+                 -> TierBuffer.fold
+    cut:         TierBuffer.due -> build_partial (encode the numerator with the
+                 partial codec, derive the partial id, seal)
+    version:     step_model (the server optimizer), then seal_version's math
 
-What the simulator leaves out is what cannot change an aggregate: signature
-checks (it signs, and trusts itself), the state store and acknowledgements,
-duplicates and replays (its devices send each update once), and telemetry.
-``tests/unit/test_sim_matches_daemons.py`` feeds the same updates
-through these nodes and through the real daemons on in-memory buses and checks
-that the model versions are equal bit for bit.
+What the simulator leaves out is what cannot change an aggregate: the state
+store and acknowledgements, duplicates and replays (its devices send each update
+once, so nodes use ``NothingSeen``), and telemetry.
+``tests/unit/test_sim_matches_daemons.py`` feeds the same updates through these
+nodes and through the real daemons on in-memory buses and checks that the model
+versions are equal bit for bit: it proves the daemons' shell, not a copy.
 """
 
 from __future__ import annotations
@@ -30,31 +29,66 @@ import numpy as np
 import numpy.typing as npt
 
 from fedtier.protocol.codecs import CodecSpec
-from fedtier.protocol.envelope import parse_envelope
-from fedtier.protocol.errors import LocalProtocolError, RemoteProtocolError
-from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.errors import LocalProtocolError, Reason
+from fedtier.protocol.identity import SigningIdentity, VerifyKey
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.limits import DEFAULT_LIMITS
-from fedtier.protocol.messages import DeviceUpdate, PartialAggregate, Tier
-from fedtier.tiers.aggregate import Accumulator
+from fedtier.protocol.messages import Tier
+from fedtier.tiers.core import (
+    AdmissionRules,
+    Decision,
+    ModelView,
+    NothingSeen,
+    Outcome,
+    TierBuffer,
+    admit_partial,
+    admit_update,
+    build_partial,
+    step_model,
+)
 from fedtier.tiers.flush import FlushPolicy, FlushReason
-from fedtier.tiers.folding import fold_partial_message, fold_update_message
 from fedtier.tiers.optimizers import ServerOptimizer
 from fedtier.tiers.staleness import StalenessPolicy
-from fedtier.tiers.testing import sign_partial
-from fedtier.tiers.tier import HIST_BUCKETS, check_payload
+from fedtier.tiers.testing import CREATED_MS
 from fedtier.tiers.validation import NormPolicy
 
-__all__ = ["CentralNode", "Outcome", "TierNode", "identity_for"]
+__all__ = ["CentralNode", "NodeOutcome", "SimKeys", "TierNode", "identity_for"]
 
-Outcome = str
+NodeOutcome = str
 """``"accepted"`` or a rejection reason token (``"stale"``, ``"non_finite"``...)."""
+
+_CREATED_MS = CREATED_MS
+"""``created_ms`` of simulated partials: virtual time has no wall clock, and no check reads it."""
 
 
 def identity_for(name: str, seed: int) -> SigningIdentity:
     """A reproducible Ed25519 identity for a simulated device or tier."""
     digest = hashlib.blake2b(f"fedtier-sim/{seed}/{name}".encode(), digest_size=32).digest()
     return SigningIdentity.from_seed(digest)
+
+
+class SimKeys:
+    """The key registry of a simulated fleet: every device's and every node's key.
+
+    One registry serves every node (each only ever sees its own children's
+    messages), so the core verifies each signature as a daemon would.
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[str, VerifyKey] = {}
+
+    def register(self, identity: SigningIdentity) -> SigningIdentity:
+        """Add ``identity``'s public key; returns the identity."""
+        self._keys[identity.key_id] = identity.verify_key
+        return identity
+
+    def get(self, key_id: str, /) -> VerifyKey | None:
+        """The key of ``key_id``, None when unknown."""
+        return self._keys.get(key_id)
+
+    def describe(self, key_id: str, /) -> str:
+        """The key id (simulated participants have no other name)."""
+        return key_id
 
 
 class TierNode:
@@ -68,9 +102,12 @@ class TierNode:
         flush: its flush policy.
         staleness: its staleness policy.
         partial_codec: how its partials are encoded (None for the central).
+        keys: the fleet's key registry; the node registers its own key there.
         max_norm: L2 bound on device updates folded here, None for none.
         norm_policy: ``"clip"`` or ``"reject"`` above ``max_norm``.
+        accepts: which tiers' partials it folds.
         seed: seed of its identity.
+        identity: its identity, instead of one derived from ``name`` and ``seed``.
     """
 
     def __init__(
@@ -83,8 +120,10 @@ class TierNode:
         flush: FlushPolicy,
         staleness: StalenessPolicy,
         partial_codec: CodecSpec | None,
+        keys: SimKeys,
         max_norm: float | None = None,
         norm_policy: NormPolicy = "clip",
+        accepts: tuple[Tier, ...] = (Tier.EDGE,),
         seed: int = 0,
         identity: SigningIdentity | None = None,
     ) -> None:
@@ -93,98 +132,87 @@ class TierNode:
         self.fleet = fleet
         self.layout = layout
         self.flush = flush
-        self.staleness = staleness
         self.partial_codec = partial_codec
-        self.max_norm = max_norm
-        self.norm_policy: NormPolicy = norm_policy
-        self.identity = identity if identity is not None else identity_for(name, seed)
-        self.aggregate = Accumulator(layout.num_params, hist_buckets=HIST_BUCKETS)
+        self.keys = keys
+        self.identity = keys.register(
+            identity if identity is not None else identity_for(name, seed)
+        )
+        self.rules = AdmissionRules(
+            fleet=fleet,
+            limits=DEFAULT_LIMITS,
+            staleness=staleness,
+            max_norm=max_norm,
+            norm_policy=norm_policy,
+            accepts=accepts,
+        )
+        self.buffer = TierBuffer(layout.num_params)
         self.known_version = 0
-        self.epoch = 0
-        self.oldest_at: float | None = None
         self.counts: Counter[str] = Counter()
+        self._seen = NothingSeen()
         self._seq = 0
+
+    def _model(self) -> ModelView:
+        return ModelView(self.known_version, self.layout.fingerprint, self.layout.num_params)
 
     # -- admission ----------------------------------------------------------------
 
-    def admit_update(self, envelope: bytes, now: float) -> Outcome:
-        """Fold a device update as the edge daemon does; returns the outcome.
+    def admit_update(self, envelope: bytes, now: float) -> NodeOutcome:
+        """Admit a device update as the edge daemon does; returns the outcome."""
+        decision = admit_update(
+            envelope, rules=self.rules, senders=self.keys, model=self._model(), seen=self._seen
+        )
+        return self._take(decision, now)
 
-        Raises:
-            DecodeError: the envelope does not parse (a simulator bug, not an outcome).
-        """
-        parsed = parse_envelope(envelope, DEFAULT_LIMITS)
-        message = parsed.message
-        if not isinstance(message, DeviceUpdate):
-            raise LocalProtocolError(f"{self.name} expected a device update, got {message.KIND}")
-        self._check_layout(message.layout, message.num_params)
-        assessment = self.staleness.assess(self.known_version, message.base_version)
-        if not assessment.accepted:
-            return self._count("stale")
-        try:
-            result = check_payload(
-                parsed.payload,
-                message.codec,
-                message.num_params,
-                max_norm=self.max_norm,
-                norm_policy=self.norm_policy,
+    def admit_partial(self, envelope: bytes, now: float) -> NodeOutcome:
+        """Admit a child partial as the regional and central daemons do; returns the outcome."""
+        decision = admit_partial(
+            envelope,
+            rules=self.rules,
+            senders=self.keys,
+            model=self._model(),
+            seen=self._seen,
+            tier=self.name,
+        )
+        return self._take(decision, now)
+
+    def _take(self, decision: Decision, now: float) -> NodeOutcome:
+        if decision.outcome is Outcome.REJECTED:
+            assert decision.reason is not None
+            if decision.reason not in (
+                Reason.STALE,
+                Reason.NON_FINITE,
+                Reason.NORM_EXCEEDED,
+            ):
+                # Anything else (a bad signature, a foreign layout...) is a simulator bug.
+                raise LocalProtocolError(
+                    f"{self.name} refused its own fleet's input: {decision.error}"
+                )
+            return self._count(decision.reason)
+        accepted = decision.accepted
+        assert accepted is not None
+        if not self.buffer.has_room(1, accepted.update_count, DEFAULT_LIMITS.max_ids):
+            # The daemons cut early at max_ids; no scenario comes near 65,536 ids in
+            # one buffer, so reaching it means a scenario the simulator does not model.
+            raise LocalProtocolError(
+                f"{self.name} would hold more than {DEFAULT_LIMITS.max_ids} ids in one "
+                "buffer; lower its flush max_inputs"
             )
-        except RemoteProtocolError as exc:
-            return self._count(exc.reason)
-        self._check_room(1, 1)
-        fold_update_message(
-            self.aggregate,
-            message,
-            parsed.payload,
-            tau=assessment.tau,
-            discount=assessment.discount,
-            clip_scale=result.scale,
-        )
-        if result.clipped:
+        if accepted.clipped:
             self.counts["norm_clipped"] += 1
-        self._note(now)
-        return self._count("accepted")
-
-    def admit_partial(self, envelope: bytes, now: float) -> Outcome:
-        """Fold a child partial as the regional and central daemons do; returns the outcome.
-
-        Raises:
-            DecodeError: the envelope does not parse (a simulator bug, not an outcome).
-        """
-        parsed = parse_envelope(envelope, DEFAULT_LIMITS)
-        message = parsed.message
-        if not isinstance(message, PartialAggregate):
-            raise LocalProtocolError(f"{self.name} expected a partial, got {message.KIND}")
-        self._check_layout(message.layout, message.num_params)
-        # As the daemons: a partial is never refused for lateness (see staleness.py).
-        assessment = self.staleness.assess_acknowledged(self.known_version, message.known_version)
-        check_payload(
-            parsed.payload, message.codec, message.num_params, max_norm=None, norm_policy="clip"
-        )
-        self._check_room(1, message.update_count)
-        if assessment.late:
+        if accepted.late:
             self.counts["late_partial"] += 1
-        fold_partial_message(
-            self.aggregate,
-            message,
-            parsed.payload,
-            extra_tau=assessment.tau,
-            discount=assessment.discount,
-        )
-        self._note(now)
-        return self._count("accepted")
+        self.buffer.fold(accepted, now=now, accepted_ms=_CREATED_MS)
+        return self._count(Outcome.ACCEPTED)
 
     # -- flushing -----------------------------------------------------------------
 
     def due(self, now: float) -> FlushReason | None:
         """Whether the open buffer flushes at ``now`` (``FlushPolicy.should_flush``)."""
-        return self.flush.should_flush(
-            self.aggregate.input_count, self.aggregate.sample_count, self.oldest_at, now
-        )
+        return self.buffer.due(self.flush, now)
 
     def deadline(self) -> float | None:
         """When the open buffer's deadline falls, None when empty or without one."""
-        return self.flush.deadline_at(self.oldest_at)
+        return self.buffer.deadline(self.flush)
 
     def cut_partial(self) -> bytes | None:
         """Seal the open buffer as a signed partial and start the next epoch.
@@ -193,56 +221,33 @@ class TierNode:
             The envelope, or None when the buffer is empty or its sum cannot be
             encoded (the daemon drops such an epoch too).
         """
-        if self.aggregate.is_empty:
+        if self.buffer.is_empty:
             return None
         assert self.partial_codec is not None
         self._seq += 1
         try:
-            _message, envelope = sign_partial(
-                self.identity,
-                self.fleet,
-                self.layout,
-                self.aggregate,
+            _message, envelope = build_partial(
+                self.buffer.accumulator,
+                identity=self.identity,
+                fleet=self.fleet,
                 tier=self.tier,
                 known_version=self.known_version,
-                seq=self._seq,
+                layout=self.layout.fingerprint,
+                num_params=self.layout.num_params,
                 codec=self.partial_codec,
+                seq=self._seq,
+                created_ms=_CREATED_MS,
             )
         except LocalProtocolError:
             self.counts["dropped_epoch"] += 1
-            self._advance()
+            self.buffer.advance()
             return None
-        self._advance()
+        self.buffer.advance()
         return envelope
 
-    # -- internals ----------------------------------------------------------------
-
-    def _count(self, outcome: Outcome) -> Outcome:
+    def _count(self, outcome: NodeOutcome) -> NodeOutcome:
         self.counts[outcome] += 1
         return outcome
-
-    def _check_layout(self, fingerprint: bytes, num_params: int) -> None:
-        if fingerprint != self.layout.fingerprint or num_params != self.layout.num_params:
-            raise LocalProtocolError(f"{self.name} got an input for another layout")
-
-    def _check_room(self, inputs: int, leaves: int) -> None:
-        # The daemons cut early at max_ids; no scenario here comes near 65,536 ids
-        # in one buffer, so reaching it means a scenario the simulator does not model.
-        cap = DEFAULT_LIMITS.max_ids
-        if self.aggregate.input_count + inputs > cap or self.aggregate.update_count + leaves > cap:
-            raise LocalProtocolError(
-                f"{self.name} would hold more than {cap} ids in one buffer; lower its flush "
-                "max_inputs"
-            )
-
-    def _note(self, now: float) -> None:
-        if self.oldest_at is None:
-            self.oldest_at = now
-
-    def _advance(self) -> None:
-        self.aggregate.reset()
-        self.epoch += 1
-        self.oldest_at = None
 
 
 class CentralNode(TierNode):
@@ -264,6 +269,7 @@ class CentralNode(TierNode):
         layout: ModelLayout,
         flush: FlushPolicy,
         staleness: StalenessPolicy,
+        keys: SimKeys,
         max_norm: float | None = None,
         norm_policy: NormPolicy = "clip",
         seed: int = 0,
@@ -276,8 +282,10 @@ class CentralNode(TierNode):
             flush=flush,
             staleness=staleness,
             partial_codec=None,
+            keys=keys,
             max_norm=max_norm,
             norm_policy=norm_policy,
+            accepts=(Tier.REGIONAL, Tier.EDGE),
             seed=seed,
         )
         self.params = np.asarray(params, dtype=np.float32).copy()
@@ -293,20 +301,18 @@ class CentralNode(TierNode):
             True when a new version was made; False when the buffer was empty or
             the result was not finite (the epoch is dropped, as the daemon drops it).
         """
-        aggregate = self.aggregate
-        if aggregate.is_empty:
+        accumulator = self.buffer.accumulator
+        if accumulator.is_empty:
             return False
-        saved = self.optimizer.state_arrays()
-        new_params = self.optimizer.step(self.params, aggregate.result())
-        if not bool(np.isfinite(new_params).all()):
-            self.optimizer.load_state_arrays(saved)
+        new_params = step_model(self.params, self.optimizer, accumulator)
+        if new_params is None:
             self.counts["dropped_epoch"] += 1
-            self._advance()
+            self.buffer.advance()
             return False
         self.params = new_params
         self.version += 1
         self.known_version = self.version
-        self.last_hist = aggregate.staleness_hist
-        self.last_update_count = aggregate.update_count
-        self._advance()
+        self.last_hist = accumulator.staleness_hist
+        self.last_update_count = accumulator.update_count
+        self.buffer.advance()
         return True

@@ -3,19 +3,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import trio
-from trio.testing import wait_all_tasks_blocked
+from trio.testing import MockClock, wait_all_tasks_blocked
 
 from fedtier.protocol.bus import MemoryBroker, MemoryBus
 from fedtier.protocol.codecs import decode
 from fedtier.protocol.envelope import open_envelope, payload_digest
 from fedtier.protocol.errors import ConfigError
 from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.messages import ModelAnnouncement, ModelBlob, Tier
 from fedtier.protocol.names import NatsSubjects
+from fedtier.simulations.testing import RecordingMetrics, sign_partial
 from fedtier.tiers.aggregate import Accumulator
 from fedtier.tiers.central import CentralDaemon
 from fedtier.tiers.config import CentralConfig, load_initial_model
@@ -23,7 +26,6 @@ from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.model_registry import MemoryModelRegistry
 from fedtier.tiers.registry import KeyRegistry, TierKeys
 from fedtier.tiers.staleness import StalenessPolicy
-from fedtier.tiers.testing import RecordingMetrics, sign_partial
 
 FLEET = "acme"
 CENTRAL = SigningIdentity.from_seed(b"\x01" * 32)
@@ -72,11 +74,11 @@ class Hub:
         await MemoryBus(self.nats).publish(SUBJECTS.to_central(), data)
 
     @property
-    def layout(self):
+    def layout(self) -> ModelLayout:
         return load_initial_model(self.config.initial_model)[0]
 
 
-def make_config(tmp: Path, **overrides) -> CentralConfig:
+def make_config(tmp: Path, **overrides: Any) -> CentralConfig:
     model = tmp / "init.npz"
     if not model.exists():
         write_initial_model(model)
@@ -94,11 +96,11 @@ def make_config(tmp: Path, **overrides) -> CentralConfig:
 
 
 @pytest.fixture
-def hub(tmp_path) -> Hub:
+def hub(tmp_path: Path) -> Hub:
     return Hub(tmp_path, make_config(tmp_path))
 
 
-def regional_buffer(seed: int, count: int, layout) -> Accumulator:
+def regional_buffer(seed: int, count: int, layout: ModelLayout) -> Accumulator:
     rng = np.random.default_rng(seed)
     acc = Accumulator(layout.num_params)
     for i in range(count):
@@ -129,7 +131,9 @@ async def current_model(
     return pointer, blob, decode(envelope.payload, blob.codec, blob.num_params)
 
 
-async def test_version_zero_is_published_once_from_the_initial_model(hub, autojump_clock):
+async def test_version_zero_is_published_once_from_the_initial_model(
+    hub: Hub, autojump_clock: MockClock
+) -> None:
     layout, params0 = load_initial_model(hub.config.initial_model)
     async with trio.open_nursery() as nursery:
         central = hub.daemon()
@@ -153,7 +157,9 @@ async def test_version_zero_is_published_once_from_the_initial_model(hub, autoju
     assert await hub.registry.current_pointer() == first_pointer
 
 
-async def test_two_partials_make_version_one_with_fedavg(hub, autojump_clock):
+async def test_two_partials_make_version_one_with_fedavg(
+    hub: Hub, autojump_clock: MockClock
+) -> None:
     layout, params0 = load_initial_model(hub.config.initial_model)
     a, b = regional_buffer(1, 3, layout), regional_buffer(2, 2, layout)
     pa, data_a = sign_partial(REGIONALS[0], FLEET, layout, a, tier=Tier.REGIONAL)
@@ -185,7 +191,9 @@ async def test_two_partials_make_version_one_with_fedavg(hub, autojump_clock):
     assert (hub.config.state_dir / "models" / "v1.blob").exists()
 
 
-async def test_partial_from_an_older_version_is_discounted(tmp_path, autojump_clock):
+async def test_partial_from_an_older_version_is_discounted(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     hub = Hub(tmp_path, make_config(tmp_path, flush=FlushPolicy(max_inputs=1, max_age_s=None)))
     layout, _params0 = load_initial_model(hub.config.initial_model)
     first, late = regional_buffer(3, 1, layout), regional_buffer(4, 1, layout)
@@ -209,7 +217,9 @@ async def test_partial_from_an_older_version_is_discounted(tmp_path, autojump_cl
     np.testing.assert_allclose(params2, expected, rtol=1e-6, atol=1e-7)
 
 
-async def test_restart_resumes_version_and_adaptive_optimizer_state(tmp_path, autojump_clock):
+async def test_restart_resumes_version_and_adaptive_optimizer_state(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     config = make_config(
         tmp_path,
         flush=FlushPolicy(max_inputs=1, max_age_s=None),
@@ -252,7 +262,7 @@ async def test_restart_resumes_version_and_adaptive_optimizer_state(tmp_path, au
     np.testing.assert_array_equal(params_restarted, params_straight)
 
 
-def test_central_identity_must_be_the_pinned_key(tmp_path):
+def test_central_identity_must_be_the_pinned_key(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     keys = TierKeys(REGIONALS[0], KeyRegistry(), CENTRAL.verify_key)
     with pytest.raises(ConfigError, match="pins"):

@@ -2,13 +2,15 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
+import numpy.typing as npt
 import pytest
 import trio
 from opentelemetry import trace as otel_trace
@@ -16,7 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import set_span_in_context
-from trio.testing import wait_all_tasks_blocked
+from trio.testing import MockClock, wait_all_tasks_blocked
 
 from fedtier.protocol.bus import Bus, Delivery, MemoryBroker, MemoryBus, PublishAck, Subscription
 from fedtier.protocol.codecs import CodecSpec, decode, encode
@@ -28,6 +30,7 @@ from fedtier.protocol.limits import Limits
 from fedtier.protocol.messages import DeviceUpdate, PartialAggregate, Receipt, ReceiptStatus
 from fedtier.protocol.names import MqttTopics, NatsSubjects
 from fedtier.protocol.telemetry.tracing import extract_context, inject_headers
+from fedtier.simulations.testing import RecordingMetrics, SimDevice, sign_model_version
 from fedtier.tiers.aggregate import Accumulator, partial_id
 from fedtier.tiers.config import EdgeConfig
 from fedtier.tiers.edge import EdgeDaemon
@@ -35,7 +38,6 @@ from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.model_registry import MemoryModelRegistry
 from fedtier.tiers.registry import KeyRegistry, TierKeys
 from fedtier.tiers.staleness import StalenessPolicy
-from fedtier.tiers.testing import RecordingMetrics, SimDevice, sign_model_version
 
 FLEET, SITE, REGION = "acme", "depot-1", "eu"
 LAYOUT = layout_of([("w", (4,)), ("b", (2,))])
@@ -50,7 +52,7 @@ TOPICS = MqttTopics(FLEET, SITE)
 SUBJECTS = NatsSubjects(FLEET)
 
 
-def delta(seed: int, scale: float = 1.0) -> np.ndarray:
+def delta(seed: int, scale: float = 1.0) -> npt.NDArray[np.float32]:
     return (np.random.default_rng(seed).standard_normal(LAYOUT.num_params) * scale).astype(
         np.float32
     )
@@ -92,7 +94,7 @@ class Site:
         )
 
 
-def make_config(tmp: Path, **overrides) -> EdgeConfig:
+def make_config(tmp: Path, **overrides: Any) -> EdgeConfig:
     base = EdgeConfig(
         fleet=FLEET,
         site=SITE,
@@ -108,7 +110,7 @@ def make_config(tmp: Path, **overrides) -> EdgeConfig:
 
 
 @pytest.fixture
-async def site(tmp_path) -> Site:
+async def site(tmp_path: Path) -> Site:
     s = Site(tmp_path, make_config(tmp_path))
     await s.publish_model(0)
     return s
@@ -145,7 +147,12 @@ async def send_and_receipt(phone: Phone, data: bytes, topic_device: str | None =
         return await next_receipt(sub)
 
 
-def expected_numerator(updates, *, known: int = 0, policy=None):
+def expected_numerator(
+    updates: Sequence[tuple[DeviceUpdate, npt.NDArray[np.float32]]],
+    *,
+    known: int = 0,
+    policy: StalenessPolicy | None = None,
+) -> Accumulator:
     policy = policy or StalenessPolicy(max_staleness=2)
     acc = Accumulator(LAYOUT.num_params, hist_buckets=32)
     for message, values in updates:
@@ -235,8 +242,8 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.reason for c in CASES])
 async def test_rejection_is_typed_counted_and_leaves_the_aggregate_untouched(
-    case: Case, tmp_path, autojump_clock
-):
+    case: Case, tmp_path: Path, autojump_clock: MockClock
+) -> None:
     site = Site(tmp_path, make_config(tmp_path, **case.config))
     await site.publish_model(case.model_version)
     device = DEVICES[0]
@@ -266,7 +273,7 @@ async def test_rejection_is_typed_counted_and_leaves_the_aggregate_untouched(
         assert site.metrics.outcomes[("rejected", case.reason)] == 1
 
         assert (await send_and_receipt(phone, good2_bytes)).status is ReceiptStatus.ACCEPTED
-        aggregate = edge.buffer.aggregate
+        aggregate = edge.buffer.accumulator
         assert list(aggregate.input_ids) == [good1.update_id, good2.update_id]
         expected = expected_numerator(
             [(good1, delta(1)), (good2, delta(2))], known=case.model_version
@@ -277,7 +284,9 @@ async def test_rejection_is_typed_counted_and_leaves_the_aggregate_untouched(
         nursery.cancel_scope.cancel()
 
 
-async def test_updates_arriving_out_of_seq_order_are_accepted(site, autojump_clock):
+async def test_updates_arriving_out_of_seq_order_are_accepted(
+    site: Site, autojump_clock: MockClock
+) -> None:
     # A device resends an unanswered update after newer ones were accepted: the lower
     # seq was never used, so it is not a replay.
     await site.publish_model(0)
@@ -290,11 +299,13 @@ async def test_updates_arriving_out_of_seq_order_are_accepted(site, autojump_clo
         await nursery.start(edge.serve)
         assert (await send_and_receipt(phone, newer_bytes)).status is ReceiptStatus.ACCEPTED
         assert (await send_and_receipt(phone, older_bytes)).status is ReceiptStatus.ACCEPTED
-        assert edge.buffer.aggregate.input_count == 2
+        assert edge.buffer.accumulator.input_count == 2
         nursery.cancel_scope.cancel()
 
 
-async def test_clip_policy_accepts_scaled_and_counts_an_anomaly(tmp_path, autojump_clock):
+async def test_clip_policy_accepts_scaled_and_counts_an_anomaly(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     site = Site(tmp_path, make_config(tmp_path, max_norm=1.0, norm_policy="clip"))
     await site.publish_model(0)
     device = DEVICES[0]
@@ -308,12 +319,14 @@ async def test_clip_policy_accepts_scaled_and_counts_an_anomaly(tmp_path, autoju
         assert edge.anomalies["norm_clipped"] == 1
         assert site.metrics.anomalies["norm_clipped"] == 1
         np.testing.assert_allclose(
-            edge.buffer.aggregate.numerator, 3 * big / math.sqrt(24), rtol=1e-6
+            edge.buffer.accumulator.numerator, 3 * big / math.sqrt(24), rtol=1e-6
         )
         nursery.cancel_scope.cancel()
 
 
-async def test_duplicate_is_acked_answered_and_not_folded_twice(site, autojump_clock):
+async def test_duplicate_is_acked_answered_and_not_folded_twice(
+    site: Site, autojump_clock: MockClock
+) -> None:
     device = DEVICES[1]
     phone = Phone(site, device)
     message, data = device.update(delta(3), n_samples=4)
@@ -325,8 +338,8 @@ async def test_duplicate_is_acked_answered_and_not_folded_twice(site, autojump_c
         assert again.status is ReceiptStatus.DUPLICATE
         assert again.update_id == message.update_id
         assert edge.counts[("duplicate", "")] == 1
-        assert edge.buffer.aggregate.input_count == 1
-        np.testing.assert_array_equal(edge.buffer.aggregate.numerator, 4 * delta(3))
+        assert edge.buffer.accumulator.input_count == 1
+        np.testing.assert_array_equal(edge.buffer.accumulator.numerator, 4 * delta(3))
         # Both deliveries were acknowledged: nothing is left in flight at the broker.
         await wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
@@ -346,20 +359,30 @@ class ProbeBus(Bus):
         self.inner = inner
         self.on_ack = on_ack
 
-    async def publish(self, subject, payload, *, headers=None, msg_id=None, retain=False):
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        msg_id: str | None = None,
+        retain: bool = False,
+    ) -> PublishAck:
         result: PublishAck = await self.inner.publish(
             subject, payload, headers=headers, msg_id=msg_id, retain=retain
         )
         return result
 
     @asynccontextmanager
-    async def subscribe(self, subject_filter, *, durable=None, capacity=64):
+    async def subscribe(
+        self, subject_filter: str, *, durable: str | None = None, capacity: int = 64
+    ) -> AsyncIterator[Subscription]:
         async with self.inner.subscribe(subject_filter, durable=durable, capacity=capacity) as sub:
             yield _ProbeSubscription(sub, self.on_ack)
 
 
 class _ProbeSubscription(Subscription):
-    def __init__(self, inner: Subscription, on_ack) -> None:
+    def __init__(self, inner: Subscription, on_ack: Callable[[Delivery], bool]) -> None:
         self.inner = inner
         self.on_ack = on_ack
 
@@ -390,7 +413,9 @@ def stored_update_ids(path: Path) -> set[bytes]:
         conn.close()
 
 
-async def test_puback_happens_only_after_the_store_commit(tmp_path, autojump_clock):
+async def test_puback_happens_only_after_the_store_commit(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     site = Site(tmp_path, make_config(tmp_path, commit_window_s=0.05))
     await site.publish_model(0)
     seen: list[tuple[bytes, bool]] = []
@@ -432,7 +457,9 @@ async def receive_partial(sub: Subscription) -> tuple[PartialAggregate, bytes, D
     return envelope.message, envelope.payload, delivery
 
 
-async def test_flush_on_k_inputs_publishes_one_exact_partial(tmp_path, autojump_clock):
+async def test_flush_on_k_inputs_publishes_one_exact_partial(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     site = Site(tmp_path, make_config(tmp_path, flush=FlushPolicy(max_inputs=3, max_age_s=None)))
     await site.publish_model(2)
     sent = [
@@ -450,7 +477,7 @@ async def test_flush_on_k_inputs_publishes_one_exact_partial(tmp_path, autojump_
             partial, payload, _delivery = await receive_partial(partials)
             await wait_all_tasks_blocked()
             assert site.nats.published_count == 1
-            assert edge.buffer.aggregate.is_empty
+            assert edge.buffer.accumulator.is_empty
             nursery.cancel_scope.cancel()
     expected = expected_numerator([(m, delta(10 + i)) for i, (m, _) in enumerate(sent)], known=2)
     numerator = decode(payload, partial.codec, partial.num_params)
@@ -468,7 +495,7 @@ async def test_flush_on_k_inputs_publishes_one_exact_partial(tmp_path, autojump_
     assert site.metrics.flushed["count"] == 3
 
 
-async def test_deadline_flushes_a_partial_buffer(tmp_path, autojump_clock):
+async def test_deadline_flushes_a_partial_buffer(tmp_path: Path, autojump_clock: MockClock) -> None:
     site = Site(tmp_path, make_config(tmp_path, flush=FlushPolicy(max_inputs=10, max_age_s=5.0)))
     await site.publish_model(0)
     upstream = MemoryBus(site.nats)
@@ -485,7 +512,7 @@ async def test_deadline_flushes_a_partial_buffer(tmp_path, autojump_clock):
             nursery.cancel_scope.cancel()
 
 
-async def test_clean_shutdown_flushes_what_it_holds(site, autojump_clock):
+async def test_clean_shutdown_flushes_what_it_holds(site: Site, autojump_clock: MockClock) -> None:
     upstream = MemoryBus(site.nats)
     async with upstream.subscribe(SUBJECTS.to_region(REGION), durable="probe") as partials:
         async with trio.open_nursery() as nursery:
@@ -504,7 +531,9 @@ async def test_clean_shutdown_flushes_what_it_holds(site, autojump_clock):
 # -- crash and restart ---------------------------------------------------------------
 
 
-async def test_crash_and_restart_loses_nothing_and_folds_nothing_twice(tmp_path, autojump_clock):
+async def test_crash_and_restart_loses_nothing_and_folds_nothing_twice(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     site = Site(
         tmp_path,
         make_config(tmp_path, flush=FlushPolicy(max_inputs=5, max_age_s=None), commit_window_s=0.5),
@@ -539,7 +568,7 @@ async def test_crash_and_restart_loses_nothing_and_folds_nothing_twice(tmp_path,
             edge = site.daemon()
             await nursery.start(edge.serve)
             # Recovered: updates 0-2 refolded from the store.
-            assert edge.buffer.aggregate.input_count >= 3
+            assert edge.buffer.accumulator.input_count >= 3
             await send_and_receipt(Phone(site, DEVICES[0]), updates[4][1])
             partial, payload, _ = await receive_partial(partials)
             assert edge.counts[("duplicate", "")] == 1  # update 2, redelivered
@@ -558,15 +587,27 @@ class DownBus(Bus):
 
     flavor = "nats"
 
-    async def publish(self, subject, payload, *, headers=None, msg_id=None, retain=False):
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        msg_id: str | None = None,
+        retain: bool = False,
+    ) -> PublishAck:
         await trio.lowlevel.checkpoint()
         raise BusUnavailable("not connected to NATS")
 
-    def subscribe(self, subject_filter, *, durable=None, capacity=64):
+    def subscribe(
+        self, subject_filter: str, *, durable: str | None = None, capacity: int = 64
+    ) -> AbstractAsyncContextManager[Subscription]:
         raise AssertionError("the edge does not subscribe on NATS")
 
 
-async def test_unacked_partial_is_resent_after_a_crash(tmp_path, autojump_clock):
+async def test_unacked_partial_is_resent_after_a_crash(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     site = Site(tmp_path, make_config(tmp_path, flush=FlushPolicy(max_inputs=1, max_age_s=None)))
     await site.publish_model(0)
     message, data = DEVICES[0].update(delta(5))
@@ -599,7 +640,9 @@ async def test_unacked_partial_is_resent_after_a_crash(tmp_path, autojump_clock)
 # -- model relay ---------------------------------------------------------------------
 
 
-async def test_new_model_is_relayed_retained_and_used_for_staleness(site, autojump_clock):
+async def test_new_model_is_relayed_retained_and_used_for_staleness(
+    site: Site, autojump_clock: MockClock
+) -> None:
     async with trio.open_nursery() as nursery:
         edge = site.daemon()
         await nursery.start(edge.serve)
@@ -621,12 +664,12 @@ async def test_new_model_is_relayed_retained_and_used_for_staleness(site, autoju
         _message, data = DEVICES[0].update(delta(1), base_version=0)
         receipt = await send_and_receipt(Phone(site, DEVICES[0]), data)
         assert receipt.model_version == 1
-        assert edge.buffer.aggregate.staleness_hist[1] == 1
+        assert edge.buffer.accumulator.staleness_hist[1] == 1
         nursery.cancel_scope.cancel()
     assert site.metrics.versions == [0, 1]
 
 
-async def test_forged_model_pointer_is_ignored(site, autojump_clock):
+async def test_forged_model_pointer_is_ignored(site: Site, autojump_clock: MockClock) -> None:
     impostor = SigningIdentity.from_seed(b"\x66" * 32)
     async with trio.open_nursery() as nursery:
         edge = site.daemon()
@@ -641,7 +684,7 @@ async def test_forged_model_pointer_is_ignored(site, autojump_clock):
         nursery.cancel_scope.cancel()
 
 
-def test_codec_of_update_helpers_round_trip():
+def test_codec_of_update_helpers_round_trip() -> None:
     message, data = DEVICES[0].update(delta(1), codec=CodecSpec("f16"))
     envelope = parse_envelope(data)
     assert envelope.message == message
@@ -657,7 +700,9 @@ def test_codec_of_update_helpers_round_trip():
 # -- telemetry -----------------------------------------------------------------------
 
 
-async def test_spans_chain_device_process_aggregate_send(tmp_path, autojump_clock):
+async def test_spans_chain_device_process_aggregate_send(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -703,7 +748,9 @@ async def test_spans_chain_device_process_aggregate_send(tmp_path, autojump_cloc
     assert otel_trace.get_current_span(remote).get_span_context().span_id == send.context.span_id
 
 
-async def test_clean_shutdown_with_upstream_down_keeps_the_partial(tmp_path, autojump_clock):
+async def test_clean_shutdown_with_upstream_down_keeps_the_partial(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     site = Site(tmp_path, make_config(tmp_path, shutdown_timeout_s=5.0))
     await site.publish_model(0)
     _message, data = DEVICES[0].update(delta(1))
@@ -720,6 +767,6 @@ async def test_clean_shutdown_with_upstream_down_keeps_the_partial(tmp_path, aut
         edge.nats = DownBus()
         await nursery.start(edge.serve)
         # Flushed at shutdown, not confirmed: pending in the outbox, the buffer is empty.
-        assert edge.buffer.aggregate.is_empty
+        assert edge.buffer.accumulator.is_empty
         assert edge.upstream.outstanding == 1
         nursery.cancel_scope.cancel()

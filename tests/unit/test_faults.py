@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
+from trio.testing import MockClock
 
 from fedtier.protocol.bus import MemoryBus
 from fedtier.protocol.errors import ConfigError
@@ -34,7 +36,7 @@ class Crashed(Exception):
 
 
 @pytest.fixture(autouse=True)
-def disarmed(monkeypatch) -> Iterator[None]:
+def disarmed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     def crash(point: str) -> None:
         raise Crashed(point)
 
@@ -44,11 +46,11 @@ def disarmed(monkeypatch) -> Iterator[None]:
     faults.configure()
 
 
-def test_unarmed_points_do_nothing():
+def test_unarmed_points_do_nothing() -> None:
     faults.crash_point("edge.after_commit")
 
 
-def test_a_point_fires_after_its_skipped_passages():
+def test_a_point_fires_after_its_skipped_passages() -> None:
     faults.configure(crash_at="edge.after_commit:1:2, regional.after_ack:0")
     faults.crash_point("edge.after_commit")
     faults.crash_point("edge.after_commit")
@@ -70,14 +72,16 @@ def test_a_point_fires_after_its_skipped_passages():
         ("", "ack_after_lunch", "the switches are"),
     ],
 )
-def test_bad_settings_are_named_and_change_nothing(crash_at, unsafe, message):
+def test_bad_settings_are_named_and_change_nothing(
+    crash_at: str, unsafe: str, message: str
+) -> None:
     faults.configure(unsafe="ack_before_commit")
     with pytest.raises(ConfigError, match=message):
         faults.configure(crash_at=crash_at, unsafe=unsafe)
     assert faults.unsafe("ack_before_commit")
 
 
-def test_environment_settings_come_with_warnings():
+def test_environment_settings_come_with_warnings() -> None:
     warnings = faults.configure_from_environment(
         {
             faults.CRASH_ENV: "central.before_publish:0.5:3",
@@ -109,7 +113,9 @@ async def run_until_crash(site: Site, data: bytes) -> Receipt | None:
     return None
 
 
-async def test_crash_between_commit_and_ack_loses_nothing(tmp_path, autojump_clock):
+async def test_crash_between_commit_and_ack_loses_nothing(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     site = Site(tmp_path, make_config(tmp_path))
     await site.publish_model(0)
     message, data = DEVICES[0].update(delta(1))
@@ -121,16 +127,18 @@ async def test_crash_between_commit_and_ack_loses_nothing(tmp_path, autojump_clo
     async with trio.open_nursery() as nursery:
         edge = site.daemon()
         await nursery.start(edge.serve)
-        assert list(edge.buffer.aggregate.input_ids) == [message.update_id]
+        assert list(edge.buffer.accumulator.input_ids) == [message.update_id]
         # The device resends (no receipt came): a duplicate, folded once.
         again = await send_and_receipt(Phone(site, DEVICES[0]), data)
         assert again.status is ReceiptStatus.DUPLICATE
-        assert edge.buffer.aggregate.input_count == 1
+        assert edge.buffer.accumulator.input_count == 1
         nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("unsafe", [False, True], ids=["safe", "ack_before_commit"])
-async def test_a_receipt_means_stored_unless_ack_before_commit(unsafe, tmp_path, autojump_clock):
+async def test_a_receipt_means_stored_unless_ack_before_commit(
+    unsafe: bool, tmp_path: Path, autojump_clock: MockClock
+) -> None:
     # A long commit window: the receipt would have to wait 10 s for the commit.
     site = Site(tmp_path, make_config(tmp_path, commit_window_s=10.0))
     await site.publish_model(0)
@@ -145,8 +153,8 @@ async def test_a_receipt_means_stored_unless_ack_before_commit(unsafe, tmp_path,
 
 @pytest.mark.parametrize("unsafe", [False, True], ids=["safe", "dedupe_open_buffer_only"])
 async def test_a_copy_after_the_flush_is_a_duplicate_unless_dedupe_is_windowed(
-    unsafe, tmp_path, autojump_clock
-):
+    unsafe: bool, tmp_path: Path, autojump_clock: MockClock
+) -> None:
     site = Site(tmp_path, make_config(tmp_path, flush=FlushPolicy(max_inputs=2, max_age_s=None)))
     await site.publish_model(0)
     a, a_data = DEVICES[0].update(delta(1))
@@ -173,12 +181,14 @@ async def test_a_copy_after_the_flush_is_a_duplicate_unless_dedupe_is_windowed(
                 assert list(second.inputs) == [a.update_id, c.update_id]
             else:
                 assert late.status is ReceiptStatus.DUPLICATE
-                assert list(edge.buffer.aggregate.input_ids) == [c.update_id]
+                assert list(edge.buffer.accumulator.input_ids) == [c.update_id]
             nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("unsafe", [False, True], ids=["safe", "drop_unconfirmed_partials"])
-async def test_a_partial_without_puback_is_kept_unless_dropped(unsafe, tmp_path, autojump_clock):
+async def test_a_partial_without_puback_is_kept_unless_dropped(
+    unsafe: bool, tmp_path: Path, autojump_clock: MockClock
+) -> None:
     site = Site(tmp_path, make_config(tmp_path, flush=FlushPolicy(max_inputs=1, max_age_s=None)))
     await site.publish_model(0)
     _message, data = DEVICES[0].update(delta(5))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import trio
-from trio.testing import wait_all_tasks_blocked
+from trio.testing import MockClock, wait_all_tasks_blocked
 
 from fedtier.protocol.bus import MemoryBroker, MemoryBus
 from fedtier.protocol.codecs import CodecSpec, decode
@@ -14,6 +14,7 @@ from fedtier.protocol.envelope import open_envelope
 from fedtier.protocol.identity import SigningIdentity, VerifyKey
 from fedtier.protocol.messages import ModelAnnouncement, ModelBlob, Receipt, ReceiptStatus
 from fedtier.protocol.names import MqttTopics
+from fedtier.simulations.testing import SimDevice
 from fedtier.tiers.aggregate import Accumulator
 from fedtier.tiers.central import CentralDaemon
 from fedtier.tiers.config import CentralConfig, EdgeConfig, RegionalConfig, load_initial_model
@@ -22,7 +23,6 @@ from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.model_registry import MemoryModelRegistry
 from fedtier.tiers.regional import RegionalDaemon
 from fedtier.tiers.registry import KeyRegistry, TierKeys
-from fedtier.tiers.testing import SimDevice
 
 FLEET, REGION = "acme", "eu"
 SITES = ("north", "south")
@@ -44,7 +44,9 @@ def write_model(path: Path) -> None:
     np.savez(path, **arrays)  # type: ignore[arg-type]
 
 
-async def test_updates_flow_up_and_a_new_version_comes_down(tmp_path, autojump_clock):
+async def test_updates_flow_up_and_a_new_version_comes_down(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     model_file = tmp_path / "init.npz"
     write_model(model_file)
     layout, params0 = load_initial_model(model_file)

@@ -3,12 +3,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
 import trio
-from trio.testing import wait_all_tasks_blocked
+from trio.testing import MockClock, wait_all_tasks_blocked
 
 from fedtier.protocol.bus import MemoryBroker, MemoryBus, Subscription
 from fedtier.protocol.codecs import decode
@@ -17,6 +18,7 @@ from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import layout_of
 from fedtier.protocol.messages import PartialAggregate, Tier
 from fedtier.protocol.names import NatsSubjects
+from fedtier.simulations.testing import RecordingMetrics, sign_model_version, sign_partial
 from fedtier.tiers.aggregate import Accumulator, partial_id
 from fedtier.tiers.config import RegionalConfig
 from fedtier.tiers.flush import FlushPolicy
@@ -24,7 +26,6 @@ from fedtier.tiers.model_registry import MemoryModelRegistry
 from fedtier.tiers.regional import RegionalDaemon
 from fedtier.tiers.registry import KeyRegistry, TierKeys
 from fedtier.tiers.staleness import StalenessPolicy
-from fedtier.tiers.testing import RecordingMetrics, sign_model_version, sign_partial
 
 FLEET, REGION = "acme", "eu"
 LAYOUT = layout_of([("w", (3, 2)), ("b", (2,))])
@@ -90,7 +91,7 @@ class Region:
         await MemoryBus(self.nats).publish(SUBJECTS.to_region(REGION), data, msg_id=msg_id)
 
 
-def make_config(tmp: Path, **overrides) -> RegionalConfig:
+def make_config(tmp: Path, **overrides: Any) -> RegionalConfig:
     base = RegionalConfig(
         fleet=FLEET,
         region=REGION,
@@ -105,7 +106,7 @@ def make_config(tmp: Path, **overrides) -> RegionalConfig:
 
 
 @pytest.fixture
-async def region(tmp_path) -> Region:
+async def region(tmp_path: Path) -> Region:
     r = Region(tmp_path, make_config(tmp_path))
     await r.publish_model(0)
     return r
@@ -137,7 +138,9 @@ async def through_regional(
     return regional, partial, numerator
 
 
-async def test_two_edge_partials_become_one_regional_partial(region, autojump_clock):
+async def test_two_edge_partials_become_one_regional_partial(
+    region: Region, autojump_clock: MockClock
+) -> None:
     a, b = edge_buffer(1, 3), edge_buffer(2, 2)
     pa, data_a = sign_partial(EDGES[0], FLEET, LAYOUT, a)
     pb, data_b = sign_partial(EDGES[1], FLEET, LAYOUT, b, seq=5)
@@ -163,7 +166,9 @@ async def test_two_edge_partials_become_one_regional_partial(region, autojump_cl
     assert partial.partial_id == partial_id(REGIONAL.key_id, partial.inputs)
 
 
-async def test_resent_partial_is_deduplicated_beyond_the_broker_window(region, autojump_clock):
+async def test_resent_partial_is_deduplicated_beyond_the_broker_window(
+    region: Region, autojump_clock: MockClock
+) -> None:
     a = edge_buffer(3, 2)
     pa, data_a = sign_partial(EDGES[0], FLEET, LAYOUT, a)
     async with trio.open_nursery() as nursery:
@@ -174,7 +179,7 @@ async def test_resent_partial_is_deduplicated_beyond_the_broker_window(region, a
         await trio.sleep(0.1)  # past the commit window: both are acknowledged
         assert regional.counts[("accepted", "")] == 1
         assert regional.counts[("duplicate", "")] == 1
-        assert regional.buffer.aggregate.input_count == 1
+        assert regional.buffer.accumulator.input_count == 1
         nursery.cancel_scope.cancel()
     # After a restart the store still knows it (and it stays in the open buffer once).
     async with trio.open_nursery() as nursery:
@@ -183,13 +188,15 @@ async def test_resent_partial_is_deduplicated_beyond_the_broker_window(region, a
         await region.send(data_a)
         await wait_all_tasks_blocked()
         assert regional.counts[("duplicate", "")] == 1
-        assert list(regional.buffer.aggregate.input_ids) == [pa.partial_id]
-        np.testing.assert_array_equal(regional.buffer.aggregate.numerator, a.numerator)
+        assert list(regional.buffer.accumulator.input_ids) == [pa.partial_id]
+        np.testing.assert_array_equal(regional.buffer.accumulator.numerator, a.numerator)
         nursery.cancel_scope.cancel()
     assert not region.nats._queues[SUBJECTS.regional_consumer(REGION)].pending
 
 
-async def test_extra_delay_is_discounted_not_renormalized(tmp_path, autojump_clock):
+async def test_extra_delay_is_discounted_not_renormalized(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     region = Region(tmp_path, make_config(tmp_path, flush=FlushPolicy(max_inputs=1)))
     await region.publish_model(2)
     a = edge_buffer(4, 2, base_version=1)
@@ -208,7 +215,9 @@ def _tamper_signature(data: bytes) -> bytes:
     return msgpack.packb([version, header, payload, bytes([signature[0] ^ 1]) + signature[1:]])
 
 
-async def test_a_partial_later_than_max_staleness_is_folded_not_lost(tmp_path, autojump_clock):
+async def test_a_partial_later_than_max_staleness_is_folded_not_lost(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     # An edge cut off from NATS while the central moved on: the updates inside its
     # partial were acknowledged to their devices, so refusing it would lose them.
     region = Region(tmp_path, make_config(tmp_path))  # max_staleness 3, flush at 2 inputs
@@ -234,7 +243,9 @@ async def test_a_partial_later_than_max_staleness_is_folded_not_lost(tmp_path, a
 @pytest.mark.parametrize(
     "reason", ["unknown_sender", "bad_signature", "malformed", "layout_mismatch"]
 )
-async def test_bad_partials_are_rejected_with_a_reason(region, autojump_clock, reason):
+async def test_bad_partials_are_rejected_with_a_reason(
+    region: Region, autojump_clock: MockClock, reason: str
+) -> None:
     a = edge_buffer(5, 2)
     if reason == "unknown_sender":
         _, data = sign_partial(STRANGER, FLEET, LAYOUT, a)
@@ -258,7 +269,7 @@ async def test_bad_partials_are_rejected_with_a_reason(region, autojump_clock, r
         await wait_all_tasks_blocked()
         assert regional.counts[("rejected", reason)] == 1
         assert region.metrics.outcomes[("rejected", reason)] == 1
-        assert regional.buffer.aggregate.is_empty
+        assert regional.buffer.accumulator.is_empty
         nursery.cancel_scope.cancel()
     # Rejected partials are acknowledged: they will never become valid.
     assert not region.nats._queues[SUBJECTS.regional_consumer(REGION)].pending

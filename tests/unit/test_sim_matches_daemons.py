@@ -7,21 +7,24 @@ model versions as the daemons, bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import trio
-from trio.testing import wait_all_tasks_blocked
+from trio.testing import MockClock, wait_all_tasks_blocked
 
 from fedtier.protocol.bus import MemoryBroker, MemoryBus
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.envelope import open_envelope
 from fedtier.protocol.identity import SigningIdentity
-from fedtier.protocol.layout import layout_of
+from fedtier.protocol.layout import ModelLayout, layout_of
 from fedtier.protocol.messages import ModelAnnouncement, Receipt, ReceiptStatus, Tier
 from fedtier.protocol.names import MqttTopics
-from fedtier.simulations.sim.nodes import CentralNode, TierNode
+from fedtier.simulations.sim.nodes import CentralNode, SimKeys, TierNode
+from fedtier.simulations.testing import SimDevice, sign_partial
 from fedtier.tiers.aggregate import Accumulator
 from fedtier.tiers.central import CentralDaemon
 from fedtier.tiers.config import CentralConfig, EdgeConfig, RegionalConfig, load_initial_model
@@ -32,7 +35,6 @@ from fedtier.tiers.optimizers import make_optimizer
 from fedtier.tiers.regional import RegionalDaemon
 from fedtier.tiers.registry import KeyRegistry, TierKeys
 from fedtier.tiers.staleness import StalenessPolicy
-from fedtier.tiers.testing import SimDevice, sign_partial
 
 FLEET, REGION = "acme", "eu"
 SITES = ("north", "south")
@@ -48,6 +50,11 @@ CODECS = (CodecSpec("f32"), CodecSpec("f16"), CodecSpec("i8", chunk=8))
 # Round 2 mixes fresh and stale (trained from v0 while the edges know v1) updates.
 BASES = {1: (0, 0, 0), 2: (1, 0, 1)}
 
+Devices = Mapping[str, Sequence[SimDevice]]  # per site, in sending order
+Rounds = Mapping[int, Mapping[str, Sequence[bytes]]]  # round -> site -> signed updates
+Optimizer = tuple[str, Mapping[str, float]]  # config name and parameters
+Versions = dict[int, npt.NDArray[np.float32]]  # version number -> model
+
 
 def write_model(path: Path) -> None:
     rng = np.random.default_rng(3)
@@ -60,9 +67,11 @@ def write_model(path: Path) -> None:
     )
 
 
-def signed_updates(layout, devices, round_number):
+def signed_updates(
+    layout: ModelLayout, devices: Devices, round_number: int
+) -> dict[str, list[bytes]]:
     """Each site's three signed updates of one round, in sending order."""
-    out = {}
+    out: dict[str, list[bytes]] = {}
     for i, site in enumerate(SITES):
         out[site] = []
         for j, device in enumerate(devices[site]):
@@ -80,7 +89,14 @@ def signed_updates(layout, devices, round_number):
     return out
 
 
-async def run_daemons(tmp_path, layout, model_file, devices, rounds, optimizer):
+async def run_daemons(
+    tmp_path: Path,
+    layout: ModelLayout,
+    model_file: Path,
+    devices: Devices,
+    rounds: Rounds,
+    optimizer: Optimizer,
+) -> Versions:
     nats = MemoryBroker("nats")
     registry = MemoryModelRegistry()
     mqtt = {site: MemoryBroker("mqtt") for site in SITES}
@@ -159,7 +175,7 @@ async def run_daemons(tmp_path, layout, model_file, devices, rounds, optimizer):
         )
         for site in SITES
     }
-    versions = {}
+    versions: Versions = {}
     async with trio.open_nursery() as nursery:
         await nursery.start(central.serve)
         await nursery.start(regional.serve)
@@ -199,7 +215,18 @@ async def run_daemons(tmp_path, layout, model_file, devices, rounds, optimizer):
     return versions
 
 
-def regional_node(layout) -> TierNode:
+def fleet_keys(devices: Devices | None = None) -> SimKeys:
+    """The key registry the nodes verify with: the test's devices and edges."""
+    keys = SimKeys()
+    for identity in EDGES.values():
+        keys.register(identity)
+    for site_devices in (devices or {}).values():
+        for device in site_devices:
+            keys.register(device.identity)
+    return keys
+
+
+def regional_node(layout: ModelLayout, keys: SimKeys) -> TierNode:
     return TierNode(
         "regional",
         tier=Tier.REGIONAL,
@@ -208,12 +235,20 @@ def regional_node(layout) -> TierNode:
         flush=REGIONAL_FLUSH,
         staleness=STALENESS,
         partial_codec=CodecSpec("f32"),
+        keys=keys,
         identity=REGIONAL,
     )
 
 
-def run_simulator_nodes(layout, params0, rounds, optimizer):
+def run_simulator_nodes(
+    layout: ModelLayout,
+    params0: npt.NDArray[np.float32],
+    rounds: Rounds,
+    optimizer: Optimizer,
+    devices: Devices,
+) -> Versions:
     name, params = optimizer
+    keys = fleet_keys(devices)
     edges = {
         site: TierNode(
             f"edge-{site}",
@@ -223,11 +258,12 @@ def run_simulator_nodes(layout, params0, rounds, optimizer):
             flush=EDGE_FLUSH,
             staleness=STALENESS,
             partial_codec=CodecSpec("f32"),
+            keys=keys,
             identity=EDGES[site],
         )
         for site in SITES
     }
-    regional = regional_node(layout)
+    regional = regional_node(layout, keys)
     central = CentralNode(
         "central",
         params=params0,
@@ -236,8 +272,9 @@ def run_simulator_nodes(layout, params0, rounds, optimizer):
         layout=layout,
         flush=CENTRAL_FLUSH,
         staleness=STALENESS,
+        keys=keys,
     )
-    versions = {}
+    versions: Versions = {}
     for round_number, updates in rounds.items():
         for site in SITES:
             for envelope in updates[site]:
@@ -264,7 +301,9 @@ def run_simulator_nodes(layout, params0, rounds, optimizer):
     [("fedavg", {"lr": 1.0}), ("fedadam", {"lr": 0.05})],
     ids=["fedavg", "fedadam"],
 )
-async def test_simulator_tiers_make_the_daemons_model_versions(tmp_path, autojump_clock, optimizer):
+async def test_simulator_tiers_make_the_daemons_model_versions(
+    tmp_path: Path, autojump_clock: MockClock, optimizer: Optimizer
+) -> None:
     model_file = tmp_path / "init.npz"
     write_model(model_file)
     layout, params0 = load_initial_model(model_file)
@@ -278,7 +317,7 @@ async def test_simulator_tiers_make_the_daemons_model_versions(tmp_path, autojum
     rounds = {r: signed_updates(layout, devices, r) for r in BASES}
 
     daemon_versions = await run_daemons(tmp_path, layout, model_file, devices, rounds, optimizer)
-    sim_versions = run_simulator_nodes(layout, params0, rounds, optimizer)
+    sim_versions = run_simulator_nodes(layout, params0, rounds, optimizer, devices)
 
     assert sorted(daemon_versions) == sorted(sim_versions) == [1, 2]
     for version in (1, 2):
@@ -295,10 +334,12 @@ def test_the_simulators_regional_folds_a_late_partial_as_the_daemon_does() -> No
         b"\x01" * 16, np.ones(4, np.float32), n_samples=2, tau=0, discount=1.0, base_version=0
     )
     _message, data = sign_partial(EDGES["north"], FLEET, layout, child, known_version=0)
-    node = regional_node(layout)
+    node = regional_node(layout, fleet_keys())
     node.known_version = 20  # max_staleness is 8
     assert node.admit_partial(data, now=0.0) == "accepted"
     assert node.counts["late_partial"] == 1
     discount = STALENESS.weight(20)
-    np.testing.assert_allclose(node.aggregate.numerator, 2 * discount * np.ones(4), rtol=1e-6)
-    assert list(node.aggregate.leaf_ids) == [b"\x01" * 16]
+    np.testing.assert_allclose(
+        node.buffer.accumulator.numerator, 2 * discount * np.ones(4), rtol=1e-6
+    )
+    assert list(node.buffer.accumulator.leaf_ids) == [b"\x01" * 16]

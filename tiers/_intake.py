@@ -1,0 +1,142 @@
+"""The intake of a tier daemon: admit deliveries in order, settle (commit, ack, receipt) in order.
+
+Imports trio, the bus interface and the state store's tickets; the decision
+about each delivery is the caller's (the daemons call the sans-IO core).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from fedtier.protocol.bus import Delivery, Subscription
+from fedtier.protocol.errors import (
+    BusError,
+)
+from fedtier.tiers.core import (
+    Outcome,
+)
+from fedtier.tiers.faults import crash_point
+from fedtier.tiers.store import (
+    CommitTicket,
+)
+
+__all__ = ["Admission", "Intake"]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The decision about one delivery, carried from the reader to the settler.
+
+    Attributes:
+        delivery: the delivery to acknowledge.
+        outcome: accepted, duplicate or rejected.
+        reason: the rejection reason token (empty otherwise).
+        ticket: the commit to wait for before acknowledging, if any.
+        after_ack: what to do once acknowledged (the edge's receipt).
+    """
+
+    delivery: Delivery
+    outcome: Outcome
+    reason: str = ""
+    ticket: CommitTicket | None = None
+    after_ack: Callable[[], Awaitable[None]] | None = None
+
+
+class Intake:
+    """Reads one subscription: admits in order, settles (commit, ack, receipt) in order.
+
+    Args:
+        admit: synchronous decision about one delivery (never raises for bad input).
+        after_admit: awaited after each admission (flush triggers).
+        capacity: admissions waiting to be settled; the subscription's capacity
+            bounds it already, so the reader never waits here in practice.
+        log: where settle problems are logged.
+        tier: names the crash points ``<tier>.after_admit``, ``.after_ack`` and
+            ``.after_receipt`` (``tiers.faults``).
+        ack_before_commit: the unsafe switch of that name: acknowledge (and
+            send the receipt) first, wait for the commit after.
+    """
+
+    def __init__(
+        self,
+        admit: Callable[[Delivery], Admission],
+        after_admit: Callable[[], Awaitable[None]],
+        *,
+        capacity: int,
+        log: logging.Logger,
+        tier: str = "",
+        ack_before_commit: bool = False,
+    ) -> None:
+        self._admit = admit
+        self._after_admit = after_admit
+        self._capacity = capacity
+        self._log = log
+        self._ack_before_commit = ack_before_commit
+        self._after_admit_point = f"{tier}.after_admit"
+        self._after_ack_point = f"{tier}.after_ack"
+        self._after_receipt_point = f"{tier}.after_receipt"
+        self._stopping = False
+        self._receive_scope: trio.CancelScope | None = None
+        self.finished = trio.Event()
+
+    def stop(self) -> None:
+        """Stop taking deliveries; what was admitted is still settled."""
+        self._stopping = True
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
+
+    async def serve(
+        self, subscription: Subscription, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Run until :meth:`stop` (then settle what was admitted) or cancellation."""
+        send, receive = trio.open_memory_channel[Admission](self._capacity)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._settle, receive)
+                async with send:
+                    task_status.started()
+                    while not self._stopping:
+                        # Only the wait for a delivery is interruptible by stop():
+                        # an admitted delivery is always handed on and settled.
+                        with trio.CancelScope() as scope:
+                            self._receive_scope = scope
+                            # BusError (the bus closed under us) propagates: a daemon
+                            # without input must stop, not idle.
+                            delivery = await subscription.receive()
+                        self._receive_scope = None
+                        if scope.cancelled_caught:
+                            break
+                        admission = self._admit(delivery)
+                        crash_point(self._after_admit_point)
+                        await send.send(admission)
+                        await self._after_admit()
+        finally:
+            self.finished.set()
+
+    async def _settle(self, receive: trio.MemoryReceiveChannel[Admission]) -> None:
+        async with receive:
+            async for admission in receive:
+                if self._ack_before_commit:
+                    # UNSAFE: what a broker's auto-ack does; a crash before the
+                    # commit loses an input its sender was told is accepted.
+                    await self._acknowledge(admission)
+                if admission.ticket is not None:
+                    # StoreError propagates: a daemon whose store fails must stop.
+                    await admission.ticket.wait()
+                if not self._ack_before_commit:
+                    await self._acknowledge(admission)
+
+    async def _acknowledge(self, admission: Admission) -> None:
+        try:
+            await admission.delivery.ack()
+        except BusError as exc:
+            # The broker redelivers; the copy is then a duplicate.
+            self._log.warning("ack of a delivery on %s failed: %s", admission.delivery.subject, exc)
+        crash_point(self._after_ack_point)
+        if admission.after_ack is not None:
+            await admission.after_ack()
+            crash_point(self._after_receipt_point)

@@ -1,0 +1,232 @@
+"""Jobs that leave a tier daemon (partials, model versions): a bounded ordered queue, retried.
+
+Imports trio, the bus interface and the state store; never a concrete bus adapter.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import trio
+from opentelemetry import trace
+
+from fedtier.protocol.bus import Bus, PublishAck
+from fedtier.protocol.errors import (
+    BusUnavailable,
+    PublishError,
+)
+from fedtier.protocol.telemetry import (
+    ATTR_PARTIAL_ID,
+    span_name,
+)
+from fedtier.tiers._telemetry import (
+    TierMetricsLike,
+    context_of,
+    headers_with_context,
+)
+from fedtier.tiers.config import RetrySettings
+from fedtier.tiers.faults import crash_point
+from fedtier.tiers.store import (
+    CommitTicket,
+    OutboxEntry,
+    StateStore,
+)
+
+J = TypeVar("J")
+T = TypeVar("T")
+
+__all__ = ["Uplink", "UplinkJob", "UpstreamWorker", "retry_transient"]
+
+
+async def retry_transient(
+    what: str,
+    op: str,
+    fn: Callable[[], Awaitable[T]],
+    *,
+    retry: RetrySettings,
+    metrics: TierMetricsLike,
+    log: logging.Logger,
+) -> T:
+    """Call ``fn`` until it succeeds, retrying ``BusUnavailable`` and ``PublishError`` with backoff.
+
+    Every retry is logged and counted (``metrics.retry(op)``). Other errors
+    propagate. Cancellation stops the retries.
+    """
+    backoff = retry.initial_backoff_s
+    attempt = 0
+    while True:
+        try:
+            return await fn()
+        except (BusUnavailable, PublishError) as exc:
+            attempt += 1
+            metrics.retry(op)
+            log.warning(
+                "%s failed (attempt %d): %s; retrying in %.2f s", what, attempt, exc, backoff
+            )
+        await trio.sleep(backoff)
+        backoff = min(backoff * 2, retry.max_backoff_s)
+
+
+class UpstreamWorker(abc.ABC, Generic[J]):
+    """A bounded queue of jobs that leave the daemon (partials, model versions), run in order.
+
+    ``has_room`` lets a daemon hold a cut back instead of blocking its intake;
+    ``drain`` is the clean shutdown's wait.
+    """
+
+    def __init__(self, *, capacity: int, on_room: Callable[[], None]) -> None:
+        self._capacity = capacity
+        self._on_room = on_room
+        self._send, self._receive = trio.open_memory_channel[J](capacity)
+        self._outstanding = 0
+        self._drained = trio.Event()
+        self._drained.set()
+
+    @property
+    def outstanding(self) -> int:
+        """Jobs queued or in progress."""
+        return self._outstanding
+
+    def has_room(self) -> bool:
+        """Whether ``put`` would not wait."""
+        return self._outstanding < self._capacity
+
+    def _started_one(self) -> None:
+        if self._outstanding == 0:
+            self._drained = trio.Event()
+        self._outstanding += 1
+
+    def _finished_one(self) -> None:
+        self._outstanding -= 1
+        if self._outstanding == 0:
+            self._drained.set()
+        self._on_room()
+
+    async def put(self, job: J) -> None:
+        """Queue a job, waiting while the queue is full."""
+        self._started_one()
+        try:
+            await self._send.send(job)
+        except BaseException:
+            self._finished_one()
+            raise
+
+    async def drain(self) -> None:
+        """Wait until every queued job is done."""
+        while self._outstanding:
+            await self._drained.wait()
+
+    async def serve(self, initial: Sequence[J], *, task_status: trio.TaskStatus[None]) -> None:
+        """Run ``initial`` jobs (recovered from the store), then queued ones, in order."""
+        for _ in initial:
+            self._started_one()
+        task_status.started()
+        for job in initial:
+            await self.run(job)
+            self._finished_one()
+        async for job in self._receive:
+            await self.run(job)
+            self._finished_one()
+
+    @abc.abstractmethod
+    async def run(self, job: J) -> None:
+        """Do one job, retrying transient failures until it is done."""
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkJob:
+    """A partial to publish once its flush is durable."""
+
+    entry: OutboxEntry
+    ticket: CommitTicket | None = None
+
+
+class Uplink(UpstreamWorker[UplinkJob]):
+    """Publishes flushed partials upstream; each stays in the outbox until its PubAck."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        store: StateStore,
+        *,
+        tier: str,
+        tracer: trace.Tracer,
+        metrics: TierMetricsLike,
+        retry: RetrySettings,
+        log: logging.Logger,
+        capacity: int,
+        on_room: Callable[[], None],
+        drop_unconfirmed: bool = False,
+    ) -> None:
+        super().__init__(capacity=capacity, on_room=on_room)
+        self._bus = bus
+        self._store = store
+        self._tier = tier
+        self._tracer = tracer
+        self._metrics = metrics
+        self._retry = retry
+        self._log = log
+        self._drop_unconfirmed = drop_unconfirmed
+        self.published = 0
+        self.dropped = 0
+
+    async def run(self, job: UplinkJob) -> None:
+        """Wait for the flush commit, publish with ``msg_id = partial id``, mark acked."""
+        if job.ticket is not None:
+            await job.ticket.wait()
+        crash_point(f"{self._tier}.before_publish")
+        entry = job.entry
+        pid = entry.partial_id.hex()
+        with self._tracer.start_as_current_span(
+            span_name(self._tier, "send"),
+            context=context_of(entry.trace),
+            attributes={ATTR_PARTIAL_ID: pid},
+        ) as span:
+            # A fresh dict per try: some transports mutate the headers they are given.
+            headers = headers_with_context(span)
+
+            def publish() -> Awaitable[PublishAck]:
+                return self._bus.publish(
+                    entry.subject, entry.envelope, headers=dict(headers), msg_id=pid
+                )
+
+            if self._drop_unconfirmed:
+                try:
+                    ack = await publish()
+                except (BusUnavailable, PublishError) as exc:
+                    # UNSAFE: the inputs inside are gone although their senders
+                    # were told they are accepted.
+                    self.dropped += 1
+                    self._log.warning(
+                        "UNSAFE drop_unconfirmed_partials: partial %s dropped after one "
+                        "failed publish: %s",
+                        pid,
+                        exc,
+                    )
+                    self._store.submit_acked(entry.partial_id)
+                    return
+            else:
+                ack = await retry_transient(
+                    f"publish of partial {pid} to {entry.subject}",
+                    "publish_partial",
+                    publish,
+                    retry=self._retry,
+                    metrics=self._metrics,
+                    log=self._log,
+                )
+        crash_point(f"{self._tier}.after_publish")
+        self.published += 1
+        self._log.info(
+            "partial %s (epoch %d) stored upstream on %s%s",
+            pid,
+            entry.epoch,
+            entry.subject,
+            " as a duplicate" if ack.duplicate else "",
+        )
+        # Not awaited: if this commit is lost, the partial is resent at the next
+        # start and the receiver dedupes it by id.
+        self._store.submit_acked(entry.partial_id)

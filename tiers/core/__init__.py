@@ -1,0 +1,58 @@
+"""The sans-IO tier core: admission, the open buffer, the cut of a partial, sealing a version.
+
+Bytes, ``now`` and what the tier has seen go in; decisions, partials and model
+versions come out. Nothing here imports trio, sqlite, OpenTelemetry, logging or
+a clock (``tests/unit/test_import_rules.py`` checks it), in the manner of h11.
+The edge, regional and central daemons (``fedtier.tiers.edge`` ...) wrap this
+core with the state store, acknowledgements, receipts and spans; the simulator
+(``fedtier.simulations.sim``) and ``fedtier.tiers.testing`` call it directly, so
+there is one admission and one cut.
+"""
+
+from __future__ import annotations
+
+from fedtier.tiers.aggregate import Accumulator
+from fedtier.tiers.core._admission import (
+    AcceptedInput,
+    AdmissionRules,
+    Decision,
+    ModelView,
+    NothingSeen,
+    Outcome,
+    SeenInputs,
+    SenderKeys,
+    admit_partial,
+    admit_update,
+    check_payload,
+)
+from fedtier.tiers.core._buffer import HIST_BUCKETS, TierBuffer, fold_message
+from fedtier.tiers.core._cut import (
+    MODEL_CODEC,
+    SealedVersion,
+    build_partial,
+    seal_version,
+    step_model,
+)
+
+__all__ = [
+    "HIST_BUCKETS",
+    "MODEL_CODEC",
+    "AcceptedInput",
+    "Accumulator",
+    "AdmissionRules",
+    "Decision",
+    "ModelView",
+    "NothingSeen",
+    "Outcome",
+    "SealedVersion",
+    "SeenInputs",
+    "SenderKeys",
+    "TierBuffer",
+    "admit_partial",
+    "admit_update",
+    "build_partial",
+    "check_payload",
+    "fold_message",
+    "seal_version",
+    "step_model",
+]

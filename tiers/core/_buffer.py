@@ -1,0 +1,149 @@
+"""The open buffer of a tier, sans-IO: its accumulator, epoch and flush bookkeeping.
+
+Imports the tier math only: no trio, sqlite, OpenTelemetry, logging or clock.
+Time comes in as ``now`` (seconds on whatever clock the caller's flush policy
+uses) and ``accepted_ms`` (wall milliseconds, for aggregate latency).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Final
+
+from fedtier.protocol.codecs import fold_into
+from fedtier.protocol.messages import DeviceUpdate, PartialAggregate
+from fedtier.tiers.aggregate import Accumulator
+from fedtier.tiers.core._admission import AcceptedInput
+from fedtier.tiers.flush import FlushPolicy, FlushReason
+
+__all__ = ["HIST_BUCKETS", "TierBuffer", "fold_message"]
+
+HIST_BUCKETS: Final = 32
+"""Staleness histogram buckets of every partial a tier makes."""
+
+
+def fold_message(
+    acc: Accumulator,
+    message: DeviceUpdate | PartialAggregate,
+    payload: memoryview | bytes,
+    *,
+    tau: int,
+    discount: float,
+    clip_scale: float = 1.0,
+) -> None:
+    """Fold a verified message's payload with the weights assessed (or stored) for it.
+
+    The message's fields become the accumulator's arguments and the payload is
+    added through ``fold_into`` without a dense temporary. Admission and the
+    refold after a restart both come here, so they cannot fold differently.
+    """
+    folder = functools.partial(fold_into, payload=payload, spec=message.codec)
+    if isinstance(message, DeviceUpdate):
+        acc.fold_update(
+            message.update_id,
+            folder,
+            n_samples=message.n_samples,
+            tau=tau,
+            discount=discount,
+            base_version=message.base_version,
+            clip_scale=clip_scale,
+        )
+        return
+    acc.fold_partial(
+        message.partial_id,
+        folder,
+        sample_count=message.sample_count,
+        weight_sum=message.weight_sum,
+        update_count=message.update_count,
+        staleness_hist=message.staleness_hist,
+        leaf_ids=message.leaves,
+        extra_tau=tau,
+        discount=discount,
+        min_base_version=message.min_base_version,
+        max_base_version=message.max_base_version,
+    )
+
+
+class TierBuffer:
+    """The open epoch: its accumulator plus what the flush needs to know about its inputs.
+
+    Attributes:
+        accumulator: the accumulator of the epoch.
+        epoch: the epoch number (stored beside each input).
+        oldest_at: ``now`` of the oldest input, None when empty (flush deadline).
+        oldest_accepted_ms: wall time of the oldest input (aggregate latency).
+        tags: an opaque tag per input in fold order (the daemons keep the
+            traceparent of each input's span there, for span links).
+        senders: distinct senders (participation).
+    """
+
+    def __init__(self, num_params: int, epoch: int = 0) -> None:
+        self.accumulator = Accumulator(num_params, hist_buckets=HIST_BUCKETS)
+        self.epoch = epoch
+        self.oldest_at: float | None = None
+        self.oldest_accepted_ms: int | None = None
+        self.tags: list[str] = []
+        self.senders: set[str] = set()
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether nothing was folded in this epoch."""
+        return self.accumulator.is_empty
+
+    def fold(self, accepted: AcceptedInput, *, now: float, accepted_ms: int, tag: str = "") -> None:
+        """Fold an admitted input and book it."""
+        self.refold(
+            accepted.message,
+            accepted.payload,
+            tau=accepted.tau,
+            discount=accepted.discount,
+            clip_scale=accepted.clip_scale,
+            now=now,
+            accepted_ms=accepted_ms,
+            tag=tag,
+        )
+
+    def refold(
+        self,
+        message: DeviceUpdate | PartialAggregate,
+        payload: memoryview | bytes,
+        *,
+        tau: int,
+        discount: float,
+        clip_scale: float,
+        now: float,
+        accepted_ms: int,
+        tag: str = "",
+    ) -> None:
+        """Fold an input with weights decided earlier (recovery after a restart) and book it."""
+        fold_message(
+            self.accumulator, message, payload, tau=tau, discount=discount, clip_scale=clip_scale
+        )
+        if self.oldest_at is None:
+            self.oldest_at = now
+            self.oldest_accepted_ms = accepted_ms
+        self.tags.append(tag)
+        self.senders.add(message.sender)
+
+    def has_room(self, inputs: int, leaves: int, max_ids: int) -> bool:
+        """Whether ``inputs`` more inputs holding ``leaves`` updates fit one partial's id caps."""
+        acc = self.accumulator
+        return acc.input_count + inputs <= max_ids and acc.update_count + leaves <= max_ids
+
+    def due(self, policy: FlushPolicy, now: float) -> FlushReason | None:
+        """Why the buffer flushes at ``now`` under ``policy``, None if it does not."""
+        acc = self.accumulator
+        return policy.should_flush(acc.input_count, acc.sample_count, self.oldest_at, now)
+
+    def deadline(self, policy: FlushPolicy) -> float | None:
+        """When the buffer's deadline falls, None when empty or without one."""
+        return policy.deadline_at(self.oldest_at)
+
+    def advance(self) -> None:
+        """Start the next epoch with an empty accumulator."""
+        self.accumulator.reset()
+        self.epoch += 1
+        self.oldest_at = None
+        self.oldest_accepted_ms = None
+        self.tags = []
+        self.senders = set()

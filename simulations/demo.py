@@ -3,7 +3,7 @@
 What runs (``simulations.mesh`` builds and starts it): one Mosquitto for the
 four sites (per-site topics) and one nats-server with JetStream, on free
 loopback ports in a temporary directory; 1 central, 2 regional and 4 edge
-daemons (2 sites per region), each a separate ``python -m simulations.cli``
+daemons (2 sites per region), each a separate ``python -m fedtier``
 process; and one fleet process per site (``simulations.fleet``): vehicles,
 factory machines and IoT gateways training a 64-32-10 MLP on non-IID shards
 of scikit-learn's digits. A few IoT gateways now and then send a malformed or
@@ -234,10 +234,10 @@ async def _watch_models(plan: MeshPlan, state: _State) -> None:
     """Verify and evaluate every model version one site's edge relays (retained MQTT topics)."""
     from fedtier.client.model_store import ModelStore, OfferStatus
     from fedtier.protocol.bus import Delivery, Subscription
-    from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+    from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
     from fedtier.protocol.envelope import open_envelope
     from fedtier.protocol.errors import RemoteProtocolError
-    from fedtier.protocol.identity import load_public_key
+    from fedtier.protocol.files import load_public_key
     from fedtier.protocol.messages import ModelAnnouncement
     from fedtier.protocol.names import MqttTopics
     from fedtier.tiers.config import load_initial_model
@@ -653,7 +653,7 @@ def _collect(
 
 def _finish_artefacts(result: DemoResult, plan: MeshPlan, out: Path) -> None:
     """After every process stopped: find a traced update, draw the plot, write the summary."""
-    from fedtier.simulations.tracequery import TraceIndex, follow_update
+    from fedtier.tiers.tracequery import TraceIndex, follow_update
 
     index = TraceIndex.load(plan.trace_dir) if plan.trace_dir.is_dir() else None
     if index is not None:

@@ -42,9 +42,8 @@ import numpy as np
 import trio
 
 from fedtier.protocol.errors import ConfigError
+from fedtier.protocol.files import save_public_key, save_signing_identity
 from fedtier.protocol.identity import SigningIdentity
-from fedtier.simulations.brokers.mosquitto import MALLOC_ENV, MosquittoProcess
-from fedtier.simulations.brokers.nats_server import NatsServerProcess
 from fedtier.simulations.datasets import (
     NUM_CLASSES,
     NUM_FEATURES,
@@ -55,6 +54,7 @@ from fedtier.simulations.datasets import (
 )
 from fedtier.simulations.fleet import KIND_NAMES, KindName, SendSpec, TrainingSpec
 from fedtier.simulations.processes import Child, ProcessGroup, open_process_group
+from fedtier.simulations.testing import MALLOC_ENV, MosquittoProcess, NatsServerProcess
 
 __all__ = [
     "Brokers",
@@ -353,8 +353,8 @@ def _write_toml(path: Path, header: str, body: Mapping[str, object]) -> Path:
 
 def _new_identity(keys_dir: Path, name: str) -> SigningIdentity:
     identity = SigningIdentity.generate()
-    identity.save(keys_dir / f"{name}.key")
-    identity.save_public(keys_dir / f"{name}.pub")
+    save_signing_identity(identity, keys_dir / f"{name}.key")
+    save_public_key(identity.verify_key, keys_dir / f"{name}.pub")
     return identity
 
 
@@ -787,7 +787,7 @@ class RunningMesh:
                 [
                     sys.executable,
                     "-m",
-                    "fedtier.simulations.cli",
+                    "fedtier",
                     "device",
                     "--config",
                     str(config),
@@ -833,7 +833,7 @@ async def open_mesh(
     env = child_environment(plan.trace_dir)
 
     def daemon(kind: str, config: Path) -> list[str]:
-        return [sys.executable, "-m", "fedtier.simulations.cli", kind, "--config", str(config)]
+        return [sys.executable, "-m", "fedtier", kind, "--config", str(config)]
 
     async with open_process_group(plan.log_dir, env=env, stop_grace_s=stop_grace_s) as group:
         central = await group.start(

@@ -1,4 +1,4 @@
-"""The measured processes of ``fedtier bench edge``; must not import simulations.brokers or rich.
+"""The measured processes of ``fedtier bench edge``; must not import simulations.testing or rich.
 
 A publisher, a bare subscriber (the baseline) and an edge host, each run by
 ``simulations.bench.edge`` as ``python -m simulations.bench._edge_worker SPEC``
@@ -38,7 +38,7 @@ import numpy.typing as npt
 import trio
 
 from fedtier.protocol.bus import MemoryBroker, MemoryBus, Subscription
-from fedtier.protocol.bus._mqtt import MqttBus, MqttConfig, open_mqtt_bus
+from fedtier.protocol.bus.mqtt import MqttBus, MqttConfig, open_mqtt_bus
 from fedtier.protocol.codecs import CodecSpec, encode, fold_into
 from fedtier.protocol.envelope import open_envelope, parse_envelope, seal
 from fedtier.protocol.errors import LocalProtocolError

@@ -48,8 +48,8 @@ import trio
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.errors import BenchError, FedtierError, LocalProtocolError
 from fedtier.simulations.bench._edge_worker import EDGE_SETTINGS, READY_LINE, Role, WorkerSpec
-from fedtier.simulations.brokers.mosquitto import MALLOC_ENV, MosquittoProcess
 from fedtier.simulations.processes import Child, ProcessGroup, open_process_group
+from fedtier.simulations.testing import MALLOC_ENV, MosquittoProcess
 
 __all__ = ["DEFAULT_FORMATS", "main", "render_table", "run_edge_bench"]
 
@@ -432,7 +432,7 @@ def run_edge_bench(
             "malloc_tuning": malloc_tuning,
             "broker_malloc_tuning": True,
             "broker": "loopback, plaintext (no TLS), set_tcp_nodelay true, persistence true",
-            "transport": "fedtier.protocol.bus._mqtt (paho driven from trio) for every client",
+            "transport": "fedtier.protocol.bus.mqtt (paho driven from trio) for every client",
             "edge": {
                 **asdict(EDGE_SETTINGS),
                 "upstream": "in-memory NATS",

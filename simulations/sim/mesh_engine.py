@@ -294,13 +294,10 @@ async def _run_mesh(
     from fedtier.client.model_store import ModelStore, OfferStatus
     from fedtier.client.trainers import TorchTrainer, make_mlp
     from fedtier.protocol.bus import Delivery, Subscription
-
-    # protocol.bus's lazy table maps open_mqtt_bus to the NATS module; import it from
-    # its own module, as the demo does.
-    from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+    from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
     from fedtier.protocol.envelope import open_envelope
     from fedtier.protocol.errors import ChildFailed, RemoteProtocolError
-    from fedtier.protocol.identity import load_public_key
+    from fedtier.protocol.files import load_public_key
     from fedtier.protocol.messages import ModelAnnouncement
     from fedtier.protocol.names import MqttTopics
     from fedtier.simulations.mesh import MeshPlan, open_brokers, open_mesh, prepare_mesh

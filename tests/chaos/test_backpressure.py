@@ -22,9 +22,10 @@ import pytest
 import trio
 
 from fedtier.protocol.bus import Bus, Subscription
-from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
+from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
 from fedtier.protocol.envelope import open_envelope
-from fedtier.protocol.identity import load_public_key, load_signing_identity
+from fedtier.protocol.files import load_public_key, load_signing_identity
+from fedtier.protocol.identity import VerifyKey
 from fedtier.protocol.messages import Receipt, ReceiptStatus
 from fedtier.protocol.names import MqttTopics
 from fedtier.simulations.fleet import TrainingSpec
@@ -37,8 +38,8 @@ from fedtier.simulations.mesh import (
     prepare_mesh,
 )
 from fedtier.simulations.processes import Child
+from fedtier.simulations.testing import SimDevice
 from fedtier.tiers.config import load_initial_model
-from fedtier.tiers.testing import SimDevice
 
 pytestmark = pytest.mark.brokers
 
@@ -105,7 +106,9 @@ def memory_kb(pid: int) -> dict[str, int]:
     return fields
 
 
-async def count_receipts(sub: Subscription, edge_key, wanted: int, statuses: list[str]) -> None:
+async def count_receipts(
+    sub: Subscription, edge_key: VerifyKey, wanted: int, statuses: list[str]
+) -> None:
     while len(statuses) < wanted:
         delivery = await sub.receive()
         await delivery.ack()
@@ -192,7 +195,7 @@ async def test_stuck_and_flapping_devices_do_not_hold_back_healthy_ones(tmp_path
         assert accepted >= stuck_sent + flaps + len(healthy) * per_healthy
 
 
-async def send_and_wait(site: Site, device: SimDevice, count: int, edge_key) -> None:
+async def send_and_wait(site: Site, device: SimDevice, count: int, edge_key: VerifyKey) -> None:
     async with open_mqtt_bus(site.mqtt(device.key_id)) as bus:
         async with bus.subscribe(site.topics.receipt(device.key_id), durable="r") as receipts:
             for i in range(count):

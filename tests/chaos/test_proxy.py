@@ -9,7 +9,7 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from fedtier.simulations.proxy import LOOPBACK, FaultyProxy
+from fedtier.simulations.testing import LOOPBACK, FaultyProxy
 
 
 class Echo:
@@ -19,7 +19,7 @@ class Echo:
         self.received = bytearray()
         self.port = 0
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started()
@@ -56,7 +56,7 @@ async def drain(stream: trio.SocketStream) -> None:
         assert await stream.receive_some(100) != b"", "closed without a reset"
 
 
-async def test_bytes_go_through_both_ways():
+async def test_bytes_go_through_both_ways() -> None:
     with trio.fail_after(10):
         async with proxied() as (echo, proxy, client):
             await client.send_all(b"hello")
@@ -65,7 +65,7 @@ async def test_bytes_go_through_both_ways():
             assert bytes(echo.received) == b"hello"
 
 
-async def test_reset_ends_the_connection_with_an_error():
+async def test_reset_ends_the_connection_with_an_error() -> None:
     with trio.fail_after(10):
         async with proxied() as (_echo, proxy, client):
             await client.send_all(b"ping")
@@ -76,7 +76,7 @@ async def test_reset_ends_the_connection_with_an_error():
             assert proxy.resets_total == 1
 
 
-async def test_partition_drops_what_is_sent_then_resets():
+async def test_partition_drops_what_is_sent_then_resets() -> None:
     with trio.fail_after(10):
         async with proxied() as (echo, proxy, client):
             await client.send_all(b"before")
@@ -95,7 +95,7 @@ async def test_partition_drops_what_is_sent_then_resets():
             await again.aclose()
 
 
-async def test_upstream_down_closes_the_client():
+async def test_upstream_down_closes_the_client() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             with trio.socket.socket() as probe:

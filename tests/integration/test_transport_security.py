@@ -23,15 +23,22 @@ from pathlib import Path
 import pytest
 import trio
 
-from fedtier.protocol.bus._mqtt import MqttConfig, open_mqtt_bus
-from fedtier.protocol.bus._nats import NatsConfig, StreamSpec, open_nats_bus
+from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
+from fedtier.protocol.bus.nats import NatsConfig, StreamSpec, open_nats_bus
 from fedtier.protocol.errors import BusUnavailable, ConfigError, PublishError
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.names import MqttTopics, NatsSubjects
-from fedtier.simulations.brokers.deploy_templates import mosquitto_acl, nats_accounts
-from fedtier.simulations.brokers.mosquitto import MosquittoProcess, MosquittoTls
-from fedtier.simulations.brokers.nats_server import NatsServerProcess, NatsTls
-from fedtier.simulations.brokers.pki import CertFiles, NkeyUser, TestPki
+from fedtier.simulations.testing import (
+    CertFiles,
+    MosquittoProcess,
+    MosquittoTls,
+    NatsServerProcess,
+    NatsTls,
+    NkeyUser,
+    TestPki,
+    mosquitto_acl,
+    nats_accounts,
+)
 
 pytestmark = pytest.mark.brokers
 
@@ -383,14 +390,15 @@ async def test_a_connection_without_credentials_is_refused(
     error: type[Exception],
     match: str,
 ) -> None:
-    overrides: dict[str, object] = {
+    by_credential: dict[str, dict[str, object]] = {
         "no nkey": {"nkeys_seed_file": None},
         "an nkey the server does not know": {
             "nkeys_seed_file": pki.issue_nkey_user(unique("stranger")).seed_file
         },
         "no client certificate": {"tls_cert_file": None, "tls_key_file": None},
         "a certificate of another CA": {},
-    }[credential]
+    }
+    overrides = by_credential[credential]
     if credential == "a certificate of another CA":
         rogue = TestPki.create(tmp_path / "rogue-ca").issue_client("nats-edge")
         overrides = {"tls_cert_file": rogue.cert_file, "tls_key_file": rogue.key_file}

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from fedtier.protocol.errors import ConfigError
-from fedtier.simulations.brokers.mosquitto import MosquittoProcess
+from fedtier.simulations.testing import MosquittoProcess
 
 
-def _start(workdir, **options) -> MosquittoProcess:
+def _start(
+    workdir: Path, *, autosave_interval: int = 1, autosave_on_changes: bool = False
+) -> MosquittoProcess:
     try:
-        return MosquittoProcess.start(workdir, **options)
+        return MosquittoProcess.start(
+            workdir,
+            autosave_interval=autosave_interval,
+            autosave_on_changes=autosave_on_changes,
+        )
     except ConfigError as exc:
         # Fail, never skip: the broker tests always run in `make test`.
         pytest.fail(str(exc), pytrace=False)
@@ -29,7 +36,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoPro
 
 
 @pytest.fixture
-def fresh_mosquitto(tmp_path) -> Iterator[MosquittoProcess]:
+def fresh_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
     """A broker of this test's own, for tests that kill or restart it.
 
     Sessions and subscriptions are saved as soon as they change, so they

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from fedtier import cli
 from fedtier.protocol.errors import FedtierError
-from fedtier.simulations import chaos, cli
-from fedtier.simulations.chaos import ALL_UNSAFE, ChaosOptions, FaultPlan
+from fedtier.simulations import chaos
+from fedtier.simulations.chaos import ALL_UNSAFE, ChaosOptions, FaultPlan, _cli, _plan
 
 
-def test_schedule_holds_every_fault_in_the_window_and_targets_in_turn():
+def test_schedule_holds_every_fault_in_the_window_and_targets_in_turn() -> None:
     plan = FaultPlan(kill_edge=5, kill_nats=2, proxy_partition=3, broker_down_s=(2.0, 3.0))
-    schedule = chaos._schedule(plan, random.Random(3), window_s=10.0)
+    schedule = _plan._schedule(plan, random.Random(3), window_s=10.0)
     kinds = Counter(f.kind for f in schedule)
     assert kinds == {"kill_edge": 5, "kill_nats": 2, "proxy_partition": 3}
     assert [f.at_s for f in schedule] == sorted(f.at_s for f in schedule)
@@ -23,11 +24,11 @@ def test_schedule_holds_every_fault_in_the_window_and_targets_in_turn():
     assert sorted(f.target for f in schedule if f.kind == "kill_edge") == [0, 1, 2, 3, 4]
     assert all(2.0 <= f.down_s <= 3.0 for f in schedule if f.kind == "kill_nats")
     assert plan.total == 10
-    again = chaos._schedule(plan, random.Random(3), window_s=10.0)
+    again = _plan._schedule(plan, random.Random(3), window_s=10.0)
     assert again == schedule
 
 
-def test_options_check_switches_and_sites(tmp_path: Path):
+def test_options_check_switches_and_sites(tmp_path: Path) -> None:
     with pytest.raises(FedtierError, match="unknown"):
         ChaosOptions(out_dir=tmp_path, unsafe=frozenset({"trust_everyone"}))
     with pytest.raises(FedtierError, match="cannot cover"):
@@ -40,19 +41,21 @@ def test_options_check_switches_and_sites(tmp_path: Path):
     assert not ChaosOptions(out_dir=tmp_path).mesh_spec().send.unsafe_trust_puback
 
 
-def test_command_arguments_parse():
-    assert chaos._parse_regions("r1:s1+s2,r2:s3") == (("r1", ("s1", "s2")), ("r2", ("s3",)))
+def test_command_arguments_parse() -> None:
+    assert _cli._parse_regions("r1:s1+s2,r2:s3") == (("r1", ("s1", "s2")), ("r2", ("s3",)))
     with pytest.raises(FedtierError, match="REGION:SITE"):
-        chaos._parse_regions("r1")
-    assert chaos._parse_unsafe(None) == frozenset()
-    assert chaos._parse_unsafe("all") == ALL_UNSAFE
-    assert chaos._parse_unsafe("ack_before_commit, device_trust_puback") == {
+        _cli._parse_regions("r1")
+    assert _cli._parse_unsafe(None) == frozenset()
+    assert _cli._parse_unsafe("all") == ALL_UNSAFE
+    assert _cli._parse_unsafe("ack_before_commit, device_trust_puback") == {
         "ack_before_commit",
         "device_trust_puback",
     }
 
 
-def test_unknown_switch_on_the_command_line_is_one_sentence(capsys, tmp_path):
+def test_unknown_switch_on_the_command_line_is_one_sentence(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     # Through `fedtier sim chaos`, forwarded like `fedtier sim check`.
     assert cli.main(["sim", "chaos", "--unsafe", "yolo", "--out", str(tmp_path)]) == 2
     assert "unsafe switch 'yolo' is unknown" in capsys.readouterr().err

@@ -6,19 +6,20 @@ import os
 import re
 from pathlib import Path
 
-import nkeys
+import nkeys  # type: ignore[import-untyped]  # ships no type information
 import pytest
 
 from fedtier.protocol.errors import ConfigError
-from fedtier.simulations.brokers.deploy_templates import (
+from fedtier.simulations.testing import (
     EXAMPLE_NKEYS,
     MOSQUITTO_ACL_TEMPLATE,
     NATS_CONF_TEMPLATE,
+    MosquittoTls,
+    TestPki,
     mosquitto_acl,
     nats_accounts,
 )
-from fedtier.simulations.brokers.mosquitto import MosquittoTls, _render_config
-from fedtier.simulations.brokers.pki import TestPki
+from fedtier.simulations.testing._mosquitto import _render_config
 
 
 def rules(text: str) -> list[str]:

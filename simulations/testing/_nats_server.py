@@ -13,7 +13,7 @@ trio through ``trio.to_thread.run_sync``.
 ``deploy/nats/nats-server.conf`` does: TLS with ``verify: true`` (a client
 certificate signed by the CA is required) and the given ``accounts`` block,
 typically that file's own users and permissions rendered by
-``simulations.brokers.deploy_templates.nats_accounts``. Monitoring stays
+``fedtier.simulations.testing.nats_accounts``. Monitoring stays
 plain HTTP on loopback, as deployed.
 """
 
@@ -188,7 +188,7 @@ class NatsServerProcess:
     def _write_config(self) -> None:
         sync = "\n  sync_interval: always" if self.sync_always else ""
         self.config_path.write_text(
-            "# Written by simulations/brokers/nats_server.py for tests, the demo and benchmarks.\n"
+            "# Written by simulations/testing/_nats_server.py for tests, the demo and benchmarks.\n"
             "# Production example: deploy/nats/nats-server.conf\n"
             f"server_name: fedtier-{os.getpid()}-{self.workdir.name}\n"
             f"listen: 127.0.0.1:{self.port}\n"

@@ -1,6 +1,6 @@
 """A loopback TCP proxy that resets, partitions and delays connections; imports trio only.
 
-The chaos suite (``simulations.chaos``) puts one between the edges and
+The chaos suite (``fedtier.simulations.chaos``) puts one between the edges and
 nats-server and one between the devices and Mosquitto, so a tier's link can
 fail without the processes at either end knowing why::
 
@@ -31,7 +31,7 @@ from typing import Final
 
 import trio
 
-__all__ = ["FaultyProxy"]
+__all__ = ["LOOPBACK", "FaultyProxy"]
 
 LOOPBACK: Final = "127.0.0.1"
 _CHUNK_BYTES: Final = 65_536

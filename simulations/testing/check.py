@@ -1,4 +1,7 @@
-"""``python -m simulations.brokers.check``: say which broker binaries tests and the demo will use.
+"""``python -m fedtier.simulations.testing.check``: the brokers tests will use; starts no process.
+
+It names the Mosquitto and nats-server binaries that tests and the demo
+will run, or the one missing.
 
 ``make`` runs it after installing, so a missing or too-old broker stops the
 build with one clear sentence instead of failing deep inside a test.
@@ -9,8 +12,8 @@ from __future__ import annotations
 import sys
 
 from fedtier.protocol.errors import ConfigError
-from fedtier.simulations.brokers.mosquitto import find_mosquitto
-from fedtier.simulations.brokers.nats_server import find_nats_server
+from fedtier.simulations.testing._mosquitto import find_mosquitto
+from fedtier.simulations.testing._nats_server import find_nats_server
 
 
 def main() -> int:

@@ -145,7 +145,7 @@ def nats_accounts(
         if example not in block:
             raise ConfigError(
                 f"{template} no longer lists the example {role} nkey {example};"
-                " update EXAMPLE_NKEYS in simulations/brokers/deploy_templates.py"
+                " update EXAMPLE_NKEYS in simulations/testing/_deploy_templates.py"
             )
         block = block.replace(example, public_keys[role])
     # Word boundaries: "fleet1" inside ft.fleet1.up / ft_fleet1_models /

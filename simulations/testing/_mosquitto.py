@@ -12,8 +12,7 @@ runs with the malloc settings of ``docs/transport.md``. Anonymous access
 on loopback only, unless ``start(tls=MosquittoTls(...))`` makes the listener
 what ``deploy/mosquitto/mosquitto.conf`` configures: TLS 1.3, a client
 certificate required, its Common Name as the user name, and an ACL file
-(``simulations.brokers.deploy_templates.mosquitto_acl`` renders the deployed
-one).
+(``fedtier.simulations.testing.mosquitto_acl`` renders the deployed one).
 """
 
 from __future__ import annotations
@@ -120,7 +119,7 @@ def _render_config(
     tls: MosquittoTls | None = None,
 ) -> str:
     lines = [
-        "# Written by simulations.brokers.mosquitto for a test, demo or benchmark broker.",
+        "# Written by fedtier.simulations.testing for a test, demo or benchmark broker.",
         *_listener_lines(port, tls),
         "persistence true",
         f"persistence_location {workdir}/",

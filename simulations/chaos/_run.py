@@ -1,0 +1,270 @@
+"""One chaos run: brokers, proxies, phases, drain, the checker's verdict; must not import argparse.
+
+Arguments and printing are ``_cli``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from fedtier.protocol.errors import StoreError
+from fedtier.simulations.chaos._inject import _Injector
+from fedtier.simulations.chaos._plan import ChaosOptions
+from fedtier.simulations.chaos._result import ChaosResult
+from fedtier.simulations.chaos._supervisor import _READY_TIMEOUT_S, _STOP_GRACE_S
+from fedtier.simulations.checker import check, load_device_logs
+from fedtier.simulations.mesh import (
+    Brokers,
+    MeshPlan,
+    Routes,
+    child_environment,
+    prepare_mesh,
+)
+from fedtier.simulations.processes import ProcessGroup, open_process_group
+from fedtier.simulations.testing import FaultyProxy, MosquittoProcess, NatsServerProcess
+from fedtier.tiers.store import read_lineages
+
+_POLL_S: Final = 0.5
+_PROGRESS_EVERY_S: Final = 5.0
+
+
+class _Run(_Injector):
+    """One chaos run's processes, faults and counters (phases 2-4 of the package docstring)."""
+
+    def __init__(
+        self,
+        options: ChaosOptions,
+        plan: MeshPlan,
+        group: ProcessGroup,
+        brokers: Brokers,
+        proxies: Sequence[FaultyProxy],
+    ) -> None:
+        super().__init__(options, plan, group, brokers, proxies)
+        self.phase_s: dict[str, float] = {}
+
+    # -- progress -------------------------------------------------------------------
+
+    async def report_progress(self, started: float) -> None:
+        """Call the progress callback every few seconds until cancelled."""
+        progress = self.options.progress
+        if progress is None:
+            return
+        while True:
+            await trio.sleep(_PROGRESS_EVERY_S)
+            done = sum(self.faults.values())
+            exits = sum(self.exits.values())
+            progress(
+                f"chaos: {time.monotonic() - started:5.0f} s  {self.sent} updates sent  "
+                f"{done}/{self.options.faults.total} faults  {exits} exits"
+            )
+
+    # -- drain ----------------------------------------------------------------------
+
+    async def drain(self) -> bool:
+        """Stop the fleets, export their logs, wait until the lineage holds every receipt.
+
+        Returns:
+            True when every receipted update was counted and the lineage was
+            quiet before ``drain_timeout_s``.
+        """
+        self.crash_phase = False
+        for fleet in self.fleets:
+            fleet.child.stopping = True
+        await self.group.stop([f.child for f in self.fleets], grace_s=_STOP_GRACE_S)
+        await trio.to_thread.run_sync(export_device_logs, self.plan)
+        receipted = _receipted(self.plan)
+        options = self.options
+        slowest_flush_s = max(spec.max_age_s for spec in options.flush)
+        # Quiet long enough for a redelivery after the ack wait and a flush per tier.
+        quiet_s = options.ack_wait_s + 3 * slowest_flush_s + 1.0
+        deadline = trio.current_time() + options.drain_timeout_s
+        last_total, last_change = -1, trio.current_time()
+        while trio.current_time() < deadline:
+            try:
+                counted = await trio.to_thread.run_sync(_lineage_ids, self.plan)
+            except StoreError:
+                counted = Counter()  # the central is between a crash and its restart
+            total = sum(counted.values())
+            now = trio.current_time()
+            if total != last_total:
+                last_total, last_change = total, now
+            complete = receipted <= counted.keys()
+            # Something lost never arrives: then wait longer before giving up on it.
+            if now - last_change >= (quiet_s if complete else 2 * quiet_s):
+                return complete
+            await trio.sleep(_POLL_S)
+        return False
+
+
+def _outboxes(plan: MeshPlan) -> list[tuple[str, Path]]:
+    state = plan.workdir / "state"
+    return [(d.name, state / f"fleet-{d.site}" / f"{d.name}.outbox.sqlite") for d in plan.devices]
+
+
+def export_device_logs(plan: MeshPlan) -> int:
+    """Write every device's log from its outbox file (durable, unlike a killed fleet's export)."""
+    from fedtier.client.outbox import Outbox
+
+    plan.device_log_dir.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for name, path in _outboxes(plan):
+        if path.exists():
+            with Outbox(path) as outbox:
+                outbox.export_log(plan.device_log_dir / f"{name}.jsonl")
+            written += 1
+    return written
+
+
+def _receipted(plan: MeshPlan) -> set[str]:
+    histories = load_device_logs(sorted(plan.device_log_dir.glob("*.jsonl")))
+    return {uid for uid, history in histories.items() if history.accepted}
+
+
+def central_store(plan: MeshPlan) -> Path:
+    """The central's state store file."""
+    return plan.workdir / "state" / "central" / "state.sqlite"
+
+
+def _lineage_ids(plan: MeshPlan) -> Counter[str]:
+    counted: Counter[str] = Counter()
+    for ids in read_lineages(central_store(plan)).values():
+        counted.update(i.hex() for i in ids)
+    return counted
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _open_brokers(workdir: Path, autosave_s: int) -> AsyncIterator[Brokers]:
+    mosquitto = await trio.to_thread.run_sync(
+        lambda: MosquittoProcess.start(workdir / "mosquitto", autosave_interval=autosave_s)
+    )
+    try:
+        nats = await trio.to_thread.run_sync(NatsServerProcess.start, workdir / "nats")
+        try:
+            yield Brokers(mosquitto, nats)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(nats.stop)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(mosquitto.stop)
+
+
+async def run_chaos(options: ChaosOptions) -> ChaosResult:
+    """Run the five phases of the package docstring; return the checker's verdict and counts.
+
+    Raises:
+        FedtierError: a broker or daemon could not start at all.
+
+    On cancellation every process is stopped (SIGTERM, then SIGKILL) before it returns.
+    """
+    started = time.monotonic()
+    out_dir = options.out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="fedtier-chaos-"))
+    try:
+        async with (
+            _open_brokers(workdir / "brokers", options.mosquitto_autosave_s) as brokers,
+            trio.open_nursery() as proxy_nursery,
+        ):
+            proxies: list[FaultyProxy] = []
+            routes = Routes()
+            if options.proxies:
+                nats_proxy = FaultyProxy("edges-nats", brokers.nats.port)
+                mqtt_proxy = FaultyProxy("devices-mosquitto", brokers.mosquitto.port)
+                for proxy in (nats_proxy, mqtt_proxy):
+                    await proxy_nursery.start(proxy.serve)
+                    proxies.append(proxy)
+                routes = Routes(
+                    edge_nats_url=f"nats://127.0.0.1:{nats_proxy.port}",
+                    device_mqtt_port=mqtt_proxy.port,
+                )
+            plan = await trio.to_thread.run_sync(
+                lambda: prepare_mesh(
+                    options.mesh_spec(), workdir / "mesh", out_dir, brokers, routes=routes
+                )
+            )
+            for stale in plan.device_log_dir.glob("*.jsonl"):
+                stale.unlink()
+            # Spans cost CPU in every process and the checker does not need them.
+            env = {**child_environment(None), "OTEL_SDK_DISABLED": "true"}
+            async with open_process_group(
+                plan.log_dir, env=env, stop_grace_s=_STOP_GRACE_S
+            ) as group:
+                run = _Run(options, plan, group, brokers, proxies)
+                drained = await _run_phases(run, started)
+            proxy_nursery.cancel_scope.cancel()
+        histories = load_device_logs(sorted(plan.device_log_dir.glob("*.jsonl")))
+        counted = _lineage_ids(plan)
+        report = check(histories, counted, len(read_lineages(central_store(plan))))
+        result = ChaosResult(
+            report=report,
+            updates_in_logs=len(histories),
+            faults=run.faults,
+            skipped=run.skipped,
+            exits=run.exits,
+            failures=run.failures,
+            sent=run.sent,
+            receipted=sum(1 for h in histories.values() if h.accepted),
+            drained=drained,
+            elapsed_s=time.monotonic() - started,
+            phase_s=run.phase_s,
+            unsafe=options.unsafe,
+            crash_at=options.crash_at,
+        )
+        (out_dir / "chaos.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        return result
+    finally:
+        if options.keep_workdir:
+            if options.progress is not None:
+                options.progress(f"chaos: work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _run_phases(run: _Run, started: float) -> bool:
+    options = run.options
+    phases = run.phase_s
+    mark = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        phases[name] = round(now - mark, 1)
+        mark = now
+
+    phases["setup"] = round(mark - started, 1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run.report_progress, started)
+        await run.start_mesh(nursery)
+        # Devices start while the edges do (their imports take seconds); until
+        # an edge serves, they wait for a model and resend what got no receipt.
+        await run.start_fleets(nursery)
+        await run.wait_mesh_ready()
+        # Faults start once updates flow: a broker killed before any device sent
+        # would test nothing.
+        with trio.move_on_after(_READY_TIMEOUT_S):
+            await run.traffic.wait()
+        lap("start")
+        with trio.move_on_after(options.max_run_s):
+            await run.run_faults()
+            await run.target_reached.wait()
+        lap("faults")
+        drained = await run.drain()
+        lap("drain")
+        await run.stop_daemons()
+        lap("stop")
+        nursery.cancel_scope.cancel()
+    return drained

@@ -40,7 +40,7 @@ brokers: $(STAMP)
 	  echo "make: installing Mosquitto with apt-get"; \
 	  $(SUDO) apt-get update -q && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto; }
-	@$(BIN)/python -m fedtier.simulations.brokers.check
+	@$(BIN)/python -m fedtier.simulations.testing.check
 
 lint: bootstrap
 	$(BIN)/ruff check .

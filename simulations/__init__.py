@@ -1,1 +1,1 @@
-"""Fleet scenarios, simulator, demo, benchmarks and the ``fedtier`` command; may import all."""
+"""The lab: scenarios, simulator, demo, benchmarks and their ``fedtier`` commands; imports any."""

@@ -69,7 +69,7 @@ def load_digits_split(*, test_fraction: float = 0.2, seed: int = 0) -> DigitsSpl
         from sklearn.datasets import load_digits
     except ImportError as exc:
         raise ConfigError(
-            "scikit-learn is not installed; install fedtier[sim] for the demo data"
+            "scikit-learn is not installed; install fedtier[lab] for the demo data"
         ) from exc
     digits = load_digits()
     X = (np.asarray(digits.data, dtype=np.float32) / _PIXEL_MAX).astype(np.float32)

@@ -1,7 +1,7 @@
 """``fedtier sim``: run a scenario or one of the documented experiments; may import every package.
 
 ``main(argv)`` takes the arguments after ``sim`` and returns an exit status;
-``simulations.cli`` hands ``fedtier sim ...`` to it, and ``python -m
+``fedtier.simulations.cli`` hands ``fedtier sim ...`` to it, and ``python -m
 simulations.sim ...`` is the same command. Errors the user can fix (a bad
 scenario value, an unsupported setting for the mesh engine) are one sentence
 on stderr and exit status 2.

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from fedtier.cli import main
 from fedtier.simulations.bench.edge import DEFAULT_FORMATS
-from fedtier.simulations.cli import main
 
 pytestmark = pytest.mark.brokers
 

@@ -16,10 +16,10 @@ import pytest
 import trio
 
 from fedtier.client.model_store import ModelStore
-from fedtier.protocol.identity import load_public_key
+from fedtier.protocol.files import load_public_key
 from fedtier.simulations.mesh import FlushSpec, MeshSpec, open_brokers, open_mesh, prepare_mesh
-from fedtier.simulations.tracequery import TraceIndex, follow_update
 from fedtier.tiers.config import load_initial_model
+from fedtier.tiers.tracequery import TraceIndex, follow_update
 
 pytestmark = pytest.mark.brokers
 
@@ -127,7 +127,7 @@ async def test_demo_command_learns_and_writes_its_artefacts(tmp_path: Path) -> N
     command = [
         sys.executable,
         "-m",
-        "fedtier.simulations.cli",
+        "fedtier",
         "demo",
         "--duration-s",
         "25",

@@ -2,11 +2,18 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
+import sys
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
 
-from fedtier.simulations.cli import main
+import fedtier.cli
+import fedtier.tiers.cli
+from fedtier.cli import COMMAND_GROUP, main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_keys_new_then_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,3 +55,127 @@ def test_bench_codec_json_reports_every_codec(capsys: pytest.CaptureFixture[str]
         assert row["encode_ms"] >= 0
         assert row["decode_fold_ms"] >= 0
     assert codecs["top1%+i8"]["payload_bytes"] < codecs["i8"]["payload_bytes"] / 15
+
+
+def test_every_command_is_listed(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("keys", "edge", "regional", "central", "device", "trace"):
+        assert f"\n    {command} " in out, command  # production, built in
+    for command in ("bench", "demo", "sim"):
+        assert f"\n    {command} " in out, command  # the lab, by entry point
+
+
+def test_forwarded_commands_get_their_options_untouched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Options first: argparse.REMAINDER alone would drop them.
+    with pytest.raises(SystemExit) as exited:
+        main(["sim", "check", "--device-logs", str(tmp_path), "--central-store", "x", "--bogus"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["sim", "check", "--help"])
+    assert exited.value.code == 0
+    assert "--central-store" in capsys.readouterr().out
+
+
+def test_production_commands_do_not_load_plugins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_plugins(**_: object) -> list[EntryPoint]:
+        raise AssertionError("a production command looked up the lab's commands")
+
+    monkeypatch.setattr(fedtier.cli, "entry_points", no_plugins)
+    assert main(["keys", "new", "--name", "k", "--out", str(tmp_path), "--json"]) == 0
+    capsys.readouterr()
+
+
+def test_a_daemon_run_never_imports_the_lab() -> None:
+    code = (
+        "import sys\n"
+        "from fedtier.cli import _parser\n"
+        "_parser('edge').parse_args(['edge', '--config', 'x.toml'])\n"
+        "lab = sorted(m for m in sys.modules if m.startswith('fedtier.simulations'))\n"
+        "sys.exit(f'imported {lab}' if lab else 0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_plugin_that_cannot_load_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = EntryPoint(name="demo", value="fedtier_absent_lab.cli:add_demo", group=COMMAND_GROUP)
+    monkeypatch.setattr(fedtier.cli, "entry_points", lambda **_: [broken])
+    assert main(["demo", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "'fedtier demo' needs the 'fedtier_absent_lab' module" in err
+    assert "pip install 'fedtier[lab]'" in err
+
+
+@pytest.mark.parametrize("argv", [["demo", "--quiet"], ["sim", "chaos", "--devices", "3"]])
+def test_a_lab_command_checks_its_modules_before_it_starts(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fedtier.simulations.cli
+
+    monkeypatch.setattr(fedtier.simulations.cli, "LAB_MODULES", ("rich", "fedtier_absent.sub"))
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"fedtier: 'fedtier {argv[0]}' needs the 'fedtier_absent.sub' module, which this "
+        "install lacks; install it with: pip install 'fedtier[lab]'\n"
+    )
+
+
+def test_a_missing_dependency_is_one_sentence_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def run_daemon(_: object) -> int:
+        # As trio.run reports it: the import fails inside the daemon's nursery.
+        raise ExceptionGroup("daemon", [ModuleNotFoundError("No module named 'nats'", name="nats")])
+
+    monkeypatch.setattr(fedtier.tiers.cli, "_daemon", run_daemon)
+    assert main(["edge", "--config", "edge.toml"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "fedtier: 'fedtier edge' needs the 'nats' module, which this install lacks; "
+        "install it with: pip install 'fedtier[daemon]'\n"
+    )
+
+
+def test_torch_is_its_own_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def run_daemon(_: object) -> int:
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(fedtier.tiers.cli, "_daemon", run_daemon)
+    assert main(["central", "--config", "central.toml"]) == 2
+    assert capsys.readouterr().err.endswith("pip install 'fedtier[torch]'\n")
+
+
+def test_a_broken_fedtier_module_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def run_daemon(_: object) -> int:
+        raise ModuleNotFoundError("No module named 'fedtier.gone'", name="fedtier.gone")
+
+    monkeypatch.setattr(fedtier.tiers.cli, "_daemon", run_daemon)
+    with pytest.raises(ModuleNotFoundError):
+        main(["edge", "--config", "edge.toml"])
+
+
+def test_python_dash_m_fedtier_is_the_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "fedtier", "keys", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: fedtier keys")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +30,15 @@ from fedtier.protocol.telemetry.tracing import (
     link_for,
     setup_tracing,
 )
-from fedtier.simulations.tracequery import (
+from fedtier.tiers.tracequery import (
     LinkRecord,
     SpanRecord,
     TraceIndex,
+    _escape,
+    _plain,
     follow_update,
     main,
+    path_text,
     render_path,
     summary,
 )
@@ -309,3 +313,45 @@ def test_main_prints_json_and_trees(run_dir: Path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert err.startswith("fedtier trace: trace directory")
     assert "Traceback" not in err
+
+
+def _drawn(renderable: object) -> str:
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(renderable)
+    return console.file.getvalue()  # type: ignore[attr-defined,no-any-return]
+
+
+def test_plain_tree_is_the_rich_tree_without_styles(run_dir: Path) -> None:
+    path = follow_update(U1, run_dir)
+    drawn = [line.rstrip() for line in _drawn(render_path(path)).splitlines()]
+    assert path_text(path).splitlines() == drawn
+
+
+@pytest.mark.parametrize(
+    "text", ["plain", "[bold]not a tag[/]", "a\\[red]b", "ends in \\", "x[1]", "[/]\\\\[b]"]
+)
+def test_escape_matches_rich_and_plain_undoes_it(text: str) -> None:
+    from rich.markup import escape
+    from rich.text import Text
+
+    assert _escape(text) == escape(text)
+    assert _plain(f"[bold]{_escape(text)}[/]") == Text.from_markup(f"[bold]{escape(text)}[/]").plain
+
+
+def test_main_without_rich_prints_plain_text(
+    run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon install has no rich: the same views, as plain text."""
+    for name in [m for m in sys.modules if m == "rich" or m.startswith("rich.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "rich", None)
+    assert main([U1, "--dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"update {U1} → model v{VERSION}" in out
+    assert "[" not in out
+    assert main(["--dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("spans per name\n")
+    assert "central publish model" in out
+    assert main([U1, "--dir", str(run_dir / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("fedtier trace: trace directory")

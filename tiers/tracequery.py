@@ -1,10 +1,13 @@
 """Follows updates through a run's span files; never imports the OTel SDK, trio or a bus.
 
-It answers "where did update X go, and which model version included it?".
+``fedtier trace`` answers "where did update X go, and which model version included it?".
 
 Reads the files ``protocol.telemetry.tracing.JsonLinesSpanExporter`` writes;
-imports ``protocol.telemetry`` names, rich and the standard library, never the
+imports ``protocol.telemetry`` names and the standard library, never the
 OpenTelemetry SDK, trio or a bus, so it works on a copy of a run's directory.
+It lives with the tiers because operators run it against a production mesh's
+traces. rich, when installed, draws the trees and tables; without it (a
+daemon install) the same views print as plain text.
 
 How one hop leads to the next (``protocol/telemetry/__init__.py`` has the span table)::
 
@@ -33,12 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
-
-from rich.console import Console, Group, RenderableType
-from rich.markup import escape
-from rich.table import Table
-from rich.tree import Tree
+from typing import TYPE_CHECKING, Any, Final
 
 from fedtier.protocol.telemetry import (
     ATTR_DEVICE,
@@ -54,19 +52,28 @@ from fedtier.protocol.telemetry import (
     span_name,
 )
 
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
 __all__ = [
+    "DESCRIPTION",
     "Hop",
     "SpanRecord",
     "TraceIndex",
     "TraceSummary",
     "UpdatePath",
+    "add_arguments",
     "follow_update",
     "main",
+    "path_text",
     "render_path",
     "render_summary",
+    "run",
     "summary",
+    "summary_text",
 ]
 
+DESCRIPTION: Final = "Follow an update through the tiers to the model version that included it."
 UPPER_TIERS: Final = ("edge", "regional", "central")
 _HEX_RE: Final = re.compile(r"[0-9a-f]+")
 _MIN_PREFIX: Final = 4
@@ -491,6 +498,48 @@ def summary(source: Path | TraceIndex) -> TraceSummary:
 
 
 # --- rendering ----------------------------------------------------------------------
+# Views are built once as rich markup; rich draws them when it is installed (the
+# lab, a developer machine), and ``_plain`` strips the markup when it is not (a
+# daemon install has no rich), so ``fedtier trace`` works on any fedtier install.
+
+_MARKUP_TAG_RE: Final = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")
+
+
+def _escape(text: str) -> str:
+    """``text`` as literal rich markup (what ``rich.markup.escape`` does), without rich."""
+
+    def escape_backslashes(match: re.Match[str]) -> str:
+        backslashes, tag = match.groups()
+        return f"{backslashes}{backslashes}\\{tag}"
+
+    text = _MARKUP_TAG_RE.sub(escape_backslashes, text)
+    if text.endswith("\\") and not text.endswith("\\\\"):
+        return text + "\\"
+    return text
+
+
+def _plain(markup: str) -> str:
+    """The text that rich would draw for ``markup``, without its styles."""
+
+    def drop_tag(match: re.Match[str]) -> str:
+        backslashes, tag = match.groups()
+        kept = "\\" * (len(backslashes) // 2)
+        return f"{kept}{tag}" if len(backslashes) % 2 else kept
+
+    return _MARKUP_TAG_RE.sub(drop_tag, markup)
+
+
+@dataclass(slots=True)
+class _Node:
+    """One line (or lines) of a tree view, in rich markup, and what hangs below it."""
+
+    label: str
+    children: list[_Node] = field(default_factory=list)
+
+    def add(self, label: str) -> _Node:
+        child = _Node(label)
+        self.children.append(child)
+        return child
 
 
 def _short(hex_id: str, digits: int = 12) -> str:
@@ -511,7 +560,7 @@ def _duration(ns: int) -> str:
 def _details(hop: Hop) -> str:
     attrs = hop.attributes
     parts = [
-        escape(f"{label}{attrs[attr]}")
+        _escape(f"{label}{attrs[attr]}")
         for attr, label in (
             (ATTR_DEVICE, "device "),
             (ATTR_OUTCOME, ""),
@@ -523,9 +572,9 @@ def _details(hop: Hop) -> str:
         if attr in attrs
     ]
     if ATTR_PARTIAL_ID in attrs and hop.name.endswith(("send", "process")):
-        parts.append(escape(f"partial {_short(str(attrs[ATTR_PARTIAL_ID]))}"))
+        parts.append(_escape(f"partial {_short(str(attrs[ATTR_PARTIAL_ID]))}"))
     if ATTR_MODEL_VERSION in attrs:
-        version = escape(str(attrs[ATTR_MODEL_VERSION]))
+        version = _escape(str(attrs[ATTR_MODEL_VERSION]))
         # On a publish it is the new model; elsewhere the version the process
         # knew (a device's base version, a tier's current one).
         if hop.name.endswith("publish model"):
@@ -535,36 +584,32 @@ def _details(hop: Hop) -> str:
     return ", ".join(parts)
 
 
-def render_path(path: UpdatePath) -> RenderableType:
-    """A rich tree: the update, then one branch per process it passed, then that process's spans.
-
-    Times are relative to the first hop; a trace id is shown where a new trace
-    starts (the first hop and every aggregate), span ids on every hop.
-    """
+def _path_view(path: UpdatePath) -> _Node:
+    """The update, then one branch per process it passed, then that process's spans."""
     if path.model_version is not None:
         head = f"update [bold]{path.update_id}[/] → [bold green]model v{path.model_version}[/]"
     else:
         head = f"update [bold]{path.update_id}[/] → [yellow]not in a model yet[/]"
-    tree = Tree(head)
+    tree = _Node(head)
     if not path.hops:
-        tree.add(f"[red]{escape(path.ends)}[/]")
+        tree.add(f"[red]{_escape(path.ends)}[/]")
         return tree
     t0 = path.hops[0].start_unix_ns
     start = datetime.fromtimestamp(t0 / 1e9, tz=UTC).isoformat(timespec="milliseconds")
-    branch: Tree | None = None
+    branch: _Node | None = None
     branch_owner: tuple[str, str] | None = None
     trace_id = ""
     for i, hop in enumerate(path.hops):
         owner = (hop.service, hop.instance)
         if branch is None or owner != branch_owner:
             branch = tree.add(
-                f"[bold]{escape(hop.instance or '?')}[/] [dim]{escape(hop.service)}[/]"
+                f"[bold]{_escape(hop.instance or '?')}[/] [dim]{_escape(hop.service)}[/]"
             )
             branch_owner = owner
         action = hop.name.split(" ", 1)[1] if " " in hop.name else hop.name
         when = start if i == 0 else f"+{_duration(hop.start_unix_ns - t0)}"
         label = (
-            f"[cyan]{escape(action)}[/]  {when}  "
+            f"[cyan]{_escape(action)}[/]  {when}  "
             f"[dim]took {_duration(hop.end_unix_ns - hop.start_unix_ns)}[/]"
         )
         details = _details(hop)
@@ -576,25 +621,140 @@ def render_path(path: UpdatePath) -> RenderableType:
             trace_id = hop.trace_id
         branch.add(f"{label}\n[dim]{ids}[/]")
     style = "green" if path.model_version is not None else "yellow"
-    tree.add(f"[{style}]{escape(path.ends)}[/]")
+    tree.add(f"[{style}]{_escape(path.ends)}[/]")
     return tree
 
 
-def render_summary(result: TraceSummary) -> RenderableType:
-    """A rich table of span counts, with a line on updates, versions and torn lines."""
-    table = Table(title="spans per name")
-    table.add_column("span")
-    table.add_column("count", justify="right")
-    for name, count in result.spans_per_name.items():
-        table.add_row(escape(name), str(count))
+def _summary_line(result: TraceSummary) -> str:
     versions = result.model_versions
     version_text = f"v{versions[0]}..v{versions[-1]} ({len(versions)})" if versions else "none"
-    line = (
+    return (
         f"{result.spans} spans in {result.files} files from {len(result.instances)} instances; "
         f"{result.updates_seen} updates; model versions {version_text}; "
         f"{result.torn_lines} unreadable lines skipped"
     )
-    return Group(table, escape(line))
+
+
+def render_path(path: UpdatePath) -> RenderableType:
+    """A rich tree: the update, then one branch per process it passed, then that process's spans.
+
+    Times are relative to the first hop; a trace id is shown where a new trace
+    starts (the first hop and every aggregate), span ids on every hop. Needs
+    rich (``fedtier[lab]``); ``path_text`` draws the same tree without it.
+    """
+    from rich.tree import Tree
+
+    def grow(rich_tree: Tree, node: _Node) -> None:
+        for child in node.children:
+            grow(rich_tree.add(child.label), child)
+
+    view = _path_view(path)
+    tree = Tree(view.label)
+    grow(tree, view)
+    return tree
+
+
+def path_text(path: UpdatePath) -> str:
+    """The tree of ``render_path`` as plain text, for an install without rich."""
+    view = _path_view(path)
+    lines = _plain(view.label).splitlines()
+
+    def grow(node: _Node, indent: str) -> None:
+        for i, child in enumerate(node.children):
+            last = i == len(node.children) - 1
+            first, *more = _plain(child.label).splitlines() or [""]
+            lines.append(f"{indent}{'└── ' if last else '├── '}{first}")
+            below = indent + ("    " if last else "│   ")
+            lines.extend(f"{below}{line}" for line in more)
+            grow(child, below)
+
+    grow(view, "")
+    return "\n".join(lines)
+
+
+def render_summary(result: TraceSummary) -> RenderableType:
+    """A rich table of span counts, with a line on updates, versions and torn lines.
+
+    Needs rich (``fedtier[lab]``); ``summary_text`` prints the same without it.
+    """
+    from rich.console import Group
+    from rich.table import Table
+
+    table = Table(title="spans per name")
+    table.add_column("span")
+    table.add_column("count", justify="right")
+    for name, count in result.spans_per_name.items():
+        table.add_row(_escape(name), str(count))
+    return Group(table, _escape(_summary_line(result)))
+
+
+def summary_text(result: TraceSummary) -> str:
+    """The table of ``render_summary`` as plain text, for an install without rich."""
+    rows = [("span", "count"), *((name, str(n)) for name, n in result.spans_per_name.items())]
+    width = max(len(name) for name, _ in rows)
+    count_width = max(len(count) for _, count in rows)
+    lines = ["spans per name"]
+    lines += [f"{name:<{width}}  {count:>{count_width}}" for name, count in rows]
+    lines.append(_summary_line(result))
+    return "\n".join(lines)
+
+
+def _console(*, stderr: bool = False) -> Console | None:
+    """A rich console, or ``None`` where rich is not installed (a daemon install)."""
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    return Console(stderr=stderr)
+
+
+def _print_error(message: str) -> None:
+    """One sentence on stderr; ``message`` is rich markup."""
+    err = _console(stderr=True)
+    if err is None:
+        print(_plain(message), file=sys.stderr)
+    else:
+        err.print(message)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``fedtier trace``, on ``parser`` (its own, or the ``fedtier`` one's)."""
+    parser.add_argument("update_id", nargs="?", metavar="UPDATE_ID", help="hex id or prefix")
+    parser.add_argument("--dir", type=Path, required=True, help="the run's trace directory")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a tree")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fedtier trace`` with parsed arguments (``add_arguments``); see ``main``."""
+    out = _console()
+    try:
+        index = TraceIndex.load(args.dir)
+        if args.update_id is None:
+            result = summary(index)
+            if args.json:
+                print(json.dumps(result.to_json(), indent=2))
+            elif out is None:
+                print(summary_text(result))
+            else:
+                out.print(render_summary(result))
+            return 0 if result.spans else 1
+        path = follow_update(args.update_id, index)
+    except (FileNotFoundError, ValueError) as exc:
+        _print_error(f"fedtier trace: {_escape(str(exc))}")
+        return 2
+    if not path.found:
+        _print_error(
+            f"fedtier trace: no span in {_escape(str(args.dir))} names update {path.update_id} "
+            f"({len(index.spans)} spans read)"
+        )
+        return 1
+    if args.json:
+        print(json.dumps(path.to_json(), indent=2))
+    elif out is None:
+        print(path_text(path))
+    else:
+        out.print(render_path(path))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -604,40 +764,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 when the update (or any span, for a summary) was found, 1 when not,
         2 for an unusable argument or directory.
     """
-    parser = argparse.ArgumentParser(
-        prog="fedtier trace",
-        description="Follow an update through the tiers to the model version that included it.",
-    )
-    parser.add_argument("update_id", nargs="?", metavar="UPDATE_ID", help="hex id or prefix")
-    parser.add_argument("--dir", type=Path, required=True, help="the run's trace directory")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a tree")
-    args = parser.parse_args(argv)
-    out = Console()
-    err = Console(stderr=True)
-    try:
-        index = TraceIndex.load(args.dir)
-        if args.update_id is None:
-            result = summary(index)
-            if args.json:
-                print(json.dumps(result.to_json(), indent=2))
-            else:
-                out.print(render_summary(result))
-            return 0 if result.spans else 1
-        path = follow_update(args.update_id, index)
-    except (FileNotFoundError, ValueError) as exc:
-        err.print(f"fedtier trace: {escape(str(exc))}")
-        return 2
-    if not path.found:
-        err.print(
-            f"fedtier trace: no span in {escape(str(args.dir))} names update {path.update_id} "
-            f"({len(index.spans)} spans read)"
-        )
-        return 1
-    if args.json:
-        print(json.dumps(path.to_json(), indent=2))
-    else:
-        out.print(render_path(path))
-    return 0
+    parser = argparse.ArgumentParser(prog="fedtier trace", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,6 +29,11 @@ class NatsFactory:
         self.config = NatsConfig(
             servers=(server.url,),
             monitoring_url=server.monitoring_url,
+            # The bus naks what it delivered but never acked when a subscription
+            # closes; that nak is best effort, and on a loaded machine it can be
+            # lost. Then JetStream's contract is redelivery after ack_wait, which
+            # must fall inside the suite's 20 s deadline (the default is 30 s).
+            ack_wait_s=5.0,
             streams=(StreamSpec("CONF", ("conf.>",), max_age_s=3600.0, duplicate_window_s=120.0),),
         )
 

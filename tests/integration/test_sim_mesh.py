@@ -22,7 +22,7 @@ SHORT = [
 ]
 
 
-def test_mesh_small_runs_on_both_engines(tmp_path):
+def test_mesh_small_runs_on_both_engines(tmp_path: Path) -> None:
     scenario = load_scenario(SCENARIO, overrides=SHORT)
     in_process = run_scenario(scenario)
     on_mesh = run_on_mesh(scenario, show_progress=False, keep_dir=tmp_path / "mesh")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import ast
 import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import blake3
@@ -14,10 +15,12 @@ from fedtier.protocol.errors import (
     InconsistentPartial,
     LayoutMismatch,
     LocalProtocolError,
+    Reason,
     RemoteProtocolError,
 )
 from fedtier.tiers.aggregate import (
     Accumulator,
+    DeltaSource,
     coordinate_median,
     multi_krum,
     partial_id,
@@ -33,7 +36,15 @@ def vec(*values: float) -> npt.NDArray[np.float32]:
     return np.array(values, dtype=np.float32)
 
 
-def fold(agg: Accumulator, i: int, delta, n: int = 1, tau: int = 0, d: float = 1.0, v: int = 0):
+def fold(
+    agg: Accumulator,
+    i: int,
+    delta: DeltaSource,
+    n: int = 1,
+    tau: int = 0,
+    d: float = 1.0,
+    v: int = 0,
+) -> None:
     agg.fold_update(uid(i), delta, n_samples=n, tau=tau, discount=d, base_version=v)
 
 
@@ -175,7 +186,7 @@ def test_folder_that_raises_breaks_the_aggregate_until_reset() -> None:
 
     def half_written(acc: npt.NDArray[np.float32], *, weight: float) -> None:
         acc[0] += 99.0
-        raise RemoteProtocolError("truncated payload", reason="malformed")
+        raise RemoteProtocolError("truncated payload", reason=Reason.MALFORMED)
 
     with pytest.raises(RemoteProtocolError):
         fold(agg, 2, half_written)
@@ -495,7 +506,7 @@ def test_multi_krum_ties_go_to_lower_index() -> None:
         (lambda: multi_krum([vec(0.0)] * 5, num_byzantine=1, m=0), "m must be"),
     ],
 )
-def test_robust_rules_validate(call, match: str) -> None:
+def test_robust_rules_validate(call: Callable[[], object], match: str) -> None:
     with pytest.raises(LocalProtocolError, match=match):
         call()
 

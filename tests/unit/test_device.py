@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,16 +14,18 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from trio.testing import MockClock
 
 from fedtier.client.config import build_trainer, load_device_settings, load_training_data
 from fedtier.client.device import DeviceConfig, DeviceReport, serve_device
 from fedtier.client.model_store import ModelStore
 from fedtier.client.outbox import Outbox
 from fedtier.client.trainers import NumpyLogRegTrainer
-from fedtier.protocol.bus import MemoryBroker, MemoryBus
+from fedtier.protocol.bus import Bus, MemoryBroker, MemoryBus, PublishAck
 from fedtier.protocol.codecs import CodecSpec, encode
 from fedtier.protocol.envelope import open_envelope, payload_digest, seal
 from fedtier.protocol.errors import BusUnavailable, ConfigError
+from fedtier.protocol.files import save_public_key
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.messages import (
     DeviceUpdate,
@@ -39,7 +42,7 @@ FLEET, SITE = "acme", "site-1"
 TOPICS = MqttTopics(FLEET, SITE)
 
 
-def _trainer():
+def _trainer() -> NumpyLogRegTrainer:
     rng = np.random.default_rng(0)
     X = rng.normal(size=(24, 4)).astype(np.float32)
     y = (X[:, 0] > 0).astype(np.int64)
@@ -49,12 +52,12 @@ def _trainer():
 LAYOUT = _trainer().layout
 
 
-async def publish_model(bus, version: int) -> None:
+async def publish_model(bus: Bus, version: int) -> None:
     """Play the central: retained signed pointer and blob for ``version``."""
     params = np.full(LAYOUT.num_params, 0.01 * version, np.float32)
     spec = CodecSpec("f32")
     payload = encode(params, spec)
-    common = dict(
+    blob = ModelBlob(
         fleet=FLEET,
         sender=CENTRAL.key_id,
         seq=version,
@@ -62,10 +65,17 @@ async def publish_model(bus, version: int) -> None:
         version=version,
         layout=LAYOUT.fingerprint,
         num_params=LAYOUT.num_params,
+        codec=spec,
+        tensors=LAYOUT,
     )
-    blob = ModelBlob(**common, codec=spec, tensors=LAYOUT)
     pointer = ModelAnnouncement(
-        **common,
+        fleet=FLEET,
+        sender=CENTRAL.key_id,
+        seq=version,
+        created_ms=CREATED_MS,
+        version=version,
+        layout=LAYOUT.fingerprint,
+        num_params=LAYOUT.num_params,
         blob_blake3=payload_digest(payload),
         blob_size=len(payload),
         update_count=0,
@@ -97,7 +107,7 @@ class FakeEdge:
     got_update: trio.Event = field(default_factory=trio.Event)
     _seq: int = 0
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED):
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.bus.subscribe(TOPICS.updates_filter(), durable="edge") as sub:
             task_status.started()
             while True:
@@ -148,13 +158,14 @@ class FakeEdge:
 IMPOSTOR = SigningIdentity.from_seed(b"\x42" * 32)
 
 
-def _config(**kwargs):
-    values = dict(fleet=FLEET, site=SITE, trusted_edges=(EDGE.verify_key,), model_wait_s=0.0)
-    values.update(kwargs)
-    return DeviceConfig(**values)
+def _config(**overrides: Any) -> DeviceConfig:
+    overrides.setdefault("model_wait_s", 0.0)
+    return DeviceConfig(fleet=FLEET, site=SITE, trusted_edges=(EDGE.verify_key,), **overrides)
 
 
-async def run_device(broker, outbox, config, *, bus=None) -> DeviceReport:
+async def run_device(
+    broker: MemoryBroker, outbox: Outbox, config: DeviceConfig, *, bus: Bus | None = None
+) -> DeviceReport:
     bus = bus or MemoryBus(broker)
     store = ModelStore(CENTRAL.verify_key, LAYOUT, FLEET)
     return await serve_device(
@@ -162,7 +173,9 @@ async def run_device(broker, outbox, config, *, bus=None) -> DeviceReport:
     )
 
 
-async def run_with_edge(edge: FakeEdge, outbox, config, *, bus=None) -> DeviceReport:
+async def run_with_edge(
+    edge: FakeEdge, outbox: Outbox, config: DeviceConfig, *, bus: Bus | None = None
+) -> DeviceReport:
     async with trio.open_nursery() as nursery:
         await nursery.start(edge.serve)
         report = await run_device(edge.bus._broker, outbox, config, bus=bus)
@@ -171,18 +184,18 @@ async def run_with_edge(edge: FakeEdge, outbox, config, *, bus=None) -> DeviceRe
 
 
 @pytest.fixture
-def broker():
+def broker() -> MemoryBroker:
     return MemoryBroker("mqtt")
 
 
 @pytest.fixture
-def outbox(tmp_path):
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
     with Outbox(tmp_path / "outbox.sqlite", first_seq=100) as box:
         yield box
 
 
 @pytest.fixture
-def spans(monkeypatch):
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -191,7 +204,9 @@ def spans(monkeypatch):
     provider.shutdown()
 
 
-async def test_updates_are_accepted_once_and_leave_the_outbox(broker, outbox, spans):
+async def test_updates_are_accepted_once_and_leave_the_outbox(
+    broker: MemoryBroker, outbox: Outbox, spans: InMemorySpanExporter
+) -> None:
     edge = FakeEdge(MemoryBus(broker))
     await publish_model(edge.bus, 1)
     report = await run_with_edge(edge, outbox, _config(rounds=3, codec="i8"))
@@ -211,6 +226,7 @@ async def test_updates_are_accepted_once_and_leave_the_outbox(broker, outbox, sp
     finished = spans.get_finished_spans()
     assert [s.name for s in finished] == ["device send"] * 3
     first = finished[0]
+    assert first.attributes is not None
     assert first.attributes[ATTR_UPDATE_ID] == ids[0].hex()
     assert first.attributes[ATTR_DEVICE] == DEVICE.key_id
     assert first.attributes[ATTR_MODEL_VERSION] == 1
@@ -218,7 +234,9 @@ async def test_updates_are_accepted_once_and_leave_the_outbox(broker, outbox, sp
     assert traceparent.split("-")[1] == f"{first.context.trace_id:032x}"
 
 
-async def test_lost_receipt_means_same_bytes_resent_and_duplicate(broker, outbox, autojump_clock):
+async def test_lost_receipt_means_same_bytes_resent_and_duplicate(
+    broker: MemoryBroker, outbox: Outbox, autojump_clock: MockClock
+) -> None:
     edge = FakeEdge(MemoryBus(broker), drop_receipts=1)
     await publish_model(edge.bus, 1)
     start = trio.current_time()
@@ -231,7 +249,9 @@ async def test_lost_receipt_means_same_bytes_resent_and_duplicate(broker, outbox
     assert [e.event.value for e in outbox.log()] == ["sent", "resent", "receipt_duplicate"]
 
 
-async def test_rejected_update_is_not_resent(broker, outbox, autojump_clock):
+async def test_rejected_update_is_not_resent(
+    broker: MemoryBroker, outbox: Outbox, autojump_clock: MockClock
+) -> None:
     edge = FakeEdge(MemoryBus(broker), reject=1)
     await publish_model(edge.bus, 1)
     report = await run_with_edge(edge, outbox, _config(rounds=1))
@@ -244,7 +264,9 @@ async def test_rejected_update_is_not_resent(broker, outbox, autojump_clock):
     assert [(e.update_id, e.reason) for e in rejected] == [(ids[0].hex(), "stale")]
 
 
-async def test_unauthenticated_rejection_is_not_final(broker, outbox, autojump_clock):
+async def test_unauthenticated_rejection_is_not_final(
+    broker: MemoryBroker, outbox: Outbox, autojump_clock: MockClock
+) -> None:
     # "bad_signature" is what an edge says of bytes it could not verify: a forger who
     # copies our update id could provoke it, so the device keeps the update and resends.
     edge = FakeEdge(MemoryBus(broker), reject=1, reject_reason="bad_signature")
@@ -256,7 +278,9 @@ async def test_unauthenticated_rejection_is_not_final(broker, outbox, autojump_c
     assert outbox.pending() == []
 
 
-async def test_restarted_device_resends_its_outbox_first(broker, tmp_path):
+async def test_restarted_device_resends_its_outbox_first(
+    broker: MemoryBroker, tmp_path: Path
+) -> None:
     path = tmp_path / "outbox.sqlite"
     silent = FakeEdge(MemoryBus(broker), answer=False)
     await publish_model(silent.bus, 1)
@@ -276,7 +300,9 @@ async def test_restarted_device_resends_its_outbox_first(broker, tmp_path):
         assert box.pending() == []
 
 
-async def test_untrusted_receipt_is_ignored(broker, outbox, autojump_clock):
+async def test_untrusted_receipt_is_ignored(
+    broker: MemoryBroker, outbox: Outbox, autojump_clock: MockClock
+) -> None:
     edge = FakeEdge(MemoryBus(broker), forge_first=True)
     await publish_model(edge.bus, 1)
     report = await run_with_edge(edge, outbox, _config(rounds=1))
@@ -284,7 +310,9 @@ async def test_untrusted_receipt_is_ignored(broker, outbox, autojump_clock):
     assert (report.accepted, report.resends) == (1, 0)
 
 
-async def test_waits_for_a_newer_model_when_told_to(broker, outbox, autojump_clock):
+async def test_waits_for_a_newer_model_when_told_to(
+    broker: MemoryBroker, outbox: Outbox, autojump_clock: MockClock
+) -> None:
     edge = FakeEdge(MemoryBus(broker))
 
     async def next_version(count: int) -> None:
@@ -296,11 +324,13 @@ async def test_waits_for_a_newer_model_when_told_to(broker, outbox, autojump_clo
     assert [s.update.base_version for s in edge.seen] == [1, 2, 3]
 
 
-async def test_publish_retried_while_the_bus_is_unavailable(broker, outbox, autojump_clock):
+async def test_publish_retried_while_the_bus_is_unavailable(
+    broker: MemoryBroker, outbox: Outbox, autojump_clock: MockClock
+) -> None:
     class FlakyBus(MemoryBus):
         failures = 2
 
-        async def publish(self, subject, payload, **kwargs):
+        async def publish(self, subject: str, payload: bytes, **kwargs: Any) -> PublishAck:
             if "/up/" in subject and self.failures:
                 self.failures -= 1
                 raise BusUnavailable("broker connection lost")
@@ -318,8 +348,8 @@ async def test_publish_retried_while_the_bus_is_unavailable(broker, outbox, auto
 # -- the device configuration file ----------------------------------------------
 
 
-def _write_config(tmp_path, extra_send: str = "") -> Path:
-    EDGE.save_public(tmp_path / "edge.pub.pem")
+def _write_config(tmp_path: Path, extra_send: str = "") -> Path:
+    save_public_key(EDGE.verify_key, tmp_path / "edge.pub.pem")
     (tmp_path / "device.toml").write_text(
         f"""
 [device]
@@ -356,7 +386,7 @@ num_classes = 2
     return tmp_path / "device.toml"
 
 
-def test_config_file_loads(tmp_path):
+def test_config_file_loads(tmp_path: Path) -> None:
     settings = load_device_settings(_write_config(tmp_path))
     assert settings.device.fleet == "acme"
     assert settings.device.trusted_edges == (EDGE.verify_key, IMPOSTOR.verify_key)
@@ -369,26 +399,28 @@ def test_config_file_loads(tmp_path):
     assert settings.training.num_classes == 2
 
 
-def test_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ConfigError, match=r"\[send\] max_attempts"):
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"send\.max_attempts is 'five'"):
         load_device_settings(_write_config(tmp_path, 'max_attempts = "five"'))
     with pytest.raises(ConfigError, match="unknown key 'max_atempts'"):
         load_device_settings(_write_config(tmp_path, "max_atempts = 3"))
 
 
-def test_training_data_and_trainer_from_config(tmp_path):
+def test_training_data_and_trainer_from_config(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "data.npz", X=rng.normal(size=(10, 4)), y=np.arange(10) % 2)
     settings = load_device_settings(_write_config(tmp_path))
     X, y = load_training_data(settings.data)
-    assert (X.dtype, y.dtype) == (np.float32, np.int64)
+    assert (X.dtype, y.dtype) == (np.dtype(np.float32), np.dtype(np.int64))
     assert build_trainer(settings.training, X, y).layout == LAYOUT
     np.savez(tmp_path / "bad.npz", X=np.array([{"a": 1}], dtype=object), y=np.arange(1))
     with pytest.raises(ConfigError):
         load_training_data(tmp_path / "bad.npz")
 
 
-async def test_unsafe_trust_puback_resolves_on_the_broker_ack(broker, outbox, autojump_clock):
+async def test_unsafe_trust_puback_resolves_on_the_broker_ack(
+    broker: MemoryBroker, outbox: Outbox, autojump_clock: MockClock
+) -> None:
     # UNSAFE (chaos suite): an edge that never answers still leaves the device
     # believing its updates were accepted.
     silent = FakeEdge(MemoryBus(broker), answer=False)

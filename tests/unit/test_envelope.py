@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import msgpack
 import pytest
@@ -17,12 +18,12 @@ from fedtier.protocol.errors import (
     UnsupportedVersion,
 )
 from fedtier.protocol.limits import Limits
-from fedtier.protocol.messages import DeviceUpdate, Receipt
+from fedtier.protocol.messages import DeviceUpdate, Message, Receipt
 from tests.samples import DEVICE, EDGE, KEYS, SIGNERS, all_samples, sample_receipt, sample_update
 
 
 @pytest.mark.parametrize("sample", all_samples(), ids=lambda s: s[0].KIND.value)
-def test_every_kind_round_trips(sample) -> None:
+def test_every_kind_round_trips(sample: tuple[Message, bytes]) -> None:
     msg, payload = sample
     data = seal(msg, payload, SIGNERS[msg.sender])
     env = open_envelope(data, KEYS)
@@ -71,7 +72,7 @@ def test_limits_are_checked_before_parsing() -> None:
         parse_envelope(data, Limits(max_params=5))
 
 
-def _reheader(data: bytes, edit) -> bytes:
+def _reheader(data: bytes, edit: Callable[[dict[str, object]], object]) -> bytes:
     version, header, body, _sig = msgpack.unpackb(data)
     fields = msgpack.unpackb(header)
     edit(fields)
@@ -97,7 +98,9 @@ def _reheader(data: bytes, edit) -> bytes:
         (lambda h: h.update(metrics={f"m{i}": 1.0 for i in range(17)}), LimitExceeded, "cap"),
     ],
 )
-def test_each_malformed_header_gets_a_typed_error_naming_the_field(edit, error, words) -> None:
+def test_each_malformed_header_gets_a_typed_error_naming_the_field(
+    edit: Callable[[dict[str, object]], object], error: type[Exception], words: str
+) -> None:
     msg, payload = sample_update()
     data = _reheader(seal(msg, payload, DEVICE), edit)
     with pytest.raises(error, match=words):
@@ -145,7 +148,7 @@ def test_local_construction_runs_the_same_checks() -> None:
         dataclasses.replace(msg, codec=CodecSpec("f16", k=20, index="u32"))
     receipt, _ = sample_receipt()
     with pytest.raises(LocalProtocolError, match="status"):
-        dataclasses.replace(receipt, status="maybe")
+        dataclasses.replace(receipt, status="maybe")  # type: ignore[arg-type]
     assert isinstance(msg, DeviceUpdate)
     assert isinstance(receipt, Receipt)
 

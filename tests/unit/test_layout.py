@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from fedtier.protocol.limits import Limits
 
 
 def test_flatten_unflatten_round_trip_keeps_order_and_dtypes() -> None:
-    arrays = {
+    arrays: dict[str, npt.NDArray[np.floating]] = {
         "w": np.arange(6, dtype=np.float32).reshape(2, 3),
         "h": np.array([0.5, -1.5], dtype=np.float16),
         "s": np.array(3.0, dtype=np.float64),

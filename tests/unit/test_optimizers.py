@@ -168,9 +168,11 @@ def test_fedavg_state_is_empty() -> None:
         (np.zeros((1, 2), dtype=np.float32), np.zeros((1, 2), dtype=np.float32)),
     ],
 )
-def test_step_rejects_bad_vectors(optimizer: ServerOptimizer, model, agg) -> None:
+def test_step_rejects_bad_vectors(
+    optimizer: ServerOptimizer, model: npt.NDArray[np.generic], agg: npt.NDArray[np.generic]
+) -> None:
     with pytest.raises(LocalProtocolError):
-        optimizer.step(model, agg)
+        optimizer.step(model, agg)  # type: ignore[arg-type]  # float64 and 2-D on purpose
 
 
 def test_adaptive_state_size_is_fixed_after_first_step() -> None:

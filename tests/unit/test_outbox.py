@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ from fedtier.protocol.errors import LocalProtocolError
 UID = [bytes([i]) * 16 for i in range(1, 6)]
 
 
-def test_seq_strictly_increases_across_reopen(tmp_path):
+def test_seq_strictly_increases_across_reopen(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite"
     with Outbox(path, first_seq=10) as box:
         assert [box.next_seq() for _ in range(3)] == [10, 11, 12]
@@ -20,12 +21,12 @@ def test_seq_strictly_increases_across_reopen(tmp_path):
         assert box.next_seq() == 13
 
 
-def test_default_first_seq_follows_the_wall_clock(tmp_path):
+def test_default_first_seq_follows_the_wall_clock(tmp_path: Path) -> None:
     with Outbox(tmp_path / "a.sqlite") as box:
         assert box.next_seq() > 1_700_000_000_000
 
 
-def test_pending_survives_reopen_oldest_first(tmp_path):
+def test_pending_survives_reopen_oldest_first(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite"
     with Outbox(path, first_seq=1) as box:
         box.put(UID[1], 2, b"second", now_s=20.0)
@@ -46,7 +47,7 @@ def test_pending_survives_reopen_oldest_first(tmp_path):
         assert box.get(UID[1]) == pending[1]
 
 
-def test_put_twice_is_refused(tmp_path):
+def test_put_twice_is_refused(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.sqlite") as box:
         box.put(UID[0], 1, b"x")
         with pytest.raises(LocalProtocolError):
@@ -55,7 +56,7 @@ def test_put_twice_is_refused(tmp_path):
             box.put(UID[1], 1, b"y")
 
 
-def test_resolve_removes_and_remembers(tmp_path):
+def test_resolve_removes_and_remembers(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite"
     with Outbox(path) as box:
         box.put(UID[0], 1, b"a")
@@ -74,7 +75,7 @@ def test_resolve_removes_and_remembers(tmp_path):
         assert box.resolved_status(UID[2]) is None
 
 
-def test_resolved_table_stays_small(tmp_path, monkeypatch):
+def test_resolved_table_stays_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("fedtier.client.outbox.RESOLVED_KEEP", 2)
     with Outbox(tmp_path / "o.sqlite") as box:
         for i, uid in enumerate(UID):
@@ -85,7 +86,7 @@ def test_resolved_table_stays_small(tmp_path, monkeypatch):
     assert RESOLVED_KEEP > 2
 
 
-def test_log_records_events_and_exports_json_lines(tmp_path):
+def test_log_records_events_and_exports_json_lines(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.sqlite") as box:
         box.put(UID[0], 5, b"a")
         box.mark_sent(UID[0], 1.0)
@@ -109,7 +110,7 @@ def test_log_records_events_and_exports_json_lines(tmp_path):
     assert {e.value for e in LogEvent} >= {r["event"] for r in lines}
 
 
-def test_closed_outbox_refuses_calls(tmp_path):
+def test_closed_outbox_refuses_calls(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.sqlite")
     box.close()
     box.close()

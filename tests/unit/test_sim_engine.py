@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ from fedtier.protocol.errors import ConfigError
 from fedtier.simulations.sim.cli import main
 from fedtier.simulations.sim.engine import run_scenario
 from fedtier.simulations.sim.experiments import run_experiment
-from fedtier.simulations.sim.scenario import dump_toml, parse_scenario
+from fedtier.simulations.sim.scenario import Scenario, dump_toml, parse_scenario
 
 TINY: dict[str, object] = {
     "scenario": {"seed": 3},
@@ -42,18 +43,20 @@ TINY: dict[str, object] = {
 }
 
 
-def scenario(**changes):
+def scenario(**changes: object) -> Scenario:
     tables = copy.deepcopy(TINY)
     for dotted, value in changes.items():
         node = tables
         *parents, last = dotted.split("__")
         for part in parents:
-            node = node.setdefault(part, {})
+            child = node.setdefault(part, {})
+            assert isinstance(child, dict)
+            node = child
         node[last] = value
     return parse_scenario(tables, name="tiny")
 
 
-def test_sync_rounds_learn_and_are_deterministic():
+def test_sync_rounds_learn_and_are_deterministic() -> None:
     first = run_scenario(scenario())
     again = run_scenario(scenario())
     assert [r.row() for r in first.records] == [r.row() for r in again.records]
@@ -66,7 +69,9 @@ def test_sync_rounds_learn_and_are_deterministic():
 
 
 @pytest.mark.parametrize(("policy", "per_round"), [("drop", 2), ("partial", 4)])
-def test_fedavg_drops_stragglers_and_fedprox_keeps_their_partial_work(policy, per_round):
+def test_fedavg_drops_stragglers_and_fedprox_keeps_their_partial_work(
+    policy: str, per_round: int
+) -> None:
     result = run_scenario(
         scenario(
             training__local_epochs=4,
@@ -77,7 +82,7 @@ def test_fedavg_drops_stragglers_and_fedprox_keeps_their_partial_work(policy, pe
     assert {r.updates_in_version for r in result.records[1:]} == {per_round}
 
 
-def test_flat_fedbuff_makes_a_version_every_k_updates():
+def test_flat_fedbuff_makes_a_version_every_k_updates() -> None:
     result = run_scenario(
         scenario(
             aggregation__mode="async",
@@ -94,7 +99,7 @@ def test_flat_fedbuff_makes_a_version_every_k_updates():
     assert times == sorted(times)
 
 
-def test_hierarchical_fedbuff_sends_partials_up_and_discounts_staleness():
+def test_hierarchical_fedbuff_sends_partials_up_and_discounts_staleness() -> None:
     result = run_scenario(
         scenario(aggregation__mode="async", clients__concurrency=8, stop={"versions": 8})
     )
@@ -108,7 +113,7 @@ def test_hierarchical_fedbuff_sends_partials_up_and_discounts_staleness():
     assert any(count for tau, count in enumerate(result.staleness_hist) if tau > 0)
 
 
-def test_dropouts_are_lost_runs_and_the_fleet_carries_on():
+def test_dropouts_are_lost_runs_and_the_fleet_carries_on() -> None:
     result = run_scenario(
         scenario(
             fleet={
@@ -123,16 +128,17 @@ def test_dropouts_are_lost_runs_and_the_fleet_carries_on():
     assert result.final.lost_runs > 0
 
 
-def test_topk_updates_are_counted_with_their_indices():
+def test_topk_updates_are_counted_with_their_indices() -> None:
     result = run_scenario(scenario(codec={"name": "top10%+f16", "error_feedback": True}))
     spec = CodecSpec.parse("top10%+f16", num_params=result.num_params)
     per_update = spec.expected_payload_size(result.num_params)
+    assert spec.k is not None
     assert per_update == 4 * spec.k + 2 * spec.k
     assert result.final.uploaded_bytes == per_update * result.final.updates_uploaded
     assert result.final.uploaded_wire_bytes > result.final.uploaded_bytes
 
 
-def test_sim_run_writes_csv_plots_and_a_report(tmp_path):
+def test_sim_run_writes_csv_plots_and_a_report(tmp_path: Path) -> None:
     path = tmp_path / "tiny.toml"
     path.write_text(dump_toml(TINY))
     out = tmp_path / "out"
@@ -158,7 +164,9 @@ def test_sim_run_writes_csv_plots_and_a_report(tmp_path):
     assert "fedtier sim run" in report
 
 
-def test_a_bad_scenario_is_one_sentence_and_status_2(tmp_path, capsys):
+def test_a_bad_scenario_is_one_sentence_and_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(dump_toml({**TINY, "training": {"lr": -1}}))
     assert main(["run", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
@@ -167,7 +175,7 @@ def test_a_bad_scenario_is_one_sentence_and_status_2(tmp_path, capsys):
     assert "training.lr is -1" in err
 
 
-def test_an_experiment_writes_its_summary(tmp_path):
+def test_an_experiment_writes_its_summary(tmp_path: Path) -> None:
     summary = run_experiment(
         "async-vs-sync",
         out=tmp_path,
@@ -182,7 +190,7 @@ def test_an_experiment_writes_its_summary(tmp_path):
     assert (tmp_path / "runs" / "hierarchical-fedbuff" / "seed0" / "metrics.csv").exists()
 
 
-def test_the_fedprox_experiment_runs_only_the_datasets_asked_for(tmp_path):
+def test_the_fedprox_experiment_runs_only_the_datasets_asked_for(tmp_path: Path) -> None:
     summary = run_experiment(
         "fedprox",
         out=tmp_path,
@@ -201,7 +209,7 @@ def test_the_fedprox_experiment_runs_only_the_datasets_asked_for(tmp_path):
     ]
 
 
-def test_an_unknown_fedprox_dataset_is_named(tmp_path):
+def test_an_unknown_fedprox_dataset_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="fedprox dataset '2-2' is unknown"):
         run_experiment("fedprox", out=tmp_path, seeds=[0], datasets=["2-2"], show_progress=False)
     with pytest.raises(ConfigError, match="only for the fedprox experiment"):

@@ -13,7 +13,7 @@ from fedtier.simulations.sim.scenario import load_scenario
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
 
 
-def test_the_small_scenario_maps_onto_the_mesh():
+def test_the_small_scenario_maps_onto_the_mesh() -> None:
     s = load_scenario(SCENARIOS / "mesh-small.toml")
     assert mesh_problems(s) == []
     spec = mesh_spec_for(s)
@@ -45,7 +45,7 @@ def test_the_small_scenario_maps_onto_the_mesh():
         ('aggregation.edge.staleness={kind="constant", max_staleness=16}', "staleness"),
     ],
 )
-def test_settings_the_mesh_cannot_honour_are_refused_by_name(override, setting):
+def test_settings_the_mesh_cannot_honour_are_refused_by_name(override: str, setting: str) -> None:
     s = load_scenario(SCENARIOS / "mesh-small.toml", overrides=[override])
     problems = mesh_problems(s)
     assert any(p.startswith(setting) or setting in p.split(":")[0] for p in problems), problems
@@ -53,7 +53,7 @@ def test_settings_the_mesh_cannot_honour_are_refused_by_name(override, setting):
         mesh_spec_for(s)
 
 
-def test_shipped_in_process_scenarios_are_refused_with_a_reason():
+def test_shipped_in_process_scenarios_are_refused_with_a_reason() -> None:
     s = load_scenario(SCENARIOS / "fedprox-synthetic-1-1.toml")
     with pytest.raises(ConfigError) as info:
         mesh_spec_for(s)

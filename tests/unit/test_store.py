@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def outbox(pid: int, epoch: int) -> OutboxEntry:
     )
 
 
-async def test_grouped_commit_is_durable_and_grouped(tmp_path):
+async def test_grouped_commit_is_durable_and_grouped(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     async with open_state_store(path, commit_window_s=0.005) as store:
         async with trio.open_nursery() as nursery:
@@ -65,7 +66,7 @@ async def test_grouped_commit_is_durable_and_grouped(tmp_path):
         assert recovery.high_water == {SENDER: 40}
 
 
-async def test_input_is_pending_until_its_commit(tmp_path):
+async def test_input_is_pending_until_its_commit(tmp_path: Path) -> None:
     async with open_state_store(tmp_path / "s.sqlite", commit_window_s=0.01) as store:
         ticket = store.submit_accept(record(1))
         assert store.input_state(SENDER, record(1).input_id) is InputState.PENDING
@@ -79,7 +80,7 @@ async def test_input_is_pending_until_its_commit(tmp_path):
         assert store.pending_ticket(SENDER, record(1).input_id) is None
 
 
-async def test_recover_rebuilds_the_open_buffer_in_fold_order(tmp_path):
+async def test_recover_rebuilds_the_open_buffer_in_fold_order(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     async with open_state_store(path) as store:
         for i in (1, 2, 3):
@@ -98,7 +99,7 @@ async def test_recover_rebuilds_the_open_buffer_in_fold_order(tmp_path):
     assert recovery.out_seq == 107
 
 
-async def test_outbox_is_kept_until_acked_then_bytes_are_dropped(tmp_path):
+async def test_outbox_is_kept_until_acked_then_bytes_are_dropped(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     async with open_state_store(path) as store:
         store.submit_accept(record(1))
@@ -122,7 +123,7 @@ async def test_outbox_is_kept_until_acked_then_bytes_are_dropped(tmp_path):
     assert outbox_bytes is None
 
 
-def stored_envelopes(path) -> list[bytes]:
+def stored_envelopes(path: Path) -> list[bytes]:
     conn = sqlite3.connect(path)
     try:
         return [bytes(row[0]) for row in conn.execute("SELECT envelope FROM input_envelopes")]
@@ -130,7 +131,9 @@ def stored_envelopes(path) -> list[bytes]:
         conn.close()
 
 
-async def test_an_inputs_envelope_is_kept_while_open_and_deleted_at_its_flush(tmp_path):
+async def test_an_inputs_envelope_is_kept_while_open_and_deleted_at_its_flush(
+    tmp_path: Path,
+) -> None:
     # The partial in the outbox carries what a flushed input contributed, so its
     # envelope is no longer needed; an open input's is, to refold it.
     path = tmp_path / "state.sqlite"
@@ -150,7 +153,7 @@ async def test_an_inputs_envelope_is_kept_while_open_and_deleted_at_its_flush(tm
         assert store.input_state(SENDER, record(3).input_id) is InputState.DONE
 
 
-async def test_a_missing_envelope_of_an_open_input_is_reported_not_skipped(tmp_path):
+async def test_a_missing_envelope_of_an_open_input_is_reported_not_skipped(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     async with open_state_store(path) as store:
         await store.accept(record(1))
@@ -226,7 +229,7 @@ CREATE TABLE IF NOT EXISTS optimizer_state (
 """
 
 
-def make_v1_store(path) -> None:
+def make_v1_store(path: Path) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.executescript(V1_SCHEMA)
@@ -271,7 +274,7 @@ def make_v1_store(path) -> None:
     conn.close()
 
 
-async def test_a_version_1_store_is_migrated_without_losing_an_input(tmp_path):
+async def test_a_version_1_store_is_migrated_without_losing_an_input(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     make_v1_store(path)
     async with open_state_store(path) as store:
@@ -300,7 +303,7 @@ async def test_a_version_1_store_is_migrated_without_losing_an_input(tmp_path):
         assert (await store.recover()).open_inputs == (record(5, epoch=2),)
 
 
-async def test_dedupe_of_received_ids_survives_reopen(tmp_path):
+async def test_dedupe_of_received_ids_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     async with open_state_store(path) as store:
         await store.accept(record(1, sender=OTHER))
@@ -311,7 +314,7 @@ async def test_dedupe_of_received_ids_survives_reopen(tmp_path):
         assert store.input_state(OTHER, record(2).input_id) is None
 
 
-async def test_high_water_marks_survive_reopen_and_never_go_down(tmp_path):
+async def test_high_water_marks_survive_reopen_and_never_go_down(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     async with open_state_store(path) as store:
         store.submit_accept(record(1, seq=50))
@@ -325,7 +328,7 @@ async def test_high_water_marks_survive_reopen_and_never_go_down(tmp_path):
         assert (await store.recover()).high_water == {SENDER: 50, OTHER: 7}
 
 
-async def test_unawaited_writes_are_dropped_at_close_like_a_crash(tmp_path):
+async def test_unawaited_writes_are_dropped_at_close_like_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     async with open_state_store(path, commit_window_s=10.0) as store:
         ticket = store.submit_accept(record(1))
@@ -336,7 +339,7 @@ async def test_unawaited_writes_are_dropped_at_close_like_a_crash(tmp_path):
         assert store.high_water(SENDER) is None
 
 
-async def test_flush_naming_the_wrong_inputs_fails_the_commit(tmp_path):
+async def test_flush_naming_the_wrong_inputs_fails_the_commit(tmp_path: Path) -> None:
     # Both the committer and the waiting caller fail with it.
     with pytest.RaisesGroup(StoreError, StoreError, flatten_subgroups=True):
         async with open_state_store(tmp_path / "s.sqlite") as store:
@@ -349,7 +352,7 @@ async def test_flush_naming_the_wrong_inputs_fails_the_commit(tmp_path):
         assert recovery.pending_outbox == ()
 
 
-async def test_model_versions_lineage_and_optimizer_state(tmp_path):
+async def test_model_versions_lineage_and_optimizer_state(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     leaves = (b"\x01" * 16, b"\x02" * 16)
     async with open_state_store(path) as store:
@@ -393,7 +396,7 @@ async def test_model_versions_lineage_and_optimizer_state(tmp_path):
         read_lineage(path, 7)
 
 
-async def test_other_schema_versions_are_refused(tmp_path):
+async def test_other_schema_versions_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA user_version = 99")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
 from sklearn.datasets import make_classification
@@ -12,7 +13,9 @@ from fedtier.client.trainers import NumpyLogRegTrainer, TorchTrainer, Trainer, T
 from fedtier.protocol.errors import LayoutMismatch, LocalProtocolError
 
 
-def _data(n=300, features=8, classes=3, seed=0):
+def _data(
+    n: int = 300, features: int = 8, classes: int = 3, seed: int = 0
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     X, y = make_classification(
         n_samples=n,
         n_features=features,
@@ -25,7 +28,7 @@ def _data(n=300, features=8, classes=3, seed=0):
     return X.astype(np.float32), y.astype(np.int64)
 
 
-def test_logreg_learns_a_separable_problem():
+def test_logreg_learns_a_separable_problem() -> None:
     X, y = _data()
     trainer = NumpyLogRegTrainer(8, 3, X, y, epochs=5, batch_size=16, lr=0.2, seed=1)
     assert isinstance(trainer, Trainer)
@@ -44,7 +47,7 @@ def test_logreg_learns_a_separable_problem():
     assert np.array_equal(start, np.zeros_like(start))  # input untouched
 
 
-def test_logreg_layout_names_weight_then_bias():
+def test_logreg_layout_names_weight_then_bias() -> None:
     X, y = _data()
     trainer = NumpyLogRegTrainer(8, 3, X, y, seed=0)
     assert [(t.name, t.shape) for t in trainer.layout.tensors] == [
@@ -53,7 +56,7 @@ def test_logreg_layout_names_weight_then_bias():
     ]
 
 
-def test_logreg_is_deterministic_given_the_seed():
+def test_logreg_is_deterministic_given_the_seed() -> None:
     X, y = _data()
     a = NumpyLogRegTrainer(8, 3, X, y, seed=7)
     b = NumpyLogRegTrainer(8, 3, X, y, seed=7)
@@ -62,7 +65,7 @@ def test_logreg_is_deterministic_given_the_seed():
     assert np.array_equal(a.train(start).params, b.train(start).params)
 
 
-def test_fedprox_mu_pulls_toward_the_global_model():
+def test_fedprox_mu_pulls_toward_the_global_model() -> None:
     X, y = _data()
     rng = np.random.default_rng(3)
     global_params = rng.normal(0, 1, 3 * 8 + 3).astype(np.float32)
@@ -74,7 +77,7 @@ def test_fedprox_mu_pulls_toward_the_global_model():
     assert distances[0] > distances[1] > distances[2]
 
 
-def test_partial_work_caps_the_steps():
+def test_partial_work_caps_the_steps() -> None:
     X, y = _data()
     trainer = NumpyLogRegTrainer(8, 3, X, y, epochs=2, batch_size=10, max_local_steps=7, seed=0)
     start = trainer.initial_params()
@@ -84,7 +87,7 @@ def test_partial_work_caps_the_steps():
     assert fraction.train(start).metrics["steps"] == 15
 
 
-def test_logreg_rejects_bad_arguments():
+def test_logreg_rejects_bad_arguments() -> None:
     X, y = _data()
     with pytest.raises(LocalProtocolError):
         NumpyLogRegTrainer(8, 3, X, y + 5)
@@ -95,12 +98,12 @@ def test_logreg_rejects_bad_arguments():
         trainer.train(np.zeros(5, np.float32))
 
 
-def _torch_trainer(model, seed, **kwargs):
+def _torch_trainer(model: torch.nn.Module, seed: int, mu: float = 0.0) -> TorchTrainer:
     X, y = _data(n=120)
-    return TorchTrainer(model, X, y, epochs=1, batch_size=16, lr=0.05, seed=seed, **kwargs)
+    return TorchTrainer(model, X, y, epochs=1, batch_size=16, lr=0.05, seed=seed, mu=mu)
 
 
-def test_torch_trainer_changes_params_and_is_deterministic():
+def test_torch_trainer_changes_params_and_is_deterministic() -> None:
     a = _torch_trainer(make_mlp(8, 16, 3, seed=0), seed=5)
     b = _torch_trainer(make_mlp(8, 16, 3, seed=0), seed=5)
     start = a.initial_params()
@@ -114,7 +117,7 @@ def test_torch_trainer_changes_params_and_is_deterministic():
     assert not np.array_equal(other.params, ra.params)
 
 
-def test_torch_trainer_learns():
+def test_torch_trainer_learns() -> None:
     X, y = _data(n=200)
     trainer = TorchTrainer(
         make_mlp(8, 16, 3, seed=1), X, y, epochs=10, batch_size=16, lr=0.1, momentum=0.5, seed=0
@@ -124,7 +127,7 @@ def test_torch_trainer_learns():
     assert trainer.evaluate(params, X, y)["accuracy"] > 0.8
 
 
-def test_torch_fedprox_pulls_toward_the_global_model():
+def test_torch_fedprox_pulls_toward_the_global_model() -> None:
     start = make_mlp(8, 16, 3, seed=0)
     global_params = _torch_trainer(start, seed=0).initial_params()
     free = _torch_trainer(make_mlp(8, 16, 3), seed=0, mu=0.0).train(global_params).params
@@ -132,7 +135,7 @@ def test_torch_fedprox_pulls_toward_the_global_model():
     assert np.linalg.norm(prox - global_params) < np.linalg.norm(free - global_params)
 
 
-def test_torch_trainer_keeps_integer_buffers():
+def test_torch_trainer_keeps_integer_buffers() -> None:
     model = torch.nn.Sequential(
         torch.nn.Linear(8, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.Linear(6, 3)
     )

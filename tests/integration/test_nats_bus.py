@@ -115,7 +115,11 @@ async def test_publisher_retrying_one_msg_id_across_a_crash_stores_one_copy(
                 await bus.publish("part.e1", b"b", msg_id="p-2")
 
             await trio.to_thread.run_sync(server.restart)
-            assert not await publish_until_acked(bus, "part.e1", b"b", "p-2")
+            # The failed publish's outcome is unknown: nats-py may hold it in its
+            # reconnect buffer and deliver it once the server is back (seen on a
+            # loaded machine). So this retry may or may not be the first copy;
+            # what must hold is that the stream keeps one copy (checked below).
+            await publish_until_acked(bus, "part.e1", b"b", "p-2")
             # Retries after the PubAck (a lost ack looks the same to the sender).
             assert await publish_until_acked(bus, "part.e1", b"b", "p-2")
             assert await publish_until_acked(bus, "part.e1", b"a", "p-1")

@@ -17,11 +17,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     device = sub.add_parser("device", help="run one device: train, sign, send, await receipts")
     device.add_argument("--config", type=Path, required=True, help="the device's TOML file")
     # The base install trains numpy models; the only module a device can lack
-    # is torch, for an MLP.
+    # is torch, for an MLP or the user's own torch model.
     device.set_defaults(run=_device, extra="torch")
 
 
 def _device(args: argparse.Namespace) -> int:
-    from fedtier.client.runner import run_device
+    from fedtier.client.runner import run_command
 
-    return run_device(args.config)
+    return run_command(args.config)

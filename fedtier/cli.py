@@ -2,7 +2,10 @@
 
 Production commands come from the parts that run them: ``fedtier keys``
 (``fedtier._keys``), the daemons and ``fedtier trace`` (``fedtier.tiers.cli``)
-and ``fedtier device`` (``fedtier.client.cli``). Lab commands (``demo``,
+and ``fedtier device`` (``fedtier.client.cli``); ``fedtier model``
+(``fedtier._models``) joins the central's store and the client's models, and
+the central gets its evaluator from ``fedtier._evaluation``, so tiers never
+import the client. Lab commands (``demo``,
 ``sim``, ``bench``) plug in through the ``fedtier.commands`` entry-point group,
 which only the lab registers, so a daemon or a device never loads the lab: a
 command module's ``add_commands``-like function receives the subcommand table
@@ -21,12 +24,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Final, TypeAlias
 
-from fedtier import _keys
+from fedtier import _evaluation, _keys, _models
 from fedtier.client import cli as client_cli
 from fedtier.protocol.errors import FedtierError
 from fedtier.tiers import cli as tiers_cli
@@ -136,7 +140,10 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _keys.add_commands(sub)
     tiers_cli.add_commands(sub)
+    # The composition root's part of the central: the [evaluation] table's evaluator.
+    sub.choices["central"].set_defaults(make_evaluator=_evaluation.build_evaluator)
     client_cli.add_commands(sub)
+    _models.add_commands(sub)
     if command not in sub.choices:
         _add_plugins(sub, command)
     return parser
@@ -179,9 +186,22 @@ def _missing_sentence(command: str, module: str, extra: str) -> str:
     )
 
 
+def _import_from_working_directory() -> None:
+    """Let plug-ins (``"mypkg.models:make_model"``) import from the working directory.
+
+    ``python -m fedtier`` puts the working directory first on ``sys.path``; the
+    ``fedtier`` console script does not. Both behave the same, as ``python -m``
+    does: a user's own module beside their config runs without installing it.
+    """
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fedtier`` with ``argv`` (default: the process arguments); return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _import_from_working_directory()
     args = _parser(argv[0] if argv else None).parse_args(argv)
     run: Run = args.run
     extra: str = getattr(args, "extra", FULL_EXTRA)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
+import torch
 import trio
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -16,16 +20,33 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from trio.testing import MockClock
 
-from fedtier.client.config import build_trainer, load_device_settings, load_training_data
+import fedtier.client
+from fedtier.client import runner
+from fedtier.client.config import (
+    DeviceSettings,
+    TrainingSettings,
+    build_trainer,
+    load_datasets,
+    load_device_settings,
+    load_training_data,
+)
 from fedtier.client.device import DeviceConfig, DeviceReport, serve_device
 from fedtier.client.model_store import ModelStore
 from fedtier.client.outbox import Outbox
-from fedtier.client.trainers import NumpyLogRegTrainer
+from fedtier.client.plugins import DataRequest, Dataset
+from fedtier.client.trainers import (
+    LrSchedule,
+    NumpyLogRegTrainer,
+    TorchTrainer,
+    Trainer,
+    ValidatingTrainer,
+    make_mlp,
+)
 from fedtier.protocol.bus import Bus, MemoryBroker, MemoryBus, PublishAck
 from fedtier.protocol.codecs import CodecSpec, encode
 from fedtier.protocol.envelope import open_envelope, payload_digest, seal
 from fedtier.protocol.errors import BusUnavailable, ConfigError
-from fedtier.protocol.files import save_public_key
+from fedtier.protocol.files import save_public_key, save_signing_identity
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.messages import (
     DeviceUpdate,
@@ -348,22 +369,35 @@ async def test_publish_retried_while_the_bus_is_unavailable(
 # -- the device configuration file ----------------------------------------------
 
 
-def _write_config(tmp_path: Path, extra_send: str = "") -> Path:
-    save_public_key(EDGE.verify_key, tmp_path / "edge.pub.pem")
+OLD_TRAINING = """
+[training]
+model = "logreg"
+num_classes = 2
+"""
+
+
+def _write_config(
+    tmp_path: Path,
+    extra_send: str = "",
+    *,
+    data: str = 'data = "data.npz"',
+    tail: str = OLD_TRAINING,
+) -> Path:
+    save_public_key(EDGE.verify_key, tmp_path / "edge.pub")
     (tmp_path / "device.toml").write_text(
         f"""
 [device]
 fleet = "acme"
 site = "site-1"
-identity_key = "keys/device.pem"
+identity_key = "keys/device.key"
 outbox = "state/outbox.sqlite"
-data = "data.npz"
+{data}
 
 [central]
-public_key = "central.pub.pem"
+public_key = "central.pub"
 
 [edges]
-public_keys = ["edge.pub.pem"]
+public_keys = ["edge.pub"]
 public_keys_hex = ["{IMPOSTOR.verify_key.raw.hex()}"]
 
 [mqtt]
@@ -377,10 +411,7 @@ codec = "top1%+i8"
 [schedule]
 rounds = 4
 wait_for_new_model = true
-
-[training]
-model = "logreg"
-num_classes = 2
+{tail}
 """
     )
     return tmp_path / "device.toml"
@@ -393,7 +424,7 @@ def test_config_file_loads(tmp_path: Path) -> None:
     assert settings.device.rounds == 4
     assert settings.device.model_wait_s is None
     assert settings.device.resolve_codec(1000) == CodecSpec("i8", 512, 10, "u32")
-    assert settings.identity_key == tmp_path / "keys/device.pem"
+    assert settings.identity_key == tmp_path / "keys/device.key"
     assert settings.mqtt.port == 1884
     assert settings.model_cache is None
     assert settings.training.num_classes == 2
@@ -407,15 +438,263 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 
 
 def test_training_data_and_trainer_from_config(tmp_path: Path) -> None:
+    # The old keys: [device] data (an .npz) and [training] model.
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "data.npz", X=rng.normal(size=(10, 4)), y=np.arange(10) % 2)
     settings = load_device_settings(_write_config(tmp_path))
-    X, y = load_training_data(settings.data)
+    assert settings.data is not None
+    assert settings.data.source == str(tmp_path / "data.npz")
+    assert (settings.model.factory, settings.training.model) == ("logreg", "logreg")
+    X, y = load_training_data(Path(settings.data.source))
     assert (X.dtype, y.dtype) == (np.dtype(np.float32), np.dtype(np.int64))
     assert build_trainer(settings.training, X, y).layout == LAYOUT
+    train, validation = load_datasets(settings.data, device=DEVICE.key_id)
+    assert validation is None
+    assert build_trainer(settings.training, train, model=settings.model).layout == LAYOUT
     np.savez(tmp_path / "bad.npz", X=np.array([{"a": 1}], dtype=object), y=np.arange(1))
     with pytest.raises(ConfigError):
         load_training_data(tmp_path / "bad.npz")
+
+
+NEW_KEYS = """
+[model]
+factory = "{module}:make_model"
+args = {{ width = 8 }}
+batchnorm = "local"
+
+[data]
+path = "wine.csv"
+label = "quality"
+task = "regression"
+validation = "wine-val.csv"
+
+[training]
+loss = "mse"
+optimizer = "adamw"
+lr = 0.01
+weight_decay = 1e-4
+grad_clip = 1.0
+lr_schedule = {{ kind = "cosine", period_rounds = 5 }}
+batch_size = 8
+drop_last = true
+epochs = 2
+device = "auto"
+metrics = ["mae"]
+"""
+
+FACTORY = """
+import torch
+
+def make_model(width, dataset=None):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(dataset.num_features, width),
+        torch.nn.BatchNorm1d(width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, 1),
+    )
+"""
+
+
+def _wine(path: Path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 3))
+    quality = X @ np.array([0.5, -1.0, 2.0]) + 5.0
+    rows = [f"{a:.4f},{b:.4f},{c:.4f},{q:.4f}" for (a, b, c), q in zip(X, quality, strict=True)]
+    path.write_text("acid,sugar,alcohol,quality\n" + "\n".join(rows) + "\n")
+
+
+@pytest.fixture
+def user_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A model factory in a module outside the repository, on ``sys.path``."""
+    folder = tmp_path / "user"
+    folder.mkdir()
+    name = f"h10a_device_models_{abs(hash(tmp_path)) % 10**8}"
+    (folder / f"{name}.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(folder))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_new_model_data_and_training_keys(tmp_path: Path, user_factory: str) -> None:
+    _wine(tmp_path / "wine.csv", 61, seed=0)  # 61 = 7 batches of 8 + a remainder of 5
+    _wine(tmp_path / "wine-val.csv", 20, seed=1)
+    config = _write_config(tmp_path, data="", tail=NEW_KEYS.format(module=user_factory))
+    settings = load_device_settings(config)
+    assert settings.model.factory == f"{user_factory}:make_model"
+    assert settings.model.args == {"width": 8}
+    assert settings.data is not None
+    assert settings.data.label == "quality"
+    assert settings.data.validation == str(tmp_path / "wine-val.csv")
+    training = settings.training
+    assert (training.loss, training.optimizer, training.drop_last) == ("mse", "adamw", True)
+    assert training.lr_schedule == LrSchedule("cosine", period_rounds=5)
+    assert (training.grad_clip, training.metrics, training.device) == (1.0, ("mae",), "auto")
+
+    train, validation = load_datasets(settings.data, device=DEVICE.key_id)
+    assert (train.task, train.X.shape) == ("regression", (61, 3))
+    assert validation is not None
+    trainer = build_trainer(training, train, model=settings.model, validation=validation)
+    assert isinstance(trainer, ValidatingTrainer)
+    inner = trainer.inner
+    assert isinstance(inner, TorchTrainer)
+    # FedBN: the BatchNorm layer stays on the device.
+    assert [t.name for t in inner.layout.tensors] == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    result = trainer.train(inner.initial_params())
+    assert result.metrics["steps"] == 14  # drop_last: 7 full batches, twice
+    assert {"loss", "r2", "mae", "lr", "val_loss", "val_r2", "val_mae"} <= set(result.metrics)
+
+
+def test_a_csv_device_file_reads_without_numpys_pickle_message(tmp_path: Path) -> None:
+    (tmp_path / "data.csv").write_text("a,b,y\n1,2,0\n3,x,1\n")
+    settings = load_device_settings(_write_config(tmp_path, data='data = "data.csv"'))
+    assert settings.data is not None
+    with pytest.raises(ConfigError, match=r"data\.csv, line 3, column 'b': 'x' is not a number"):
+        load_datasets(settings.data, device="d")
+
+
+@pytest.mark.parametrize(
+    ("data", "tail", "message"),
+    [
+        ('data = "a.npz"', '[data]\npath = "b.npz"', "name the local data once"),
+        ("", "", "name the local data once, as data.path"),
+        ("", '[data]\nloader = "data/x.csv"', r"data\.loader is 'data/x\.csv'; expected an import"),
+        ("", '[data]\npath = "x.csv"\nlabel = true', r"data\.label is true"),
+        ("", '[data]\npath = "x.csv"\nargs = { a = 1 }', r"data\.args .* a loader's keyword"),
+        (
+            'data = "a.npz"',
+            '[model]\nfactory = "mlp"\n[training]\nmodel = "logreg"',
+            "both name the model",
+        ),
+        ('data = "a.npz"', '[model]\nfactory = "resnet"', r"model\.factory is 'resnet'"),
+        ('data = "a.npz"', '[model]\nbatchnorm = "sometimes"', r"model\.batchnorm"),
+        (
+            'data = "a.npz"',
+            '[training]\nlr_schedule = { kind = "cosine", period = 5 }',
+            r"training\.lr_schedule has no key 'period'",
+        ),
+        (
+            'data = "a.npz"',
+            '[training]\nlr_schedule = { kind = "linear" }',
+            r"training\.lr_schedule: lr schedule kind is 'linear'",
+        ),
+        ('data = "a.npz"', '[training]\ndevice = "tpu"', r"training\.device is 'tpu'"),
+        ('data = "a.npz"', '[training]\nmetrics = ["f1"]', r"training\.metrics: metric 'f1'"),
+        ('data = "a.npz"', '[training]\nloss = "hinge"', r"training\.loss is 'hinge'"),
+        (
+            'data = "a.npz"',
+            '[training]\noptimizer = "adam"\nmomentum = 0.9',
+            r"training\.momentum is 0\.9; expected 0 with optimizer 'adam'",
+        ),
+    ],
+)
+def test_bad_model_data_and_training_keys(
+    tmp_path: Path, data: str, tail: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as exc:
+        load_device_settings(_write_config(tmp_path, data=data, tail=tail))
+    assert "\n" not in str(exc.value)
+
+
+def test_options_the_numpy_logreg_lacks_are_refused(tmp_path: Path) -> None:
+    np.savez(tmp_path / "data.npz", X=np.ones((4, 2)), y=np.array([0, 1, 0, 1]))
+    tail = '[training]\nmodel = "logreg"\noptimizer = "adam"'
+    settings = load_device_settings(_write_config(tmp_path, tail=tail))
+    assert settings.data is not None
+    train, _ = load_datasets(settings.data, device="d")
+    with pytest.raises(ConfigError, match=r"training\.optimizer needs a torch model"):
+        build_trainer(settings.training, train, model=settings.model)
+    regression = Dataset(np.ones((4, 2), np.float32), np.array([0.5, 1, 2, 3]), task="regression")
+    with pytest.raises(ConfigError, match="model logreg classifies"):
+        build_trainer(TrainingSettings(), regression)
+
+
+def test_the_old_mlp_keys_build_the_same_mlp(tmp_path: Path) -> None:
+    np.savez(tmp_path / "data.npz", X=np.ones((6, 4)), y=np.arange(6) % 3)
+    tail = '[training]\nmodel = "mlp"\nhidden = 5\nnum_classes = 4\nseed = 3'
+    settings = load_device_settings(_write_config(tmp_path, tail=tail))
+    assert settings.model.args == {"hidden": 5, "seed": 3}
+    assert settings.data is not None
+    train, _ = load_datasets(settings.data, device="d", num_classes=4)
+    trainer = build_trainer(settings.training, train, model=settings.model)
+    assert isinstance(trainer, TorchTrainer)
+    assert [t.shape for t in trainer.layout.tensors] == [(5, 4), (5,), (4, 5), (4,)]
+    expected = TorchTrainer(make_mlp(4, 5, 4, seed=3)).initial_params()
+    assert np.array_equal(trainer.initial_params(), expected)
+
+
+# -- the Python API ---------------------------------------------------------------
+
+
+def test_run_device_takes_python_objects_and_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "keys").mkdir()
+    save_signing_identity(DEVICE, tmp_path / "keys" / "device.key")
+    config = _write_config(tmp_path, data="", tail="")  # no data: the API brings it
+    seen: dict[str, Any] = {}
+
+    async def fake_serve(
+        settings: DeviceSettings, identity: SigningIdentity, trainer: Trainer, **kw: Any
+    ) -> DeviceReport:
+        seen.update(settings=settings, identity=identity, trainer=trainer, **kw)
+        return DeviceReport(accepted=2, duplicates=1, rejected=4)
+
+    monkeypatch.setattr(runner, "_serve", fake_serve)
+    requests: list[DataRequest] = []
+
+    def loader(request: DataRequest) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        requests.append(request)
+        rng = np.random.default_rng(0)
+        return rng.normal(size=(20, 3)).astype(np.float32), np.arange(20) % 2
+
+    def factory() -> torch.nn.Module:
+        return torch.nn.Linear(3, 2)
+
+    def zero(pred: npt.NDArray[np.float32], y: npt.NDArray[Any]) -> float:
+        return 0.0
+
+    delivered = fedtier.client.run_device(
+        config=config,
+        model=factory,
+        data=loader,
+        validation=loader,
+        rounds=2,
+        optimizer="adam",
+        lr=0.01,
+        metrics={"zero": zero},
+        batchnorm="global",
+    )
+    assert delivered == 3
+    assert [(r.device, r.split) for r in requests] == [
+        (DEVICE.key_id, "train"),
+        (DEVICE.key_id, "validation"),
+    ]
+    settings = seen["settings"]
+    assert settings.device.rounds == 2
+    assert settings.training.optimizer == "adam"
+    assert settings.model.batchnorm == "global"
+    trainer = seen["trainer"]
+    assert isinstance(trainer, ValidatingTrainer)
+    assert isinstance(trainer.inner, TorchTrainer)
+    metrics = trainer.train(trainer.inner.initial_params()).metrics
+    assert {"zero", "val_zero", "val_accuracy"} <= set(metrics)
+    with pytest.raises(ConfigError, match="run_device has no option 'learning_rate'"):
+        fedtier.client.run_device(config=config, data=loader, learning_rate=0.1)
+    with pytest.raises(ConfigError, match="name the local data once"):
+        fedtier.client.run_device(config=config)
+    with pytest.raises(ConfigError, match="its config names none and data= is not given"):
+        fedtier.client.run_device(config=settings)
+
+
+def test_importing_the_client_api_does_not_import_torch() -> None:
+    code = (
+        "import sys, fedtier.client as c\n"
+        "c.run_device, c.Trainer, c.Dataset, c.load_data\n"
+        "import fedtier.client.config, fedtier.client.plugins, fedtier.client.trainers\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 async def test_unsafe_trust_puback_resolves_on_the_broker_ack(

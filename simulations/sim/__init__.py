@@ -1,9 +1,11 @@
 """The fleet simulator, its scenarios and experiments; protocol, tiers and client never import it.
 
-``scenario`` reads the TOML format, ``engine`` runs it on a virtual clock over
-``nodes`` (the tiers' own math) and ``devices`` (the client's own trainers),
-``report`` writes what a run measured, ``experiments`` runs the documented
-studies, and ``mesh_engine`` runs a small scenario on the real daemons.
+``scenario`` reads the TOML format, ``data`` loads and splits the data it names
+(through ``client.plugins``, as a device does), ``engine`` runs it on a virtual
+clock over ``nodes`` (the tiers' own math) and ``devices`` (the client's own
+trainers), ``report`` writes what a run measured, ``experiments`` runs the
+documented studies, ``models`` holds the factories the shipped scenarios name,
+and ``mesh_engine`` runs a small scenario on the real daemons.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from fedtier.protocol.errors import FedtierError
 
 __all__ = ["main"]
 
-EXPERIMENTS = ("fedprox", "async-vs-sync", "codecs", "scale")
+EXPERIMENTS = ("fedprox", "async-vs-sync", "codecs", "scale", "batchnorm")
 
 
 def _seeds(text: str) -> list[int]:
@@ -115,8 +115,9 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
     report = write_run(result, args.out, command=command)
     final = result.final
+    metric = "R^2" if result.data.task == "regression" else "accuracy"
     print(
-        f"{scenario.name}: v{final.version}, accuracy {final.test_accuracy:.4f}, "
+        f"{scenario.name}: v{final.version}, {metric} {final.score:.4f}, "
         f"{final.time_s:,.0f} virtual s, {result.wall_s:,.1f} wall s; report: {report}"
     )
     return 0

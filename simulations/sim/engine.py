@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -35,13 +36,14 @@ import numpy.typing as npt
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.envelope import parse_envelope
 from fedtier.protocol.messages import Tier
+from fedtier.simulations.datasets import DIGITS_NAME
 from fedtier.simulations.sim.data import FederatedData, build_data
 from fedtier.simulations.sim.devices import FLEET, DeviceRun, LocalTraining
 from fedtier.simulations.sim.nodes import CentralNode, TierNode
 from fedtier.simulations.sim.scenario import DeviceKind, Scenario, TierSpec
 from fedtier.tiers.optimizers import make_optimizer
 
-__all__ = ["RunResult", "Simulation", "VersionRecord", "run_scenario"]
+__all__ = ["DataInfo", "RunResult", "Simulation", "VersionRecord", "run_scenario"]
 
 # Event kinds.
 _UPDATE = 0  # a device's update reaches its first tier: (device, DeviceRun)
@@ -62,13 +64,23 @@ _STREAM_ROUND = 20
 _MAX_EMPTY_ROUNDS = 1000
 
 
+# The CSV columns that are one task's scores, and those that are the other's.
+_TASK_COLUMNS: Final = {
+    "classification": ("test_accuracy",),
+    "regression": ("test_r2", "test_mse"),
+}
+
+
 @dataclass(slots=True)
 class VersionRecord:
     """What the run looked like when the central made one version (a CSV row).
 
     Byte and update counts are cumulative since the start. ``uploaded_bytes``
     counts codec payloads (values and indices) of updates that reached their
-    first tier; ``*_wire_bytes`` count whole signed envelopes.
+    first tier; ``*_wire_bytes`` count whole signed envelopes. A classification
+    records ``test_accuracy``; a regression ``test_r2`` and ``test_mse`` (its CSV
+    has those columns where a classification's has ``test_accuracy``).
+    ``test_loss`` is the training loss function on the test set.
     """
 
     version: int
@@ -86,19 +98,53 @@ class VersionRecord:
     participants: int
     stale_rejections: int
     lost_runs: int
+    test_r2: float = math.nan
+    test_mse: float = math.nan
+
+    @property
+    def score(self) -> float:
+        """The task's headline score: ``test_r2`` when set (regression), else ``test_accuracy``."""
+        return self.test_accuracy if math.isnan(self.test_r2) else self.test_r2
+
+    @property
+    def evaluated(self) -> bool:
+        """Whether this version's model was evaluated (else its scores are NaN)."""
+        return not math.isnan(self.test_loss)
 
     @classmethod
-    def columns(cls) -> list[str]:
-        """CSV header, in field order."""
-        return [f.name for f in fields(cls)]
+    def columns(cls, task: str = "classification") -> list[str]:
+        """CSV header for ``task``: the fields in order, the task's scores after ``time_s``."""
+        other = {c for t, cols in _TASK_COLUMNS.items() if t != task for c in cols}
+        names = [f.name for f in fields(cls) if f.name not in other]
+        scores = [n for n in _TASK_COLUMNS[task] if n in names]
+        rest = [n for n in names if n not in scores]
+        at = rest.index("time_s") + 1
+        return [*rest[:at], *scores, *rest[at:]]
 
-    def row(self) -> list[str]:
-        """CSV values, in field order."""
+    def row(self, task: str = "classification") -> list[str]:
+        """CSV values, in :meth:`columns` order."""
         out: list[str] = []
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in self.columns(task):
+            value = getattr(self, name)
             out.append(f"{value:.6g}" if isinstance(value, float) else str(value))
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class DataInfo:
+    """What data a run trained on, for reports.
+
+    Attributes:
+        name: the data source's own name (``Dataset.name``).
+        task: ``"classification"`` or ``"regression"``.
+        partition: how it was spread over the devices.
+        holdout: where the test set came from.
+    """
+
+    name: str = DIGITS_NAME
+    task: str = "classification"
+    partition: str = "dirichlet"
+    holdout: str = "global"
 
 
 @dataclass
@@ -118,6 +164,10 @@ class RunResult:
         num_devices: devices in the fleet.
         engine: ``"sim"`` (in process, virtual clock) or ``"mesh"`` (real
             processes; times are wall-clock seconds of training).
+        data: the data's name, task, partition and hold-out.
+        local_tensors: the model's tensors that stayed on the devices (FedBN's
+            BatchNorm, ``model.local``); when any did, each test example was
+            scored by its own device's model.
     """
 
     scenario: Scenario
@@ -131,6 +181,8 @@ class RunResult:
     codec: str
     num_devices: int
     engine: str = "sim"
+    data: DataInfo = DataInfo()
+    local_tensors: tuple[str, ...] = ()
 
     @property
     def final(self) -> VersionRecord:
@@ -168,9 +220,10 @@ class Simulation:
                 for kind in s.fleet.kinds:
                     self.devices.extend(_Device(region, edge, kind) for _ in range(kind.count))
         self.data: FederatedData = build_data(
-            s.data, [d.kind.data_volume for d in self.devices], seed=s.seed
+            s.data, [d.kind.data_volume for d in self.devices], seed=s.seed, base_dir=s.base_dir
         )
         self.training = LocalTraining(
+            s.model,
             s.training,
             self.data,
             codec=s.codec.name,
@@ -284,7 +337,7 @@ class Simulation:
             self._run_sync()
         else:
             self._run_async()
-        if math.isnan(self.records[-1].test_accuracy):
+        if not self.records[-1].evaluated:
             self._record(evaluate=True)
         counts: dict[str, int] = {}
         for node in self.nodes:
@@ -305,6 +358,13 @@ class Simulation:
             num_params=self.training.layout.num_params,
             codec=str(self.training.codec),
             num_devices=len(self.devices),
+            data=DataInfo(
+                name=self.data.name,
+                task=self.data.task,
+                partition=self.data.partition,
+                holdout=self.data.holdout,
+            ),
+            local_tensors=self.training.local_tensors,
         )
 
     def _push(self, at: float, kind: int, a: int, b: object = None) -> None:
@@ -618,17 +678,25 @@ class Simulation:
 
     def _record(self, *, evaluate: bool) -> None:
         central = self.central
-        accuracy = loss = train_loss = math.nan
+        data = self.data
+        metrics: dict[str, float] = {}
+        train_loss = math.nan
         if evaluate:
-            metrics = self.training.evaluate(central.params, self.data.X_test, self.data.y_test)
-            accuracy, loss = metrics["accuracy"], metrics["loss"]
+            metrics = self.training.evaluate(
+                central.params, data.X_test, data.y_test, data.test_owner
+            )
             if self.scenario.eval.train_loss:
-                X, y = self.data.all_train
-                train_loss = self.training.evaluate(central.params, X, y)["loss"]
+                X, y = data.all_train
+                train_loss = self.training.evaluate(central.params, X, y, data.train_owner)["loss"]
+        accuracy = metrics.get("accuracy", math.nan)
+        loss = metrics.get("loss", math.nan)
+        r2 = metrics.get("r2", math.nan)
+        mse = metrics.get("mse", math.nan)
         if self.records and self.records[-1].version == central.version:
             # The last version, evaluated after the fact: keep what it measured then.
             last = self.records[-1]
             last.test_accuracy, last.test_loss, last.train_loss = accuracy, loss, train_loss
+            last.test_r2, last.test_mse = r2, mse
             return
         hist = central.last_hist
         leaves = sum(hist)
@@ -649,6 +717,8 @@ class Simulation:
             participants=self._participants,
             stale_rejections=self._stale,
             lost_runs=self._lost,
+            test_r2=r2,
+            test_mse=mse,
         )
         self.records.append(record)
 
@@ -660,14 +730,7 @@ def run_scenario(scenario: Scenario, *, progress: ProgressCallback | None = None
         scenario: the scenario (its seed included).
         progress: called with the fraction done after each version.
     """
-    threads = None
-    if scenario.training.model == "mlp":
-        import torch
-
-        # One simulated device at a time: torch's intra-op threads only add overhead
-        # on models this small, and the CPUs are shared with other runs.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+    threads = _one_torch_thread() if scenario.model.is_torch else None
     try:
         return Simulation(scenario, progress=progress).run()
     finally:
@@ -675,3 +738,16 @@ def run_scenario(scenario: Scenario, *, progress: ProgressCallback | None = None
             import torch
 
             torch.set_num_threads(threads)
+
+
+def _one_torch_thread() -> int | None:
+    """Set torch to one thread and return the old count; None without torch (a user's Trainer)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    # One simulated device at a time: torch's intra-op threads only add overhead
+    # on models this small, and the CPUs are shared with other runs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads

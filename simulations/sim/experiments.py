@@ -92,6 +92,13 @@ CODECS = (
 )
 CODEC_SCENARIO = "stragglers-fedbuff-hier"
 SCALE_SCENARIO = "fleet-10k"
+BATCHNORM_VARIANTS = (
+    ("MLP without BatchNorm", "batchnorm-none"),
+    ("MLP + BatchNorm, averaged (global)", "batchnorm-global"),
+    ("MLP + BatchNorm, kept local (FedBN)", "batchnorm-local"),
+)
+# What the issue asks: FedBN's accuracy at most this many points below the MLP without BN.
+BATCHNORM_TOLERANCE_POINTS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,11 +533,96 @@ def _scale(
     return cells, summarize
 
 
+# -- BatchNorm under label skew ------------------------------------------------------
+
+
+def _batchnorm(
+    seeds: Sequence[int], scenarios: Path, overrides: Sequence[str]
+) -> tuple[list[Cell], Callable[[dict[Cell, RunResult], Path], list[str]]]:
+    cells = [
+        Cell(label, scenarios / f"{stem}.toml", tuple(overrides), seed)
+        for label, stem in BATCHNORM_VARIANTS
+        for seed in seeds
+    ]
+
+    def summarize(results: dict[Cell, RunResult], out: Path) -> list[str]:
+        by = {(c.label, c.seed): results[c] for c in cells}
+        reference = BATCHNORM_VARIANTS[0][0]
+        lines = [
+            "Accuracy over the union of the devices' held-out examples, each scored by its "
+            "own device's model (the global model, or the global weights with the device's "
+            "own BatchNorm for FedBN), at the last version.",
+            "",
+            "| model | final test acc. | minus no BatchNorm (points, per seed) "
+            "| best test acc. | final test loss |",
+            "|---|---|---|---|---|",
+        ]
+        gaps: dict[str, list[float]] = {}
+        for label, _stem in BATCHNORM_VARIANTS:
+            runs = [by[(label, s)] for s in seeds]
+            gaps[label] = [
+                100 * (r.final.test_accuracy - by[(reference, s)].final.test_accuracy)
+                for r, s in zip(runs, seeds, strict=True)
+            ]
+            gap = (
+                "-"
+                if label == reference
+                else f"{_mean_std(gaps[label], '+.1f')} ({_per_seed(gaps[label], '+.1f')})"
+            )
+            lines.append(
+                f"| {label} | {_mean_std([r.final.test_accuracy for r in runs])} | {gap} "
+                f"| {_mean_std([max(x.score for x in evaluated(r.records)) for r in runs])} "
+                f"| {_mean_std([r.final.test_loss for r in runs])} |"
+            )
+        fedbn = statistics.fmean(gaps[BATCHNORM_VARIANTS[2][0]])
+        met = "yes" if fedbn >= -BATCHNORM_TOLERANCE_POINTS else "**no**"
+        lines += [
+            "",
+            f"Target: FedBN at most {BATCHNORM_TOLERANCE_POINTS:g} points below the MLP without "
+            f"BatchNorm (mean over seeds): {fedbn:+.1f} points; met: {met}.",
+            "",
+            _remainders(cells, seeds),
+        ]
+        first = seeds[0]
+        plot_curves(
+            [(label, by[(label, first)].records) for label, _ in BATCHNORM_VARIANTS],
+            out / "batchnorm.png",
+            x="version",
+            title=f"seed {first}: label-skewed digits, with and without BatchNorm",
+        )
+        return lines
+
+    return cells, summarize
+
+
+def _remainders(cells: Sequence[Cell], seeds: Sequence[int]) -> str:
+    """How many devices end each epoch on a batch of one (what min_batch must handle)."""
+    from fedtier.simulations.sim.data import build_data
+
+    counts: list[str] = []
+    batch = 0
+    for seed in seeds:
+        cell = next(c for c in cells if c.seed == seed and "FedBN" in c.label)
+        s = load_scenario(cell.scenario, overrides=cell.overrides, seed=seed)
+        volumes = [k.data_volume for k in s.fleet.kinds for _ in range(k.count)]
+        volumes *= s.fleet.num_edges
+        data = build_data(s.data, volumes, seed=s.seed, base_dir=s.base_dir)
+        batch = s.training.batch_size
+        ones = sum(1 for n in data.samples.tolist() if n % batch == 1)
+        counts.append(f"{ones} of {data.num_devices}")
+    return (
+        f"Devices whose last batch of an epoch holds one example (batch size {batch}), per "
+        f"seed: {', '.join(counts)}. BatchNorm cannot train on one example: the trainer's "
+        "min_batch (2 for a model with BatchNorm) folds it into the batch before."
+    )
+
+
 _EXPERIMENTS = {
     "fedprox": _fedprox,
     "async-vs-sync": _async_vs_sync,
     "codecs": _codecs,
     "scale": _scale,
+    "batchnorm": _batchnorm,
 }
 
 
@@ -549,7 +641,7 @@ def run_experiment(
     """Run an experiment's cells and write ``OUT/summary.md`` and its plots.
 
     Args:
-        name: ``fedprox``, ``async-vs-sync``, ``codecs`` or ``scale``.
+        name: ``fedprox``, ``async-vs-sync``, ``codecs``, ``scale`` or ``batchnorm``.
         out: output directory.
         seeds: seeds of every cell.
         jobs: runs in parallel processes.

@@ -52,7 +52,7 @@ import trio
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.errors import ConfigError
 from fedtier.simulations.sim.engine import RunResult, VersionRecord
-from fedtier.simulations.sim.scenario import ClientsSpec, Scenario, TierSpec
+from fedtier.simulations.sim.scenario import ClientsSpec, Scenario, TierSpec, TrainingSpec
 from fedtier.tiers.flush import FlushPolicy
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ _NO_NORM_BOUND: Final = 1e30
 def mesh_problems(s: Scenario) -> list[str]:
     """Each setting of ``s`` the mesh engine cannot honour, as one sentence; empty when none."""
     problems: list[str] = []
-    agg, data, training, clients = s.aggregation, s.data, s.training, s.clients
+    agg, data, model, training, clients = s.aggregation, s.data, s.model, s.training, s.clients
 
     def refuse(setting: str, why: str) -> None:
         problems.append(f"{setting}: {why}")
@@ -82,14 +82,23 @@ def mesh_problems(s: Scenario) -> list[str]:
             "the mesh runs hierarchical FedBuff only (sync rounds and flat FedBuff are "
             "in-process only)",
         )
-    if data.dataset != "digits" or data.partition != "dirichlet":
+    if data.dataset != "digits" or data.partition not in (None, "dirichlet") or data.args:
         refuse("data.dataset", "the mesh's devices read digits shards with a Dirichlet split")
+    if data.holdout not in (None, "global"):
+        refuse("data.holdout", "the mesh holds out 20% of digits before it splits them")
     if data.quantity_sigma:
         refuse("data.quantity_sigma", "the mesh splits data by each kind's data_volume only")
     if not math.isclose(data.test_fraction, 0.2):
         refuse("data.test_fraction", "the mesh holds out 20% of digits")
-    if training.model != "mlp":
-        refuse("training.model", "the mesh's devices train the mlp (client.trainers.make_mlp)")
+    if model.factory != "mlp" or set(dict(model.args)) - {"hidden"} or model.local:
+        refuse(
+            "model.factory (training.model)",
+            "the mesh's devices train the mlp (client.trainers.make_mlp) with no local tensors",
+        )
+    plain = TrainingSpec()
+    for name in ("loss", "optimizer", "weight_decay", "grad_clip", "drop_last", "device"):
+        if getattr(training, name) != getattr(plain, name):
+            refuse(f"training.{name}", "the fleet processes train with plain SGD on the CPU")
     if training.mu:
         refuse("training.mu", "the fleet processes have no FedProx term")
     if training.momentum:
@@ -142,6 +151,12 @@ def mesh_problems(s: Scenario) -> list[str]:
     if s.stop.virtual_time_s is None:
         refuse("stop.virtual_time_s", "the mesh runs in real time: give its length in seconds")
     return problems
+
+
+def _mlp_hidden(s: Scenario) -> int:
+    hidden = dict(s.model.args).get("hidden", 32)
+    assert isinstance(hidden, int)  # mesh_problems refused anything but the mlp's args
+    return hidden
 
 
 def mesh_spec_for(s: Scenario) -> MeshSpec:
@@ -208,7 +223,7 @@ def mesh_spec_for(s: Scenario) -> MeshSpec:
             epochs=s.training.local_epochs,
             batch_size=s.training.batch_size,
             lr=s.training.lr,
-            hidden=s.training.hidden,
+            hidden=_mlp_hidden(s),
             num_classes=10,
         ),
         send=SendSpec(codec=s.codec.name, error_feedback=s.codec.error_feedback),
@@ -321,7 +336,7 @@ async def _run_mesh(
         )
         X_test, y_test = plan.split.X_test, plan.split.y_test
         X_train, y_train = plan.split.X_train, plan.split.y_train
-        evaluator = TorchTrainer(make_mlp(64, s.training.hidden, 10, seed=s.seed), X_test, y_test)
+        evaluator = TorchTrainer(make_mlp(64, _mlp_hidden(s), 10, seed=s.seed), X_test, y_test)
         central_key = load_public_key(plan.central_key_file)
         store = ModelStore(central_key, layout, spec.fleet)
         topics = MqttTopics(spec.fleet, spec.sites[0])

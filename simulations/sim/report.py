@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtier.simulations.sim.engine import RunResult, VersionRecord
+from fedtier.simulations.sim.engine import DataInfo, RunResult, VersionRecord
 from fedtier.simulations.sim.scenario import Scenario, dump_toml
 
 __all__ = [
     "evaluated",
+    "metric_name",
     "plot_curves",
     "time_to_accuracy",
     "write_csv",
@@ -29,25 +30,31 @@ _DPI = 110
 
 
 def evaluated(records: Sequence[VersionRecord]) -> list[VersionRecord]:
-    """The records whose model was evaluated (accuracy is not NaN)."""
-    return [r for r in records if not math.isnan(r.test_accuracy)]
+    """The records whose model was evaluated (their scores are not NaN)."""
+    return [r for r in records if r.evaluated]
 
 
 def time_to_accuracy(records: Sequence[VersionRecord], target: float) -> VersionRecord | None:
-    """The first evaluated record with ``test_accuracy >= target``, or None if never."""
+    """The first evaluated record whose score (accuracy, or R^2) is >= ``target``, or None."""
     for record in evaluated(records):
-        if record.test_accuracy >= target:
+        if record.score >= target:
             return record
     return None
 
 
+def metric_name(task: str) -> str:
+    """The headline score of a task, as reports write it."""
+    return "R^2" if task == "regression" else "accuracy"
+
+
 def write_csv(result: RunResult, path: Path) -> None:
     """One row per model version (``VersionRecord`` fields; NaN where not evaluated)."""
+    task = result.data.task
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(VersionRecord.columns())
+        writer.writerow(VersionRecord.columns(task))
         for record in result.records:
-            writer.writerow(record.row())
+            writer.writerow(record.row(task))
 
 
 def _pyplot() -> object:
@@ -67,8 +74,9 @@ def plot_curves(
     title: str,
     log_x: bool = False,
     hline: float | None = None,
+    metric: str = "accuracy",
 ) -> None:
-    """Accuracy (left) and loss (right) of several runs against one x column.
+    """The score (left: accuracy, or R^2) and loss (right) of several runs against one x column.
 
     Args:
         series: (label, records) per run.
@@ -76,14 +84,15 @@ def plot_curves(
         x: a ``VersionRecord`` field (``time_s``, ``uploaded_bytes``...).
         title: the figure title.
         log_x: log-scale x axis (bytes).
-        hline: a horizontal line on the accuracy panel (a target), or None.
+        hline: a horizontal line on the score panel (a target), or None.
+        metric: the score's name for its axis (:func:`metric_name`).
     """
     plt = _pyplot()
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))  # type: ignore[attr-defined]
     for label, records in series:
         points = evaluated(records)
         xs = [getattr(r, x) for r in points]
-        acc_ax.plot(xs, [r.test_accuracy for r in points], label=label)
+        acc_ax.plot(xs, [r.score for r in points], label=label)
         loss_ax.plot(xs, [r.test_loss for r in points], label=label)
     if hline is not None:
         acc_ax.axhline(hline, color="grey", linestyle="--", linewidth=1)
@@ -94,7 +103,7 @@ def plot_curves(
         "central_bytes": "bytes into the central",
         "version": "model version",
     }.get(x, x)
-    for ax, ylabel in ((acc_ax, "test accuracy"), (loss_ax, "test loss")):
+    for ax, ylabel in ((acc_ax, f"test {metric}"), (loss_ax, "test loss")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
@@ -150,10 +159,9 @@ def _human_bytes(n: float) -> str:
     return f"{n:.2f} GB"  # pragma: no cover - the loop always returns
 
 
-def _scenario_summary(s: Scenario) -> list[str]:
-    fleet, data, training, clients, agg = s.fleet, s.data, s.training, s.clients, s.aggregation
-    kinds = ", ".join(f"{k.count} {k.name}" for k in fleet.kinds)
-    if data.dataset == "synthetic":
+def _data_line(s: Scenario, info: DataInfo) -> str:
+    data = s.data
+    if data.dataset == "synthetic" and not data.args and info.holdout == "loader":
         name = "Synthetic IID" if data.iid else f"Synthetic({data.alpha:g},{data.beta:g})"
         sizes = (
             f"int(lognormal({data.samples_log_mean:g}, {data.samples_log_sigma:g})) + "
@@ -161,21 +169,60 @@ def _scenario_summary(s: Scenario) -> list[str]:
             if data.samples_per_device is None
             else f"fixed ({', '.join(map(str, data.samples_per_device))})"
         )
-        data_line = (
+        return (
             f"{name}, {data.features} features, {data.classes} classes, samples per device "
             f"{sizes}, {1 - data.test_fraction:.0%}/{data.test_fraction:.0%} "
             "train/test per device"
         )
-    else:
-        split = (
-            f"Dirichlet(alpha={data.dirichlet_alpha:g}) label skew"
-            if data.partition == "dirichlet"
-            else "IID split"
+    split = {
+        "dirichlet": f"Dirichlet(alpha={data.dirichlet_alpha:g}) label skew",
+        "iid": "IID split",
+        "loader": "each device's data from the loader",
+    }[info.partition]
+    if info.partition != "loader":
+        split += f", quantity skew sigma {data.quantity_sigma:g}"
+    held = {
+        "global": f"{data.test_fraction:.0%} held out",
+        "device": f"{data.test_fraction:.0%} of each device's data held out",
+        "loader": "the loader's test split held out",
+    }[info.holdout]
+    return f"{info.name} ({info.task}), {split}, {held}"
+
+
+def _model_line(s: Scenario, local_tensors: Sequence[str]) -> str:
+    model, training = s.model, s.training
+    args = ", ".join(f"{k}={v}" for k, v in model.args if k != "seed")
+    line = model.factory + (f" ({args})" if args else "")
+    if local_tensors:
+        shown = ", ".join(local_tensors[:6]) + (", ..." if len(local_tensors) > 6 else "")
+        reasons = ["batchnorm local (FedBN)"] if model.batchnorm == "local" else []
+        reasons += ["model.local"] if model.local else []
+        why = " and ".join(reasons)
+        line += (
+            f", {len(local_tensors)} tensors kept on the devices by {why}: {shown}; each "
+            "device's examples scored with its own"
         )
-        data_line = (
-            f"digits (scikit-learn, 8x8), {split}, quantity skew sigma "
-            f"{data.quantity_sigma:g}, {data.test_fraction:.0%} held out"
-        )
+    elif model.is_torch and model.batchnorm == "global":
+        line += ", batchnorm global"
+    optimizer = f"{training.optimizer} lr {training.lr:g}"
+    if training.momentum:
+        optimizer += f" momentum {training.momentum:g}"
+    if training.weight_decay:
+        optimizer += f" weight decay {training.weight_decay:g}"
+    batch = f"batch {training.batch_size}"
+    if training.drop_last:
+        batch += " (drop last)"
+    loss = "" if training.loss == "auto" else f", loss {training.loss}"
+    return (
+        f"{line}, {optimizer}{loss}, {batch}, {training.local_epochs:g} local epochs, "
+        f"FedProx mu {training.mu:g}"
+    )
+
+
+def _scenario_summary(s: Scenario, result: RunResult) -> list[str]:
+    fleet, clients, agg = s.fleet, s.clients, s.aggregation
+    kinds = ", ".join(f"{k.count} {k.name}" for k in fleet.kinds)
+    data_line = _data_line(s, result.data)
     if agg.mode == "sync":
         aggregation = (
             f"synchronous rounds of {agg.clients_per_round} devices"
@@ -206,9 +253,7 @@ def _scenario_summary(s: Scenario) -> list[str]:
         f"- **Fleet**: {fleet.regions} region(s) x {fleet.edges_per_region} edge(s) x "
         f"({kinds}) = {fleet.num_devices:,} devices",
         f"- **Data**: {data_line}",
-        f"- **Local training**: {training.model}, {training.optimizer} lr {training.lr:g}, "
-        f"batch {training.batch_size}, {training.local_epochs:g} local epochs, "
-        f"FedProx mu {training.mu:g}",
+        f"- **Local training**: {_model_line(s, result.local_tensors)}",
         f"- **Clients**: compute log-normal(median {clients.compute_median_s:g} s, sigma "
         f"{clients.compute_sigma:g}), latency {clients.latency_s:g} s, uplink "
         f"{_human_bytes(clients.uplink_bytes_per_s)}/s, selection {clients.selection}, "
@@ -235,19 +280,26 @@ def write_run(result: RunResult, out: Path, *, command: str = "") -> Path:
     write_csv(result, out / "metrics.csv")
     s = result.scenario
     label = s.name
+    metric = metric_name(result.data.task)
     plot_curves(
-        [(label, result.records)], out / "accuracy_time.png", x="time_s", title=f"{label}: vs time"
+        [(label, result.records)],
+        out / "accuracy_time.png",
+        x="time_s",
+        title=f"{label}: vs time",
+        metric=metric,
     )
     plot_curves(
         [(label, result.records)],
         out / "accuracy_bytes.png",
         x="uploaded_bytes",
         title=f"{label}: vs uploaded bytes",
+        metric=metric,
     )
     _plot_staleness(result, out / "staleness.png")
     _plot_participation(result, out / "participation.png")
     final = result.final
-    best = max(evaluated(result.records), key=lambda r: r.test_accuracy)
+    best = max(evaluated(result.records), key=lambda r: r.score)
+    metric = metric_name(result.data.task)
     lines = [
         f"# Simulation report: {s.name}",
         "",
@@ -262,7 +314,20 @@ def write_run(result: RunResult, out: Path, *, command: str = "") -> Path:
         if result.engine == "mesh"
         else "in process, on a virtual clock (simulations/sim/engine.py)"
     )
-    lines += ["## Scenario", "", f"- **Engine**: {engine}", *_scenario_summary(s), ""]
+    lines += [
+        "## Scenario",
+        "",
+        f"- **Engine**: {engine}",
+        *_scenario_summary(s, result),
+        "",
+    ]
+    if result.data.task == "regression":
+        scores = [
+            f"| final test R^2 | {final.test_r2:.4f} |",
+            f"| final test MSE | {final.test_mse:.4f} |",
+        ]
+    else:
+        scores = [f"| final test accuracy | {final.test_accuracy:.4f} |"]
     lines += [
         "## Outcome",
         "",
@@ -270,13 +335,13 @@ def write_run(result: RunResult, out: Path, *, command: str = "") -> Path:
         "|---|---|",
         f"| model versions | {final.version} |",
         f"| virtual time | {final.time_s:,.1f} s |",
-        f"| final test accuracy | {final.test_accuracy:.4f} |",
+        *scores,
         f"| final test loss | {final.test_loss:.4f} |",
     ]
     if not math.isnan(final.train_loss):
         lines.append(f"| final training loss | {final.train_loss:.4f} |")
     lines += [
-        f"| best test accuracy | {best.test_accuracy:.4f} (v{best.version}) |",
+        f"| best test {metric} | {best.score:.4f} (v{best.version}) |",
         f"| updates uploaded | {final.updates_uploaded:,} |",
         f"| uploaded bytes (codec payloads) | {_human_bytes(final.uploaded_bytes)} |",
         f"| uploaded bytes (signed envelopes) | {_human_bytes(final.uploaded_wire_bytes)} |",
@@ -293,9 +358,9 @@ def write_run(result: RunResult, out: Path, *, command: str = "") -> Path:
         "",
         "## Plots",
         "",
-        "![accuracy and loss against virtual time](accuracy_time.png)",
+        f"![{metric} and loss against virtual time](accuracy_time.png)",
         "",
-        "![accuracy and loss against uploaded bytes](accuracy_bytes.png)",
+        f"![{metric} and loss against uploaded bytes](accuracy_bytes.png)",
         "",
         "![staleness histogram](staleness.png)",
         "",

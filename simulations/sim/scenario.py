@@ -1,11 +1,18 @@
 """Fleet scenarios: the TOML format both engines read, parsed into frozen specs; no engine imports.
 
-Imports the standard library, ``protocol`` (errors, codec names) and the tier
+Imports the standard library, ``protocol`` (errors, codec names), the tier
 policies whose own config readers it reuses (``tiers.flush``,
-``tiers.staleness``, ``tiers.optimizers``); never a bus, trio, a trainer or an
-engine. A scenario says *what* runs (fleet, data, local training, client
-behaviour, aggregation, codec, when to stop); ``engine.py`` (in-process,
-virtual clock) and ``mesh.py`` (real daemons) say *how*.
+``tiers.staleness``, ``tiers.optimizers``) and the client's plug-in syntax
+(``client.plugins.is_import_path``, ``client.trainers.LrSchedule``; neither
+imports torch); never a bus, trio, a model or an engine. A scenario says *what*
+runs (fleet, data, model, local training, client behaviour, aggregation, codec,
+when to stop); ``engine.py`` (in-process, virtual clock) and ``mesh.py`` (real
+daemons) say *how*.
+
+``[model]`` and ``[data]`` take the keys a device config takes (``factory``,
+``args``, ``local``, ``batchnorm``; ``path`` or ``loader``, ``label``, ``task``),
+with the same meaning; the old ``dataset = "synthetic" | "digits"`` and
+``training.model`` / ``training.hidden`` are read as their aliases.
 
 A file may start with ``base = "other.toml"``: it is read first and this file's
 tables are merged over it key by key (arrays of tables are replaced whole), so
@@ -18,6 +25,7 @@ before anything is checked. The format, with every key and its default, is in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tomllib
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -25,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
+from fedtier.client.plugins import is_import_path
+from fedtier.client.trainers import LrSchedule
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.errors import ConfigError, LocalProtocolError
 from fedtier.protocol.files import ConfigTable, read_toml
@@ -52,6 +62,17 @@ __all__ = [
 ]
 
 _MAX_BASE_DEPTH: Final = 8
+SYNTHETIC_LOADER: Final = "fedtier.simulations.datasets:synthetic"
+DIGITS_LOADER: Final = "fedtier.simulations.datasets:digits"
+# The old ``dataset = ...`` names, and the built-in loaders they stand for.
+DATASET_ALIASES: Final = {"synthetic": SYNTHETIC_LOADER, "digits": DIGITS_LOADER}
+_BUILTIN_NAMES: Final = {loader: name for name, loader in DATASET_ALIASES.items()}
+Task = Literal["classification", "regression"]
+Partition = Literal["loader", "dirichlet", "iid"]
+Holdout = Literal["global", "device", "loader"]
+_TASKS: Final[tuple[Task, ...]] = ("classification", "regression")
+_PARTITIONS: Final[tuple[Partition, ...]] = ("loader", "dirichlet", "iid")
+_HOLDOUTS: Final[tuple[Holdout, ...]] = ("global", "device", "loader")
 # A codec name with "%" needs a model size to resolve; any size >= 100 checks the syntax.
 _CODEC_CHECK_PARAMS: Final = 1_000_000
 
@@ -113,12 +134,31 @@ class FleetSpec:
 
 @dataclass(frozen=True, slots=True)
 class DataSpec:
-    """Which data, and how it is spread over the devices.
+    """Which data, how it is held out, and how it is spread over the devices.
+
+    The data is named as everywhere else (``client.plugins.load_data``): a file
+    (``path``) or a loader import path (``loader``); ``dataset = "synthetic"`` and
+    ``"digits"`` are the old names of the built-in loaders
+    ``fedtier.simulations.datasets:synthetic`` and ``:digits``.
 
     Attributes:
-        dataset: ``"synthetic"`` (FedProx's Synthetic(alpha, beta) generator,
-            one local distribution per device) or ``"digits"`` (scikit-learn's
-            bundled 8x8 digits, split over the devices).
+        source: the loader's import path, or the data file (relative paths
+            resolved against the scenario file's folder).
+        args: keyword arguments for the loader (``[data.args]``), sorted by name.
+        label: a table's label column (name or index), None for the last one.
+        task: ``"classification"`` or ``"regression"``, None to infer it from
+            the labels.
+        partition: ``"loader"`` (the loader shards: it is called once per
+            device with that device's ``DataRequest``), ``"dirichlet"`` (label
+            skew) or ``"iid"`` (one load, split by the simulator); None picks
+            ``"loader"`` for synthetic, else ``"dirichlet"`` for classification and
+            ``"iid"`` for regression.
+        holdout: where the test examples come from: ``"global"`` (a share of the
+            whole data, before partitioning, stratified for classification),
+            ``"device"`` (a share of each device's data; models with local
+            tensors are then scored on their own device's share) or
+            ``"loader"`` (the loader's ``split = "test"``); None picks
+            ``"loader"`` with ``partition = "loader"``, else ``"global"``.
         alpha: synthetic: spread of the devices' models (``u_k ~ N(0, alpha)``).
         beta: synthetic: spread of the devices' feature means (``B_k ~ N(0, beta)``).
         iid: synthetic: one shared model and zero-mean features (Synthetic IID).
@@ -133,16 +173,21 @@ class DataSpec:
             log-normal draw (drawn anyway, so a seed's model and input means per
             device stay those of the same scenario without it); one entry per
             device. None: draw them.
-        test_fraction: synthetic: each device's held-out share (the paper's 10%);
-            digits: the global held-out share, stratified.
-        partition: digits: ``"dirichlet"`` (label skew) or ``"iid"``.
-        dirichlet_alpha: digits: Dirichlet concentration over labels.
-        quantity_sigma: digits: quantity skew; a device's share of the data is
+        test_fraction: the held-out share (synthetic: of each device's data,
+            the paper's 10%; ``holdout = "global"``: of the whole data;
+            ``"device"``: of each device's).
+        dirichlet_alpha: Dirichlet concentration over labels.
+        quantity_sigma: quantity skew; a device's share of the data is
             ``data_volume * lognormal(0, quantity_sigma)``.
         seed: seed of the data, or None to use the run's seed.
     """
 
-    dataset: Literal["synthetic", "digits"] = "synthetic"
+    source: str = SYNTHETIC_LOADER
+    args: tuple[tuple[str, object], ...] = ()
+    label: str | int | None = None
+    task: Task | None = None
+    partition: Partition | None = None
+    holdout: Holdout | None = None
     alpha: float = 0.0
     beta: float = 0.0
     iid: bool = False
@@ -154,36 +199,105 @@ class DataSpec:
     samples_max: int | None = None
     samples_per_device: tuple[int, ...] | None = None
     test_fraction: float = 0.1
-    partition: Literal["dirichlet", "iid"] = "dirichlet"
     dirichlet_alpha: float = 0.5
     quantity_sigma: float = 0.0
     seed: int | None = None
 
+    @property
+    def dataset(self) -> str:
+        """The built-in's short name (``"synthetic"``, ``"digits"``...) or the source as written."""
+        return _BUILTIN_NAMES.get(self.source, self.source)
+
+    def loader_args(self) -> dict[str, object]:
+        """The loader's keyword arguments: synthetic's own keys, then ``[data.args]``."""
+        args: dict[str, object] = {}
+        if self.source == SYNTHETIC_LOADER:
+            args = {
+                "alpha": self.alpha,
+                "beta": self.beta,
+                "iid": self.iid,
+                "features": self.features,
+                "classes": self.classes,
+                "samples_log_mean": self.samples_log_mean,
+                "samples_log_sigma": self.samples_log_sigma,
+                "samples_min": self.samples_min,
+                "samples_max": self.samples_max,
+                "samples_per_device": self.samples_per_device,
+                "test_fraction": self.test_fraction,
+            }
+        args.update(self.args)
+        return args
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """The model every device trains (``client.plugins.load_model``), and what stays local.
+
+    Attributes:
+        factory: ``"logreg"`` (numpy multinomial logistic regression),
+            ``"mlp"`` (``client.trainers.make_mlp``, torch) or an import path
+            ``"package.module:factory"`` to a function returning a
+            ``torch.nn.Module``.
+        args: the factory's keyword arguments (``[model.args]``), sorted by name.
+        local: glob patterns of ``state_dict`` names kept on each device (never
+            aggregated).
+        batchnorm: ``"local"`` (FedBN: BatchNorm weights and statistics stay on
+            each device) or ``"global"`` (averaged like every other tensor).
+    """
+
+    factory: str = "logreg"
+    args: tuple[tuple[str, object], ...] = ()
+    local: tuple[str, ...] = ()
+    batchnorm: Literal["local", "global"] = "local"
+
+    @property
+    def is_torch(self) -> bool:
+        """Whether the model is a torch module (anything but the numpy ``logreg``)."""
+        return self.factory != "logreg"
+
 
 @dataclass(frozen=True, slots=True)
 class TrainingSpec:
-    """Local training on every device (``client.trainers``).
+    """Local training on every device (``client.trainers``), as a device config says it.
 
     Attributes:
-        model: ``"logreg"`` (multinomial logistic regression, numpy) or
-            ``"mlp"`` (``client.trainers.make_mlp``, torch).
-        hidden: mlp: hidden units.
-        optimizer: local optimizer; ``"sgd"`` is the one the trainers implement.
+        loss: ``"auto"`` (cross-entropy for classification, MSE for
+            regression), ``"cross_entropy"``, ``"mse"`` or an import path to a
+            loss callable ``(outputs, targets) -> tensor`` (torch models only).
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"`` (torch models; the numpy
+            ``logreg`` has plain SGD only).
         lr: local learning rate.
-        momentum: SGD momentum (mlp only; the numpy trainer has none).
+        momentum: SGD momentum (torch models only).
+        weight_decay: L2 weight decay (torch models only).
+        grad_clip: clip the gradient's L2 norm to this, None for no clipping.
+        lr_schedule: the learning rate per round of a device (its own
+            ``train`` calls), ``client.trainers.LrSchedule``.
         batch_size: examples per local step.
-        local_epochs: passes over the local data per run (fractions allowed).
+        drop_last: skip each epoch's last batch when smaller than
+            ``batch_size``.
+        min_batch: the smallest batch to step on (a smaller remainder joins
+            the batch before it); None: 2 for a model with BatchNorm, which
+            cannot train on a batch of one, else 1.
+        local_epochs: passes over the local data per run (fractions allowed);
+            ``epochs`` is the device config's name for it.
         mu: FedProx proximal coefficient, 0 for plain local SGD.
+        device: where torch trains: ``"cpu"`` (the default: one simulated
+            device at a time, deterministic), ``"auto"`` or ``"cuda"``.
     """
 
-    model: Literal["logreg", "mlp"] = "logreg"
-    hidden: int = 32
-    optimizer: Literal["sgd"] = "sgd"
+    loss: str = "auto"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    lr_schedule: LrSchedule = dataclasses.field(default_factory=LrSchedule)
     batch_size: int = 10
+    drop_last: bool = False
+    min_batch: int | None = None
     local_epochs: float = 1.0
     mu: float = 0.0
+    device: Literal["cpu", "auto", "cuda"] = "cpu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +456,7 @@ class Scenario:
         seed: the run's seed.
         fleet: regions, edges, devices.
         data: dataset and partition.
+        model: the model and which of its tensors stay local.
         training: local training.
         clients: speed, availability, network.
         aggregation: sync rounds or async tiers.
@@ -350,6 +465,8 @@ class Scenario:
         eval: evaluation schedule.
         effective: the merged tables as run (base files and overrides applied),
             for the report.
+        base_dir: the scenario file's folder: relative data paths were
+            resolved against it, and loaders get it in their ``DataRequest``.
     """
 
     name: str
@@ -357,6 +474,7 @@ class Scenario:
     seed: int
     fleet: FleetSpec
     data: DataSpec
+    model: ModelSpec
     training: TrainingSpec
     clients: ClientsSpec
     aggregation: AggregationSpec
@@ -364,6 +482,7 @@ class Scenario:
     stop: StopSpec
     eval: EvalSpec
     effective: Mapping[str, object]
+    base_dir: Path | None = None
 
 
 # -- reading files ------------------------------------------------------------------
@@ -433,19 +552,27 @@ def load_scenario(
         apply_override(tables, assignment)
     if seed is not None:
         apply_override(tables, f"scenario.seed={seed}")
-    return parse_scenario(tables, name=path.stem)
+    return parse_scenario(tables, name=path.stem, base_dir=path.parent)
 
 
 # -- checking -----------------------------------------------------------------------
 
 
-def parse_scenario(tables: Mapping[str, object], *, name: str = "scenario") -> Scenario:
+def parse_scenario(
+    tables: Mapping[str, object], *, name: str = "scenario", base_dir: Path | None = None
+) -> Scenario:
     """Check merged scenario tables and build the :class:`Scenario`.
+
+    Args:
+        tables: the merged tables.
+        name: the default scenario name (the file stem), also the source in errors.
+        base_dir: the folder relative data paths are relative to (the
+            scenario file's); None leaves them relative to the working directory.
 
     Raises:
         ConfigError: one sentence naming the key and bad value.
     """
-    root = ConfigTable(tables, source=name)
+    root = ConfigTable(tables, source=name, base=base_dir)
     meta = root.table("scenario")
     scenario_name = meta.string("name", name)
     description = meta.string("description", "")
@@ -453,7 +580,9 @@ def parse_scenario(tables: Mapping[str, object], *, name: str = "scenario") -> S
     meta.finish()
     fleet = _fleet(root.table("fleet"))
     data = _data(root.table("data"))
-    training = _training(root.table("training"))
+    training_table = root.table("training")
+    model = _model(root.table("model"), training_table)
+    training = _training(training_table)
     clients = _clients(root.table("clients"))
     aggregation = _aggregation(root.table("aggregation"))
     codec = _codec(root.table("codec"))
@@ -467,10 +596,7 @@ def parse_scenario(tables: Mapping[str, object], *, name: str = "scenario") -> S
         )
     if stop.versions is None and stop.virtual_time_s is None:
         raise ConfigError(f"{name}: set stop.versions or stop.virtual_time_s (or both)")
-    if training.model == "logreg" and training.momentum:
-        raise ConfigError(
-            f"{name}: training.momentum needs model = 'mlp' (the numpy trainer has none)"
-        )
+    _check_model_and_training(name, model, training, data)
     if data.samples_per_device is not None and (
         data.dataset != "synthetic" or len(data.samples_per_device) != fleet.num_devices
     ):
@@ -489,6 +615,7 @@ def parse_scenario(tables: Mapping[str, object], *, name: str = "scenario") -> S
         seed=seed,
         fleet=fleet,
         data=data,
+        model=model,
         training=training,
         clients=clients,
         aggregation=aggregation,
@@ -496,6 +623,7 @@ def parse_scenario(tables: Mapping[str, object], *, name: str = "scenario") -> S
         stop=stop,
         eval=evaluation,
         effective=copy.deepcopy(dict(tables)),
+        base_dir=base_dir,
     )
 
 
@@ -529,14 +657,93 @@ def _fleet(t: ConfigTable) -> FleetSpec:
     return FleetSpec(regions, edges, tuple(kinds))
 
 
+def _check_model_and_training(
+    name: str, model: ModelSpec, training: TrainingSpec, data: DataSpec
+) -> None:
+    """The settings only torch models have, refused by name for the numpy ``logreg``."""
+    if model.is_torch:
+        if data.task == "regression" and training.loss == "cross_entropy":
+            raise ConfigError(
+                f"{name}: training.loss 'cross_entropy' cannot fit data.task regression"
+            )
+        return
+    torch_only = {
+        "training.momentum": training.momentum != 0,
+        "training.weight_decay": training.weight_decay != 0,
+        "training.grad_clip": training.grad_clip is not None,
+        "training.drop_last": training.drop_last,
+        "training.min_batch": training.min_batch is not None,
+        "training.lr_schedule": training.lr_schedule != LrSchedule(),
+        "training.device": training.device != "cpu",
+        "model.args": bool(model.args),
+        "model.local": bool(model.local),
+    }
+    for key, used in torch_only.items():
+        if used:
+            raise ConfigError(
+                f"{name}: {key} needs a torch model (model.factory = 'mlp' or a factory); "
+                "the numpy logreg has none"
+            )
+    if training.optimizer != "sgd":
+        raise ConfigError(
+            f"{name}: training.optimizer {training.optimizer!r} needs a torch model; the numpy "
+            "logreg trains with plain SGD"
+        )
+    if training.loss not in ("auto", "cross_entropy"):
+        raise ConfigError(
+            f"{name}: training.loss {training.loss!r} needs a torch model; the numpy logreg "
+            "minimises cross-entropy"
+        )
+    if data.task == "regression":
+        raise ConfigError(
+            f"{name}: model logreg classifies; data.task is regression (use model.factory = "
+            "'mlp' or a torch factory)"
+        )
+
+
+def _args(t: ConfigTable, key: str) -> tuple[tuple[str, object], ...]:
+    """A free-form ``args`` table (its values are the callee's to check), sorted by name."""
+    return tuple(sorted(t.mapping(key).items()))
+
+
 def _data(t: ConfigTable) -> DataSpec:
-    dataset: Literal["synthetic", "digits"] = t.choice(
-        "dataset", ("synthetic", "digits"), "synthetic"
-    )
+    given = [key for key in ("dataset", "loader", "path") if t.has(key)]
+    if len(given) > 1:
+        raise ConfigError(
+            f"{t.where} sets {' and '.join(given)}; name the data once: path (a file), "
+            "loader (an import path) or dataset (a built-in)"
+        )
+    source = SYNTHETIC_LOADER
+    if t.has("dataset"):
+        source = DATASET_ALIASES[t.choice("dataset", tuple(DATASET_ALIASES), "synthetic")]
+    elif t.has("loader"):
+        source = t.string("loader")
+        if not is_import_path(source):
+            raise t.fail("loader", "an import path 'package.module:function'")
+    elif t.has("path"):
+        source = str(t.path("path"))
+    label = t.raw("label")
+    if label is not None and (
+        not isinstance(label, str | int) or isinstance(label, bool) or label == ""
+    ):
+        raise t.fail("label", "a column name or index")
+    if label is not None and not t.has("path"):
+        raise ConfigError(f"{t.locate('label')} names a table column; it needs data.path")
+    task = t.choice("task", _TASKS) if t.has("task") else None
+    partition = t.choice("partition", _PARTITIONS) if t.has("partition") else None
+    holdout = t.choice("holdout", _HOLDOUTS) if t.has("holdout") else None
+    args = _args(t, "args")
+    if args and t.has("path"):
+        raise ConfigError(f"{t.locate('args')} are a loader's arguments; data.path names a file")
     samples_max = t.integer("samples_max", 0, low=0)
     seed_raw = t.raw("seed")
     spec = DataSpec(
-        dataset=dataset,
+        source=source,
+        args=args,
+        label=label,
+        task=task,
+        partition=partition,
+        holdout=holdout,
         alpha=t.number("alpha", 0.0, low=0.0),
         beta=t.number("beta", 0.0, low=0.0),
         iid=t.boolean("iid", False),
@@ -548,7 +755,6 @@ def _data(t: ConfigTable) -> DataSpec:
         samples_max=samples_max or None,
         samples_per_device=t.integers("samples_per_device", low=2),
         test_fraction=t.number("test_fraction", 0.1, low=0.0, high=0.9, low_open=True),
-        partition=t.choice("partition", ("dirichlet", "iid"), "dirichlet"),
         dirichlet_alpha=t.number("dirichlet_alpha", 0.5, low=0.0, low_open=True),
         quantity_sigma=t.number("quantity_sigma", 0.0, low=0.0),
         seed=None if seed_raw is None else t.integer("seed", 0),
@@ -559,19 +765,92 @@ def _data(t: ConfigTable) -> DataSpec:
             f"{t.locate('samples_max')} is {spec.samples_max}; it must be >= samples_min "
             f"({spec.samples_min})"
         )
+    if spec.partition == "loader" and spec.holdout == "global":
+        raise ConfigError(
+            f"{t.locate('holdout')} is 'global', which needs the whole data in one load; "
+            "with partition = 'loader' use 'loader' or 'device'"
+        )
+    if spec.holdout == "loader" and t.has("path"):
+        raise ConfigError(
+            f"{t.locate('holdout')} is 'loader' but data.path names a file, which has no test "
+            "split; use 'global' or 'device'"
+        )
+    if spec.partition == "dirichlet" and spec.task == "regression":
+        raise ConfigError(
+            f"{t.locate('partition')} is 'dirichlet', a label skew, but data.task is "
+            "regression; use 'iid'"
+        )
     return spec
 
 
+def _model(t: ConfigTable, training: ConfigTable) -> ModelSpec:
+    """``[model]``, with ``training.model`` and ``training.hidden`` as its old names."""
+    if t.has("factory") and training.has("model"):
+        raise ConfigError(
+            f"{t.where} sets factory and training.model sets it too; keep model.factory "
+            "(training.model is its old name)"
+        )
+    factory = "logreg"
+    if t.has("factory"):
+        factory = t.string("factory")
+        if factory not in ("logreg", "mlp") and not is_import_path(factory):
+            raise t.fail("factory", "'logreg', 'mlp' or an import path 'package.module:factory'")
+    elif training.has("model"):
+        factory = training.choice("model", ("logreg", "mlp"), "logreg")
+    args = dict(_args(t, "args"))
+    if training.has("hidden"):
+        hidden = training.integer("hidden", 32, low=1)
+        if "hidden" in args:
+            raise ConfigError(
+                f"{training.locate('hidden')} and model.args.hidden are the same setting; "
+                "keep model.args.hidden"
+            )
+        if factory == "mlp":
+            args["hidden"] = hidden
+    spec = ModelSpec(
+        factory=factory,
+        args=tuple(sorted(args.items())),
+        local=t.strings("local"),
+        batchnorm=t.choice("batchnorm", ("local", "global"), "local"),
+    )
+    t.finish()
+    return spec
+
+
+def _lr_schedule(t: ConfigTable) -> LrSchedule:
+    table = dict(t.mapping("lr_schedule"))
+    try:
+        return LrSchedule(**table)  # type: ignore[arg-type]  # its own checks name bad values
+    except TypeError:
+        known = ", ".join(f.name for f in dataclasses.fields(LrSchedule))
+        raise ConfigError(f"{t.locate('lr_schedule')} is {table!r}; it takes {known}") from None
+    except LocalProtocolError as exc:
+        raise ConfigError(f"{t.locate('lr_schedule')}: {exc}") from exc
+
+
 def _training(t: ConfigTable) -> TrainingSpec:
+    if t.has("epochs") and t.has("local_epochs"):
+        raise ConfigError(
+            f"{t.where} sets epochs and local_epochs, which are the same setting; keep one"
+        )
+    epochs_key = "epochs" if t.has("epochs") else "local_epochs"
+    loss = t.string("loss", "auto")
+    if loss not in ("auto", "cross_entropy", "mse") and not is_import_path(loss):
+        raise t.fail("loss", "'auto', 'cross_entropy', 'mse' or an import path to a loss")
     spec = TrainingSpec(
-        model=t.choice("model", ("logreg", "mlp"), "logreg"),
-        hidden=t.integer("hidden", 32, low=1),
-        optimizer=t.choice("optimizer", ("sgd",), "sgd"),
+        loss=loss,
+        optimizer=t.choice("optimizer", ("sgd", "adam", "adamw"), "sgd"),
         lr=t.number("lr", 0.01, low=0.0, low_open=True),
         momentum=t.number("momentum", 0.0, low=0.0, high=0.99),
+        weight_decay=t.number("weight_decay", 0.0, low=0.0),
+        grad_clip=_optional_number(t, "grad_clip"),
+        lr_schedule=_lr_schedule(t),
         batch_size=t.integer("batch_size", 10, low=1),
-        local_epochs=t.number("local_epochs", 1.0, low=0.0, low_open=True),
+        drop_last=t.boolean("drop_last", False),
+        min_batch=t.integer("min_batch", 0, low=0) or None,
+        local_epochs=t.number(epochs_key, 1.0, low=0.0, low_open=True),
         mu=t.number("mu", 0.0, low=0.0),
+        device=t.choice("device", ("cpu", "auto", "cuda"), "cpu"),
     )
     t.finish()
     return spec

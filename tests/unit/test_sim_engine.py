@@ -5,16 +5,19 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.errors import ConfigError
 from fedtier.simulations.sim.cli import main
-from fedtier.simulations.sim.engine import run_scenario
+from fedtier.simulations.sim.engine import RunResult, run_scenario
 from fedtier.simulations.sim.experiments import run_experiment
-from fedtier.simulations.sim.scenario import Scenario, dump_toml, parse_scenario
+from fedtier.simulations.sim.scenario import Scenario, dump_toml, load_scenario, parse_scenario
 
 TINY: dict[str, object] = {
     "scenario": {"seed": 3},
@@ -214,3 +217,253 @@ def test_an_unknown_fedprox_dataset_is_named(tmp_path: Path) -> None:
         run_experiment("fedprox", out=tmp_path, seeds=[0], datasets=["2-2"], show_progress=False)
     with pytest.raises(ConfigError, match="only for the fedprox experiment"):
         run_experiment("codecs", out=tmp_path, seeds=[0], datasets=["iid"], show_progress=False)
+
+
+# -- plug-ins: a user's own model factory and data loader --------------------------------
+
+USER_PLUGINS = '''
+"""A user's own model factory, data loaders and Trainer, outside the repository."""
+
+import numpy as np
+import torch
+
+from fedtier.client.plugins import Dataset
+from fedtier.client.trainers import TrainResult
+from fedtier.protocol.layout import layout_of
+
+REQUESTS = []
+
+
+def make_model(*, dataset, hidden=8):
+    outputs = dataset.num_classes or 1
+    return torch.nn.Sequential(
+        torch.nn.Linear(dataset.num_features, hidden),
+        torch.nn.BatchNorm1d(hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, outputs),
+    )
+
+
+def blobs(request):
+    """Each device's own shard: two Gaussian blobs per class, shifted per device."""
+    REQUESTS.append(request)
+    rng = np.random.default_rng([request.seed, request.index, request.split == "test"])
+    n = 40 if request.split == "train" else 10
+    y = rng.integers(0, 3, n)
+    X = rng.normal(0.0, 0.5, (n, 4)) + y[:, None] + 0.2 * request.index
+    return Dataset(X, y, name=f"blobs of device {request.index} of {request.count}")
+
+
+def line(request):
+    """One noisy linear regression task, as a plain (X, y) pair of float arrays."""
+    rng = np.random.default_rng(request.seed)
+    X = rng.normal(size=(300, 5))
+    y = X @ np.array([1.0, -2.0, 0.5, 0.0, 3.0]) + 0.1 * rng.normal(size=300)
+    return X.astype(np.float32), y.astype(np.float32)
+
+
+class MeanTrainer:
+    """Not torch: a one-number 'model', the mean of the device's targets."""
+
+    def __init__(self, y):
+        self._y = np.asarray(y, dtype=np.float32)
+        self._layout = layout_of([("mean", (1,))])
+
+    @property
+    def layout(self):
+        return self._layout
+
+    def train(self, params):
+        return TrainResult(np.array([self._y.mean()], np.float32), len(self._y), {"loss": 0.0})
+
+    def evaluate(self, params, X, y):
+        return {"loss": float(np.mean((np.asarray(y) - params[0]) ** 2))}
+
+
+def make_mean(*, dataset):
+    return MeanTrainer(dataset.y)
+'''
+
+
+@pytest.fixture
+def user_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """``userplugins.py`` in a folder outside the repository, put on ``sys.path``."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    (folder / "userplugins.py").write_text(USER_PLUGINS)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "userplugins", raising=False)
+    yield folder
+    sys.modules.pop("userplugins", None)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_scenario(path: Path, tables: dict[str, object]) -> Path:
+    path.write_text(dump_toml(tables))
+    return path
+
+
+def _plugin_tables(**sections: object) -> dict[str, object]:
+    tables = copy.deepcopy(TINY)
+    tables.pop("data")
+    tables.update(sections)
+    return tables
+
+
+def test_a_users_factory_and_loader_run_unchanged_in_sim_run(
+    user_plugins: Path, tmp_path: Path
+) -> None:
+    path = _write_scenario(
+        tmp_path / "user.toml",
+        _plugin_tables(
+            data={"loader": "userplugins:blobs", "partition": "loader"},
+            model={"factory": "userplugins:make_model", "args": {"hidden": 6}},
+            training={"lr": 0.3, "local_epochs": 3, "batch_size": 13},
+        ),
+    )
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
+    rows = _rows(out / "metrics.csv")
+    assert [int(r["version"]) for r in rows] == list(range(7))
+    assert float(rows[-1]["test_accuracy"]) > float(rows[0]["test_accuracy"])
+    import userplugins  # type: ignore[import-not-found]
+
+    # The loader sharded the fleet itself: one train and one test request per device.
+    asked = {(r.device, r.index, r.count, r.split) for r in userplugins.REQUESTS}
+    assert asked == {
+        (f"device-{i}", i, 12, split) for i in range(12) for split in ("train", "test")
+    }
+    report = (out / "report.md").read_text()
+    assert "blobs of device 0 of 12 (classification)" in report
+    # BatchNorm stays on each device (FedBN), so each device is scored with its own.
+    assert "4 tensors kept on the devices by batchnorm local (FedBN)" in report
+
+
+def test_batchnorm_global_sends_the_batchnorm_tensors(user_plugins: Path) -> None:
+    tables = _plugin_tables(
+        data={"loader": "userplugins:blobs", "partition": "loader"},
+        model={"factory": "userplugins:make_model", "batchnorm": "global"},
+        stop={"versions": 2},
+    )
+    fedbn = run_scenario(
+        parse_scenario(_plugin_tables(**{**tables, "model": {"factory": "userplugins:make_model"}}))
+    )
+    averaged = run_scenario(parse_scenario(tables))
+    hidden = 8
+    assert averaged.num_params == fedbn.num_params + 4 * hidden
+    assert averaged.local_tensors == ()
+    assert fedbn.local_tensors == ("1.bias", "1.running_mean", "1.running_var", "1.weight")
+
+
+def test_local_tensors_with_one_test_set_score_every_devices_model(user_plugins: Path) -> None:
+    def run(batchnorm: str) -> RunResult:
+        tables = _plugin_tables(
+            data={"loader": "userplugins:line", "holdout": "global"},
+            model={"factory": "userplugins:make_model", "batchnorm": batchnorm},
+            training={"lr": 0.02, "batch_size": 10},
+            stop={"versions": 3},
+        )
+        return run_scenario(parse_scenario(tables))
+
+    fedbn, averaged = run("local"), run("global")
+    assert fedbn.local_tensors
+    assert fedbn.data.holdout == "global"
+    # Before any training every device holds the same start: one model, one score.
+    assert fedbn.records[0].test_mse == pytest.approx(averaged.records[0].test_mse)
+    assert fedbn.final.test_mse < fedbn.records[0].test_mse
+
+
+def test_a_csv_file_is_held_out_and_split_by_the_scenario(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 240)
+    X = rng.normal(0.0, 0.5, (240, 3)) + y[:, None]
+    lines = [
+        "a,b,kind,c",
+        *(f"{x[0]:.4f},{x[1]:.4f},{k},{x[2]:.4f}" for x, k in zip(X, y, strict=True)),
+    ]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "points.csv").write_text("\n".join(lines) + "\n")
+    path = _write_scenario(
+        tmp_path / "csv.toml",
+        _plugin_tables(
+            data={"path": "data/points.csv", "label": "kind", "test_fraction": 0.25},
+            training={"lr": 0.5, "local_epochs": 2, "batch_size": 10},
+        ),
+    )
+    result = run_scenario(load_scenario(path))
+    assert result.data.name == "points.csv (CSV), label 'kind'"
+    assert (result.data.partition, result.data.holdout) == ("dirichlet", "global")
+    assert result.final.test_accuracy > 0.6  # three classes: chance is 1/3
+
+
+def test_a_regression_scenario_reports_r2_per_version(user_plugins: Path, tmp_path: Path) -> None:
+    path = _write_scenario(
+        tmp_path / "line.toml",
+        _plugin_tables(
+            data={"loader": "userplugins:line"},
+            model={"factory": "mlp", "args": {"hidden": 8}},
+            training={"lr": 0.02, "local_epochs": 2, "batch_size": 10, "loss": "mse"},
+        ),
+    )
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
+    rows = _rows(out / "metrics.csv")
+    assert "test_accuracy" not in rows[0]
+    r2 = [float(r["test_r2"]) for r in rows]
+    mse = [float(r["test_mse"]) for r in rows]
+    assert len(r2) == 7
+    assert r2[-1] > 0.8 > r2[0]
+    assert mse[-1] < mse[0]
+    assert rows[-1]["test_mse"] == rows[-1]["test_loss"]  # the loss is the MSE
+    report = (out / "report.md").read_text()
+    assert "| final test R^2 |" in report
+    assert "userplugins:line (regression), IID split" in report
+
+
+def test_a_factory_may_return_its_own_trainer(user_plugins: Path) -> None:
+    result = run_scenario(
+        parse_scenario(
+            _plugin_tables(
+                data={"loader": "userplugins:line"},
+                model={"factory": "userplugins:make_mean"},
+                training={"lr": 0.1},
+                stop={"versions": 2},
+            )
+        )
+    )
+    assert result.num_params == 1
+    assert result.data.task == "regression"
+    assert abs(result.final.test_r2) < 0.1  # a mean predicts nothing
+
+
+def test_a_missing_user_module_is_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write_scenario(
+        tmp_path / "missing.toml",
+        _plugin_tables(model={"factory": "nosuchpkg.models:make"}, stop={"versions": 1}),
+    )
+    assert main(["run", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "model factory 'nosuchpkg.models:make'" in err
+    assert "cannot be found" in err
+
+
+def test_the_batchnorm_experiment_compares_three_models(tmp_path: Path) -> None:
+    summary = run_experiment(
+        "batchnorm",
+        out=tmp_path,
+        seeds=[0],
+        overrides=["stop.versions=2", "eval.every_versions=1"],
+        show_progress=False,
+    )
+    text = summary.read_text()
+    for label in ("without BatchNorm", "BatchNorm, averaged (global)", "kept local (FedBN)"):
+        assert f"{label} |" in text
+    assert "Target: FedBN at most 2 points below" in text
+    assert "(batch size 8), per seed: 11 of 16" in text
+    assert (tmp_path / "batchnorm.png").exists()

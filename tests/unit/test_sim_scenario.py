@@ -8,8 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedtier.client.plugins import DataRequest
 from fedtier.protocol.errors import ConfigError
+from fedtier.simulations.datasets import diabetes, digits, load_digits_split, synthetic
+from fedtier.simulations.sim.data import build_data
 from fedtier.simulations.sim.scenario import (
+    DIGITS_LOADER,
+    SYNTHETIC_LOADER,
+    DataSpec,
     apply_override,
     dump_toml,
     load_scenario,
@@ -66,6 +72,46 @@ def test_a_minimal_scenario_takes_the_defaults() -> None:
         (
             {**MINIMAL, "data": {"dataset": "digits", "samples_per_device": [80, 80, 80]}},
             "it needs dataset = 'synthetic'",
+        ),
+        (
+            {**MINIMAL, "data": {"dataset": "digits", "loader": "my.data:load"}},
+            "sets dataset and loader; name the data once",
+        ),
+        ({**MINIMAL, "data": {"loader": "data.csv"}}, "data.loader is 'data.csv'; expected an"),
+        ({**MINIMAL, "data": {"loader": "a:b", "label": "y"}}, "it needs data.path"),
+        ({**MINIMAL, "data": {"path": "d.csv", "args": {"k": 1}}}, "data.path names a file"),
+        (
+            {**MINIMAL, "data": {"partition": "loader", "holdout": "global"}},
+            "needs the whole data in one load",
+        ),
+        (
+            {**MINIMAL, "data": {"path": "d.csv", "holdout": "loader"}},
+            "which has no test split",
+        ),
+        (
+            {**MINIMAL, "data": {"partition": "dirichlet", "task": "regression"}},
+            "a label skew, but data.task is regression",
+        ),
+        (
+            {**MINIMAL, "model": {"factory": "mlp"}, "training": {"model": "mlp"}},
+            "keep model.factory (training.model is its old name)",
+        ),
+        ({**MINIMAL, "model": {"factory": "resnet"}}, "model.factory is 'resnet'; expected"),
+        ({**MINIMAL, "model": {"batchnorm": "mean"}}, "model.batchnorm is 'mean'"),
+        ({**MINIMAL, "training": {"momentum": 0.9}}, "training.momentum needs a torch model"),
+        ({**MINIMAL, "training": {"optimizer": "adam"}}, "'adam' needs a torch model"),
+        ({**MINIMAL, "data": {"task": "regression"}}, "model logreg classifies"),
+        (
+            {**MINIMAL, "training": {"epochs": 2, "local_epochs": 2}},
+            "sets epochs and local_epochs, which are the same setting",
+        ),
+        (
+            {**MINIMAL, "model": {"factory": "mlp"}, "training": {"lr_schedule": {"every": 2}}},
+            "training.lr_schedule is {'every': 2}; it takes kind",
+        ),
+        (
+            {**MINIMAL, "model": {"factory": "mlp"}, "training": {"lr_schedule": {"kind": "x"}}},
+            "lr schedule kind is 'x'",
         ),
     ],
 )
@@ -149,3 +195,99 @@ def test_fixed_sample_counts_replace_the_draw_and_keep_the_device_means() -> Non
     np.testing.assert_array_equal(fixed[0].y_train, plain[0].y_train[:18])
     with pytest.raises(ConfigError, match="expected one per device"):
         draw((20, 40))
+
+
+def test_the_old_keys_name_the_built_in_loaders_and_models() -> None:
+    old = parse_scenario(
+        {
+            **MINIMAL,
+            "data": {"dataset": "digits", "partition": "iid"},
+            "training": {"model": "mlp", "hidden": 16, "momentum": 0.5},
+        }
+    )
+    assert old.data.source == DIGITS_LOADER
+    assert old.data.dataset == "digits"
+    assert (old.model.factory, old.model.args) == ("mlp", (("hidden", 16),))
+    assert (old.model.batchnorm, old.model.local) == ("local", ())
+    assert old.training.momentum == 0.5
+    new = parse_scenario(
+        {
+            **MINIMAL,
+            "data": {"loader": DIGITS_LOADER, "partition": "iid"},
+            "model": {"factory": "mlp", "args": {"hidden": 16}},
+            "training": {"momentum": 0.5},
+        }
+    )
+    assert (new.data, new.model, new.training) == (old.data, old.model, old.training)
+    assert parse_scenario(MINIMAL).data.source == SYNTHETIC_LOADER
+
+
+def test_a_data_path_is_relative_to_the_scenario_file(tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text(
+        '[data]\npath = "data/train.csv"\nlabel = "y"\n'
+        "[[fleet.devices]]\ncount = 2\n[stop]\nversions = 1\n"
+    )
+    s = load_scenario(tmp_path / "s.toml")
+    assert s.data.source == str(tmp_path / "data" / "train.csv")
+    assert s.data.label == "y"
+    assert s.base_dir == tmp_path
+
+
+def test_the_digits_loader_gives_the_arrays_of_the_old_split() -> None:
+    whole = digits(DataRequest("fleet"))
+    assert (len(whole), whole.num_features, whole.num_classes) == (1797, 64, 10)
+    assert whole.name == "digits (scikit-learn, 8x8)"
+    spec = DataSpec(source=DIGITS_LOADER, partition="iid", test_fraction=0.2, seed=4)
+    data = build_data(spec, [1.0] * 5, seed=0)
+    # The simulator draws the split's seed first from the data seed, as it always did.
+    rng = np.random.default_rng(np.random.SeedSequence([4, 1]))
+    old = load_digits_split(test_fraction=0.2, seed=int(rng.integers(2**31)))
+    np.testing.assert_array_equal(data.X_test, old.X_test)
+    np.testing.assert_array_equal(data.y_test, old.y_test)
+    assert sum(len(y) for y in data.y_train) == len(old.y_train)
+    assert data.test_owner is None
+    # A device asking for its own share gets a seeded IID part of the whole.
+    shares = [digits(DataRequest(f"d{i}", index=i, count=3, seed=1)) for i in range(3)]
+    assert sum(len(s) for s in shares) == 1797
+
+
+def test_the_synthetic_loader_is_generate_synthetic_per_device() -> None:
+    from fedtier.simulations.sim.synthetic import generate_synthetic
+
+    splits = generate_synthetic(
+        4, alpha=1.0, beta=1.0, iid=False, rng=np.random.default_rng(np.random.SeedSequence([7, 1]))
+    )
+    for index in (0, 3):
+        request = DataRequest(f"device-{index}", index=index, count=4, seed=7)
+        train = synthetic(request, alpha=1.0, beta=1.0)
+        test = synthetic(DataRequest(f"device-{index}", index, 4, 7, "test"), alpha=1.0, beta=1.0)
+        np.testing.assert_array_equal(train.X, splits[index].X_train)
+        np.testing.assert_array_equal(test.y, splits[index].y_test)
+        assert train.num_classes == 10
+
+
+def test_per_device_holdout_keeps_each_devices_test_examples_apart() -> None:
+    spec = DataSpec(source=DIGITS_LOADER, holdout="device", test_fraction=0.2, seed=0)
+    data = build_data(spec, [1.0] * 4, seed=0)
+    assert data.test_owner is not None
+    assert data.partition == "dirichlet"
+    assert len(data.y_test) + int(data.samples.sum()) == 1797
+    held = np.bincount(data.test_owner, minlength=4)
+    # Each device keeps its first 80% for training and holds out the rest.
+    assert data.samples.tolist() == [
+        int(0.8 * (n + h)) for n, h in zip(data.samples, held, strict=True)
+    ]
+    assert sorted(np.unique(data.test_owner).tolist()) == [0, 1, 2, 3]
+
+
+def test_diabetes_is_a_standardised_regression() -> None:
+    data = diabetes(DataRequest("fleet"))
+    assert (len(data), data.num_features, data.task) == (442, 10, "regression")
+    assert data.num_classes is None
+    assert abs(float(data.y.mean())) < 1e-5
+    assert abs(float(data.y.std()) - 1.0) < 1e-4
+    spec = DataSpec(source="fedtier.simulations.datasets:diabetes", test_fraction=0.2)
+    split = build_data(spec, [1.0] * 3, seed=0)
+    assert (split.partition, split.task, len(split.y_test)) == ("iid", "regression", 88)
+    with pytest.raises(ConfigError, match="'dirichlet' needs class labels"):
+        build_data(DataSpec(source=spec.source, partition="dirichlet"), [1.0] * 3, seed=0)

@@ -71,6 +71,12 @@ class TierMetricsLike(Protocol):
     def inputs_flushed(self, count: int, reason: str, /) -> None:
         """Count the inputs of one flush and why it happened."""
 
+    def model_metrics(self, version: int, metrics: Mapping[str, float], /) -> None:
+        """Record the held-out metrics of model ``version`` (central)."""
+
+    def evaluation_failed(self) -> None:
+        """Count one failed evaluation of a model version (central)."""
+
 
 def quiet_metrics(tier: str, instance: str) -> TierMetricsLike:
     """Metrics that go nowhere: ``TierMetrics`` on a no-op provider (tests, embedded use)."""

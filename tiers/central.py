@@ -16,23 +16,47 @@ blob is written to ``<state_dir>/models/v<N>.blob`` (the signed envelope
 bytes), put in the registry's object store, the pointer is made current in the
 registry, and announced on ``model_announce()``. Version 0 comes from the
 initial model file the first time the store holds no version; later starts
-republish whatever was not confirmed, so startup is idempotent.
+republish whatever was not confirmed, so startup is idempotent (a version that
+``fedtier model rollback`` stored while the central was stopped is published
+the same way).
+
+Evaluation (optional): an injected :class:`ModelEvaluator` (the composition
+root builds it from ``[evaluation]``; tiers never import the client) scores
+every ``every_versions``-th version once it is stored, on a worker thread, one
+at a time; if versions come faster, a pending one is skipped for the newer.
+The metrics go to the store (``model_metrics``), the metrics endpoint
+(``fedtier_model_metric{metric}``) and the span ``central evaluate model``,
+a child of the version's ``central aggregate`` span. An evaluator that raises
+or returns a non-finite number is logged and counted
+(``fedtier_evaluation_failures_total``); the version stands, published as
+always. At start the current version is evaluated if it has no metrics.
+
+Early stopping: once a version meets ``[evaluation] target`` the central
+records it (``target_reached`` in the store) and makes no new version: inputs
+are still accepted, stored and acknowledged, and stay in the open buffer. A
+restart keeps it stopped while the recorded score still meets the configured
+target; raising the target past it, or removing the target, and restarting
+resumes, and the kept inputs make the next version.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 import trio
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.trace import Status, StatusCode
 
 from fedtier.protocol.bus import Bus, Delivery, Subscription
 from fedtier.protocol.codecs import decode
@@ -59,15 +83,65 @@ from fedtier.tiers._telemetry import (
     traceparent_of,
 )
 from fedtier.tiers._upstream import UpstreamWorker, retry_transient
-from fedtier.tiers.config import CentralConfig, load_initial_model
+from fedtier.tiers.config import CentralConfig, EvaluationTarget, load_initial_model
 from fedtier.tiers.core import ModelView, seal_version, step_model
 from fedtier.tiers.faults import crash_point
 from fedtier.tiers.model_registry import ModelRegistryWriter
 from fedtier.tiers.registry import TierKeys
-from fedtier.tiers.store import CommitTicket, ModelVersionRecord, Recovery
+from fedtier.tiers.store import CommitTicket, ModelVersionRecord, Recovery, TargetRecord
 from fedtier.tiers.tier import OpenBuffer, TierDaemon
 
-__all__ = ["CentralDaemon", "ModelPublisher"]
+__all__ = ["CentralDaemon", "ModelEvaluator", "ModelPublisher"]
+
+ATTR_METRIC_PREFIX = "fedtier.metric."
+"""Span attributes of ``central evaluate model``: ``fedtier.metric.accuracy`` and so on."""
+
+
+class ModelEvaluator(Protocol):
+    """Scores a model version on held-out data: ``(version, params) -> {"accuracy": 0.93}``.
+
+    Called on a worker thread, one call at a time; ``params`` is read-only.
+    Raising, or returning a value that is not a finite number, fails only the
+    evaluation: the version stands.
+    """
+
+    def __call__(self, version: int, params: npt.NDArray[np.float32], /) -> Mapping[str, float]:
+        """The metrics of model ``version``, whose flat parameters are ``params``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _EvaluationJob:
+    """A stored (or about to be stored) version to evaluate."""
+
+    version: int
+    params: npt.NDArray[np.float32]
+    ticket: CommitTicket | None = None
+    trace: str = ""
+
+
+def _checked_metrics(raw: object) -> dict[str, float]:
+    """An evaluator's result as finite floats by name.
+
+    Raises:
+        TypeError: not a mapping of names to real numbers.
+        ValueError: empty, or a value is not finite.
+    """
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"the evaluator returned a {type(raw).__name__}, not a mapping")
+    if not raw:
+        raise ValueError("the evaluator returned no metric")
+    out: dict[str, float] = {}
+    for name, value in raw.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"metric name {name!r} is not a non-empty string")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"metric {name!r} is a {type(value).__name__}, not a number")
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"metric {name!r} is {number}")
+        out[name] = number
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +226,14 @@ class ModelPublisher(UpstreamWorker[PublishJob]):
         self.published.append(version)
         daemon.log.info("model v%d published", version)
 
+    def has_room(self) -> bool:
+        """Whether a new version may be cut: room in the queue, and no evaluation target reached.
+
+        A reached target holds cuts back exactly as a full queue does, so the
+        flush loop waits for input instead of spinning on a due flush.
+        """
+        return super().has_room() and self._daemon.target_reached is None
+
 
 class CentralDaemon(TierDaemon):
     """The central daemon of a fleet.
@@ -165,7 +247,16 @@ class CentralDaemon(TierDaemon):
         metrics: duck-typed ``TierMetrics``; a no-op when None.
         tracer: OpenTelemetry tracer; the global fedtier tracer when None.
         clock_ms: wall clock for ``created_ms``.
-        store_in_thread: run sqlite commits and file writes on a worker thread.
+        store_in_thread: run sqlite commits, file writes and evaluations on
+            worker threads (False runs them on the trio thread, for tests under
+            a fake clock).
+        evaluator: scores each stored version (see the module docstring); its
+            cadence and target come from ``config.evaluation`` (every version,
+            no target, when that is None).
+
+    Attributes:
+        evaluation_failures: evaluations that failed since start.
+        target_reached: the evaluation target this central stopped at, or None.
     """
 
     tier = "central"
@@ -184,6 +275,7 @@ class CentralDaemon(TierDaemon):
         tracer: trace.Tracer | None = None,
         clock_ms: Callable[[], int] | None = None,
         store_in_thread: bool = True,
+        evaluator: ModelEvaluator | None = None,
     ) -> None:
         keys = keys if keys is not None else self.load_keys(config)
         if keys.identity.key_id != keys.central.key_id:
@@ -209,6 +301,15 @@ class CentralDaemon(TierDaemon):
         self.layout: ModelLayout | None = None
         self._view: ModelView | None = None
         self._publisher: ModelPublisher | None = None
+        self.evaluator = evaluator
+        settings = config.evaluation
+        self._evaluate_every = 1 if settings is None else settings.every_versions
+        self._target: EvaluationTarget | None = None if settings is None else settings.target
+        self.evaluation_failures = 0
+        self.target_reached: TargetRecord | None = None
+        self._evaluation_pending: _EvaluationJob | None = None
+        self._evaluation_wakeup = trio.Event()
+        self._evaluation_limiter = trio.CapacityLimiter(1)
 
     # -- state --------------------------------------------------------------------------
 
@@ -256,9 +357,12 @@ class CentralDaemon(TierDaemon):
         assert self._view is not None
         self._buffer = OpenBuffer(self._view.num_params, recovery.open_epoch)
         self._refold(recovery)
+        self._resume_evaluation()
         self._publisher = ModelPublisher(self, capacity=4, on_room=self.buffer.poke)
         await nursery.start(self._publisher.serve, initial)
         self.metrics.model_version(self.version)
+        if self.evaluator is not None:
+            await nursery.start(self._serve_evaluations)
 
     def _make_version_zero(self) -> PublishJob:
         layout, params = load_initial_model(self.central_config.initial_model)
@@ -343,9 +447,13 @@ class CentralDaemon(TierDaemon):
         self.version = version
         self._view = ModelView(version, layout.fingerprint, layout.num_params, pointer_bytes)
         self.metrics.model_version(version)
+        if version % self._evaluate_every == 0:
+            self._queue_evaluation(_EvaluationJob(version, params, ticket, trace_parent))
         return PublishJob(version, blob_bytes, pointer_bytes, ticket, trace_parent)
 
     def _cut(self, reason: str) -> PublishJob | None:
+        if self.target_reached is not None:
+            return None  # early stopping: the inputs stay in the open buffer (and the store)
         buffer = self.buffer
         aggregate = buffer.accumulator
         if aggregate.is_empty:
@@ -405,3 +513,154 @@ class CentralDaemon(TierDaemon):
         )
         buffer.advance()
         return job
+
+    # -- evaluation ---------------------------------------------------------------------
+
+    def _resume_evaluation(self) -> None:
+        """At start: report the current version's metrics, or evaluate it; keep a met target.
+
+        The central stays stopped while the score recorded when the target was
+        met still meets the configured target (same metric).
+        """
+        if self.central_config.evaluation is not None and self.evaluator is None:
+            self.log.warning(
+                "the config has an [evaluation] table but no evaluator was given; "
+                "versions are not evaluated"
+            )
+        metrics = self.store.model_metrics(self.version)
+        if metrics:
+            self.metrics.model_metrics(self.version, metrics)
+        elif self.evaluator is not None and self._evaluation_pending is None:
+            assert self.params is not None
+            self._queue_evaluation(_EvaluationJob(self.version, self.params))
+        recorded = self.store.target_reached()
+        target = self._target
+        stop: TargetRecord | None = None
+        if target is not None:
+            if (
+                recorded is not None
+                and recorded.metric == target.metric
+                and target.reached_by({recorded.metric: recorded.value})
+            ):
+                stop = recorded
+            elif target.reached_by(metrics):
+                stop = TargetRecord(
+                    self.version, target.metric, metrics[target.metric], target.value,
+                    self.clock_ms(),
+                )  # fmt: skip
+                self.store.submit_target_reached(stop)
+        if stop is not None:
+            self.target_reached = stop
+            self.log.warning(
+                "model v%d met the evaluation target %s (%s = %.6g): no new version is made "
+                "until the target is raised or removed and the central restarted; inputs "
+                "are still accepted and kept",
+                stop.version,
+                target.describe() if target is not None else stop.metric,
+                stop.metric,
+                stop.value,
+            )
+        elif recorded is not None:
+            self.store.submit_target_reached(None)
+            self.log.info(
+                "the evaluation target met at model v%d (%s = %.6g) no longer applies; "
+                "making versions again",
+                recorded.version,
+                recorded.metric,
+                recorded.value,
+            )
+
+    def _queue_evaluation(self, job: _EvaluationJob) -> None:
+        """Hand ``job`` to the evaluation task; a version still waiting is skipped for it."""
+        if self.evaluator is None:
+            return
+        skipped = self._evaluation_pending
+        if skipped is not None:
+            self.log.info(
+                "model v%d is not evaluated: v%d came before its evaluation started",
+                skipped.version,
+                job.version,
+            )
+        # Read-only: the evaluator must never change the model the central steps from.
+        params = job.params.view()
+        params.flags.writeable = False
+        self._evaluation_pending = _EvaluationJob(job.version, params, job.ticket, job.trace)
+        self._evaluation_wakeup.set()
+
+    async def _serve_evaluations(self, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        while True:
+            await self._evaluation_wakeup.wait()
+            self._evaluation_wakeup = trio.Event()
+            job, self._evaluation_pending = self._evaluation_pending, None
+            if job is not None:
+                await self._evaluate(job)
+
+    async def _run_evaluator(self, job: _EvaluationJob) -> object:
+        evaluator = self.evaluator
+        assert evaluator is not None
+        call = functools.partial(evaluator, job.version, job.params)
+        if not self._store_in_thread:
+            await trio.lowlevel.checkpoint()
+            return call()
+        # Abandoned on cancellation: a stopping central does not wait for a long evaluation.
+        return await trio.to_thread.run_sync(
+            call, limiter=self._evaluation_limiter, abandon_on_cancel=True
+        )
+
+    async def _evaluate(self, job: _EvaluationJob) -> None:
+        """Score one version once it is stored; a failure is logged and counted, never raised."""
+        version = job.version
+        if job.ticket is not None:
+            await job.ticket.wait()  # a failed commit stops the daemon anyway
+        started = time.perf_counter()
+        with self.tracer.start_as_current_span(
+            span_name("central", "evaluate model"),
+            context=context_of(job.trace),
+            attributes={ATTR_MODEL_VERSION: version},
+        ) as span:
+            try:
+                metrics = _checked_metrics(await self._run_evaluator(job))
+            except Exception as exc:  # the evaluator is user code: anything may fail
+                self.evaluation_failures += 1
+                self.metrics.evaluation_failed()
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                self.log.error(
+                    "evaluation of model v%d failed (the version stands): %s: %s",
+                    version,
+                    type(exc).__name__,
+                    exc,
+                )
+                self.log.debug("evaluation of model v%d failed", version, exc_info=exc)
+                return
+            for name, value in metrics.items():
+                span.set_attribute(ATTR_METRIC_PREFIX + name, value)
+        await self.store.submit_metrics(version, metrics, evaluated_ms=self.clock_ms()).wait()
+        self.metrics.model_metrics(version, metrics)
+        self.log.info(
+            "model v%d evaluated in %.2f s: %s",
+            version,
+            time.perf_counter() - started,
+            ", ".join(f"{name} {value:.6g}" for name, value in metrics.items()),
+        )
+        self._check_target(version, metrics)
+
+    def _check_target(self, version: int, metrics: Mapping[str, float]) -> None:
+        target = self._target
+        if target is None or self.target_reached is not None or not target.reached_by(metrics):
+            return
+        record = TargetRecord(
+            version, target.metric, metrics[target.metric], target.value, self.clock_ms()
+        )
+        self.target_reached = record
+        self.store.submit_target_reached(record)
+        self.log.warning(
+            "model v%d met the evaluation target %s (%s = %.6g): no new version is made until "
+            "the target is raised or removed and the central restarted; inputs are still "
+            "accepted and kept",
+            version,
+            target.describe(),
+            target.metric,
+            record.value,
+        )

@@ -11,6 +11,7 @@ paths are relative to the file's folder. Commented examples live in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,12 +28,16 @@ from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
 from fedtier.protocol.names import check_token
 from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.optimizers import ServerOptimizer, make_optimizer
+from fedtier.tiers.registry import is_hex_key
 from fedtier.tiers.staleness import StalenessPolicy
 from fedtier.tiers.validation import NormPolicy
 
 __all__ = [
+    "EVALUATION_METRICS",
     "CentralConfig",
     "EdgeConfig",
+    "EvaluationSettings",
+    "EvaluationTarget",
     "MqttSettings",
     "NatsSettings",
     "RegionalConfig",
@@ -206,6 +211,126 @@ class RegionalConfig(TierConfig):
         _check_partial_codec(self.partial_codec)
 
 
+EVALUATION_METRICS: Final[Mapping[str, Literal["max", "min"]]] = {
+    "accuracy": "max",
+    "r2": "max",
+    "loss": "min",
+    "mse": "min",
+    "rmse": "min",
+    "mae": "min",
+}
+"""The metrics the central's evaluator computes, and which way is better.
+
+``fedtier.client.evaluation`` computes them (its test checks both lists agree);
+the central only needs the direction, to tell when a target is reached.
+"""
+_CLASSIFICATION_METRICS: Final = frozenset({"accuracy", "loss"})
+_REGRESSION_METRICS: Final = frozenset({"r2", "loss", "mse", "rmse", "mae"})
+_TASKS: Final[tuple[Literal["classification", "regression"], ...]] = (
+    "classification",
+    "regression",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationTarget:
+    """Early stopping: the value of one metric at which the central stops making versions.
+
+    Attributes:
+        metric: one of the evaluated metrics.
+        value: reached when a version scores ``>= value`` (accuracy, r2) or
+            ``<= value`` (loss, mse, rmse, mae).
+    """
+
+    metric: str
+    value: float
+
+    def reached_by(self, metrics: Mapping[str, float]) -> bool:
+        """Whether ``metrics`` (one version's) meet the target."""
+        score = metrics.get(self.metric)
+        if score is None:
+            return False
+        if EVALUATION_METRICS[self.metric] == "max":
+            return score >= self.value
+        return score <= self.value
+
+    def describe(self) -> str:
+        """``accuracy >= 0.95``."""
+        sign = ">=" if EVALUATION_METRICS[self.metric] == "max" else "<="
+        return f"{self.metric} {sign} {self.value:g}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluationSettings:
+    """The central's held-out evaluation (the ``[evaluation]`` table).
+
+    The model and data are named in the plug-in syntax of devices and
+    scenarios; the composition root (``fedtier central``) builds the evaluator
+    from them, so the central itself never imports the client.
+
+    Attributes:
+        model: a built-in (``"mlp"``, ``"logreg"``) or ``"package.module:factory"``.
+        args: keyword arguments of the factory.
+        data: a data file (resolved against the config's folder) or
+            ``"package.module:loader"`` (called with ``split="test"``,
+            ``device="central"``).
+        data_args: keyword arguments of a loader.
+        label: a table's label column (name or index); default the last one.
+        task: ``"classification"`` or ``"regression"``; None infers it from the labels.
+        metrics: what to compute; empty means the task's defaults
+            (``accuracy, loss`` or ``r2, mse``).
+        every_versions: evaluate versions whose number is a multiple of it.
+        target: early stopping, or None.
+        base_dir: the config file's folder (a loader's ``DataRequest.base_dir``).
+    """
+
+    model: str
+    data: str
+    args: Mapping[str, object] = field(default_factory=dict)
+    data_args: Mapping[str, object] = field(default_factory=dict)
+    label: str | int | None = None
+    task: Literal["classification", "regression"] | None = None
+    metrics: tuple[str, ...] = ()
+    every_versions: int = 1
+    target: EvaluationTarget | None = None
+    base_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in self.metrics:
+            if name not in EVALUATION_METRICS:
+                raise ConfigError(
+                    f"evaluation metric {name!r} is not one of {', '.join(EVALUATION_METRICS)}"
+                )
+        if self.task is not None:
+            allowed = (
+                _CLASSIFICATION_METRICS if self.task == "classification" else _REGRESSION_METRICS
+            )
+            wrong = [name for name in self.metrics if name not in allowed]
+            if wrong:
+                raise ConfigError(
+                    f"evaluation metric {wrong[0]!r} does not apply to {self.task}; "
+                    f"use {', '.join(sorted(allowed))}"
+                )
+        if self.every_versions < 1:
+            raise ConfigError(f"evaluation every_versions is {self.every_versions}; expected >= 1")
+        target = self.target
+        if target is not None:
+            if target.metric not in EVALUATION_METRICS:
+                raise ConfigError(
+                    f"evaluation target metric {target.metric!r} is not one of "
+                    f"{', '.join(EVALUATION_METRICS)}"
+                )
+            if self.metrics and target.metric not in self.metrics:
+                raise ConfigError(
+                    f"evaluation target metric {target.metric!r} is not among the evaluated "
+                    f"metrics ({', '.join(self.metrics)})"
+                )
+
+    def evaluates(self, version: int) -> bool:
+        """Whether model ``version`` is due for evaluation (0, n, 2n, ...)."""
+        return version % self.every_versions == 0
+
+
 @dataclass(frozen=True, kw_only=True)
 class CentralConfig(TierConfig):
     """The central daemon: partials in, signed model versions out.
@@ -215,11 +340,13 @@ class CentralConfig(TierConfig):
             is the layout order), loaded without pickle.
         optimizer_name: ``fedavg``, ``fedadam`` or ``fedyogi``.
         optimizer_params: its parameters (``lr``, ``beta1``, ``beta2``, ``tau``).
+        evaluation: the held-out evaluation of each version, or None for none.
     """
 
     initial_model: Path
     optimizer_name: str = "fedavg"
     optimizer_params: Mapping[str, float] = field(default_factory=dict)
+    evaluation: EvaluationSettings | None = None
 
     def __post_init__(self) -> None:
         TierConfig.__post_init__(self)
@@ -278,6 +405,9 @@ def load_initial_model(path: Path) -> tuple[ModelLayout, np.ndarray[Any, np.dtyp
 # -- loading ------------------------------------------------------------------------
 
 _DEFAULT_NATS: Final = NatsSettings()
+# ``package.module:attribute``: the plug-in syntax of models and data loaders
+# (``fedtier.client.plugins`` reads it the same way); anything else is a path.
+_IMPORT_PATH: Final = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 _DEFAULT_MQTT: Final = MqttSettings()
 _DEFAULT_RETRY: Final = RetrySettings()
 _NORM_POLICIES: Final[tuple[NormPolicy, ...]] = ("clip", "reject")
@@ -359,6 +489,14 @@ def _policies(root: ConfigTable) -> dict[str, Any]:
     return {"flush": flush, "staleness": staleness}
 
 
+def _pinned_key(table: ConfigTable, key: str) -> str:
+    """A pinned public key as written: 64 hex digits, or a path resolved like every other path."""
+    value = table.string(key, nonempty=False)
+    if not value or is_hex_key(value):
+        return value
+    return str(table.resolve(value))
+
+
 def _common(root: ConfigTable, kind: TierKind) -> dict[str, Any]:
     keys = root.table("keys")
     common: dict[str, Any] = {
@@ -366,7 +504,7 @@ def _common(root: ConfigTable, kind: TierKind) -> dict[str, Any]:
         "identity_key": root.path("identity_key"),
         "state_dir": root.path("state_dir"),
         "sender_keys": keys.paths("senders"),
-        "central_key": keys.string("central", nonempty=False),
+        "central_key": _pinned_key(keys, "central"),
         "nats": _nats(root.table("nats")),
         "limits": _limits(root.table("limits")),
         "intake_capacity": root.integer("intake_capacity", 64, low=1),
@@ -384,6 +522,49 @@ def _common(root: ConfigTable, kind: TierKind) -> dict[str, Any]:
     common["commit_window_s"] = store.number("commit_window_ms", 2.0, low=0.0) / 1000.0
     store.finish()
     return common
+
+
+def _evaluation(table: ConfigTable) -> EvaluationSettings:
+    model = table.string("model")
+    args = dict(table.mapping("args"))
+    data = table.string("data")
+    data_args = dict(table.mapping("data_args"))
+    label_raw = table.raw("label", None)
+    if label_raw is not None and (
+        isinstance(label_raw, bool) or not isinstance(label_raw, (str, int)) or label_raw == ""
+    ):
+        raise table.fail("label", "a column name or a 0-based column index")
+    label: str | int | None = label_raw
+    task: Literal["classification", "regression"] | None = None
+    if table.has("task"):
+        task = table.choice("task", _TASKS)
+    metrics = table.strings("metrics")
+    every = table.integer("every_versions", 1, low=1)
+    target: EvaluationTarget | None = None
+    if table.has("target"):
+        spec = table.table("target")
+        target = EvaluationTarget(
+            spec.choice("metric", tuple(EVALUATION_METRICS)), spec.number("value")
+        )
+        spec.finish()
+    # A loader stays a string (it is imported by the evaluator); a file is resolved
+    # like every other path of the file.
+    if not _IMPORT_PATH.fullmatch(data):
+        data = str(table.resolve(data))
+    settings = EvaluationSettings(
+        model=model,
+        args=args,
+        data=data,
+        data_args=data_args,
+        label=label,
+        task=task,
+        metrics=metrics,
+        every_versions=every,
+        target=target,
+        base_dir=table.resolve("."),
+    )
+    table.finish()
+    return settings
 
 
 def load_config(kind: TierKind, path: Path) -> TierConfig:
@@ -430,8 +611,13 @@ def load_config(kind: TierKind, path: Path) -> TierConfig:
             # Parameter names are the optimizer's to check (make_optimizer names
             # an unknown one); here they only have to be numbers.
             params = {key: optimizer.number(key) for key in optimizer.remaining()}
+            evaluation = _evaluation(root.table("evaluation")) if root.has("evaluation") else None
             config = CentralConfig(
-                **common, initial_model=initial, optimizer_name=name, optimizer_params=params
+                **common,
+                initial_model=initial,
+                optimizer_name=name,
+                optimizer_params=params,
+                evaluation=evaluation,
             )
     except ConfigError as exc:
         message = str(exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -139,6 +140,7 @@ class RecordingMetrics:
         anomalies: detector -> count.
         flushed: (reason) -> inputs flushed.
         versions: model versions reported, in order.
+        evaluations: version -> the held-out metrics reported for it.
     """
 
     def __init__(self) -> None:
@@ -147,6 +149,7 @@ class RecordingMetrics:
         self.anomalies: Counter[str] = Counter()
         self.flushed: Counter[str] = Counter()
         self.versions: list[int] = []
+        self.evaluations: dict[int, dict[str, float]] = {}
 
     def update_outcome(self, outcome: str, reason: str) -> None:
         """Count an outcome."""
@@ -191,3 +194,11 @@ class RecordingMetrics:
     def inputs_flushed(self, count: int, reason: str) -> None:
         """Count flushed inputs."""
         self.flushed[reason] += count
+
+    def model_metrics(self, version: int, metrics: Mapping[str, float]) -> None:
+        """Keep the metrics of ``version``."""
+        self.evaluations[version] = dict(metrics)
+
+    def evaluation_failed(self) -> None:
+        """Count a failed evaluation."""
+        self.calls["evaluation_failed"] += 1

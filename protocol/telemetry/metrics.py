@@ -16,6 +16,10 @@ Series (Prometheus names; every series also has ``tier`` and ``fedtier_instance`
     fedtier_model_version                       F8  the version this process knows
     fedtier_retries_total{operation}            F7  retried transient failures
     fedtier_flushed_inputs_total{reason}            inputs folded, by flush reason
+    fedtier_model_metric{metric}                    central: the held-out evaluation of
+                                                    the newest evaluated model version
+    fedtier_model_metric_version                    central: the version it measured
+    fedtier_evaluation_failures_total               central: evaluator runs that failed
 
 The label is ``fedtier_instance`` and not ``instance`` because Prometheus sets
 ``instance`` to the scrape target. Pass a daemon or process id as the instance,
@@ -29,6 +33,7 @@ import os
 import socket
 import socketserver
 import threading
+from collections.abc import Mapping
 from http.server import HTTPServer
 from types import TracebackType
 from typing import Final
@@ -89,7 +94,10 @@ class TierMetrics:
         "_base",
         "_buffer_inputs",
         "_by_label",
+        "_evaluation_failures",
         "_flushed",
+        "_model_metric",
+        "_model_metric_version",
         "_model_version",
         "_retries",
         "_staleness",
@@ -157,6 +165,21 @@ class TierMetrics:
             "{input}",
             "Inputs folded into a flushed aggregate, by reason.",
         )
+        self._model_metric: _Gauge = meter.create_gauge(
+            "fedtier_model_metric",
+            "1",
+            "Held-out evaluation of the newest evaluated model version, by metric.",
+        )
+        self._model_metric_version: _Gauge = meter.create_gauge(
+            "fedtier_model_metric_version",
+            "{version}",
+            "The model version fedtier_model_metric measured.",
+        )
+        self._evaluation_failures: Counter = meter.create_counter(
+            "fedtier_evaluation_failures",
+            "{evaluation}",
+            "Evaluations of a model version that failed (the version itself stands).",
+        )
 
     def _labels(self, *pairs: str) -> Attributes:
         attributes = self._by_label.get(pairs)
@@ -209,6 +232,20 @@ class TierMetrics:
     def inputs_flushed(self, count: int, reason: str) -> None:
         """Count ``count`` inputs folded by a flush triggered by ``reason``."""
         self._flushed.add(count, self._labels("reason", reason))
+
+    def model_metrics(self, version: int, metrics: Mapping[str, float]) -> None:
+        """Set the held-out metrics of model ``version``, e.g. ``{"accuracy": 0.93}``.
+
+        Metric names come from the small fixed set the central evaluates, so
+        they are safe label values.
+        """
+        self._model_metric_version.set(version, self._base)
+        for name, value in metrics.items():
+            self._model_metric.set(value, self._labels("metric", name))
+
+    def evaluation_failed(self) -> None:
+        """Count one evaluation that failed (the version was kept and published)."""
+        self._evaluation_failures.add(1, self._base)
 
 
 class MetricsHandle:

@@ -20,12 +20,18 @@ from fedtier.protocol.messages import ModelAnnouncement, ModelBlob, Tier
 from fedtier.protocol.names import NatsSubjects
 from fedtier.simulations.testing import RecordingMetrics, sign_partial
 from fedtier.tiers.aggregate import Accumulator
-from fedtier.tiers.central import CentralDaemon
-from fedtier.tiers.config import CentralConfig, load_initial_model
+from fedtier.tiers.central import CentralDaemon, ModelEvaluator
+from fedtier.tiers.config import (
+    CentralConfig,
+    EvaluationSettings,
+    EvaluationTarget,
+    load_initial_model,
+)
 from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.model_registry import MemoryModelRegistry
 from fedtier.tiers.registry import KeyRegistry, TierKeys
 from fedtier.tiers.staleness import StalenessPolicy
+from fedtier.tiers.store import open_state_store, read_stored_versions, read_target_reached
 
 FLEET = "acme"
 CENTRAL = SigningIdentity.from_seed(b"\x01" * 32)
@@ -51,6 +57,7 @@ class Hub:
     nats: MemoryBroker = field(default_factory=lambda: MemoryBroker("nats"))
     registry: MemoryModelRegistry = field(default_factory=MemoryModelRegistry)
     metrics: RecordingMetrics = field(default_factory=RecordingMetrics)
+    evaluator: ModelEvaluator | None = None
 
     def daemon(self) -> CentralDaemon:
         keys = TierKeys(
@@ -68,6 +75,7 @@ class Hub:
             metrics=self.metrics,
             clock_ms=lambda: 1_764_288_000_000,
             store_in_thread=False,
+            evaluator=self.evaluator,
         )
 
     async def send(self, data: bytes) -> None:
@@ -269,3 +277,205 @@ def test_central_identity_must_be_the_pinned_key(tmp_path: Path) -> None:
         CentralDaemon(
             config, nats=MemoryBus(MemoryBroker()), registry=MemoryModelRegistry(), keys=keys
         )
+
+
+# -- evaluation ---------------------------------------------------------------------------
+
+
+class NormEvaluator:
+    """Scores a version by its parameters' norm, and remembers what it was shown."""
+
+    def __init__(self, fail_on: frozenset[int] = frozenset()) -> None:
+        self.seen: dict[int, np.ndarray] = {}
+        self.fail_on = fail_on
+
+    def __call__(self, version: int, params: np.ndarray) -> dict[str, float]:
+        assert not params.flags.writeable  # the central's model is not the evaluator's to change
+        self.seen[version] = params.copy()
+        if version in self.fail_on:
+            raise RuntimeError(f"held-out data unreadable at v{version}")
+        return {"accuracy": float(np.linalg.norm(params)), "loss": float(version)}
+
+
+def evaluation(**overrides: Any) -> EvaluationSettings:
+    base = EvaluationSettings(model="tests:unused", data="tests:unused")
+    return replace(base, **overrides)
+
+
+def partials(layout: ModelLayout, count: int, *, seed: int = 20) -> list[bytes]:
+    out = []
+    for i in range(count):
+        acc = regional_buffer(seed + i, 1, layout)
+        out.append(sign_partial(REGIONALS[i % 2], FLEET, layout, acc, tier=Tier.REGIONAL)[1])
+    return out
+
+
+async def test_the_evaluator_records_metrics_per_version(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    config = make_config(
+        tmp_path,
+        flush=FlushPolicy(max_inputs=1, max_age_s=None),
+        evaluation=evaluation(every_versions=2),
+    )
+    evaluator = NormEvaluator()
+    hub = Hub(tmp_path, config, evaluator=evaluator)
+    datas = partials(hub.layout, 3)
+    async with trio.open_nursery() as nursery:
+        central = hub.daemon()
+        await nursery.start(central.serve)
+        for data in datas:
+            await hub.send(data)
+            await trio.sleep(0.1)
+        assert central.version == 3
+        _, _, params3 = await current_model(hub.registry)
+        nursery.cancel_scope.cancel()
+    # Every second version: v0 and v2, each with the parameters it was published with.
+    assert sorted(evaluator.seen) == [0, 2]
+    params0 = load_initial_model(config.initial_model)[1]
+    np.testing.assert_array_equal(evaluator.seen[0], params0)
+    stored = {v.version: dict(v.metrics) for v in read_stored_versions(config.store_path)}
+    assert stored[0] == {"accuracy": pytest.approx(float(np.linalg.norm(params0))), "loss": 0.0}
+    assert stored[1] == {}
+    assert stored[3] == {}
+    assert stored[2]["loss"] == 2.0
+    assert hub.metrics.evaluations == {0: stored[0], 2: stored[2]}  # the gauge's feed
+    assert central.evaluation_failures == 0
+    # A restart evaluates the current version, which had no metrics (v3 is not due).
+    async with trio.open_nursery() as nursery:
+        central = hub.daemon()
+        await nursery.start(central.serve)
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    np.testing.assert_array_equal(evaluator.seen[3], params3)
+    assert read_stored_versions(config.store_path)[3].metrics["loss"] == 3.0
+
+
+async def test_a_failing_evaluator_never_loses_a_version(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    config = make_config(tmp_path, flush=FlushPolicy(max_inputs=1, max_age_s=None))
+
+    def evaluator(version: int, params: np.ndarray) -> dict[str, float]:
+        if version == 1:
+            raise RuntimeError("out of memory")
+        if version == 2:
+            return {"accuracy": float("nan")}
+        return {"accuracy": 0.5}
+
+    hub = Hub(tmp_path, config, evaluator=evaluator)
+    datas = partials(hub.layout, 3)
+    async with trio.open_nursery() as nursery:
+        central = hub.daemon()
+        await nursery.start(central.serve)
+        for data in datas:
+            await hub.send(data)
+            await trio.sleep(0.1)
+        pointer, _, _ = await current_model(hub.registry)
+        assert pointer.version == central.version == 3
+        assert central.evaluation_failures == 2
+        nursery.cancel_scope.cancel()
+    assert hub.metrics.calls["evaluation_failed"] == 2
+    versions = read_stored_versions(config.store_path)
+    assert [v.version for v in versions] == [0, 1, 2, 3]
+    assert all(v.record.published for v in versions)
+    assert [dict(v.metrics) for v in versions] == [
+        {"accuracy": 0.5},
+        {},
+        {},
+        {"accuracy": 0.5},
+    ]
+    for version in range(4):
+        assert (config.state_dir / "models" / f"v{version}.blob").exists()
+
+
+async def test_a_reached_target_stops_new_versions_until_it_is_raised(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    target = EvaluationTarget("loss", 1.0)  # loss <= 1: met by v1 (loss = version)
+    config = make_config(
+        tmp_path,
+        flush=FlushPolicy(max_inputs=1, max_age_s=1.0),
+        evaluation=evaluation(target=target),
+    )
+    hub = Hub(tmp_path, config, evaluator=NormEvaluator())
+    datas = partials(hub.layout, 4)
+    async with trio.open_nursery() as nursery:
+        central = hub.daemon()
+        await nursery.start(central.serve)
+        await trio.sleep(0.1)
+        assert central.target_reached is not None  # v0 has loss 0
+        nursery.cancel_scope.cancel()
+    # Raise the bar past v0 (loss < 0 is never met): it makes versions again.
+    hub = Hub(
+        tmp_path,
+        replace(config, evaluation=evaluation(target=EvaluationTarget("loss", -1.0))),
+        evaluator=NormEvaluator(),
+    )
+    async with trio.open_nursery() as nursery:
+        central = hub.daemon()
+        await nursery.start(central.serve)
+        await trio.sleep(0.1)
+        assert central.target_reached is None
+        await hub.send(datas[0])
+        await trio.sleep(0.1)
+        assert central.version == 1
+        nursery.cancel_scope.cancel()
+    assert read_target_reached(config.store_path) is None
+    # Back to loss <= 1: v1 meets it, so the next partials are kept, not made into v2.
+    hub = Hub(tmp_path, config, evaluator=NormEvaluator())
+    async with trio.open_nursery() as nursery:
+        central = hub.daemon()
+        await nursery.start(central.serve)
+        await trio.sleep(0.1)
+        assert central.target_reached is not None
+        assert central.target_reached.version == 1
+        for data in datas[1:3]:
+            await hub.send(data)
+        await trio.sleep(10.0)  # past the flush deadline: it must not spin or cut
+        assert central.version == 1
+        assert central.counts[("accepted", "")] == 2
+        central.request_shutdown()
+    reached = read_target_reached(config.store_path)
+    assert reached is not None
+    assert (reached.version, reached.metric, reached.target) == (1, "loss", 1.0)
+    async with open_state_store(config.store_path) as store:
+        assert len((await store.recover()).open_inputs) == 2  # kept, acknowledged
+    # A restart with the same target stays stopped.
+    hub = Hub(tmp_path, config, evaluator=NormEvaluator())
+    async with trio.open_nursery() as nursery:
+        central = hub.daemon()
+        await nursery.start(central.serve)
+        await trio.sleep(5.0)
+        assert central.version == 1
+        nursery.cancel_scope.cancel()
+    # Removing the target resumes: the kept inputs make v2.
+    hub = Hub(tmp_path, replace(config, evaluation=evaluation()), evaluator=NormEvaluator())
+    async with trio.open_nursery() as nursery:
+        central = hub.daemon()
+        await nursery.start(central.serve)
+        await trio.sleep(5.0)
+        assert central.version == 2
+        assert central.lineage(2)  # the two kept partials
+        nursery.cancel_scope.cancel()
+    assert read_target_reached(config.store_path) is None
+
+
+def test_model_metrics_are_a_gauge_on_the_metrics_endpoint() -> None:
+    import urllib.request
+
+    from fedtier.protocol.telemetry.metrics import TierMetrics, setup_metrics
+
+    with setup_metrics(prometheus_port=0, set_global=False) as handle:
+        assert handle.port is not None
+        metrics = TierMetrics("central", "c1", handle.meter_provider)
+        metrics.model_metrics(4, {"accuracy": 0.5, "loss": 1.25})
+        metrics.model_metrics(6, {"accuracy": 0.75, "loss": 1.0})  # the newest evaluation wins
+        metrics.evaluation_failed()
+        url = f"http://127.0.0.1:{handle.port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = response.read().decode()
+    labels = 'fedtier_instance="c1",metric="accuracy",tier="central"'
+    assert f"fedtier_model_metric{{{labels}}} 0.75" in body
+    assert 'fedtier_model_metric_version{fedtier_instance="c1",tier="central"} 6.0' in body
+    assert 'fedtier_evaluation_failures_total{fedtier_instance="c1",tier="central"} 1.0' in body

@@ -13,9 +13,16 @@ from fedtier.tiers.store import (
     InputState,
     ModelVersionRecord,
     OutboxEntry,
+    TargetRecord,
     open_state_store,
+    open_store_exclusively,
+    read_latest_version,
     read_lineage,
+    read_stored_version,
+    read_stored_versions,
+    read_target_reached,
 )
+from fedtier.tiers.store._schema import SCHEMA_VERSION
 
 SENDER = "a" * 24
 OTHER = "b" * 24
@@ -296,11 +303,149 @@ async def test_a_version_1_store_is_migrated_without_losing_an_input(tmp_path: P
         ).fetchone()
     finally:
         conn.close()
-    assert version == 2
+    assert version == SCHEMA_VERSION
     assert inline == 0
     assert stored_envelopes(path) == [b"envelope-5"]
     async with open_state_store(path) as store:
         assert (await store.recover()).open_inputs == (record(5, epoch=2),)
+
+
+def make_v2_store(path: Path) -> None:
+    """A schema version 2 store (before metrics and rollbacks): v1's tables, envelopes apart."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(
+        V1_SCHEMA.replace("    envelope BLOB,\n    base_version", "    base_version")
+    )
+    conn.executescript(
+        "CREATE TABLE IF NOT EXISTS input_envelopes (pos INTEGER PRIMARY KEY,"
+        " envelope BLOB NOT NULL);"
+    )
+    conn.execute(
+        "INSERT INTO inputs (sender, input_id, seq, epoch, status, base_version, n_samples,"
+        " tau, discount, clip_scale, accepted_ms, trace)"
+        " VALUES (?, ?, 1, 1, 'open', 3, 11.0, 1, 0.5, 1.0, 1001, 'trace-1')",
+        (SENDER, (1).to_bytes(16, "big")),
+    )
+    conn.execute("INSERT INTO input_envelopes (pos, envelope) VALUES (1, ?)", (b"envelope-1",))
+    for version in (0, 1):
+        conn.execute(
+            "INSERT INTO model_versions (version, blob, pointer, lineage, update_count,"
+            " created_ms, published) VALUES (?, ?, ?, ?, ?, ?, 1)",
+            (version, b"blob%d" % version, b"ptr%d" % version, b"\x07" * 16 * version, version, 5),
+        )
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('open_epoch', 1), ('out_seq', 9),"
+        " ('known_version', 1)"
+    )
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+
+
+async def test_a_version_2_store_is_migrated_and_records_metrics(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    make_v2_store(path)
+    # Read before the central migrates it: no metrics, no rollbacks, nothing lost.
+    before = read_stored_versions(path)
+    assert [(v.version, dict(v.metrics), v.rollback_of) for v in before] == [
+        (0, {}, None),
+        (1, {}, None),
+    ]
+    async with open_state_store(path) as store:
+        recovery = await store.recover()
+        assert recovery.open_epoch == 1
+        assert [r.input_id for r in recovery.open_inputs] == [(1).to_bytes(16, "big")]
+        assert recovery.latest_version is not None
+        assert recovery.latest_version.version == 1
+        assert store.lineage(1) == [b"\x07" * 16]
+        assert store.model_metrics(1) == {}
+        await store.submit_metrics(1, {"accuracy": 0.75, "loss": 0.5}, evaluated_ms=77).wait()
+        assert store.model_metrics(1) == {"accuracy": 0.75, "loss": 0.5}
+    conn = sqlite3.connect(path)
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(model_versions)")}
+    finally:
+        conn.close()
+    assert version == SCHEMA_VERSION == 3
+    assert "rollback_of" in columns
+    after = read_stored_version(path, 1)
+    assert after.metrics == {"accuracy": 0.75, "loss": 0.5}
+    assert after.evaluated_ms == 77
+    assert after.rollback_of is None
+    assert after.record.blob == b"blob1"
+
+
+async def test_metrics_and_the_reached_target_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    async with open_state_store(path) as store:
+        await store.submit_version(
+            ModelVersionRecord(0, b"blob0", b"ptr0", (), 0, 1),
+            epoch=None,
+            input_count=0,
+            optimizer_state={},
+            out_seq=5,
+        ).wait()
+        with pytest.raises(StoreError, match="not storable"):
+            store.submit_metrics(0, {"loss": float("nan")}, evaluated_ms=1)
+        await store.submit_metrics(0, {"r2": 0.1}, evaluated_ms=1).wait()
+        await store.submit_metrics(0, {"r2": 0.5, "mse": 2.0}, evaluated_ms=2).wait()
+        target = TargetRecord(0, "r2", 0.5, 0.4, 3)
+        await store.submit_target_reached(target).wait()
+    async with open_state_store(path) as store:
+        assert store.model_metrics(0) == {"mse": 2.0, "r2": 0.5}  # the second run replaced it
+        assert store.target_reached() == target
+        await store.submit_target_reached(None).wait()
+        assert store.target_reached() is None
+    assert read_target_reached(path) is None
+    latest = read_latest_version(path)
+    assert latest is not None
+    assert latest.version == 0
+    assert latest.metrics == {"mse": 2.0, "r2": 0.5}
+
+
+async def test_an_offline_write_needs_the_store_to_itself(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    with pytest.raises(StoreError, match="does not exist"):
+        with open_store_exclusively(path):
+            pass
+    async with open_state_store(path) as store:
+        await store.submit_version(
+            ModelVersionRecord(0, b"blob0", b"ptr0", (), 0, 1),
+            epoch=None,
+            input_count=0,
+            optimizer_state={"m": np.zeros(2, np.float32)},
+            out_seq=5,
+        ).wait()
+        # While a daemon has the store open, an offline writer is refused at once.
+        with pytest.raises(StoreError, match="stop the central first"):
+            with open_store_exclusively(path):
+                pass
+        # Read-only readers are fine meanwhile.
+        assert [v.version for v in read_stored_versions(path)] == [0]
+    with open_store_exclusively(path) as admin:
+        latest = admin.latest_version()
+        assert latest is not None
+        assert admin.out_seq() == 5
+        with pytest.raises(StoreError, match="does not follow"):
+            admin.add_rollback_version(
+                ModelVersionRecord(5, b"blob5", b"ptr5", (), 0, 2), rollback_of=0, out_seq=6
+            )
+        admin.add_rollback_version(
+            ModelVersionRecord(1, b"blob1", b"ptr1", (), 0, 2), rollback_of=0, out_seq=6
+        )
+        # The daemon cannot open the store while the offline writer holds it.
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            sqlite3.connect(path, timeout=0).execute("SELECT count(*) FROM meta").fetchone()
+    async with open_state_store(path) as store:
+        recovery = await store.recover()
+        assert recovery.latest_version is not None
+        assert recovery.latest_version.version == 1
+        assert recovery.unpublished_versions == (0, 1)
+        assert recovery.model_pointer == b"ptr1"
+        assert recovery.out_seq == 6
+        assert recovery.optimizer_state == {}  # cleared: a rollback starts the optimizer afresh
+    assert read_stored_version(path, 1).rollback_of == 0
 
 
 async def test_dedupe_of_received_ids_survives_reopen(tmp_path: Path) -> None:

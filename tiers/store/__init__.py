@@ -12,18 +12,28 @@ One concern a module:
 
 * ``_engine``: the generic grouped-commit sqlite engine (connections and their
   pragmas, the committer, ``CommitTicket``, the crash points); knows no table.
-* ``_schema``: the DDL, the schema description and the migration from version 1.
+* ``_schema``: the DDL, the schema description and the migrations from versions 1 and 2.
 * ``_records``: the record types (``InputRecord``, ``OutboxEntry``, ...).
 * ``_inputs``: the tables every tier writes (inputs, envelopes, senders' marks,
   outbox, meta).
-* ``_central``: the central's model versions, lineage and optimizer state.
+* ``_central``: the central's model versions, lineage, optimizer state and metrics.
 * ``_store``: ``StateStore``, which assembles them, its recovery, and
   ``open_state_store``.
 * ``_lineage``: read-only lineage readers for checkers and the CLI.
+* ``_catalog``: the read-only catalog of model versions for ``fedtier model``.
+* ``_admin``: offline writes while no central runs (``fedtier model rollback``).
 """
 
 from __future__ import annotations
 
+from fedtier.tiers.store._admin import ExclusiveStore, open_store_exclusively
+from fedtier.tiers.store._catalog import (
+    StoredVersion,
+    read_latest_version,
+    read_stored_version,
+    read_stored_versions,
+    read_target_reached,
+)
 from fedtier.tiers.store._engine import CommitTicket
 from fedtier.tiers.store._lineage import read_lineage, read_lineages
 from fedtier.tiers.store._records import (
@@ -32,18 +42,27 @@ from fedtier.tiers.store._records import (
     ModelVersionRecord,
     OutboxEntry,
     Recovery,
+    TargetRecord,
 )
 from fedtier.tiers.store._store import StateStore, open_state_store
 
 __all__ = [
     "CommitTicket",
+    "ExclusiveStore",
     "InputRecord",
     "InputState",
     "ModelVersionRecord",
     "OutboxEntry",
     "Recovery",
     "StateStore",
+    "StoredVersion",
+    "TargetRecord",
     "open_state_store",
+    "open_store_exclusively",
+    "read_latest_version",
     "read_lineage",
     "read_lineages",
+    "read_stored_version",
+    "read_stored_versions",
+    "read_target_reached",
 ]

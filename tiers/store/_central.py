@@ -1,13 +1,16 @@
-"""The central's tables (model versions, their lineage, optimizer state); no protocol messages.
+"""The central's tables (model versions, lineage, optimizer state, metrics); no protocol messages.
 
 A new version is one transaction with the epoch it closes, the optimizer's
 arrays after the step and the model pointer, so a restart never sees a version
-without the state that made it.
+without the state that made it. A version's evaluation metrics come later, in
+a transaction of their own, once the evaluator has run: a version never waits
+for them and may have none.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import Mapping
 from typing import Any, Final
@@ -18,7 +21,13 @@ import numpy.typing as npt
 from fedtier.protocol.errors import StoreError
 from fedtier.tiers.store._engine import CommitTicket
 from fedtier.tiers.store._inputs import InputTables, drop_open_envelopes, put_meta
-from fedtier.tiers.store._records import ModelVersionRecord, version_from_row
+from fedtier.tiers.store._records import (
+    ModelVersionRecord,
+    TargetRecord,
+    target_from_bytes,
+    target_to_bytes,
+    version_from_row,
+)
 
 __all__ = ["ARRAY_DTYPES", "CentralTables"]
 
@@ -126,3 +135,60 @@ class CentralTables(InputTables):
         if record is None:
             raise StoreError(f"model v{version} is not in state store {self.path}")
         return list(record.lineage)
+
+    # -- evaluation ----------------------------------------------------------------
+
+    def submit_metrics(
+        self, version: int, metrics: Mapping[str, float], *, evaluated_ms: int
+    ) -> CommitTicket:
+        """Record what the evaluator measured on model ``version`` (replacing an earlier run).
+
+        Raises:
+            StoreError: a value is not a finite number (now, or at the commit:
+                ``version`` is not a stored version).
+        """
+        values = {str(name): float(value) for name, value in metrics.items()}
+        for name, value in values.items():
+            if not math.isfinite(value):
+                raise StoreError(f"metric {name!r} of model v{version} is {value}; not storable")
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM model_metrics WHERE version = ?", (version,))
+            conn.executemany(
+                "INSERT INTO model_metrics (version, metric, value, evaluated_ms)"
+                " VALUES (?, ?, ?, ?)",
+                [(version, name, value, evaluated_ms) for name, value in values.items()],
+            )
+
+        return self._submit(op, f"metrics of model v{version}")
+
+    def model_metrics(self, version: int) -> dict[str, float]:
+        """The metrics recorded for model ``version`` (empty when it was not evaluated)."""
+        assert self._reader is not None
+        rows = self._reader.execute(
+            "SELECT metric, value FROM model_metrics WHERE version = ? ORDER BY metric",
+            (version,),
+        ).fetchall()
+        return {str(name): float(value) for name, value in rows}
+
+    def submit_target_reached(self, record: TargetRecord | None) -> CommitTicket:
+        """Record that the evaluation target was reached, or (None) that it no longer holds."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            if record is None:
+                conn.execute("DELETE FROM meta WHERE key = 'target_reached'")
+            else:
+                put_meta(conn, "target_reached", target_to_bytes(record))
+
+        return self._submit(op, "evaluation target")
+
+    def target_reached(self) -> TargetRecord | None:
+        """The recorded reached target, if the central stopped at one."""
+        assert self._reader is not None
+        row = self._reader.execute("SELECT value FROM meta WHERE key = 'target_reached'").fetchone()
+        if row is None:
+            return None
+        try:
+            return target_from_bytes(bytes(row[0]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"state store {self.path} holds an unreadable target: {exc}") from exc

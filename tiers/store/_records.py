@@ -7,6 +7,7 @@ order of a ``model_versions`` row.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -22,6 +23,9 @@ __all__ = [
     "ModelVersionRecord",
     "OutboxEntry",
     "Recovery",
+    "TargetRecord",
+    "target_from_bytes",
+    "target_to_bytes",
     "version_from_row",
 ]
 
@@ -118,6 +122,25 @@ class ModelVersionRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class TargetRecord:
+    """The central's evaluation target, reached: no new version until it is raised or removed.
+
+    Attributes:
+        version: the model version whose evaluation reached it.
+        metric: the metric the target names (``accuracy``, ``mse``, ...).
+        value: what that version scored.
+        target: the target value it met (``>=`` for accuracy and r2, ``<=`` for errors).
+        reached_ms: wall-clock time of the evaluation, ms since the epoch.
+    """
+
+    version: int
+    metric: str
+    value: float
+    target: float
+    reached_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Recovery:
     """What a daemon needs to resume after a stop or a crash.
 
@@ -161,4 +184,36 @@ def version_from_row(row: Sequence[Any]) -> ModelVersionRecord:
         update_count=int(row[4]),
         created_ms=int(row[5]),
         published=bool(row[6]),
+    )
+
+
+def target_to_bytes(record: TargetRecord) -> bytes:
+    """``record`` as the JSON the ``meta`` table keeps under ``target_reached``."""
+    return json.dumps(
+        {
+            "version": record.version,
+            "metric": record.metric,
+            "value": record.value,
+            "target": record.target,
+            "reached_ms": record.reached_ms,
+        },
+        sort_keys=True,
+    ).encode()
+
+
+def target_from_bytes(data: bytes) -> TargetRecord:
+    """Decode what :func:`target_to_bytes` wrote.
+
+    Raises:
+        ValueError: not such a JSON object.
+    """
+    obj = json.loads(bytes(data))
+    if not isinstance(obj, dict):
+        raise ValueError("target_reached is not a JSON object")
+    return TargetRecord(
+        version=int(obj["version"]),
+        metric=str(obj["metric"]),
+        value=float(obj["value"]),
+        target=float(obj["target"]),
+        reached_ms=int(obj["reached_ms"]),
     )

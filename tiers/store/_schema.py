@@ -1,6 +1,7 @@
-"""The state store's DDL and its migration from schema version 1; imports sqlite3 only, no trio.
+"""The state store's DDL and its migrations from schema versions 1 and 2; imports sqlite3 only.
 
-Schema (``PRAGMA user_version = 2``; WAL, ``synchronous=FULL``, ``secure_delete=FAST``)::
+No trio here. Schema (``PRAGMA user_version = 3``; WAL, ``synchronous=FULL``,
+``secure_delete=FAST``)::
 
     meta(key PRIMARY KEY, value)          open_epoch, out_seq, known_version,
                                           model_pointer (signed envelope bytes)
@@ -23,11 +24,16 @@ Schema (``PRAGMA user_version = 2``; WAL, ``synchronous=FULL``, ``secure_delete=
            state, created_ms, acked_ms)   flushed partials: pending until the
                                           upstream PubAck, then acked (bytes dropped)
     model_versions(version PRIMARY KEY, blob, pointer, lineage, update_count,
-           created_ms, published)         central only: signed blob and pointer
-                                          envelopes, lineage = concatenated
-                                          16-byte leaf update ids
+           created_ms, published,         central only: signed blob and pointer
+           rollback_of)                   envelopes, lineage = concatenated
+                                          16-byte leaf update ids; rollback_of
+                                          names the version whose parameters a
+                                          rollback version republished (else NULL)
     optimizer_state(name PRIMARY KEY, version, dtype, shape, data)
                                           central only: raw array bytes, no pickle
+    model_metrics(version, metric,        central only: what the held-out
+           PRIMARY KEY(version, metric),  evaluator measured on each version
+           value, evaluated_ms)           (``[evaluation]`` of the central's config)
 
 A flush is one transaction: the partial enters the outbox, the inputs of the
 flushed epoch become ``flushed``, their envelopes are deleted and the open epoch
@@ -40,7 +46,9 @@ that held a 400 KB envelope cost another 400 KB in the WAL and again at the
 checkpoint (``fedtier bench edge`` measured 7.4x the wire bytes written per f32
 update with envelopes inline). ``secure_delete=FAST`` keeps deletes from zeroing
 freed pages, which Debian's SQLite (built with secure delete on) would otherwise
-write once more. Version 1 stores (envelopes inline) are migrated when opened.
+write once more. Older stores are migrated when opened: version 1 (envelopes
+inline) to version 2, then version 2 to 3 (the ``model_metrics`` table and
+the ``rollback_of`` column, both empty).
 """
 
 from __future__ import annotations
@@ -52,12 +60,14 @@ from typing import Final
 
 from fedtier.protocol.errors import StoreError
 
-__all__ = ["SCHEMA_VERSION", "prepare_schema"]
+__all__ = ["READABLE_VERSIONS", "SCHEMA_VERSION", "prepare_schema"]
 
 # The package's name, not this module's: the migration has always logged as the store.
 logger = logging.getLogger("fedtier.tiers.store")
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
+READABLE_VERSIONS: Final = (1, 2, 3)
+"""Schema versions this fedtier opens (older ones are migrated to ``SCHEMA_VERSION``)."""
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -111,7 +121,8 @@ CREATE TABLE IF NOT EXISTS model_versions (
     lineage BLOB NOT NULL,
     update_count INTEGER NOT NULL,
     created_ms INTEGER NOT NULL,
-    published INTEGER NOT NULL DEFAULT 0
+    published INTEGER NOT NULL DEFAULT 0,
+    rollback_of INTEGER
 );
 CREATE TABLE IF NOT EXISTS optimizer_state (
     name TEXT PRIMARY KEY,
@@ -120,29 +131,40 @@ CREATE TABLE IF NOT EXISTS optimizer_state (
     shape TEXT NOT NULL,
     data BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS model_metrics (
+    version INTEGER NOT NULL REFERENCES model_versions (version),
+    metric TEXT NOT NULL,
+    value REAL NOT NULL,
+    evaluated_ms INTEGER NOT NULL,
+    PRIMARY KEY (version, metric)
+);
 """
 
 
 def prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
-    """Create the tables of ``path`` (writer connection ``conn``), migrating a version 1 store.
+    """Create the tables of ``path`` (writer connection ``conn``), migrating an older store.
 
     Raises:
         StoreError: the file has a schema version this fedtier does not read.
     """
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version not in (0, 1, SCHEMA_VERSION):
+    if version not in (0, *READABLE_VERSIONS):
         raise StoreError(
             f"state store {path} has schema version {version}; this fedtier "
-            f"reads versions 1 and {SCHEMA_VERSION}"
+            f"reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     conn.executescript(_SCHEMA)
+    # One transaction a step: a crash between two leaves a store of the middle
+    # version, which the next open migrates on from there.
     if version == 1:
         _migrate_from_v1(conn)
+    if version in (1, 2):
+        _migrate_from_v2(conn)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _migrate_from_v1(conn: sqlite3.Connection) -> None:
-    """Move a version 1 store's envelopes out of ``inputs`` (one transaction).
+    """Move a version 1 store's envelopes out of ``inputs`` (one transaction, to version 2).
 
     Only open inputs keep theirs (a flushed input's partial is in the outbox); the
     old ``inputs.envelope`` column stays, always NULL, since dropping a column
@@ -155,6 +177,25 @@ def _migrate_from_v1(conn: sqlite3.Connection) -> None:
             " WHERE status = 'open' AND envelope IS NOT NULL"
         )
         conn.execute("UPDATE inputs SET envelope = NULL WHERE envelope IS NOT NULL")
+        conn.execute("PRAGMA user_version = 2")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    logger.info("migrated the state store to schema version %d", 2)
+
+
+def _migrate_from_v2(conn: sqlite3.Connection) -> None:
+    """Give a version 2 store the ``rollback_of`` column (one transaction, to version 3).
+
+    ``model_metrics`` needs no step: the schema script above created it, empty.
+    Adding a NULL column rewrites no row, so this is quick on any store.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(model_versions)")}
+        if "rollback_of" not in columns:
+            conn.execute("ALTER TABLE model_versions ADD COLUMN rollback_of INTEGER")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")

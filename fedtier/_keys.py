@@ -3,6 +3,11 @@
 Every participant (device, daemon, operator) needs it, so it lives in the
 installed namespace's top-level package rather than with one part; the key
 files themselves are read and written by ``fedtier.protocol.files``.
+
+One naming everywhere: ``NAME.key`` is the private key (PKCS#8 PEM, mode
+0600) and ``NAME.pub`` the public key (PEM). The examples in ``deploy/``, the
+docs, the simulator and the key registry folders (which read ``*.pub``) all
+use it, so a key made here is registered by copying its ``.pub`` file.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     """Add ``fedtier keys`` and its actions to the subcommand table ``sub``."""
     keys = sub.add_parser("keys", help="create and inspect Ed25519 identities")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    new = keys_sub.add_parser("new", help="create a key pair: NAME.key (0600) and NAME.pub")
+    new = keys_sub.add_parser(
+        "new", help="create a key pair: NAME.key (private, mode 0600) and NAME.pub (public)"
+    )
     new.add_argument("--name", required=True, help="file name stem, e.g. veh-0042")
     new.add_argument("--out", type=Path, default=Path(), help="directory (default: .)")
     new.add_argument("--json", action="store_true", help="print JSON")

@@ -37,6 +37,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _daemon(args: argparse.Namespace) -> int:
+    from fedtier.tiers._signals import hold_signals
+
+    # Before the daemon's imports (about a second): a SIGHUP or SIGTERM that
+    # comes meanwhile is held for the daemon, never a silent death.
+    hold_signals()
     from fedtier.tiers.daemon import run_daemon
 
-    return run_daemon(args.command, args.config)
+    # The composition root (``fedtier.cli``) gives the central its evaluator factory.
+    return run_daemon(
+        args.command, args.config, make_evaluator=getattr(args, "make_evaluator", None)
+    )

@@ -6,15 +6,19 @@ opens real transports: ``fedtier.protocol.bus.mqtt`` and ``fedtier.protocol.bus.
 and trio-asyncio).
 
 ``run_daemon(kind, config_path)`` is what ``fedtier edge|regional|central
---config FILE`` calls. Inside ``trio.run`` it opens the trio-asyncio loop once,
-directly (the NATS bridge needs that: errors and signals are handled inside
-it), then the buses, the daemon and its store. SIGTERM or SIGINT asks for a
-clean shutdown (stop input, flush the open buffer upstream, wait for PubAcks up
-to ``shutdown_timeout_s``); a second one stops at once, which loses nothing
-acknowledged. SIGHUP reloads the sender key registry. Under systemd
+--config FILE`` calls. Inside ``trio.run`` it listens for signals first, then
+opens the trio-asyncio loop once, directly (the NATS bridge needs that: errors
+are handled inside it), then the buses, the daemon and its store. No signal is
+ever fatal: before the event loop listens, ``tiers._signals`` holds them.
+SIGTERM or SIGINT asks for a clean shutdown (stop input, flush the open buffer
+upstream, wait for PubAcks up to ``shutdown_timeout_s``), or during start-up
+ends the process without serving; a second one stops at once, which loses
+nothing acknowledged. SIGHUP reloads the sender key registry. An edge or
+regional daemon started before the central waits for the JetStream streams
+the central creates, logging what it waits for every 10 s. Under systemd
 (``Type=notify``) it reports ``READY=1`` once inputs are taken, ``STOPPING=1``
 on shutdown, and pings the watchdog from the event loop at half
-``WATCHDOG_USEC``, so a wedged loop gets the process restarted.
+``WATCHDOG_USEC`` from the start, so a wedged loop gets the process restarted.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -37,8 +41,9 @@ from fedtier.protocol.bus import Bus
 from fedtier.protocol.errors import BusUnavailable, FedtierError
 from fedtier.protocol.names import NatsSubjects
 from fedtier.tiers import faults
+from fedtier.tiers._signals import DAEMON_SIGNALS, HeldSignals, hold_signals
 from fedtier.tiers._upstream import retry_transient
-from fedtier.tiers.central import CentralDaemon
+from fedtier.tiers.central import CentralDaemon, ModelEvaluator
 from fedtier.tiers.config import (
     CentralConfig,
     EdgeConfig,
@@ -182,6 +187,7 @@ def _nats_config(kind: TierKind, config: TierConfig, key_id: str) -> Any:
     up_name, up_subjects = subjects.up_stream()
     model_name, model_subjects = subjects.model_stream()
     settings = config.nats
+    manage = settings.manage_streams if settings.manage_streams is not None else kind == "central"
     return NatsConfig(
         servers=settings.servers,
         name=f"fedtier-{kind}-{key_id[:8]}",
@@ -193,9 +199,10 @@ def _nats_config(kind: TierKind, config: TierConfig, key_id: str) -> Any:
         require_sync_always=settings.require_sync_always,
         monitoring_url=settings.monitoring_url,
         ack_wait_s=settings.ack_wait_s,
-        manage_streams=(
-            settings.manage_streams if settings.manage_streams is not None else kind == "central"
-        ),
+        manage_streams=manage,
+        # A daemon that does not create the streams may start first: it waits
+        # for the one that does, saying so in its log, instead of exiting.
+        wait_for_streams=not manage,
         streams=(
             StreamSpec(up_name, (up_subjects,), _UP_MAX_AGE_S, _DEDUPE_WINDOW_S),
             StreamSpec(
@@ -255,50 +262,128 @@ async def _open_mqtt(config: EdgeConfig) -> AsyncIterator[Bus]:
 # -- the process ----------------------------------------------------------------------
 
 
-async def _watch_signals(
-    daemon: TierDaemon,
-    keys: TierKeys,
-    notifier: SystemdNotifier | None,
-    hard_stop: trio.CancelScope,
+class _Lifecycle:
+    """How far the daemon got, which decides what a signal means.
+
+    Attributes:
+        notifier: the systemd notifier, or None outside ``Type=notify``.
+        startup: cancelled by a stop signal that comes before the daemon exists
+            (connecting, waiting for streams): there is nothing to flush yet.
+        hard_stop: cancelled by a second stop signal: stop at once.
+        keys: the key registries, once loaded (SIGHUP reloads them).
+        daemon: the daemon, once built (a stop signal asks it to shut down cleanly).
+        stopping: a stop signal came.
+    """
+
+    def __init__(self, notifier: SystemdNotifier | None) -> None:
+        self.notifier = notifier
+        self.startup = trio.CancelScope()
+        self.hard_stop = trio.CancelScope()
+        self.keys: TierKeys | None = None
+        self.daemon: TierDaemon | None = None
+        self.stopping = False
+
+    def on_signal(self, signum: int) -> None:
+        """Act on one of ``DAEMON_SIGNALS``; never raises."""
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            self._reload(name)
+            return
+        if self.stopping:
+            logger.warning("second %s: stopping now", name)
+            self.hard_stop.cancel()
+            return
+        self.stopping = True
+        if self.notifier is not None:
+            self.notifier.notify("STOPPING=1")
+        if self.daemon is None:
+            logger.info("%s during start-up: stopping before serving", name)
+            self.startup.cancel()
+        else:
+            logger.info("%s: shutting down cleanly", name)
+            self.daemon.request_shutdown()
+
+    def _reload(self, name: str) -> None:
+        if self.keys is None:
+            logger.info(
+                "%s during start-up, before the key registries were read: nothing to reload "
+                "(they are read as start-up goes on)",
+                name,
+            )
+            return
+        try:
+            self.keys.senders.reload()
+        except FedtierError as exc:
+            logger.error("key registry reload failed, keeping the old keys: %s", exc)
+        else:
+            logger.info(
+                "%s: key registry reloaded: %d %s keys",
+                name,
+                len(self.keys.senders),
+                self.keys.senders.role,
+            )
+
+
+async def _watch_signals(signals: AsyncIterator[int], life: _Lifecycle) -> None:
+    async for signum in signals:
+        life.on_signal(signum)
+
+
+async def serve_daemon(
+    kind: TierKind,
+    config: TierConfig,
+    *,
+    held: HeldSignals | None = None,
+    evaluator: ModelEvaluator | None = None,
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        stopping = False
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                try:
-                    keys.senders.reload()
-                except FedtierError as exc:
-                    logger.error("key registry reload failed, keeping the old keys: %s", exc)
-                else:
-                    logger.info(
-                        "key registry reloaded: %d %s keys", len(keys.senders), keys.senders.role
-                    )
-                continue
-            if stopping:
-                logger.warning("second %s: stopping now", signal.Signals(signum).name)
-                hard_stop.cancel()
-                return
-            stopping = True
-            logger.info("%s: shutting down cleanly", signal.Signals(signum).name)
-            if notifier is not None:
-                notifier.notify("STOPPING=1")
-            daemon.request_shutdown()
-
-
-async def serve_daemon(kind: TierKind, config: TierConfig) -> None:
     """Run the ``kind`` daemon of ``config`` with real transports until it stops.
+
+    ``evaluator`` scores the central's model versions (``[evaluation]``; built
+    by the composition root, since tiers never import the client).
+
+    Signals are received from the first instant of the event loop, before
+    anything is imported, connected or waited for; ``held`` hands over those
+    that came earlier (see ``fedtier.tiers._signals``). SIGTERM or SIGINT during
+    start-up ends it without serving (nothing was taken in yet), after start-up
+    it shuts down cleanly; a second one stops at once. SIGHUP reloads the key
+    registries, or is logged as having nothing to reload yet.
 
     Raises:
         FedtierError: configuration, keys, store or transports fail.
     """
+    life = _Lifecycle(SystemdNotifier.from_environment())
+    try:
+        with life.hard_stop, trio.open_signal_receiver(*DAEMON_SIGNALS) as signals:
+            # Those that came before the event loop listened, in arrival order,
+            # before anything else happens.
+            for signum in held.take() if held is not None else ():
+                life.on_signal(signum)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_signals, signals, life)
+                if life.notifier is not None:
+                    # From the start, not from READY: a start-up wedged in the
+                    # event loop gets the process restarted too.
+                    nursery.start_soon(life.notifier.serve_watchdog)
+                with life.startup:
+                    await _serve(kind, config, life, evaluator)
+                if life.startup.cancelled_caught:
+                    logger.info("%s daemon stopped during start-up", kind)
+                nursery.cancel_scope.cancel()
+    finally:
+        if life.notifier is not None:
+            life.notifier.close()
+
+
+async def _serve(
+    kind: TierKind, config: TierConfig, life: _Lifecycle, evaluator: ModelEvaluator | None
+) -> None:
     from fedtier.protocol.bus.nats import open_nats_bus, open_nats_loop
     from fedtier.protocol.telemetry.metrics import TierMetrics, setup_metrics
     from fedtier.protocol.telemetry.tracing import setup_tracing
 
-    keys = _DAEMONS[kind].load_keys(config)
+    keys = life.keys = _DAEMONS[kind].load_keys(config)
     key_id = keys.identity.key_id
     service = f"fedtier-{kind}"
-    notifier = SystemdNotifier.from_environment()
     tracing = setup_tracing(service, instance_id=key_id, jsonl_dir=config.telemetry.jsonl_dir)
     try:
         with setup_metrics(
@@ -310,13 +395,15 @@ async def serve_daemon(kind: TierKind, config: TierConfig) -> None:
             async with open_nats_loop(), open_nats_bus(_nats_config(kind, config, key_id)) as nats:
                 registry = await open_registry(nats, config, metrics)
                 async with _open_daemon(
-                    kind, config, nats, registry, keys, metrics, tracing
+                    kind, config, nats, registry, keys, metrics, tracing, evaluator
                 ) as daemon:
-                    await _run(daemon, keys, notifier)
+                    life.daemon = daemon
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(daemon.serve)
+                        if life.notifier is not None:
+                            life.notifier.notify("READY=1")
     finally:
         tracing.shutdown()
-        if notifier is not None:
-            notifier.close()
 
 
 async def open_registry(nats: Any, config: TierConfig, metrics: Any) -> NatsModelRegistry:
@@ -350,6 +437,7 @@ async def _open_daemon(
     keys: TierKeys,
     metrics: Any,
     tracing: Any,
+    evaluator: ModelEvaluator | None = None,
 ) -> AsyncIterator[TierDaemon]:
     common: dict[str, Any] = {"keys": keys, "metrics": metrics, "tracer": tracing.tracer}
     if kind == "edge":
@@ -361,21 +449,7 @@ async def _open_daemon(
         yield RegionalDaemon(config, nats=nats, registry_store=registry, **common)
     else:
         assert isinstance(config, CentralConfig)
-        yield CentralDaemon(config, nats=nats, registry=registry, **common)
-
-
-async def _run(daemon: TierDaemon, keys: TierKeys, notifier: SystemdNotifier | None) -> None:
-    async with trio.open_nursery() as nursery:
-
-        async def serve_then_stop(*, task_status: trio.TaskStatus[None]) -> None:
-            await daemon.serve(task_status=task_status)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(_watch_signals, daemon, keys, notifier, nursery.cancel_scope)
-        await nursery.start(serve_then_stop)
-        if notifier is not None:
-            notifier.notify("READY=1")
-            nursery.start_soon(notifier.serve_watchdog)
+        yield CentralDaemon(config, nats=nats, registry=registry, evaluator=evaluator, **common)
 
 
 def _sole_error(exc: BaseException) -> BaseException:
@@ -385,13 +459,37 @@ def _sole_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def run_daemon(kind: str, config_path: Path | str) -> int:
+def run_daemon(
+    kind: str,
+    config_path: Path | str,
+    *,
+    make_evaluator: Callable[[TierConfig], ModelEvaluator | None] | None = None,
+) -> int:
     """Run a tier daemon from its TOML config until SIGTERM/SIGINT; return the exit status.
+
+    ``make_evaluator`` builds the central's evaluator from the loaded config
+    (``fedtier central`` passes ``fedtier._evaluation.build_evaluator``), before
+    the daemon starts: its errors are configuration errors.
 
     Returns:
         0 after a clean stop, 2 for an unusable configuration, 1 when the daemon
         failed (the reason is logged as one sentence).
     """
+    # Idempotent: ``fedtier.tiers.cli`` already holds them before importing this
+    # module; a caller that did not gets them held from here on.
+    held = hold_signals()
+    try:
+        return _run_daemon(kind, config_path, held, make_evaluator)
+    finally:
+        held.release()
+
+
+def _run_daemon(
+    kind: str,
+    config_path: Path | str,
+    held: HeldSignals,
+    make_evaluator: Callable[[TierConfig], ModelEvaluator | None] | None,
+) -> int:
     configure_logging()
     if kind not in _DAEMONS:
         logger.error("daemon kind %r is not one of edge, regional, central", kind)
@@ -402,11 +500,12 @@ def run_daemon(kind: str, config_path: Path | str) -> int:
         # Crash points and unsafe switches for the chaos suite; off unless set.
         for warning in faults.configure_from_environment():
             logger.warning("%s", warning)
+        evaluator = make_evaluator(config) if make_evaluator is not None else None
     except FedtierError as exc:
         logger.error("%s", exc)
         return 2
     try:
-        trio.run(serve_daemon, tier_kind, config)
+        trio.run(functools.partial(serve_daemon, tier_kind, config, held=held, evaluator=evaluator))
     except BaseException as exc:  # mapped to an exit status below
         error = _sole_error(exc)
         if isinstance(error, FedtierError):

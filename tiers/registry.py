@@ -7,9 +7,10 @@ one table::
     [keys]
     veh-0042 = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"
 
-and/or directories of PEM public keys named ``<name>.pub``. ``reload()`` reads
-the sources again (the daemons call it on SIGHUP); a failed reload keeps the
-old keys.
+and/or directories of PEM public keys named ``<name>.pub`` (what ``fedtier
+keys new --name NAME`` writes beside ``NAME.key``: copy the ``.pub`` in to
+register a sender). ``reload()`` reads the sources again (the daemons call it
+on SIGHUP); a failed reload keeps the old keys.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fedtier.protocol.errors import ConfigError, KeyFileError, LocalProtocolErro
 from fedtier.protocol.files import load_public_key, load_signing_identity, read_toml
 from fedtier.protocol.identity import SigningIdentity, VerifyKey
 
-__all__ = ["KeyRegistry", "TierKeys", "load_verify_key"]
+__all__ = ["KeyRegistry", "TierKeys", "is_hex_key", "load_verify_key"]
 
 
 class KeyRegistry(Mapping[str, VerifyKey]):
@@ -126,14 +127,25 @@ class KeyRegistry(Mapping[str, VerifyKey]):
         return f"{self.role} {name!r} ({short})"
 
 
+def is_hex_key(value: str) -> bool:
+    """Whether ``value`` is a public key written as 64 hex digits (rather than a file path)."""
+    text = value.strip()
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
 def load_verify_key(value: str, *, base_dir: Path | None = None) -> VerifyKey:
     """Parse a pinned key given as 64 hex digits or as the path of a PEM ``.pub`` file.
+
+    Args:
+        value: the key as written in a config.
+        base_dir: the folder a relative path is relative to (the config file's);
+            None leaves it relative to the working directory.
 
     Raises:
         ConfigError: neither form works.
     """
     text = value.strip()
-    if len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text):
+    if is_hex_key(text):
         return VerifyKey.from_hex(text)
     path = Path(text)
     if base_dir is not None and not path.is_absolute():
@@ -163,9 +175,26 @@ class TierKeys:
 
     @classmethod
     def load(
-        cls, identity_key: Path, sender_sources: Iterable[Path], central: str, *, role: str
+        cls,
+        identity_key: Path,
+        sender_sources: Iterable[Path],
+        central: str,
+        *,
+        role: str,
+        base_dir: Path | None = None,
     ) -> TierKeys:
         """Load the identity, the sender registry and the pinned central key.
+
+        Args:
+            identity_key: this daemon's private key file.
+            sender_sources: key registry sources (see :class:`KeyRegistry`).
+            central: 64 hex digits, or the path of a PEM file.
+            role: whose keys ``sender_sources`` hold, for log lines.
+            base_dir: what a relative path of ``central`` is relative to: the
+                config file's folder, as for every other path of a config (a
+                loaded config has resolved it already). Never the identity
+                key's folder: ``keys/central.pub`` beside ``keys/me.key`` would
+                then be looked for in ``keys/keys/``.
 
         Raises:
             ConfigError: any of them cannot be loaded.
@@ -177,5 +206,5 @@ class TierKeys:
         return cls(
             identity=identity,
             senders=KeyRegistry(sender_sources, role=role),
-            central=load_verify_key(central, base_dir=identity_key.parent),
+            central=load_verify_key(central, base_dir=base_dir),
         )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 import subprocess
 import sys
@@ -26,6 +27,24 @@ def test_keys_new_then_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         shown = json.loads(capsys.readouterr().out)
         assert shown["key_id"] == created["key_id"]
         assert shown["public_key"] == created["public_key"]
+
+
+def test_keys_new_writes_what_a_registry_folder_and_the_examples_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedtier.tiers.registry import KeyRegistry
+
+    assert main(["keys", "new", "--name", "veh-0042", "--out", str(tmp_path), "--json"]) == 0
+    created = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["veh-0042.key", "veh-0042.pub"]
+    registry = KeyRegistry([tmp_path], role="device")  # a sender folder reads *.pub
+    assert registry.name_of(created["key_id"]) == "veh-0042"
+    # One naming: every key file the examples name is NAME.key or NAME.pub (or
+    # a registry: a folder, or a TOML file of name = hex).
+    for example in sorted((ROOT / "deploy").glob("**/*.toml")):
+        for name in re.findall(r'"(keys/[^"]+)"', example.read_text()):
+            suffix = Path(name).suffix
+            assert suffix in ("", ".key", ".pub", ".toml"), (example, name)
 
 
 def test_errors_are_one_sentence_not_a_traceback(

@@ -32,8 +32,10 @@ def test_edge_example_loads() -> None:
     config = load_config("edge", DEPLOY / "edge.example.toml")
     assert isinstance(config, EdgeConfig)
     assert (config.fleet, config.site, config.region) == ("acme", "plant-3", "eu-west")
-    assert config.identity_key == DEPLOY / "keys/edge-plant-3-a.key.pem"
-    assert config.sender_keys == (DEPLOY / "keys/devices.toml", DEPLOY / "keys/devices.d")
+    assert config.identity_key == DEPLOY / "keys/edge-plant-3-a.key"
+    assert config.sender_keys == (DEPLOY / "keys/devices",)
+    # Relative to the config file's folder, like every path (not the identity key's).
+    assert config.central_key == str(DEPLOY / "keys/central.pub")
     assert config.mqtt.client_id == "edge-plant-3-a"
     assert config.flush.max_inputs == 50
     assert config.flush.min_sample_weight is None
@@ -201,11 +203,16 @@ def test_bad_key_registry_entries(tmp_path: Path) -> None:
 def test_tier_keys_load(tmp_path: Path) -> None:
     me = SigningIdentity.from_seed(b"\x09" * 32)
     central = SigningIdentity.from_seed(b"\x0a" * 32)
-    save_signing_identity(me, tmp_path / "me.key.pem")
-    save_public_key(central.verify_key, tmp_path / "central.pub.pem")
+    (tmp_path / "keys").mkdir()
+    save_signing_identity(me, tmp_path / "keys" / "me.key")
+    save_public_key(central.verify_key, tmp_path / "keys" / "central.pub")
     (tmp_path / "senders.toml").write_text("[keys]\n")
     keys = TierKeys.load(
-        tmp_path / "me.key.pem", [tmp_path / "senders.toml"], "central.pub.pem", role="edge"
+        tmp_path / "keys" / "me.key",
+        [tmp_path / "senders.toml"],
+        "keys/central.pub",
+        role="edge",
+        base_dir=tmp_path,
     )
     assert keys.identity.key_id == me.key_id
     assert keys.central == central.verify_key

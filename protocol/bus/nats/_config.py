@@ -87,6 +87,10 @@ class NatsConfig:
         manage_streams: create or update ``streams`` on connect (needs the
             JetStream API permissions to do so). False only checks that they
             exist, for least-privilege users (deploy/nats/nats-server.conf).
+        wait_for_streams: with ``manage_streams`` off, a missing stream is
+            waited for (checked every second, a warning logged every 10 s)
+            instead of refused with ``ConfigError``: a daemon started before
+            the one that creates the streams then waits for it.
         require_sync_always: refuse to start unless the server fsyncs every
             JetStream write (``sync_interval: always``, docs/architecture.md, data guarantees).
         monitoring_url: the server's HTTP monitoring base URL
@@ -127,6 +131,7 @@ class NatsConfig:
     credentials_file: Path | None = None
     streams: tuple[StreamSpec, ...] = ()
     manage_streams: bool = True
+    wait_for_streams: bool = False
     require_sync_always: bool = True
     monitoring_url: str | None = None
     ack_wait_s: float = 30.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import ssl
-from typing import Any
+from typing import Any, Final
 
 import nats.aio.client
 import nats.errors
@@ -29,6 +29,11 @@ from fedtier.protocol.bus.nats._refusals import (
 from fedtier.protocol.errors import BusClosed, BusError, BusUnavailable, ConfigError
 
 logger = logging.getLogger("fedtier.protocol.bus.nats")
+
+# While waiting for streams another connection creates: how often to look, and
+# how often to say so in the log (a wait can last hours; one line per poll would flood).
+_STREAM_POLL_S: Final = 1.0
+_STREAM_WAIT_LOG_S: Final = 10.0
 
 
 class _ConnectionEvents:
@@ -226,7 +231,9 @@ async def _connect(config: NatsConfig, events: _ConnectionEvents) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _aio_ensure_streams(js: Any, streams: tuple[StreamSpec, ...], manage: bool) -> None:
+async def _aio_ensure_streams(js: Any, streams: tuple[StreamSpec, ...], manage: bool) -> list[str]:
+    """Create or update ``streams`` (``manage``), or only look them up; return the missing names."""
+    missing: list[str] = []
     for spec in streams:
         cfg = nats.js.api.StreamConfig(
             name=spec.name,
@@ -246,32 +253,68 @@ async def _aio_ensure_streams(js: Any, streams: tuple[StreamSpec, ...], manage: 
             await js.stream_info(spec.name)
         except nats.js.errors.NotFoundError:
             if not manage:
-                raise ConfigError(
-                    f"JetStream stream {spec.name!r} does not exist and manage_streams is off; "
-                    "create it from a connection allowed to (the central's)"
-                ) from None
+                missing.append(spec.name)
+                continue
             await js.add_stream(cfg)
         else:
             if manage:
                 await js.update_stream(cfg)
+    return missing
 
 
-async def _ensure_streams(conn: _Connection) -> None:
-    if not conn.config.streams:
-        return
+async def _check_streams(conn: _Connection) -> list[str]:
+    """One pass of :func:`_aio_ensure_streams` at the bus boundary; the missing stream names."""
+    names = [spec.name for spec in conn.config.streams]
     try:
-        names = [spec.name for spec in conn.config.streams]
         with (
             _refusals(conn.events, "ensure JetStream streams", names, write=False),
             _boundary("ensure JetStream streams"),
         ):
-            await _aio(
+            return await _aio(
                 _aio_ensure_streams, conn.js, conn.config.streams, conn.config.manage_streams
             )
     except BusError as exc:
         if isinstance(exc.__cause__, nats.js.errors.APIError):
             raise ConfigError(
-                f"cannot create or update the JetStream streams "
-                f"{[s.name for s in conn.config.streams]}: {exc}"
+                f"cannot create or update the JetStream streams {names}: {exc}"
             ) from exc
         raise
+
+
+async def _ensure_streams(conn: _Connection) -> None:
+    """Create, update or check the configured streams; wait for missing ones when asked to.
+
+    A daemon that only checks (``manage_streams`` off) may start before the one
+    that creates the streams: with ``wait_for_streams`` it polls until they
+    exist, saying so at a bounded interval, so an operator reading its log
+    knows what it waits for; without, the first missing one is a ``ConfigError``.
+    """
+    if not conn.config.streams:
+        return
+    missing = await _check_streams(conn)
+    if missing and not conn.config.wait_for_streams:
+        raise ConfigError(
+            f"JetStream stream {missing[0]!r} does not exist and manage_streams is off; "
+            "create it from a connection allowed to (the central's)"
+        )
+    waited = bool(missing)
+    next_log_at = trio.current_time()
+    while missing:
+        if trio.current_time() >= next_log_at:
+            logger.warning(
+                "waiting for JetStream stream %s (created by the central); start the central first",
+                " and ".join(missing),
+            )
+            next_log_at = trio.current_time() + _STREAM_WAIT_LOG_S
+        await trio.sleep(_STREAM_POLL_S)
+        try:
+            missing = await _check_streams(conn)
+        except BusUnavailable as exc:
+            # The server restarting during a long wait is still a wait.
+            logger.warning(
+                "nats %s: stream check failed (%s); still waiting", conn.config.name, exc
+            )
+    if waited:
+        logger.info(
+            "JetStream streams %s exist now; continuing", [s.name for s in conn.config.streams]
+        )

@@ -25,7 +25,6 @@ then include every metric asked for).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, TypeGuard
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Final, Literal, TypeGuard
 import numpy as np
 import numpy.typing as npt
 
+from fedtier.client.trainers import BUILTIN_METRICS
 from fedtier.protocol.errors import ConfigError, LayoutMismatch
 from fedtier.protocol.layout import ModelLayout
 
@@ -209,19 +209,13 @@ def _classification(
 def _regression(
     pred: npt.NDArray[np.float64], y: npt.NDArray[np.float64], names: Sequence[str]
 ) -> dict[str, float]:
-    error = pred - y
-    mse = float(np.mean(error**2))
-    total = float(np.sum((y - y.mean()) ** 2))
-    residual = float(np.sum(error**2))
-    # Constant targets leave R^2 undefined: scikit-learn's convention then.
-    r2 = 1.0 - residual / total if total > 0 else float(residual == 0)
-    values = {
-        "r2": r2,
-        "mse": mse,
-        "rmse": math.sqrt(mse),
-        "mae": float(np.mean(np.abs(error))),
-        "loss": mse,
-    }
+    # The trainers' metric functions: a device's val_r2 and the central's r2 are
+    # one computation. The loss of a regression model is its MSE.
+    # Model outputs are float32; the metric functions sum in float64.
+    out = pred.astype(np.float32)
+    values = {name: float(BUILTIN_METRICS[name](out, y)) for name in names if name != "loss"}
+    if "loss" in names:
+        values["loss"] = float(BUILTIN_METRICS["mse"](out, y))
     return {name: values[name] for name in names}
 
 

@@ -39,13 +39,12 @@ from typing import Final
 
 import numpy as np
 import pytest
+import torch  # make test installs fedtier[torch]: a missing torch is a failure, not a skip
 import trio
 
 from fedtier.simulations.processes import Child, open_process_group
 from fedtier.simulations.testing import DEPLOY_DIR, find_mosquitto, find_nats_server
 from tests.integration.test_local_recipe import PORTS, _free_port, _with_ports
-
-torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.brokers
 

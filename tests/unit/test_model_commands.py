@@ -13,12 +13,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import trio
 from trio.testing import MockClock
 
+from fedtier import _evaluation
 from fedtier.cli import main
 from fedtier.client.evaluation import METRICS, HeldOutEvaluator, metrics_from_outputs, predict
 from fedtier.client.plugins import Dataset
+from fedtier.client.torch_state import layout_for_module
+from fedtier.client.trainers import TorchTrainer
 from fedtier.protocol.bus import MemoryBroker, MemoryBus
 from fedtier.protocol.codecs import decode
 from fedtier.protocol.envelope import open_envelope
@@ -34,12 +38,6 @@ from fedtier.tiers.model_registry import MemoryModelRegistry
 from fedtier.tiers.registry import KeyRegistry, TierKeys
 from fedtier.tiers.store import read_stored_version
 from fedtier.tiers.testing import sign_partial
-
-torch = pytest.importorskip("torch")
-
-from fedtier import _evaluation  # noqa: E402  (after the torch skip: it builds torch models)
-from fedtier.client.torch_state import layout_for_module  # noqa: E402
-from fedtier.client.trainers import TorchTrainer  # noqa: E402
 
 FLEET = "acme"
 REGIONAL = SigningIdentity.from_seed(b"\x33" * 32)

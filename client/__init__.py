@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from fedtier.client.plugins import load_model as load_model
     from fedtier.client.runner import run_device as run_device
     from fedtier.client.runner import run_device_async as run_device_async
-    from fedtier.client.trainers import TorchTrainer as TorchTrainer
+    from fedtier.client.torch_trainer import TorchTrainer as TorchTrainer
     from fedtier.client.trainers import Trainer as Trainer
     from fedtier.client.trainers import TrainResult as TrainResult
 
@@ -54,7 +54,7 @@ _HOMES: Final = {
     "DataRequest": "plugins",
     "Dataset": "plugins",
     "DeviceSettings": "config",
-    "TorchTrainer": "trainers",
+    "TorchTrainer": "torch_trainer",
     "TrainResult": "trainers",
     "Trainer": "trainers",
     "load_data": "plugins",

@@ -153,7 +153,7 @@ class DataSettings:
 
 @dataclass(frozen=True, slots=True)
 class TrainingSettings:
-    """How the local model trains (``client.trainers.TorchTrainer`` documents each option).
+    """How the local model trains (``client.torch_trainer.TorchTrainer`` documents each option).
 
     Attributes:
         model: the model factory (mirrors ``ModelSettings.factory``; its old
@@ -737,7 +737,7 @@ def _torch(
 ) -> Trainer:
     import torch
 
-    from fedtier.client.trainers import TorchTrainer
+    from fedtier.client.torch_trainer import TorchTrainer
 
     assert isinstance(module, torch.nn.Module)
     if training.torch_threads is not None:

@@ -276,7 +276,7 @@ def load_model(
     ``dataset=`` when it declares a parameter of that name and data is at hand
     (so it can size its input layer from the data). The built-ins:
 
-    * ``"mlp"``: Linear-ReLU-Linear (``fedtier.client.trainers.make_mlp``);
+    * ``"mlp"``: Linear-ReLU-Linear (``fedtier.client.torch_trainer.make_mlp``);
       args ``hidden`` (32), ``seed`` (0), ``in_features`` and ``num_classes``
       (taken from ``dataset`` when absent; a regression dataset gets one
       output).
@@ -373,7 +373,7 @@ def _builtin_mlp(args: dict[str, object], dataset: Dataset | None) -> object:
         raise ConfigError(
             "model 'mlp' needs args in_features and num_classes when no data is at hand"
         )
-    from fedtier.client.trainers import make_mlp
+    from fedtier.client.torch_trainer import make_mlp
 
     assert hidden is not None
     return make_mlp(in_features, hidden, num_classes, seed=seed)

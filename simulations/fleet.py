@@ -461,7 +461,7 @@ class _FleetDevice:
         from fedtier.client.device import DeviceConfig, DeviceReport
         from fedtier.client.model_store import ModelStore
         from fedtier.client.outbox import Outbox
-        from fedtier.client.trainers import TorchTrainer, make_mlp
+        from fedtier.client.torch_trainer import TorchTrainer, make_mlp
 
         kind = config.kinds[spec.kind]
         try:

@@ -368,7 +368,7 @@ def _write_registry(path: Path, members: Mapping[str, SigningIdentity]) -> Path:
 
 
 def _write_initial_model(path: Path, hidden: int, seed: int) -> None:
-    from fedtier.client.trainers import make_mlp
+    from fedtier.client.torch_trainer import make_mlp
 
     model = make_mlp(NUM_FEATURES, hidden, NUM_CLASSES, seed=seed)
     arrays = {name: t.detach().numpy().astype(np.float32) for name, t in model.state_dict().items()}

@@ -1,6 +1,6 @@
 """The fleet simulator, its scenarios and experiments; protocol, tiers and client never import it.
 
-``scenario`` reads the TOML format, ``data`` loads and splits the data it names
+``scenario`` reads the TOML format into ``specs``, ``data`` loads and splits the data it names
 (through ``client.plugins``, as a device does), ``engine`` runs it on a virtual
 clock over ``nodes`` (the tiers' own math) and ``devices`` (the client's own
 trainers), ``report`` writes what a run measured, ``experiments`` runs the
@@ -11,7 +11,8 @@ and ``mesh_engine`` runs a small scenario on the real daemons.
 from __future__ import annotations
 
 from fedtier.simulations.sim.engine import RunResult, Simulation, VersionRecord, run_scenario
-from fedtier.simulations.sim.scenario import Scenario, load_scenario, parse_scenario
+from fedtier.simulations.sim.scenario import load_scenario, parse_scenario
+from fedtier.simulations.sim.specs import Scenario
 
 __all__ = [
     "RunResult",

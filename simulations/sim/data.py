@@ -34,7 +34,7 @@ import numpy.typing as npt
 from fedtier.client.plugins import DataRequest, Dataset, load_data
 from fedtier.protocol.errors import ConfigError
 from fedtier.simulations.datasets import dirichlet_partition, holdout_mask, split_sizes
-from fedtier.simulations.sim.scenario import DataSpec
+from fedtier.simulations.sim.specs import DataSpec
 
 __all__ = ["FederatedData", "Labels", "build_data", "device_name"]
 

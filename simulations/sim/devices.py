@@ -11,7 +11,7 @@ devices that actually train.
 
 The model is built once from ``[model]`` (``client.plugins.load_model``, with
 torch's RNG seeded from the run's seed so the start is reproducible), and
-trained by ``client.trainers.TorchTrainer`` with the scenario's ``[training]``
+trained by ``client.torch_trainer.TorchTrainer`` with the scenario's ``[training]``
 options: the same trainer, layout rule (``client.torch_state.layout_for_module``)
 and FedBN policy as a real device. When nothing stays local every device trains
 the same module in turn (the trainer reloads the global parameters before each
@@ -45,7 +45,8 @@ import numpy.typing as npt
 
 from fedtier.client.error_feedback import ErrorFeedback
 from fedtier.client.plugins import Dataset, load_model, load_object
-from fedtier.client.trainers import NumpyLogRegTrainer, TorchTrainer, Trainer, TrainResult
+from fedtier.client.torch_trainer import TorchTrainer
+from fedtier.client.trainers import NumpyLogRegTrainer, Trainer, TrainResult
 from fedtier.protocol.codecs import CodecSpec, encode
 from fedtier.protocol.envelope import seal
 from fedtier.protocol.errors import ConfigError, LocalProtocolError
@@ -54,7 +55,7 @@ from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.messages import DeviceUpdate
 from fedtier.simulations.sim.data import FederatedData, Labels, device_name
 from fedtier.simulations.sim.nodes import SimKeys, identity_for
-from fedtier.simulations.sim.scenario import ModelSpec, TrainingSpec
+from fedtier.simulations.sim.specs import ModelSpec, TrainingSpec
 
 if TYPE_CHECKING:
     import torch

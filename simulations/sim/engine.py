@@ -40,7 +40,7 @@ from fedtier.simulations.datasets import DIGITS_NAME
 from fedtier.simulations.sim.data import FederatedData, build_data
 from fedtier.simulations.sim.devices import FLEET, DeviceRun, LocalTraining
 from fedtier.simulations.sim.nodes import CentralNode, TierNode
-from fedtier.simulations.sim.scenario import DeviceKind, Scenario, TierSpec
+from fedtier.simulations.sim.specs import DeviceKind, Scenario, TierSpec
 from fedtier.tiers.optimizers import make_optimizer
 
 __all__ = ["DataInfo", "RunResult", "Simulation", "VersionRecord", "run_scenario"]

@@ -24,7 +24,7 @@ then ``clients.offline_s`` away.
 
 Measured per model version, as the in-process engine measures it: held-out
 accuracy and loss of each version a site's edge relays (verified against the
-central key, evaluated with ``client.trainers.TorchTrainer``); uploaded bytes
+central key, evaluated with ``client.torch_trainer.TorchTrainer``); uploaded bytes
 (envelopes, from the fleets' counters; payloads, as updates sent times the
 codec's fixed payload size); bytes into the central, outcomes and staleness
 from the daemons' Prometheus endpoints. The staleness histogram comes from
@@ -52,7 +52,7 @@ import trio
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.errors import ConfigError
 from fedtier.simulations.sim.engine import RunResult, VersionRecord
-from fedtier.simulations.sim.scenario import ClientsSpec, Scenario, TierSpec, TrainingSpec
+from fedtier.simulations.sim.specs import ClientsSpec, Scenario, TierSpec, TrainingSpec
 from fedtier.tiers.flush import FlushPolicy
 
 if TYPE_CHECKING:
@@ -93,7 +93,8 @@ def mesh_problems(s: Scenario) -> list[str]:
     if model.factory != "mlp" or set(dict(model.args)) - {"hidden"} or model.local:
         refuse(
             "model.factory (training.model)",
-            "the mesh's devices train the mlp (client.trainers.make_mlp) with no local tensors",
+            "the mesh's devices train the mlp (client.torch_trainer.make_mlp) with no local "
+            "tensors",
         )
     plain = TrainingSpec()
     for name in ("loss", "optimizer", "weight_decay", "grad_clip", "drop_last", "device"):
@@ -307,7 +308,7 @@ async def _run_mesh(
     s: Scenario, workdir: Path, out: Path, progress: Callable[[float], None]
 ) -> RunResult:
     from fedtier.client.model_store import ModelStore, OfferStatus
-    from fedtier.client.trainers import TorchTrainer, make_mlp
+    from fedtier.client.torch_trainer import TorchTrainer, make_mlp
     from fedtier.protocol.bus import Delivery, Subscription
     from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
     from fedtier.protocol.envelope import open_envelope

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from fedtier.simulations.sim.engine import DataInfo, RunResult, VersionRecord
-from fedtier.simulations.sim.scenario import Scenario, dump_toml
+from fedtier.simulations.sim.scenario import dump_toml
+from fedtier.simulations.sim.specs import Scenario
 
 __all__ = [
     "evaluated",

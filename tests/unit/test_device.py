@@ -34,13 +34,12 @@ from fedtier.client.device import DeviceConfig, DeviceReport, serve_device
 from fedtier.client.model_store import ModelStore
 from fedtier.client.outbox import Outbox
 from fedtier.client.plugins import DataRequest, Dataset
+from fedtier.client.torch_trainer import TorchTrainer, make_mlp
 from fedtier.client.trainers import (
     LrSchedule,
     NumpyLogRegTrainer,
-    TorchTrainer,
     Trainer,
     ValidatingTrainer,
-    make_mlp,
 )
 from fedtier.protocol.bus import Bus, MemoryBroker, MemoryBus, PublishAck
 from fedtier.protocol.codecs import CodecSpec, encode
@@ -692,6 +691,7 @@ def test_importing_the_client_api_does_not_import_torch() -> None:
         "import sys, fedtier.client as c\n"
         "c.run_device, c.Trainer, c.Dataset, c.load_data\n"
         "import fedtier.client.config, fedtier.client.plugins, fedtier.client.trainers\n"
+        "import fedtier.client.torch_trainer\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -22,7 +22,7 @@ from fedtier.cli import main
 from fedtier.client.evaluation import METRICS, HeldOutEvaluator, metrics_from_outputs, predict
 from fedtier.client.plugins import Dataset
 from fedtier.client.torch_state import layout_for_module
-from fedtier.client.trainers import TorchTrainer
+from fedtier.client.torch_trainer import TorchTrainer
 from fedtier.protocol.bus import MemoryBroker, MemoryBus
 from fedtier.protocol.codecs import decode
 from fedtier.protocol.envelope import open_envelope

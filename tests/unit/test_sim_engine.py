@@ -17,7 +17,8 @@ from fedtier.protocol.errors import ConfigError
 from fedtier.simulations.sim.cli import main
 from fedtier.simulations.sim.engine import RunResult, run_scenario
 from fedtier.simulations.sim.experiments import run_experiment
-from fedtier.simulations.sim.scenario import Scenario, dump_toml, load_scenario, parse_scenario
+from fedtier.simulations.sim.scenario import dump_toml, load_scenario, parse_scenario
+from fedtier.simulations.sim.specs import Scenario
 
 TINY: dict[str, object] = {
     "scenario": {"seed": 3},

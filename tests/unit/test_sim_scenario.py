@@ -13,14 +13,12 @@ from fedtier.protocol.errors import ConfigError
 from fedtier.simulations.datasets import diabetes, digits, load_digits_split, synthetic
 from fedtier.simulations.sim.data import build_data
 from fedtier.simulations.sim.scenario import (
-    DIGITS_LOADER,
-    SYNTHETIC_LOADER,
-    DataSpec,
     apply_override,
     dump_toml,
     load_scenario,
     parse_scenario,
 )
+from fedtier.simulations.sim.specs import DIGITS_LOADER, SYNTHETIC_LOADER, DataSpec
 from fedtier.simulations.sim.synthetic import DeviceSplit, generate_synthetic
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"

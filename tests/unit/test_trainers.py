@@ -25,16 +25,14 @@ from fedtier.client.torch_state import (
     load_into_module,
     local_tensor_names,
 )
+from fedtier.client.torch_trainer import TorchTrainer, make_mlp, resolve_device
 from fedtier.client.trainers import (
     BUILTIN_METRICS,
     LrSchedule,
     NumpyLogRegTrainer,
-    TorchTrainer,
     Trainer,
     TrainResult,
     ValidatingTrainer,
-    make_mlp,
-    resolve_device,
     resolve_metrics,
 )
 from fedtier.protocol.errors import ConfigError, LayoutMismatch, LocalProtocolError
@@ -502,3 +500,14 @@ def test_a_trainer_without_data_evaluates_but_does_not_train() -> None:
         assert set(trainer.evaluate(params, X, y)) >= {"loss", "accuracy"}
         with pytest.raises(LocalProtocolError, match="can only evaluate"):
             trainer.train(params)
+
+
+def test_the_torch_names_still_resolve_from_client_trainers() -> None:
+    # Code written before TorchTrainer moved to client.torch_trainer keeps working.
+    from fedtier.client import torch_trainer, trainers
+
+    assert trainers.TorchTrainer is torch_trainer.TorchTrainer
+    assert trainers.make_mlp is torch_trainer.make_mlp
+    assert trainers.resolve_device is torch_trainer.resolve_device
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        trainers.nothing_here  # noqa: B018

@@ -15,11 +15,17 @@ message costs 1.9 ms here, a digest 20 us).
 
 Checks happen cheapest first: size caps before parsing, structure before
 crypto, the signature (65 us) before hashing the payload (~0.1 ms per MB).
+Before msgpack builds the outer array or the header, a walk over the raw bytes
+checks their structure against caps derived from the schema (depth,
+containers, objects: ``protocol.messages.header_caps``), so no byte string
+within the size caps makes the parser build millions of empty containers or
+pre-size arrays that the bytes never fill (docs/protocol.md section 10.1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import struct
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -36,8 +42,14 @@ from fedtier.protocol.errors import (
     UnsupportedVersion,
 )
 from fedtier.protocol.identity import SigningIdentity, VerifyKey
-from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
-from fedtier.protocol.messages import Kind, Message, message_from_wire, message_to_wire
+from fedtier.protocol.limits import DEFAULT_LIMITS, Limits, StructureCaps
+from fedtier.protocol.messages import (
+    Kind,
+    Message,
+    header_caps,
+    message_from_wire,
+    message_to_wire,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -52,8 +64,39 @@ __all__ = [
 
 PROTOCOL_VERSION: Final = 1
 SIGNING_CONTEXT: Final = b"fedtier-v1-envelope\x00"
-_HEADER_MAX_MAP: Final = 64
 _HEADER_MAX_BIN: Final = 32  # ids are 16 bytes, digests 32: nothing larger lives in a header
+# The outer array: [version, header, payload, signature], four scalars.
+_ENVELOPE_CAPS: Final = StructureCaps(
+    max_depth=1, max_maps=0, max_arrays=1, max_objects=5, max_map_len=0, max_array_len=4
+)
+
+
+def _msgpack_tables() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per first byte: the size of a scalar that byte fixes, and the length-prefix width."""
+    fixed = [0] * 256
+    for b in (*range(0x00, 0x80), *range(0xE0, 0x100), 0xC0, 0xC2, 0xC3):
+        fixed[b] = 1  # fixints, nil, false, true
+    for b in range(0xA0, 0xC0):
+        fixed[b] = 1 + (b & 0x1F)  # fixstr
+    for b, size in {0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}.items():
+        fixed[b] = size  # float 32/64, uint 8..64
+    for b, size in {0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}.items():
+        fixed[b] = size  # int 8..64
+    prefix = [0] * 256
+    for b, width in {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}.items():
+        prefix[b] = width  # bin 8/16/32, str 8/16/32
+    return tuple(fixed), tuple(prefix)
+
+
+_FIXED_SIZE, _LENGTH_PREFIX = _msgpack_tables()
+# Per first byte, one lookup for the walk: a fixed size, or minus a length prefix's width.
+_STEP: Final = tuple(
+    size or -width for size, width in zip(_FIXED_SIZE, _LENGTH_PREFIX, strict=True)
+)
+_U32: Final = struct.Struct(">I").unpack_from
+# Arrays at least this long are first tried as one run of scalars encoded alike
+# (the ids of a partial): checked with strided slices in C, not item by item.
+_RUN_MIN: Final = 16
 
 KeyLookup: TypeAlias = Callable[[str], VerifyKey | None] | Mapping[str, VerifyKey]
 
@@ -131,22 +174,39 @@ def seal(message: Message, payload: bytes | memoryview, identity: SigningIdentit
 
 
 def parse_envelope(
-    data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
+    data: bytes | bytearray | memoryview,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    kinds: Collection[Kind] | None = None,
 ) -> Envelope:
     """Parse envelope bytes and check every field, without any cryptography.
 
+    Args:
+        data: the received bytes.
+        limits: decoding caps.
+        kinds: the message kinds the caller takes (default: all). The header's
+            structure is then held to the caps of those kinds alone (an edge
+            taking updates refuses any header with an array before msgpack
+            reads it), and a message of another kind is malformed.
+
     Raises:
-        LimitExceeded: the envelope, its header or a field is above its cap.
+        LimitExceeded: the envelope, its header, its structure or a field is
+            above its cap.
         UnsupportedVersion: the version is not 1.
         DecodeError: anything else malformed (bad msgpack, wrong types,
-            missing or unknown fields, a payload of the wrong size).
+            missing or unknown fields, a payload of the wrong size, a kind
+            not in ``kinds``).
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError(f"envelope must be bytes, got {type(data).__name__}")
+    if isinstance(data, memoryview) and (data.format != "B" or data.ndim != 1):
+        # The walk reads bytes as ints; a view of other items is its raw bytes here.
+        data = data.cast("B") if data.c_contiguous else memoryview(data.tobytes())
     if len(data) > limits.max_envelope_bytes:
         raise LimitExceeded(
             f"envelope of {len(data)} bytes is above the cap of {limits.max_envelope_bytes}"
         )
+    _check_structure(data, _ENVELOPE_CAPS, "envelope")
     outer = _unpack(
         data,
         what="envelope",
@@ -173,12 +233,15 @@ def parse_envelope(
         raise LimitExceeded(
             f"header of {len(header_bytes)} bytes is above the cap of {limits.max_header_bytes}"
         )
+    expected = frozenset(kinds) if kinds is not None else None
+    caps = header_caps(limits, expected)
+    _check_structure(header_bytes, caps, "header")
     header = _unpack(
         header_bytes,
         what="header",
         max_bin_len=_HEADER_MAX_BIN,
-        max_array_len=max(limits.max_ids, limits.max_tensors, limits.max_hist_buckets),
-        max_map_len=_HEADER_MAX_MAP,
+        max_array_len=caps.max_array_len,
+        max_map_len=caps.max_map_len,
         max_str_len=max(limits.max_str_chars, 1024),
     )
     if not isinstance(header, dict):
@@ -188,6 +251,11 @@ def parse_envelope(
         kind = Kind(kind_value)
     except ValueError:
         raise DecodeError(f"header kind {kind_value!r} is not a known message kind") from None
+    if expected is not None and kind not in expected:
+        raise DecodeError(
+            f"a {kind.value} message arrived where "
+            f"{' or '.join(sorted(k.value for k in expected))} is expected"
+        )
     size = header.pop("payload_size", None)
     digest = header.pop("payload_blake3", None)
     if not isinstance(size, int) or isinstance(size, bool) or size != len(payload):
@@ -208,6 +276,8 @@ def open_envelope(
     data: bytes | bytearray | memoryview,
     keys: KeyLookup,
     limits: Limits = DEFAULT_LIMITS,
+    *,
+    kinds: Collection[Kind] | None = None,
 ) -> Envelope:
     """Parse and verify envelope bytes against the sender's registered key.
 
@@ -215,13 +285,15 @@ def open_envelope(
         data: the received bytes.
         keys: key id -> public key (a mapping or a lookup function).
         limits: decoding caps.
+        kinds: the message kinds the caller takes (default: all), as in
+            ``parse_envelope``.
 
     Raises:
         UnknownSender: no key is registered for the sender.
         SignatureError, DigestMismatch: the bytes are not what the sender signed.
         DecodeError: as ``parse_envelope``.
     """
-    envelope = parse_envelope(data, limits)
+    envelope = parse_envelope(data, limits, kinds=kinds)
     key = keys.get(envelope.sender) if isinstance(keys, Mapping) else keys(envelope.sender)
     if key is None:
         raise UnknownSender(
@@ -266,6 +338,142 @@ def _unpack(
     except Exception as exc:  # the C unpacker raises many types; all mean "malformed"
         kind = LimitExceeded if "exceeds max" in str(exc) else DecodeError
         raise kind(f"{what} is not valid msgpack within its caps: {exc}") from exc
+
+
+def _check_structure(data: bytes | bytearray | memoryview, caps: StructureCaps, what: str) -> None:
+    """Walk one msgpack value without building it; refuse a structure above ``caps``.
+
+    msgpack builds every container it reads and sizes an array by its declared
+    length before its items arrive, so this walk runs first. It visits each
+    object at most once and stops at the first cap exceeded, so its cost is
+    bounded by ``caps.max_objects``, whatever the bytes; a run of scalars
+    encoded alike (a partial's ids) is skipped in one step.
+
+    Raises:
+        LimitExceeded: deeper than ``caps.max_depth``, or more maps, arrays,
+            objects, map entries or array items than the caps allow.
+        DecodeError: not exactly one msgpack value (truncated, trailing bytes,
+            the reserved byte 0xc1) or an extension type.
+    """
+    steps = _STEP
+    max_depth, max_objects = caps.max_depth, caps.max_objects
+    end = len(data)
+    pos = depth = maps = arrays = 0
+    objects = 1
+    todo = 1  # items left in the innermost open container; the top level holds one
+    stack: list[int] = []  # the items left in each enclosing container
+    try:
+        while True:
+            while todo:
+                todo -= 1
+                b = data[pos]  # IndexError past the end: truncated
+                step = steps[b]
+                if step > 0:  # a scalar of fixed size
+                    pos += step
+                    continue
+                if step == -1:  # str 8, bin 8
+                    pos += 2 + data[pos + 1]
+                    continue
+                if step == -2:  # str 16, bin 16
+                    pos += 3 + (data[pos + 1] << 8 | data[pos + 2])
+                    continue
+                if step:  # str 32, bin 32
+                    pos += 5 + _U32(data, pos + 1)[0]
+                    continue
+                if 0x80 <= b <= 0x9F:
+                    n, is_map = b & 0x0F, b < 0x90
+                    pos += 1
+                elif b == 0xDC or b == 0xDE:
+                    n, is_map = data[pos + 1] << 8 | data[pos + 2], b == 0xDE
+                    pos += 3
+                elif b == 0xDD or b == 0xDF:
+                    n, is_map = int.from_bytes(data[pos + 1 : pos + 5], "big"), b == 0xDF
+                    pos += 5
+                else:
+                    raise _unused_byte(what, b, pos)
+                depth += 1
+                if depth > max_depth:
+                    raise LimitExceeded(
+                        f"{what} nests containers {depth} deep; the cap is {max_depth}"
+                    )
+                if is_map:
+                    maps += 1
+                    if maps > caps.max_maps or n > caps.max_map_len:
+                        raise _container_over(what, "map", maps, n, caps)
+                    n *= 2
+                else:
+                    arrays += 1
+                    if arrays > caps.max_arrays or n > caps.max_array_len:
+                        raise _container_over(what, "array", arrays, n, caps)
+                objects += n
+                if objects > max_objects:
+                    raise LimitExceeded(
+                        f"{what} holds more than {max_objects} msgpack objects (the cap)"
+                    )
+                if n >= _RUN_MIN and not is_map:
+                    stop = _uniform_run(data, pos, n, end)
+                    if stop:
+                        pos = stop
+                        n = 0
+                if n:
+                    stack.append(todo)
+                    todo = n
+                else:
+                    depth -= 1
+            if not stack:
+                break
+            todo = stack.pop()
+            depth -= 1
+    except (IndexError, struct.error):
+        pos = end + 1
+    if pos > end:
+        raise DecodeError(f"{what} is not valid msgpack: it ends inside an item")
+    if pos < end:
+        raise DecodeError(f"{what} is not valid msgpack: {end - pos} bytes follow its end")
+
+
+def _unused_byte(what: str, byte: int, pos: int) -> DecodeError:
+    if byte == 0xC1:
+        return DecodeError(f"{what} is not valid msgpack: the reserved byte 0xc1 at {pos}")
+    return DecodeError(
+        f"{what} holds a msgpack extension type (byte 0x{byte:02x} at {pos}); fedtier uses none"
+    )
+
+
+def _container_over(
+    what: str, kind: str, count: int, length: int, caps: StructureCaps
+) -> LimitExceeded:
+    most, longest = (
+        (caps.max_maps, caps.max_map_len)
+        if kind == "map"
+        else (caps.max_arrays, caps.max_array_len)
+    )
+    if count > most:
+        return LimitExceeded(f"{what} holds more than {most} {kind}s (the cap)")
+    article, unit = ("a", "entries") if kind == "map" else ("an", "items")
+    return LimitExceeded(f"{what} has {article} {kind} of {length} {unit}; the cap is {longest}")
+
+
+def _uniform_run(data: bytes | bytearray | memoryview, pos: int, n: int, end: int) -> int:
+    """End of ``n`` scalars from ``pos`` if all are encoded alike (same type, length), else 0."""
+    first = data[pos]
+    size = _FIXED_SIZE[first]
+    head = 1
+    if not size:
+        width = _LENGTH_PREFIX[first]
+        if not width:
+            return 0
+        head += width
+        size = head + int.from_bytes(data[pos + 1 : pos + head], "big")
+    stop = pos + n * size
+    if stop > end:
+        return 0
+    # Equal heads every ``size`` bytes make every item that long: one strided
+    # compare per head byte checks them all.
+    for j in range(head):
+        if data[pos + j : stop : size] != bytes(data[pos + j : pos + j + 1]) * n:
+            return 0
+    return stop
 
 
 def _payload_size_problem(message: Message, size: int) -> str | None:

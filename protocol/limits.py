@@ -2,7 +2,10 @@
 
 A receiver checks the caps before it allocates, so a hostile message costs at
 most the cap. ``Limits`` is configurable per daemon; the defaults suit models
-up to 16 Mi parameters.
+up to 16 Mi parameters. ``StructureCaps`` bounds the msgpack structure of one
+encoded value (how deep, how many containers and objects); the header's caps
+are not configured but derived from the message schemas and ``Limits``
+(``protocol.messages.header_caps``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 
 from fedtier.protocol.errors import LocalProtocolError
 
-__all__ = ["DEFAULT_LIMITS", "Limits"]
+__all__ = ["DEFAULT_LIMITS", "Limits", "StructureCaps"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,3 +52,47 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class StructureCaps:
+    """The most msgpack structure one encoded value may have; also the shape of a schema value.
+
+    A decoder walks the bytes against these caps before it builds anything, so
+    a value within its byte cap cannot make it allocate a million containers
+    (``[[[], [], ...], ...]``) or pre-size deep arrays that the bytes never fill.
+
+    Attributes:
+        max_depth: levels of nested containers; a scalar is 0, ``[]`` is 1, a
+            header map holding an array is 2.
+        max_maps: maps, at every level together, the value itself included.
+        max_arrays: arrays, likewise.
+        max_objects: msgpack objects in all: every container, map key, map
+            value and array item counts one, the value itself included.
+        max_map_len: entries of any one map.
+        max_array_len: items of any one array.
+    """
+
+    max_depth: int
+    max_maps: int
+    max_arrays: int
+    max_objects: int
+    max_map_len: int
+    max_array_len: int
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise LocalProtocolError(f"cap {name} must be an integer >= 0, got {value!r}")
+
+    def union(self, other: StructureCaps) -> StructureCaps:
+        """The caps that admit both ``self`` and ``other``: each cap the larger."""
+        return StructureCaps(
+            max(self.max_depth, other.max_depth),
+            max(self.max_maps, other.max_maps),
+            max(self.max_arrays, other.max_arrays),
+            max(self.max_objects, other.max_objects),
+            max(self.max_map_len, other.max_map_len),
+            max(self.max_array_len, other.max_array_len),
+        )

@@ -18,16 +18,17 @@ Kinds and payloads::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any, ClassVar, Final, TypeAlias
 
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.errors import DecodeError, LimitExceeded, LocalProtocolError
 from fedtier.protocol.identity import valid_key_id
 from fedtier.protocol.layout import ModelLayout
-from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
+from fedtier.protocol.limits import DEFAULT_LIMITS, Limits, StructureCaps
 from fedtier.protocol.names import check_token
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "Receipt",
     "ReceiptStatus",
     "Tier",
+    "header_caps",
     "message_from_wire",
     "message_to_wire",
 ]
@@ -291,6 +293,9 @@ class Receipt:
         status: accepted, duplicate (already accepted earlier) or rejected.
         reason: why it was rejected (a metric reason token), else empty.
         model_version: the newest model version the edge knows.
+        retry_after_ms: for a non-final rejection (``rate_limited``), how long the
+            device waits before it resends the same update; 0 (left off the wire)
+            otherwise.
     """
 
     KIND: ClassVar[Kind] = Kind.RECEIPT
@@ -304,6 +309,7 @@ class Receipt:
     status: ReceiptStatus
     reason: str
     model_version: int
+    retry_after_ms: int = 0
 
     def __post_init__(self) -> None:
         _validate_local(self)
@@ -425,6 +431,7 @@ SCHEMAS: Final[dict[Kind, tuple[type[Any], tuple[tuple[str, _Check], ...]]]] = {
             ("status", _enum(ReceiptStatus)),
             ("reason", _short_str),
             ("model_version", _uint),
+            ("retry_after_ms", _uint),
         ),
     ),
     Kind.PARTIAL: (
@@ -473,7 +480,110 @@ SCHEMAS: Final[dict[Kind, tuple[type[Any], tuple[tuple[str, _Check], ...]]]] = {
 }
 
 # Fields a sender may leave out; every other field is required.
-OPTIONAL_FIELDS: Final[dict[Kind, frozenset[str]]] = {Kind.UPDATE: frozenset({"metrics"})}
+# An optional field left out (or empty/zero, which is never sent) takes its dataclass default.
+OPTIONAL_FIELDS: Final[dict[Kind, frozenset[str]]] = {
+    Kind.UPDATE: frozenset({"metrics"}),
+    Kind.RECEIPT: frozenset({"retry_after_ms"}),
+}
+
+
+# -- structure caps -------------------------------------------------------------
+# How deep and how many containers and objects a valid header can hold, derived
+# from SCHEMAS and the limits. The envelope parser walks a raw header against
+# them before msgpack builds anything (docs/protocol.md section 10.1), so the
+# cost of refusing any header within max_header_bytes is bounded.
+
+_SCALAR: Final = StructureCaps(
+    max_depth=0, max_maps=0, max_arrays=0, max_objects=1, max_map_len=0, max_array_len=0
+)
+# Header entries that live beside the schema's fields (protocol.envelope).
+_ENVELOPE_FIELDS: Final = ("kind", "payload_size", "payload_blake3")
+
+
+def _array_of(n: int, item: StructureCaps) -> StructureCaps:
+    """An array of up to ``n`` items, each at most ``item``."""
+    return StructureCaps(
+        max_depth=1 + item.max_depth,
+        max_maps=n * item.max_maps,
+        max_arrays=1 + n * item.max_arrays,
+        max_objects=1 + n * item.max_objects,
+        max_map_len=item.max_map_len,
+        max_array_len=max(n, item.max_array_len),
+    )
+
+
+def _tuple_of(*items: StructureCaps) -> StructureCaps:
+    """An array with one item per position, each at most its ``items`` entry."""
+    return StructureCaps(
+        max_depth=1 + max((i.max_depth for i in items), default=0),
+        max_maps=sum(i.max_maps for i in items),
+        max_arrays=1 + sum(i.max_arrays for i in items),
+        max_objects=1 + sum(i.max_objects for i in items),
+        max_map_len=max((i.max_map_len for i in items), default=0),
+        max_array_len=max([len(items), *(i.max_array_len for i in items)]),
+    )
+
+
+def _map_of(values: Sequence[StructureCaps]) -> StructureCaps:
+    """A map with a scalar key and a value at most ``values[i]`` per entry."""
+    return StructureCaps(
+        max_depth=1 + max((v.max_depth for v in values), default=0),
+        max_maps=1 + sum(v.max_maps for v in values),
+        max_arrays=sum(v.max_arrays for v in values),
+        max_objects=1 + sum(1 + v.max_objects for v in values),
+        max_map_len=max([len(values), *(v.max_map_len for v in values)]),
+        max_array_len=max((v.max_array_len for v in values), default=0),
+    )
+
+
+# The shape of every check whose value is a container; any other check takes a
+# scalar. A new container field without an entry here fails closed: a receiver
+# of its kind refuses its valid headers as too large, which the exactness test
+# in tests/unit/test_envelope.py catches.
+_CONTAINER_SHAPES: Final[dict[_Check, Callable[[Limits], StructureCaps]]] = {
+    # CodecSpec.to_wire: one scalar per field, the fields that apply.
+    _codec: lambda _lim: _map_of([_SCALAR] * len(fields(CodecSpec))),
+    _metrics: lambda lim: _map_of([_SCALAR] * lim.max_metrics),
+    _id_list: lambda lim: _array_of(lim.max_ids, _SCALAR),
+    _hist: lambda lim: _array_of(lim.max_hist_buckets, _SCALAR),
+    # ModelLayout.to_wire: [[name, dtype, [dims...]], ...]
+    _layout_spec: lambda lim: _array_of(
+        lim.max_tensors, _tuple_of(_SCALAR, _SCALAR, _array_of(lim.max_ndim, _SCALAR))
+    ),
+}
+
+
+def _header_shape(kind: Kind, limits: Limits) -> StructureCaps:
+    values = [
+        shape(limits) if (shape := _CONTAINER_SHAPES.get(check)) else _SCALAR
+        for _name, check in SCHEMAS[kind][1]
+    ]
+    return _map_of([*values, *[_SCALAR] * len(_ENVELOPE_FIELDS)])
+
+
+@lru_cache(maxsize=64)
+def header_caps(limits: Limits, kinds: frozenset[Kind] | None = None) -> StructureCaps:
+    """The structure caps of a header under ``limits``: the largest valid header of ``kinds``.
+
+    With the default limits and every kind: depth 4 (a ``model_blob``'s
+    ``tensors`` -> entry -> shape), 3 maps (an ``update``'s header, ``codec``,
+    ``metrics``), 8,193 arrays (a ``model_blob`` of ``max_tensors`` tensors),
+    131,379 objects (a ``partial`` listing ``max_ids`` inputs and leaves), 21
+    entries in a map (a ``partial``'s header) and 65,536 items in an array
+    (``max_ids``). A receiver that takes only updates gets far smaller caps
+    (depth 2, no arrays, 69 objects).
+
+    Args:
+        limits: the receiver's limits.
+        kinds: the kinds the receiver takes (default: all).
+    """
+    chosen = sorted(kinds if kinds is not None else Kind)
+    if not chosen:
+        raise LocalProtocolError("header_caps needs at least one message kind")
+    caps = _header_shape(chosen[0], limits)
+    for kind in chosen[1:]:
+        caps = caps.union(_header_shape(kind, limits))
+    return caps
 
 
 def _validate_local(msg: Any) -> None:
@@ -525,7 +635,7 @@ def message_from_wire(header: Mapping[str, Any], kind: Kind, limits: Limits) -> 
     for name, check in schema:
         if name not in header:
             if name in OPTIONAL_FIELDS.get(kind, frozenset()):
-                values[name] = ()
+                values[name] = cls.__dataclass_fields__[name].default
                 continue
             raise DecodeError(f"{kind.value} header lacks field {name!r}")
         try:

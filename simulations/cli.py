@@ -28,7 +28,7 @@ LAB_MODULES: Final = ("rich", "matplotlib", "sklearn", "nats", "trio_asyncio", "
 
 
 def add_bench(sub: Subcommands) -> None:
-    """Add ``fedtier bench codec|edge``."""
+    """Add ``fedtier bench codec|edge|reject``."""
     bench = sub.add_parser("bench", help="benchmarks against a raw baseline run alongside")
     bench.set_defaults(requires=LAB_MODULES)
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -43,6 +43,13 @@ def add_bench(sub: Subcommands) -> None:
         "edge",
         "fedtier.simulations.bench.edge",
         "edge daemon intake vs a bare paho+numpy pipeline on a real Mosquitto (--json)",
+        requires=LAB_MODULES,
+    )
+    add_forwarded(
+        bench_sub,
+        "reject",
+        "fedtier.simulations.bench.reject",
+        "time to refuse the worst envelopes within the size caps, vs msgpack (JSON)",
         requires=LAB_MODULES,
     )
 

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tracemalloc
+from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedtier.protocol.codecs import decode
-from fedtier.protocol.envelope import open_envelope, parse_envelope, seal
-from fedtier.protocol.errors import LimitExceeded, RemoteProtocolError
-from fedtier.protocol.limits import Limits
+from fedtier.protocol.envelope import _check_structure, open_envelope, parse_envelope, seal
+from fedtier.protocol.errors import DecodeError, LimitExceeded, RemoteProtocolError
+from fedtier.protocol.limits import DEFAULT_LIMITS, Limits, StructureCaps
+from fedtier.protocol.messages import header_caps
 from tests.samples import KEYS, SIGNERS, all_samples
+from tests.unit.test_envelope import raw_envelope, structure_of
 
 SEALED = [seal(msg, payload, SIGNERS[msg.sender]) for msg, payload in all_samples()]
 SMALL = Limits(max_envelope_bytes=64 * 1024, max_header_bytes=16 * 1024, max_params=4096)
@@ -117,3 +122,106 @@ def test_over_cap_envelope_is_refused_by_size_alone() -> None:
     with pytest.raises(LimitExceeded) as info:
         parse_envelope(b"\x00" * (SMALL.max_envelope_bytes + 1), SMALL)
     assert info.value.reason == "too_large"
+
+
+# -- structure caps: the walk before msgpack builds anything (docs/protocol.md 10.1) --------
+
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40)
+    | st.binary(max_size=300)
+)
+# Runs of one repeated value take the walk's one-step path for items encoded alike;
+# runs of one type but lengths that differ (bin 8 and str 8 of 32-40 bytes) must not.
+_RUNS = (
+    _SCALARS.flatmap(lambda v: st.lists(st.just(v), min_size=16, max_size=70))
+    | st.lists(st.binary(min_size=32, max_size=40), min_size=16, max_size=40)
+    | st.lists(st.text(min_size=32, max_size=40), min_size=16, max_size=40)
+    | st.lists(st.integers(min_value=256, max_value=65535), min_size=16, max_size=40)
+)
+_VALUES = st.recursive(
+    _SCALARS | _RUNS,
+    lambda inner: st.lists(inner, max_size=20) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=150)
+@given(_VALUES)
+def test_the_walk_counts_exactly_what_msgpack_builds(value: Any) -> None:
+    data = msgpack.packb(value, use_bin_type=True)
+    exact = structure_of(msgpack.unpackb(data, strict_map_key=False))
+    assert exact == structure_of(value)
+    _check_structure(data, exact, "value")  # exactly at every cap: accepted
+    for field in dataclasses.fields(StructureCaps):
+        cap = getattr(exact, field.name)
+        if cap > (1 if field.name == "max_objects" else 0):
+            with pytest.raises(LimitExceeded):
+                _check_structure(data, dataclasses.replace(exact, **{field.name: cap - 1}), "v")
+    for cut in {0, len(data) // 2, len(data) - 1}:
+        with pytest.raises(DecodeError) as info:
+            _check_structure(data[:cut], exact, "value")
+        assert info.type is DecodeError, "a truncated value is malformed, not too large"
+
+
+@settings(max_examples=150)
+@given(_VALUES)
+def test_a_header_above_its_structure_caps_is_too_large(value: Any) -> None:
+    data = raw_envelope(msgpack.packb(value, use_bin_type=True))
+    caps = header_caps(SMALL)
+    above = structure_of(value).union(caps) != caps
+    error: RemoteProtocolError | None = None
+    try:
+        parse_envelope(data, SMALL)
+    except RemoteProtocolError as exc:
+        error = exc
+    words = ("nests", "more than", "has a map", "has an array")
+    structural = isinstance(error, LimitExceeded) and any(w in str(error) for w in words)
+    assert structural == above or len(data) > SMALL.max_envelope_bytes, error
+
+
+def _filled(row_items: bytes, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """``{"inputs": [[row_items] x k]}``, 65,535 items a row, as many rows as fit in the cap."""
+    row = b"\xdc\xff\xff" + row_items
+    k = (limits.max_header_bytes - 16) // len(row)
+    return raw_envelope(b"\x81\xa6inputs\xdc" + k.to_bytes(2, "big") + row * k)
+
+
+def _outer_tree(levels: int) -> bytes:
+    node = b"\x90"
+    for _ in range(levels):
+        node = b"\x94" + node * 4
+    return node
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("4 M empty arrays", _filled(b"\x90" * 65535)),
+        ("4 M empty maps", _filled(b"\x80" * 65535)),
+        ("4 M one-byte integers", _filled(b"\x01" * 65535)),
+        ("empty arrays and integers in turn", _filled(b"\x90\x01" * 32767 + b"\x90")),
+        (
+            "arrays 4 Mi deep",
+            raw_envelope(b"\x91" * (DEFAULT_LIMITS.max_header_bytes - 1) + b"\x90"),
+        ),
+        ("1024 arrays declaring 65,535 items", raw_envelope(b"\xdc\xff\xff" * 1024)),
+        ("an envelope of 4**10 empty arrays", _outer_tree(10)),
+    ],
+)
+def test_worst_shapes_within_the_default_caps_cost_no_memory(name: str, data: bytes) -> None:
+    assert len(data) <= DEFAULT_LIMITS.max_envelope_bytes
+    tracemalloc.start()
+    try:
+        with pytest.raises(RemoteProtocolError) as info:
+            parse_envelope(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.reason in ("too_large", "malformed"), name
+    # The header's bytes, copied once out of the envelope, and little else; without
+    # the structure caps the first two cost 250-300 MiB.
+    assert peak < len(data) + 1024 * 1024, (name, peak)

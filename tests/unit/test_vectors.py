@@ -93,6 +93,74 @@ def ref_decode(payload: bytes, codec: dict[str, Any], n: int) -> list[float]:
     return out
 
 
+# Structure caps of docs/protocol.md section 10.1 with the default limits:
+# depth, maps, arrays, objects, widest map (entries), widest array (items).
+DOC_OUTER_CAPS = (1, 0, 1, 5, 0, 4)
+DOC_HEADER_CAPS = (4, 3, 8193, 131_379, 21, 65_536)
+
+
+def ref_structure(raw: bytes) -> tuple[int, int, int, int, int, int]:
+    """Depth, maps, arrays, objects, widest map and array of one msgpack value (spec.md)."""
+    stats = {"maps": 0, "arrays": 0, "objects": 0, "map": 0, "array": 0}
+
+    def value(pos: int) -> tuple[int, int]:  # (end, depth)
+        stats["objects"] += 1
+        b = raw[pos]
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            return pos + 1, 0
+        if 0xA0 <= b <= 0xBF:
+            return pos + 1 + (b & 0x1F), 0
+        fixed = {0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+        fixed |= {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
+        if b in fixed:
+            return pos + 1 + fixed[b], 0
+        prefixed = {0xC4: ">B", 0xC5: ">H", 0xC6: ">I", 0xD9: ">B", 0xDA: ">H", 0xDB: ">I"}
+        if b in prefixed:
+            width = struct.calcsize(prefixed[b])
+            (length,) = struct.unpack_from(prefixed[b], raw, pos + 1)
+            return pos + 1 + width + length, 0
+        if 0x80 <= b <= 0x8F or b in (0xDE, 0xDF):
+            n, pos = (b & 0x0F, pos + 1) if b <= 0x8F else _counted(raw, pos, b == 0xDF)
+            stats["maps"] += 1
+            stats["map"] = max(stats["map"], n)
+            deepest = 0
+            for _ in range(n):
+                pos, _depth = value(pos)  # keys are strings
+                pos, depth = value(pos)
+                deepest = max(deepest, depth)
+            return pos, 1 + deepest
+        if 0x90 <= b <= 0x9F or b in (0xDC, 0xDD):
+            n, pos = (b & 0x0F, pos + 1) if b <= 0x9F else _counted(raw, pos, b == 0xDD)
+            stats["arrays"] += 1
+            stats["array"] = max(stats["array"], n)
+            deepest = 0
+            for _ in range(n):
+                pos, depth = value(pos)
+                deepest = max(deepest, depth)
+            return pos, 1 + deepest
+        raise ValueError(f"no fedtier value starts with 0x{b:02x}")
+
+    end, depth = value(0)
+    assert end == len(raw)
+    return (
+        depth,
+        stats["maps"],
+        stats["arrays"],
+        stats["objects"],
+        stats["map"],
+        stats["array"],
+    )
+
+
+def _counted(raw: bytes, pos: int, wide: bool) -> tuple[int, int]:
+    fmt = ">I" if wide else ">H"
+    return struct.unpack_from(fmt, raw, pos + 1)[0], pos + 1 + struct.calcsize(fmt)
+
+
+def within(structure: tuple[int, ...], caps: tuple[int, ...]) -> bool:
+    return all(s <= c for s, c in zip(structure, caps, strict=True))
+
+
 # -- the vectors ----------------------------------------------------------------
 
 
@@ -157,6 +225,8 @@ def test_envelope_vectors(vec: dict[str, Any]) -> None:
     assert envelope.hex() == vec["envelope"]
     ident = SigningIdentity.from_seed(bytes.fromhex(vec["signer_seed"]))
     assert ident.key_id == vec["signer_key_id"] == fields["sender"]
+    assert within(ref_structure(envelope), DOC_OUTER_CAPS)
+    assert within(ref_structure(header), DOC_HEADER_CAPS)
     env = open_envelope(envelope, {ident.key_id: ident.verify_key})
     assert env.message.KIND.value == vec["kind"]
 
@@ -169,3 +239,17 @@ def test_invalid_vectors_are_rejected_with_their_reason() -> None:
         with pytest.raises(RemoteProtocolError) as info:
             open_envelope(bytes.fromhex(case["envelope"]), keys)
         assert info.value.reason == case["reason"], case["case"]
+
+
+def test_structure_vectors_break_a_documented_cap() -> None:
+    """Each invalid vector that names a structure cap exceeds it, read independently."""
+    cases = {c["case"]: bytes.fromhex(c["envelope"]) for c in load("invalid.json")["cases"]}
+    _v, header, _p, _s = msgpack.unpackb(cases["header nests 5 deep"])
+    assert ref_structure(header)[0] == 5 > DOC_HEADER_CAPS[0]
+    _v, header, _p, _s = msgpack.unpackb(cases["header holds 4 maps"])
+    assert ref_structure(header)[1] == 4 > DOC_HEADER_CAPS[1]
+    _v, header, _p, _s = msgpack.unpackb(cases["header map of 22 entries"])
+    assert ref_structure(header)[4] == 22 > DOC_HEADER_CAPS[4]
+    assert ref_structure(cases["array in the envelope's version slot"])[0] == 2 > DOC_OUTER_CAPS[0]
+    with pytest.raises(ValueError, match="0xd4"):
+        ref_structure(msgpack.unpackb(cases["extension type in header"])[1])

@@ -11,6 +11,7 @@ exact msgpack types: ``{"uint": 7}``, ``{"float64": 0.5}``, ``{"str": "x"}``,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from fedtier.protocol.codecs import CodecSpec, encode
 from fedtier.protocol.envelope import SIGNING_CONTEXT, seal
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import ModelLayout, TensorSpec
+from fedtier.protocol.messages import Message, Receipt, ReceiptStatus
 from tests.samples import DELTA, KEYS, LAYOUT, SIGNERS, all_samples
 
 HERE = Path(__file__).parent
@@ -124,9 +126,23 @@ def codec_vectors() -> list[dict[str, Any]]:
     return out
 
 
+def deferral_samples() -> list[tuple[Message, bytes]]:
+    """Receipts that are not final for the device: a ``rate_limited`` one with retry_after_ms."""
+    accepted = next(m for m, _ in all_samples() if isinstance(m, Receipt))
+    assert isinstance(accepted, Receipt)
+    limited = dataclasses.replace(
+        accepted,
+        seq=accepted.seq + 1,
+        status=ReceiptStatus.REJECTED,
+        reason="rate_limited",
+        retry_after_ms=1500,
+    )
+    return [(limited, b"")]
+
+
 def envelope_vectors() -> list[dict[str, Any]]:
     out = []
-    for msg, payload in all_samples():
+    for msg, payload in [*all_samples(), *deferral_samples()]:
         signer = SIGNERS[msg.sender]
         data = seal(msg, payload, signer)
         _version, header, body, signature = msgpack.unpackb(data)
@@ -196,6 +212,24 @@ def invalid_vectors() -> list[dict[str, Any]]:
             resign({**fields, "payload_size": len(body) - 1}, body[:-1]),
         ),
         ("num_params above cap", "too_large", resign({**fields, "num_params": 2**40})),
+        # Structure caps (docs/protocol.md section 10.1), refused before msgpack builds anything.
+        ("header nests 5 deep", "too_large", resign({**fields, "n_samples": [[[[]]]]})),
+        ("header holds 4 maps", "too_large", resign({**fields, "metrics": {"loss": {}}})),
+        (
+            "header map of 22 entries",
+            "too_large",
+            resign({**fields, **{f"x{i}": 0 for i in range(22 - len(fields))}}),
+        ),
+        (
+            "extension type in header",
+            "malformed",
+            resign({**fields, "n_samples": msgpack.ExtType(1, b"x")}),
+        ),
+        (
+            "array in the envelope's version slot",
+            "too_large",
+            msgpack.packb([[version], header, body, signature]),
+        ),
     ]
     return [
         {"case": case, "reason": reason, "envelope": data.hex()} for case, reason, data in cases

@@ -12,7 +12,11 @@ One ``serve_device`` call runs one device against its site's MQTT broker
 Acceptance is end to end (docs/architecture.md, data guarantees): an update stays in the outbox
 until a signed receipt for it arrives. Accepted and duplicate receipts
 resolve it; a rejected one resolves it too (resending cannot change the
-verdict) and its reason is logged. Without a receipt the same envelope bytes
+verdict) and its reason is logged, except the edge's non-final rejections:
+``rate_limited`` (resent after the receipt's ``retry_after_ms``), ``future_base``
+(resent later, once the edge has caught up) and ``contribution_capped`` (resent
+once the device holds a model newer than the one the receipt names); the update
+stays in the outbox for them. Without a receipt the same envelope bytes
 (same update id, seq and signature) are resent with growing waits, at most
 ``max_attempts`` times per run; after that the update waits in the outbox for
 the next start or the next reconnect. Every start resends the whole outbox
@@ -54,6 +58,7 @@ from fedtier.protocol.errors import (
     FedtierError,
     LocalProtocolError,
     PublishError,
+    Reason,
     RemoteProtocolError,
 )
 from fedtier.protocol.identity import SigningIdentity, VerifyKey
@@ -77,6 +82,11 @@ __all__ = ["DeviceConfig", "DeviceReport", "serve_device"]
 _log = logging.getLogger("fedtier.device")
 _MAX_METRICS: Final = 16
 _MAX_METRIC_NAME: Final = 64
+# Rejections the edge gives after authenticating the update that say "not now",
+# not "never" (docs/protocol.md, receipts): the device keeps the update.
+NOT_FINAL_REJECTIONS: Final = frozenset(
+    {Reason.RATE_LIMITED.value, Reason.FUTURE_BASE.value, Reason.CONTRIBUTION_CAPPED.value}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +203,8 @@ class DeviceReport:
             out of the codec's range); ``skip_reasons`` says why.
         unconfirmed_rejections: rejections the edge gave before it could
             authenticate the update (not final: the update is resent), by reason.
+        deferred: non-final rejections (``rate_limited``, ``future_base``,
+            ``contribution_capped``): the update was kept and resent later, by reason.
         bad_receipts: receipts ignored, by reason (bad signature, untrusted
             edge, another device, unknown update...).
         trainings: completed local trainings.
@@ -214,6 +226,7 @@ class DeviceReport:
     skip_reasons: Counter[str] = field(default_factory=Counter)
     bad_receipts: Counter[str] = field(default_factory=Counter)
     unconfirmed_rejections: Counter[str] = field(default_factory=Counter)
+    deferred: Counter[str] = field(default_factory=Counter)
 
     @property
     def delivered(self) -> int:
@@ -302,6 +315,19 @@ class _Outgoing:
     base_version: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Hold:
+    """When a deferred update may be sent again.
+
+    Attributes:
+        resume_at: trio time before which it is not resent.
+        after_version: it waits for a model newer than this (None: no wait).
+    """
+
+    resume_at: float
+    after_version: int | None = None
+
+
 class _Device:
     def __init__(
         self,
@@ -332,6 +358,8 @@ class _Device:
         self.edge_keys: Mapping[str, VerifyKey] = {k.key_id: k for k in config.trusted_edges}
         # One event per update being delivered; set when its receipt resolves it.
         self.waiting: dict[bytes, trio.Event] = {}
+        # Updates the edge deferred (non-final rejections), until they may be resent.
+        self.held: dict[bytes, _Hold] = {}
         self.model_changed = trio.lowlevel.ParkingLot()
         self.flush_needed = False
         self.tracer = trace.get_tracer("fedtier.device")
@@ -410,6 +438,8 @@ class _Device:
             if result.status is OfferStatus.LOADED:
                 self.report.last_model_version = result.version
                 _log.info("model v%s loaded", result.version)
+                if any(h.after_version is not None for h in self.held.values()):
+                    self.flush_needed = True  # a capped update may go now
                 self.model_changed.unpark_all()
 
     def _newer_than(self, last_trained: int | None) -> bool:
@@ -478,9 +508,14 @@ class _Device:
         reading the outbox and registering its event.
         """
         claimed = []
+        version = self.store.version
         for p in self.outbox.pending():
             if p.update_id in self.waiting:
                 continue
+            hold = self.held.get(p.update_id)
+            waits_for = None if hold is None else hold.after_version
+            if waits_for is not None and (version is None or version <= waits_for):
+                continue  # waits for a newer model (contribution_capped)
             self.waiting[p.update_id] = trio.Event()
             claimed.append(_Outgoing(p.update_id, p.seq, p.envelope, _base_version(p)))
         return claimed
@@ -513,6 +548,9 @@ class _Device:
 
     async def _publish(self, o: _Outgoing) -> None:
         """Publish one envelope, retrying while the bus is unavailable."""
+        hold = self.held.pop(o.update_id, None)
+        if hold is not None:
+            await trio.sleep_until(hold.resume_at)
         sends = self.outbox.mark_sent(o.update_id, self.wall_clock())
         if sends is None:
             return  # its receipt arrived meanwhile
@@ -620,6 +658,10 @@ class _Device:
                 msg.reason,
             )
             return
+        if msg.status is ReceiptStatus.REJECTED and msg.reason in NOT_FINAL_REJECTIONS:
+            self._defer(msg)
+            return
+        self.held.pop(msg.update_id, None)
         self.outbox.resolve(msg.update_id, msg.status.value, msg.reason, now_s=self.wall_clock())
         if msg.status is ReceiptStatus.ACCEPTED:
             self.report.accepted += 1
@@ -638,6 +680,34 @@ class _Device:
         previous = self.report.edge_model_version
         if previous is None or msg.model_version > previous:
             self.report.edge_model_version = msg.model_version
+        event = self.waiting.get(msg.update_id)
+        if event is not None:
+            event.set()
+
+    def _defer(self, msg: Receipt) -> None:
+        """Keep an update the edge said "not now" to, and resend it when it may pass."""
+        self.report.deferred[msg.reason] += 1
+        now = trio.current_time()
+        if msg.reason == Reason.RATE_LIMITED.value:
+            wait_s = (
+                msg.retry_after_ms / 1000.0 if msg.retry_after_ms else self.config.retry_delay_s
+            )
+            hold = _Hold(now + wait_s)
+        elif msg.reason == Reason.CONTRIBUTION_CAPPED.value:
+            hold = _Hold(now, after_version=msg.model_version)
+        else:
+            # future_base: the edge has not seen our model yet; it will soon.
+            wait_s = msg.retry_after_ms / 1000.0 or self.config.receipt_wait_s(0)
+            hold = _Hold(now + wait_s)
+        self.held[msg.update_id] = hold
+        _log.info(
+            "edge %s deferred update %s (seq %d): %s; it stays in the outbox and will be resent",
+            msg.sender,
+            msg.update_id.hex(),
+            msg.update_seq,
+            msg.reason,
+        )
+        self.flush_needed = True
         event = self.waiting.get(msg.update_id)
         if event is not None:
             event.set()

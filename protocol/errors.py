@@ -94,6 +94,12 @@ class Reason(StrEnum):
     NON_FINITE = "non_finite"
     NORM_EXCEEDED = "norm_exceeded"
     INCONSISTENT_PARTIAL = "inconsistent_partial"
+    # Bounded influence per device (edge): not final, the device keeps the update.
+    FUTURE_BASE = "future_base"
+    RATE_LIMITED = "rate_limited"
+    CONTRIBUTION_CAPPED = "contribution_capped"
+    # A tier could not decide about one delivery (a bug, caught): quarantined, never a crash.
+    INTERNAL_ERROR = "internal_error"
 
 
 class FedtierError(Exception):

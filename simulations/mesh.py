@@ -162,6 +162,9 @@ class MeshSpec:
         edge_keepalive_s: the edges' MQTT keepalive.
         ack_wait_s: JetStream redelivery delay of the regional and central
             consumers; None keeps the daemons' default.
+        edge_validation: more ``[validation]`` keys for every edge (its bounds
+            on one device's influence: ``rate_per_s``, ``max_updates_per_version``,
+            ...); empty keeps the edges' defaults.
     """
 
     fleet: str = "demo"
@@ -193,6 +196,7 @@ class MeshSpec:
     commit_window_ms: float = 2.0
     edge_keepalive_s: int = 60
     ack_wait_s: float | None = None
+    edge_validation: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -561,7 +565,11 @@ def prepare_mesh(
                     "keepalive_s": spec.edge_keepalive_s,
                     "session_expiry_s": 600,
                 },
-                "validation": {"max_norm": spec.max_norm, "norm_policy": "clip"},
+                "validation": {
+                    "max_norm": spec.max_norm,
+                    "norm_policy": "clip",
+                    **spec.edge_validation,
+                },
                 "partial": {"codec": "f32"},
             },
         )

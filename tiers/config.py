@@ -26,6 +26,8 @@ from fedtier.protocol.files import ConfigTable
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
 from fedtier.protocol.names import check_token
+from fedtier.tiers.core import AdaptiveNorm, InfluenceRules
+from fedtier.tiers.faults import unsafe_requested
 from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.optimizers import ServerOptimizer, make_optimizer
 from fedtier.tiers.registry import is_hex_key
@@ -175,9 +177,14 @@ class EdgeConfig(TierConfig):
         site: the site token (its MQTT broker).
         region: the region token of the regional daemon it sends to.
         mqtt: MQTT connection settings.
-        max_norm: L2 bound on device updates, or None for none.
+        max_norm: L2 bound on device updates (the adaptive bound's warm-up value
+            when ``influence.adaptive_norm`` is set), or None for none.
         norm_policy: ``clip`` (scale down, count as anomalous) or ``reject``.
         partial_codec: how partial numerators are encoded upstream.
+        influence: the per-device bounds (weight cap, adaptive norm, contribution
+            cap, rate limit, ``future_base``). The dataclass default turns them
+            all off, as the simulator does (tests that compare the two rely on
+            it); ``load_config`` turns them on unless the TOML says otherwise.
     """
 
     site: str
@@ -186,6 +193,7 @@ class EdgeConfig(TierConfig):
     max_norm: float | None = None
     norm_policy: NormPolicy = "clip"
     partial_codec: CodecSpec = field(default_factory=lambda: CodecSpec("f32"))
+    influence: InfluenceRules = field(default_factory=InfluenceRules)
 
     def __post_init__(self) -> None:
         TierConfig.__post_init__(self)
@@ -413,6 +421,65 @@ _DEFAULT_RETRY: Final = RetrySettings()
 _NORM_POLICIES: Final[tuple[NormPolicy, ...]] = ("clip", "reject")
 
 
+_NORM_BOUNDS: Final = ("adaptive", "fixed", "none")
+DEFAULT_WARMUP_NORM: Final = 10.0
+"""The adaptive norm bound's warm-up value when ``max_norm`` is not given."""
+DEFAULT_MAX_SAMPLES: Final = 10_000
+"""The cap on one update's weight when ``max_samples`` is not given."""
+DEFAULT_MAX_UPDATES_PER_VERSION: Final = 8
+DEFAULT_RATE_PER_S: Final = 2.0
+DEFAULT_BURST: Final = 10.0
+
+
+def _edge_validation(table: ConfigTable) -> tuple[float | None, InfluenceRules]:
+    """The edge's ``[validation]``: the norm bound and the per-device influence bounds.
+
+    ``max_norm = <number>`` alone keeps its old meaning, a fixed bound;
+    ``norm_bound = "adaptive"`` (the default otherwise) uses it as the warm-up
+    value. No bound at all needs the unsafe switch ``no_norm_bound``.
+    """
+    explicit_off = table.raw("max_norm", None) is False
+    max_norm = table.optional_number("max_norm")
+    default_mode = "fixed" if max_norm is not None else "none" if explicit_off else "adaptive"
+    mode = table.choice("norm_bound", _NORM_BOUNDS, default_mode)
+    if mode == "none" or (mode == "fixed" and max_norm is None):
+        if not unsafe_requested("no_norm_bound"):
+            raise table.fail(
+                "norm_bound" if table.has("norm_bound") else "max_norm",
+                "a norm bound (no bound needs FEDTIER_UNSAFE=no_norm_bound)",
+            )
+        max_norm = None
+    adaptive: AdaptiveNorm | None = None
+    if mode == "adaptive":
+        if max_norm is None:
+            max_norm = DEFAULT_WARMUP_NORM
+        adaptive = AdaptiveNorm(
+            quantile=table.number("norm_quantile", 0.5, low=0.0, high=1.0, low_open=True),
+            factor=table.number("norm_factor", 3.0, low=0.0, low_open=True),
+            window=table.integer("norm_window", 256, low=1, high=1_000_000),
+            warmup=table.integer("norm_warmup", 16, low=1, high=1_000_000),
+        )
+        if adaptive.warmup > adaptive.window:
+            raise table.fail("norm_warmup", f"an integer <= norm_window ({adaptive.window})")
+    max_samples = table.integer("max_samples", DEFAULT_MAX_SAMPLES, low=1)
+    contributions = table.raw("max_updates_per_version", DEFAULT_MAX_UPDATES_PER_VERSION)
+    per_version = (
+        None
+        if contributions is False
+        else table.integer("max_updates_per_version", DEFAULT_MAX_UPDATES_PER_VERSION, low=1)
+    )
+    rate = table.optional_number("rate_per_s") if table.has("rate_per_s") else DEFAULT_RATE_PER_S
+    burst = table.number("burst", DEFAULT_BURST, low=1.0)
+    return max_norm, InfluenceRules(
+        max_samples=max_samples,
+        adaptive_norm=adaptive,
+        max_updates_per_version=per_version,
+        rate_per_s=rate,
+        burst=burst,
+        reject_future_base=True,
+    )
+
+
 def _nats(table: ConfigTable) -> NatsSettings:
     servers = table.raw("servers", list(_DEFAULT_NATS.servers))
     if isinstance(servers, str):
@@ -583,7 +650,7 @@ def load_config(kind: TierKind, path: Path) -> TierConfig:
         if kind == "edge":
             validation = root.table("validation")
             policy = validation.choice("norm_policy", _NORM_POLICIES, "clip")
-            max_norm = validation.optional_number("max_norm")
+            max_norm, influence = _edge_validation(validation)
             validation.finish()
             partial = root.table("partial")
             codec = _codec(partial, "codec")
@@ -596,6 +663,7 @@ def load_config(kind: TierKind, path: Path) -> TierConfig:
                 max_norm=max_norm,
                 norm_policy=policy,
                 partial_codec=codec,
+                influence=influence,
             )
         elif kind == "regional":
             partial = root.table("partial")

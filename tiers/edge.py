@@ -9,15 +9,24 @@ records what it accepts, and answers the device with a signed receipt:
 ``accepted`` and ``duplicate`` once the record is durable, ``rejected`` with its
 reason (acknowledged too: it will never become valid) when the device can be
 told apart (from the message or its topic).
+
+The edge is where one device's influence is bounded (``tiers.core._influence``):
+it owns the ``InfluenceState`` (token buckets, contribution counts, the adaptive
+norm bound) and passes the trio clock as ``now``. ``rate_limited`` receipts carry
+``retry_after_ms``; ``rate_limited``, ``future_base`` and ``contribution_capped``
+are not final for the device (docs/protocol.md, receipts).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import math
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 
+import trio
 from opentelemetry import trace
 
 from fedtier.protocol.bus import Bus, Delivery, Subscription
@@ -26,6 +35,7 @@ from fedtier.protocol.errors import (
     BusError,
     Reason,
     RemoteProtocolError,
+    UpdateRejected,
 )
 from fedtier.protocol.messages import ModelAnnouncement, Receipt, ReceiptStatus, Tier
 from fedtier.protocol.models import open_model_blob
@@ -35,7 +45,7 @@ from fedtier.tiers._intake import Admission
 from fedtier.tiers._telemetry import TierMetricsLike, extract_context
 from fedtier.tiers._upstream import UplinkJob, retry_transient
 from fedtier.tiers.config import EdgeConfig
-from fedtier.tiers.core import AdmissionRules, Outcome, admit_update
+from fedtier.tiers.core import AdmissionRules, InfluenceState, Outcome, admit_update
 from fedtier.tiers.model_registry import ModelRegistryReader
 from fedtier.tiers.registry import TierKeys
 from fedtier.tiers.tier import FollowerDaemon
@@ -93,6 +103,24 @@ class EdgeDaemon(FollowerDaemon):
         self.topics = MqttTopics(config.fleet, config.site)
         self.subjects = NatsSubjects(config.fleet)
         self.receipts_sent = 0
+        # Per-device bounds whose state lives in memory (module docstring of
+        # tiers.core._influence: a restart only restarts their warm-up).
+        self.influence = InfluenceState(self._rules.influence, self._rules.max_norm)
+        if self.influence.norm is None:
+            self.log.warning(
+                "UNSAFE: no norm bound on device updates (FEDTIER_UNSAFE=no_norm_bound); one "
+                "registered device can move the model as far as it likes"
+            )
+        else:
+            self.log.info(
+                "norm bound: %s, %.6g; weight cap: %s samples; rate limit: %s; at most %s "
+                "updates per device per version",
+                self.influence.norm.mode,
+                self.influence.norm.initial,
+                self._rules.influence.max_samples,
+                f"{self._rules.influence.rate_per_s:g}/s" if self.influence.buckets else "none",
+                self._rules.influence.max_updates_per_version,
+            )
 
     # -- input ----------------------------------------------------------------------
 
@@ -109,7 +137,10 @@ class EdgeDaemon(FollowerDaemon):
         config = self.config
         assert isinstance(config, EdgeConfig)
         return dataclasses.replace(
-            super()._admission_rules(), max_norm=config.max_norm, norm_policy=config.norm_policy
+            super()._admission_rules(),
+            max_norm=config.max_norm,
+            norm_policy=config.norm_policy,
+            influence=config.influence,
         )
 
     def _admit(self, delivery: Delivery) -> Admission:
@@ -124,6 +155,8 @@ class EdgeDaemon(FollowerDaemon):
                 model=self._model_view(),
                 seen=self._seen,
                 topic_device=self.topics.device_of(delivery.subject),
+                influence=self.influence,
+                now=trio.current_time(),
             )
             self._annotate(span, decision, ATTR_UPDATE_ID, ATTR_DEVICE)
             device = decision.sender
@@ -135,15 +168,26 @@ class EdgeDaemon(FollowerDaemon):
                 if reason in (Reason.NON_FINITE, Reason.NORM_EXCEEDED):
                     self._note_anomaly(reason)
                 label = self.keys.senders.describe(device) if device else "an unknown device"
-                self.log.warning(
-                    "rejected an update from %s (%s): %s", label, reason, decision.error
+                # A flooding device must not flood the log too: its rejections are
+                # counted per reason; the line itself is for debugging.
+                self.log.log(
+                    logging.DEBUG if reason is Reason.RATE_LIMITED else logging.WARNING,
+                    "rejected an update from %s (%s): %s",
+                    label,
+                    reason,
+                    decision.error,
                 )
                 return Admission(
                     delivery,
                     Outcome.REJECTED,
                     reason,
                     after_ack=self._receipt_sender(
-                        device, update_id, decision.seq, ReceiptStatus.REJECTED, reason
+                        device,
+                        update_id,
+                        decision.seq,
+                        ReceiptStatus.REJECTED,
+                        reason,
+                        retry_after_ms=decision.retry_after_ms,
                     ),
                 )
             assert device is not None
@@ -168,9 +212,34 @@ class EdgeDaemon(FollowerDaemon):
                     update_id.hex(),
                     who,
                     accepted.norm,
-                    self.edge_config.max_norm,
+                    accepted.norm * accepted.clip_scale,
                 )
-            ticket = self._fold_and_record(delivery, accepted, span)
+            if accepted.weight_capped:
+                self._note_anomaly("weight_capped")
+                message = accepted.message
+                self.log.info(
+                    "update %s from %s claims %s samples; folded with the cap %d",
+                    update_id.hex(),
+                    who,
+                    getattr(message, "n_samples", math.nan),
+                    int(accepted.n_samples),
+                )
+            try:
+                ticket = self._fold_and_record(delivery, accepted, span)
+            except UpdateRejected as exc:
+                # Alone it would overflow an empty epoch's sums: nothing was folded
+                # or stored, and the device is told, finally, as for any non_finite.
+                self._count(span, Outcome.REJECTED, exc.reason)
+                self._note_anomaly(exc.reason)
+                self.log.warning("rejected an update from %s (%s): %s", who, exc.reason, exc)
+                return Admission(
+                    delivery,
+                    Outcome.REJECTED,
+                    exc.reason,
+                    after_ack=self._receipt_sender(
+                        device, update_id, decision.seq, ReceiptStatus.REJECTED, exc.reason
+                    ),
+                )
             self.log.debug(
                 "accepted update %s from %s (tau %d)", update_id.hex(), who, accepted.tau
             )
@@ -190,6 +259,8 @@ class EdgeDaemon(FollowerDaemon):
         update_seq: int,
         status: ReceiptStatus,
         reason: str,
+        *,
+        retry_after_ms: int = 0,
     ) -> Callable[[], Awaitable[None]] | None:
         if device is None:
             return None
@@ -206,6 +277,7 @@ class EdgeDaemon(FollowerDaemon):
                 status=status,
                 reason=reason,
                 model_version=self.known_version,
+                retry_after_ms=retry_after_ms,
             )
             try:
                 await self.mqtt.publish(

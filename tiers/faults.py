@@ -50,6 +50,10 @@ Unsafe switches (``FEDTIER_UNSAFE``)
     * ``reject_late_partials``: refuse a partial made more than
       ``max_staleness`` versions ago as ``stale`` (what fedtier did before it
       folded them), dropping the acknowledged updates inside it.
+    * ``no_norm_bound``: let an edge run without any bound on an update's L2
+      norm (``[validation] max_norm = false`` or ``norm_bound = "none"``): one
+      registered device can then move the model as far as it likes, and finite
+      f32 values can overflow the fold. Read when the edge's config is loaded.
 
     The device's own switch (trust the broker's PUBACK instead of waiting for
     the edge's receipt) is ``client.device.DeviceConfig.unsafe_trust_puback``.
@@ -75,6 +79,7 @@ __all__ = [
     "configure_from_environment",
     "crash_point",
     "unsafe",
+    "unsafe_requested",
     "unsafe_switches",
 ]
 
@@ -98,6 +103,7 @@ UNSAFE_SWITCHES: Final = frozenset(
         "ack_before_commit",
         "dedupe_open_buffer_only",
         "drop_unconfirmed_partials",
+        "no_norm_bound",
         "reject_late_partials",
     }
 )
@@ -198,6 +204,22 @@ def unsafe(switch: str) -> bool:
     if switch not in UNSAFE_SWITCHES:
         raise ConfigError(f"{switch!r} is not an unsafe switch")
     return switch in _unsafe
+
+
+def unsafe_requested(switch: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``switch`` is on in this process or named in ``FEDTIER_UNSAFE``.
+
+    For checks made while a config is loaded, which happens before
+    :func:`configure_from_environment` runs.
+
+    Raises:
+        ConfigError: ``switch`` is not an unsafe switch, or the variable names one
+            that is not.
+    """
+    if unsafe(switch):
+        return True
+    env = os.environ if environ is None else environ
+    return switch in _parse_unsafe(env.get(UNSAFE_ENV, ""))
 
 
 def unsafe_switches() -> frozenset[str]:

@@ -119,6 +119,7 @@ class FakeEdge:
     drop_receipts: int = 0  # receipts to lose (the edge still accepts the update)
     reject: int = 0  # updates to reject
     reject_reason: str = "stale"
+    retry_after_ms: int = 0  # carried by the rejected receipts
     forge_first: bool = False  # send a receipt signed by an untrusted key first
     answer: bool = True
     after_receipt: Callable[[int], Awaitable[None]] | None = None
@@ -169,6 +170,7 @@ class FakeEdge:
                 status=status,
                 reason=reason,
                 model_version=7,
+                retry_after_ms=self.retry_after_ms if reason else 0,
             )
             await self.bus.publish(TOPICS.receipt(update.sender), seal(receipt, b"", signer))
         if self.after_receipt is not None:
@@ -295,6 +297,37 @@ async def test_unauthenticated_rejection_is_not_final(
     assert [s.raw for s in edge.seen] == [edge.seen[0].raw] * 2  # the same update, resent
     assert report.unconfirmed_rejections == {"bad_signature": 1}
     assert (report.rejected, report.accepted, report.resends) == (0, 1, 1)
+    assert outbox.pending() == []
+
+
+async def test_rate_limited_is_not_final_and_resent_after_retry_after(
+    broker: MemoryBroker, outbox: Outbox, autojump_clock: MockClock
+) -> None:
+    # The edge says "not now, in 5 s": the device keeps the update and resends the
+    # same bytes then, without waiting for its receipt timeout.
+    edge = FakeEdge(MemoryBus(broker), reject=1, reject_reason="rate_limited", retry_after_ms=5_000)
+    await publish_model(edge.bus, 1)
+    start = trio.current_time()
+    report = await run_with_edge(edge, outbox, _config(rounds=1, receipt_timeout_s=30.0))
+    assert [s.raw for s in edge.seen] == [edge.seen[0].raw] * 2
+    assert trio.current_time() - start == pytest.approx(5.0)
+    assert report.deferred == {"rate_limited": 1}
+    assert (report.rejected, report.accepted, report.resends) == (0, 1, 1)
+    assert outbox.pending() == []
+
+
+@pytest.mark.parametrize("reason", ["future_base", "contribution_capped"])
+async def test_other_deferrals_are_not_final_either(
+    broker: MemoryBroker, outbox: Outbox, autojump_clock: MockClock, reason: str
+) -> None:
+    # contribution_capped waits for a model newer than the receipt's v7; future_base
+    # for a while. Either way the same update is resent and accepted, never dropped.
+    edge = FakeEdge(MemoryBus(broker), reject=1, reject_reason=reason)
+    await publish_model(edge.bus, 8)
+    report = await run_with_edge(edge, outbox, _config(rounds=1, receipt_timeout_s=30.0))
+    assert edge.seen[0].raw == edge.seen[1].raw
+    assert report.deferred == {reason: 1}
+    assert (report.rejected, report.accepted) == (0, 1)
     assert outbox.pending() == []
 
 

@@ -23,7 +23,7 @@ from trio.testing import MockClock, wait_all_tasks_blocked
 from fedtier.protocol.bus import Bus, Delivery, MemoryBroker, MemoryBus, PublishAck, Subscription
 from fedtier.protocol.codecs import CodecSpec, decode, encode
 from fedtier.protocol.envelope import open_envelope, parse_envelope, seal
-from fedtier.protocol.errors import BusUnavailable
+from fedtier.protocol.errors import BusUnavailable, ConfigError
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import layout_of
 from fedtier.protocol.limits import Limits
@@ -32,7 +32,8 @@ from fedtier.protocol.names import MqttTopics, NatsSubjects
 from fedtier.protocol.telemetry.tracing import extract_context, inject_headers
 from fedtier.simulations.testing import RecordingMetrics, SimDevice, sign_model_version
 from fedtier.tiers.aggregate import Accumulator, partial_id
-from fedtier.tiers.config import EdgeConfig
+from fedtier.tiers.config import EdgeConfig, load_config
+from fedtier.tiers.core import AdaptiveNorm, InfluenceRules
 from fedtier.tiers.edge import EdgeDaemon
 from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.model_registry import MemoryModelRegistry
@@ -770,3 +771,195 @@ async def test_clean_shutdown_with_upstream_down_keeps_the_partial(
         assert edge.buffer.accumulator.is_empty
         assert edge.upstream.outstanding == 1
         nursery.cancel_scope.cancel()
+
+
+# -- bounded influence per device -------------------------------------------------------
+
+
+def _stored_weights(path: Path) -> dict[bytes, float]:
+    conn = sqlite3.connect(path)
+    try:
+        return {
+            bytes(row[0]): float(row[1])
+            for row in conn.execute("SELECT input_id, n_samples FROM inputs")
+        }
+    finally:
+        conn.close()
+
+
+async def test_a_huge_n_samples_moves_the_aggregate_by_at_most_its_cap(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    site = Site(tmp_path, make_config(tmp_path, influence=InfluenceRules(max_samples=40)))
+    await site.publish_model(0)
+    honest = [DEVICES[i].update(delta(30 + i), n_samples=10) for i in range(3)]
+    evil = np.full(LAYOUT.num_params, 2.0, np.float32)
+    attack, attack_bytes = DEVICES[3].update(evil, n_samples=2**63 - 1)
+    async with trio.open_nursery() as nursery:
+        edge = site.daemon()
+        await nursery.start(edge.serve)
+        for i, (_, data) in enumerate(honest):
+            assert (await send_and_receipt(Phone(site, DEVICES[i]), data)).status.value == (
+                "accepted"
+            )
+        receipt = await send_and_receipt(Phone(site, DEVICES[3]), attack_bytes)
+        assert receipt.status is ReceiptStatus.ACCEPTED
+        acc = edge.buffer.accumulator
+        assert acc.sample_count == 30 + 40  # the cap, not 2**63 - 1
+        expected = sum(10 * delta(30 + i) for i in range(3)) + 40 * evil
+        np.testing.assert_allclose(acc.numerator, expected, rtol=1e-6)
+        # Its share of the aggregate is 40 / 70, its pull at most that times its vector.
+        assert edge.anomalies["weight_capped"] == 1
+        nursery.cancel_scope.cancel()
+    # The store keeps the capped weight: a refold after a restart folds the same.
+    assert _stored_weights(site.config.store_path)[attack.update_id] == 40.0
+    async with trio.open_nursery() as nursery:
+        edge = site.daemon()
+        await nursery.start(edge.serve)
+        assert edge.buffer.accumulator.sample_count == 70
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_huge_delta_is_clipped_to_the_adaptive_bound(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    adaptive = AdaptiveNorm(quantile=0.5, factor=3.0, window=32, warmup=8)
+    site = Site(
+        tmp_path,
+        make_config(tmp_path, max_norm=100.0, influence=InfluenceRules(adaptive_norm=adaptive)),
+    )
+    await site.publish_model(0)
+    async with trio.open_nursery() as nursery:
+        edge = site.daemon()
+        await nursery.start(edge.serve)
+        for i in range(8):
+            honest = delta(40 + i)
+            honest *= np.float32(0.9 / float(np.linalg.norm(honest)))
+            _, data = DEVICES[i % 3].update(honest)
+            assert (await send_and_receipt(Phone(site, DEVICES[i % 3]), data)).status.value == (
+                "accepted"
+            )
+        before = edge.buffer.accumulator.numerator.copy()
+        evil = delta(50) * np.float32(1e6)
+        _, data = DEVICES[3].update(evil, n_samples=10)
+        assert (await send_and_receipt(Phone(site, DEVICES[3]), data)).status is (
+            ReceiptStatus.ACCEPTED
+        )
+        pulled = float(np.linalg.norm(edge.buffer.accumulator.numerator - before)) / 10
+        assert pulled == pytest.approx(2.7, rel=1e-3)  # 3 x the median 0.9, not 100
+        assert edge.anomalies["norm_clipped"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_one_device_flooding_is_rate_limited_and_another_is_not(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    site = Site(
+        tmp_path,
+        make_config(
+            tmp_path,
+            flush=FlushPolicy(max_inputs=10_000, max_age_s=None),
+            influence=InfluenceRules(rate_per_s=2.0, burst=10.0),
+        ),
+    )
+    await site.publish_model(0)
+    flooder = Phone(site, DEVICES[0])
+    updates = [DEVICES[0].update(delta(1, 1e-3), n_samples=1)[1] for _ in range(1000)]
+    receipts: list[Receipt] = []
+    async with trio.open_nursery() as nursery:
+        edge = site.daemon()
+        await nursery.start(edge.serve)
+        start = trio.current_time()
+        async with flooder.receipts() as sub:
+            for data in updates:
+                await flooder.send(data)
+                receipts.append(await next_receipt(sub))
+        elapsed = trio.current_time() - start
+        other = await send_and_receipt(Phone(site, DEVICES[1]), DEVICES[1].update(delta(2))[1])
+        nursery.cancel_scope.cancel()
+    accepted = [r for r in receipts if r.status is ReceiptStatus.ACCEPTED]
+    limited = [r for r in receipts if r.status is ReceiptStatus.REJECTED]
+    assert len(accepted) + len(limited) == 1000
+    assert len(accepted) <= 10 + 2.0 * elapsed + 1
+    assert {r.reason for r in limited} == {"rate_limited"}
+    assert all(r.retry_after_ms > 0 for r in limited)
+    assert other.status is ReceiptStatus.ACCEPTED  # the other device is not affected
+
+
+async def test_future_base_and_contribution_cap(tmp_path: Path, autojump_clock: MockClock) -> None:
+    site = Site(
+        tmp_path,
+        make_config(
+            tmp_path,
+            influence=InfluenceRules(max_updates_per_version=2, reject_future_base=True),
+        ),
+    )
+    await site.publish_model(0)
+    phone = Phone(site, DEVICES[0])
+    async with trio.open_nursery() as nursery:
+        edge = site.daemon()
+        await nursery.start(edge.serve)
+        future = await send_and_receipt(phone, DEVICES[0].update(delta(1), base_version=1000)[1])
+        assert (future.status, future.reason) == (ReceiptStatus.REJECTED, "future_base")
+        sent = [DEVICES[0].update(delta(2 + i)) for i in range(3)]
+        statuses = [(await send_and_receipt(phone, data)).reason for _, data in sent]
+        assert statuses == ["", "", "contribution_capped"]
+        await site.publish_model(1)
+        while edge.known_version < 1:
+            await trio.sleep(0.01)
+        # The same update, resent once the edge knows the next version, passes.
+        again = await send_and_receipt(phone, sent[2][1])
+        assert again.status is ReceiptStatus.ACCEPTED
+        nursery.cancel_scope.cancel()
+
+
+def test_edge_validation_keeps_a_bound_on_unless_unsafe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    minimal = (
+        'fleet = "acme"\nsite = "s1"\nregion = "r1"\nidentity_key = "k.pem"\n'
+        'state_dir = "state"\n[keys]\nsenders = "devices.toml"\ncentral = "central.pub"\n'
+    )
+    path = tmp_path / "edge.toml"
+    path.write_text(minimal + "[validation]\nmax_norm = 100.0\n")
+    config = load_config("edge", path)
+    assert isinstance(config, EdgeConfig)
+    assert (config.max_norm, config.influence.adaptive_norm) == (100.0, None)  # fixed, as before
+    assert config.influence.max_samples == 10_000
+    assert config.influence.reject_future_base
+    monkeypatch.delenv("FEDTIER_UNSAFE", raising=False)
+    path.write_text(minimal + "[validation]\nmax_norm = false\n")
+    with pytest.raises(ConfigError, match="FEDTIER_UNSAFE=no_norm_bound"):
+        load_config("edge", path)
+    monkeypatch.setenv("FEDTIER_UNSAFE", "no_norm_bound")
+    config = load_config("edge", path)
+    assert isinstance(config, EdgeConfig)
+    assert config.max_norm is None
+
+
+async def test_updates_near_float32_max_are_all_folded_none_dropped(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    # The overflow of the issue: no norm bound, finite f32 values of 3e38. Every
+    # update that got an `accepted` receipt reaches a partial; the epoch that
+    # would overflow is cut before the next update is folded, never dropped.
+    site = Site(tmp_path, make_config(tmp_path, max_norm=None))
+    await site.publish_model(0)
+    sent = [
+        DEVICES[i].update(np.full(LAYOUT.num_params, 3e38, np.float32), n_samples=1)
+        for i in range(3)
+    ]
+    upstream = MemoryBus(site.nats)
+    async with upstream.subscribe(SUBJECTS.to_region(REGION), durable="probe") as partials:
+        async with trio.open_nursery() as nursery:
+            edge = site.daemon()
+            await nursery.start(edge.serve)
+            for i, (_, data) in enumerate(sent):
+                receipt = await send_and_receipt(Phone(site, DEVICES[i]), data)
+                assert receipt.status is ReceiptStatus.ACCEPTED
+            edge.request_shutdown()  # flushes the last one
+            received = [await receive_partial(partials) for _ in range(3)]
+    inputs = [list(partial.inputs) for partial, _, _ in received]
+    assert inputs == [[m.update_id] for m, _ in sent]
+    for partial, payload, _ in received:
+        assert np.isfinite(decode(payload, partial.codec, partial.num_params)).all()

@@ -108,7 +108,9 @@ def test_minimal_edge_config_takes_defaults(tmp_path: Path) -> None:
     assert isinstance(config, EdgeConfig)
     assert config.state_dir == tmp_path / "state"
     assert config.sender_keys == (tmp_path / "devices.toml",)
-    assert config.max_norm is None
+    # A norm bound is always on: adaptive by default, warming up from 10.
+    assert config.max_norm == 10.0
+    assert config.influence.adaptive_norm is not None
     assert config.nats.ack_wait_s == 30.0
 
 

@@ -10,9 +10,13 @@ The checks run cheapest first, and each rejection has exactly one reason:
     update:  parse (malformed / too_large / unsupported_version) -> a device update
              -> topic matches the sender -> unknown_sender -> bad_signature /
              digest_mismatch -> wrong_fleet -> layout_mismatch -> duplicate
-             -> replay (a seq another update id already took) -> stale (tau above
-             max_staleness) -> non_finite / norm_exceeded (reject policy; the clip
-             policy scales the update down and says so)
+             -> replay (a seq another update id already took) -> future_base (a base
+             version above the tier's) -> stale (tau above max_staleness) ->
+             rate_limited (the device's token bucket; with retry_after_ms) ->
+             contribution_capped (its share of the tier's current version) ->
+             non_finite / norm_exceeded (reject policy; the clip policy scales the
+             update down and says so) -> accepted, its weight capped at max_samples
+             (``fedtier.tiers.core._influence`` says why each bound exists)
     partial: parse -> a partial from an accepted tier -> unknown_sender ->
              bad_signature -> wrong_fleet -> layout_mismatch -> its id derives
              from its sender and inputs -> duplicate -> never stale (its updates
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
@@ -47,8 +51,9 @@ from fedtier.protocol.errors import (
 )
 from fedtier.protocol.identity import VerifyKey
 from fedtier.protocol.limits import Limits
-from fedtier.protocol.messages import DeviceUpdate, PartialAggregate, Tier
+from fedtier.protocol.messages import DeviceUpdate, Kind, PartialAggregate, Tier
 from fedtier.tiers.aggregate import partial_id
+from fedtier.tiers.core._influence import InfluenceRules, InfluenceState, capped_weight
 from fedtier.tiers.staleness import StalenessPolicy
 from fedtier.tiers.validation import NormPolicy, ValidationResult, check_update_vector
 
@@ -145,6 +150,9 @@ class AdmissionRules:
         accepts: which tiers' partials are taken (regional: edges; central: both).
         reject_late_partials: the unsafe switch of that name (``tiers.faults``):
             refuse a partial past ``max_staleness``, losing acknowledged updates.
+        influence: the bounds on one device's influence (device updates only); the
+            stateful ones (adaptive norm, contribution cap, rate limit) need an
+            ``InfluenceState`` passed to ``admit_update``.
     """
 
     fleet: str
@@ -154,6 +162,7 @@ class AdmissionRules:
     norm_policy: NormPolicy = "clip"
     accepts: tuple[Tier, ...] = (Tier.EDGE,)
     reject_late_partials: bool = False
+    influence: InfluenceRules = field(default_factory=InfluenceRules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +176,16 @@ class AcceptedInput:
         input_id: the update id or partial id.
         seq: the sender's sequence number.
         base_version: the update's base version (a partial's oldest).
-        n_samples: the update's sample count (a partial's sum).
+        n_samples: the weight it is folded with: an update's ``n_samples`` capped at
+            ``max_samples`` (stored as such, so a refold folds the same), a partial's
+            sample count.
         update_count: device updates inside (1 for an update).
         tau: staleness at this tier.
         discount: ``s(tau)``.
         clip_scale: the factor the vector is folded with (below 1 when clipped).
         norm: the L2 norm as received (NaN when not computed).
         late: a partial past ``max_staleness``, folded anyway.
+        weight_capped: the update's ``n_samples`` was above ``max_samples``.
     """
 
     message: DeviceUpdate | PartialAggregate
@@ -189,6 +201,7 @@ class AcceptedInput:
     clip_scale: float = 1.0
     norm: float = math.nan
     late: bool = False
+    weight_capped: bool = False
 
     @property
     def clipped(self) -> bool:
@@ -209,6 +222,7 @@ class Decision:
         seq: the sequence number it claims (0 when it did not parse).
         tau: staleness at this tier, once assessed (None before).
         accepted: what to fold, when accepted.
+        retry_after_ms: for ``rate_limited``, when the device may resend (else 0).
     """
 
     outcome: Outcome
@@ -219,6 +233,7 @@ class Decision:
     seq: int = 0
     tau: int | None = None
     accepted: AcceptedInput | None = None
+    retry_after_ms: int = 0
 
 
 def check_payload(
@@ -265,7 +280,7 @@ class _Claim:
         self.seq = 0
         self.tau: int | None = None
 
-    def rejected(self, exc: RemoteProtocolError) -> Decision:
+    def rejected(self, exc: RemoteProtocolError, retry_after_ms: int = 0) -> Decision:
         return Decision(
             Outcome.REJECTED,
             reason=exc.reason,
@@ -274,6 +289,7 @@ class _Claim:
             input_id=self.input_id,
             seq=self.seq,
             tau=self.tau,
+            retry_after_ms=retry_after_ms,
         )
 
     def duplicate(self) -> Decision:
@@ -313,8 +329,13 @@ def admit_update(
     model: ModelView,
     seen: SeenInputs,
     topic_device: str | None = None,
+    influence: InfluenceState | None = None,
+    now: float = 0.0,
 ) -> Decision:
     """Decide about one device update; never raises for bad input.
+
+    With ``influence``, an accepted update is booked there (its share of the
+    version, its norm), so the caller must fold every accepted decision.
 
     Args:
         data: the envelope bytes as delivered.
@@ -324,11 +345,16 @@ def admit_update(
         seen: the tier's dedupe index and seq ledger.
         topic_device: the device whose topic it arrived on, when known: an update
             naming another sender is malformed.
+        influence: the state of the per-device bounds (adaptive norm, contribution
+            cap, rate limit); None applies only the stateless ones of ``rules``.
+        now: seconds on the caller's monotonic clock (the rate limit).
     """
+    bounds = rules.influence
     claim = _Claim()
     claim.sender = topic_device
     try:
-        envelope = parse_envelope(data, rules.limits)
+        # kinds: an update's structure caps, so no hostile header costs the loop.
+        envelope = parse_envelope(data, rules.limits, kinds=(Kind.UPDATE,))
         message = envelope.message
         if not isinstance(message, DeviceUpdate):
             raise DecodeError(f"a {message.KIND.value} message arrived as a device update")
@@ -355,6 +381,12 @@ def admit_update(
                 "update from the same device",
                 reason=Reason.REPLAY,
             )
+        if bounds.reject_future_base and message.base_version > model.version:
+            raise UpdateRejected(
+                f"update {uid} from {who} was trained from model v{message.base_version}; "
+                f"this tier knows only v{model.version}",
+                reason=Reason.FUTURE_BASE,
+            )
         assessment = rules.staleness.assess(model.version, message.base_version)
         claim.tau = assessment.tau
         if not assessment.accepted:
@@ -364,15 +396,42 @@ def admit_update(
                 f"{rules.staleness.max_staleness} versions of staleness",
                 reason=Reason.STALE,
             )
+        if influence is not None and influence.buckets is not None:
+            wait_s = influence.buckets.take(message.sender, now)
+            if wait_s > 0.0:
+                retry_after_ms = max(1, math.ceil(wait_s * 1000.0))
+                return claim.rejected(
+                    UpdateRejected(
+                        f"update {uid} from {who} is over the device's rate limit of "
+                        f"{influence.buckets.rate:g}/s; retry after {retry_after_ms} ms",
+                        reason=Reason.RATE_LIMITED,
+                    ),
+                    retry_after_ms,
+                )
+        if (
+            influence is not None
+            and influence.contributions is not None
+            and influence.contributions.full(message.sender, model.version)
+        ):
+            raise UpdateRejected(
+                f"update {uid} from {who}: the device already gave "
+                f"{influence.contributions.limit} updates while this tier knows "
+                f"v{model.version}; resend after the next version",
+                reason=Reason.CONTRIBUTION_CAPPED,
+            )
+        max_norm = rules.max_norm if influence is None else influence.norm_bound()
         result = check_payload(
             envelope.payload,
             message.codec,
             message.num_params,
-            max_norm=rules.max_norm,
+            max_norm=max_norm,
             norm_policy=rules.norm_policy,
         )
     except RemoteProtocolError as exc:
         return claim.rejected(exc)
+    weight = capped_weight(message.n_samples, bounds.max_samples)
+    if influence is not None:
+        influence.accepted(message.sender, model.version, result.norm)
     return _accepted(
         AcceptedInput(
             message=message,
@@ -381,12 +440,13 @@ def admit_update(
             input_id=message.update_id,
             seq=message.seq,
             base_version=message.base_version,
-            n_samples=float(message.n_samples),
+            n_samples=float(weight),
             update_count=1,
             tau=assessment.tau,
             discount=assessment.discount,
             clip_scale=result.scale,
             norm=result.norm,
+            weight_capped=weight < message.n_samples,
         ),
     )
 
@@ -429,7 +489,7 @@ def admit_partial(
     """
     claim = _Claim()
     try:
-        envelope = parse_envelope(data, rules.limits)
+        envelope = parse_envelope(data, rules.limits, kinds=(Kind.PARTIAL,))
         message = envelope.message
         if not isinstance(message, PartialAggregate):
             raise DecodeError(f"expected a partial, got a {message.KIND.value} message")

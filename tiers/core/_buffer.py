@@ -30,19 +30,26 @@ def fold_message(
     tau: int,
     discount: float,
     clip_scale: float = 1.0,
+    n_samples: float | None = None,
 ) -> None:
     """Fold a verified message's payload with the weights assessed (or stored) for it.
 
     The message's fields become the accumulator's arguments and the payload is
     added through ``fold_into`` without a dense temporary. Admission and the
     refold after a restart both come here, so they cannot fold differently.
+    ``n_samples`` is an update's admitted weight (its ``n_samples`` capped at the
+    tier's ``max_samples``); it never raises the message's own count.
     """
     folder = functools.partial(fold_into, payload=payload, spec=message.codec)
     if isinstance(message, DeviceUpdate):
         acc.fold_update(
             message.update_id,
             folder,
-            n_samples=message.n_samples,
+            n_samples=(
+                message.n_samples
+                if n_samples is None
+                else max(1, min(message.n_samples, int(n_samples)))
+            ),
             tau=tau,
             discount=discount,
             base_version=message.base_version,
@@ -101,6 +108,7 @@ class TierBuffer:
             now=now,
             accepted_ms=accepted_ms,
             tag=tag,
+            n_samples=accepted.n_samples,
         )
 
     def refold(
@@ -114,10 +122,21 @@ class TierBuffer:
         now: float,
         accepted_ms: int,
         tag: str = "",
+        n_samples: float | None = None,
     ) -> None:
-        """Fold an input with weights decided earlier (recovery after a restart) and book it."""
+        """Fold an input with weights decided earlier (recovery after a restart) and book it.
+
+        ``n_samples`` is the stored weight of an update (capped at admission); None
+        folds the message's own count.
+        """
         fold_message(
-            self.accumulator, message, payload, tau=tau, discount=discount, clip_scale=clip_scale
+            self.accumulator,
+            message,
+            payload,
+            tau=tau,
+            discount=discount,
+            clip_scale=clip_scale,
+            n_samples=n_samples,
         )
         if self.oldest_at is None:
             self.oldest_at = now

@@ -1,0 +1,250 @@
+"""Bounded influence per device, sans-IO: weight cap, norm bound, contribution cap, rate limit.
+
+Imports the standard library only: no trio, sqlite, OpenTelemetry, logging or
+clock. Time comes in as ``now`` (seconds on the caller's monotonic clock).
+
+Why each bound exists (a signed, registered device is not a trusted one):
+
+* ``n_samples`` is self-reported, so the fold weight is ``min(n_samples, cap)``
+  (:func:`capped_weight`); the capped value is what the tier stores, so a
+  refold after a restart folds the same weight.
+* a norm bound is always on: :class:`NormBound` is either fixed or adaptive
+  (``factor`` times a quantile of the last ``window`` accepted norms, with the
+  configured bound until ``warmup`` norms were seen). Each observed norm is
+  first clamped to the bound in force, so one huge update moves the quantile by
+  at most one rank, and the bound can grow by at most ``factor`` per window.
+* :class:`ContributionCounter`: at most ``limit`` accepted updates per device
+  while the tier knows one model version (keyed by the tier's version, not the
+  update's base, so a refused update resent after the next version can pass).
+* :class:`TokenBuckets`: ``rate`` updates per second per device, ``burst`` at
+  once; an update over the limit learns how long to wait.
+
+State lives in :class:`InfluenceState`, owned by the caller (the edge daemon,
+or a test); it is not persisted. After a restart the rate limits start full,
+the contribution counts start empty and the adaptive norm bound restarts its
+warm-up from the configured bound: admission only decides, the store keeps the
+weight and clip factor each accepted update was folded with, so a restart never
+changes what was folded, only how the next inputs are judged.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "AdaptiveNorm",
+    "ContributionCounter",
+    "InfluenceRules",
+    "InfluenceState",
+    "NormBound",
+    "TokenBuckets",
+    "capped_weight",
+]
+
+NormMode = Literal["fixed", "adaptive"]
+
+
+def capped_weight(n_samples: int, cap: int | None) -> int:
+    """The weight an update is folded with: its ``n_samples``, at most ``cap`` (None: no cap)."""
+    if cap is None:
+        return n_samples
+    return min(n_samples, cap)
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveNorm:
+    """Settings of the adaptive norm bound.
+
+    Attributes:
+        quantile: the quantile of recent accepted norms, in (0, 1].
+        factor: the bound is ``factor`` times that quantile, > 0.
+        window: how many recent norms are kept (the memory bound), >= 1.
+        warmup: how many norms are needed before the quantile is used, >= 1;
+            until then the configured bound holds.
+    """
+
+    quantile: float = 0.5
+    factor: float = 3.0
+    window: int = 256
+    warmup: int = 16
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.quantile <= 1.0:
+            raise ValueError(f"norm quantile {self.quantile} is not in (0, 1]")
+        if not (math.isfinite(self.factor) and self.factor > 0.0):
+            raise ValueError(f"norm factor {self.factor} is not a finite number > 0")
+        if self.window < 1 or self.warmup < 1 or self.warmup > self.window:
+            raise ValueError(
+                f"norm window {self.window} and warmup {self.warmup}: expected "
+                "1 <= warmup <= window"
+            )
+
+
+class NormBound:
+    """The L2 bound in force: fixed, or adaptive from recent accepted norms.
+
+    Memory is ``window`` floats (a ring and the same values sorted); ``observe``
+    costs O(window) at worst, a few microseconds for the default 256.
+
+    Args:
+        initial: the fixed bound, or the adaptive bound's warm-up value; > 0.
+        adaptive: the adaptive settings, None for a fixed bound.
+    """
+
+    def __init__(self, initial: float, adaptive: AdaptiveNorm | None = None) -> None:
+        if not (math.isfinite(initial) and initial > 0.0):
+            raise ValueError(f"norm bound {initial} is not a finite number > 0")
+        self.initial = initial
+        self.adaptive = adaptive
+        self._ring: deque[float] = deque()
+        self._sorted: list[float] = []
+
+    @property
+    def mode(self) -> NormMode:
+        """``fixed`` or ``adaptive``."""
+        return "fixed" if self.adaptive is None else "adaptive"
+
+    def bound(self) -> float:
+        """The bound now."""
+        adaptive = self.adaptive
+        if adaptive is None or len(self._sorted) < adaptive.warmup:
+            return self.initial
+        values = self._sorted
+        rank = min(len(values) - 1, max(0, math.ceil(adaptive.quantile * len(values)) - 1))
+        value = adaptive.factor * values[rank]
+        # A fleet whose accepted norms are all 0 would otherwise refuse everything.
+        return value if value > 0.0 else self.initial
+
+    def observe(self, norm: float) -> None:
+        """Record the norm of an accepted update (clamped to the bound in force)."""
+        adaptive = self.adaptive
+        if adaptive is None or not math.isfinite(norm):
+            return
+        value = min(max(norm, 0.0), self.bound())
+        if len(self._ring) == adaptive.window:
+            old = self._ring.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        self._ring.append(value)
+        bisect.insort(self._sorted, value)
+
+
+class ContributionCounter:
+    """At most ``limit`` accepted updates per device while the tier knows one version.
+
+    Memory: one count per device that contributed at the current version.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"contribution limit {limit} is not >= 1")
+        self.limit = limit
+        self._version: int | None = None
+        self._counts: dict[str, int] = {}
+
+    def _at(self, version: int) -> dict[str, int]:
+        if version != self._version:
+            self._version = version
+            self._counts = {}
+        return self._counts
+
+    def full(self, sender: str, version: int) -> bool:
+        """Whether ``sender`` has used its share at ``version``."""
+        return self._at(version).get(sender, 0) >= self.limit
+
+    def add(self, sender: str, version: int) -> None:
+        """Count one accepted update of ``sender`` at ``version``."""
+        counts = self._at(version)
+        counts[sender] = counts.get(sender, 0) + 1
+
+
+class TokenBuckets:
+    """A token bucket per device: ``rate`` tokens per second, at most ``burst``.
+
+    Memory: one (tokens, time) pair per device seen, so bounded by the registry
+    (only authenticated senders reach it).
+    """
+
+    def __init__(self, rate: float, burst: float) -> None:
+        if not (math.isfinite(rate) and rate > 0.0):
+            raise ValueError(f"rate {rate} is not a finite number > 0")
+        if not (math.isfinite(burst) and burst >= 1.0):
+            raise ValueError(f"burst {burst} is not a finite number >= 1")
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, sender: str, now: float) -> float:
+        """Take a token for ``sender`` at ``now``; 0.0 when taken, else seconds until one is due."""
+        tokens, last = self._buckets.get(sender, (self.burst, now))
+        # A clock that goes backwards (a restored fake clock) refills nothing.
+        tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[sender] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[sender] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+
+@dataclass(frozen=True, slots=True)
+class InfluenceRules:
+    """How much one device may weigh; every bound off by default (the simulator's choice).
+
+    Attributes:
+        max_samples: the cap on the weight of one update (None: the raw ``n_samples``).
+        adaptive_norm: adapt the norm bound (``AdmissionRules.max_norm`` is then
+            its warm-up value); None keeps ``max_norm`` fixed.
+        max_updates_per_version: accepted updates per device while the tier knows
+            one version (None: unlimited).
+        rate_per_s: updates per second per device (None: unlimited).
+        burst: the token bucket's size.
+        reject_future_base: refuse an update whose base version is above the
+            tier's (``future_base``).
+    """
+
+    max_samples: int | None = None
+    adaptive_norm: AdaptiveNorm | None = None
+    max_updates_per_version: int | None = None
+    rate_per_s: float | None = None
+    burst: float = 1.0
+    reject_future_base: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples {self.max_samples} is not >= 1")
+
+
+class InfluenceState:
+    """The mutable side of the influence bounds, owned by the tier that admits updates.
+
+    Args:
+        rules: the bounds.
+        max_norm: the fixed norm bound or the adaptive one's warm-up value; None
+            for no bound (only behind an unsafe switch at the edge).
+    """
+
+    def __init__(self, rules: InfluenceRules, max_norm: float | None) -> None:
+        self.rules = rules
+        self.norm = NormBound(max_norm, rules.adaptive_norm) if max_norm is not None else None
+        self.contributions = (
+            ContributionCounter(rules.max_updates_per_version)
+            if rules.max_updates_per_version is not None
+            else None
+        )
+        self.buckets = (
+            TokenBuckets(rules.rate_per_s, rules.burst) if rules.rate_per_s is not None else None
+        )
+
+    def norm_bound(self) -> float | None:
+        """The norm bound in force (None: none)."""
+        return None if self.norm is None else self.norm.bound()
+
+    def accepted(self, sender: str, version: int, norm: float) -> None:
+        """Book an accepted update: its share of the version and its norm."""
+        if self.contributions is not None:
+            self.contributions.add(sender, version)
+        if self.norm is not None:
+            self.norm.observe(norm)

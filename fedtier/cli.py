@@ -3,7 +3,8 @@
 Production commands come from the parts that run them: ``fedtier keys``
 (``fedtier._keys``), the daemons and ``fedtier trace`` (``fedtier.tiers.cli``)
 and ``fedtier device`` (``fedtier.client.cli``); ``fedtier model``
-(``fedtier._models``) joins the central's store and the client's models, and
+(``fedtier._models``) joins the central's store and the client's models,
+``fedtier quarantine`` (``fedtier._quarantine``) manages a tier's quarantined inputs, and
 the central gets its evaluator from ``fedtier._evaluation``, so tiers never
 import the client. Lab commands (``demo``,
 ``sim``, ``bench``) plug in through the ``fedtier.commands`` entry-point group,
@@ -30,7 +31,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Final, TypeAlias
 
-from fedtier import _evaluation, _keys, _models
+from fedtier import _evaluation, _keys, _models, _quarantine
 from fedtier.client import cli as client_cli
 from fedtier.protocol.errors import FedtierError
 from fedtier.tiers import cli as tiers_cli
@@ -144,6 +145,7 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     sub.choices["central"].set_defaults(make_evaluator=_evaluation.build_evaluator)
     client_cli.add_commands(sub)
     _models.add_commands(sub)
+    _quarantine.add_commands(sub)
     if command not in sub.choices:
         _add_plugins(sub, command)
     return parser

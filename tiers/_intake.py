@@ -37,6 +37,9 @@ class Admission:
         reason: the rejection reason token (empty otherwise).
         ticket: the commit to wait for before acknowledging, if any.
         after_ack: what to do once acknowledged (the edge's receipt).
+        ack: False to leave the delivery unacknowledged (the broker redelivers
+            it): an input the tier can neither use nor quarantine, because the
+            quarantine is full, is refused this way rather than lost.
     """
 
     delivery: Delivery
@@ -44,6 +47,7 @@ class Admission:
     reason: str = ""
     ticket: CommitTicket | None = None
     after_ack: Callable[[], Awaitable[None]] | None = None
+    ack: bool = True
 
 
 class Intake:
@@ -131,6 +135,9 @@ class Intake:
                     await self._acknowledge(admission)
 
     async def _acknowledge(self, admission: Admission) -> None:
+        if not admission.ack:
+            # Left for the broker to redeliver (after ack_wait, up to max_deliver).
+            return
         try:
             await admission.delivery.ack()
         except BusError as exc:

@@ -475,17 +475,22 @@ class CentralDaemon(TierDaemon):
             },
         ) as span:
             saved_state = self.optimizer.state_arrays()
-            new_params = step_model(self.params, self.optimizer, aggregate)
+            try:
+                # A huge (finite, float64) sample count rounds to inf in float32 and
+                # divides the step to 0: harmless, so not a warning; a non-finite
+                # step is caught below by its result.
+                with np.errstate(over="ignore", under="ignore"):
+                    new_params = step_model(self.params, self.optimizer, aggregate)
+            except (ArithmeticError, ValueError, LocalProtocolError) as exc:
+                self.optimizer.load_state_arrays(saved_state)
+                self.log.error("the server step of epoch %d failed: %s", buffer.epoch, exc)
+                new_params = None
             if new_params is None:
-                # Refolding after a restart would give the same result: drop the epoch.
-                self.log.error(
-                    "epoch %d would make model v%d non-finite; dropping its %d inputs",
-                    buffer.epoch,
-                    version,
-                    len(input_ids),
+                # Refolding after a restart would give the same result, and dropping
+                # would lose acknowledged updates: quarantine the epoch's inputs.
+                self._quarantine_epoch(
+                    f"it would make model v{version} non-finite", self._next_seq()
                 )
-                self.store.submit_flush(buffer.epoch, None, len(input_ids), self._next_seq())
-                buffer.advance()
                 return None
             try:
                 job = self._seal_version(

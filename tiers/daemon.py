@@ -13,7 +13,8 @@ ever fatal: before the event loop listens, ``tiers._signals`` holds them.
 SIGTERM or SIGINT asks for a clean shutdown (stop input, flush the open buffer
 upstream, wait for PubAcks up to ``shutdown_timeout_s``), or during start-up
 ends the process without serving; a second one stops at once, which loses
-nothing acknowledged. SIGHUP reloads the sender key registry. An edge or
+nothing acknowledged. SIGHUP reloads the sender key registry and re-admits
+quarantined inputs (docs/operations.md, quarantine). An edge or
 regional daemon started before the central waits for the JetStream streams
 the central creates, logging what it waits for every 10 s. Under systemd
 (``Type=notify``) it reports ``READY=1`` once inputs are taken, ``STOPPING=1``
@@ -322,6 +323,13 @@ class _Lifecycle:
                 len(self.keys.senders),
                 self.keys.senders.role,
             )
+        if self.daemon is not None:
+            # Inputs quarantined for a sender the registry did not know (or released
+            # by an operator) go through the core's admission again.
+            try:
+                self.daemon.readmit_quarantined()
+            except FedtierError as exc:
+                logger.error("re-admission of quarantined inputs failed: %s", exc)
 
 
 async def _watch_signals(signals: AsyncIterator[int], life: _Lifecycle) -> None:

@@ -22,9 +22,14 @@ the same at every tier::
 Admission is synchronous, so the buffer, the dedupe index and the high-water
 marks never see two deliveries interleave, while the settler waits for commits;
 meanwhile the reader keeps admitting, which is what lets commits group. Every
-rejection is counted with its reason, leaves the buffer untouched, and is
-acknowledged (it will never become valid); a duplicate is acknowledged once the
-original's record is durable.
+rejection is counted with its reason and leaves the buffer untouched; a rejected
+partial (its updates were receipted below) and any delivery whose admission
+raised are quarantined in the commit their acknowledgement waits for, and
+re-admitted through the core when the reason can go away (never ack-and-drop:
+docs/operations.md, quarantine); the edge answers a rejected update with its
+receipt. Before an input is folded, the running sums are checked to stay
+finite (the open epoch is cut first when it would overflow), so a cut never
+fails on them. A duplicate is acknowledged once the original's record is durable.
 
 A flush ("cut") is synchronous too: the buffer's partial is built and sealed,
 its flush is submitted to the store (after every accept folded into it, since
@@ -54,19 +59,25 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, TypeVar
 
+import numpy as np
 import trio
 from opentelemetry import trace
 from opentelemetry.context import Context
 
 from fedtier.protocol.bus import Bus, Delivery, Subscription
-from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.codecs import CodecSpec, decode
 from fedtier.protocol.envelope import parse_envelope
 from fedtier.protocol.errors import (
     BusError,
+    FedtierError,
     LocalProtocolError,
+    Reason,
     RemoteProtocolError,
+    StoreError,
+    UpdateRejected,
 )
 from fedtier.protocol.messages import DeviceUpdate, ModelAnnouncement, PartialAggregate, Tier
 from fedtier.protocol.models import open_model_pointer
@@ -113,7 +124,9 @@ from fedtier.tiers.store import (
     InputRecord,
     InputState,
     OutboxEntry,
+    QuarantineRecord,
     Recovery,
+    Retry,
     StateStore,
     open_state_store,
 )
@@ -121,6 +134,7 @@ from fedtier.tiers.store import (
 __all__ = [
     "FollowerDaemon",
     "OpenBuffer",
+    "QuarantineLimits",
     "StoreLedger",
     "TierDaemon",
     "wall_clock_ms",
@@ -135,6 +149,91 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+# -- quarantine and finite sums -------------------------------------------------------
+
+# Just under float32's largest value: the open buffer's numerator is float32. The
+# 1% spare covers the rounding of every fold (relative 6e-8 each, so 1e5 folds
+# of one epoch stay far inside it); a value of 3e38 still fits alone.
+_F32_SAFE: Final = float(np.finfo(np.float32).max) * 0.99
+
+# Reasons that can go away (a registry reload, a model or layout change, a fixed
+# bug): such inputs are tried again at every re-admission pass. Everything else
+# (bad signature from a registered key, malformed bytes, a non-finite payload) can
+# never become valid: kept for forensics and counted, tried again only when an
+# operator releases it.
+_RETRY_ANY: Final = frozenset(
+    {
+        Reason.UNKNOWN_SENDER,
+        Reason.LAYOUT_MISMATCH,
+        Reason.WRONG_FLEET,
+        Reason.STALE,
+        Reason.INTERNAL_ERROR,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineLimits:
+    """Bounds of a daemon's quarantine (docs/operations.md, quarantine).
+
+    Past a bound the tier refuses to acknowledge the input (the broker keeps and
+    redelivers it) and counts ``fedtier_quarantine_refusals``: it is never lost.
+
+    Attributes:
+        max_bytes: bytes held in all.
+        max_bytes_per_sender: bytes held per (claimed) sender.
+        max_inputs_per_sender: rows held per (claimed) sender.
+    """
+
+    max_bytes: int = 1 << 30
+    max_bytes_per_sender: int = 256 << 20
+    max_inputs_per_sender: int = 10_000
+
+
+def _retry_for(reason: Reason) -> Retry:
+    return "any" if reason in _RETRY_ANY else "never"
+
+
+def max_abs(payload: memoryview | bytes, codec: CodecSpec, num_params: int) -> float:
+    """The largest absolute value a (finite, checked) encoded vector holds.
+
+    Dense f32/f16 payloads are read in place (two passes, no copy); the others
+    are decoded first.
+    """
+    if codec.k is None and codec.values in ("f32", "f16"):
+        values: Any = np.frombuffer(payload, dtype="<f4" if codec.values == "f32" else "<f2")
+    else:
+        values = decode(payload, codec, num_params)
+    if values.size == 0:
+        return 0.0
+    return max(abs(float(values.max())), abs(float(values.min())))
+
+
+def fold_bound(
+    message: DeviceUpdate | PartialAggregate,
+    payload: memoryview | bytes,
+    *,
+    discount: float,
+    clip_scale: float,
+    n_samples: float | None = None,
+    norm: float = math.nan,
+) -> float:
+    """An upper bound of what folding ``message`` adds to any value of the numerator.
+
+    An update adds ``n * discount * clip_scale * delta`` (``n``: the weight it
+    is folded with, ``n_samples`` when given, which may be capped below the
+    message's), a partial ``discount * numerator``; the L2 norm, when admission
+    computed it, bounds the largest value and saves a pass.
+    """
+    if isinstance(message, DeviceUpdate):
+        n = float(message.n_samples) if n_samples is None else float(n_samples)
+        weight = n * discount * clip_scale
+    else:
+        weight = discount
+    largest = norm if math.isfinite(norm) else max_abs(payload, message.codec, message.num_params)
+    return weight * largest
+
+
 # -- the open buffer ------------------------------------------------------------------
 
 
@@ -144,10 +243,13 @@ class OpenBuffer(TierBuffer):
     def __init__(self, num_params: int, epoch: int) -> None:
         super().__init__(num_params, epoch)
         self._changed = trio.Event()
+        self.abs_bound = 0.0
+        """Upper bound of every absolute value of the numerator (sum of :func:`fold_bound`)."""
 
     def advance(self) -> None:
         """Start the next epoch with an empty accumulator."""
         super().advance()
+        self.abs_bound = 0.0
         self.poke()
 
     def poke(self) -> None:
@@ -279,6 +381,16 @@ class TierDaemon(abc.ABC):
         self._unsafe_reject_late = unsafe("reject_late_partials")
         self._seen = StoreLedger(self)
         self._rules = self._admission_rules()
+        limits = getattr(config, "quarantine", None)
+        self.quarantine_limits = (
+            limits if isinstance(limits, QuarantineLimits) else (QuarantineLimits())
+        )
+        self.readmitted = 0
+        """Quarantined inputs folded by a re-admission pass since start."""
+        self._cut_retry_pending = False
+        self._readmitting = False
+        self._internal_errors_logged: set[str] = set()
+        self._quarantine_reasons: set[str] = set()
 
     # -- accessors ------------------------------------------------------------------
 
@@ -350,8 +462,11 @@ class TierDaemon(abc.ABC):
                 async with trio.open_nursery() as nursery:
                     await self._start(nursery, recovery)
                     nursery.start_soon(self._serve_deadlines)
+                    # Inputs quarantined before a restart (or released by an operator)
+                    # get their chance once the buffer and the model exist.
+                    self.readmit_quarantined()
                     self._intake = Intake(
-                        self._admit,
+                        self._admit_safely,
                         self._maybe_flush,
                         capacity=self.config.intake_capacity,
                         log=self.log,
@@ -431,13 +546,21 @@ class TierDaemon(abc.ABC):
         job = self._cut(str(reason))
         if job is not None:
             await self.upstream.put(job)
+        if self._cut_retry_pending:
+            # Inputs refused because this epoch would have overflowed fit the next one.
+            self._cut_retry_pending = False
+            self.readmit_quarantined(after_cut_only=True)
 
     def _make_room(self, inputs: int, leaves: int) -> None:
         """Cut first when folding would push the buffer past the id caps of one partial."""
         if not self.buffer.has_room(inputs, leaves, self.config.limits.max_ids):
-            job = self._cut("ids")
-            if job is not None:
-                self._stashed.append(job)
+            self._stash_cut("ids")
+
+    def _stash_cut(self, reason: str) -> None:
+        """Cut now, synchronously; the job goes upstream before the next flush's."""
+        job = self._cut(reason)
+        if job is not None:
+            self._stashed.append(job)
 
     # -- the shell around the core's admission --------------------------------------------
 
@@ -469,6 +592,52 @@ class TierDaemon(abc.ABC):
         if decision.tau is not None:
             span.set_attribute(ATTR_STALENESS, decision.tau)
 
+    def _overflow(self, accepted: AcceptedInput) -> tuple[float, str | None]:
+        """What folding ``accepted`` adds to the numerator's bound, and why it must not fold.
+
+        The running sums must stay finite through the commit of every accepted
+        input, or the epoch could not be cut (docs/operations.md, quarantine):
+        the scalars are checked exactly, the float32 numerator through a bound
+        (the sum of weight times largest value of every input folded), which
+        holds for any fold order and costs at most one pass over the payload.
+        """
+        acc = self.buffer.accumulator
+        message = accepted.message
+        if isinstance(message, PartialAggregate):
+            samples = acc.sample_count + message.sample_count
+            weight = acc.weight_sum + accepted.discount * message.weight_sum
+        else:
+            samples = acc.sample_count + accepted.n_samples
+            weight = acc.weight_sum + accepted.n_samples * accepted.discount
+        if not (math.isfinite(samples) and math.isfinite(weight)):
+            return 0.0, (
+                f"folding it would make the epoch's sample count or weight infinite "
+                f"({acc.sample_count:g} + {accepted.n_samples:g})"
+            )
+        bound = fold_bound(
+            message,
+            accepted.payload,
+            discount=accepted.discount,
+            clip_scale=accepted.clip_scale,
+            n_samples=accepted.n_samples,
+            norm=accepted.norm,
+        )
+        if not self.buffer.abs_bound + bound <= _F32_SAFE and math.isfinite(accepted.norm):
+            # The L2 norm overstates the largest value by up to sqrt(n): look closer.
+            bound = fold_bound(
+                message,
+                accepted.payload,
+                discount=accepted.discount,
+                clip_scale=accepted.clip_scale,
+                n_samples=accepted.n_samples,
+            )
+        if not self.buffer.abs_bound + bound <= _F32_SAFE:
+            return bound, (
+                f"folding it could overflow the float32 sum (a value up to {bound:.3g} onto "
+                f"{self.buffer.abs_bound:.3g})"
+            )
+        return bound, None
+
     def _fold_and_record(
         self, delivery: Delivery, accepted: AcceptedInput, span: trace.Span
     ) -> CommitTicket:
@@ -476,12 +645,37 @@ class TierDaemon(abc.ABC):
 
         Both happen synchronously, in delivery order, so the buffer and the
         committer (FIFO) never disagree about what an epoch holds.
+
+        Raises:
+            UpdateRejected: ``non_finite``: folding would overflow the epoch's sums
+                (checked before anything changes; the caller refuses the input).
         """
+        return self._fold_record(bytes(delivery.payload), accepted, span)
+
+    def _fold_record(
+        self,
+        envelope: bytes,
+        accepted: AcceptedInput,
+        span: trace.Span,
+        *,
+        quarantine_id: int | None = None,
+    ) -> CommitTicket:
+        bound, overflow = self._overflow(accepted)
+        if overflow is not None and not self.buffer.is_empty:
+            # It may fit the next epoch: cut this one first.
+            self._stash_cut("overflow")
+            bound, overflow = self._overflow(accepted)
+        if overflow is not None:
+            raise UpdateRejected(
+                f"input {accepted.input_id.hex()} from {accepted.sender}: {overflow}",
+                reason=Reason.NON_FINITE,
+            )
         self._make_room(1, accepted.update_count)
         buffer = self.buffer
         accepted_ms = self.clock_ms()
         trace_parent = traceparent_of(span)
         buffer.fold(accepted, now=trio.current_time(), accepted_ms=accepted_ms, tag=trace_parent)
+        buffer.abs_bound += bound
         buffer.poke()
         ticket = self.store.submit_accept(
             InputRecord(
@@ -489,7 +683,7 @@ class TierDaemon(abc.ABC):
                 input_id=accepted.input_id,
                 seq=accepted.seq,
                 epoch=buffer.epoch,
-                envelope=bytes(delivery.payload),
+                envelope=envelope,
                 base_version=accepted.base_version,
                 n_samples=accepted.n_samples,
                 tau=accepted.tau,
@@ -499,6 +693,7 @@ class TierDaemon(abc.ABC):
                 trace=trace_parent,
             ),
             replace=self._seen.forgot(accepted.sender, accepted.input_id),
+            quarantine_id=quarantine_id,
         )
         self._count(span, Outcome.ACCEPTED)
         self.metrics.staleness(accepted.tau)
@@ -530,8 +725,20 @@ class TierDaemon(abc.ABC):
             if decision.outcome is Outcome.REJECTED:
                 assert decision.reason is not None
                 self._count(span, Outcome.REJECTED, decision.reason)
-                self.log.warning("rejected a partial on %s: %s", delivery.subject, decision.error)
-                return Admission(delivery, Outcome.REJECTED, decision.reason)
+                self.log.warning(
+                    "rejected a partial on %s (%s), quarantined: %s",
+                    delivery.subject,
+                    decision.reason,
+                    decision.error,
+                )
+                # Its device updates were receipted below: keep it, never drop it.
+                return self._quarantine(
+                    delivery,
+                    decision.reason,
+                    sender=decision.sender,
+                    input_id=decision.input_id,
+                    detail=str(decision.error),
+                )
             assert decision.sender is not None
             assert decision.input_id is not None
             who = self.keys.senders.describe(decision.sender)
@@ -546,7 +753,20 @@ class TierDaemon(abc.ABC):
                 )
             accepted = decision.accepted
             assert accepted is not None
-            ticket = self._fold_and_record(delivery, accepted, span)
+            try:
+                ticket = self._fold_and_record(delivery, accepted, span)
+            except UpdateRejected as exc:
+                self._count(span, Outcome.REJECTED, exc.reason)
+                self.log.warning("partial %s from %s quarantined: %s", pid, who, exc)
+                return self._quarantine(
+                    delivery,
+                    exc.reason,
+                    sender=decision.sender,
+                    input_id=decision.input_id,
+                    detail=str(exc),
+                    # Alone in an empty buffer it can never fit; otherwise after the cut.
+                    retry="never" if self.buffer.is_empty else "cut",
+                )
             message = accepted.message
             if accepted.late:
                 assert isinstance(message, PartialAggregate)
@@ -589,11 +809,206 @@ class TierDaemon(abc.ABC):
                 tau=record.tau,
                 discount=record.discount,
                 clip_scale=record.clip_scale,
+                n_samples=record.n_samples,
                 now=trio.current_time() - age_s,
                 accepted_ms=record.accepted_ms,
                 tag=record.trace,
             )
+            buffer.abs_bound += fold_bound(
+                message,
+                envelope.payload,
+                discount=record.discount,
+                clip_scale=record.clip_scale,
+                n_samples=record.n_samples,
+            )
         buffer.poke()
+
+    # -- quarantine: never acknowledge an input and drop it ---------------------------------
+
+    def _admit_safely(self, delivery: Delivery) -> Admission:
+        """:meth:`_admit`, with any exception turned into a typed rejection (quarantined).
+
+        One delivery must never crash the daemon: the broker would redeliver it
+        and crash it again. A failing store still stops it (``StoreError``).
+        """
+        try:
+            return self._admit(delivery)
+        except StoreError:
+            raise
+        except UpdateRejected as exc:
+            reason: Reason = exc.reason
+            detail = str(exc)
+            self.log.warning("input on %s refused (%s): %s", delivery.subject, reason, exc)
+        except Exception as exc:
+            reason = Reason.INTERNAL_ERROR
+            detail = f"{type(exc).__name__}: {exc}"
+            kind = type(exc).__name__
+            if kind not in self._internal_errors_logged:
+                # The traceback once per kind of error; the count says how often.
+                self._internal_errors_logged.add(kind)
+                self.log.exception(
+                    "admission of a delivery on %s failed; quarantined as %s",
+                    delivery.subject,
+                    reason,
+                )
+            else:
+                self.log.error(
+                    "admission of a delivery on %s failed (%s); quarantined as %s",
+                    delivery.subject,
+                    detail,
+                    reason,
+                )
+        self.counts[(Outcome.REJECTED.value, reason.value)] += 1
+        self.metrics.update_outcome(Outcome.REJECTED.value, reason.value)
+        return self._quarantine(delivery, reason, sender=None, input_id=None, detail=detail)
+
+    def _quarantine(
+        self,
+        delivery: Delivery,
+        reason: Reason,
+        *,
+        sender: str | None,
+        input_id: bytes | None,
+        detail: str,
+        retry: Retry | None = None,
+    ) -> Admission:
+        """Store a delivery the tier cannot use; acknowledged once that is durable.
+
+        Past a bound it is left unacknowledged instead (the broker keeps it),
+        counted in ``fedtier_quarantine_refusals`` and logged as an error.
+        """
+        store = self.store
+        payload = bytes(delivery.payload)
+        who = sender or ""
+        usage = store.quarantine_usage
+        limits = self.quarantine_limits
+        rows, held = usage.by_sender.get(who, (0, 0))
+        if (
+            rows + 1 > limits.max_inputs_per_sender
+            or held + len(payload) > limits.max_bytes_per_sender
+            or usage.total_bytes + len(payload) > limits.max_bytes
+        ):
+            refused = getattr(self.metrics, "quarantine_refused", None)
+            if refused is not None:
+                refused()
+            self.log.error(
+                "quarantine full (%d inputs, %d bytes from %s; %d bytes in all): a %s input "
+                "on %s is left unacknowledged for the broker to redeliver",
+                rows,
+                held,
+                who or "unknown senders",
+                usage.total_bytes,
+                reason,
+                delivery.subject,
+            )
+            return Admission(delivery, Outcome.REJECTED, reason, ack=False)
+        retry = retry if retry is not None else _retry_for(reason)
+        _, ticket = store.submit_quarantine(
+            sender=who,
+            input_id=input_id,
+            subject=delivery.subject,
+            reason=reason.value,
+            retry=retry,
+            detail=detail,
+            envelope=payload,
+            received_ms=self.clock_ms(),
+        )
+        if retry == "cut":
+            self._cut_retry_pending = True
+        self._report_quarantine()
+        return Admission(delivery, Outcome.REJECTED, reason, ticket=ticket)
+
+    def _report_quarantine(self) -> None:
+        report = getattr(self.metrics, "quarantine", None)
+        if report is None or self._store is None:
+            return
+        usage = self.store.quarantine_usage
+        self._quarantine_reasons.update(usage.by_reason)
+        report({r: usage.by_reason.get(r, 0) for r in self._quarantine_reasons}, usage.total_bytes)
+
+    def _readmission(self, envelope: bytes) -> Decision | None:
+        """The core's decision about a quarantined input now; None where it cannot be re-run."""
+        if not self.accepts:
+            return None  # the edge answers devices with receipts; its rows are for operators
+        return admit_partial(
+            envelope,
+            rules=self._rules,
+            senders=self.keys.senders,
+            model=self._model_view(),
+            seen=self._seen,
+            tier=self.tier,
+        )
+
+    def readmit_quarantined(self, *, after_cut_only: bool = False) -> int:
+        """Run quarantined inputs through the core's admission again; returns how many folded.
+
+        Called at start, after a key-registry reload (SIGHUP), after a model
+        change and (``after_cut_only``) after a cut. Synchronous, like an
+        admission, so no delivery interleaves. A row that becomes an input is
+        deleted in the commit that records it; one that is now a duplicate is
+        deleted (it was folded already); one refused again stays, with its new
+        reason. So a quarantined input is folded at most once, whoever releases it.
+        """
+        if self._store is None or self._buffer is None or self._readmitting:
+            return 0
+        self._readmitting = True
+        folded = 0
+        try:
+            for row in self.store.quarantined_for_readmission(after_cut_only=after_cut_only):
+                if self._readmit_one(row):
+                    folded += 1
+        finally:
+            self._readmitting = False
+            self._report_quarantine()
+        if folded:
+            self.readmitted += folded
+            self.log.info("re-admitted %d quarantined inputs", folded)
+        return folded
+
+    def _readmit_one(self, row: QuarantineRecord) -> bool:
+        with self.tracer.start_as_current_span(span_name(self.tier, "process")) as span:
+            try:
+                decision = self._readmission(row.envelope)
+                if decision is None:
+                    return False
+                if decision.outcome is Outcome.DUPLICATE:
+                    self.store.submit_unquarantine(row.qid, counted_as="a duplicate")
+                    return False
+                if decision.outcome is Outcome.REJECTED:
+                    assert decision.reason is not None
+                    if decision.reason.value != row.reason or row.released:
+                        self.store.submit_requarantine(
+                            row.qid,
+                            decision.reason.value,
+                            _retry_for(decision.reason),
+                            str(decision.error),
+                        )
+                    return False
+                accepted = decision.accepted
+                assert accepted is not None
+                try:
+                    self._fold_record(row.envelope, accepted, span, quarantine_id=row.qid)
+                except UpdateRejected as exc:
+                    retry: Retry = "never" if self.buffer.is_empty else "cut"
+                    self.store.submit_requarantine(row.qid, exc.reason.value, retry, str(exc))
+                    self._cut_retry_pending = self._cut_retry_pending or retry == "cut"
+                    return False
+            except StoreError:
+                raise
+            except Exception as exc:
+                # Like a delivery: one bad row never stops the daemon; it stays quarantined.
+                self.log.warning("re-admission of quarantined row %d failed: %s", row.qid, exc)
+                return False
+            self.store.unquarantine_op(row.qid)
+            self._count(span, Outcome.ACCEPTED)
+            self.log.info(
+                "quarantined %s from %s (row %d, was %s) re-admitted",
+                "input" if row.input_id is None else row.input_id.hex(),
+                self.keys.senders.describe(row.sender) if row.sender else "an unknown sender",
+                row.qid,
+                row.reason,
+            )
+            return True
 
     # -- cutting a partial (edge, regional) ------------------------------------------------
 
@@ -633,18 +1048,10 @@ class TierDaemon(abc.ABC):
                     seq=seq,
                     created_ms=self.clock_ms(),
                 )
-            except LocalProtocolError as exc:
-                # Only an overflowing sum gets here; refolding would fail the same
-                # way after a restart, so the epoch is dropped, loudly.
-                self.log.error(
-                    "epoch %d cannot be encoded as %s (%s); dropping its %d inputs",
-                    buffer.epoch,
-                    codec,
-                    exc,
-                    len(input_ids),
-                )
-                self.store.submit_flush(buffer.epoch, None, len(input_ids), seq)
-                buffer.advance()
+            except (LocalProtocolError, ArithmeticError, ValueError) as exc:
+                # The finite-sum check at admission keeps this from happening; if it
+                # still does, the acknowledged inputs go to quarantine, never away.
+                self._quarantine_epoch(f"epoch cannot be encoded as {codec}: {exc}", seq)
                 return None
             pid = message.partial_id
             span.set_attribute(ATTR_PARTIAL_ID, pid.hex())
@@ -675,6 +1082,30 @@ class TierDaemon(abc.ABC):
         )
         buffer.advance()
         return UplinkJob(entry, ticket)
+
+    def _quarantine_epoch(self, why: str, seq: int) -> None:
+        """Close the open epoch by moving its acknowledged inputs into the quarantine.
+
+        They come back through admission after the next cut (``retry = 'cut'``),
+        each refused then only if it alone cannot be folded.
+        """
+        buffer = self.buffer
+        count = buffer.accumulator.input_count
+        self.log.error(
+            "epoch %d: %s; its %d inputs are quarantined, to be re-admitted after this cut",
+            buffer.epoch,
+            why,
+            count,
+        )
+        self.store.submit_quarantine_epoch(
+            buffer.epoch,
+            reason=Reason.NON_FINITE.value,
+            detail=why,
+            input_count=count,
+            out_seq=seq,
+        )
+        self._cut_retry_pending = True
+        buffer.advance()
 
     def _report_cut(self, reason: str, inputs: int, started: float) -> None:
         buffer = self.buffer
@@ -789,34 +1220,54 @@ class FollowerDaemon(TierDaemon):
             task_status.started()
             started = True
         backoff = self.config.retry.initial_backoff_s
+        async with trio.open_nursery() as retries:
+            while True:
+                try:
+                    async with self.registry.watch_pointers() as pointers:
+                        async for data in pointers:
+                            backoff = self.config.retry.initial_backoff_s
+                            if not await self._consider_pointer(data):
+                                retries.start_soon(self._retry_pointer, data)
+                            if not started and self.model is not None:
+                                task_status.started()
+                                started = True
+                except BusError as exc:
+                    self.metrics.retry("watch_models")
+                    self.log.warning(
+                        "model registry watch failed: %s; retrying in %.2f s", exc, backoff
+                    )
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.retry.max_backoff_s)
+
+    async def _retry_pointer(self, data: bytes) -> None:
+        """Try a version whose fetch failed again, with backoff, until it or a newer one holds.
+
+        A newer pointer makes this one moot (``_consider_pointer`` skips what is
+        not newer than the model it has), so the retries end by themselves.
+        """
+        backoff = self.config.retry.initial_backoff_s
         while True:
-            try:
-                async with self.registry.watch_pointers() as pointers:
-                    async for data in pointers:
-                        backoff = self.config.retry.initial_backoff_s
-                        await self._consider_pointer(data)
-                        if not started and self.model is not None:
-                            task_status.started()
-                            started = True
-            except BusError as exc:
-                self.metrics.retry("watch_models")
-                self.log.warning(
-                    "model registry watch failed: %s; retrying in %.2f s", exc, backoff
-                )
             await trio.sleep(backoff)
+            if await self._consider_pointer(data):
+                return
             backoff = min(backoff * 2, self.config.retry.max_backoff_s)
 
-    async def _consider_pointer(self, data: bytes) -> None:
+    async def _consider_pointer(self, data: bytes) -> bool:
+        """Take a pointer from the registry; False when its version should be tried again.
+
+        A failure to fetch or relay a version (a blob that fails its digest, an
+        object store error) skips that version, never stops the daemon.
+        """
         try:
             _, pointer = open_model_pointer(
                 data, self.keys.central, self.config.fleet, self.config.limits
             )
         except RemoteProtocolError as exc:
             self.log.warning("ignored a model pointer that does not verify: %s", exc)
-            return
+            return True
         current = self.model
         if current is not None and pointer.version <= current.version:
-            return
+            return True
         if current is not None and (pointer.layout, pointer.num_params) != (
             current.layout,
             current.num_params,
@@ -829,10 +1280,29 @@ class FollowerDaemon(TierDaemon):
                 pointer.num_params,
                 self.tier,
             )
-            return
-        if not await self._relay_model(pointer, data):
-            return
+            return True
+        try:
+            relayed = await self._relay_model(pointer, data)
+        except Exception as exc:
+            # One bad version (a blob failing its digest, an object store error) must
+            # not crash-loop every follower: skip it, retry it with backoff.
+            self.metrics.retry("fetch_model")
+            self.log.warning(
+                "model v%d could not be fetched or relayed (%s); skipping it for now, will retry",
+                pointer.version,
+                exc,
+                exc_info=not isinstance(exc, FedtierError),
+            )
+            return False
+        if not relayed:
+            return False
+        if self.model is not None and pointer.version <= self.model.version:
+            return True  # a retry and the watch raced; the newer one stands
         self._set_model(pointer, data)
-        # Not awaited: after a crash the registry tells us again.
-        self.store.submit_model_pointer(pointer.version, data)
+        if self._store is not None:
+            # Not awaited: after a crash the registry tells us again.
+            self.store.submit_model_pointer(pointer.version, data)
         self.log.info("now at model v%d", pointer.version)
+        # A quarantined input may fit the new model (its layout, its version).
+        self.readmit_quarantined()
+        return True

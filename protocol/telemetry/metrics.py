@@ -99,6 +99,9 @@ class TierMetrics:
         "_model_metric",
         "_model_metric_version",
         "_model_version",
+        "_quarantine_bytes",
+        "_quarantine_refusals",
+        "_quarantined",
         "_retries",
         "_staleness",
         "_update_bytes",
@@ -180,6 +183,19 @@ class TierMetrics:
             "{evaluation}",
             "Evaluations of a model version that failed (the version itself stands).",
         )
+        self._quarantined: _Gauge = meter.create_gauge(
+            "fedtier_quarantined_inputs",
+            "{input}",
+            "Inputs acknowledged but held in quarantine, by rejection reason.",
+        )
+        self._quarantine_bytes: _Gauge = meter.create_gauge(
+            "fedtier_quarantine_bytes", "By", "Bytes held in quarantine."
+        )
+        self._quarantine_refusals: Counter = meter.create_counter(
+            "fedtier_quarantine_refusals",
+            "{input}",
+            "Inputs left unacknowledged because the quarantine was full (alert on any).",
+        )
 
     def _labels(self, *pairs: str) -> Attributes:
         attributes = self._by_label.get(pairs)
@@ -246,6 +262,16 @@ class TierMetrics:
     def evaluation_failed(self) -> None:
         """Count one evaluation that failed (the version was kept and published)."""
         self._evaluation_failures.add(1, self._base)
+
+    def quarantine(self, by_reason: Mapping[str, int], total_bytes: int) -> None:
+        """Set what the quarantine holds: rows by reason (reasons are ``Reason`` tokens)."""
+        for reason, count in by_reason.items():
+            self._quarantined.set(count, self._labels("reason", reason))
+        self._quarantine_bytes.set(total_bytes, self._base)
+
+    def quarantine_refused(self) -> None:
+        """Count one input left unacknowledged because the quarantine is full."""
+        self._quarantine_refusals.add(1, self._base)
 
 
 class MetricsHandle:

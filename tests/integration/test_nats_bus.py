@@ -389,3 +389,33 @@ async def test_an_error_inside_a_durable_subscription_comes_out_unwrapped(
             with pytest.raises(KeyError, match="mine"):
                 async with bus.subscribe(f"part.unwrap{os.getpid()}.>", durable="unwrap"):
                     raise KeyError("mine")
+
+
+async def test_a_message_never_acked_stops_at_max_deliver_and_stays_in_the_stream(
+    fresh_nats_server: NatsServerProcess,
+    nats_loop: None,
+) -> None:
+    # Never redelivered forever (a message no consumer can settle), never
+    # discarded silently: the stream keeps it for an operator to read.
+    server = fresh_nats_server
+    config = config_for(server, "regional", ack_wait_s=0.5, max_deliver=2)
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(config) as bus:
+            await bus.publish("part.r", b"poison")
+            async with bus.subscribe("part.>", durable="regional", capacity=16) as sub:
+                first = await sub.receive()
+                second = await sub.receive()  # after ack_wait
+                with trio.move_on_after(2.0) as scope:
+                    await sub.receive()
+                assert scope.cancelled_caught  # no third delivery
+    assert (first.payload, first.redelivered) == (b"poison", False)
+    assert (second.payload, second.redelivered) == (b"poison", True)
+    url = f"{server.monitoring_url}/jsz?streams=true&config=true"
+    body = await trio.to_thread.run_sync(lambda: urllib.request.urlopen(url, timeout=5).read())
+    (stream,) = [
+        detail
+        for account in json.loads(body)["account_details"]
+        for detail in account["stream_detail"]
+        if detail["name"] == "PART"
+    ]
+    assert stream["state"]["messages"] == 1

@@ -479,3 +479,49 @@ def test_model_metrics_are_a_gauge_on_the_metrics_endpoint() -> None:
     assert f"fedtier_model_metric{{{labels}}} 0.75" in body
     assert 'fedtier_model_metric_version{fedtier_instance="c1",tier="central"} 6.0' in body
     assert 'fedtier_evaluation_failures_total{fedtier_instance="c1",tier="central"} 1.0' in body
+
+
+async def test_hostile_partials_leave_the_central_running_and_lose_nothing(
+    hub: Hub, autojump_clock: MockClock
+) -> None:
+    # Repeated inputs (malformed), sample counts that sum to inf, an unknown
+    # regional: the central keeps serving, acknowledges each, quarantines what it
+    # cannot fold and folds the rest; no version is dropped.
+    from fedtier.protocol.codecs import encode
+    from fedtier.protocol.envelope import seal
+    from fedtier.tiers.store import read_quarantine
+
+    layout = hub.layout
+    a, b, c = (regional_buffer(seed, 2, layout) for seed in (60, 61, 62))
+    ma, _ = sign_partial(REGIONALS[0], FLEET, layout, a, tier=Tier.REGIONAL)
+    twice = replace(ma, inputs=(ma.inputs[0], ma.inputs[0]))
+    huge = [
+        replace(
+            sign_partial(REGIONALS[i], FLEET, layout, acc, tier=Tier.REGIONAL)[0],
+            sample_count=1e308,
+        )
+        for i, acc in enumerate((b, c))
+    ]
+    stranger = SigningIdentity.from_seed(b"\x99" * 32)
+    _, data_unknown = sign_partial(stranger, FLEET, layout, a, tier=Tier.REGIONAL)
+    async with trio.open_nursery() as nursery:
+        central = hub.daemon()
+        await nursery.start(central.serve)
+        await hub.send(seal(twice, encode(np.asarray(a.numerator), twice.codec), REGIONALS[0]))
+        await hub.send(data_unknown)
+        for message, acc, signer in zip(huge, (b, c), REGIONALS, strict=True):
+            await hub.send(seal(message, encode(np.asarray(acc.numerator), message.codec), signer))
+        await wait_all_tasks_blocked()
+        await trio.sleep(1)
+        central.request_shutdown()  # the clean shutdown makes a version of what is open
+    versions = read_stored_versions(hub.config.store_path)
+    leaves = {leaf for v in versions for leaf in v.record.lineage}
+    assert central.counts[("rejected", "malformed")] == 1
+    assert central.counts[("rejected", "unknown_sender")] == 1
+    assert central.counts[("accepted", "")] == 2
+    # Each 1e308 partial made a version of its own (the second would have overflowed).
+    assert [v.record.update_count for v in versions] == [0, 2, 2]
+    assert leaves == {*b.leaf_ids, *c.leaf_ids}
+    reasons = sorted(r.reason for r in read_quarantine(hub.config.store_path))
+    assert reasons == ["malformed", "unknown_sender"]
+    assert not hub.nats._queues[SUBJECTS.central_consumer()].pending

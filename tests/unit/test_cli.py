@@ -76,6 +76,20 @@ def test_bench_codec_json_reports_every_codec(capsys: pytest.CaptureFixture[str]
     assert codecs["top1%+i8"]["payload_bytes"] < codecs["i8"]["payload_bytes"] / 15
 
 
+def test_bench_reject_refuses_every_hostile_shape_and_accepts_the_valid_ones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The command docs/protocol.md gives for its decoding-cost figures; no
+    # timing is asserted (speed is a benchmark's figure, not a test's).
+    assert main(["bench", "reject", "--repeats", "1", "--no-unguarded"]) == 0
+    cases = json.loads(capsys.readouterr().out)["cases"]
+    assert cases["nested_empty_arrays"]["outcome"].startswith("rejected: too_large")
+    assert cases["outer_tree"]["outcome"].startswith("rejected")
+    assert cases["largest_partial"]["outcome"].startswith("accepted")
+    assert cases["largest_model_blob"]["outcome"].startswith("accepted")
+    assert cases["nested_empty_arrays"]["peak_mib"] < 16
+
+
 def test_every_command_is_listed(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["--help"])

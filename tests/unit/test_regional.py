@@ -267,9 +267,12 @@ async def test_bad_partials_are_rejected_with_a_reason(
         await nursery.start(regional.serve)
         await region.send(data)
         await wait_all_tasks_blocked()
+        await trio.sleep(1)  # the quarantine's commit, which the ack waits for
         assert regional.counts[("rejected", reason)] == 1
         assert region.metrics.outcomes[("rejected", reason)] == 1
         assert regional.buffer.accumulator.is_empty
+        assert regional.store.quarantine_usage.by_reason == {reason: 1}
         nursery.cancel_scope.cancel()
-    # Rejected partials are acknowledged: they will never become valid.
+    # Rejected partials are acknowledged once quarantined: their updates were
+    # receipted below, so the bytes are kept (tests/unit/test_quarantine.py).
     assert not region.nats._queues[SUBJECTS.regional_consumer(REGION)].pending

@@ -14,13 +14,17 @@ from fedtier.tiers.store import (
     ModelVersionRecord,
     OutboxEntry,
     TargetRecord,
+    drop_quarantined,
     open_state_store,
     open_store_exclusively,
     read_latest_version,
     read_lineage,
+    read_quarantine,
+    read_quarantine_dropped,
     read_stored_version,
     read_stored_versions,
     read_target_reached,
+    release_quarantined,
 )
 from fedtier.tiers.store._schema import SCHEMA_VERSION
 
@@ -367,7 +371,7 @@ async def test_a_version_2_store_is_migrated_and_records_metrics(tmp_path: Path)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(model_versions)")}
     finally:
         conn.close()
-    assert version == SCHEMA_VERSION == 3
+    assert version == SCHEMA_VERSION == 4
     assert "rollback_of" in columns
     after = read_stored_version(path, 1)
     assert after.metrics == {"accuracy": 0.75, "loss": 0.5}
@@ -549,3 +553,85 @@ async def test_other_schema_versions_are_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="schema version 99"):
         async with open_state_store(path):
             pass
+
+
+async def test_a_version_3_store_is_migrated_to_an_empty_quarantine(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    make_v2_store(path)
+    async with open_state_store(path):
+        pass  # now version 4; take it back to a version 3 store: no quarantine table
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("DROP TABLE quarantine")
+    conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    with pytest.raises(StoreError, match="before the quarantine"):
+        read_quarantine(path)
+    async with open_state_store(path) as store:
+        recovery = await store.recover()
+        assert [r.input_id for r in recovery.open_inputs] == [(1).to_bytes(16, "big")]
+        assert store.quarantine_usage.count == 0
+        qid, ticket = store.submit_quarantine(
+            sender="edge-1",
+            input_id=b"\x05" * 16,
+            subject="ft.acme.up.region.r1",
+            reason="unknown_sender",
+            retry="any",
+            detail="from unregistered sender edge-1",
+            envelope=b"bytes-1",
+            received_ms=5,
+        )
+        await ticket.wait()
+        assert store.quarantine_usage.by_sender == {"edge-1": (1, 7)}
+    conn = sqlite3.connect(path)
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+    finally:
+        conn.close()
+    assert version == SCHEMA_VERSION == 4
+    (row,) = read_quarantine(path)
+    assert (row.qid, row.sender, row.reason, row.envelope) == (
+        qid,
+        "edge-1",
+        "unknown_sender",
+        b"bytes-1",
+    )
+
+
+async def test_a_readmitted_quarantine_row_leaves_in_the_accepts_commit(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    async with open_state_store(path) as store:
+        await store.recover()
+        qid, ticket = store.submit_quarantine(
+            sender=SENDER,
+            input_id=record(1).input_id,
+            subject="s",
+            reason="unknown_sender",
+            retry="any",
+            detail="",
+            envelope=b"envelope-1",
+            received_ms=1,
+        )
+        await ticket.wait()
+        (row,) = store.quarantined_for_readmission(after_cut_only=False)
+        assert row.qid == qid
+        assert store.quarantined_for_readmission(after_cut_only=True) == []
+        store.unquarantine_op(qid)
+        await store.submit_accept(record(1), quarantine_id=qid).wait()
+        assert store.quarantine_usage.count == 0
+        assert store.input_state(SENDER, record(1).input_id) is InputState.OPEN
+    assert read_quarantine(path) == []
+    # An epoch that cannot be cut goes to the quarantine, input rows and all.
+    async with open_state_store(path) as store:
+        recovery = await store.recover()
+        await store.submit_quarantine_epoch(
+            recovery.open_epoch, reason="non_finite", detail="overflow", input_count=1, out_seq=9
+        ).wait()
+        assert store.input_state(SENDER, record(1).input_id) is None
+        assert (await store.recover()).open_inputs == ()
+    (row,) = read_quarantine(path)
+    assert (row.retry, row.input_id, row.envelope) == ("cut", record(1).input_id, b"envelope-1")
+    assert release_quarantined(path, [row.qid, 999]) == 1
+    assert read_quarantine(path, row.qid)[0].released
+    assert drop_quarantined(path, [row.qid]) == 1
+    assert read_quarantine(path) == []
+    assert read_quarantine_dropped(path) == 1

@@ -16,6 +16,8 @@ One concern a module:
 * ``_records``: the record types (``InputRecord``, ``OutboxEntry``, ...).
 * ``_inputs``: the tables every tier writes (inputs, envelopes, senders' marks,
   outbox, meta).
+* ``_quarantine``: inputs acknowledged but not usable (yet), and the offline
+  access of ``fedtier quarantine``.
 * ``_central``: the central's model versions, lineage, optimizer state and metrics.
 * ``_store``: ``StateStore``, which assembles them, its recovery, and
   ``open_state_store``.
@@ -36,6 +38,15 @@ from fedtier.tiers.store._catalog import (
 )
 from fedtier.tiers.store._engine import CommitTicket
 from fedtier.tiers.store._lineage import read_lineage, read_lineages
+from fedtier.tiers.store._quarantine import (
+    QuarantineRecord,
+    QuarantineUsage,
+    Retry,
+    drop_quarantined,
+    read_quarantine,
+    read_quarantine_dropped,
+    release_quarantined,
+)
 from fedtier.tiers.store._records import (
     InputRecord,
     InputState,
@@ -53,16 +64,23 @@ __all__ = [
     "InputState",
     "ModelVersionRecord",
     "OutboxEntry",
+    "QuarantineRecord",
+    "QuarantineUsage",
     "Recovery",
+    "Retry",
     "StateStore",
     "StoredVersion",
     "TargetRecord",
+    "drop_quarantined",
     "open_state_store",
     "open_store_exclusively",
     "read_latest_version",
     "read_lineage",
     "read_lineages",
+    "read_quarantine",
+    "read_quarantine_dropped",
     "read_stored_version",
     "read_stored_versions",
     "read_target_reached",
+    "release_quarantined",
 ]

@@ -20,7 +20,8 @@ import numpy.typing as npt
 
 from fedtier.protocol.errors import StoreError
 from fedtier.tiers.store._engine import CommitTicket
-from fedtier.tiers.store._inputs import InputTables, drop_open_envelopes, put_meta
+from fedtier.tiers.store._inputs import drop_open_envelopes, put_meta
+from fedtier.tiers.store._quarantine import QuarantineTables
 from fedtier.tiers.store._records import (
     ModelVersionRecord,
     TargetRecord,
@@ -35,7 +36,7 @@ __all__ = ["ARRAY_DTYPES", "CentralTables"]
 ARRAY_DTYPES: Final = frozenset({"float16", "float32", "float64", "int32", "int64", "uint64"})
 
 
-class CentralTables(InputTables):
+class CentralTables(QuarantineTables):
     """The central's model versions and optimizer state, on top of the tables every tier has."""
 
     def submit_version(

@@ -81,7 +81,9 @@ class InputTables(CommitEngine[InputKey]):
         """The highest ``seq`` accepted from ``sender`` (including pending accepts), or None."""
         return self._high_water.get(sender)
 
-    def submit_accept(self, record: InputRecord, *, replace: bool = False) -> CommitTicket:
+    def submit_accept(
+        self, record: InputRecord, *, replace: bool = False, quarantine_id: int | None = None
+    ) -> CommitTicket:
         """Record an accepted input and raise its sender's high-water mark; see ``accept``.
 
         Args:
@@ -89,6 +91,8 @@ class InputTables(CommitEngine[InputKey]):
             replace: overwrite an earlier record of the same input (only the
                 unsafe switch ``dedupe_open_buffer_only`` does that: the input is
                 then folded a second time, which is what the switch is for).
+            quarantine_id: the quarantine row this input is re-admitted from; it
+                is deleted in the same commit, so it can never be folded twice.
         """
         key = (record.sender, record.input_id)
         if key in self._pending_inputs and not replace:
@@ -131,6 +135,8 @@ class InputTables(CommitEngine[InputKey]):
                 " ON CONFLICT (sender) DO UPDATE SET hwm = max(hwm, excluded.hwm)",
                 (record.sender, record.seq),
             )
+            if quarantine_id is not None:
+                conn.execute("DELETE FROM quarantine WHERE qid = ?", (quarantine_id,))
 
         ticket = self._submit(op, f"input {record.input_id.hex()} from {record.sender}", key)
         ticket.seq = record.seq

@@ -1,6 +1,6 @@
-"""The state store's DDL and its migrations from schema versions 1 and 2; imports sqlite3 only.
+"""The state store's DDL and its migrations from schema versions 1 to 3; imports sqlite3 only.
 
-No trio here. Schema (``PRAGMA user_version = 3``; WAL, ``synchronous=FULL``,
+No trio here. Schema (``PRAGMA user_version = 4``; WAL, ``synchronous=FULL``,
 ``secure_delete=FAST``)::
 
     meta(key PRIMARY KEY, value)          open_epoch, out_seq, known_version,
@@ -34,6 +34,13 @@ No trio here. Schema (``PRAGMA user_version = 3``; WAL, ``synchronous=FULL``,
     model_metrics(version, metric,        central only: what the held-out
            PRIMARY KEY(version, metric),  evaluator measured on each version
            value, evaluated_ms)           (``[evaluation]`` of the central's config)
+    quarantine(qid PRIMARY KEY, sender,   inputs a tier acknowledged but could not
+           input_id, subject, reason,     use (``tiers.tier``, quarantine): stored
+           retry, detail, received_ms,    in the commit its acknowledgement waits
+           released, envelope)            for; ``retry`` says when re-admission is
+                                          tried (``any``, ``cut``, ``never``); a
+                                          re-admitted row is deleted in the commit
+                                          that records it as an input
 
 A flush is one transaction: the partial enters the outbox, the inputs of the
 flushed epoch become ``flushed``, their envelopes are deleted and the open epoch
@@ -48,7 +55,8 @@ update with envelopes inline). ``secure_delete=FAST`` keeps deletes from zeroing
 freed pages, which Debian's SQLite (built with secure delete on) would otherwise
 write once more. Older stores are migrated when opened: version 1 (envelopes
 inline) to version 2, then version 2 to 3 (the ``model_metrics`` table and
-the ``rollback_of`` column, both empty).
+the ``rollback_of`` column, both empty), then version 3 to 4 (the
+``quarantine`` table, empty).
 """
 
 from __future__ import annotations
@@ -65,8 +73,8 @@ __all__ = ["READABLE_VERSIONS", "SCHEMA_VERSION", "prepare_schema"]
 # The package's name, not this module's: the migration has always logged as the store.
 logger = logging.getLogger("fedtier.tiers.store")
 
-SCHEMA_VERSION: Final = 3
-READABLE_VERSIONS: Final = (1, 2, 3)
+SCHEMA_VERSION: Final = 4
+READABLE_VERSIONS: Final = (1, 2, 3, 4)
 """Schema versions this fedtier opens (older ones are migrated to ``SCHEMA_VERSION``)."""
 
 _SCHEMA: Final = """
@@ -138,6 +146,19 @@ CREATE TABLE IF NOT EXISTS model_metrics (
     evaluated_ms INTEGER NOT NULL,
     PRIMARY KEY (version, metric)
 );
+CREATE TABLE IF NOT EXISTS quarantine (
+    qid INTEGER PRIMARY KEY,
+    sender TEXT NOT NULL,
+    input_id BLOB,
+    subject TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    retry TEXT NOT NULL CHECK (retry IN ('any', 'cut', 'never')),
+    detail TEXT NOT NULL DEFAULT '',
+    received_ms INTEGER NOT NULL,
+    released INTEGER NOT NULL DEFAULT 0,
+    envelope BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS quarantine_by_sender ON quarantine (sender);
 """
 
 
@@ -160,6 +181,8 @@ def prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
         _migrate_from_v1(conn)
     if version in (1, 2):
         _migrate_from_v2(conn)
+    if version in (1, 2, 3):
+        _migrate_from_v3(conn)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -196,6 +219,23 @@ def _migrate_from_v2(conn: sqlite3.Connection) -> None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(model_versions)")}
         if "rollback_of" not in columns:
             conn.execute("ALTER TABLE model_versions ADD COLUMN rollback_of INTEGER")
+        conn.execute("PRAGMA user_version = 3")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    logger.info("migrated the state store to schema version %d", 3)
+
+
+def _migrate_from_v3(conn: sqlite3.Connection) -> None:
+    """Take a version 3 store to version 4: the ``quarantine`` table (one transaction).
+
+    The schema script above created the table, empty; nothing else changes, so
+    the step only records the version (a crash before it leaves a version 3
+    store with an empty extra table, which the next open migrates again).
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")

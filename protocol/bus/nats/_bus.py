@@ -244,6 +244,7 @@ class NatsBus(Bus):
                 subject_filter,
                 self._config.ack_wait_s,
                 self._config.max_ack_pending,
+                self._config.max_deliver,
             )
         sub = _PullSubscription(self._conn, psub, spec.name, durable, capacity)
         body_error: BaseException | None = None

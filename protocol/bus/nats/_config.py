@@ -99,6 +99,14 @@ class NatsConfig:
             not expose the setting. With a cluster, it checks that one server.
         ack_wait_s: how long a durable consumer waits for an ack before
             redelivering (set when the consumer is created).
+        max_deliver: most deliveries of one message to a durable consumer (set
+            when the consumer is created). Past it the server stops redelivering
+            and publishes ``$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<durable>``
+            (with the message's stream sequence); the message itself stays in
+            the stream (limits retention) until ``max_age``, where an operator
+            reads it (docs/operations.md, quarantine). A daemon acknowledges
+            every delivery it admits or quarantines, so only one it could
+            neither use nor quarantine (a full quarantine) reaches the bound.
         max_ack_pending: server-side bound on unacked messages per consumer,
             summed over every process sharing it.
         confirm_acks: ``Delivery.ack()`` of a durable delivery returns once
@@ -135,6 +143,7 @@ class NatsConfig:
     require_sync_always: bool = True
     monitoring_url: str | None = None
     ack_wait_s: float = 30.0
+    max_deliver: int = 50
     max_ack_pending: int = 10_000
     confirm_acks: bool = True
     fetch_batch: int = 256
@@ -165,6 +174,7 @@ class NatsConfig:
         for key, count in {
             "connect_attempts": self.connect_attempts,
             "max_ack_pending": self.max_ack_pending,
+            "max_deliver": self.max_deliver,
             "fetch_batch": self.fetch_batch,
         }.items():
             if count < 1:

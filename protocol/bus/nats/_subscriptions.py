@@ -151,7 +151,13 @@ async def _aio_core_subscribe(nc: Any, subject_filter: str, cb: Any) -> Any:
 
 
 async def _aio_bind_pull(
-    js: Any, stream: str, durable: str, subject_filter: str, ack_wait_s: float, max_ack_pending: int
+    js: Any,
+    stream: str,
+    durable: str,
+    subject_filter: str,
+    ack_wait_s: float,
+    max_ack_pending: int,
+    max_deliver: int,
 ) -> Any:
     try:
         info = await js.consumer_info(stream, durable)
@@ -168,6 +174,9 @@ async def _aio_bind_pull(
                 deliver_policy=nats.js.api.DeliverPolicy.ALL,
                 ack_wait=ack_wait_s,
                 max_ack_pending=max_ack_pending,
+                # Never unbounded: a message no consumer can settle stops being
+                # redelivered (it stays in the stream, and the server says so).
+                max_deliver=max_deliver,
             ),
         )
     else:

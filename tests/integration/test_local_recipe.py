@@ -27,7 +27,7 @@ from typing import Final
 import pytest
 import trio
 
-from fedtier.simulations.processes import Child, open_process_group
+from fedtier.simulations.processes import Child, ProcessGroup, open_process_group
 from fedtier.simulations.testing import DEPLOY_DIR, find_mosquitto, find_nats_server
 
 pytestmark = pytest.mark.brokers
@@ -94,6 +94,26 @@ def copy_recipe(dest: Path, ports: dict[int, int]) -> Path:
     return dest
 
 
+async def start_in_background(
+    group: ProcessGroup,
+    commands: str,
+    workdir: Path,
+    ready: str,
+    *,
+    timeout_s: float = STEP_TIMEOUT_S,
+) -> tuple[str, Child]:
+    """Start a documented long-running step (a daemon, a broker) and wait for its ready line.
+
+    It is named after the command (``fedtier central ...`` -> ``central``).
+    """
+    words = commands.split()
+    name = words[1] if commands.startswith("fedtier ") else words[0]
+    argv = ["bash", "-c", f"cd {shlex.quote(str(workdir))} && exec {commands.strip()}"]
+    child = await group.start(name, argv, ready_pattern=ready)
+    await group.wait_ready([child], timeout_s=timeout_s)
+    return name, child
+
+
 def test_the_readme_names_its_steps() -> None:
     steps = read_steps(RECIPE / "README.md")
     background = [s.commands.strip() for s in steps if s.mode == "background"]
@@ -131,19 +151,8 @@ async def test_the_local_recipe_runs_as_written(tmp_path: Path) -> None:
                 if step.mode == "skip":
                     continue
                 if step.mode == "background":
-                    name = (
-                        commands.split()[1]
-                        if commands.startswith("fedtier ")
-                        else commands.split()[0]
-                    )
-                    argv = [
-                        "bash",
-                        "-c",
-                        f"cd {shlex.quote(str(workdir))} && exec {commands.strip()}",
-                    ]
                     assert step.ready is not None
-                    child = await group.start(name, argv, ready_pattern=step.ready)
-                    await group.wait_ready([child], timeout_s=STEP_TIMEOUT_S)
+                    name, child = await start_in_background(group, commands, workdir, step.ready)
                     started[name] = child
                     continue
                 with trio.move_on_after(STEP_TIMEOUT_S) as deadline:

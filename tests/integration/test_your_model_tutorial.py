@@ -29,7 +29,6 @@ import importlib.util
 import json
 import os
 import re
-import shlex
 import signal
 import sys
 from dataclasses import dataclass
@@ -44,7 +43,12 @@ import trio
 
 from fedtier.simulations.processes import Child, open_process_group
 from fedtier.simulations.testing import DEPLOY_DIR, find_mosquitto, find_nats_server
-from tests.integration.test_local_recipe import PORTS, _free_port, _with_ports
+from tests.integration.test_local_recipe import (
+    PORTS,
+    _free_port,
+    _with_ports,
+    start_in_background,
+)
 
 pytestmark = pytest.mark.brokers
 
@@ -208,19 +212,10 @@ async def test_the_tutorial_runs_as_written(tmp_path: Path) -> None:
                     continue
                 commands = _with_ports(step.body, ports)
                 if step.mode == "background":
-                    name = (
-                        commands.split()[1]
-                        if commands.startswith("fedtier ")
-                        else commands.split()[0]
-                    )
-                    argv = [
-                        "bash",
-                        "-c",
-                        f"cd {shlex.quote(str(workdir))} && exec {commands.strip()}",
-                    ]
                     assert step.ready is not None
-                    child = await group.start(name, argv, ready_pattern=step.ready)
-                    await group.wait_ready([child], timeout_s=STEP_TIMEOUT_S)
+                    name, child = await start_in_background(
+                        group, commands, workdir, step.ready, timeout_s=STEP_TIMEOUT_S
+                    )
                     started[name] = child
                     continue
                 if step.wait is not None:

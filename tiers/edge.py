@@ -41,6 +41,7 @@ from fedtier.protocol.messages import ModelAnnouncement, Receipt, ReceiptStatus,
 from fedtier.protocol.models import open_model_blob
 from fedtier.protocol.names import MqttTopics, NatsSubjects
 from fedtier.protocol.telemetry import ATTR_DEVICE, ATTR_UPDATE_ID, span_name
+from fedtier.tiers._follower import FollowerDaemon
 from fedtier.tiers._intake import Admission
 from fedtier.tiers._telemetry import TierMetricsLike, extract_context
 from fedtier.tiers._upstream import UplinkJob, retry_transient
@@ -48,7 +49,6 @@ from fedtier.tiers.config import EdgeConfig
 from fedtier.tiers.core import AdmissionRules, InfluenceState, Outcome, admit_update
 from fedtier.tiers.model_registry import ModelRegistryReader
 from fedtier.tiers.registry import TierKeys
-from fedtier.tiers.tier import FollowerDaemon
 
 __all__ = ["EdgeDaemon"]
 

@@ -22,13 +22,13 @@ from opentelemetry import trace
 from fedtier.protocol.bus import Bus, Delivery, Subscription
 from fedtier.protocol.messages import Tier
 from fedtier.protocol.names import NatsSubjects
+from fedtier.tiers._follower import FollowerDaemon
 from fedtier.tiers._intake import Admission
 from fedtier.tiers._telemetry import TierMetricsLike
 from fedtier.tiers._upstream import UplinkJob
 from fedtier.tiers.config import RegionalConfig
 from fedtier.tiers.model_registry import ModelRegistryReader
 from fedtier.tiers.registry import TierKeys
-from fedtier.tiers.tier import FollowerDaemon
 
 __all__ = ["RegionalDaemon"]
 

@@ -59,28 +59,22 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-import numpy as np
 import trio
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from fedtier.protocol.bus import Bus, Delivery, Subscription
-from fedtier.protocol.codecs import CodecSpec, decode
+from fedtier.protocol.bus import Delivery, Subscription
+from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.envelope import parse_envelope
 from fedtier.protocol.errors import (
-    BusError,
-    FedtierError,
     LocalProtocolError,
     Reason,
-    RemoteProtocolError,
     StoreError,
     UpdateRejected,
 )
-from fedtier.protocol.messages import DeviceUpdate, ModelAnnouncement, PartialAggregate, Tier
-from fedtier.protocol.models import open_model_pointer
+from fedtier.protocol.messages import DeviceUpdate, PartialAggregate, Tier
 from fedtier.protocol.telemetry import (
     ATTR_FLUSH_REASON,
     ATTR_INPUT_COUNT,
@@ -96,6 +90,7 @@ from fedtier.protocol.telemetry import (
     span_name,
 )
 from fedtier.tiers._intake import Admission, Intake
+from fedtier.tiers._quarantine import QuarantineLimits, retry_for
 from fedtier.tiers._telemetry import (
     TierMetricsLike,
     default_tracer,
@@ -104,9 +99,10 @@ from fedtier.tiers._telemetry import (
     quiet_metrics,
     traceparent_of,
 )
-from fedtier.tiers._upstream import Uplink, UplinkJob, UpstreamWorker
+from fedtier.tiers._upstream import UplinkJob, UpstreamWorker
 from fedtier.tiers.config import TierConfig
 from fedtier.tiers.core import (
+    F32_SAFE,
     AcceptedInput,
     AdmissionRules,
     Decision,
@@ -115,9 +111,9 @@ from fedtier.tiers.core import (
     TierBuffer,
     admit_partial,
     build_partial,
+    fold_bound,
 )
 from fedtier.tiers.faults import unsafe
-from fedtier.tiers.model_registry import ModelRegistryReader
 from fedtier.tiers.registry import TierKeys
 from fedtier.tiers.store import (
     CommitTicket,
@@ -132,9 +128,7 @@ from fedtier.tiers.store import (
 )
 
 __all__ = [
-    "FollowerDaemon",
     "OpenBuffer",
-    "QuarantineLimits",
     "StoreLedger",
     "TierDaemon",
     "wall_clock_ms",
@@ -147,91 +141,6 @@ T = TypeVar("T")
 def wall_clock_ms() -> int:
     """Milliseconds since the Unix epoch (``created_ms`` of signed messages)."""
     return time.time_ns() // 1_000_000
-
-
-# -- quarantine and finite sums -------------------------------------------------------
-
-# Just under float32's largest value: the open buffer's numerator is float32. The
-# 1% spare covers the rounding of every fold (relative 6e-8 each, so 1e5 folds
-# of one epoch stay far inside it); a value of 3e38 still fits alone.
-_F32_SAFE: Final = float(np.finfo(np.float32).max) * 0.99
-
-# Reasons that can go away (a registry reload, a model or layout change, a fixed
-# bug): such inputs are tried again at every re-admission pass. Everything else
-# (bad signature from a registered key, malformed bytes, a non-finite payload) can
-# never become valid: kept for forensics and counted, tried again only when an
-# operator releases it.
-_RETRY_ANY: Final = frozenset(
-    {
-        Reason.UNKNOWN_SENDER,
-        Reason.LAYOUT_MISMATCH,
-        Reason.WRONG_FLEET,
-        Reason.STALE,
-        Reason.INTERNAL_ERROR,
-    }
-)
-
-
-@dataclass(frozen=True, slots=True)
-class QuarantineLimits:
-    """Bounds of a daemon's quarantine (docs/operations.md, quarantine).
-
-    Past a bound the tier refuses to acknowledge the input (the broker keeps and
-    redelivers it) and counts ``fedtier_quarantine_refusals``: it is never lost.
-
-    Attributes:
-        max_bytes: bytes held in all.
-        max_bytes_per_sender: bytes held per (claimed) sender.
-        max_inputs_per_sender: rows held per (claimed) sender.
-    """
-
-    max_bytes: int = 1 << 30
-    max_bytes_per_sender: int = 256 << 20
-    max_inputs_per_sender: int = 10_000
-
-
-def _retry_for(reason: Reason) -> Retry:
-    return "any" if reason in _RETRY_ANY else "never"
-
-
-def max_abs(payload: memoryview | bytes, codec: CodecSpec, num_params: int) -> float:
-    """The largest absolute value a (finite, checked) encoded vector holds.
-
-    Dense f32/f16 payloads are read in place (two passes, no copy); the others
-    are decoded first.
-    """
-    if codec.k is None and codec.values in ("f32", "f16"):
-        values: Any = np.frombuffer(payload, dtype="<f4" if codec.values == "f32" else "<f2")
-    else:
-        values = decode(payload, codec, num_params)
-    if values.size == 0:
-        return 0.0
-    return max(abs(float(values.max())), abs(float(values.min())))
-
-
-def fold_bound(
-    message: DeviceUpdate | PartialAggregate,
-    payload: memoryview | bytes,
-    *,
-    discount: float,
-    clip_scale: float,
-    n_samples: float | None = None,
-    norm: float = math.nan,
-) -> float:
-    """An upper bound of what folding ``message`` adds to any value of the numerator.
-
-    An update adds ``n * discount * clip_scale * delta`` (``n``: the weight it
-    is folded with, ``n_samples`` when given, which may be capped below the
-    message's), a partial ``discount * numerator``; the L2 norm, when admission
-    computed it, bounds the largest value and saves a pass.
-    """
-    if isinstance(message, DeviceUpdate):
-        n = float(message.n_samples) if n_samples is None else float(n_samples)
-        weight = n * discount * clip_scale
-    else:
-        weight = discount
-    largest = norm if math.isfinite(norm) else max_abs(payload, message.codec, message.num_params)
-    return weight * largest
 
 
 # -- the open buffer ------------------------------------------------------------------
@@ -622,7 +531,7 @@ class TierDaemon(abc.ABC):
             n_samples=accepted.n_samples,
             norm=accepted.norm,
         )
-        if not self.buffer.abs_bound + bound <= _F32_SAFE and math.isfinite(accepted.norm):
+        if not self.buffer.abs_bound + bound <= F32_SAFE and math.isfinite(accepted.norm):
             # The L2 norm overstates the largest value by up to sqrt(n): look closer.
             bound = fold_bound(
                 message,
@@ -631,7 +540,7 @@ class TierDaemon(abc.ABC):
                 clip_scale=accepted.clip_scale,
                 n_samples=accepted.n_samples,
             )
-        if not self.buffer.abs_bound + bound <= _F32_SAFE:
+        if not self.buffer.abs_bound + bound <= F32_SAFE:
             return bound, (
                 f"folding it could overflow the float32 sum (a value up to {bound:.3g} onto "
                 f"{self.buffer.abs_bound:.3g})"
@@ -902,7 +811,7 @@ class TierDaemon(abc.ABC):
                 delivery.subject,
             )
             return Admission(delivery, Outcome.REJECTED, reason, ack=False)
-        retry = retry if retry is not None else _retry_for(reason)
+        retry = retry if retry is not None else retry_for(reason)
         _, ticket = store.submit_quarantine(
             sender=who,
             input_id=input_id,
@@ -980,7 +889,7 @@ class TierDaemon(abc.ABC):
                         self.store.submit_requarantine(
                             row.qid,
                             decision.reason.value,
-                            _retry_for(decision.reason),
+                            retry_for(decision.reason),
                             str(decision.error),
                         )
                     return False
@@ -1121,188 +1030,3 @@ class TierDaemon(abc.ABC):
     @abc.abstractmethod
     def _model_view(self) -> ModelView:
         """The model this daemon works against (its layout; its version)."""
-
-
-class FollowerDaemon(TierDaemon):
-    """An edge or regional daemon: it follows the central's model versions and sends partials."""
-
-    def __init__(
-        self,
-        config: TierConfig,
-        *,
-        nats: Bus,
-        registry_store: ModelRegistryReader,
-        keys: TierKeys,
-        metrics: TierMetricsLike | None,
-        tracer: trace.Tracer | None,
-        clock_ms: Callable[[], int] | None,
-        store_in_thread: bool,
-    ) -> None:
-        super().__init__(
-            config,
-            keys=keys,
-            metrics=metrics,
-            tracer=tracer,
-            clock_ms=clock_ms,
-            store_in_thread=store_in_thread,
-        )
-        self.nats = nats
-        self.registry = registry_store
-        self.model: ModelView | None = None
-        self._uplink: Uplink | None = None
-
-    @property
-    def known_version(self) -> int:
-        """The newest verified model version (0 before any)."""
-        return 0 if self.model is None else self.model.version
-
-    @property
-    def upstream(self) -> Uplink:
-        """The partial publisher."""
-        assert self._uplink is not None
-        return self._uplink
-
-    def _model_view(self) -> ModelView:
-        assert self.model is not None
-        return self.model
-
-    async def _start(self, nursery: trio.Nursery, recovery: Recovery) -> None:
-        if recovery.model_pointer is not None:
-            try:
-                _, pointer = open_model_pointer(
-                    recovery.model_pointer, self.keys.central, self.config.fleet, self.config.limits
-                )
-            except RemoteProtocolError as exc:
-                self.log.warning("stored model pointer no longer verifies (%s); ignoring it", exc)
-            else:
-                self._set_model(pointer, recovery.model_pointer)
-        # Returns once a model is known: without it there is no layout to check against.
-        await nursery.start(self._follow_models)
-        assert self.model is not None
-        self._buffer = OpenBuffer(self.model.num_params, recovery.open_epoch)
-        self._refold(recovery)
-        self._uplink = Uplink(
-            self.nats,
-            self.store,
-            tier=self.tier,
-            tracer=self.tracer,
-            metrics=self.metrics,
-            retry=self.config.retry,
-            log=self.log,
-            capacity=4,
-            on_room=self.buffer.poke,
-            drop_unconfirmed=self._unsafe_drop_unconfirmed,
-        )
-        await nursery.start(
-            self._uplink.serve, [UplinkJob(entry) for entry in recovery.pending_outbox]
-        )
-        if recovery.open_inputs or recovery.pending_outbox:
-            self.log.info(
-                "recovered epoch %d with %d inputs and %d partials to resend",
-                recovery.open_epoch,
-                len(recovery.open_inputs),
-                len(recovery.pending_outbox),
-            )
-
-    def _set_model(self, pointer: ModelAnnouncement, data: bytes) -> None:
-        self.model = ModelView(pointer.version, pointer.layout, pointer.num_params, data)
-        self.metrics.model_version(pointer.version)
-
-    async def _relay_model(self, pointer: ModelAnnouncement, data: bytes) -> bool:
-        """Pass a newly verified version on (the edge relays it to devices); False to skip it."""
-        await trio.lowlevel.checkpoint()
-        return True
-
-    async def _follow_models(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """Track the central's model versions; started once any version is known."""
-        started = False
-        if self.model is not None:
-            task_status.started()
-            started = True
-        backoff = self.config.retry.initial_backoff_s
-        async with trio.open_nursery() as retries:
-            while True:
-                try:
-                    async with self.registry.watch_pointers() as pointers:
-                        async for data in pointers:
-                            backoff = self.config.retry.initial_backoff_s
-                            if not await self._consider_pointer(data):
-                                retries.start_soon(self._retry_pointer, data)
-                            if not started and self.model is not None:
-                                task_status.started()
-                                started = True
-                except BusError as exc:
-                    self.metrics.retry("watch_models")
-                    self.log.warning(
-                        "model registry watch failed: %s; retrying in %.2f s", exc, backoff
-                    )
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, self.config.retry.max_backoff_s)
-
-    async def _retry_pointer(self, data: bytes) -> None:
-        """Try a version whose fetch failed again, with backoff, until it or a newer one holds.
-
-        A newer pointer makes this one moot (``_consider_pointer`` skips what is
-        not newer than the model it has), so the retries end by themselves.
-        """
-        backoff = self.config.retry.initial_backoff_s
-        while True:
-            await trio.sleep(backoff)
-            if await self._consider_pointer(data):
-                return
-            backoff = min(backoff * 2, self.config.retry.max_backoff_s)
-
-    async def _consider_pointer(self, data: bytes) -> bool:
-        """Take a pointer from the registry; False when its version should be tried again.
-
-        A failure to fetch or relay a version (a blob that fails its digest, an
-        object store error) skips that version, never stops the daemon.
-        """
-        try:
-            _, pointer = open_model_pointer(
-                data, self.keys.central, self.config.fleet, self.config.limits
-            )
-        except RemoteProtocolError as exc:
-            self.log.warning("ignored a model pointer that does not verify: %s", exc)
-            return True
-        current = self.model
-        if current is not None and pointer.version <= current.version:
-            return True
-        if current is not None and (pointer.layout, pointer.num_params) != (
-            current.layout,
-            current.num_params,
-        ):
-            self.log.error(
-                "model v%d changes the layout to %s (%d values); a layout change needs a "
-                "restart of this %s with a fresh state directory",
-                pointer.version,
-                pointer.layout.hex(),
-                pointer.num_params,
-                self.tier,
-            )
-            return True
-        try:
-            relayed = await self._relay_model(pointer, data)
-        except Exception as exc:
-            # One bad version (a blob failing its digest, an object store error) must
-            # not crash-loop every follower: skip it, retry it with backoff.
-            self.metrics.retry("fetch_model")
-            self.log.warning(
-                "model v%d could not be fetched or relayed (%s); skipping it for now, will retry",
-                pointer.version,
-                exc,
-                exc_info=not isinstance(exc, FedtierError),
-            )
-            return False
-        if not relayed:
-            return False
-        if self.model is not None and pointer.version <= self.model.version:
-            return True  # a retry and the watch raced; the newer one stands
-        self._set_model(pointer, data)
-        if self._store is not None:
-            # Not awaited: after a crash the registry tells us again.
-            self.store.submit_model_pointer(pointer.version, data)
-        self.log.info("now at model v%d", pointer.version)
-        # A quarantined input may fit the new model (its layout, its version).
-        self.readmit_quarantined()
-        return True

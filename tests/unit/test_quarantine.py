@@ -23,6 +23,7 @@ from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.messages import PartialAggregate
 from fedtier.simulations.testing import sign_partial
 from fedtier.tiers import tier as tier_module
+from fedtier.tiers._quarantine import QuarantineLimits
 from fedtier.tiers.aggregate import Accumulator
 from fedtier.tiers.core import admit_partial
 from fedtier.tiers.flush import FlushPolicy
@@ -30,7 +31,6 @@ from fedtier.tiers.model_registry import MemoryModelRegistry
 from fedtier.tiers.regional import RegionalDaemon
 from fedtier.tiers.registry import KeyRegistry, TierKeys
 from fedtier.tiers.store import read_quarantine
-from fedtier.tiers.tier import QuarantineLimits
 from tests.unit.test_regional import (
     CENTRAL,
     EDGES,

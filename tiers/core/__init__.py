@@ -25,6 +25,7 @@ from fedtier.tiers.core._admission import (
     admit_update,
     check_payload,
 )
+from fedtier.tiers.core._bounds import F32_SAFE, fold_bound, max_abs
 from fedtier.tiers.core._buffer import HIST_BUCKETS, TierBuffer, fold_message
 from fedtier.tiers.core._cut import (
     MODEL_CODEC,
@@ -44,6 +45,7 @@ from fedtier.tiers.core._influence import (
 )
 
 __all__ = [
+    "F32_SAFE",
     "HIST_BUCKETS",
     "MODEL_CODEC",
     "AcceptedInput",
@@ -68,7 +70,9 @@ __all__ = [
     "build_partial",
     "capped_weight",
     "check_payload",
+    "fold_bound",
     "fold_message",
+    "max_abs",
     "seal_version",
     "step_model",
 ]

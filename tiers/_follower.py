@@ -1,0 +1,222 @@
+"""What the edge and the regional share: they follow the central's model versions and send partials.
+
+Imports protocol, trio and tiers; never client or simulations, never a concrete
+bus adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+from opentelemetry import trace
+
+from fedtier.protocol.bus import Bus
+from fedtier.protocol.errors import (
+    BusError,
+    FedtierError,
+    RemoteProtocolError,
+)
+from fedtier.protocol.messages import ModelAnnouncement
+from fedtier.protocol.models import open_model_pointer
+from fedtier.tiers._telemetry import (
+    TierMetricsLike,
+)
+from fedtier.tiers._upstream import Uplink, UplinkJob
+from fedtier.tiers.config import TierConfig
+from fedtier.tiers.core import (
+    ModelView,
+)
+from fedtier.tiers.model_registry import ModelRegistryReader
+from fedtier.tiers.registry import TierKeys
+from fedtier.tiers.store import (
+    Recovery,
+)
+from fedtier.tiers.tier import OpenBuffer, TierDaemon
+
+__all__ = ["FollowerDaemon"]
+
+
+class FollowerDaemon(TierDaemon):
+    """An edge or regional daemon: it follows the central's model versions and sends partials."""
+
+    def __init__(
+        self,
+        config: TierConfig,
+        *,
+        nats: Bus,
+        registry_store: ModelRegistryReader,
+        keys: TierKeys,
+        metrics: TierMetricsLike | None,
+        tracer: trace.Tracer | None,
+        clock_ms: Callable[[], int] | None,
+        store_in_thread: bool,
+    ) -> None:
+        super().__init__(
+            config,
+            keys=keys,
+            metrics=metrics,
+            tracer=tracer,
+            clock_ms=clock_ms,
+            store_in_thread=store_in_thread,
+        )
+        self.nats = nats
+        self.registry = registry_store
+        self.model: ModelView | None = None
+        self._uplink: Uplink | None = None
+
+    @property
+    def known_version(self) -> int:
+        """The newest verified model version (0 before any)."""
+        return 0 if self.model is None else self.model.version
+
+    @property
+    def upstream(self) -> Uplink:
+        """The partial publisher."""
+        assert self._uplink is not None
+        return self._uplink
+
+    def _model_view(self) -> ModelView:
+        assert self.model is not None
+        return self.model
+
+    async def _start(self, nursery: trio.Nursery, recovery: Recovery) -> None:
+        if recovery.model_pointer is not None:
+            try:
+                _, pointer = open_model_pointer(
+                    recovery.model_pointer, self.keys.central, self.config.fleet, self.config.limits
+                )
+            except RemoteProtocolError as exc:
+                self.log.warning("stored model pointer no longer verifies (%s); ignoring it", exc)
+            else:
+                self._set_model(pointer, recovery.model_pointer)
+        # Returns once a model is known: without it there is no layout to check against.
+        await nursery.start(self._follow_models)
+        assert self.model is not None
+        self._buffer = OpenBuffer(self.model.num_params, recovery.open_epoch)
+        self._refold(recovery)
+        self._uplink = Uplink(
+            self.nats,
+            self.store,
+            tier=self.tier,
+            tracer=self.tracer,
+            metrics=self.metrics,
+            retry=self.config.retry,
+            log=self.log,
+            capacity=4,
+            on_room=self.buffer.poke,
+            drop_unconfirmed=self._unsafe_drop_unconfirmed,
+        )
+        await nursery.start(
+            self._uplink.serve, [UplinkJob(entry) for entry in recovery.pending_outbox]
+        )
+        if recovery.open_inputs or recovery.pending_outbox:
+            self.log.info(
+                "recovered epoch %d with %d inputs and %d partials to resend",
+                recovery.open_epoch,
+                len(recovery.open_inputs),
+                len(recovery.pending_outbox),
+            )
+
+    def _set_model(self, pointer: ModelAnnouncement, data: bytes) -> None:
+        self.model = ModelView(pointer.version, pointer.layout, pointer.num_params, data)
+        self.metrics.model_version(pointer.version)
+
+    async def _relay_model(self, pointer: ModelAnnouncement, data: bytes) -> bool:
+        """Pass a newly verified version on (the edge relays it to devices); False to skip it."""
+        await trio.lowlevel.checkpoint()
+        return True
+
+    async def _follow_models(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Track the central's model versions; started once any version is known."""
+        started = False
+        if self.model is not None:
+            task_status.started()
+            started = True
+        backoff = self.config.retry.initial_backoff_s
+        async with trio.open_nursery() as retries:
+            while True:
+                try:
+                    async with self.registry.watch_pointers() as pointers:
+                        async for data in pointers:
+                            backoff = self.config.retry.initial_backoff_s
+                            if not await self._consider_pointer(data):
+                                retries.start_soon(self._retry_pointer, data)
+                            if not started and self.model is not None:
+                                task_status.started()
+                                started = True
+                except BusError as exc:
+                    self.metrics.retry("watch_models")
+                    self.log.warning(
+                        "model registry watch failed: %s; retrying in %.2f s", exc, backoff
+                    )
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.retry.max_backoff_s)
+
+    async def _retry_pointer(self, data: bytes) -> None:
+        """Try a version whose fetch failed again, with backoff, until it or a newer one holds.
+
+        A newer pointer makes this one moot (``_consider_pointer`` skips what is
+        not newer than the model it has), so the retries end by themselves.
+        """
+        backoff = self.config.retry.initial_backoff_s
+        while True:
+            await trio.sleep(backoff)
+            if await self._consider_pointer(data):
+                return
+            backoff = min(backoff * 2, self.config.retry.max_backoff_s)
+
+    async def _consider_pointer(self, data: bytes) -> bool:
+        """Take a pointer from the registry; False when its version should be tried again.
+
+        A failure to fetch or relay a version (a blob that fails its digest, an
+        object store error) skips that version, never stops the daemon.
+        """
+        try:
+            _, pointer = open_model_pointer(
+                data, self.keys.central, self.config.fleet, self.config.limits
+            )
+        except RemoteProtocolError as exc:
+            self.log.warning("ignored a model pointer that does not verify: %s", exc)
+            return True
+        current = self.model
+        if current is not None and pointer.version <= current.version:
+            return True
+        if current is not None and (pointer.layout, pointer.num_params) != (
+            current.layout,
+            current.num_params,
+        ):
+            self.log.error(
+                "model v%d changes the layout to %s (%d values); a layout change needs a "
+                "restart of this %s with a fresh state directory",
+                pointer.version,
+                pointer.layout.hex(),
+                pointer.num_params,
+                self.tier,
+            )
+            return True
+        try:
+            relayed = await self._relay_model(pointer, data)
+        except Exception as exc:
+            # One bad version (a blob failing its digest, an object store error) must
+            # not crash-loop every follower: skip it, retry it with backoff.
+            self.metrics.retry("fetch_model")
+            self.log.warning(
+                "model v%d could not be fetched or relayed (%s); skipping it for now, will retry",
+                pointer.version,
+                exc,
+                exc_info=not isinstance(exc, FedtierError),
+            )
+            return False
+        if not relayed:
+            return False
+        if self.model is not None and pointer.version <= self.model.version:
+            return True  # a retry and the watch raced; the newer one stands
+        self._set_model(pointer, data)
+        if self._store is not None:
+            # Not awaited: after a crash the registry tells us again.
+            self.store.submit_model_pointer(pointer.version, data)
+        self.log.info("now at model v%d", pointer.version)
+        # A quarantined input may fit the new model (its layout, its version).
+        self.readmit_quarantined()
+        return True

@@ -114,6 +114,33 @@ async def start_in_background(
     return name, child
 
 
+async def run_step(
+    number: int,
+    commands: str,
+    workdir: Path,
+    env: dict[str, str],
+    expect: str | None,
+    *,
+    timeout_s: float = STEP_TIMEOUT_S,
+) -> str:
+    """Run a documented step to its end, as a user would in bash; check and return its output."""
+    with trio.move_on_after(timeout_s) as deadline:
+        result = await trio.run_process(
+            ["bash", "-euo", "pipefail", "-c", commands],
+            cwd=workdir,
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert not deadline.cancelled_caught, f"step {number} did not end: {commands}"
+    output = (result.stdout + result.stderr).decode("utf-8", "replace")
+    assert result.returncode == 0, f"step {number} failed: {commands}\n{output}"
+    if expect is not None:
+        assert re.search(expect, output), f"step {number}: {expect!r} not in\n{output}"
+    return output
+
+
 def test_the_readme_names_its_steps() -> None:
     steps = read_steps(RECIPE / "README.md")
     background = [s.commands.strip() for s in steps if s.mode == "background"]
@@ -155,22 +182,7 @@ async def test_the_local_recipe_runs_as_written(tmp_path: Path) -> None:
                     name, child = await start_in_background(group, commands, workdir, step.ready)
                     started[name] = child
                     continue
-                with trio.move_on_after(STEP_TIMEOUT_S) as deadline:
-                    result = await trio.run_process(
-                        ["bash", "-euo", "pipefail", "-c", commands],
-                        cwd=workdir,
-                        env=env,
-                        capture_stdout=True,
-                        capture_stderr=True,
-                        check=False,
-                    )
-                assert not deadline.cancelled_caught, f"step {number} did not end: {commands}"
-                output = (result.stdout + result.stderr).decode("utf-8", "replace")
-                assert result.returncode == 0, f"step {number} failed: {commands}\n{output}"
-                if step.expect is not None:
-                    assert re.search(step.expect, output), (
-                        f"step {number}: {step.expect!r} not in\n{output}"
-                    )
+                await run_step(number, commands, workdir, env, step.expect)
             # The device's updates made new versions: the central says so too.
             central_log = started["central"].log_path.read_text()
             assert re.search(r"model v1 made from epoch 0", central_log), central_log

@@ -47,6 +47,7 @@ from tests.integration.test_local_recipe import (
     PORTS,
     _free_port,
     _with_ports,
+    run_step,
     start_in_background,
 )
 
@@ -221,22 +222,9 @@ async def test_the_tutorial_runs_as_written(tmp_path: Path) -> None:
                 if step.wait is not None:
                     assert step.until is not None
                     await wait_for_log(started[step.wait], step.until, timeout_s=STEP_TIMEOUT_S)
-                with trio.move_on_after(STEP_TIMEOUT_S) as deadline:
-                    result = await trio.run_process(
-                        ["bash", "-euo", "pipefail", "-c", commands],
-                        cwd=workdir,
-                        env=env,
-                        capture_stdout=True,
-                        capture_stderr=True,
-                        check=False,
-                    )
-                assert not deadline.cancelled_caught, f"step {number} did not end: {commands}"
-                output = (result.stdout + result.stderr).decode("utf-8", "replace")
-                assert result.returncode == 0, f"step {number} failed: {commands}\n{output}"
-                if step.expect is not None:
-                    assert re.search(step.expect, output), (
-                        f"step {number}: {step.expect!r} not in\n{output}"
-                    )
+                output = await run_step(
+                    number, commands, workdir, env, step.expect, timeout_s=STEP_TIMEOUT_S
+                )
                 localise(workdir, ports)  # configs the step copied in
                 outputs[commands.strip()] = output
 

@@ -13,11 +13,31 @@ TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all test lint format demo bootstrap brokers clean
+.PHONY: all test lint format demo bootstrap brokers test-tools clean
 
 all: test
 
 bootstrap: $(STAMP) brokers
+
+# What `make test` needs beyond the brokers: headless Chromium and its driver
+# (Debian's, one version, so the browser test never downloads a driver) for the
+# trace explorer's browser test, and promtool for the alert-rule tests. promtool
+# is taken out of Debian's prometheus package rather than installing it, which
+# would also install and start a Prometheus server.
+PROMTOOL := $(BIN)/promtool
+test-tools: $(STAMP) $(PROMTOOL)
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  echo "make: installing Chromium and its driver with apt-get (browser test)"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+$(PROMTOOL): | $(BIN)/python
+	@echo "make: extracting promtool from Debian's prometheus package (alert-rule tests)"
+	@tmp=$$(mktemp -d) && cd $$tmp && \
+	  { apt-get download prometheus 2>/dev/null || { $(SUDO) apt-get update -q && apt-get download prometheus; }; } && \
+	  dpkg-deb -x prometheus_*.deb x && cp x/usr/bin/promtool $(CURDIR)/$(PROMTOOL) && \
+	  cd / && rm -rf $$tmp
+	@$(PROMTOOL) --version >/dev/null
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "fedtier needs Python >= 3.11"'
@@ -51,7 +71,7 @@ format: bootstrap
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+test: lint test-tools
 	$(BIN)/pytest
 
 demo: bootstrap

@@ -25,6 +25,8 @@ side).
     ├── ConfigError                  a configuration file or value is unusable
     ├── KeyFileError                 a key file cannot be read, parsed or written
     ├── StoreError                   a daemon's state store failed; the daemon stops
+    ├── RegistryConflict             the model registry holds versions this central did
+    │                                not write (a second writer, or a store behind it)
     ├── BusError                     a transport failed (see ``fedtier.protocol.bus``)
     │   ├── BusUnavailable           not connected; transient, retry with backoff
     │   ├── PublishError             the broker did not confirm a publish
@@ -64,6 +66,7 @@ __all__ = [
     "ObjectNotFound",
     "PublishError",
     "Reason",
+    "RegistryConflict",
     "RemoteProtocolError",
     "SignatureError",
     "StoreError",
@@ -190,6 +193,15 @@ class KeyFileError(FedtierError):
 
 class StoreError(FedtierError):
     """The state store cannot be opened, read or written; the daemon must stop."""
+
+
+class RegistryConflict(FedtierError):
+    """The model registry holds a version this central did not write; it must not publish.
+
+    Two centrals (or a split brain, or a central restarted on an empty or older
+    store) would otherwise publish different signed models under one version
+    number. The central stops instead, and says which version it found.
+    """
 
 
 class BusError(FedtierError):

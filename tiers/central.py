@@ -61,7 +61,14 @@ from opentelemetry.trace import Status, StatusCode
 from fedtier.protocol.bus import Bus, Delivery, Subscription
 from fedtier.protocol.codecs import decode
 from fedtier.protocol.envelope import open_envelope
-from fedtier.protocol.errors import ConfigError, LocalProtocolError, StoreError
+from fedtier.protocol.errors import (
+    ConfigError,
+    KvConflict,
+    LocalProtocolError,
+    RegistryConflict,
+    RemoteProtocolError,
+    StoreError,
+)
 from fedtier.protocol.files import atomic_write
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.messages import ModelAnnouncement, ModelBlob, Tier
@@ -208,7 +215,7 @@ class ModelPublisher(UpstreamWorker[PublishJob]):
             await retry(
                 f"registry put of model pointer v{version}",
                 "registry_put_current",
-                lambda: daemon.registry.put_current(version, job.pointer),
+                lambda: daemon.move_pointer(version, job.pointer),
             )
             headers = headers_with_context(span)
             await retry(
@@ -345,6 +352,7 @@ class CentralDaemon(TierDaemon):
     async def _start(self, nursery: trio.Nursery, recovery: Recovery) -> None:
         initial: list[PublishJob] = []
         latest = recovery.latest_version
+        await self._check_not_behind_registry(None if latest is None else latest.version)
         if latest is None:
             initial.append(self._make_version_zero())
         else:
@@ -363,6 +371,98 @@ class CentralDaemon(TierDaemon):
         self.metrics.model_version(self.version)
         if self.evaluator is not None:
             await nursery.start(self._serve_evaluations)
+
+    # -- one writer per registry ---------------------------------------------------------
+
+    async def _check_not_behind_registry(self, latest: int | None) -> None:
+        """Refuse to start when the registry holds a version this central's store did not write.
+
+        A central restarted on an empty or restored-from-old store, or a second
+        central of the same fleet, would otherwise sign and publish other
+        models under version numbers the fleet already knows.
+        """
+        entry = await retry_transient(
+            "registry read of the current model pointer",
+            "registry_get_current",
+            self.registry.current_entry,
+            retry=self.config.retry,
+            metrics=self.metrics,
+            log=self.log,
+        )
+        if entry is None or not entry[0]:
+            return
+        if self._registry_version(entry[0]) is not None:
+            return
+        signed = self._pointer_version(entry[0])
+        found = (
+            f"a pointer that does not verify with this central's key {self.key_id!r}"
+            if signed is None
+            else f"v{signed}, which this central's store does not hold with those bytes"
+        )
+        newest = "holds no version" if latest is None else f"is at v{latest}"
+        raise RegistryConflict(
+            f"the model registry's current pointer is {found} (this store {newest}): "
+            "another central is active for this fleet, or this store is empty or older "
+            "than the registry; refusing to start so as not to publish conflicting "
+            "versions (docs/operations.md, 'The central refuses to start')"
+        )
+
+    def _pointer_version(self, pointer: bytes) -> int | None:
+        """The version a pointer names if it verifies with this central's key, else None."""
+        try:
+            message = open_envelope(
+                pointer, {self.key_id: self.keys.identity.verify_key}, self.config.limits
+            ).message
+        except RemoteProtocolError:
+            return None
+        return message.version if isinstance(message, ModelAnnouncement) else None
+
+    def _registry_version(self, pointer: bytes) -> int | None:
+        """The version of a registry pointer if this central's store wrote exactly it, else None."""
+        version = self._pointer_version(pointer)
+        if version is None:
+            return None
+        record = self.store.model_version(version)
+        return version if record is not None and record.pointer == pointer else None
+
+    async def move_pointer(self, version: int, pointer: bytes) -> None:
+        """Make ``pointer`` (of ``version``) current by compare-and-set, or stop the central.
+
+        The registry's pointer may only move from a pointer this central wrote
+        for an older version (or from nothing) to the next one. Anything else
+        means a second writer: raise ``RegistryConflict`` rather than
+        overwrite, so the daemon stops and the fleet keeps one history.
+        Writing the same pointer again (a retry after an unconfirmed write, a
+        restart) is a no-op.
+        """
+        while True:
+            entry = await self.registry.current_entry()
+            revision = 0
+            if entry is not None:
+                held, revision = entry
+                if held == pointer:
+                    return
+                if held:
+                    held_version = self._registry_version(held)
+                    if held_version is None or held_version >= version:
+                        signed = self._pointer_version(held)
+                        found = "a pointer that does not verify with this central's key"
+                        if signed is not None:
+                            written = (
+                                "" if held_version is not None else " this central did not write"
+                            )
+                            found = f"v{signed}{written}"
+                        raise RegistryConflict(
+                            f"cannot publish model v{version}: the registry holds {found}; "
+                            "another central writes to this fleet's registry"
+                        )
+            try:
+                await self.registry.replace_current(pointer, revision)
+            except KvConflict:
+                # Someone moved the pointer between our read and our write:
+                # read again; the check above decides whether it was us.
+                continue
+            return
 
     def _make_version_zero(self) -> PublishJob:
         layout, params = load_initial_model(self.central_config.initial_model)

@@ -8,6 +8,12 @@ The registry holds two kinds of signed envelopes, both written by the central:
 the *pointer* (a ``model`` message) of the current version under one key, and
 each version's *blob* (a ``model_blob`` message) under ``v<version>``. Readers
 verify both against the pinned central key; the registry is not trusted.
+
+One writer per fleet is enforced here, not by convention: the pointer moves only
+by compare-and-set on the revision the writer read (``replace_current``), and a
+blob is never overwritten by different bytes (``put_blob`` raises
+``RegistryConflict``). The central decides what a read pointer means (it alone
+holds the key that verifies it and the store that says what it wrote).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from fedtier.protocol.errors import ObjectNotFound
+from fedtier.protocol.errors import KvConflict, ObjectNotFound, RegistryConflict
 from fedtier.protocol.names import NatsSubjects
 
 if TYPE_CHECKING:
@@ -55,11 +61,27 @@ class ModelRegistryReader(Protocol):
 class ModelRegistryWriter(ModelRegistryReader, Protocol):
     """Write access (the central)."""
 
-    async def put_blob(self, version: int, envelope: bytes) -> None:
-        """Store the signed blob of ``version`` (idempotent)."""
+    async def current_entry(self) -> tuple[bytes, int] | None:
+        """The current pointer and its revision (for ``replace_current``), or None.
 
-    async def put_current(self, version: int, pointer: bytes) -> None:
-        """Make ``pointer`` (of ``version``) the current one (idempotent)."""
+        The pointer is empty (with the delete's revision) when someone deleted it.
+        """
+
+    async def put_blob(self, version: int, envelope: bytes) -> None:
+        """Store the signed blob of ``version``; the same bytes again is a no-op.
+
+        Raises:
+            RegistryConflict: the registry holds different bytes for ``version``.
+        """
+
+    async def replace_current(self, pointer: bytes, last_revision: int) -> int:
+        """Make ``pointer`` current if ``last_revision`` is still the latest; return the new one.
+
+        ``last_revision=0`` means "only if there is no pointer yet".
+
+        Raises:
+            KvConflict: the pointer changed since ``last_revision`` was read.
+        """
 
 
 class MemoryModelRegistry:
@@ -68,6 +90,7 @@ class MemoryModelRegistry:
     def __init__(self) -> None:
         self._blobs: dict[int, bytes] = {}
         self._current: tuple[int, bytes] | None = None
+        self._revision = 0
         self._changed = trio.Event()
 
     async def current_pointer(self) -> bytes | None:
@@ -80,17 +103,41 @@ class MemoryModelRegistry:
         await trio.lowlevel.checkpoint()
         return self._blobs.get(version)
 
+    async def current_entry(self) -> tuple[bytes, int] | None:
+        """See ``ModelRegistryWriter``."""
+        await trio.lowlevel.checkpoint()
+        return None if self._current is None else (self._current[1], self._revision)
+
     async def put_blob(self, version: int, envelope: bytes) -> None:
         """See ``ModelRegistryWriter``."""
         await trio.lowlevel.checkpoint()
+        held = self._blobs.get(version)
+        if held is not None and held != envelope:
+            raise RegistryConflict(_blob_conflict(version))
         self._blobs[version] = bytes(envelope)
 
+    async def replace_current(self, pointer: bytes, last_revision: int) -> int:
+        """See ``ModelRegistryWriter``."""
+        await trio.lowlevel.checkpoint()
+        if last_revision != (0 if self._current is None else self._revision):
+            raise KvConflict(f"registry pointer changed since revision {last_revision}")
+        self._set(None, pointer)
+        return self._revision
+
     async def put_current(self, version: int, pointer: bytes) -> None:
-        """See ``ModelRegistryWriter``; an older version never replaces a newer one."""
+        """Make ``pointer`` current unconditionally: tests and benches standing in for a central.
+
+        An older version never replaces a newer one.
+        """
         await trio.lowlevel.checkpoint()
         if self._current is not None and self._current[0] > version:
             return
-        self._current = (version, bytes(pointer))
+        self._set(version, pointer)
+
+    def _set(self, version: int | None, pointer: bytes) -> None:
+        known = -1 if self._current is None else self._current[0]
+        self._current = (known + 1 if version is None else version, bytes(pointer))
+        self._revision += 1
         self._changed.set()
         self._changed = trio.Event()
 
@@ -151,19 +198,43 @@ class NatsModelRegistry:
         except ObjectNotFound:
             return None
 
-    async def put_blob(self, version: int, envelope: bytes) -> None:
+    async def current_entry(self) -> tuple[bytes, int] | None:
         """See ``ModelRegistryWriter``."""
+        entry = await self._kv.entry(CURRENT_KEY)
+        return None if entry is None else (entry.value, entry.revision)
+
+    async def put_blob(self, version: int, envelope: bytes) -> None:
+        """See ``ModelRegistryWriter``.
+
+        The object store has no compare-and-set, so two writers racing on one
+        version can still both write; the pointer's compare-and-set is what
+        decides, and the loser stops before it moves the pointer. Reading first
+        closes the common cases: a retry, a restart, a second central started
+        later.
+        """
+        held = await self.blob(version)
+        if held is not None:
+            if held != envelope:
+                raise RegistryConflict(_blob_conflict(version))
+            return
         await self._objects.put(NatsSubjects.blob_object(version), envelope)
 
-    async def put_current(self, version: int, pointer: bytes) -> None:
-        """See ``ModelRegistryWriter`` (readers ignore a pointer older than what they know)."""
-        await self._kv.put(CURRENT_KEY, pointer)
+    async def replace_current(self, pointer: bytes, last_revision: int) -> int:
+        """See ``ModelRegistryWriter``: a KV update on the current key's revision."""
+        return await self._kv.update(CURRENT_KEY, pointer, last_revision)
 
     @asynccontextmanager
     async def watch_pointers(self) -> AsyncIterator[AsyncIterator[bytes]]:
         """See ``ModelRegistryReader``: a KV watch on the current key."""
         async with self._kv.watch(CURRENT_KEY) as watch:
             yield _KvPointerWatch(watch)
+
+
+def _blob_conflict(version: int) -> str:
+    return (
+        f"the model registry already holds different bytes for v{version}: another "
+        "central writes to this fleet's registry, or this central's store is behind it"
+    )
 
 
 class _KvPointerWatch:

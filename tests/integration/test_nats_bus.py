@@ -23,8 +23,10 @@ from fedtier.protocol.errors import (
     LimitExceeded,
     ObjectNotFound,
     PublishError,
+    RegistryConflict,
 )
 from fedtier.simulations.testing import NatsServerProcess
+from fedtier.tiers.model_registry import NatsModelRegistry
 
 pytestmark = pytest.mark.brokers
 
@@ -218,6 +220,48 @@ async def test_kv_update_with_a_stale_revision_conflicts(
                 seen.append(await anext(watch))
     assert rev1 < rev2 < rev3
     assert seen == [KvEntry("model", b"v2", rev2), KvEntry("model", b"v3", rev3)]
+
+
+async def test_kv_entry_names_the_delete_marker_an_update_must_follow(
+    nats_server: NatsServerProcess, nats_loop: None
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(config_for(nats_server, "central-kv")) as bucket_bus:
+            bucket = await bucket_bus.kv_bucket(f"deleted{os.getpid()}")
+            assert await bucket.entry("model") is None
+            rev1 = await bucket.update("model", b"v1", 0)
+            assert await bucket.entry("model") == KvEntry("model", b"v1", rev1)
+            await bucket.delete("model")
+            marker = await bucket.entry("model")
+            assert marker is not None and marker.deleted and marker.value == b""
+            assert marker.revision > rev1
+            with pytest.raises(KvConflict):  # "create only" is not enough after a delete
+                await bucket.update("model", b"v2", 0)
+            rev2 = await bucket.update("model", b"v2", marker.revision)
+            assert await bucket.get("model") == (b"v2", rev2)
+
+
+async def test_the_model_registry_moves_its_pointer_only_by_compare_and_set(
+    nats_server: NatsServerProcess, nats_loop: None
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(config_for(nats_server, "central-kv")) as bus:
+            registry = NatsModelRegistry(
+                await bus.kv_bucket(f"reg{os.getpid()}"),
+                await bus.object_store(f"regblobs{os.getpid()}"),
+            )
+            assert await registry.current_entry() is None
+            rev1 = await registry.replace_current(b"pointer-0", 0)
+            with pytest.raises(KvConflict):  # a second writer that read "nothing yet"
+                await registry.replace_current(b"other-0", 0)
+            assert await registry.current_entry() == (b"pointer-0", rev1)
+            await registry.replace_current(b"pointer-1", rev1)
+            assert await registry.current_pointer() == b"pointer-1"
+            await registry.put_blob(1, b"blob-1")
+            await registry.put_blob(1, b"blob-1")  # the same bytes again: a retry
+            with pytest.raises(RegistryConflict):
+                await registry.put_blob(1, b"another blob-1")
+            assert await registry.blob(1) == b"blob-1"
 
 
 async def test_object_store_round_trips_4_mib_with_its_digest(

@@ -13,7 +13,7 @@ from trio.testing import MockClock, wait_all_tasks_blocked
 from fedtier.protocol.bus import MemoryBroker, MemoryBus
 from fedtier.protocol.codecs import decode
 from fedtier.protocol.envelope import open_envelope, payload_digest
-from fedtier.protocol.errors import ConfigError
+from fedtier.protocol.errors import ConfigError, RegistryConflict
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.messages import ModelAnnouncement, ModelBlob, Tier
@@ -268,6 +268,77 @@ async def test_restart_resumes_version_and_adaptive_optimizer_state(
         nursery.cancel_scope.cancel()
     params_restarted = (await current_model(restarted.registry))[2]
     np.testing.assert_array_equal(params_restarted, params_straight)
+
+
+async def test_a_central_on_an_empty_store_refuses_to_start_behind_the_registry(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    config = make_config(tmp_path, flush=FlushPolicy(max_inputs=1, max_age_s=None))
+    layout, _ = load_initial_model(config.initial_model)
+    _, data = sign_partial(REGIONALS[0], FLEET, layout, regional_buffer(5, 1, layout))
+    active = Hub(tmp_path, config)
+    async with trio.open_nursery() as nursery:
+        central = active.daemon()
+        await nursery.start(central.serve)
+        await active.send(data)
+        await trio.sleep(0.1)
+        assert central.version == 1
+        nursery.cancel_scope.cancel()
+    published = await active.registry.current_pointer()
+
+    # A second central (same key, same fleet) on an empty state directory would
+    # sign another v0 and v1; it must not start at all.
+    second = Hub(tmp_path, replace(config, state_dir=tmp_path / "fresh"), registry=active.registry)
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(RegistryConflict, match=r"v1\b.*holds no version"),
+        flatten_subgroups=True,
+    ):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(second.daemon().serve)
+    assert await active.registry.current_pointer() == published
+    assert sorted(active.registry._blobs) == [0, 1]  # nothing of the second central's
+
+
+async def test_a_pointer_moved_by_another_writer_stops_the_central(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    config = make_config(tmp_path, flush=FlushPolicy(max_inputs=1, max_age_s=None))
+    layout, _ = load_initial_model(config.initial_model)
+    _, data_a = sign_partial(REGIONALS[0], FLEET, layout, regional_buffer(6, 1, layout))
+    _, data_b = sign_partial(REGIONALS[1], FLEET, layout, regional_buffer(7, 1, layout))
+    # Another central of the fleet (the same key: a split brain, not a forgery)
+    # made its own v1 from other inputs.
+    other = Hub(tmp_path / "other", replace(config, state_dir=tmp_path / "other"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(other.daemon().serve)
+        await other.send(data_b)
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    foreign_v1 = await other.registry.current_pointer()
+    assert foreign_v1 is not None
+
+    hub = Hub(tmp_path, config)
+    central = hub.daemon()
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(
+            RegistryConflict,
+            match=r"cannot publish model v1: the registry holds v1 this central did not write",
+        ),
+        allow_unwrapped=True,
+        flatten_subgroups=True,
+    ):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(central.serve)
+            await trio.sleep(0.1)  # past the commit window: v0 is published
+            pointer0 = await hub.registry.current_pointer()
+            assert pointer0 is not None
+            await central.move_pointer(0, pointer0)  # the same pointer again: a no-op
+            await hub.registry.put_current(1, foreign_v1)
+            await hub.send(data_a)
+            await trio.sleep(10)
+    # The central stored its own v1 but never overwrote the other's pointer.
+    assert central.version == 1
+    assert await hub.registry.current_pointer() == foreign_v1
 
 
 def test_central_identity_must_be_the_pinned_key(tmp_path: Path) -> None:

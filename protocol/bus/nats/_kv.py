@@ -1,6 +1,6 @@
 """JetStream key-value buckets, trio-facing; imports the bus module for typing only.
 
-Opened by ``NatsBus.kv_bucket``: get, put, compare-and-set update, watch.
+Opened by ``NatsBus.kv_bucket``: get, entry, put, delete, compare-and-set update, watch.
 """
 
 from __future__ import annotations
@@ -69,6 +69,20 @@ async def _aio_kv_get(kv: Any, key: str) -> tuple[bytes, int] | None:
     except nats.js.errors.KeyNotFoundError:
         return None
     return bytes(entry.value or b""), int(entry.revision)
+
+
+async def _aio_kv_entry(kv: Any, key: str) -> KvEntry | None:
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError as exc:
+        # nats-py turns "deleted" into "not found" but keeps the marker: a
+        # compare-and-set that writes after a delete or purge must name the
+        # marker's revision, not 0.
+        marker = exc.entry
+        if marker is None:
+            return None
+        return KvEntry(key=key, value=b"", revision=int(marker.revision), deleted=True)
+    return KvEntry(key=key, value=bytes(entry.value or b""), revision=int(entry.revision))
 
 
 _WATCH_STOPPED = object()
@@ -140,6 +154,18 @@ class KvBucket:
         with self._refusals(action, write=False), _boundary(action):
             return await _aio(_aio_kv_get, self._kv, key)
 
+    async def entry(self, key: str) -> KvEntry | None:
+        """The key's latest entry, a delete marker included; None if it never existed.
+
+        Use this, not ``get``, to read the revision for ``update``: after a
+        delete, ``get`` says None but the next ``update`` must name the
+        marker's revision.
+        """
+        action = f"KV get {self.name}/{key}"
+        self._bus._check_open(action)
+        with self._refusals(action, write=False), _boundary(action):
+            return await _aio(_aio_kv_entry, self._kv, key)
+
     async def put(self, key: str, value: bytes) -> int:
         """Store ``value`` under ``key`` unconditionally; return the new revision.
 
@@ -152,6 +178,13 @@ class KvBucket:
         with self._refusals(action, write=True), _boundary(action, outcome_unknown=True):
             revision: int = await _aio(self._kv.put, key, bytes(value))
         return int(revision)
+
+    async def delete(self, key: str) -> None:
+        """Put a delete marker on ``key`` (its history stays until the bucket's limits drop it)."""
+        action = f"KV delete {self.name}/{key}"
+        self._bus._check_open(action)
+        with self._refusals(action, write=True), _boundary(action, outcome_unknown=True):
+            await _aio(self._kv.delete, key)
 
     async def update(self, key: str, value: bytes, last_revision: int) -> int:
         """Store ``value`` only if ``last_revision`` is still the key's latest; return the new one.

@@ -12,12 +12,14 @@ import trio
 from opentelemetry import trace
 
 from fedtier.protocol.bus import Bus
+from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.errors import (
     BusError,
+    ConfigError,
     FedtierError,
     RemoteProtocolError,
 )
-from fedtier.protocol.messages import ModelAnnouncement
+from fedtier.protocol.messages import ModelAnnouncement, Tier
 from fedtier.protocol.models import open_model_pointer
 from fedtier.tiers._telemetry import (
     TierMetricsLike,
@@ -25,7 +27,10 @@ from fedtier.tiers._telemetry import (
 from fedtier.tiers._upstream import Uplink, UplinkJob
 from fedtier.tiers.config import TierConfig
 from fedtier.tiers.core import (
+    MESSAGE_OVERHEAD,
     ModelView,
+    check_fits,
+    partial_envelope_bound,
 )
 from fedtier.tiers.model_registry import ModelRegistryReader
 from fedtier.tiers.registry import TierKeys
@@ -80,6 +85,38 @@ class FollowerDaemon(TierDaemon):
         assert self.model is not None
         return self.model
 
+    @property
+    def partial_codec(self) -> CodecSpec:
+        """How this tier encodes the numerators of its partials."""
+        raise NotImplementedError
+
+    def _check_partials_fit(self, pointer: ModelAnnouncement) -> None:
+        """Refuse to run when a partial of this model can be above the NATS server's max_payload.
+
+        JetStream refuses such a publish on every retry: the partial, and every
+        acknowledged update inside it, would wait in the outbox forever.
+        """
+        codec = self.partial_codec
+        size = partial_envelope_bound(
+            fleet=self.config.fleet,
+            sender=self.key_id,
+            tier=Tier(self.tier),
+            layout=pointer.layout,
+            num_params=pointer.num_params,
+            codec=codec,
+            limits=self.config.limits,
+        )
+        check_fits(
+            f"a partial of model v{pointer.version} ({pointer.num_params:,} values as {codec})",
+            size + MESSAGE_OVERHEAD,
+            self.nats.max_message_bytes,
+            broker="the NATS server's max_payload",
+            fix=(
+                "raise max_payload in nats-server.conf (64MB at most), or encode partials "
+                'with fewer bytes per value ([partial] codec = "f16" or "i8")'
+            ),
+        )
+
     async def _start(self, nursery: trio.Nursery, recovery: Recovery) -> None:
         if recovery.model_pointer is not None:
             try:
@@ -119,6 +156,8 @@ class FollowerDaemon(TierDaemon):
             )
 
     def _set_model(self, pointer: ModelAnnouncement, data: bytes) -> None:
+        if self.model is None:  # the layout never changes afterwards (see _consider_pointer)
+            self._check_partials_fit(pointer)
         self.model = ModelView(pointer.version, pointer.layout, pointer.num_params, data)
         self.metrics.model_version(pointer.version)
 
@@ -197,6 +236,8 @@ class FollowerDaemon(TierDaemon):
             return True
         try:
             relayed = await self._relay_model(pointer, data)
+        except ConfigError:
+            raise  # a configuration that cannot carry this model: stop, say why
         except Exception as exc:
             # One bad version (a blob failing its digest, an object store error) must
             # not crash-loop every follower: skip it, retry it with backoff.

@@ -30,6 +30,7 @@ import trio
 from opentelemetry import trace
 
 from fedtier.protocol.bus import Bus, Delivery, Subscription
+from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.envelope import seal
 from fedtier.protocol.errors import (
     BusError,
@@ -46,7 +47,14 @@ from fedtier.tiers._intake import Admission
 from fedtier.tiers._telemetry import TierMetricsLike, extract_context
 from fedtier.tiers._upstream import UplinkJob, retry_transient
 from fedtier.tiers.config import EdgeConfig
-from fedtier.tiers.core import AdmissionRules, InfluenceState, Outcome, admit_update
+from fedtier.tiers.core import (
+    MESSAGE_OVERHEAD,
+    AdmissionRules,
+    InfluenceState,
+    Outcome,
+    admit_update,
+    check_fits,
+)
 from fedtier.tiers.model_registry import ModelRegistryReader
 from fedtier.tiers.registry import TierKeys
 
@@ -298,6 +306,11 @@ class EdgeDaemon(FollowerDaemon):
 
     # -- buffer -----------------------------------------------------------------------
 
+    @property
+    def partial_codec(self) -> CodecSpec:
+        """See ``FollowerDaemon``: ``[partial] codec``."""
+        return self.edge_config.partial_codec
+
     def _cut(self, reason: str) -> UplinkJob | None:
         return self._cut_partial(
             reason,
@@ -327,6 +340,15 @@ class EdgeDaemon(FollowerDaemon):
         except RemoteProtocolError as exc:
             self.log.warning("model blob v%d does not verify (%s); not relaying it", version, exc)
             return False
+        # Mosquitto drops the connection of a client that sends a packet above
+        # its max_packet_size, on every retry: refuse the configuration instead.
+        check_fits(
+            f"model v{version}'s blob for the devices",
+            len(blob) + MESSAGE_OVERHEAD,
+            self.mqtt.max_message_bytes,
+            broker="the MQTT broker's maximum packet size",
+            fix="raise max_packet_size in mosquitto.conf",
+        )
         # Blob first: a device that sees the new pointer finds its blob already there.
         for topic, payload in (
             (self.topics.model_blob(), blob),

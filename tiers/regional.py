@@ -20,6 +20,7 @@ from contextlib import AbstractAsyncContextManager
 from opentelemetry import trace
 
 from fedtier.protocol.bus import Bus, Delivery, Subscription
+from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.messages import Tier
 from fedtier.protocol.names import NatsSubjects
 from fedtier.tiers._follower import FollowerDaemon
@@ -87,6 +88,11 @@ class RegionalDaemon(FollowerDaemon):
 
     def _admit(self, delivery: Delivery) -> Admission:
         return self._admit_partial(delivery)
+
+    @property
+    def partial_codec(self) -> CodecSpec:
+        """See ``FollowerDaemon``: ``[partial] codec``."""
+        return self.regional_config.partial_codec
 
     def _cut(self, reason: str) -> UplinkJob | None:
         return self._cut_partial(

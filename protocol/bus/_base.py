@@ -115,6 +115,17 @@ class Bus(abc.ABC):
 
     flavor: Flavor
 
+    @property
+    def max_message_bytes(self) -> int | None:
+        """The largest message the broker said it takes, or None when it set no limit.
+
+        Known once connected (NATS: the server's ``max_payload``; MQTT: the
+        Maximum Packet Size in CONNACK). Daemons compare it at start with the
+        largest message they may have to send, and refuse a configuration that
+        cannot carry it instead of failing on that message later.
+        """
+        return None
+
     @abc.abstractmethod
     async def publish(
         self,

@@ -52,10 +52,13 @@ class MemoryBroker:
 
     Args:
         flavor: subject syntax, ``"mqtt"`` or ``"nats"``.
+        max_message_bytes: the largest payload it takes (None: no limit), as a
+            real broker announces it; a larger publish fails as it would there.
     """
 
-    def __init__(self, flavor: Flavor = "nats") -> None:
+    def __init__(self, flavor: Flavor = "nats", *, max_message_bytes: int | None = None) -> None:
         self.flavor: Flavor = flavor
+        self.max_message_bytes = max_message_bytes
         self._seq = itertools.count(1)
         self._retained: dict[str, _Message] = {}
         self._queues: dict[str, _Queue] = {}
@@ -123,6 +126,11 @@ class MemoryBus(Bus):
         self._broker = broker
         self._closed = False
 
+    @property
+    def max_message_bytes(self) -> int | None:
+        """See ``Bus``: the broker's configured limit."""
+        return self._broker.max_message_bytes
+
     async def publish(
         self,
         subject: str,
@@ -139,6 +147,11 @@ class MemoryBus(Bus):
         if any(c in subject for c in ("+", "#", "*", ">")):
             raise LocalProtocolError(f"cannot publish to wildcard subject {subject!r}")
         broker = self._broker
+        if broker.max_message_bytes is not None and len(payload) > broker.max_message_bytes:
+            raise LocalProtocolError(
+                f"publish to {subject}: message of {len(payload)} bytes is larger than "
+                f"the broker's limit of {broker.max_message_bytes}"
+            )
         if msg_id is not None and msg_id in broker._seen_ids:
             return PublishAck(duplicate=True, sequence=broker._seen_ids[msg_id])
         msg = _Message(next(broker._seq), subject, bytes(payload), tuple((headers or {}).items()))

@@ -291,6 +291,16 @@ async def test_open_fails_clearly_when_no_broker_listens() -> None:
             pass
 
 
+async def test_the_bus_reports_the_brokers_maximum_packet_size(
+    mosquitto: MosquittoProcess,
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with open_mqtt_bus(config_for(mosquitto, unique("size"))) as bus:
+            await publish_with_retries(bus, "fedtier/size-probe", b"x")
+            # What the test broker's config says (max_packet_size), read from CONNACK.
+            assert bus.max_message_bytes == mosquitto_module._MAX_PACKET_BYTES
+
+
 def test_missing_mosquitto_is_a_clear_config_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

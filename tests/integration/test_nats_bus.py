@@ -222,6 +222,14 @@ async def test_kv_update_with_a_stale_revision_conflicts(
     assert seen == [KvEntry("model", b"v2", rev2), KvEntry("model", b"v3", rev3)]
 
 
+async def test_the_bus_reports_the_servers_max_payload(
+    nats_server: NatsServerProcess, nats_loop: None
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(config_for(nats_server, "edge-size")) as bus:
+            assert bus.max_message_bytes == 8 * 1024 * 1024  # max_payload: 8MB in its config
+
+
 async def test_kv_entry_names_the_delete_marker_an_update_must_follow(
     nats_server: NatsServerProcess, nats_loop: None
 ) -> None:

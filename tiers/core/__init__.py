@@ -27,6 +27,7 @@ from fedtier.tiers.core._admission import (
 )
 from fedtier.tiers.core._bounds import F32_SAFE, fold_bound, max_abs
 from fedtier.tiers.core._buffer import HIST_BUCKETS, TierBuffer, fold_message
+from fedtier.tiers.core._capacity import MESSAGE_OVERHEAD, check_fits, partial_envelope_bound
 from fedtier.tiers.core._cut import (
     MODEL_CODEC,
     SealedVersion,
@@ -47,6 +48,7 @@ from fedtier.tiers.core._influence import (
 __all__ = [
     "F32_SAFE",
     "HIST_BUCKETS",
+    "MESSAGE_OVERHEAD",
     "MODEL_CODEC",
     "AcceptedInput",
     "Accumulator",
@@ -69,10 +71,12 @@ __all__ = [
     "admit_update",
     "build_partial",
     "capped_weight",
+    "check_fits",
     "check_payload",
     "fold_bound",
     "fold_message",
     "max_abs",
+    "partial_envelope_bound",
     "seal_version",
     "step_model",
 ]

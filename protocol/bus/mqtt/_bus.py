@@ -66,6 +66,14 @@ class MqttBus(Bus):
         self._start_lock = trio.Lock()
         self._closed = False
 
+    @property
+    def max_message_bytes(self) -> int | None:
+        """The broker's Maximum Packet Size from CONNACK, or None; see ``Bus``.
+
+        It bounds a whole PUBLISH packet: topic and properties count too.
+        """
+        return self._publisher.max_packet_size
+
     async def publish(
         self,
         subject: str,

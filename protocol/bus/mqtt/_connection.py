@@ -70,6 +70,9 @@ class _Link:
         self.config = config
         self.client_id = client_id
         self.where = f"{config.host}:{config.port}"
+        # The broker's Maximum Packet Size from the last CONNACK (MQTT v5,
+        # section 3.2.2.3.6); None when it announced none (the protocol's cap).
+        self.max_packet_size: int | None = None
         client = Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -165,6 +168,8 @@ class _Link:
     ) -> None:
         self._progress += 1
         self._connack = (reason, flags.session_present)
+        announced = getattr(properties, "MaximumPacketSize", None)
+        self.max_packet_size = announced if isinstance(announced, int) else None
         self._connack_seen.set()
 
     def _on_disconnect(

@@ -102,6 +102,15 @@ class NatsBus(Bus):
         if self._closed:
             raise BusClosed(f"{action}: the NATS bus is closed")
 
+    @property
+    def max_message_bytes(self) -> int | None:
+        """The server's ``max_payload`` from its INFO (payload plus headers); see ``Bus``."""
+        nc = self._conn.nc
+        # nats-py's max_payload is a 1 MiB default until a server's INFO arrived.
+        if nc.connected_url is None:
+            return None
+        return int(nc.max_payload)
+
     async def publish(
         self,
         subject: str,

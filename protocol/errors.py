@@ -97,6 +97,9 @@ class Reason(StrEnum):
     NON_FINITE = "non_finite"
     NORM_EXCEEDED = "norm_exceeded"
     INCONSISTENT_PARTIAL = "inconsistent_partial"
+    # A child partial carries a device update already counted through another
+    # input (two edges took one update, a device resent at another site).
+    LEAF_COUNTED_TWICE = "leaf_counted_twice"
     # Bounded influence per device (edge): not final, the device keeps the update.
     FUTURE_BASE = "future_base"
     RATE_LIMITED = "rate_limited"

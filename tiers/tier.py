@@ -57,7 +57,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar, TypeVar
 
@@ -212,6 +212,16 @@ class StoreLedger:
     def forgot(self, sender: str, input_id: bytes) -> bool:
         """Whether the last :meth:`is_known` forgot this input (its record must be replaced)."""
         return self._forgotten == (sender, input_id)
+
+    def counted_leaves(self, leaves: Sequence[bytes], /) -> Sequence[bytes]:
+        """The leaves an accepted child partial already carried (the store's ``leaves`` index).
+
+        Under ``dedupe_open_buffer_only`` a forgotten partial's own leaves are
+        in the index; the switch forgets them too, as a windowed dedupe would.
+        """
+        if self._forgotten is not None:
+            return ()
+        return self._daemon.store.counted_leaves(leaves)
 
 
 class SeqCounter:
@@ -600,6 +610,11 @@ class TierDaemon(abc.ABC):
                 clip_scale=accepted.clip_scale,
                 accepted_ms=accepted_ms,
                 trace=trace_parent,
+                leaves=(
+                    accepted.message.leaves
+                    if isinstance(accepted.message, PartialAggregate)
+                    else ()
+                ),
             ),
             replace=self._seen.forgot(accepted.sender, accepted.input_id),
             quarantine_id=quarantine_id,

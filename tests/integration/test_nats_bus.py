@@ -241,7 +241,9 @@ async def test_kv_entry_names_the_delete_marker_an_update_must_follow(
             assert await bucket.entry("model") == KvEntry("model", b"v1", rev1)
             await bucket.delete("model")
             marker = await bucket.entry("model")
-            assert marker is not None and marker.deleted and marker.value == b""
+            assert marker is not None
+            assert marker.deleted
+            assert marker.value == b""
             assert marker.revision > rev1
             with pytest.raises(KvConflict):  # "create only" is not enough after a delete
                 await bucket.update("model", b"v2", 0)

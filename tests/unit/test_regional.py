@@ -26,6 +26,7 @@ from fedtier.tiers.model_registry import MemoryModelRegistry
 from fedtier.tiers.regional import RegionalDaemon
 from fedtier.tiers.registry import KeyRegistry, TierKeys
 from fedtier.tiers.staleness import StalenessPolicy
+from fedtier.tiers.store import read_quarantine
 
 FLEET, REGION = "acme", "eu"
 LAYOUT = layout_of([("w", (3, 2)), ("b", (2,))])
@@ -276,3 +277,43 @@ async def test_bad_partials_are_rejected_with_a_reason(
     # Rejected partials are acknowledged once quarantined: their updates were
     # receipted below, so the bytes are kept (tests/unit/test_quarantine.py).
     assert not region.nats._queues[SUBJECTS.regional_consumer(REGION)].pending
+
+
+async def test_a_device_update_inside_two_edge_partials_is_counted_once(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    # Two edges of one site both took update 100 (both subscribed, or a device
+    # resent it at another site): their partials overlap in one leaf.
+    region = Region(
+        tmp_path, make_config(tmp_path, flush=FlushPolicy(max_inputs=2, max_age_s=None))
+    )
+    await region.publish_model(0)
+    first = edge_buffer(1, 2)  # leaves 100, 101
+    overlapping = Accumulator(LAYOUT.num_params, hist_buckets=32)
+    for update_id in (100, 300):
+        overlapping.fold_update(
+            update_id.to_bytes(16, "big"),
+            delta(update_id),
+            n_samples=3,
+            tau=0,
+            discount=1.0,
+            base_version=0,
+        )
+    other = edge_buffer(2, 1)  # leaf 200
+    pa, data_a = sign_partial(EDGES[0], FLEET, LAYOUT, first)
+    pb, data_b = sign_partial(EDGES[1], FLEET, LAYOUT, overlapping)
+    _, data_c = sign_partial(EDGES[2], FLEET, LAYOUT, other)
+    regional, partial, numerator = await through_regional(region, data_a, data_b, data_c)
+    # The overlapping partial was refused and kept, the next one made the cut.
+    assert regional.counts[("rejected", "leaf_counted_twice")] == 1
+    assert sorted(partial.leaves) == sorted([*first.leaf_ids, *other.leaf_ids])
+    flat = Accumulator(LAYOUT.num_params)
+    flat.fold_child(pa.partial_id, first, extra_tau=0, discount=1.0)
+    flat.fold_child(partial_id(EDGES[2].key_id, other.input_ids), other, extra_tau=0, discount=1.0)
+    np.testing.assert_array_equal(numerator, flat.numerator)
+    (kept,) = read_quarantine(region.config.store_path)
+    assert (kept.reason, kept.input_id, kept.retry) == (
+        "leaf_counted_twice",
+        pb.partial_id,
+        "never",
+    )

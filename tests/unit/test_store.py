@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -371,7 +372,7 @@ async def test_a_version_2_store_is_migrated_and_records_metrics(tmp_path: Path)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(model_versions)")}
     finally:
         conn.close()
-    assert version == SCHEMA_VERSION == 4
+    assert version == SCHEMA_VERSION == 5
     assert "rollback_of" in columns
     after = read_stored_version(path, 1)
     assert after.metrics == {"accuracy": 0.75, "loss": 0.5}
@@ -545,6 +546,59 @@ async def test_model_versions_lineage_and_optimizer_state(tmp_path: Path) -> Non
         read_lineage(path, 7)
 
 
+async def test_leaves_of_accepted_partials_are_indexed_pending_and_durable(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.sqlite"
+    carried = (b"\x0a" * 16, b"\x0b" * 16)
+    async with open_state_store(path) as store:
+        await store.recover()
+        ticket = store.submit_accept(replace(record(1), leaves=carried))
+        # Pending (not yet committed) leaves count already: two partials in one
+        # commit window must not both get through.
+        assert sorted(store.counted_leaves([b"\x0b" * 16, b"\x0c" * 16])) == [b"\x0b" * 16]
+        await ticket.wait()
+        assert store.counted_leaves([b"\x0c" * 16]) == []
+    async with open_state_store(path) as store:
+        await store.recover()
+        assert sorted(store.counted_leaves([*carried, b"\x0c" * 16])) == list(carried)
+        # An epoch that goes to the quarantine takes its leaves out of the index,
+        # so the partial is not refused as "counted twice" when it is re-admitted.
+        recovery = await store.recover()
+        await store.submit_quarantine_epoch(
+            recovery.open_epoch, reason="non_finite", detail="overflow", input_count=1, out_seq=9
+        ).wait()
+        assert store.counted_leaves(list(carried)) == []
+
+
+async def test_a_version_4_central_store_gets_its_lineage_indexed(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    leaves = (b"\x01" * 16, b"\x02" * 16)
+    async with open_state_store(path) as store:
+        await store.recover()
+        store.submit_accept(record(1))
+        await store.submit_version(
+            ModelVersionRecord(1, b"blob1", b"ptr1", leaves, 2, 2),
+            epoch=0,
+            input_count=1,
+            optimizer_state={},
+            out_seq=6,
+        ).wait()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("DROP TABLE leaves")  # as a version 4 store had it
+    conn.execute("PRAGMA user_version = 4")
+    conn.close()
+    async with open_state_store(path) as store:
+        await store.recover()
+        assert sorted(store.counted_leaves([*leaves, b"\x03" * 16])) == list(leaves)
+    conn = sqlite3.connect(path)
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+    finally:
+        conn.close()
+    assert version == SCHEMA_VERSION == 5
+
+
 async def test_other_schema_versions_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     conn = sqlite3.connect(path)
@@ -587,7 +641,7 @@ async def test_a_version_3_store_is_migrated_to_an_empty_quarantine(tmp_path: Pa
         (version,) = conn.execute("PRAGMA user_version").fetchone()
     finally:
         conn.close()
-    assert version == SCHEMA_VERSION == 4
+    assert version == SCHEMA_VERSION == 5
     (row,) = read_quarantine(path)
     assert (row.qid, row.sender, row.reason, row.envelope) == (
         qid,

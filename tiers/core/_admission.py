@@ -42,6 +42,7 @@ from fedtier.protocol.codecs import CodecSpec, all_finite, decode
 from fedtier.protocol.envelope import Envelope, parse_envelope
 from fedtier.protocol.errors import (
     DecodeError,
+    InconsistentPartial,
     LayoutMismatch,
     LocalProtocolError,
     Reason,
@@ -99,6 +100,9 @@ class SeenInputs(Protocol):
     def seq_used_elsewhere(self, sender: str, seq: int, input_id: bytes, /) -> bool:
         """Whether another input of ``sender`` already took ``seq`` (a replay)."""
 
+    def counted_leaves(self, leaves: Sequence[bytes], /) -> Sequence[bytes]:
+        """The device update ids among ``leaves`` that an accepted input already carried."""
+
 
 class NothingSeen:
     """A ledger that has seen nothing: for callers whose senders send each input once."""
@@ -110,6 +114,10 @@ class NothingSeen:
     def seq_used_elsewhere(self, sender: str, seq: int, input_id: bytes, /) -> bool:
         """Never."""
         return False
+
+    def counted_leaves(self, leaves: Sequence[bytes], /) -> Sequence[bytes]:
+        """None of them."""
+        return ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,6 +518,19 @@ def admit_partial(
         _derived_id(message, message.inputs, who)
         if seen.is_known(message.sender, message.partial_id):
             return claim.duplicate()
+        if len(set(message.leaves)) != len(message.leaves):
+            raise InconsistentPartial(
+                f"partial {pid} from {who} lists one device update twice among its leaves"
+            )
+        counted = seen.counted_leaves(message.leaves)
+        if counted:
+            # Folding it would count those updates twice, and a sum cannot be
+            # taken apart: refuse the whole partial (the daemon quarantines it).
+            raise UpdateRejected(
+                f"partial {pid} from {who} carries {len(set(counted))} device update(s) "
+                f"already counted through another input, e.g. {counted[0].hex()}",
+                reason=Reason.LEAF_COUNTED_TWICE,
+            )
         assessment = rules.staleness.assess_acknowledged(model.version, message.known_version)
         claim.tau = assessment.tau
         if assessment.late and rules.reject_late_partials:

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 from fedtier.protocol.errors import StoreError
 from fedtier.tiers.store._engine import CommitEngine, CommitTicket, RunBlocking
 from fedtier.tiers.store._records import InputKey, InputRecord, InputState, OutboxEntry
 
 __all__ = ["InputTables", "drop_open_envelopes", "now_ms", "put_meta"]
+
+# Host parameters per lookup: well under SQLite's 32,766 default limit.
+_LOOKUP_CHUNK: Final = 500
 
 
 class InputTables(CommitEngine[InputKey]):
@@ -38,6 +43,8 @@ class InputTables(CommitEngine[InputKey]):
         )
         self._pending_inputs: dict[InputKey, CommitTicket] = {}
         self._pending_seqs: set[tuple[str, int]] = set()
+        self._pending_leaves: dict[InputKey, tuple[bytes, ...]] = {}
+        self._pending_leaf_ids: set[bytes] = set()
         self._high_water: dict[str, int] = {}
 
     def _load_sync(self, conn: sqlite3.Connection) -> None:
@@ -50,6 +57,7 @@ class InputTables(CommitEngine[InputKey]):
             del self._pending_inputs[key]
             if ticket.seq is not None:
                 self._pending_seqs.discard((key[0], ticket.seq))
+            self._pending_leaf_ids.difference_update(self._pending_leaves.pop(key, ()))
 
     # -- accepting inputs ------------------------------------------------------------
 
@@ -76,6 +84,17 @@ class InputTables(CommitEngine[InputKey]):
             "SELECT 1 FROM inputs WHERE sender = ? AND seq = ? LIMIT 1", (sender, seq)
         ).fetchone()
         return row is not None
+
+    def counted_leaves(self, leaves: Sequence[bytes]) -> list[bytes]:
+        """The ids among ``leaves`` that an accepted input (pending ones too) already carried."""
+        found = [leaf for leaf in leaves if leaf in self._pending_leaf_ids]
+        assert self._reader is not None
+        for start in range(0, len(leaves), _LOOKUP_CHUNK):
+            chunk = leaves[start : start + _LOOKUP_CHUNK]
+            placeholders = ", ".join("?" * len(chunk))  # values are bound, never spliced
+            query = f"SELECT update_id FROM leaves WHERE update_id IN ({placeholders})"  # noqa: S608
+            found.extend(bytes(row[0]) for row in self._reader.execute(query, tuple(chunk)))
+        return found
 
     def high_water(self, sender: str) -> int | None:
         """The highest ``seq`` accepted from ``sender`` (including pending accepts), or None."""
@@ -130,6 +149,13 @@ class InputTables(CommitEngine[InputKey]):
                 "INSERT INTO input_envelopes (pos, envelope) VALUES (?, ?)",
                 (cursor.lastrowid, record.envelope),
             )
+            if record.leaves:
+                # OR REPLACE: only the unsafe dedupe_open_buffer_only folds a
+                # partial twice, and then it is the same partial's leaves.
+                conn.executemany(
+                    "INSERT OR REPLACE INTO leaves (update_id, pos) VALUES (?, ?)",
+                    ((leaf, cursor.lastrowid) for leaf in record.leaves),
+                )
             conn.execute(
                 "INSERT INTO senders (sender, hwm) VALUES (?, ?)"
                 " ON CONFLICT (sender) DO UPDATE SET hwm = max(hwm, excluded.hwm)",
@@ -142,6 +168,9 @@ class InputTables(CommitEngine[InputKey]):
         ticket.seq = record.seq
         self._pending_inputs[key] = ticket
         self._pending_seqs.add((record.sender, record.seq))
+        if record.leaves:
+            self._pending_leaves[key] = record.leaves
+            self._pending_leaf_ids.update(record.leaves)
         previous = self._high_water.get(record.sender)
         if previous is None or record.seq > previous:
             self._high_water[record.sender] = record.seq

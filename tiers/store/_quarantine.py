@@ -292,6 +292,8 @@ class QuarantineTables(InputTables):
                     (first_qid + offset, sender, input_id, "", reason, "cut", detail, at, envelope),
                 )
                 conn.execute("DELETE FROM input_envelopes WHERE pos = ?", (pos,))
+                # Its leaves were never counted: re-admitted, they must not look counted.
+                conn.execute("DELETE FROM leaves WHERE pos = ?", (pos,))
                 conn.execute("DELETE FROM inputs WHERE pos = ?", (pos,))
             put_meta(conn, "open_epoch", epoch + 1)
             put_meta(conn, "out_seq", out_seq)

@@ -61,6 +61,8 @@ class InputRecord:
         clip_scale: the norm clipping factor applied (1 when not clipped).
         accepted_ms: wall-clock acceptance time, ms since the epoch.
         trace: W3C traceparent of the input's process span, or empty.
+        leaves: a child partial's device update ids, indexed so that none is
+            counted twice; empty for a device update.
     """
 
     sender: str
@@ -75,6 +77,7 @@ class InputRecord:
     clip_scale: float
     accepted_ms: int
     trace: str = ""
+    leaves: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """The state store's DDL and its migrations from schema versions 1 to 3; imports sqlite3 only.
 
-No trio here. Schema (``PRAGMA user_version = 4``; WAL, ``synchronous=FULL``,
+No trio here. Schema (``PRAGMA user_version = 5``; WAL, ``synchronous=FULL``,
 ``secure_delete=FAST``)::
 
     meta(key PRIMARY KEY, value)          open_epoch, out_seq, known_version,
@@ -41,6 +41,11 @@ No trio here. Schema (``PRAGMA user_version = 4``; WAL, ``synchronous=FULL``,
                                           tried (``any``, ``cut``, ``never``); a
                                           re-admitted row is deleted in the commit
                                           that records it as an input
+    leaves(update_id PRIMARY KEY, pos)    regional, central: every device update
+                                          id inside an accepted child partial,
+                                          with the input (``inputs.pos``) that
+                                          carried it: a leaf that arrives again
+                                          inside another partial is refused
 
 A flush is one transaction: the partial enters the outbox, the inputs of the
 flushed epoch become ``flushed``, their envelopes are deleted and the open epoch
@@ -56,7 +61,8 @@ freed pages, which Debian's SQLite (built with secure delete on) would otherwise
 write once more. Older stores are migrated when opened: version 1 (envelopes
 inline) to version 2, then version 2 to 3 (the ``model_metrics`` table and
 the ``rollback_of`` column, both empty), then version 3 to 4 (the
-``quarantine`` table, empty).
+``quarantine`` table, empty), then version 4 to 5 (the ``leaves`` index,
+filled at a central from its versions' lineage).
 """
 
 from __future__ import annotations
@@ -73,8 +79,8 @@ __all__ = ["READABLE_VERSIONS", "SCHEMA_VERSION", "prepare_schema"]
 # The package's name, not this module's: the migration has always logged as the store.
 logger = logging.getLogger("fedtier.tiers.store")
 
-SCHEMA_VERSION: Final = 4
-READABLE_VERSIONS: Final = (1, 2, 3, 4)
+SCHEMA_VERSION: Final = 5
+READABLE_VERSIONS: Final = (1, 2, 3, 4, 5)
 """Schema versions this fedtier opens (older ones are migrated to ``SCHEMA_VERSION``)."""
 
 _SCHEMA: Final = """
@@ -159,6 +165,10 @@ CREATE TABLE IF NOT EXISTS quarantine (
     envelope BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS quarantine_by_sender ON quarantine (sender);
+CREATE TABLE IF NOT EXISTS leaves (
+    update_id BLOB PRIMARY KEY,
+    pos INTEGER
+) WITHOUT ROWID;
 """
 
 
@@ -183,6 +193,8 @@ def prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
         _migrate_from_v2(conn)
     if version in (1, 2, 3):
         _migrate_from_v3(conn)
+    if version in (1, 2, 3, 4):
+        _migrate_from_v4(conn)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -236,6 +248,30 @@ def _migrate_from_v3(conn: sqlite3.Connection) -> None:
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
+        conn.execute("PRAGMA user_version = 4")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    logger.info("migrated the state store to schema version %d", 4)
+
+
+def _migrate_from_v4(conn: sqlite3.Connection) -> None:
+    """Take a version 4 store to version 5: the ``leaves`` index (one transaction).
+
+    A central fills it from its versions' lineage (16-byte ids, concatenated),
+    so a leaf already in a model version is refused when it comes back. Open
+    and flushed child partials from before the upgrade are not indexed (their
+    leaves sit inside envelopes this module does not parse): their ids are
+    still deduplicated as partials, by ``(sender, partial id)``.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for (lineage,) in conn.execute("SELECT lineage FROM model_versions").fetchall():
+            conn.executemany(
+                "INSERT OR IGNORE INTO leaves (update_id, pos) VALUES (?, NULL)",
+                ((bytes(lineage[i : i + 16]),) for i in range(0, len(lineage), 16)),
+            )
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")

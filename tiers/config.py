@@ -65,6 +65,9 @@ class NatsSettings:
         require_sync_always: refuse a server that does not fsync every JetStream write.
         ack_wait_s: how long JetStream waits for this daemon's ack of a delivery
             before redelivering it (set when the durable consumer is created).
+        max_deliver: most deliveries of one message (set at consumer creation).
+        max_hold_s: how long in-progress acks keep a delivery this daemon holds
+            from redelivery (0: none).
         tls_ca_file, tls_cert_file, tls_key_file: PEM files for TLS.
         credentials_file: a ``.creds`` file (user JWT and nkey seed).
         nkeys_seed_file: an nkeys user seed.
@@ -77,6 +80,8 @@ class NatsSettings:
     monitoring_url: str | None = None
     require_sync_always: bool = True
     ack_wait_s: float = 30.0
+    max_deliver: int = 50
+    max_hold_s: float = 300.0
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -498,6 +503,8 @@ def _nats(table: ConfigTable) -> NatsSettings:
         monitoring_url=monitoring,
         require_sync_always=table.boolean("require_sync_always", True),
         ack_wait_s=table.number("ack_wait_s", _DEFAULT_NATS.ack_wait_s, low=0.0, low_open=True),
+        max_deliver=table.integer("max_deliver", _DEFAULT_NATS.max_deliver, low=1),
+        max_hold_s=table.number("max_hold_s", _DEFAULT_NATS.max_hold_s, low=0.0),
         tls_ca_file=table.path("tls_ca_file", None),
         tls_cert_file=table.path("tls_cert_file", None),
         tls_key_file=table.path("tls_key_file", None),

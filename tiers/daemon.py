@@ -200,6 +200,8 @@ def _nats_config(kind: TierKind, config: TierConfig, key_id: str) -> Any:
         require_sync_always=settings.require_sync_always,
         monitoring_url=settings.monitoring_url,
         ack_wait_s=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        max_hold_s=settings.max_hold_s,
         manage_streams=manage,
         # A daemon that does not create the streams may start first: it waits
         # for the one that does, saying so in its log, instead of exiting.

@@ -141,7 +141,8 @@ async def test_durable_consumer_resumes_after_a_crash_redelivering_only_unacked(
     nats_loop: None,
 ) -> None:
     server = fresh_nats_server
-    config = config_for(server, "regional", ack_wait_s=1.0)
+    # max_hold_s=0: no in-progress acks, the unacked messages time out as after a crash.
+    config = config_for(server, "regional", ack_wait_s=1.0, max_hold_s=0.0)
     with trio.fail_after(DEADLINE_S):
         async with open_nats_bus(config) as bus:
             sequences = [(await bus.publish("part.r", b"m%d" % i)).sequence for i in range(10)]
@@ -197,6 +198,34 @@ async def test_subscribers_sharing_a_durable_share_the_work(
                     await delivery.ack()
     payloads = sorted(int(d.payload) for d in got_a + got_b)
     assert payloads == list(range(8))
+
+
+async def test_a_delivery_held_past_ack_wait_is_not_redelivered_to_the_other_consumer(
+    nats_server: NatsServerProcess, nats_loop: None
+) -> None:
+    # Two regionals share a durable; one holds a partial longer than ack_wait
+    # (a slow cut, a full intake queue). Its in-progress acks keep the server
+    # from handing the partial to the other one, which would fold it too.
+    ack_wait_s = 4.0
+    config = config_for(nats_server, "held", streams=(PARTIALS,), ack_wait_s=ack_wait_s)
+    topic = f"part.held{os.getpid()}"
+    durable = topic.replace(".", "-")
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            open_nats_bus(dataclasses.replace(config, name="regional-a")) as bus_a,
+            open_nats_bus(dataclasses.replace(config, name="regional-b")) as bus_b,
+        ):
+            await bus_a.publish(f"{topic}.u", b"partial")
+            async with bus_a.subscribe(f"{topic}.>", durable=durable, capacity=1) as sub_a:
+                held = await sub_a.receive()
+                async with bus_b.subscribe(f"{topic}.>", durable=durable, capacity=1) as sub_b:
+                    # The scenario is the holding itself: more than twice ack_wait.
+                    with trio.move_on_after(2.25 * ack_wait_s) as waited:
+                        stolen = await sub_b.receive()
+                    assert waited.cancelled_caught, f"redelivered to b: {stolen.payload!r}"
+                    await held.ack()
+    assert held.payload == b"partial"
+    assert not held.redelivered
 
 
 async def test_kv_update_with_a_stale_revision_conflicts(
@@ -452,7 +481,7 @@ async def test_a_message_never_acked_stops_at_max_deliver_and_stays_in_the_strea
     # Never redelivered forever (a message no consumer can settle), never
     # discarded silently: the stream keeps it for an operator to read.
     server = fresh_nats_server
-    config = config_for(server, "regional", ack_wait_s=0.5, max_deliver=2)
+    config = config_for(server, "regional", ack_wait_s=0.5, max_deliver=2, max_hold_s=0.0)
     with trio.fail_after(DEADLINE_S):
         async with open_nats_bus(config) as bus:
             await bus.publish("part.r", b"poison")

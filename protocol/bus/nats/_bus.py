@@ -245,7 +245,7 @@ class NatsBus(Bus):
             _refusals(self._conn.events, action, [spec.name, durable], write=False),
             _boundary(action),
         ):
-            psub = await _aio(
+            psub, ack_wait_s = await _aio(
                 _aio_bind_pull,
                 self._conn.js,
                 spec.name,
@@ -255,12 +255,15 @@ class NatsBus(Bus):
                 self._config.max_ack_pending,
                 self._config.max_deliver,
             )
-        sub = _PullSubscription(self._conn, psub, spec.name, durable, capacity)
+        sub = _PullSubscription(
+            self._conn, psub, spec.name, durable, capacity, ack_wait_s=ack_wait_s
+        )
         body_error: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(sub.serve_fetches)
                 nursery.start_soon(sub.serve_acks)
+                nursery.start_soon(sub.serve_progress)
                 try:
                     yield sub
                 except BaseException as exc:

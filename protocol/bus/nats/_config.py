@@ -107,6 +107,13 @@ class NatsConfig:
             reads it (docs/operations.md, quarantine). A daemon acknowledges
             every delivery it admits or quarantines, so only one it could
             neither use nor quarantine (a full quarantine) reaches the bound.
+        max_hold_s: how long this process keeps one fetched, unacknowledged
+            delivery from being redelivered, with an in-progress ack every third
+            of the consumer's ack wait: a delivery waiting in a slow daemon is
+            not handed to another consumer of the durable meanwhile. Past it (and
+            at once when the process stops) the server redelivers after
+            ``ack_wait``, as for a delivery the daemon chose not to acknowledge.
+            0 sends no in-progress acks.
         max_ack_pending: server-side bound on unacked messages per consumer,
             summed over every process sharing it.
         confirm_acks: ``Delivery.ack()`` of a durable delivery returns once
@@ -144,6 +151,7 @@ class NatsConfig:
     monitoring_url: str | None = None
     ack_wait_s: float = 30.0
     max_deliver: int = 50
+    max_hold_s: float = 300.0
     max_ack_pending: int = 10_000
     confirm_acks: bool = True
     fetch_batch: int = 256
@@ -171,6 +179,8 @@ class NatsConfig:
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"NATS setting {key} must be > 0, got {value!r}")
+        if not self.max_hold_s >= 0:
+            raise ConfigError(f"NATS setting max_hold_s must be >= 0, got {self.max_hold_s!r}")
         for key, count in {
             "connect_attempts": self.connect_attempts,
             "max_ack_pending": self.max_ack_pending,

@@ -158,11 +158,11 @@ async def _aio_bind_pull(
     ack_wait_s: float,
     max_ack_pending: int,
     max_deliver: int,
-) -> Any:
+) -> tuple[Any, float]:
     try:
         info = await js.consumer_info(stream, durable)
     except nats.js.errors.NotFoundError:
-        await js.add_consumer(
+        info = await js.add_consumer(
             stream,
             nats.js.api.ConsumerConfig(
                 # With a name, nats-py uses $JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>,
@@ -185,7 +185,17 @@ async def _aio_bind_pull(
             raise LocalProtocolError(
                 f"durable {durable!r} already filters {existing!r}, not {subject_filter!r}"
             )
-    return await js.pull_subscribe_bind(durable=durable, stream=stream)
+    # The consumer's own ack wait (an existing one keeps whatever it was made with):
+    # what the in-progress acks have to beat.
+    ack_wait = info.config.ack_wait
+    psub = await js.pull_subscribe_bind(durable=durable, stream=stream)
+    return psub, float(ack_wait) if ack_wait else ack_wait_s
+
+
+async def _aio_in_progress(msgs: list[Any]) -> None:
+    for msg in msgs:
+        with suppress(nats.errors.MsgAlreadyAckdError):
+            await msg.in_progress()
 
 
 async def _aio_fetch(psub: Any, batch: int, wait_s: float) -> list[Any]:
@@ -221,11 +231,21 @@ class _PullSubscription(_InboxSubscription):
     """A JetStream durable pull consumer: a fetch task and an ack task, both trio."""
 
     def __init__(
-        self, conn: _Connection, psub: Any, stream: str, durable: str, capacity: int
+        self,
+        conn: _Connection,
+        psub: Any,
+        stream: str,
+        durable: str,
+        capacity: int,
+        *,
+        ack_wait_s: float = 30.0,
     ) -> None:
         super().__init__(_Inbox(capacity, f"{stream}/{durable}"))
         self._conn = conn
         self._psub = psub
+        self._ack_wait_s = ack_wait_s
+        # When each held delivery was fetched: in-progress acks stop at max_hold_s.
+        self._held_since: dict[int, float] = {}
         self._stream = stream
         self._durable = durable
         self._tokens = itertools.count()
@@ -241,6 +261,7 @@ class _PullSubscription(_InboxSubscription):
     def _delivery(self, msg: Any) -> Delivery:
         token = next(self._tokens)
         self._held[token] = msg
+        self._held_since[token] = trio.current_time()
 
         async def ack() -> None:
             await self._ack(token)
@@ -254,6 +275,7 @@ class _PullSubscription(_InboxSubscription):
         )
 
     async def _ack(self, token: int) -> None:
+        self._held_since.pop(token, None)
         msg = self._held.pop(token, None)
         if msg is None or self._closing:
             # Already acknowledged, or the subscription closed and gave it back.
@@ -284,6 +306,38 @@ class _PullSubscription(_InboxSubscription):
                 logger.warning("%s; the server will redeliver those messages", exc)
             self._sending_acks = []
             self._sending_done.set()
+
+    async def serve_progress(self) -> None:
+        """Tell the server, every third of its ack wait, that held deliveries are still in work.
+
+        A delivery waits in the inbox and in the daemon (intake queue, a cut,
+        a slow commit) before its ack; without this, one held past
+        ``ack_wait`` is redelivered, and a second consumer of the same durable
+        (a second regional) would fold it too. A stopped process sends
+        nothing, so what it held still comes back after ``ack_wait``; a
+        delivery held past ``max_hold_s`` (one the daemon chose not to
+        acknowledge, such as a refusal of a full quarantine) is left to come
+        back too.
+        """
+        max_hold_s = self._conn.config.max_hold_s
+        if max_hold_s <= 0:
+            return
+        interval_s = max(self._ack_wait_s / 3, 0.05)
+        while True:
+            await trio.sleep(interval_s)
+            oldest = trio.current_time() - max_hold_s
+            held = [
+                msg
+                for token, msg in self._held.items()
+                if self._held_since.get(token, oldest) > oldest
+            ]
+            if not held or not self._conn.nc.is_connected:
+                continue
+            try:
+                with _boundary(f"in-progress ack of {len(held)} on {self._inbox.label}"):
+                    await _aio(_aio_in_progress, held)
+            except BusError as exc:
+                logger.warning("%s; the server may redeliver them after ack_wait", exc)
 
     async def serve_fetches(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -343,6 +397,7 @@ class _PullSubscription(_InboxSubscription):
         acks = self._sending_acks + self._queued_acks
         naks = list(self._held.values())
         self._held.clear()
+        self._held_since.clear()
         self._queued_acks = []
         config = self._conn.config
         with trio.move_on_after(config.close_timeout_s):

@@ -74,6 +74,8 @@ from fedtier.protocol.telemetry import (
     ATTR_MODEL_VERSION,
     ATTR_TIER,
     ATTR_UPDATE_ID,
+    SYSTEM_MQTT,
+    messaging_attributes,
     span_name,
 )
 
@@ -566,6 +568,16 @@ class _Device:
         }
         if o.base_version is not None:
             attributes[ATTR_MODEL_VERSION] = o.base_version
+        attributes.update(
+            messaging_attributes(
+                SYSTEM_MQTT,
+                "send",
+                topic,
+                message_id=o.update_id.hex(),
+                body_size=len(o.envelope),
+                client_id=self.me,
+            )
+        )
         delay = self.config.retry_delay_s
         while True:
             with self.tracer.start_as_current_span(

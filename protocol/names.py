@@ -19,6 +19,8 @@ NATS / JetStream (regional and central)::
     ft.<fleet>.model.announce       central -> all       signed pointer  stream FT_<FLEET>_MODEL
     KV bucket ft_<fleet>_models, key "current"         the signed pointer of the current version
     Object store ft_<fleet>_blobs, object "v<version>"  signed model blobs
+    KV bucket ft_<fleet>_status, keys "edge.<region>.<id>", "regional.<region>.<id>",
+        "central.<id>"                                  each daemon's status snapshot
 """
 
 from __future__ import annotations
@@ -143,6 +145,24 @@ class NatsSubjects:
         if version < 0:
             raise LocalProtocolError(f"model version must be >= 0, got {version}")
         return f"v{version}"
+
+    def status_bucket(self) -> str:
+        """KV bucket of the daemons' status snapshots (``fedtier status``)."""
+        return f"ft_{self.fleet}_status"
+
+    @staticmethod
+    def status_key(tier: str, region: str | None, daemon_id: str) -> str:
+        """Key of one daemon's snapshot: ``<tier>.<region>.<id>``, or ``central.<id>``.
+
+        The region is part of the key so a NATS user may be allowed to write
+        exactly its region's keys (deploy/nats/nats-server.conf).
+        """
+        check_token("tier", tier)
+        if not valid_key_id(daemon_id):
+            raise LocalProtocolError(f"daemon id {daemon_id!r} is not a key id")
+        if region is None:
+            return f"{tier}.{daemon_id}"
+        return f"{tier}.{check_token('region', region)}.{daemon_id}"
 
     def regional_consumer(self, region: str) -> str:
         """Durable consumer shared by the regional daemons of ``region``."""

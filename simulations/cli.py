@@ -28,7 +28,7 @@ LAB_MODULES: Final = ("rich", "matplotlib", "sklearn", "nats", "trio_asyncio", "
 
 
 def add_bench(sub: Subcommands) -> None:
-    """Add ``fedtier bench codec|edge|reject``."""
+    """Add ``fedtier bench codec|edge|reject|explorer``."""
     bench = sub.add_parser("bench", help="benchmarks against a raw baseline run alongside")
     bench.set_defaults(requires=LAB_MODULES)
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -50,6 +50,13 @@ def add_bench(sub: Subcommands) -> None:
         "reject",
         "fedtier.simulations.bench.reject",
         "time to refuse the worst envelopes within the size caps, vs msgpack (JSON)",
+        requires=LAB_MODULES,
+    )
+    add_forwarded(
+        bench_sub,
+        "explorer",
+        "fedtier.simulations.bench.explorer",
+        "trace explorer page and API load times over a synthetic day of spans (JSON)",
         requires=LAB_MODULES,
     )
 

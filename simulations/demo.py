@@ -24,7 +24,9 @@ order (fleets, edges, regionals, central: SIGTERM, SIGKILL past a deadline),
 the brokers, and removes the temporary directory. Ctrl-C takes the same path.
 Artefacts stay in ``--out`` (default ``./fedtier-demo-out``): span files
 (``traces/``), device logs (``devices/``), process logs (``logs/``),
-``accuracy.png`` and ``summary.json``.
+``accuracy.png`` and ``summary.json``. With ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
+``OTEL_TRACES_EXPORTER=otlp``) set, every process also exports its spans there
+(``simulations.mesh.child_environment``); the span files are written anyway.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import numpy.typing as npt
 import trio
 
 from fedtier.protocol.errors import ChildFailed, ConfigError, FedtierError
+from fedtier.protocol.telemetry.tracing import otlp_requested
 from fedtier.simulations.mesh import (
     MeshPlan,
     MeshSpec,
@@ -728,6 +731,17 @@ def _plot(result: DemoResult, path: Path) -> Path:
 # -- the command ----------------------------------------------------------------------
 
 
+def _otlp_destination() -> str | None:
+    """Where the children export spans over OTLP besides their files, or ``None``."""
+    if not otlp_requested():
+        return None
+    return (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or "the OTLP exporter's default endpoint"
+    )
+
+
 def _print_report(result: DemoResult, options: DemoOptions) -> None:
     acc = (
         f"{result.final_accuracy:.3f} (version 0: {result.initial_accuracy:.3f}, "
@@ -749,6 +763,9 @@ def _print_report(result: DemoResult, options: DemoOptions) -> None:
         f" {result.cpu_s.get('children', 0):.1f} s, this one {result.cpu_s.get('demo', 0):.1f} s",
         f"traces: {result.trace_dir} (one JSON-lines file per process)",
     ]
+    otlp = _otlp_destination()
+    if otlp is not None:
+        lines.append(f"traces also exported over OTLP/HTTP to {otlp}")
     if result.example_update is not None:
         lines += [
             f"update {result.example_update} reached model v{result.example_version}: "

@@ -44,6 +44,7 @@ import trio
 from fedtier.protocol.errors import ConfigError
 from fedtier.protocol.files import save_public_key, save_signing_identity
 from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.telemetry.tracing import requested_exporters
 from fedtier.simulations.datasets import (
     NUM_CLASSES,
     NUM_FEATURES,
@@ -749,13 +750,37 @@ async def open_brokers(workdir: Path) -> AsyncIterator[Brokers]:
             await trio.to_thread.run_sync(mosquitto.stop)
 
 
+def lab_exporters(*, keep_jsonl: bool) -> str | None:
+    """The ``OTEL_TRACES_EXPORTER`` of a lab child: what the user asked for, plus our copy.
+
+    The user's ``OTEL_TRACES_EXPORTER``, or ``otlp`` when only an OTLP endpoint
+    is set (Jaeger, Tempo, a collector), with ``jsonl`` added when
+    ``keep_jsonl``: the run's own span files are what `fedtier trace` and the
+    demo read, so they are written whatever else spans go to. ``None`` when
+    that leaves nothing (the variable is then removed).
+
+    Raises:
+        ConfigError: the user's ``OTEL_TRACES_EXPORTER`` names an unknown exporter.
+    """
+    names = [name for name in requested_exporters() if name != "jsonl"]
+    if keep_jsonl:
+        names.append("jsonl")
+    return ",".join(names) or None
+
+
 def child_environment(trace_dir: Path | None = None) -> dict[str, str]:
-    """The environment of daemons and fleets: ours plus the malloc tuning and JSON-lines spans."""
+    """The environment of daemons and fleets: ours plus the malloc tuning and span exporters.
+
+    With a ``trace_dir`` every child writes its JSON-lines span file there and
+    also exports to the user's OTLP endpoint when one is set (see
+    :func:`lab_exporters`). ``OTEL_SDK_DISABLED`` is removed: the lab wants its
+    spans even when the caller's shell turned tracing off.
+    """
     env = {**os.environ, **MALLOC_ENV}
     if trace_dir is not None:
-        # The run's own span files are what `fedtier trace` and the demo read,
-        # whatever OTLP endpoint the caller's shell may point at.
-        env["OTEL_TRACES_EXPORTER"] = "jsonl"
+        exporters = lab_exporters(keep_jsonl=True)
+        assert exporters is not None
+        env["OTEL_TRACES_EXPORTER"] = exporters
     env.pop("OTEL_SDK_DISABLED", None)
     return env
 
@@ -800,9 +825,10 @@ class RunningMesh:
                     "--config",
                     str(config),
                 ],
-                # A single device has no trace directory of its own; with the
-                # run's jsonl exporter forced on it would refuse to start.
-                env={"OTEL_TRACES_EXPORTER": None},
+                # A single device has no trace directory of its own, so it
+                # exports only where the user asked (OTLP) and keeps no copy:
+                # jsonl without a directory would refuse to start.
+                env={"OTEL_TRACES_EXPORTER": lab_exporters(keep_jsonl=False)},
             )
             child.stopping = True  # exiting after its rounds is its job
             self.devices.append(child)

@@ -6,6 +6,7 @@ Imports trio, the bus interface and the state store; never a concrete bus adapte
 from __future__ import annotations
 
 import abc
+import collections
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Generic, TypeVar
 
 import trio
 from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from fedtier.protocol.bus import Bus, PublishAck
 from fedtier.protocol.errors import (
@@ -21,6 +23,8 @@ from fedtier.protocol.errors import (
 )
 from fedtier.protocol.telemetry import (
     ATTR_PARTIAL_ID,
+    SYSTEM_NATS,
+    messaging_attributes,
     span_name,
 )
 from fedtier.tiers._telemetry import (
@@ -83,6 +87,9 @@ class UpstreamWorker(abc.ABC, Generic[J]):
         self._on_room = on_room
         self._send, self._receive = trio.open_memory_channel[J](capacity)
         self._outstanding = 0
+        # When each outstanding job was queued, oldest first (jobs run in order):
+        # the upstream lag a dashboard shows is the first one's age.
+        self._queued_at: collections.deque[float] = collections.deque()
         self._drained = trio.Event()
         self._drained.set()
 
@@ -95,12 +102,27 @@ class UpstreamWorker(abc.ABC, Generic[J]):
         """Whether ``put`` would not wait."""
         return self._outstanding < self._capacity
 
+    def oldest_age_s(self) -> float:
+        """Seconds since the oldest outstanding job was queued (0 when none is).
+
+        A job recovered from the store at start counts from the start.
+        """
+        if not self._queued_at:
+            return 0.0
+        return max(0.0, trio.current_time() - self._queued_at[0])
+
     def _started_one(self) -> None:
         if self._outstanding == 0:
             self._drained = trio.Event()
         self._outstanding += 1
+        self._queued_at.append(trio.current_time())
 
-    def _finished_one(self) -> None:
+    def _finished_one(self, *, newest: bool = False) -> None:
+        # Jobs finish in order; only a put that failed takes back the newest.
+        if newest:
+            self._queued_at.pop()
+        else:
+            self._queued_at.popleft()
         self._outstanding -= 1
         if self._outstanding == 0:
             self._drained.set()
@@ -112,7 +134,7 @@ class UpstreamWorker(abc.ABC, Generic[J]):
         try:
             await self._send.send(job)
         except BaseException:
-            self._finished_one()
+            self._finished_one(newest=True)
             raise
 
     async def drain(self) -> None:
@@ -184,7 +206,17 @@ class Uplink(UpstreamWorker[UplinkJob]):
         with self._tracer.start_as_current_span(
             span_name(self._tier, "send"),
             context=context_of(entry.trace),
-            attributes={ATTR_PARTIAL_ID: pid},
+            kind=SpanKind.PRODUCER,
+            attributes={
+                ATTR_PARTIAL_ID: pid,
+                **messaging_attributes(
+                    SYSTEM_NATS,
+                    "send",
+                    entry.subject,
+                    message_id=pid,
+                    body_size=len(entry.envelope),
+                ),
+            },
         ) as span:
             # A fresh dict per try: some transports mutate the headers they are given.
             headers = headers_with_context(span)

@@ -56,7 +56,7 @@ import numpy.typing as npt
 import trio
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from fedtier.protocol.bus import Bus, Delivery, Subscription
 from fedtier.protocol.codecs import decode
@@ -78,7 +78,10 @@ from fedtier.protocol.telemetry import (
     ATTR_INPUT_COUNT,
     ATTR_INPUT_IDS,
     ATTR_LEAF_COUNT,
+    ATTR_METRIC_PREFIX,
     ATTR_MODEL_VERSION,
+    SYSTEM_NATS,
+    messaging_attributes,
     span_name,
 )
 from fedtier.tiers._intake import Admission
@@ -99,9 +102,6 @@ from fedtier.tiers.store import CommitTicket, ModelVersionRecord, Recovery, Targ
 from fedtier.tiers.tier import OpenBuffer, TierDaemon
 
 __all__ = ["CentralDaemon", "ModelEvaluator", "ModelPublisher"]
-
-ATTR_METRIC_PREFIX = "fedtier.metric."
-"""Span attributes of ``central evaluate model``: ``fedtier.metric.accuracy`` and so on."""
 
 
 class ModelEvaluator(Protocol):
@@ -201,10 +201,23 @@ class ModelPublisher(UpstreamWorker[PublishJob]):
             retry_transient, retry=daemon.config.retry, metrics=daemon.metrics, log=daemon.log
         )
         version = job.version
+        # The stream dedupes a resent announcement by this id.
+        announcement_id = f"{daemon.config.fleet}-model-v{version}"
         with daemon.tracer.start_as_current_span(
             span_name("central", "publish model"),
             context=context_of(job.trace),
-            attributes={ATTR_MODEL_VERSION: version},
+            kind=SpanKind.PRODUCER,
+            attributes={
+                ATTR_MODEL_VERSION: version,
+                **messaging_attributes(
+                    SYSTEM_NATS,
+                    "send",
+                    daemon.subjects.model_announce(),
+                    message_id=announcement_id,
+                    body_size=len(job.pointer),
+                    client_id=daemon.key_id,
+                ),
+            },
         ) as span:
             await store.run_blocking(_write_model_file, daemon.model_file(version), job.blob)
             await retry(
@@ -225,7 +238,7 @@ class ModelPublisher(UpstreamWorker[PublishJob]):
                     daemon.subjects.model_announce(),
                     job.pointer,
                     headers=dict(headers),
-                    msg_id=f"{daemon.config.fleet}-model-v{version}",
+                    msg_id=announcement_id,
                 ),
             )
         crash_point("central.after_publish")

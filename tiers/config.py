@@ -44,11 +44,13 @@ __all__ = [
     "NatsSettings",
     "RegionalConfig",
     "RetrySettings",
+    "StatusSettings",
     "TelemetrySettings",
     "TierConfig",
     "TierKind",
     "load_config",
     "load_initial_model",
+    "load_nats_settings",
 ]
 
 TierKind: TypeAlias = Literal["edge", "regional", "central"]
@@ -97,10 +99,29 @@ class TelemetrySettings:
     Attributes:
         jsonl_dir: folder of the JSON-lines span file when no OTLP endpoint is set.
         prometheus_port: port of the Prometheus scrape endpoint, or None for none.
+        prometheus_host: address it listens on: loopback by default, since the
+            series name devices and daemons; the host's address (or ``0.0.0.0``)
+            for a Prometheus on another machine.
     """
 
     jsonl_dir: Path | None = None
     prometheus_port: int | None = None
+    prometheus_host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSettings:
+    """The status snapshot a daemon publishes for ``fedtier status`` (docs/operations.md).
+
+    Attributes:
+        enabled: publish at all (off only where the NATS user may not write the bucket).
+        interval_s: seconds between snapshots; a reader calls one stale after three.
+        rate_window_s: the window the accepted/rejected rates are averaged over.
+    """
+
+    enabled: bool = True
+    interval_s: float = 2.0
+    rate_window_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +159,7 @@ class TierConfig:
         shutdown_timeout_s: how long a clean shutdown waits for upstream PubAcks.
         retry: backoff for transient publish failures.
         telemetry: where telemetry goes.
+        status: the status snapshot published for ``fedtier status``.
     """
 
     fleet: str
@@ -154,6 +176,7 @@ class TierConfig:
     shutdown_timeout_s: float = 30.0
     retry: RetrySettings = field(default_factory=RetrySettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    status: StatusSettings = field(default_factory=StatusSettings)
 
     def __post_init__(self) -> None:
         try:
@@ -529,6 +552,20 @@ def _telemetry(table: ConfigTable) -> TelemetrySettings:
     settings = TelemetrySettings(
         jsonl_dir=table.path("jsonl_dir", None),
         prometheus_port=table.optional_port("prometheus_port"),
+        prometheus_host=table.string("prometheus_host", "127.0.0.1"),
+    )
+    table.finish()
+    return settings
+
+
+def _status(table: ConfigTable) -> StatusSettings:
+    default = StatusSettings()
+    settings = StatusSettings(
+        enabled=table.boolean("enabled", default.enabled),
+        interval_s=table.number("interval_s", default.interval_s, low=0.1, high=3600.0),
+        rate_window_s=table.number(
+            "rate_window_s", default.rate_window_s, low=0.0, high=86_400.0, low_open=True
+        ),
     )
     table.finish()
     return settings
@@ -585,6 +622,7 @@ def _common(root: ConfigTable, kind: TierKind) -> dict[str, Any]:
         "shutdown_timeout_s": root.number("shutdown_timeout_s", 30.0, low=0.0, low_open=True),
         "retry": _retry(root.table("retry")),
         "telemetry": _telemetry(root.table("telemetry")),
+        "status": _status(root.table("status")),
         **_policies(root),
     }
     if kind != "central" and not common["sender_keys"]:
@@ -701,3 +739,27 @@ def load_config(kind: TierKind, path: Path) -> TierConfig:
         raise ConfigError(message) from exc
     root.finish()
     return config
+
+
+def load_nats_settings(path: Path) -> tuple[str, NatsSettings]:
+    """The fleet and ``[nats]`` table of a TOML file, for a NATS client that is no daemon.
+
+    ``fedtier status`` reads any daemon's config this way (or an operator's
+    file holding only ``fleet`` and ``[nats]``): it connects as that file says,
+    without the daemon's keys, store or policies.
+
+    Raises:
+        ConfigError: the file is unreadable, or ``fleet`` or ``[nats]`` is unusable.
+    """
+    path = Path(path)
+    root = ConfigTable.load(path)
+    try:
+        fleet = root.string("fleet")
+        _check_tokens(fleet=fleet)
+        settings = _nats(root.table("nats"))
+    except ConfigError as exc:
+        message = str(exc)
+        if not message.startswith(path.name):
+            message = f"{path.name}: {message}"
+        raise ConfigError(message) from exc
+    return fleet, settings

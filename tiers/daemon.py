@@ -42,7 +42,9 @@ from fedtier.protocol.bus import Bus
 from fedtier.protocol.errors import BusUnavailable, FedtierError
 from fedtier.protocol.names import NatsSubjects
 from fedtier.tiers import faults
+from fedtier.tiers._health import run_probes
 from fedtier.tiers._signals import DAEMON_SIGNALS, HeldSignals, hold_signals
+from fedtier.tiers._status import publish_status
 from fedtier.tiers._upstream import retry_transient
 from fedtier.tiers.central import CentralDaemon, ModelEvaluator
 from fedtier.tiers.config import (
@@ -397,6 +399,7 @@ async def _serve(
     tracing = setup_tracing(service, instance_id=key_id, jsonl_dir=config.telemetry.jsonl_dir)
     try:
         with setup_metrics(
+            prometheus_host=config.telemetry.prometheus_host,
             prometheus_port=config.telemetry.prometheus_port,
             service_name=service,
             instance_id=key_id,
@@ -408,7 +411,13 @@ async def _serve(
                     kind, config, nats, registry, keys, metrics, tracing, evaluator
                 ) as daemon:
                     life.daemon = daemon
-                    async with trio.open_nursery() as nursery:
+                    # `fedtier status`: one snapshot per [status] interval_s, best effort.
+                    async with (
+                        publish_status(daemon, nats, stopping=lambda: life.stopping),
+                        # Dashboards and alerts: outbox, disk, nats-server checks.
+                        run_probes(daemon, metrics),
+                        trio.open_nursery() as nursery,
+                    ):
                         await nursery.start(daemon.serve)
                         if life.notifier is not None:
                             life.notifier.notify("READY=1")

@@ -28,6 +28,7 @@ from contextlib import AbstractAsyncContextManager
 
 import trio
 from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from fedtier.protocol.bus import Bus, Delivery, Subscription
 from fedtier.protocol.codecs import CodecSpec
@@ -41,7 +42,13 @@ from fedtier.protocol.errors import (
 from fedtier.protocol.messages import ModelAnnouncement, Receipt, ReceiptStatus, Tier
 from fedtier.protocol.models import open_model_blob
 from fedtier.protocol.names import MqttTopics, NatsSubjects
-from fedtier.protocol.telemetry import ATTR_DEVICE, ATTR_UPDATE_ID, span_name
+from fedtier.protocol.telemetry import (
+    ATTR_DEVICE,
+    ATTR_UPDATE_ID,
+    SYSTEM_MQTT,
+    messaging_attributes,
+    span_name,
+)
 from fedtier.tiers._follower import FollowerDaemon
 from fedtier.tiers._intake import Admission
 from fedtier.tiers._telemetry import TierMetricsLike, extract_context
@@ -153,7 +160,16 @@ class EdgeDaemon(FollowerDaemon):
 
     def _admit(self, delivery: Delivery) -> Admission:
         with self.tracer.start_as_current_span(
-            span_name("edge", "process"), context=extract_context(delivery.headers)
+            span_name("edge", "process"),
+            context=extract_context(delivery.headers),
+            kind=SpanKind.CONSUMER,
+            attributes=messaging_attributes(
+                SYSTEM_MQTT,
+                "process",
+                delivery.subject,
+                body_size=len(delivery.payload),
+                client_id=self.key_id,
+            ),
         ) as span:
             self.metrics.update_bytes(len(delivery.payload))
             decision = admit_update(

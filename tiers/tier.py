@@ -64,6 +64,7 @@ from typing import Any, ClassVar, TypeVar
 import trio
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
 
 from fedtier.protocol.bus import Delivery, Subscription
 from fedtier.protocol.codecs import CodecSpec
@@ -76,6 +77,7 @@ from fedtier.protocol.errors import (
 )
 from fedtier.protocol.messages import DeviceUpdate, PartialAggregate, Tier
 from fedtier.protocol.telemetry import (
+    ATTR_CLIP_SCALE,
     ATTR_FLUSH_REASON,
     ATTR_INPUT_COUNT,
     ATTR_INPUT_IDS,
@@ -87,6 +89,10 @@ from fedtier.protocol.telemetry import (
     ATTR_REASON,
     ATTR_SENDER,
     ATTR_STALENESS,
+    ATTR_WEIGHT,
+    MESSAGING_MESSAGE_ID,
+    SYSTEM_NATS,
+    messaging_attributes,
     span_name,
 )
 from fedtier.tiers._intake import Admission, Intake
@@ -506,10 +512,15 @@ class TierDaemon(abc.ABC):
         """Put what the input claims, and its staleness once known, on its process span."""
         if decision.input_id is not None:
             span.set_attribute(id_attr, decision.input_id.hex())
+            span.set_attribute(MESSAGING_MESSAGE_ID, decision.input_id.hex())
         if decision.sender is not None:
             span.set_attribute(sender_attr, decision.sender)
         if decision.tau is not None:
             span.set_attribute(ATTR_STALENESS, decision.tau)
+        if decision.accepted is not None:
+            accepted = decision.accepted
+            span.set_attribute(ATTR_WEIGHT, float(accepted.n_samples * accepted.discount))
+            span.set_attribute(ATTR_CLIP_SCALE, float(accepted.clip_scale))
 
     def _overflow(self, accepted: AcceptedInput) -> tuple[float, str | None]:
         """What folding ``accepted`` adds to the numerator's bound, and why it must not fold.
@@ -634,7 +645,16 @@ class TierDaemon(abc.ABC):
     def _admit_partial(self, delivery: Delivery) -> Admission:
         """Admission of a child partial (regional and central), by the core."""
         with self.tracer.start_as_current_span(
-            span_name(self.tier, "process"), context=extract_context(delivery.headers)
+            span_name(self.tier, "process"),
+            context=extract_context(delivery.headers),
+            kind=SpanKind.CONSUMER,
+            attributes=messaging_attributes(
+                SYSTEM_NATS,
+                "process",
+                delivery.subject,
+                body_size=len(delivery.payload),
+                client_id=self.key_id,
+            ),
         ) as span:
             self.metrics.update_bytes(len(delivery.payload))
             decision = admit_partial(

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from fedtier.protocol.telemetry import (
     ATTR_DEVICE,
@@ -58,12 +58,15 @@ if TYPE_CHECKING:
 __all__ = [
     "DESCRIPTION",
     "Hop",
+    "SpanLookup",
     "SpanRecord",
     "TraceIndex",
     "TraceSummary",
     "UpdatePath",
     "add_arguments",
+    "follow_partial",
     "follow_update",
+    "iter_span_file",
     "main",
     "path_text",
     "render_path",
@@ -214,7 +217,7 @@ class TraceSummary:
         return asdict(self)
 
 
-def _iter_file(path: Path) -> Iterator[SpanRecord | None]:
+def iter_span_file(path: Path) -> Iterator[SpanRecord | None]:
     """Spans of one file; ``None`` for each line that is torn or not a span."""
     with path.open("rb") as lines:
         for raw in lines:
@@ -229,6 +232,30 @@ def _iter_file(path: Path) -> Iterator[SpanRecord | None]:
                 # A process killed mid-write leaves a torn last line; skip it
                 # (and anything else unreadable) rather than refuse the run.
                 yield None
+
+
+class SpanLookup(Protocol):
+    """The lookups ``follow_update`` walks: an in-memory ``TraceIndex`` or a span database.
+
+    The trace explorer (``tiers.explorer``) answers them from sqlite, so a day of
+    spans need not fit in memory to follow one update.
+    """
+
+    def children(self, span: SpanRecord, name: str) -> list[SpanRecord]:
+        """Spans named ``name`` whose parent is ``span``."""
+        ...
+
+    def naming(self, item_id: str, name: str) -> list[SpanRecord]:
+        """Spans named ``name`` whose update or partial id is ``item_id``."""
+        ...
+
+    def folding(self, item_id: str, process: SpanRecord | None, name: str) -> list[SpanRecord]:
+        """Aggregate spans named ``name`` that list ``item_id`` or link to ``process``."""
+        ...
+
+    def resolve(self, update_id: str) -> str:
+        """The full update id that ``update_id`` (a full id or a unique prefix) names."""
+        ...
 
 
 class TraceIndex:
@@ -259,7 +286,7 @@ class TraceIndex:
         spans: list[SpanRecord] = []
         torn = 0
         for path in paths:
-            for record in _iter_file(path):
+            for record in iter_span_file(path):
                 if record is None:
                     torn += 1
                 else:
@@ -366,7 +393,7 @@ def _best(trails: Iterable[_Trail]) -> _Trail | None:
 
 
 def _from_process(
-    index: TraceIndex, level: int, item_id: str | None, sender: SpanRecord | None
+    index: SpanLookup, level: int, item_id: str | None, sender: SpanRecord | None
 ) -> _Trail | None:
     """The best trail that starts at a ``<tier> process`` span for ``item_id``."""
     tier = UPPER_TIERS[level]
@@ -378,7 +405,7 @@ def _from_process(
 
 
 def _after_process(
-    index: TraceIndex, level: int, item_id: str | None, process: SpanRecord
+    index: SpanLookup, level: int, item_id: str | None, process: SpanRecord
 ) -> _Trail:
     tier = UPPER_TIERS[level]
     outcome = _str_attr(process, ATTR_OUTCOME)
@@ -398,7 +425,7 @@ def _after_process(
     return [process, *best[0]], best[1], best[2]
 
 
-def _after_aggregate(index: TraceIndex, level: int, aggregate: SpanRecord) -> _Trail:
+def _after_aggregate(index: SpanLookup, level: int, aggregate: SpanRecord) -> _Trail:
     tier = UPPER_TIERS[level]
     if level == len(UPPER_TIERS) - 1:
         publishes = index.children(aggregate, span_name(tier, "publish model"))
@@ -440,12 +467,13 @@ def _index(source: Path | TraceIndex) -> TraceIndex:
     return source if isinstance(source, TraceIndex) else TraceIndex.load(Path(source))
 
 
-def follow_update(update_id: str, source: Path | TraceIndex) -> UpdatePath:
+def follow_update(update_id: str, source: Path | SpanLookup) -> UpdatePath:
     """Follow one update from its device through every tier to a model version.
 
     Args:
         update_id: the update id in hex, or a unique prefix of at least 4 digits.
-        source: a run's trace directory, or an index already loaded from one.
+        source: a run's trace directory, an index already loaded from one, or
+            any other ``SpanLookup`` (the explorer's span database).
 
     Returns:
         The hops found, device first; ``hops`` is empty when no span names the update.
@@ -454,7 +482,9 @@ def follow_update(update_id: str, source: Path | TraceIndex) -> UpdatePath:
         ValueError: ``update_id`` is not hex or is an ambiguous prefix.
         FileNotFoundError: ``source`` is a directory that does not exist.
     """
-    index = _index(source)
+    index: SpanLookup = (
+        source if not isinstance(source, (str, Path)) else TraceIndex.load(Path(source))
+    )
     wanted = index.resolve(update_id)
     trails: list[_Trail] = []
     for send in index.naming(wanted, span_name("device", "send")):
@@ -473,6 +503,26 @@ def follow_update(update_id: str, source: Path | TraceIndex) -> UpdatePath:
         return UpdatePath(wanted, (), None, f"no span names update {wanted}")
     spans, ends, version = best
     return UpdatePath(wanted, tuple(Hop.of(s) for s in spans), version, ends)
+
+
+def follow_partial(partial_id: str, tier: str, source: SpanLookup) -> tuple[int | None, str]:
+    """The model version that included a partial cut at ``tier``, and where its trail ends.
+
+    Args:
+        partial_id: the partial's id in hex.
+        tier: the tier that cut it, ``edge`` or ``regional``.
+        source: the spans, as ``follow_update`` takes them.
+
+    Raises:
+        ValueError: ``tier`` cuts no partials.
+    """
+    if tier not in UPPER_TIERS[:-1]:
+        raise ValueError(f"tier {tier!r} cuts no partials")
+    level = UPPER_TIERS.index(tier) + 1  # the tier that receives it
+    trail = _from_process(source, level, partial_id.lower(), None)
+    if trail is None:
+        return None, f"no {UPPER_TIERS[level]} process span names partial {partial_id}"
+    return trail[2], trail[1]
 
 
 def summary(source: Path | TraceIndex) -> TraceSummary:
@@ -720,13 +770,19 @@ def _print_error(message: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``fedtier trace``, on ``parser`` (its own, or the ``fedtier`` one's)."""
     parser.add_argument("update_id", nargs="?", metavar="UPDATE_ID", help="hex id or prefix")
-    parser.add_argument("--dir", type=Path, required=True, help="the run's trace directory")
+    parser.add_argument(
+        "--dir", type=Path, help="the run's trace directory (required, but for trace collect)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a tree")
 
 
 def run(args: argparse.Namespace) -> int:
     """``fedtier trace`` with parsed arguments (``add_arguments``); see ``main``."""
     out = _console()
+    if args.dir is None:
+        # Not required by argparse: ``fedtier trace collect`` shares this parser.
+        _print_error("fedtier trace: the following arguments are required: --dir")
+        return 2
     try:
         index = TraceIndex.load(args.dir)
         if args.update_id is None:

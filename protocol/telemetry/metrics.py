@@ -20,6 +20,30 @@ Series (Prometheus names; every series also has ``tier`` and ``fedtier_instance`
                                                     the newest evaluated model version
     fedtier_model_metric_version                    central: the version it measured
     fedtier_evaluation_failures_total               central: evaluator runs that failed
+    fedtier_quarantined_inputs{reason}              inputs acknowledged but held in quarantine
+    fedtier_quarantine_bytes                        bytes held in quarantine
+    fedtier_quarantine_refusals_total               inputs left unacknowledged (quarantine full)
+
+Operational series, sampled by the daemon's probes (``tiers._health``) every few
+seconds (local state) or every 30 s (nats-server's monitoring endpoint)::
+
+    fedtier_model_version_created_seconds       F8  Unix time the known version was made
+                                                    (``time() - x``: time since a new version)
+    fedtier_buffer_flush_inputs                 F4  the flush threshold (``max_inputs``):
+                                                    buffer fill = buffer_inputs / this
+    fedtier_outbox_partials                     F7  jobs not yet acknowledged upstream
+    fedtier_outbox_oldest_age_seconds           F7  age of the oldest of them (upstream lag)
+    fedtier_jetstream_consumer_pending{stream,consumer}
+                                                F4  messages not yet delivered (consumer lag)
+    fedtier_jetstream_consumer_ack_pending{stream,consumer}
+                                                    delivered, not yet acknowledged
+    fedtier_nats_sync_always{server}                1 when the server fsyncs every write
+    fedtier_state_disk_free_bytes                   free bytes of the state directory's disk
+    fedtier_state_disk_size_bytes                   that filesystem's size
+    fedtier_state_disk_watermark                    0 ok, 1 low (< 15 % free), 2 critical (< 5 %)
+    fedtier_mqtt_broker_dropped_messages{broker}    edge: the broker's own count of dropped
+                                                    messages since it started ($SYS)
+    fedtier_probe_errors_total{probe}               probes that could not read their source
 
 The label is ``fedtier_instance`` and not ``instance`` because Prometheus sets
 ``instance`` to the scrape target. Pass a daemon or process id as the instance,
@@ -92,18 +116,30 @@ class TierMetrics:
         "_aggregation_seconds",
         "_anomalous",
         "_base",
+        "_broker_dropped",
+        "_buffer_flush_inputs",
         "_buffer_inputs",
         "_by_label",
+        "_consumer_ack_pending",
+        "_consumer_pending",
+        "_disk_free",
+        "_disk_size",
+        "_disk_watermark",
         "_evaluation_failures",
         "_flushed",
+        "_model_created",
         "_model_metric",
         "_model_metric_version",
         "_model_version",
+        "_outbox_age",
+        "_outbox_partials",
+        "_probe_errors",
         "_quarantine_bytes",
         "_quarantine_refusals",
         "_quarantined",
         "_retries",
         "_staleness",
+        "_sync_always",
         "_update_bytes",
         "_updates",
         "instance",
@@ -196,6 +232,65 @@ class TierMetrics:
             "{input}",
             "Inputs left unacknowledged because the quarantine was full (alert on any).",
         )
+        # The operational series below are set by the daemon's probes (tiers._health).
+        self._model_created: _Gauge = meter.create_gauge(
+            "fedtier_model_version_created_seconds",
+            "s",
+            "Unix time at which the central made the model version this process knows.",
+        )
+        self._buffer_flush_inputs: _Gauge = meter.create_gauge(
+            "fedtier_buffer_flush_inputs",
+            "{input}",
+            "Inputs at which the open buffer is flushed (the flush policy's max_inputs).",
+        )
+        self._outbox_partials: _Gauge = meter.create_gauge(
+            "fedtier_outbox_partials",
+            "{job}",
+            "Partials (central: model versions) not yet acknowledged upstream.",
+        )
+        self._outbox_age: _Gauge = meter.create_gauge(
+            "fedtier_outbox_oldest_age_seconds",
+            "s",
+            "Age of the oldest job not yet acknowledged upstream; 0 when there is none.",
+        )
+        self._consumer_pending: _Gauge = meter.create_gauge(
+            "fedtier_jetstream_consumer_pending",
+            "{message}",
+            "Messages of the stream not yet delivered to this tier's durable consumer.",
+        )
+        self._consumer_ack_pending: _Gauge = meter.create_gauge(
+            "fedtier_jetstream_consumer_ack_pending",
+            "{message}",
+            "Messages delivered to this tier's durable consumer and not yet acknowledged.",
+        )
+        self._sync_always: _Gauge = meter.create_gauge(
+            "fedtier_nats_sync_always",
+            "1",
+            "1 when the nats-server fsyncs every JetStream write (sync_interval: always), else 0.",
+        )
+        self._disk_free: _Gauge = meter.create_gauge(
+            "fedtier_state_disk_free_bytes",
+            "By",
+            "Bytes free for this daemon on the filesystem of its state directory.",
+        )
+        self._disk_size: _Gauge = meter.create_gauge(
+            "fedtier_state_disk_size_bytes", "By", "Size of the state directory's filesystem."
+        )
+        self._disk_watermark: _Gauge = meter.create_gauge(
+            "fedtier_state_disk_watermark",
+            "1",
+            "State directory disk: 0 ok, 1 low (< 15 % free), 2 critical (< 5 % free).",
+        )
+        self._broker_dropped: _Gauge = meter.create_gauge(
+            "fedtier_mqtt_broker_dropped_messages",
+            "{message}",
+            "The MQTT broker's own count of messages it dropped since it started ($SYS).",
+        )
+        self._probe_errors: Counter = meter.create_counter(
+            "fedtier_probe_errors",
+            "{error}",
+            "Probe runs that could not read their source (monitoring endpoint, disk, broker).",
+        )
 
     def _labels(self, *pairs: str) -> Attributes:
         attributes = self._by_label.get(pairs)
@@ -272,6 +367,45 @@ class TierMetrics:
     def quarantine_refused(self) -> None:
         """Count one input left unacknowledged because the quarantine is full."""
         self._quarantine_refusals.add(1, self._base)
+
+    # -- operational series, set by the daemon's probes --------------------------------
+
+    def model_version_created(self, created_ms: int) -> None:
+        """Set when the central made the model version this process knows (Unix ms in)."""
+        self._model_created.set(created_ms / 1000.0, self._base)
+
+    def buffer_flush_inputs(self, max_inputs: int) -> None:
+        """Set the flush threshold the buffer fill is measured against."""
+        self._buffer_flush_inputs.set(max_inputs, self._base)
+
+    def outbox(self, jobs: int, oldest_age_s: float) -> None:
+        """Set the jobs not yet acknowledged upstream and the oldest one's age (F7)."""
+        self._outbox_partials.set(jobs, self._base)
+        self._outbox_age.set(oldest_age_s, self._base)
+
+    def consumer_lag(self, stream: str, consumer: str, pending: int, ack_pending: int) -> None:
+        """Set the JetStream consumer's ``num_pending`` and ``num_ack_pending``."""
+        labels = self._labels("stream", stream, "consumer", consumer)
+        self._consumer_pending.set(pending, labels)
+        self._consumer_ack_pending.set(ack_pending, labels)
+
+    def nats_sync_always(self, server: str, ok: bool) -> None:
+        """Set the result of the ``sync_interval: always`` check of ``server``."""
+        self._sync_always.set(1 if ok else 0, self._labels("server", server))
+
+    def state_disk(self, free_bytes: int, size_bytes: int, watermark: int) -> None:
+        """Set the state directory's free bytes, filesystem size and watermark level."""
+        self._disk_free.set(free_bytes, self._base)
+        self._disk_size.set(size_bytes, self._base)
+        self._disk_watermark.set(watermark, self._base)
+
+    def broker_dropped(self, broker: str, dropped: int) -> None:
+        """Set the MQTT broker's count of dropped messages, as its ``$SYS`` tree says."""
+        self._broker_dropped.set(dropped, self._labels("broker", broker))
+
+    def probe_failed(self, probe: str) -> None:
+        """Count one probe run that could not read its source (``varz``, ``jsz``, ``disk``)."""
+        self._probe_errors.add(1, self._labels("probe", probe))
 
 
 class MetricsHandle:

@@ -13,7 +13,10 @@ Exporter choice follows the standard ``OTEL_*`` variables (read once, in
   else ``jsonl`` (when a directory was given).
 * OTLP is OTLP/HTTP with protobuf; its endpoint, headers, timeout and
   compression come from the exporter's own ``OTEL_EXPORTER_OTLP_*`` variables.
-* ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_BSP_*``,
+* ``OTEL_TRACES_SAMPLER=fedtier`` chooses :class:`FedtierSampler`: device
+  sends (and the edge spans of their traces) kept at the ratio
+  ``OTEL_TRACES_SAMPLER_ARG`` (1.0 when unset), every aggregate, partial,
+  publication and rejection kept. Any other sampler name, ``OTEL_BSP_*``,
   ``OTEL_SPAN_*_LIMIT`` and ``OTEL_RESOURCE_ATTRIBUTES`` are applied by the SDK.
 
 Every exporter sits behind a ``BatchSpanProcessor``: ending a span only appends
@@ -41,27 +44,42 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.trace import Link, format_span_id, format_trace_id
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import (
+    Link,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+    format_span_id,
+    format_trace_id,
+    get_current_span,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
 from fedtier.protocol.errors import ConfigError
-from fedtier.protocol.telemetry import ATTR_TIER
+from fedtier.protocol.telemetry import ATTR_OUTCOME, ATTR_TIER, OUTCOME_REJECTED, span_name
 
 __all__ = [
+    "DEVICE_ORIGIN_SPANS",
+    "SAMPLER_NAME",
     "TRACER_NAME",
+    "FedtierSampler",
     "JsonLinesSpanExporter",
     "TracingHandle",
     "extract_context",
     "inject_headers",
     "link_for",
+    "otlp_requested",
+    "requested_exporters",
     "setup_tracing",
     "span_to_json",
 ]
@@ -139,6 +157,153 @@ def link_for(context: Context, attributes: Attributes = None) -> Link | None:
     if not span_context.is_valid:
         return None
     return Link(span_context, attributes)
+
+
+# --- sampling -----------------------------------------------------------------------
+
+SAMPLER_NAME: Final = "fedtier"
+"""The ``OTEL_TRACES_SAMPLER`` value that chooses :class:`FedtierSampler`."""
+
+DEVICE_ORIGIN_SPANS: Final = frozenset({span_name("device", "send"), span_name("edge", "process")})
+"""The spans sampled by ratio: one of each per device update, so they are the volume.
+
+Every other fedtier span (aggregates, partial sends, regional and central
+processing, model publication and evaluation) is one per partial or version
+and always kept.
+"""
+
+_TRACE_ID_LOW_BITS: Final = (1 << 64) - 1
+
+
+class FedtierSampler(Sampler):
+    """Keeps device-origin spans by trace-id ratio and every other span always.
+
+    The decision for a device-origin span is a pure function of its trace id
+    (the low 64 bits against ``ratio * 2**64``, as the SDK's ``TraceIdRatioBased``),
+    so the device that sends an update and the edge that processes it agree
+    without talking, and lowering the ratio only ever removes whole traces.
+
+    An edge ``process`` span that is not sampled is still *recorded* (not
+    exported): it may turn into a rejection after it started, and
+    ``setup_tracing``'s processors export a recorded span whose
+    ``fedtier.outcome`` is ``rejected`` whatever the sampling said. A device
+    ``send`` span that is not sampled is dropped outright.
+
+    Args:
+        ratio: the fraction of device updates whose device and edge spans are kept,
+            in ``[0, 1]``.
+
+    Raises:
+        ConfigError: ``ratio`` outside ``[0, 1]`` or not a number.
+    """
+
+    def __init__(self, ratio: float = 1.0) -> None:
+        if not 0.0 <= ratio <= 1.0:  # also refuses NaN
+            raise ConfigError(
+                f"the fedtier sampler's ratio is {ratio!r}; "
+                "set OTEL_TRACES_SAMPLER_ARG to a number from 0 to 1"
+            )
+        self._ratio = ratio
+        self._bound = round(ratio * (1 << 64))
+
+    @property
+    def ratio(self) -> float:
+        """The fraction of device updates kept."""
+        return self._ratio
+
+    def keeps_trace(self, trace_id: int) -> bool:
+        """Whether the device-origin spans of the trace ``trace_id`` are sampled."""
+        return (trace_id & _TRACE_ID_LOW_BITS) < self._bound
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: object = None,
+    ) -> SamplingResult:
+        """Sample by the rules in the class docstring; keep the parent's trace state."""
+        parent_state = get_current_span(parent_context).get_span_context().trace_state
+        if name not in DEVICE_ORIGIN_SPANS or self.keeps_trace(trace_id):
+            decision = Decision.RECORD_AND_SAMPLE
+        elif name == span_name("device", "send"):
+            decision = Decision.DROP
+        else:
+            decision = Decision.RECORD_ONLY
+        return SamplingResult(decision, attributes, parent_state)
+
+    def get_description(self) -> str:
+        """The sampler's name and ratio, as the SDK's samplers describe themselves."""
+        return f"FedtierSampler{{{self._ratio}}}"
+
+
+def _sampler_from_env() -> Sampler | None:
+    """The fedtier sampler when ``OTEL_TRACES_SAMPLER`` names it, else ``None`` (the SDK's)."""
+    if os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() != SAMPLER_NAME:
+        return None
+    raw = os.environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if not raw:
+        return FedtierSampler()
+    try:
+        ratio = float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"OTEL_TRACES_SAMPLER_ARG is {raw!r}; the fedtier sampler wants a ratio from 0 to 1"
+        ) from None
+    return FedtierSampler(ratio)
+
+
+def _sampled_copy(span: ReadableSpan) -> ReadableSpan:
+    """``span`` with its sampled flag set, for exporters that only take sampled spans."""
+    context = span.get_span_context()
+    assert context is not None  # an ended SDK span always has one
+    flags = TraceFlags(context.trace_flags | TraceFlags.SAMPLED)
+    return ReadableSpan(
+        name=span.name,
+        context=SpanContext(
+            context.trace_id, context.span_id, context.is_remote, flags, context.trace_state
+        ),
+        parent=span.parent,
+        resource=span.resource,
+        attributes=span.attributes,
+        events=span.events,
+        links=span.links,
+        kind=span.kind,
+        status=span.status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class _KeepRejections(SpanProcessor):
+    """Passes sampled spans on, and recorded-but-unsampled spans that ended as rejections.
+
+    The fedtier sampler records the edge's unsampled ``process`` spans only so
+    this processor can still export the ones that became rejections.
+    """
+
+    def __init__(self, inner: SpanProcessor) -> None:
+        self._inner = inner
+
+    def on_start(self, span: SdkSpan, parent_context: Context | None = None) -> None:
+        self._inner.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.get_span_context()
+        if context is None or context.trace_flags.sampled:
+            self._inner.on_end(span)
+        elif (span.attributes or {}).get(ATTR_OUTCOME) == OUTCOME_REJECTED:
+            self._inner.on_end(_sampled_copy(span))
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
 
 
 # --- JSON lines exporter ------------------------------------------------------------
@@ -359,25 +524,47 @@ def _check_file_token(kind: str, value: str) -> str:
     return value
 
 
-def _exporter_names(jsonl_dir: Path | None) -> list[str]:
-    raw = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+def otlp_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the ``OTEL_*`` variables of ``environ`` (``os.environ``) ask for OTLP export."""
+    return "otlp" in requested_exporters(environ)
+
+
+def requested_exporters(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The exporters the ``OTEL_*`` variables of ``environ`` (``os.environ``) ask for.
+
+    ``OTEL_TRACES_EXPORTER`` when set (``none`` gives no exporter), else ``otlp``
+    when an OTLP endpoint is set, else none: without fedtier's own ``jsonl``
+    default, which depends on the process having a trace directory. The
+    simulators use it to add their own JSON-lines copy to what the user asked for.
+
+    Raises:
+        ConfigError: ``OTEL_TRACES_EXPORTER`` names an exporter fedtier lacks.
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     if raw:
         names = [name.strip() for name in raw.split(",") if name.strip()]
-    elif os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    ):
+    elif env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         names = ["otlp"]
     else:
-        names = ["jsonl"] if jsonl_dir is not None else []
+        names = []
     if "none" in names:
-        return []
+        return ()
     for name in names:
         if name not in {"otlp", "jsonl", "console"}:
             raise ConfigError(
                 f"OTEL_TRACES_EXPORTER names {name!r}; fedtier supports otlp, jsonl, console "
                 "and none"
             )
-    return list(dict.fromkeys(names))
+    return tuple(dict.fromkeys(names))
+
+
+def _exporter_names(jsonl_dir: Path | None) -> list[str]:
+    explicit = bool(os.environ.get("OTEL_TRACES_EXPORTER", "").strip())
+    names = list(requested_exporters())
+    if not names and not explicit and jsonl_dir is not None:
+        names = ["jsonl"]
+    return names
 
 
 def _otlp_exporter() -> SpanExporter:
@@ -428,7 +615,8 @@ def setup_tracing(
 
     Raises:
         ConfigError: an unsupported ``OTEL_TRACES_EXPORTER`` or OTLP protocol, a
-            missing OTLP package, or names that cannot form a file name.
+            missing OTLP package, a fedtier sampler ratio outside ``[0, 1]``, or
+            names that cannot form a file name.
     """
     resource = Resource.create(
         {
@@ -437,17 +625,19 @@ def setup_tracing(
             ATTR_TIER: tier if tier is not None else _tier_of(service_name),
         }
     )
-    # The SDK reads OTEL_TRACES_SAMPLER, OTEL_SDK_DISABLED and the span limits here.
-    provider = TracerProvider(resource=resource)
+    # The SDK reads OTEL_TRACES_SAMPLER (unless it names ours), OTEL_SDK_DISABLED
+    # and the span limits here.
+    provider = TracerProvider(resource=resource, sampler=_sampler_from_env())
     names: list[str] = [] if _env_true("OTEL_SDK_DISABLED") else _exporter_names(jsonl_dir)
     jsonl_path: Path | None = None
     try:
         for name in names:
             if name == "otlp":
-                provider.add_span_processor(BatchSpanProcessor(_otlp_exporter()))
+                provider.add_span_processor(_KeepRejections(BatchSpanProcessor(_otlp_exporter())))
             elif name == "console":
                 # stderr: stdout belongs to the CLI's progress display.
-                provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+                console = ConsoleSpanExporter(out=sys.stderr)
+                provider.add_span_processor(_KeepRejections(BatchSpanProcessor(console)))
             elif jsonl_dir is None:
                 raise ConfigError("OTEL_TRACES_EXPORTER names jsonl but no trace directory is set")
             else:
@@ -460,8 +650,10 @@ def setup_tracing(
                 if "OTEL_BSP_SCHEDULE_DELAY" in os.environ:
                     delay = None  # the SDK reads it
                 provider.add_span_processor(
-                    BatchSpanProcessor(
-                        JsonLinesSpanExporter(jsonl_path), schedule_delay_millis=delay
+                    _KeepRejections(
+                        BatchSpanProcessor(
+                            JsonLinesSpanExporter(jsonl_path), schedule_delay_millis=delay
+                        )
                     )
                 )
     except BaseException:

@@ -18,6 +18,7 @@ from typing import Final
 import trio
 
 from fedtier.protocol.errors import StoreError
+from fedtier.protocol.telemetry.tracing import otlp_requested
 from fedtier.simulations.chaos._inject import _Injector
 from fedtier.simulations.chaos._plan import ChaosOptions
 from fedtier.simulations.chaos._result import ChaosResult
@@ -36,6 +37,21 @@ from fedtier.tiers.store import read_lineages
 
 _POLL_S: Final = 0.5
 _PROGRESS_EVERY_S: Final = 5.0
+
+
+def _chaos_environment(trace_dir: Path) -> dict[str, str]:
+    """The children's environment: tracing off, unless the user asked for OTLP export.
+
+    Spans cost CPU in every process and the checker reads device logs, not
+    spans, so by default no child traces. With an OTLP endpoint (or
+    ``OTEL_TRACES_EXPORTER`` naming ``otlp``) the user wants to watch the run in
+    their backend: every child then exports there and keeps the run's
+    JSON-lines copy in ``<out>/traces`` for `fedtier trace`, at the CPU cost of
+    tracing (sample device sends with ``OTEL_TRACES_SAMPLER=fedtier``).
+    """
+    if otlp_requested():
+        return child_environment(trace_dir)
+    return {**child_environment(None), "OTEL_SDK_DISABLED": "true"}
 
 
 class _Run(_Injector):
@@ -198,8 +214,7 @@ async def run_chaos(options: ChaosOptions) -> ChaosResult:
             )
             for stale in plan.device_log_dir.glob("*.jsonl"):
                 stale.unlink()
-            # Spans cost CPU in every process and the checker does not need them.
-            env = {**child_environment(None), "OTEL_SDK_DISABLED": "true"}
+            env = _chaos_environment(plan.trace_dir)
             async with open_process_group(
                 plan.log_dir, env=env, stop_grace_s=_STOP_GRACE_S
             ) as group:

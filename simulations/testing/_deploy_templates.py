@@ -51,6 +51,7 @@ EXAMPLE_NKEYS: Final[Mapping[str, str]] = {
     "regional": "UBGVZH4JU5AFNIFCFPZPFTPDNAGT644KBXLKJUUS7AGNT7GWLDJF3SHV",
     "central": "UB2BGPQP7L2GEKELSELQ7ELEELHJU54WZKYJZ3LHGBHUDEGBJQOQBYCE",
     "operator": "UDF3T6P5M5CO3MZPCMOQ5QZ2R5DUC242ZBYTCOGCRTR4XAXNYKLTNXBV",
+    "status": "UDKQL6MYGNRNK6HW6HMO5PKZQGIVWDV26S25T7GQOQQXWJB3DKZ5SOWZ",
 }
 
 _USER_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -115,7 +116,7 @@ def nats_accounts(
     """Return the ``accounts`` block and ``system_account`` line of the NATS example.
 
     Args:
-        public_keys: role (``edge``, ``regional``, ``central``, ``operator``)
+        public_keys: role (``edge``, ``regional``, ``central``, ``operator``, ``status``)
             -> the public nkey (``U...``) that replaces the example one.
         fleet: the fleet token replacing ``fleet1`` (and ``FLEET1`` in stream names).
         region: the region token replacing ``eu-west``.

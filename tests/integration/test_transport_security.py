@@ -46,7 +46,7 @@ DEADLINE_S = 10
 FLEET = "sec"
 REGION = "north"
 EDGE_CN = "edge-sec-1"
-NATS_ROLES = ("edge", "regional", "central", "operator")
+NATS_ROLES = ("edge", "regional", "central", "operator", "status")
 
 
 def unique(prefix: str) -> str:

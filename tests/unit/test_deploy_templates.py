@@ -32,9 +32,11 @@ def test_the_rendered_acl_keeps_the_device_rules_and_copies_the_edge_rules() -> 
     patterns = [line for line in deployed if line.startswith("pattern ")]
     assert patterns == [line for line in rendered if line.startswith("pattern ")]
     assert "pattern write ft/+/+/up/%u" in patterns
-    edge_rules = deployed[deployed.index("user edge-site-a-1") + 1 :][:3]
-    assert all(line.startswith("topic ") for line in edge_rules)
-    assert rendered[-8:] == ["user edge-x", *edge_rules, "user edge-y", *edge_rules]
+    after = deployed[deployed.index("user edge-site-a-1") + 1 :]
+    edge_rules = after[: next(i for i, line in enumerate(after) if not line.startswith("topic "))]
+    assert "topic read ft/+/+/up/+" in edge_rules
+    count = 2 * (len(edge_rules) + 1)
+    assert rendered[-count:] == ["user edge-x", *edge_rules, "user edge-y", *edge_rules]
 
 
 def test_the_acl_template_refuses_an_odd_user_name() -> None:

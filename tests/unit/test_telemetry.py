@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -22,15 +23,34 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.sampling import Decision
 
 from fedtier.protocol.errors import ConfigError
-from fedtier.protocol.telemetry import ATTR_INPUT_IDS, ATTR_TIER, ATTR_UPDATE_ID
+from fedtier.protocol.telemetry import (
+    ATTR_INPUT_IDS,
+    ATTR_OUTCOME,
+    ATTR_REASON,
+    ATTR_TIER,
+    ATTR_UPDATE_ID,
+    MESSAGING_CLIENT_ID,
+    MESSAGING_DESTINATION_NAME,
+    MESSAGING_MESSAGE_BODY_SIZE,
+    MESSAGING_MESSAGE_ID,
+    MESSAGING_OPERATION_NAME,
+    MESSAGING_OPERATION_TYPE,
+    MESSAGING_SYSTEM,
+    SYSTEM_MQTT,
+    SYSTEM_NATS,
+    messaging_attributes,
+)
 from fedtier.protocol.telemetry.metrics import TierMetrics, setup_metrics
 from fedtier.protocol.telemetry.tracing import (
+    FedtierSampler,
     JsonLinesSpanExporter,
     extract_context,
     inject_headers,
     link_for,
+    otlp_requested,
     setup_tracing,
 )
 
@@ -362,6 +382,213 @@ def test_many_simulated_devices_share_one_process_file(tmp_path: Path) -> None:
     records = _read_lines(tmp_path / "fedtier-device-fleet-1.jsonl")
     assert len(records) == 50
     assert {r["resource"][ATTR_TIER] for r in records} == {"device"}
+
+
+# --- messaging semantic conventions -------------------------------------------------
+
+
+def test_messaging_attributes_use_the_semconv_names() -> None:
+    attributes = messaging_attributes(
+        SYSTEM_MQTT, "send", "ft/f/s1/updates/d1", message_id="ab", body_size=12, client_id="d1"
+    )
+    assert attributes == {
+        "messaging.system": "mqtt",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "publish",
+        "messaging.destination.name": "ft/f/s1/updates/d1",
+        "messaging.message.id": "ab",
+        "messaging.message.body.size": 12,
+        "messaging.client.id": "d1",
+    }
+    # What is not known when the span starts is left out, not set to a placeholder.
+    assert messaging_attributes(SYSTEM_NATS, "process", "ft.f.partials.r1") == {
+        MESSAGING_SYSTEM: "nats",
+        MESSAGING_OPERATION_TYPE: "process",
+        MESSAGING_OPERATION_NAME: "process",
+        MESSAGING_DESTINATION_NAME: "ft.f.partials.r1",
+    }
+
+
+def test_semconv_names_match_the_opentelemetry_package() -> None:
+    from opentelemetry.semconv._incubating.attributes import messaging_attributes as semconv
+
+    assert MESSAGING_SYSTEM == semconv.MESSAGING_SYSTEM
+    assert MESSAGING_DESTINATION_NAME == semconv.MESSAGING_DESTINATION_NAME
+    assert MESSAGING_OPERATION_TYPE == semconv.MESSAGING_OPERATION_TYPE
+    assert MESSAGING_OPERATION_NAME == semconv.MESSAGING_OPERATION_NAME
+    assert MESSAGING_MESSAGE_ID == semconv.MESSAGING_MESSAGE_ID
+    assert MESSAGING_MESSAGE_BODY_SIZE == semconv.MESSAGING_MESSAGE_BODY_SIZE
+    assert MESSAGING_CLIENT_ID == semconv.MESSAGING_CLIENT_ID
+    operations = {v.value for v in semconv.MessagingOperationTypeValues}
+    assert {"send", "process"} <= operations
+
+
+# --- sampling -----------------------------------------------------------------------
+
+# A fixed set of trace ids: the ratio check below is deterministic.
+_RNG = random.Random(13)
+_TRACE_IDS = [_RNG.getrandbits(128) for _ in range(4000)]
+_ALWAYS_KEPT = [
+    "edge aggregate",
+    "edge send",
+    "regional process",
+    "regional aggregate",
+    "regional send",
+    "central process",
+    "central aggregate",
+    "central publish model",
+    "central evaluate model",
+]
+
+
+def _decision(sampler: FedtierSampler, name: str, trace_id: int) -> Decision:
+    return sampler.should_sample(None, trace_id, name).decision
+
+
+def _sampled(sampler: FedtierSampler, name: str, trace_id: int) -> bool:
+    return _decision(sampler, name, trace_id) is Decision.RECORD_AND_SAMPLE
+
+
+def test_device_and_edge_agree_on_every_trace_without_talking() -> None:
+    # Two instances stand for two processes (the device and the edge).
+    device, edge = FedtierSampler(0.25), FedtierSampler(0.25)
+    kept = 0
+    for trace_id in _TRACE_IDS:
+        sent = _sampled(device, "device send", trace_id)
+        assert sent == _sampled(edge, "edge process", trace_id)
+        # The edge records what it does not export: it may become a rejection.
+        assert _decision(edge, "edge process", trace_id) is not Decision.DROP
+        kept += sent
+    assert 0.22 < kept / len(_TRACE_IDS) < 0.28
+
+
+def test_a_lower_ratio_only_removes_whole_traces() -> None:
+    low, high = FedtierSampler(0.1), FedtierSampler(0.5)
+    kept_low = {t for t in _TRACE_IDS if _sampled(low, "device send", t)}
+    kept_high = {t for t in _TRACE_IDS if _sampled(high, "device send", t)}
+    assert kept_low < kept_high
+    none, every = FedtierSampler(0.0), FedtierSampler(1.0)
+    assert not any(_sampled(none, "device send", t) for t in _TRACE_IDS)
+    assert all(_sampled(every, "device send", t) for t in _TRACE_IDS)
+
+
+@pytest.mark.parametrize("name", _ALWAYS_KEPT)
+def test_aggregates_sends_and_publications_are_always_kept(name: str) -> None:
+    never = FedtierSampler(0.0)
+    assert all(_decision(never, name, t) is Decision.RECORD_AND_SAMPLE for t in _TRACE_IDS[:200])
+    assert _decision(never, "device send", _TRACE_IDS[0]) is Decision.DROP
+    assert _decision(never, "edge process", _TRACE_IDS[0]) is Decision.RECORD_ONLY
+
+
+@pytest.mark.parametrize("arg", ["1.5", "-0.1", "nan", "half"])
+def test_a_bad_ratio_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arg: str
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "fedtier")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", arg)
+    with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER_ARG"):
+        setup_tracing("fedtier-edge", instance_id="e1", jsonl_dir=tmp_path, set_global=False)
+
+
+def test_the_fedtier_sampler_exports_rejections_of_unsampled_traces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "fedtier")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    with setup_tracing("fedtier-edge", instance_id="e1", jsonl_dir=tmp_path, set_global=False) as h:
+        tracer = h.tracer
+        with tracer.start_as_current_span("device send") as send:
+            assert not send.is_recording()
+        with tracer.start_as_current_span("edge process") as accepted:
+            accepted.set_attribute(ATTR_OUTCOME, "accepted")
+        with tracer.start_as_current_span("edge process") as rejected:
+            # The outcome is known only after the span started, as at the edge.
+            rejected.set_attribute(ATTR_OUTCOME, "rejected")
+            rejected.set_attribute(ATTR_REASON, "bad_signature")
+        with tracer.start_as_current_span("edge aggregate"):
+            pass
+    records = _read_lines(tmp_path / "fedtier-edge-e1.jsonl")
+    assert [(r["name"], r["attributes"].get(ATTR_OUTCOME)) for r in records] == [
+        ("edge process", "rejected"),
+        ("edge aggregate", None),
+    ]
+    assert records[0]["attributes"][ATTR_REASON] == "bad_signature"
+    assert records[0]["span_id"] == f"{rejected.get_span_context().span_id:016x}"
+
+
+def test_without_the_fedtier_sampler_the_sdk_sampler_applies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with setup_tracing("fedtier-edge", instance_id="e1", jsonl_dir=tmp_path, set_global=False) as h:
+        assert not isinstance(h.provider.sampler, FedtierSampler)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "FEDTIER")
+    with setup_tracing("fedtier-edge", instance_id="e2", jsonl_dir=tmp_path, set_global=False) as h:
+        assert isinstance(h.provider.sampler, FedtierSampler)
+        assert h.provider.sampler.ratio == 1.0
+
+
+# --- exporters of the lab's child processes -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "daemons", "device"),
+    [
+        ({}, "jsonl", None),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, "otlp,jsonl", "otlp"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:4318/v1/traces"}, "otlp,jsonl", "otlp"),
+        ({"OTEL_TRACES_EXPORTER": "console,otlp"}, "console,otlp,jsonl", "console,otlp"),
+        ({"OTEL_TRACES_EXPORTER": "none"}, "jsonl", None),
+        ({"OTEL_TRACES_EXPORTER": "jsonl"}, "jsonl", None),
+    ],
+)
+def test_lab_children_export_where_the_user_asks_and_keep_their_files(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    daemons: str,
+    device: str | None,
+) -> None:
+    from fedtier.simulations.mesh import child_environment, lab_exporters
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    child = child_environment(tmp_path)
+    assert child["OTEL_TRACES_EXPORTER"] == daemons
+    assert "OTEL_SDK_DISABLED" not in child  # the lab wants its span files
+    assert lab_exporters(keep_jsonl=False) == device
+    assert otlp_requested() == ("otlp" in daemons)
+
+
+@pytest.mark.parametrize("otlp", [False, True])
+def test_chaos_children_trace_only_when_the_user_asks_for_otlp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, otlp: bool
+) -> None:
+    from fedtier.simulations.chaos import _run
+
+    if otlp:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    env = _run._chaos_environment(tmp_path)
+    if otlp:
+        assert "OTEL_SDK_DISABLED" not in env
+        assert env["OTEL_TRACES_EXPORTER"] == "otlp,jsonl"
+    else:
+        # Spans cost CPU in every process and the checker reads device logs instead.
+        assert env["OTEL_SDK_DISABLED"] == "true"
+
+
+def test_a_child_with_otlp_and_jsonl_writes_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, otlp_server: HTTPServer
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{otlp_server.server_port}")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp,jsonl")
+    with setup_tracing("fedtier-edge", instance_id="e1", jsonl_dir=tmp_path, set_global=False) as h:
+        assert h.exporters == ("otlp", "jsonl")
+        with h.tracer.start_as_current_span("edge aggregate"):
+            pass
+    assert [r[0] for r in otlp_server.requests] == ["/v1/traces"]  # type: ignore[attr-defined]
+    [record] = _read_lines(tmp_path / "fedtier-edge-e1.jsonl")
+    assert record["name"] == "edge aggregate"
 
 
 # --- metrics --------------------------------------------------------------------

@@ -45,6 +45,7 @@ def test_edge_example_loads() -> None:
     assert config.partial_codec == CodecSpec("f32")
     assert config.commit_window_s == pytest.approx(0.002)
     assert config.telemetry.prometheus_port == 9464
+    assert config.telemetry.prometheus_host == "127.0.0.1"  # loopback unless told
     assert config.store_path == Path("/var/lib/fedtier/edge/state.sqlite")
 
 
@@ -112,6 +113,19 @@ def test_minimal_edge_config_takes_defaults(tmp_path: Path) -> None:
     assert config.max_norm == 10.0
     assert config.influence.adaptive_norm is not None
     assert config.nats.ack_wait_s == 30.0
+    assert (config.nats.max_deliver, config.nats.max_hold_s) == (50, 300.0)
+
+
+def test_nats_and_telemetry_keys_reach_the_settings(tmp_path: Path) -> None:
+    path = tmp_path / "edge.toml"
+    path.write_text(
+        EDGE_MINIMAL
+        + "\n[nats]\nservers = ['nats://127.0.0.1:4222']\nmax_deliver = 7\nmax_hold_s = 0\n"
+        + "\n[telemetry]\nprometheus_port = 9464\nprometheus_host = '0.0.0.0'\n"
+    )
+    config = load_config("edge", path)
+    assert (config.nats.max_deliver, config.nats.max_hold_s) == (7, 0.0)
+    assert (config.telemetry.prometheus_host, config.telemetry.prometheus_port) == ("0.0.0.0", 9464)
 
 
 @pytest.mark.parametrize(

@@ -277,12 +277,16 @@ class NatsBus(Bus):
         if body_error is not None:
             raise body_error
 
-    async def kv_bucket(self, name: str, *, history: int = 1) -> KvBucket:
+    async def kv_bucket(
+        self, name: str, *, history: int = 1, max_age_s: float | None = None
+    ) -> KvBucket:
         """Bind to the KV bucket ``name``, creating it (file storage) if missing.
 
         Args:
             name: bucket name.
             history: values kept per key when the bucket is created (1-64).
+            max_age_s: when the bucket is created, how long a value lives
+                (None: forever); an existing bucket keeps its own.
         """
         self._check_open(f"KV bucket {name!r}")
         action = f"open KV bucket {name!r}"
@@ -290,7 +294,7 @@ class NatsBus(Bus):
             _refusals(self._conn.events, action, _kv_names(name), write=False),
             _boundary(action),
         ):
-            kv = await _aio(_aio_kv_bucket, self._conn.js, name, history)
+            kv = await _aio(_aio_kv_bucket, self._conn.js, name, history, max_age_s)
         return KvBucket(self, kv, name)
 
     async def object_store(self, name: str) -> ObjectStore:

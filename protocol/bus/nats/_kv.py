@@ -1,6 +1,6 @@
 """JetStream key-value buckets, trio-facing; imports the bus module for typing only.
 
-Opened by ``NatsBus.kv_bucket``: get, entry, put, delete, compare-and-set update, watch.
+Opened by ``NatsBus.kv_bucket``: get, entry, keys, put, delete, compare-and-set update, watch.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _kv_names(bucket: str) -> list[str]:
     return [bucket, f"KV_{bucket}"]
 
 
-async def _aio_kv_bucket(js: Any, name: str, history: int) -> Any:
+async def _aio_kv_bucket(js: Any, name: str, history: int, max_age_s: float | None) -> Any:
     try:
         return await js.key_value(name)
     except nats.js.errors.BucketNotFoundError:
@@ -56,11 +56,22 @@ async def _aio_kv_bucket(js: Any, name: str, history: int) -> Any:
         # direct=True: reads use $JS.API.DIRECT.GET, which any replica answers
         # and which a read-only user can be granted on its own.
         return await js.create_key_value(
-            bucket=name, history=history, storage=nats.js.api.StorageType.FILE, direct=True
+            bucket=name,
+            history=history,
+            storage=nats.js.api.StorageType.FILE,
+            direct=True,
+            ttl=max_age_s,
         )
     except nats.js.errors.APIError:
         # Another process created it between our two calls.
         return await js.key_value(name)
+
+
+async def _aio_kv_keys(kv: Any) -> list[str]:
+    try:
+        return [str(key) for key in await kv.keys()]
+    except nats.js.errors.NoKeysError:
+        return []
 
 
 async def _aio_kv_get(kv: Any, key: str) -> tuple[bytes, int] | None:
@@ -165,6 +176,13 @@ class KvBucket:
         self._bus._check_open(action)
         with self._refusals(action, write=False), _boundary(action):
             return await _aio(_aio_kv_entry, self._kv, key)
+
+    async def keys(self) -> list[str]:
+        """Every key that holds a value now (deleted and aged-out keys are not listed)."""
+        action = f"KV keys of {self.name}"
+        self._bus._check_open(action)
+        with self._refusals(action, write=False), _boundary(action):
+            return await _aio(_aio_kv_keys, self._kv)
 
     async def put(self, key: str, value: bytes) -> int:
         """Store ``value`` under ``key`` unconditionally; return the new revision.

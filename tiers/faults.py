@@ -43,8 +43,9 @@ Unsafe switches (``FEDTIER_UNSAFE``)
     * ``ack_before_commit``: acknowledge an input to its broker (and, at the
       edge, send its receipt) before its record is committed.
     * ``dedupe_open_buffer_only``: remember input ids only while they are in
-      the open buffer, as a broker's dedupe window would; a copy arriving
-      after the original was flushed is folded again.
+      the open buffer, as a broker's dedupe window would, and keep no index of
+      the leaves of accepted partials; a copy arriving after the original was
+      flushed is folded again.
     * ``drop_unconfirmed_partials``: publish a partial once; if no PubAck
       comes, count it as sent and drop it instead of retrying.
     * ``reject_late_partials``: refuse a partial made more than

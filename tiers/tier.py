@@ -222,10 +222,12 @@ class StoreLedger:
     def counted_leaves(self, leaves: Sequence[bytes], /) -> Sequence[bytes]:
         """The leaves an accepted child partial already carried (the store's ``leaves`` index).
 
-        Under ``dedupe_open_buffer_only`` a forgotten partial's own leaves are
-        in the index; the switch forgets them too, as a windowed dedupe would.
+        ``dedupe_open_buffer_only`` turns the index off with the rest of the
+        store's dedupe: a windowed dedupe, which the switch stands for, keeps
+        no leaf index either, and the switch's chaos run must then show the
+        duplicates that the store's dedupe prevents.
         """
-        if self._forgotten is not None:
+        if self._daemon._unsafe_dedupe_open_buffer_only:
             return ()
         return self._daemon.store.counted_leaves(leaves)
 

@@ -60,6 +60,8 @@ from fedtier.simulations.mesh import (
     open_mesh,
     prepare_mesh,
 )
+from fedtier.tiers.config import load_config
+from fedtier.tiers.store import read_latest_version
 
 __all__ = ["DemoControl", "DemoOptions", "DemoResult", "main_demo", "run_demo"]
 
@@ -640,6 +642,10 @@ def _collect(
         result.training_started_s = round(state.training_started - state.started, 2)
     result.history = list(state.history)
     result.versions = len({p.version for p in state.history if p.version > 0})
+    if plan is not None:
+        # The watcher evaluates versions as it sees them and may be behind at
+        # the stop; the central's store says how many were made.
+        result.versions = max(result.versions, _versions_made(plan))
     if state.history:
         result.initial_accuracy = state.history[0].accuracy
         result.final_accuracy = state.history[-1].accuracy
@@ -652,6 +658,15 @@ def _collect(
     result.injected = state.injected()
     if plan is not None:
         result.trace_dir = str(plan.trace_dir)
+
+
+def _versions_made(plan: MeshPlan) -> int:
+    """How many versions after v0 the central stored (0 when its store cannot be read)."""
+    try:
+        latest = read_latest_version(load_config("central", plan.central_config).store_path)
+    except (FedtierError, OSError):
+        return 0
+    return 0 if latest is None else latest.version
 
 
 def _finish_artefacts(result: DemoResult, plan: MeshPlan, out: Path) -> None:

@@ -149,6 +149,8 @@ async def test_demo_command_learns_and_writes_its_artefacts(tmp_path: Path) -> N
     assert (out / "accuracy.png").stat().st_size > 0
     assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.3
     assert summary["versions"] >= 3
+    # Counted from the central's store: never fewer than the watcher evaluated.
+    assert summary["versions"] >= max(point["version"] for point in summary["history"])
     assert summary["updates_accepted"] > 0
     assert summary["temp_dir"] is None
     assert summary["example_update"] is not None

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -56,6 +55,7 @@ from fedtier.simulations.datasets import (
 from fedtier.simulations.fleet import KIND_NAMES, KindName, SendSpec, TrainingSpec
 from fedtier.simulations.processes import Child, ProcessGroup, open_process_group
 from fedtier.simulations.testing import MALLOC_ENV, MosquittoProcess, NatsServerProcess
+from fedtier.simulations.testing._ports import free_port
 
 __all__ = [
     "Brokers",
@@ -305,11 +305,9 @@ class MeshPlan:
 
 
 def _free_port() -> int:
-    # Racy by nature (the port is free now); fine on a loopback-only demo host.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((_LOOPBACK, 0))
-        port: int = probe.getsockname()[1]
-        return port
+    # Still racy (free now, bound later by a child), but below the ephemeral
+    # range, where no outgoing connection can take it meanwhile.
+    return free_port(_LOOPBACK)
 
 
 def _toml_value(value: object) -> str:

@@ -46,6 +46,7 @@ from fedtier.simulations.testing._nats_server import (
     find_nats_server,
 )
 from fedtier.simulations.testing._pki import CertFiles, NkeyUser, TestPki
+from fedtier.simulations.testing._ports import free_port
 from fedtier.simulations.testing._proxy import LOOPBACK, FaultyProxy
 from fedtier.tiers.testing import RecordingMetrics, SimDevice, sign_model_version, sign_partial
 
@@ -71,6 +72,7 @@ __all__ = [
     "TestPki",
     "find_mosquitto",
     "find_nats_server",
+    "free_port",
     "mosquitto_acl",
     "nats_accounts",
     "sign_model_version",

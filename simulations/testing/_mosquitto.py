@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Final
 
 from fedtier.protocol.errors import ConfigError
+from fedtier.simulations.testing._ports import free_port
 
 __all__ = ["MALLOC_ENV", "MosquittoProcess", "MosquittoTls", "find_mosquitto"]
 
@@ -85,10 +86,7 @@ def find_mosquitto() -> Path:
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((_HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
+    return free_port(_HOST)
 
 
 def _listener_lines(port: int, tls: MosquittoTls | None) -> list[str]:

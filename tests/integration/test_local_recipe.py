@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import pytest
 import trio
 
 from fedtier.simulations.processes import Child, ProcessGroup, open_process_group
-from fedtier.simulations.testing import DEPLOY_DIR, find_mosquitto, find_nats_server
+from fedtier.simulations.testing import DEPLOY_DIR, find_mosquitto, find_nats_server, free_port
 
 pytestmark = pytest.mark.brokers
 
@@ -68,10 +67,7 @@ def read_steps(readme: Path) -> list[Step]:
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    return free_port()
 
 
 def _with_ports(text: str, ports: dict[int, int]) -> str:

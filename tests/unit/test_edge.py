@@ -963,3 +963,42 @@ async def test_updates_near_float32_max_are_all_folded_none_dropped(
     assert inputs == [[m.update_id] for m, _ in sent]
     for partial, payload, _ in received:
         assert np.isfinite(decode(payload, partial.codec, partial.num_params)).all()
+
+
+async def test_a_rejection_before_authentication_goes_to_the_topics_device_with_its_ids(
+    site: Site, autojump_clock: MockClock
+) -> None:
+    # docs/protocol.md 4.2: the broker's ACL lets only the topic's device publish
+    # there, so that device gets the receipt, never the sender the bytes claim,
+    # and the receipt echoes the update id and seq so the device can match it.
+    device = DEVICES[0]
+    phone = Phone(site, device)
+    forged, forged_bytes = STRANGER.update(delta(1), seq=9)  # claims another key id
+    tampered, tampered_bytes = device.update(delta(2), seq=4)
+    tampered_bytes = _tamper_signature(tampered_bytes)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(site.daemon().serve)
+        async with (
+            phone.receipts() as mine,
+            Phone(site, STRANGER).receipts() as theirs,
+        ):
+            await phone.send(forged_bytes)
+            first = await next_receipt(mine)
+            await phone.send(tampered_bytes)
+            second = await next_receipt(mine)
+            with trio.move_on_after(30):  # virtual seconds: nothing went to the claimed sender
+                stray = await theirs.receive()
+                pytest.fail(f"a receipt went to the claimed sender: {stray!r}")
+        nursery.cancel_scope.cancel()
+    assert (first.device, first.update_id, first.update_seq) == (
+        device.key_id,
+        forged.update_id,
+        9,
+    )
+    assert (first.status, first.reason) == (ReceiptStatus.REJECTED, "malformed")
+    assert (second.device, second.update_id, second.update_seq) == (
+        device.key_id,
+        tampered.update_id,
+        4,
+    )
+    assert (second.status, second.reason) == (ReceiptStatus.REJECTED, "bad_signature")

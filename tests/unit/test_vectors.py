@@ -25,6 +25,10 @@ from fedtier.protocol.envelope import open_envelope
 from fedtier.protocol.errors import RemoteProtocolError
 from fedtier.protocol.identity import SigningIdentity, VerifyKey
 from fedtier.protocol.layout import ModelLayout
+from fedtier.protocol.limits import Limits
+from fedtier.tiers.core import AdmissionRules, ModelView, NothingSeen, admit_update
+from fedtier.tiers.registry import KeyRegistry
+from fedtier.tiers.staleness import StalenessPolicy
 
 VECTORS = Path(__file__).parent.parent / "vectors"
 
@@ -253,3 +257,34 @@ def test_structure_vectors_break_a_documented_cap() -> None:
     assert ref_structure(cases["array in the envelope's version slot"])[0] == 2 > DOC_OUTER_CAPS[0]
     with pytest.raises(ValueError, match="0xd4"):
         ref_structure(msgpack.unpackb(cases["extension type in header"])[1])
+
+
+def test_receipt_vectors_name_the_topics_device_and_echo_the_update() -> None:
+    """What the edge's receipt says about bad bytes on a device's topic (section 4.2)."""
+    doc = load("receipts.json")
+    senders = KeyRegistry.from_keys(
+        {
+            f"device-{i}": VerifyKey(bytes.fromhex(raw))
+            for i, raw in enumerate(doc["keys"].values())
+        },
+        role="device",
+    )
+    layout = ModelLayout.from_wire(load("layout.json")[0]["tensors"])
+    rules = AdmissionRules(
+        fleet="acme", limits=Limits(), staleness=StalenessPolicy(max_staleness=4)
+    )
+    assert {c["reason"] for c in doc["cases"]} >= {"bad_signature", "malformed"}
+    for case in doc["cases"]:
+        decision = admit_update(
+            bytes.fromhex(case["envelope"]),
+            rules=rules,
+            senders=senders,
+            model=ModelView(3, layout.fingerprint, layout.num_params),
+            seen=NothingSeen(),
+            topic_device=case["topic_device"],
+        )
+        receipt = case["receipt"]
+        assert decision.reason == receipt["reason"] == case["reason"], case["case"]
+        assert decision.sender == receipt["device"] == case["topic_device"], case["case"]
+        assert (decision.input_id or bytes(16)).hex() == receipt["update_id"], case["case"]
+        assert decision.seq == receipt["update_seq"], case["case"]

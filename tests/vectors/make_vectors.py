@@ -23,7 +23,7 @@ from fedtier.protocol.codecs import CodecSpec, encode
 from fedtier.protocol.envelope import SIGNING_CONTEXT, seal
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import ModelLayout, TensorSpec
-from fedtier.protocol.messages import Message, Receipt, ReceiptStatus
+from fedtier.protocol.messages import DeviceUpdate, Message, Receipt, ReceiptStatus
 from tests.samples import DELTA, KEYS, LAYOUT, SIGNERS, all_samples
 
 HERE = Path(__file__).parent
@@ -236,6 +236,68 @@ def invalid_vectors() -> list[dict[str, Any]]:
     ]
 
 
+def receipt_vectors() -> dict[str, Any]:
+    """What an edge's receipt says about bytes that arrived on a device's update topic.
+
+    docs/protocol.md section 4.2: the receipt goes to the topic's device, never
+    to the sender the bytes claim, and echoes the update id and seq whenever the
+    header decoded (zeros when it did not), so the device can match it.
+    """
+    update, payload = all_samples()[0]
+    assert isinstance(update, DeviceUpdate)
+    device = SIGNERS[update.sender]
+    good = seal(update, payload, device)
+    version, header, body, _signature = msgpack.unpackb(good)
+    stranger = SigningIdentity.from_seed(bytes(range(96, 128)))
+    theirs = dataclasses.replace(
+        update, sender=stranger.key_id, update_id=bytes.fromhex("f0" * 16), seq=11
+    )
+    known_other = SIGNERS[next(k for k in KEYS if k != update.sender)]
+    echoed = (update.update_id, update.seq)
+    nothing = (bytes(16), 0)
+    cases: list[tuple[str, str, bytes, tuple[bytes, int]]] = [
+        (
+            "signed by another key",
+            "bad_signature",
+            msgpack.packb([version, header, body, known_other.sign(SIGNING_CONTEXT + header)]),
+            echoed,
+        ),
+        (
+            "payload byte flipped",
+            "digest_mismatch",
+            msgpack.packb([version, header, bytes([body[0] ^ 1]) + body[1:], _signature]),
+            echoed,
+        ),
+        (
+            "another device's update on this topic",
+            "malformed",
+            seal(theirs, payload, stranger),
+            (theirs.update_id, theirs.seq),
+        ),
+        ("not an envelope", "malformed", b"\x94\x01garbage", nothing),
+        ("version 2", "unsupported_version", msgpack.packb([2, header, body, _signature]), nothing),
+    ]
+    return {
+        "keys": {device.key_id: device.verify_key.raw.hex()},
+        "cases": [
+            {
+                "case": case,
+                "topic_device": device.key_id,
+                "reason": reason,
+                "envelope": data.hex(),
+                "receipt": {
+                    "device": device.key_id,
+                    "status": "rejected",
+                    "reason": reason,
+                    "update_id": update_id.hex(),
+                    "update_seq": seq,
+                },
+            }
+            for case, reason, data, (update_id, seq) in cases
+        ],
+    }
+
+
 def main() -> None:
     files = {
         "identity.json": identity_vectors(),
@@ -246,6 +308,7 @@ def main() -> None:
     }
     keys = {k: v.raw.hex() for k, v in KEYS.items()}
     files["invalid.json"] = {"keys": keys, "cases": files["invalid.json"]}  # type: ignore[assignment]
+    files["receipts.json"] = receipt_vectors()  # type: ignore[assignment]
     for name, content in files.items():
         (HERE / name).write_text(json.dumps(content, indent=1) + "\n")
         print(f"wrote {HERE / name}")

@@ -352,7 +352,10 @@ def admit_update(
         model: the model version the tier knows (staleness, layout).
         seen: the tier's dedupe index and seq ledger.
         topic_device: the device whose topic it arrived on, when known: an update
-            naming another sender is malformed.
+            naming another sender is malformed. The decision's ``sender`` is then
+            this device whatever the bytes claim (the broker's ACL lets only it
+            publish there), so a receipt for bytes that fail authentication goes
+            to the device that sent them (docs/protocol.md, section 4.2).
         influence: the state of the per-device bounds (adaptive norm, contribution
             cap, rate limit); None applies only the stateless ones of ``rules``.
         now: seconds on the caller's monotonic clock (the rate limit).
@@ -366,7 +369,11 @@ def admit_update(
         message = envelope.message
         if not isinstance(message, DeviceUpdate):
             raise DecodeError(f"a {message.KIND.value} message arrived as a device update")
-        claim.sender, claim.input_id, claim.seq = message.sender, message.update_id, message.seq
+        # Echoed in the receipt even when authentication fails below, so the
+        # device can match it; the addressee stays the topic's device.
+        claim.input_id, claim.seq = message.update_id, message.seq
+        if topic_device is None:
+            claim.sender = message.sender
         uid = message.update_id.hex()
         if topic_device is not None and message.sender != topic_device:
             raise DecodeError(

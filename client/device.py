@@ -375,11 +375,12 @@ class _Device:
             self.bus.subscribe(
                 self.topics.receipt(self.me), durable=f"receipts-{self.me}"
             ) as receipts,
-            # Model topics are not durable: the broker sends their retained
-            # value on every (re)subscribe, and MQTT gives no retained
-            # messages to shared subscriptions.
-            self.bus.subscribe(self.topics.model_pointer()) as pointers,
-            self.bus.subscribe(self.topics.model_blob()) as blobs,
+            # Model topics are not durable (MQTT gives no retained messages
+            # to shared subscriptions) and latest_only: only the newest
+            # version matters, so the broker queues nothing for an offline
+            # device and sends the retained newest one at every reconnect.
+            self.bus.subscribe(self.topics.model_pointer(), latest_only=True) as pointers,
+            self.bus.subscribe(self.topics.model_blob(), latest_only=True) as blobs,
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(self._pump_receipts, receipts)

@@ -416,9 +416,16 @@ class _MeteredBus(Bus):
         return ack
 
     def subscribe(
-        self, subject_filter: str, *, durable: str | None = None, capacity: int = 64
+        self,
+        subject_filter: str,
+        *,
+        durable: str | None = None,
+        capacity: int = 64,
+        latest_only: bool = False,
     ) -> AbstractAsyncContextManager[Subscription]:
-        return self._inner.subscribe(subject_filter, durable=durable, capacity=capacity)
+        return self._inner.subscribe(
+            subject_filter, durable=durable, capacity=capacity, latest_only=latest_only
+        )
 
 
 class _ComputeDelayLimiter:

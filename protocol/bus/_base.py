@@ -31,7 +31,17 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["Bus", "Delivery", "Flavor", "PublishAck", "Subscription", "subject_matches"]
+from fedtier.protocol.errors import LocalProtocolError
+
+__all__ = [
+    "Bus",
+    "Delivery",
+    "Flavor",
+    "PublishAck",
+    "Subscription",
+    "check_latest_only",
+    "subject_matches",
+]
 
 Flavor = Literal["mqtt", "nats"]
 
@@ -162,6 +172,7 @@ class Bus(abc.ABC):
         *,
         durable: str | None = None,
         capacity: int = 64,
+        latest_only: bool = False,
     ) -> AbstractAsyncContextManager[Subscription]:
         """Open a subscription.
 
@@ -172,7 +183,23 @@ class Bus(abc.ABC):
                 restarts of the subscriber. Subscribers sharing a durable name
                 share the work (MQTT shared subscription, JetStream consumer).
             capacity: most deliveries held unacknowledged in this process.
+            latest_only: deliver only what is published while this subscriber
+                is connected, plus the subject's retained value at every
+                (re)subscribe: the broker keeps nothing for it while it is away
+                (MQTT: a QoS 0 subscription sent again on every connect; a
+                plain NATS or in-memory subscription already behaves so). For
+                state where only the newest value matters (the model topics),
+                so a broker does not queue every version for every offline
+                device. Not with ``durable``.
         """
+
+
+def check_latest_only(durable: str | None, latest_only: bool) -> None:
+    """Refuse ``latest_only`` with ``durable``: one keeps everything, the other nothing."""
+    if latest_only and durable is not None:
+        raise LocalProtocolError(
+            f"a latest_only subscription keeps nothing while away; durable {durable!r} keeps all"
+        )
 
 
 def subject_matches(pattern: str, subject: str, flavor: Flavor) -> bool:

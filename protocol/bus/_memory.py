@@ -23,6 +23,7 @@ from fedtier.protocol.bus._base import (
     Flavor,
     PublishAck,
     Subscription,
+    check_latest_only,
     subject_matches,
 )
 from fedtier.protocol.errors import BusClosed, LocalProtocolError
@@ -173,10 +174,12 @@ class MemoryBus(Bus):
         *,
         durable: str | None = None,
         capacity: int = 64,
+        latest_only: bool = False,
     ) -> AsyncIterator[Subscription]:
         """See ``Bus.subscribe``."""
         if capacity < 1:
             raise LocalProtocolError(f"subscription capacity must be >= 1, got {capacity}")
+        check_latest_only(durable, latest_only)  # in memory, a plain subscription is one
         broker = self._broker
         if durable is not None:
             queue = broker._queues.get(durable)

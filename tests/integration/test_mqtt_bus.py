@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -12,7 +14,7 @@ import trio
 from fedtier.protocol.bus import Subscription
 from fedtier.protocol.bus.mqtt import MqttBus, MqttConfig, open_mqtt_bus
 from fedtier.protocol.errors import BusUnavailable, ConfigError, PublishError
-from fedtier.simulations.testing import MosquittoProcess
+from fedtier.simulations.testing import LOOPBACK, FaultyProxy, MosquittoProcess
 from fedtier.simulations.testing import _mosquitto as mosquitto_module
 
 DEADLINE_S = 60
@@ -31,6 +33,19 @@ def config_for(broker: MosquittoProcess, client_id: str, *, shared: bool = True)
         reconnect_backoff_max_s=0.5,
         shared_durables=shared,
     )
+
+
+async def publish_retained(bus: MqttBus, subject: str, payload: bytes) -> None:
+    """A retained publish, confirmed by the broker, as an edge relays a model version."""
+    while True:
+        try:
+            await bus.publish(subject, payload, retain=True)
+        except BusUnavailable:
+            await bus.wait_connected()
+        except PublishError:
+            continue
+        else:
+            return
 
 
 async def publish_with_retries(bus: MqttBus, subject: str, payload: bytes) -> None:
@@ -299,6 +314,52 @@ async def test_the_bus_reports_the_brokers_maximum_packet_size(
             await publish_with_retries(bus, "fedtier/size-probe", b"x")
             # What the test broker's config says (max_packet_size), read from CONNACK.
             assert bus.max_message_bytes == mosquitto_module._MAX_PACKET_BYTES
+
+
+async def _partition(proxy: FaultyProxy, duration_s: float, *, task_status: Any) -> None:
+    """Run ``proxy.partition`` and report started once it holds every byte."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(proxy.partition, duration_s)
+        # Two checkpoints: the partition task has run up to its first await
+        # (trio may run it before or after us in the next batch).
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        task_status.started()
+
+
+async def test_a_latest_only_subscriber_gets_the_newest_retained_value_and_no_backlog(
+    mosquitto: MosquittoProcess,
+) -> None:
+    # A device whose link drops keeps its session: at QoS 1 the broker would
+    # queue every model version for it. latest_only (QoS 0, subscribed again
+    # at every connect) gets the newest retained one and nothing queued.
+    topic = f"fedtier/{unique('fleet')}/model/current"
+    with trio.fail_after(DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            proxy = FaultyProxy("device-link", mosquitto.port)
+            port = await nursery.start(proxy.serve)
+            device_config = dataclasses.replace(
+                config_for(mosquitto, unique("device")), host=LOOPBACK, port=port
+            )
+            async with (
+                open_mqtt_bus(config_for(mosquitto, unique("edge"))) as edge,
+                open_mqtt_bus(device_config) as device,
+            ):
+                await publish_retained(edge, topic, b"v0")
+                async with device.subscribe(topic, latest_only=True) as sub:
+                    first = await sub.receive()
+                    await first.ack()
+                    await nursery.start(_partition, proxy, 1.5)
+                    for version in range(1, 6):  # the device's link is down meanwhile
+                        await publish_retained(edge, topic, b"v%d" % version)
+                    again = await sub.receive()  # after the reset and the reconnect
+                    await again.ack()
+                    await publish_retained(edge, topic, b"v6")
+                    live = await sub.receive()
+                    await live.ack()
+            nursery.cancel_scope.cancel()
+    assert [first.payload, again.payload, live.payload] == [b"v0", b"v5", b"v6"]
+    assert proxy.resets_total >= 1  # the link really went down
 
 
 def test_missing_mosquitto_is_a_clear_config_error(

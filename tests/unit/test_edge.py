@@ -376,9 +376,16 @@ class ProbeBus(Bus):
 
     @asynccontextmanager
     async def subscribe(
-        self, subject_filter: str, *, durable: str | None = None, capacity: int = 64
+        self,
+        subject_filter: str,
+        *,
+        durable: str | None = None,
+        capacity: int = 64,
+        latest_only: bool = False,
     ) -> AsyncIterator[Subscription]:
-        async with self.inner.subscribe(subject_filter, durable=durable, capacity=capacity) as sub:
+        async with self.inner.subscribe(
+            subject_filter, durable=durable, capacity=capacity, latest_only=latest_only
+        ) as sub:
             yield _ProbeSubscription(sub, self.on_ack)
 
 
@@ -601,7 +608,12 @@ class DownBus(Bus):
         raise BusUnavailable("not connected to NATS")
 
     def subscribe(
-        self, subject_filter: str, *, durable: str | None = None, capacity: int = 64
+        self,
+        subject_filter: str,
+        *,
+        durable: str | None = None,
+        capacity: int = 64,
+        latest_only: bool = False,
     ) -> AbstractAsyncContextManager[Subscription]:
         raise AssertionError("the edge does not subscribe on NATS")
 

@@ -11,7 +11,13 @@ from typing import NoReturn
 import trio
 from paho.mqtt.packettypes import PacketTypes
 
-from fedtier.protocol.bus._base import Bus, Flavor, PublishAck, Subscription
+from fedtier.protocol.bus._base import (
+    Bus,
+    Flavor,
+    PublishAck,
+    Subscription,
+    check_latest_only,
+)
 from fedtier.protocol.bus.mqtt._config import MqttConfig, _tls_context
 from fedtier.protocol.bus.mqtt._connection import _Link
 from fedtier.protocol.bus.mqtt._publish import _PublishLink
@@ -119,8 +125,9 @@ class MqttBus(Bus):
         *,
         durable: str | None = None,
         capacity: int = 64,
+        latest_only: bool = False,
     ) -> AsyncIterator[Subscription]:
-        """Subscribe at QoS 1; see ``Bus.subscribe``.
+        """Subscribe at QoS 1 (QoS 0 when ``latest_only``); see ``Bus.subscribe``.
 
         ``durable`` makes it the shared subscription ``$share/<durable>/<filter>``
         kept in this client's session. Returns once the broker's SUBACK has
@@ -137,6 +144,7 @@ class MqttBus(Bus):
         if self._closed:
             raise BusClosed(f"the MQTT bus of client {self.config.client_id!r} is closed")
         _check_filter(subject_filter, durable)
+        check_latest_only(durable, latest_only)
         if capacity < 1:
             raise LocalProtocolError(f"subscription capacity must be >= 1, got {capacity}")
         link = self._subscriber
@@ -149,7 +157,7 @@ class MqttBus(Bus):
             )
         # Registered before connecting, so that messages the session resends
         # right after CONNACK find their subscription.
-        sub = link.open_subscription(subject_filter, durable, capacity)
+        sub = link.open_subscription(subject_filter, durable, capacity, latest_only=latest_only)
         try:
             if not link.started:
                 async with self._start_lock:

@@ -64,9 +64,11 @@ class _MqttSubscription(Subscription):
         subject_filter: str,
         durable: str | None,
         capacity: int,
+        latest_only: bool = False,
     ) -> None:
         self.link = link
         self.sub_id = sub_id
+        self.latest_only = latest_only
         self.subject_filter = subject_filter
         self.durable = durable
         self.capacity = capacity
@@ -201,8 +203,10 @@ class _SubscribeLink(_Link):
             # one (broker restarted without it, or expired) has none. Shared
             # ones are sent every time: Mosquitto 2.0.11 resumes the session
             # after a restart but routes nothing to its shared subscriptions
-            # until they are subscribed again.
-            if not session_present or sub.shared or not sub.confirmed.is_set():
+            # until they are subscribed again. A latest_only one is sent every
+            # time too: at QoS 0 the broker kept nothing while we were away,
+            # and the SUBSCRIBE brings the topic's retained (newest) value.
+            if not session_present or sub.shared or sub.latest_only or not sub.confirmed.is_set():
                 self._send_subscribe(sub)
         self._ready.unpark_all()
 
@@ -309,10 +313,10 @@ class _SubscribeLink(_Link):
     # -- subscriptions
 
     def open_subscription(
-        self, subject_filter: str, durable: str | None, capacity: int
+        self, subject_filter: str, durable: str | None, capacity: int, *, latest_only: bool = False
     ) -> _MqttSubscription:
         sub_id = _subscription_id(subject_filter, durable)
-        sub = _MqttSubscription(self, sub_id, subject_filter, durable, capacity)
+        sub = _MqttSubscription(self, sub_id, subject_filter, durable, capacity, latest_only)
         for other in self.subs.values():
             if other.sub_id == sub_id or other.wire_filter == sub.wire_filter:
                 # The broker keeps one subscription per filter and client.
@@ -336,12 +340,13 @@ class _SubscribeLink(_Link):
 
     def _send_subscribe(self, sub: _MqttSubscription) -> None:
         # Retained messages on the first SUBSCRIBE only: a resubscription
-        # after a reconnect must not replay them.
+        # after a reconnect must not replay them. A latest_only subscription
+        # wants them every time: they are the newest value it missed.
         options = SubscribeOptions(
-            qos=1,
+            qos=0 if sub.latest_only else 1,
             retainHandling=(
                 SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
-                if sub.subscribe_sent
+                if sub.subscribe_sent and not sub.latest_only
                 else SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
             ),
         )

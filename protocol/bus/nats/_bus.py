@@ -15,7 +15,13 @@ from typing import Any
 
 import trio
 
-from fedtier.protocol.bus._base import Bus, Flavor, PublishAck, Subscription
+from fedtier.protocol.bus._base import (
+    Bus,
+    Flavor,
+    PublishAck,
+    Subscription,
+    check_latest_only,
+)
 from fedtier.protocol.bus.nats._bridge import _aio, _boundary, _loop_is_open, open_nats_loop
 from fedtier.protocol.bus.nats._config import NatsConfig
 from fedtier.protocol.bus.nats._connection import (
@@ -182,6 +188,7 @@ class NatsBus(Bus):
         *,
         durable: str | None = None,
         capacity: int = 64,
+        latest_only: bool = False,
     ) -> AsyncIterator[Subscription]:
         """Open a subscription; see ``Bus.subscribe``.
 
@@ -201,6 +208,7 @@ class NatsBus(Bus):
         """
         if capacity < 1:
             raise LocalProtocolError(f"subscription capacity must be >= 1, got {capacity}")
+        check_latest_only(durable, latest_only)  # a core subscription keeps nothing away
         _check_subject(subject_filter, allow_wildcards=True)
         self._check_open(f"subscribe to {subject_filter!r}")
         if durable is None:

@@ -106,6 +106,9 @@ class Reason(StrEnum):
     CONTRIBUTION_CAPPED = "contribution_capped"
     # A tier could not decide about one delivery (a bug, caught): quarantined, never a crash.
     INTERNAL_ERROR = "internal_error"
+    # Robust aggregation ([robust] outlier_score): an acknowledged input far from its
+    # buffer's robust centre, moved to the quarantine at the cut; never a receipt reason.
+    OUTLIER = "outlier"
 
 
 class FedtierError(Exception):

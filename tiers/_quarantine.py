@@ -24,6 +24,8 @@ __all__ = ["QuarantineLimits", "retry_for"]
 # (bad signature from a registered key, malformed bytes, a non-finite payload) can
 # never become valid: kept for forensics and counted, tried again only when an
 # operator releases it.
+# ``outlier`` (robust aggregation) is never retried either: the same input would
+# be the same outlier against a like buffer; an operator judges and releases it.
 _RETRY_ANY: Final = frozenset(
     {
         Reason.UNKNOWN_SENDER,

@@ -26,7 +26,13 @@ from fedtier.protocol.files import ConfigTable
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
 from fedtier.protocol.names import check_token
-from fedtier.tiers.core import AdaptiveNorm, InfluenceRules
+from fedtier.tiers.core import (
+    OUTLIER_SCORES,
+    ROBUST_RULES,
+    AdaptiveNorm,
+    InfluenceRules,
+    RobustRules,
+)
 from fedtier.tiers.faults import unsafe_requested
 from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.optimizers import ServerOptimizer, make_optimizer
@@ -213,6 +219,7 @@ class EdgeConfig(TierConfig):
             cap, rate limit, ``future_base``). The dataclass default turns them
             all off, as the simulator does (tests that compare the two rely on
             it); ``load_config`` turns them on unless the TOML says otherwise.
+        robust: ``[robust]``: robust aggregation within each cut (default off).
     """
 
     site: str
@@ -222,6 +229,7 @@ class EdgeConfig(TierConfig):
     norm_policy: NormPolicy = "clip"
     partial_codec: CodecSpec = field(default_factory=lambda: CodecSpec("f32"))
     influence: InfluenceRules = field(default_factory=InfluenceRules)
+    robust: RobustRules = field(default_factory=RobustRules)
 
     def __post_init__(self) -> None:
         TierConfig.__post_init__(self)
@@ -236,10 +244,12 @@ class RegionalConfig(TierConfig):
     Attributes:
         region: its region token.
         partial_codec: how partial numerators are encoded upstream.
+        robust: ``[robust]``: robust aggregation within each cut (default off).
     """
 
     region: str
     partial_codec: CodecSpec = field(default_factory=lambda: CodecSpec("f32"))
+    robust: RobustRules = field(default_factory=RobustRules)
 
     def __post_init__(self) -> None:
         TierConfig.__post_init__(self)
@@ -508,6 +518,24 @@ def _edge_validation(table: ConfigTable) -> tuple[float | None, InfluenceRules]:
     )
 
 
+def _robust(table: ConfigTable) -> RobustRules:
+    """``[robust]`` of an edge or a regional (docs/operations.md, robust aggregation)."""
+    default = RobustRules()
+    trim = table.number("trim", default.trim, low=0.0, high=0.5)
+    if trim >= 0.5:
+        raise table.fail("trim", "a fraction in [0, 0.5)")
+    rules = RobustRules(
+        rule=table.choice("rule", ROBUST_RULES, default.rule),
+        trim=trim,
+        outlier_score=table.choice("outlier_score", OUTLIER_SCORES, default.outlier_score),
+        threshold=table.number("threshold", default.threshold, low=1.0, high=1e6),
+        min_ratio=table.number("min_ratio", default.min_ratio, low=1.0, high=1e6),
+        min_inputs=table.integer("min_inputs", default.min_inputs, low=3),
+    )
+    table.finish()
+    return rules
+
+
 def _nats(table: ConfigTable) -> NatsSettings:
     servers = table.raw("servers", list(_DEFAULT_NATS.servers))
     if isinstance(servers, str):
@@ -709,12 +737,18 @@ def load_config(kind: TierKind, path: Path) -> TierConfig:
                 norm_policy=policy,
                 partial_codec=codec,
                 influence=influence,
+                robust=_robust(root.table("robust")),
             )
         elif kind == "regional":
             partial = root.table("partial")
             codec = _codec(partial, "codec")
             partial.finish()
-            config = RegionalConfig(**common, region=root.string("region"), partial_codec=codec)
+            config = RegionalConfig(
+                **common,
+                region=root.string("region"),
+                partial_codec=codec,
+                robust=_robust(root.table("robust")),
+            )
         else:
             model = root.table("model")
             initial = model.path("initial")

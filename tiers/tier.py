@@ -114,10 +114,13 @@ from fedtier.tiers.core import (
     Decision,
     ModelView,
     Outcome,
+    RobustRules,
     TierBuffer,
     admit_partial,
+    admit_update,
     build_partial,
     fold_bound,
+    robust_cut,
 )
 from fedtier.tiers.faults import unsafe
 from fedtier.tiers.registry import TierKeys
@@ -143,6 +146,14 @@ __all__ = [
 J = TypeVar("J")
 T = TypeVar("T")
 
+# The aggregate span's robust-aggregation attributes (docs/operations.md, robust aggregation).
+_ATTR_OUTLIERS = "fedtier.robust.outliers"  # hex ids quarantined as outliers at this cut
+_ATTR_OUTLIER_SCORE = "fedtier.robust.score"  # an outlier event's robust z-score
+
+
+def _input_id(message: DeviceUpdate | PartialAggregate) -> bytes:
+    return message.update_id if isinstance(message, DeviceUpdate) else message.partial_id
+
 
 def wall_clock_ms() -> int:
     """Milliseconds since the Unix epoch (``created_ms`` of signed messages)."""
@@ -160,11 +171,14 @@ class OpenBuffer(TierBuffer):
         self._changed = trio.Event()
         self.abs_bound = 0.0
         """Upper bound of every absolute value of the numerator (sum of :func:`fold_bound`)."""
+        self.envelope_sizes: dict[bytes, int] = {}
+        """Envelope bytes per input id, while ``keep_inputs`` (the quarantine's byte count)."""
 
     def advance(self) -> None:
         """Start the next epoch with an empty accumulator."""
         super().advance()
         self.abs_bound = 0.0
+        self.envelope_sizes = {}
         self.poke()
 
     def poke(self) -> None:
@@ -318,6 +332,11 @@ class TierDaemon(abc.ABC):
         self._readmitting = False
         self._internal_errors_logged: set[str] = set()
         self._quarantine_reasons: set[str] = set()
+        robust = getattr(config, "robust", None)
+        self.robust = robust if isinstance(robust, RobustRules) else RobustRules()
+        """``[robust]``: robust aggregation within each cut (edge and regional)."""
+        self.outliers = 0
+        """Inputs quarantined as outliers at a cut since start."""
 
     # -- accessors ------------------------------------------------------------------
 
@@ -591,6 +610,7 @@ class TierDaemon(abc.ABC):
         span: trace.Span,
         *,
         quarantine_id: int | None = None,
+        exempt: bool = False,
     ) -> CommitTicket:
         bound, overflow = self._overflow(accepted)
         if overflow is not None and not self.buffer.is_empty:
@@ -606,8 +626,16 @@ class TierDaemon(abc.ABC):
         buffer = self.buffer
         accepted_ms = self.clock_ms()
         trace_parent = traceparent_of(span)
-        buffer.fold(accepted, now=trio.current_time(), accepted_ms=accepted_ms, tag=trace_parent)
+        buffer.fold(
+            accepted,
+            now=trio.current_time(),
+            accepted_ms=accepted_ms,
+            tag=trace_parent,
+            exempt=exempt,
+        )
         buffer.abs_bound += bound
+        if buffer.keep_inputs:
+            buffer.envelope_sizes[accepted.input_id] = len(envelope)
         buffer.poke()
         ticket = self.store.submit_accept(
             InputRecord(
@@ -632,6 +660,9 @@ class TierDaemon(abc.ABC):
             replace=self._seen.forgot(accepted.sender, accepted.input_id),
             quarantine_id=quarantine_id,
         )
+        if exempt and buffer.keep_inputs:
+            # Same transaction as the accept (synchronous submits): a refold keeps it exempt.
+            self.store.submit_robust_exempt(accepted.sender, accepted.input_id, exempt=True)
         self._count(span, Outcome.ACCEPTED)
         self.metrics.staleness(accepted.tau)
         self.metrics.buffer_depth(buffer.accumulator.input_count)
@@ -741,8 +772,14 @@ class TierDaemon(abc.ABC):
             return Admission(delivery, Outcome.ACCEPTED, ticket=ticket)
 
     def _refold(self, recovery: Recovery) -> None:
-        """Rebuild the open buffer from the stored inputs, with their stored weights."""
+        """Rebuild the open buffer from the stored inputs, with their stored weights.
+
+        With ``[robust]`` on, the buffer keeps its inputs again (and which ones
+        an operator released), so the cut decides as the crashed run would have.
+        """
         buffer = self.buffer
+        buffer.keep_inputs = self.robust.enabled
+        exempt = self.store.robust_exempt() if buffer.keep_inputs else set()
         for record in recovery.open_inputs:
             envelope = parse_envelope(record.envelope, self.config.limits)
             message = envelope.message
@@ -759,7 +796,10 @@ class TierDaemon(abc.ABC):
                 now=trio.current_time() - age_s,
                 accepted_ms=record.accepted_ms,
                 tag=record.trace,
+                exempt=(record.sender, record.input_id) in exempt,
             )
+            if buffer.keep_inputs:
+                buffer.envelope_sizes[record.input_id] = len(record.envelope)
             buffer.abs_bound += fold_bound(
                 message,
                 envelope.payload,
@@ -872,12 +912,23 @@ class TierDaemon(abc.ABC):
         self._quarantine_reasons.update(usage.by_reason)
         report({r: usage.by_reason.get(r, 0) for r in self._quarantine_reasons}, usage.total_bytes)
 
-    def _readmission(self, envelope: bytes) -> Decision | None:
+    def _readmission(self, row: QuarantineRecord) -> Decision | None:
         """The core's decision about a quarantined input now; None where it cannot be re-run."""
         if not self.accepts:
-            return None  # the edge answers devices with receipts; its rows are for operators
+            if not row.released:
+                return None  # the edge answers devices with receipts; its rows are for operators
+            # An operator released it (an outlier, say): the device has its receipt
+            # already, so only the stateless bounds apply (no rate limit, no quota).
+            return admit_update(
+                row.envelope,
+                rules=self._rules,
+                senders=self.keys.senders,
+                model=self._model_view(),
+                seen=self._seen,
+                topic_device=row.sender or None,
+            )
         return admit_partial(
-            envelope,
+            row.envelope,
             rules=self._rules,
             senders=self.keys.senders,
             model=self._model_view(),
@@ -914,7 +965,7 @@ class TierDaemon(abc.ABC):
     def _readmit_one(self, row: QuarantineRecord) -> bool:
         with self.tracer.start_as_current_span(span_name(self.tier, "process")) as span:
             try:
-                decision = self._readmission(row.envelope)
+                decision = self._readmission(row)
                 if decision is None:
                     return False
                 if decision.outcome is Outcome.DUPLICATE:
@@ -933,7 +984,10 @@ class TierDaemon(abc.ABC):
                 accepted = decision.accepted
                 assert accepted is not None
                 try:
-                    self._fold_record(row.envelope, accepted, span, quarantine_id=row.qid)
+                    # Released by an operator: it is not scored as an outlier again.
+                    self._fold_record(
+                        row.envelope, accepted, span, quarantine_id=row.qid, exempt=row.released
+                    )
                 except UpdateRejected as exc:
                     retry: Retry = "never" if self.buffer.is_empty else "cut"
                     self.store.submit_requarantine(row.qid, exc.reason.value, retry, str(exc))
@@ -982,6 +1036,9 @@ class TierDaemon(abc.ABC):
         ) as span:
             seq = self._next_seq()
             try:
+                cut = robust_cut(buffer, self.robust) if buffer.keep_inputs else None
+                if cut is not None:
+                    accumulator = cut.accumulator
                 message, envelope = build_partial(
                     accumulator,
                     identity=self.keys.identity,
@@ -993,12 +1050,16 @@ class TierDaemon(abc.ABC):
                     codec=codec,
                     seq=seq,
                     created_ms=self.clock_ms(),
+                    numerator=None if cut is None else cut.numerator,
                 )
             except (LocalProtocolError, ArithmeticError, ValueError) as exc:
                 # The finite-sum check at admission keeps this from happening; if it
                 # still does, the acknowledged inputs go to quarantine, never away.
                 self._quarantine_epoch(f"epoch cannot be encoded as {codec}: {exc}", seq)
                 return None
+            if cut is not None and cut.outliers:
+                # Submitted just before the flush, synchronously: one transaction.
+                self._quarantine_outliers(span, cut.outliers, cut.distances, cut.scores)
             pid = message.partial_id
             span.set_attribute(ATTR_PARTIAL_ID, pid.hex())
             entry = OutboxEntry(
@@ -1012,22 +1073,75 @@ class TierDaemon(abc.ABC):
             ticket = self.store.submit_flush(
                 buffer.epoch,
                 entry,
-                len(input_ids),
+                accumulator.input_count,
                 seq,
                 replace=self._unsafe_dedupe_open_buffer_only,
             )
-        self._report_cut(reason, len(input_ids), started)
+            for kept in buffer.inputs:
+                if kept.exempt:
+                    self.store.submit_robust_exempt(
+                        kept.message.sender, _input_id(kept.message), exempt=False
+                    )
+        self._report_cut(reason, accumulator.input_count, started)
         self.log.info(
             "epoch %d flushed (%s) as partial %s: %d inputs, %d updates, %g samples",
             buffer.epoch,
             reason,
             pid.hex(),
-            len(input_ids),
+            accumulator.input_count,
             accumulator.update_count,
             accumulator.sample_count,
         )
         buffer.advance()
         return UplinkJob(entry, ticket)
+
+    def _quarantine_outliers(
+        self,
+        span: trace.Span,
+        outliers: Sequence[int],
+        distances: Sequence[float],
+        scores: Sequence[float],
+    ) -> None:
+        """Move a cut's outliers into the quarantine: counted, traced and logged, never folded.
+
+        They were acknowledged (a device holds an ``accepted`` receipt for each of
+        their updates), so they are kept with reason ``outlier`` until an operator
+        releases (``fedtier quarantine release``) or drops them.
+        """
+        buffer = self.buffer
+        rules = self.robust
+        rows: list[tuple[str, bytes, str, int]] = []
+        ids: list[str] = []
+        for index in outliers:
+            message = buffer.inputs[index].message
+            input_id = _input_id(message)
+            detail = (
+                f"{rules.outlier_score} distance {distances[index]:.6g} to the buffer's "
+                f"coordinate-wise median of {len(buffer.inputs)} inputs; robust z-score "
+                f"{scores[index]:.3g} > threshold {rules.threshold:g}"
+            )
+            rows.append((message.sender, input_id, detail, buffer.envelope_sizes.get(input_id, 0)))
+            ids.append(input_id.hex())
+            span.add_event(
+                "outlier",
+                {
+                    ATTR_SENDER: message.sender,
+                    ATTR_INPUT_IDS: [input_id.hex()],
+                    _ATTR_OUTLIER_SCORE: scores[index],
+                },
+            )
+            self._note_anomaly(Reason.OUTLIER.value)
+            self.log.warning(
+                "epoch %d: input %s from %s is an outlier (%s); quarantined, not folded",
+                buffer.epoch,
+                input_id.hex(),
+                self.keys.senders.describe(message.sender),
+                detail,
+            )
+        span.set_attribute(_ATTR_OUTLIERS, ids)
+        self.store.submit_quarantine_outliers(buffer.epoch, rows, reason=Reason.OUTLIER.value)
+        self.outliers += len(rows)
+        self._report_quarantine()
 
     def _quarantine_epoch(self, why: str, seq: int) -> None:
         """Close the open epoch by moving its acknowledged inputs into the quarantine.

@@ -26,12 +26,14 @@ from fedtier.tiers.core._admission import (
     check_payload,
 )
 from fedtier.tiers.core._bounds import F32_SAFE, fold_bound, max_abs
-from fedtier.tiers.core._buffer import HIST_BUCKETS, TierBuffer, fold_message
+from fedtier.tiers.core._buffer import HIST_BUCKETS, BufferedInput, TierBuffer, fold_message
 from fedtier.tiers.core._capacity import MESSAGE_OVERHEAD, check_fits, partial_envelope_bound
 from fedtier.tiers.core._cut import (
     MODEL_CODEC,
+    RobustCut,
     SealedVersion,
     build_partial,
+    robust_cut,
     seal_version,
     step_model,
 )
@@ -44,16 +46,29 @@ from fedtier.tiers.core._influence import (
     TokenBuckets,
     capped_weight,
 )
+from fedtier.tiers.core._robust import (
+    OUTLIER_SCORES,
+    ROBUST_RULES,
+    OutlierScore,
+    RobustDecision,
+    RobustRule,
+    RobustRules,
+    decide_outliers,
+    robust_mean,
+)
 
 __all__ = [
     "F32_SAFE",
     "HIST_BUCKETS",
     "MESSAGE_OVERHEAD",
     "MODEL_CODEC",
+    "OUTLIER_SCORES",
+    "ROBUST_RULES",
     "AcceptedInput",
     "Accumulator",
     "AdaptiveNorm",
     "AdmissionRules",
+    "BufferedInput",
     "ContributionCounter",
     "Decision",
     "InfluenceRules",
@@ -62,6 +77,11 @@ __all__ = [
     "NormBound",
     "NothingSeen",
     "Outcome",
+    "OutlierScore",
+    "RobustCut",
+    "RobustDecision",
+    "RobustRule",
+    "RobustRules",
     "SealedVersion",
     "SeenInputs",
     "SenderKeys",
@@ -73,10 +93,13 @@ __all__ = [
     "capped_weight",
     "check_fits",
     "check_payload",
+    "decide_outliers",
     "fold_bound",
     "fold_message",
     "max_abs",
     "partial_envelope_bound",
+    "robust_cut",
+    "robust_mean",
     "seal_version",
     "step_model",
 ]

@@ -8,6 +8,7 @@ uses) and ``accepted_ms`` (wall milliseconds, for aggregate latency).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Final
 
 from fedtier.protocol.codecs import fold_into
@@ -16,7 +17,7 @@ from fedtier.tiers.aggregate import Accumulator
 from fedtier.tiers.core._admission import AcceptedInput
 from fedtier.tiers.flush import FlushPolicy, FlushReason
 
-__all__ = ["HIST_BUCKETS", "TierBuffer", "fold_message"]
+__all__ = ["HIST_BUCKETS", "BufferedInput", "TierBuffer", "fold_message"]
 
 HIST_BUCKETS: Final = 32
 """Staleness histogram buckets of every partial a tier makes."""
@@ -71,6 +72,46 @@ def fold_message(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class BufferedInput:
+    """One input of the open epoch as it was folded: what the robust cut re-reads.
+
+    Kept only while ``TierBuffer.keep_inputs`` is set (``[robust]`` on): the
+    payload bytes (encoded, as the store holds them) and the weights decided
+    at admission, so the cut can decode the input's point and refold the kept
+    inputs exactly as admission folded them.
+
+    Attributes:
+        message: the verified update or child partial.
+        payload: its payload bytes.
+        tau: its staleness at this tier.
+        discount: its discount.
+        clip_scale: its norm clipping factor (updates).
+        n_samples: its admitted weight (updates), None for the message's own.
+        exempt: an operator released it from the quarantine: never an outlier.
+    """
+
+    message: DeviceUpdate | PartialAggregate
+    payload: bytes
+    tau: int
+    discount: float
+    clip_scale: float
+    n_samples: float | None
+    exempt: bool = False
+
+    def fold_into(self, acc: Accumulator) -> None:
+        """Fold this input into ``acc`` with its stored weights (as admission did)."""
+        fold_message(
+            acc,
+            self.message,
+            self.payload,
+            tau=self.tau,
+            discount=self.discount,
+            clip_scale=self.clip_scale,
+            n_samples=self.n_samples,
+        )
+
+
 class TierBuffer:
     """The open epoch: its accumulator plus what the flush needs to know about its inputs.
 
@@ -82,23 +123,36 @@ class TierBuffer:
         tags: an opaque tag per input in fold order (the daemons keep the
             traceparent of each input's span there, for span links).
         senders: distinct senders (participation).
+        keep_inputs: keep every folded input in :attr:`inputs` (``[robust]`` on;
+            memory grows with the epoch: docs/architecture.md, robust aggregation).
+        inputs: the folded inputs in fold order, while ``keep_inputs`` is set.
     """
 
-    def __init__(self, num_params: int, epoch: int = 0) -> None:
+    def __init__(self, num_params: int, epoch: int = 0, *, keep_inputs: bool = False) -> None:
         self.accumulator = Accumulator(num_params, hist_buckets=HIST_BUCKETS)
         self.epoch = epoch
         self.oldest_at: float | None = None
         self.oldest_accepted_ms: int | None = None
         self.tags: list[str] = []
         self.senders: set[str] = set()
+        self.keep_inputs = keep_inputs
+        self.inputs: list[BufferedInput] = []
 
     @property
     def is_empty(self) -> bool:
         """Whether nothing was folded in this epoch."""
         return self.accumulator.is_empty
 
-    def fold(self, accepted: AcceptedInput, *, now: float, accepted_ms: int, tag: str = "") -> None:
-        """Fold an admitted input and book it."""
+    def fold(
+        self,
+        accepted: AcceptedInput,
+        *,
+        now: float,
+        accepted_ms: int,
+        tag: str = "",
+        exempt: bool = False,
+    ) -> None:
+        """Fold an admitted input and book it (``exempt``: see :class:`BufferedInput`)."""
         self.refold(
             accepted.message,
             accepted.payload,
@@ -109,6 +163,7 @@ class TierBuffer:
             accepted_ms=accepted_ms,
             tag=tag,
             n_samples=accepted.n_samples,
+            exempt=exempt,
         )
 
     def refold(
@@ -123,6 +178,7 @@ class TierBuffer:
         accepted_ms: int,
         tag: str = "",
         n_samples: float | None = None,
+        exempt: bool = False,
     ) -> None:
         """Fold an input with weights decided earlier (recovery after a restart) and book it.
 
@@ -143,6 +199,18 @@ class TierBuffer:
             self.oldest_accepted_ms = accepted_ms
         self.tags.append(tag)
         self.senders.add(message.sender)
+        if self.keep_inputs:
+            self.inputs.append(
+                BufferedInput(
+                    message,
+                    bytes(payload),
+                    tau,
+                    discount,
+                    clip_scale,
+                    n_samples,
+                    exempt,
+                )
+            )
 
     def has_room(self, inputs: int, leaves: int, max_ids: int) -> bool:
         """Whether ``inputs`` more inputs holding ``leaves`` updates fit one partial's id caps."""
@@ -166,3 +234,4 @@ class TierBuffer:
         self.oldest_accepted_ms = None
         self.tags = []
         self.senders = set()
+        self.inputs = []

@@ -22,9 +22,19 @@ from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.messages import ModelAnnouncement, ModelBlob, PartialAggregate, Tier
 from fedtier.tiers.aggregate import Accumulator, partial_id
+from fedtier.tiers.core._buffer import HIST_BUCKETS, TierBuffer
+from fedtier.tiers.core._robust import RobustRules, decide_outliers, robust_mean
 from fedtier.tiers.optimizers import ServerOptimizer
 
-__all__ = ["MODEL_CODEC", "SealedVersion", "build_partial", "seal_version", "step_model"]
+__all__ = [
+    "MODEL_CODEC",
+    "RobustCut",
+    "SealedVersion",
+    "build_partial",
+    "robust_cut",
+    "seal_version",
+    "step_model",
+]
 
 MODEL_CODEC: Final = CodecSpec("f32")
 """How model versions travel: dense float32, so every device loads them exactly."""
@@ -42,11 +52,14 @@ def build_partial(
     codec: CodecSpec,
     seq: int,
     created_ms: int,
+    numerator: npt.NDArray[np.float32] | None = None,
 ) -> tuple[PartialAggregate, bytes]:
     """Seal the partial of a non-empty accumulator: (message, envelope bytes).
 
     The partial id derives from the sender and the input ids, so a retried cut
-    of the same inputs is recognisably the same partial.
+    of the same inputs is recognisably the same partial. ``numerator`` replaces
+    the accumulator's (a robust rule's, :func:`robust_cut`); every other field
+    is the accumulator's.
 
     Raises:
         LocalProtocolError: the accumulator is empty, or its numerator cannot be
@@ -57,7 +70,7 @@ def build_partial(
     assert accumulator.min_base_version is not None
     assert accumulator.max_base_version is not None
     inputs = tuple(accumulator.input_ids)
-    payload = encode(np.asarray(accumulator.numerator), codec)
+    payload = encode(np.asarray(accumulator.numerator if numerator is None else numerator), codec)
     message = PartialAggregate(
         fleet=fleet,
         sender=identity.key_id,
@@ -79,6 +92,70 @@ def build_partial(
         leaves=tuple(accumulator.leaf_ids),
     )
     return message, seal(message, payload, identity)
+
+
+@dataclass(frozen=True, slots=True)
+class RobustCut:
+    """What a robust cut makes of one buffer (docs/architecture.md, robust aggregation).
+
+    Attributes:
+        accumulator: the kept inputs, refolded in fold order with their stored
+            weights (the buffer's own accumulator when nothing is left out):
+            every field of the partial but the numerator comes from it.
+        numerator: the robust rule's numerator (robust mean times the kept
+            sample count), None under rule ``none`` (the accumulator's sum).
+        outliers: indices (fold order) of the buffer's inputs to quarantine.
+        distances: each input's distance to the centre (empty when not scored).
+        scores: each input's robust z-score (empty when not scored).
+    """
+
+    accumulator: Accumulator
+    numerator: npt.NDArray[np.float32] | None
+    outliers: tuple[int, ...]
+    distances: tuple[float, ...]
+    scores: tuple[float, ...]
+
+
+def robust_cut(buffer: TierBuffer, rules: RobustRules) -> RobustCut:
+    """Score a buffer's inputs, leave out its outliers and apply the robust rule.
+
+    A pure function of the buffer's inputs (fold order, stored weights, exempt
+    flags) and ``rules``: a refold after a crash gives the same cut. Each input
+    is decoded into its point (what it adds to the numerator over what it adds
+    to the sample count), so the ``inputs x params`` float32 matrix exists only
+    during the cut.
+
+    Raises:
+        LocalProtocolError: the buffer is empty or did not keep its inputs.
+    """
+    inputs = buffer.inputs
+    accumulator = buffer.accumulator
+    if accumulator.is_empty or len(inputs) != accumulator.input_count:
+        raise LocalProtocolError(
+            f"a robust cut needs the buffer's inputs: {len(inputs)} kept of "
+            f"{accumulator.input_count} folded"
+        )
+    num_params = accumulator.num_params
+    points = np.empty((len(inputs), num_params), dtype=np.float32)
+    one = Accumulator(num_params, hist_buckets=1)
+    for row, kept in enumerate(inputs):
+        one.reset()
+        kept.fold_into(one)
+        np.divide(one.numerator, np.float32(one.sample_count), out=points[row])
+    decision = decide_outliers(points, rules, exempt=[kept.exempt for kept in inputs])
+    if decision.outliers:
+        left_out = set(decision.outliers)
+        keep = [i for i in range(len(inputs)) if i not in left_out]
+        accumulator = Accumulator(num_params, hist_buckets=HIST_BUCKETS)
+        for i in keep:
+            inputs[i].fold_into(accumulator)
+        points = points[keep]
+    numerator: npt.NDArray[np.float32] | None = None
+    if rules.rule != "none":
+        numerator = np.multiply(
+            robust_mean(points, rules), np.float32(accumulator.sample_count), dtype=np.float32
+        )
+    return RobustCut(accumulator, numerator, decision.outliers, decision.distances, decision.scores)
 
 
 def step_model(

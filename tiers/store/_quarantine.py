@@ -56,6 +56,13 @@ _INSERT: Final = (
     " received_ms, released, envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"
 )
 _DROPPED_KEY: Final = "quarantine_dropped"
+# meta keys ``robust_exempt:<sender>:<input id hex>``: inputs an operator released from
+# the quarantine, never scored as outliers again while they wait in the open epoch.
+_EXEMPT_PREFIX: Final = "robust_exempt:"
+
+
+def _exempt_key(sender: str, input_id: bytes) -> str:
+    return f"{_EXEMPT_PREFIX}{sender}:{input_id.hex()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +306,94 @@ class QuarantineTables(InputTables):
             put_meta(conn, "out_seq", out_seq)
 
         return self._submit(op, f"quarantine of epoch {epoch}")
+
+    def submit_quarantine_outliers(
+        self,
+        epoch: int,
+        outliers: list[tuple[str, bytes, str, int]],
+        *,
+        reason: str,
+    ) -> CommitTicket:
+        """Move single open inputs of ``epoch`` into the quarantine (robust aggregation).
+
+        Submitted just before the cut's ``submit_flush``, synchronously, so both
+        land in one transaction: the partial and the outliers it leaves out are
+        durable together or not at all. Each row keeps the input's envelope with
+        ``retry = 'never'``: only an operator's release brings it back. Its input
+        row, envelope and leaves are deleted, as for a quarantined epoch, so that
+        re-admission finds it new.
+
+        Args:
+            epoch: the open epoch being cut.
+            outliers: ``(sender, input_id, detail, envelope size)`` per input.
+            reason: the ``Reason`` token (``outlier``).
+        """
+        first_qid = self._next_qid
+        self._next_qid += len(outliers)
+        for offset, (sender, _, _, size) in enumerate(outliers):
+            self._quarantine_rows[first_qid + offset] = (sender, reason, size)
+            self._quarantine.add(sender, reason, size)
+
+        def op(conn: sqlite3.Connection) -> None:
+            at = now_ms()
+            for offset, (sender, input_id, detail, _) in enumerate(outliers):
+                row = conn.execute(
+                    "SELECT i.pos, e.envelope FROM inputs AS i"
+                    " JOIN input_envelopes AS e USING (pos)"
+                    " WHERE i.sender = ? AND i.input_id = ? AND i.epoch = ? AND i.status = 'open'",
+                    (sender, input_id, epoch),
+                ).fetchone()
+                if row is None:
+                    raise StoreError(
+                        f"outlier {input_id.hex()} from {sender} is no open input of epoch {epoch}"
+                    )
+                pos, envelope = row
+                conn.execute(
+                    _INSERT,
+                    (
+                        first_qid + offset,
+                        sender,
+                        input_id,
+                        "",
+                        reason,
+                        "never",
+                        detail,
+                        at,
+                        envelope,
+                    ),
+                )
+                conn.execute("DELETE FROM input_envelopes WHERE pos = ?", (pos,))
+                conn.execute("DELETE FROM leaves WHERE pos = ?", (pos,))
+                conn.execute("DELETE FROM inputs WHERE pos = ?", (pos,))
+
+        return self._submit(op, f"quarantine of {len(outliers)} outliers of epoch {epoch}")
+
+    def submit_robust_exempt(self, sender: str, input_id: bytes, *, exempt: bool) -> None:
+        """Mark (or, once it is cut, unmark) an input released by an operator as no outlier.
+
+        Submitted right after the input's accept (or the cut's flush), so it is
+        durable in the same transaction.
+        """
+        key = _exempt_key(sender, input_id)
+
+        def op(conn: sqlite3.Connection) -> None:
+            if exempt:
+                put_meta(conn, key, 1)
+            else:
+                conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+
+        self._submit(op, f"robust exemption of {input_id.hex()} from {sender}")
+
+    def robust_exempt(self) -> set[tuple[str, bytes]]:
+        """``(sender, input_id)`` of every released input still exempt from outlier scoring."""
+        assert self._reader is not None
+        found: set[tuple[str, bytes]] = set()
+        for (key,) in self._reader.execute(
+            "SELECT key FROM meta WHERE key LIKE ?", (_EXEMPT_PREFIX + "%",)
+        ):
+            sender, _, hexid = str(key)[len(_EXEMPT_PREFIX) :].rpartition(":")
+            found.add((sender, bytes.fromhex(hexid)))
+        return found
 
 
 # -- offline access (``fedtier quarantine``) -------------------------------------------------

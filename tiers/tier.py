@@ -85,6 +85,8 @@ from fedtier.protocol.telemetry import (
     ATTR_LEAF_COUNT,
     ATTR_MODEL_VERSION,
     ATTR_OUTCOME,
+    ATTR_OUTLIER_SCORE,
+    ATTR_OUTLIERS,
     ATTR_PARTIAL_ID,
     ATTR_REASON,
     ATTR_SENDER,
@@ -145,10 +147,6 @@ __all__ = [
 
 J = TypeVar("J")
 T = TypeVar("T")
-
-# The aggregate span's robust-aggregation attributes (docs/operations.md, robust aggregation).
-_ATTR_OUTLIERS = "fedtier.robust.outliers"  # hex ids quarantined as outliers at this cut
-_ATTR_OUTLIER_SCORE = "fedtier.robust.score"  # an outlier event's robust z-score
 
 
 def _input_id(message: DeviceUpdate | PartialAggregate) -> bytes:
@@ -1127,7 +1125,7 @@ class TierDaemon(abc.ABC):
                 {
                     ATTR_SENDER: message.sender,
                     ATTR_INPUT_IDS: [input_id.hex()],
-                    _ATTR_OUTLIER_SCORE: scores[index],
+                    ATTR_OUTLIER_SCORE: scores[index],
                 },
             )
             self._note_anomaly(Reason.OUTLIER.value)
@@ -1138,7 +1136,7 @@ class TierDaemon(abc.ABC):
                 self.keys.senders.describe(message.sender),
                 detail,
             )
-        span.set_attribute(_ATTR_OUTLIERS, ids)
+        span.set_attribute(ATTR_OUTLIERS, ids)
         self.store.submit_quarantine_outliers(buffer.epoch, rows, reason=Reason.OUTLIER.value)
         self.outliers += len(rows)
         self._report_quarantine()

@@ -39,6 +39,8 @@ __all__ = [
     "ATTR_METRIC_PREFIX",
     "ATTR_MODEL_VERSION",
     "ATTR_OUTCOME",
+    "ATTR_OUTLIERS",
+    "ATTR_OUTLIER_SCORE",
     "ATTR_PARTIAL_ID",
     "ATTR_REASON",
     "ATTR_SENDER",
@@ -77,6 +79,10 @@ ATTR_WEIGHT: Final = "fedtier.weight"
 ATTR_CLIP_SCALE: Final = "fedtier.clip_scale"
 ATTR_OUTCOME: Final = "fedtier.outcome"  # accepted, duplicate, rejected
 ATTR_REASON: Final = "fedtier.reason"  # rejection reason token
+# On an aggregate span when [robust] quarantined inputs as outliers at that cut:
+# their hex ids, and one ``outlier`` event per input with its robust z-score.
+ATTR_OUTLIERS: Final = "fedtier.robust.outliers"
+ATTR_OUTLIER_SCORE: Final = "fedtier.robust.score"
 ATTR_FLUSH_REASON: Final = "fedtier.flush_reason"  # count, weight, deadline, shutdown
 # Held-out metrics on ``central evaluate model``: fedtier.metric.accuracy and so on.
 ATTR_METRIC_PREFIX: Final = "fedtier.metric."

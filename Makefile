@@ -13,7 +13,7 @@ TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all test lint format demo bootstrap brokers test-tools clean
+.PHONY: all test lint format demo bootstrap brokers test-tools bench-flower-env clean
 
 all: test
 
@@ -77,5 +77,14 @@ test: lint test-tools
 demo: bootstrap
 	$(BIN)/fedtier demo
 
+# Flower for `fedtier bench fold` (docs/performance.md), in a virtual
+# environment of its own: flwr pins protobuf, cryptography and rich at versions
+# fedtier's .venv does not carry. Not needed by `make test`.
+bench-flower-env: .venv-flower/.installed
+.venv-flower/.installed:
+	$(PYTHON) -m venv .venv-flower
+	.venv-flower/bin/pip install -q flwr numpy
+	@touch $@
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .venv-flower .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

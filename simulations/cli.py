@@ -28,7 +28,7 @@ LAB_MODULES: Final = ("rich", "matplotlib", "sklearn", "nats", "trio_asyncio", "
 
 
 def add_bench(sub: Subcommands) -> None:
-    """Add ``fedtier bench codec|edge|reject|explorer``."""
+    """Add ``fedtier bench codec|edge|reject|explorer|fold``."""
     bench = sub.add_parser("bench", help="benchmarks against a raw baseline run alongside")
     bench.set_defaults(requires=LAB_MODULES)
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -57,6 +57,13 @@ def add_bench(sub: Subcommands) -> None:
         "explorer",
         "fedtier.simulations.bench.explorer",
         "trace explorer page and API load times over a synthetic day of spans (JSON)",
+        requires=LAB_MODULES,
+    )
+    add_forwarded(
+        bench_sub,
+        "fold",
+        "fedtier.simulations.bench.fold",
+        "fedtier's fold per codec vs Flower's aggregate() and numpy, each in its own process",
         requires=LAB_MODULES,
     )
 

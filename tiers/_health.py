@@ -190,9 +190,11 @@ class HealthProbes:
         self.local_interval_s = local_interval_s
         self.monitoring_interval_s = monitoring_interval_s
         nats = daemon.config.nats
-        base = nats.monitoring_url.rstrip("/") if nats.monitoring_url else None
-        self._varz_url = None if base is None else f"{base}/varz"
-        self._jsz_url = None if base is None else f"{base}/jsz?consumers=true"
+        # Every server the daemon's fsync check reads (a cluster's three), once each.
+        bases = [url.rstrip("/") for url in (nats.monitoring_url, *nats.monitoring_urls) if url]
+        bases = list(dict.fromkeys(bases))
+        self._varz_urls = [f"{base}/varz" for base in bases]
+        self._jsz_urls = [f"{base}/jsz?consumers=true" for base in bases]
         self._cafile = nats.tls_ca_file
         self.consumer = self._consumer_of(daemon)
         self._pointer: bytes | None = None
@@ -259,24 +261,35 @@ class HealthProbes:
     # -- nats-server's monitoring endpoint ---------------------------------------------
 
     async def sample_monitoring(self) -> None:
-        """The ``sync_interval: always`` check and this tier's consumer lag; no URL, nothing."""
-        if self._varz_url is not None:
-            varz = await self._get("varz", self._varz_url)
+        """The ``sync_interval: always`` check of every server and this tier's consumer lag.
+
+        With no monitoring URL there is nothing to read.
+        """
+        for varz_url in self._varz_urls:
+            varz = await self._get("varz", varz_url)
             if isinstance(varz, Mapping):
                 server, ok = sync_always_of(varz)
-                self.metrics.nats_sync_always(server or self._varz_url, ok)
-        if self._jsz_url is not None and self.consumer is not None:
-            jsz = await self._get("jsz", self._jsz_url)
-            if isinstance(jsz, Mapping):
-                pending = consumer_pending(jsz, self.consumer.stream, self.consumer.durable)
-                if pending is None:
-                    self._failed(
-                        "jsz",
-                        f"{self._jsz_url} lists no consumer {self.consumer.durable!r} on stream "
-                        f"{self.consumer.stream!r}",
-                    )
-                else:
-                    self.metrics.consumer_lag(self.consumer.stream, self.consumer.durable, *pending)
+                self.metrics.nats_sync_always(server or varz_url, ok)
+        if self.consumer is None:
+            return
+        # The consumer's state is the same on every server holding a replica:
+        # the first that lists it answers.
+        answered = False
+        for jsz_url in self._jsz_urls:
+            jsz = await self._get("jsz", jsz_url)  # an unreachable one is counted there
+            if not isinstance(jsz, Mapping):
+                continue
+            answered = True
+            pending = consumer_pending(jsz, self.consumer.stream, self.consumer.durable)
+            if pending is not None:
+                self.metrics.consumer_lag(self.consumer.stream, self.consumer.durable, *pending)
+                return
+        if answered:
+            self._failed(
+                "jsz",
+                f"no monitoring endpoint lists consumer {self.consumer.durable!r} on stream "
+                f"{self.consumer.stream!r}",
+            )
 
     async def _get(self, probe: str, url: str) -> Any:
         try:

@@ -68,9 +68,20 @@ class NatsSettings:
     """How a daemon reaches NATS.
 
     Attributes:
-        servers: server URLs.
-        monitoring_url: HTTP monitoring base URL, read to check ``sync_interval: always``.
-        require_sync_always: refuse a server that does not fsync every JetStream write.
+        servers: server URLs (every node of a cluster).
+        monitoring_url: one server's HTTP monitoring base URL, read to check
+            ``sync_interval: always`` (a single server; kept for old configs).
+        monitoring_urls: every server's monitoring base URL (a cluster's three);
+            the check reads each, with ``monitoring_url``.
+        require_sync_always: refuse a server that does not fsync every JetStream
+            write; with it on, the daemon refuses to start without a monitoring URL.
+        replicas: copies of every stream, KV bucket and object store the daemon
+            creates (1 on one server, 3 on a 3-node cluster); an existing one
+            with fewer copies is refused at start.
+        jetstream_domain: the JetStream domain of the streams and buckets, for a
+            daemon connected to a site's leaf node (``core`` with
+            deploy/nats/cluster/); None uses the JetStream of the servers it
+            connects to.
         ack_wait_s: how long JetStream waits for this daemon's ack of a delivery
             before redelivering it (set when the durable consumer is created).
         max_deliver: most deliveries of one message (set at consumer creation).
@@ -86,7 +97,10 @@ class NatsSettings:
 
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     monitoring_url: str | None = None
+    monitoring_urls: tuple[str, ...] = ()
     require_sync_always: bool = True
+    replicas: int = 1
+    jetstream_domain: str | None = None
     ack_wait_s: float = 30.0
     max_deliver: int = 50
     max_hold_s: float = 300.0
@@ -549,10 +563,18 @@ def _nats(table: ConfigTable) -> NatsSettings:
     monitoring = table.string("monitoring_url", None)
     if monitoring is not None and not monitoring.startswith(("http://", "https://")):
         raise table.fail("monitoring_url", "an http:// or https:// URL")
+    monitorings = table.raw("monitoring_urls", [])
+    if not isinstance(monitorings, list) or not all(
+        isinstance(u, str) and u.startswith(("http://", "https://")) for u in monitorings
+    ):
+        raise table.fail("monitoring_urls", "a list of http:// or https:// URLs")
     settings = NatsSettings(
         servers=tuple(servers),
         monitoring_url=monitoring,
+        monitoring_urls=tuple(monitorings),
         require_sync_always=table.boolean("require_sync_always", True),
+        replicas=table.integer("replicas", _DEFAULT_NATS.replicas, low=1, high=5),
+        jetstream_domain=table.string("jetstream_domain", None),
         ack_wait_s=table.number("ack_wait_s", _DEFAULT_NATS.ack_wait_s, low=0.0, low_open=True),
         max_deliver=table.integer("max_deliver", _DEFAULT_NATS.max_deliver, low=1),
         max_hold_s=table.number("max_hold_s", _DEFAULT_NATS.max_hold_s, low=0.0),

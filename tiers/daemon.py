@@ -201,6 +201,10 @@ def _nats_config(kind: TierKind, config: TierConfig, key_id: str) -> Any:
         credentials_file=settings.credentials_file,
         require_sync_always=settings.require_sync_always,
         monitoring_url=settings.monitoring_url,
+        monitoring_urls=settings.monitoring_urls,
+        # Every KV bucket and object store this daemon creates; the streams below.
+        replicas=settings.replicas,
+        jetstream_domain=settings.jetstream_domain,
         ack_wait_s=settings.ack_wait_s,
         max_deliver=settings.max_deliver,
         max_hold_s=settings.max_hold_s,
@@ -209,13 +213,20 @@ def _nats_config(kind: TierKind, config: TierConfig, key_id: str) -> Any:
         # for the one that does, saying so in its log, instead of exiting.
         wait_for_streams=not manage,
         streams=(
-            StreamSpec(up_name, (up_subjects,), _UP_MAX_AGE_S, _DEDUPE_WINDOW_S),
+            StreamSpec(
+                up_name,
+                (up_subjects,),
+                _UP_MAX_AGE_S,
+                _DEDUPE_WINDOW_S,
+                replicas=settings.replicas,
+            ),
             StreamSpec(
                 model_name,
                 (model_subjects,),
                 _MODEL_MAX_AGE_S,
                 _DEDUPE_WINDOW_S,
                 max_msgs_per_subject=16,
+                replicas=settings.replicas,
             ),
         ),
     )

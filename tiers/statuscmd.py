@@ -426,6 +426,8 @@ async def _run(
         require_sync_always=False,
         manage_streams=False,
         connect_attempts=2,
+        # The status bucket is made at the daemons' replicas if status runs first.
+        replicas=settings.replicas,
     )
     bucket_name = NatsSubjects(fleet).status_bucket()
     live = _LiveView(sys.stdout, plain=args.plain or args.json) if args.watch else None

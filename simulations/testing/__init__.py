@@ -5,7 +5,8 @@ to stand up a mesh they can hurt:
 
 * real broker processes on free loopback ports: ``MosquittoProcess`` and
   ``NatsServerProcess`` (with ``MosquittoTls``/``NatsTls`` to run them as
-  ``deploy/`` configures them);
+  ``deploy/`` configures them), and ``NatsClusterProcess``, three clustered
+  nats-servers whose nodes a test can kill and restart;
 * a throwaway PKI (``TestPki``) and the ``deploy/`` access rules rendered for
   test brokers (``mosquitto_acl``, ``nats_accounts``), so tests run the very
   rules an operator copies;
@@ -39,6 +40,7 @@ from fedtier.simulations.testing._mosquitto import (
     MosquittoTls,
     find_mosquitto,
 )
+from fedtier.simulations.testing._nats_cluster import NatsClusterProcess
 from fedtier.simulations.testing._nats_server import (
     MIN_NATS_SERVER_VERSION,
     NatsServerProcess,
@@ -64,6 +66,7 @@ __all__ = [
     "FaultyProxy",
     "MosquittoProcess",
     "MosquittoTls",
+    "NatsClusterProcess",
     "NatsServerProcess",
     "NatsTls",
     "NkeyUser",

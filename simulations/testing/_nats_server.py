@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -127,6 +128,14 @@ class NatsServerProcess:
         self._process: subprocess.Popen[bytes] | None = None
         self.tls: NatsTls | None = None
         self.accounts: str | None = None
+        self.server_name = f"fedtier-{os.getpid()}-{workdir.name}"
+        # More config text (a cluster or leafnodes block).
+        self.extra_config = ""
+        # The JetStream domain (a leaf node's own, or a hub's).
+        self.jetstream_domain: str | None = None
+        # Writes the whole config instead (a rendered deploy/ file); it must
+        # set ports_file_dir to workdir and use self.port/monitoring_port.
+        self.render_config: Callable[[NatsServerProcess], str] | None = None
 
     @classmethod
     def start(
@@ -138,6 +147,8 @@ class NatsServerProcess:
         startup_timeout_s: float = 15.0,
         tls: NatsTls | None = None,
         accounts: str | None = None,
+        jetstream_domain: str | None = None,
+        extra_config: str = "",
     ) -> NatsServerProcess:
         """Start a JetStream-enabled nats-server and wait until it is healthy.
 
@@ -152,6 +163,9 @@ class NatsServerProcess:
             accounts: config text with an ``accounts { ... }`` block (users,
                 their nkeys and permissions) and usually ``system_account``;
                 None keeps the open default account.
+            jetstream_domain: the JetStream ``domain`` (a leaf node's own).
+            extra_config: more config text, e.g. a ``leafnodes`` block
+                (``NatsClusterProcess.leaf_remotes``).
 
         Raises:
             ConfigError: the binary is missing or too old, or the server did
@@ -166,6 +180,8 @@ class NatsServerProcess:
         )
         server.tls = tls
         server.accounts = accounts
+        server.jetstream_domain = jetstream_domain
+        server.extra_config = extra_config
         server._launch()
         return server
 
@@ -186,18 +202,23 @@ class NatsServerProcess:
         return self._process is not None and self._process.poll() is None
 
     def _write_config(self) -> None:
+        if self.render_config is not None:
+            self.config_path.write_text(self.render_config(self))
+            return
         sync = "\n  sync_interval: always" if self.sync_always else ""
+        if self.jetstream_domain is not None:
+            sync += f"\n  domain: {self.jetstream_domain}"
         self.config_path.write_text(
             "# Written by simulations/testing/_nats_server.py for tests, the demo and benchmarks.\n"
             "# Production example: deploy/nats/nats-server.conf\n"
-            f"server_name: fedtier-{os.getpid()}-{self.workdir.name}\n"
+            f"server_name: {self.server_name}\n"
             f"listen: 127.0.0.1:{self.port}\n"
             f"http: 127.0.0.1:{self.monitoring_port}\n"
             f"ports_file_dir: {json.dumps(str(self.workdir))}\n"
             "max_payload: 8MB\n"
             "jetstream {\n"
             f"  store_dir: {json.dumps(str(self.store_dir))}{sync}\n"
-            "}\n" + self._security_config()
+            "}\n" + self._security_config() + self.extra_config
         )
 
     def _security_config(self) -> str:
@@ -302,9 +323,16 @@ class NatsServerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
-    def restart(self) -> None:
-        """Start the server again on the same ports and store, stopping it first if it is up."""
+    def restart(self, *, sync_always: bool | None = None) -> None:
+        """Start the server again on the same ports and store, stopping it first if it is up.
+
+        Args:
+            sync_always: change ``sync_interval: always`` for this and later
+                starts (False to test that clients notice); None keeps it.
+        """
         self.stop()
+        if sync_always is not None:
+            self.sync_always = sync_always
         # Remove the dead process' ports file so readiness reads the new one.
         for stale in self.workdir.glob("nats-server_*.ports"):
             stale.unlink(missing_ok=True)

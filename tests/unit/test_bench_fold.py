@@ -1,4 +1,4 @@
-"""``fedtier bench fold`` as a user runs it: JSON, every variant in its own process, equal results."""
+"""``fedtier bench fold`` as a user runs it: JSON, each variant in its own process, same result."""
 
 from __future__ import annotations
 

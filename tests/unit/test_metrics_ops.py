@@ -196,7 +196,11 @@ class Recorded:
 
 
 def regional(
-    tmp: Path, registry: MemoryModelRegistry, *, monitoring_url: str | None
+    tmp: Path,
+    registry: MemoryModelRegistry,
+    *,
+    monitoring_url: str | None,
+    monitoring_urls: tuple[str, ...] = (),
 ) -> RegionalDaemon:
     config = RegionalConfig(
         fleet=FLEET,
@@ -206,7 +210,7 @@ def regional(
         central_key=CENTRAL.verify_key.raw.hex(),
         flush=FlushPolicy(max_inputs=7, max_age_s=None),
         commit_window_s=0.001,
-        nats=NatsSettings(monitoring_url=monitoring_url),
+        nats=NatsSettings(monitoring_url=monitoring_url, monitoring_urls=monitoring_urls),
     )
     keys = TierKeys(ME, KeyRegistry.from_keys({}, role="edge"), CENTRAL.verify_key)
     return RegionalDaemon(
@@ -340,6 +344,27 @@ async def test_probes_read_the_sync_check_and_the_consumer_lag(
     assert recorded.of("nats_sync_always")[-1] == ("nats-eu-1", False)
     assert recorded.of("probe_failed") == [("jsz",)]
     assert len(recorded.of("consumer_lag")) == 1  # keeps its last value
+
+
+async def test_every_node_of_a_cluster_is_checked_and_the_first_holder_gives_the_lag(
+    tmp_path: Path, monitoring: _Monitoring
+) -> None:
+    second = _Monitoring()
+    try:
+        second.sync_always = False  # one node of three restarted without it
+        daemon = regional(
+            tmp_path,
+            MemoryModelRegistry(),
+            monitoring_url=None,
+            monitoring_urls=(monitoring.url, second.url, monitoring.url),  # one listed twice
+        )
+        recorded = Recorded()
+        await HealthProbes(daemon, recorded).sample_monitoring()
+    finally:
+        second.close()
+    assert recorded.of("nats_sync_always") == [("nats-eu-1", True), ("nats-eu-1", False)]
+    assert recorded.of("consumer_lag") == [("FT_ACME_UP", "regional-eu", 12, 3)]
+    assert recorded.of("probe_failed") == []
 
 
 async def test_an_unreachable_monitoring_endpoint_is_counted_not_raised(tmp_path: Path) -> None:

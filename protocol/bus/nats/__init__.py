@@ -10,8 +10,10 @@ Public surface::
 
     open_nats_loop()            the trio-asyncio loop; a daemon opens it once,
                                 directly under trio.run
-    open_nats_bus(config)       connect (bounded retry), ensure streams, check
-                                sync_always; yields a NatsBus
+    open_nats_bus(config)       connect (bounded retry), ensure streams (and
+                                their replicas), check sync_always on every
+                                server, again after each reconnect; yields a
+                                NatsBus
     NatsBus.publish             JetStream publish (Nats-Msg-Id dedupe) on
                                 subjects a configured stream covers, else core
                                 publish + flush

@@ -42,8 +42,14 @@ from fedtier.protocol.bus.nats._subscriptions import (
     _InboxSubscription,
     _PullSubscription,
 )
-from fedtier.protocol.bus.nats._varz import _check_sync_always
-from fedtier.protocol.errors import BusClosed, BusError, LocalProtocolError, PublishError
+from fedtier.protocol.bus.nats._varz import _check_sync_always, _recheck_sync_always
+from fedtier.protocol.errors import (
+    BusClosed,
+    BusError,
+    ConfigError,
+    LocalProtocolError,
+    PublishError,
+)
 
 logger = logging.getLogger("fedtier.protocol.bus.nats")
 
@@ -53,10 +59,13 @@ async def open_nats_bus(config: NatsConfig) -> AsyncIterator[NatsBus]:
     """Connect to NATS and yield a ``NatsBus``; close everything on exit.
 
     Connects with bounded retry (``connect_attempts``), then reconnects
-    forever; creates or updates ``config.streams``; with
-    ``require_sync_always`` refuses a server without ``sync_interval: always``
-    (``ConfigError``). Reuses the trio-asyncio loop of ``open_nats_loop`` when
-    one is open in this task's context, else opens one around the bus.
+    forever; creates or updates ``config.streams`` (and refuses one with fewer
+    replicas than configured); with ``require_sync_always`` refuses a server
+    without ``sync_interval: always`` (``ConfigError``), at start and again
+    after every reconnect and every ``sync_recheck_s``: then the body is
+    cancelled and that ``ConfigError`` comes out of the ``async with``. Reuses
+    the trio-asyncio loop of ``open_nats_loop`` when one is open in this
+    task's context, else opens one around the bus.
 
     Raises:
         BusUnavailable: no server answered within the attempts.
@@ -80,7 +89,34 @@ async def _open_bus_on_loop(config: NatsConfig) -> AsyncIterator[NatsBus]:
     try:
         await _check_sync_always(config)
         await _ensure_streams(conn)
-        yield bus
+        # The fsync check again after every reconnect (and periodically): a
+        # failure ends the body and comes out of this context alone, so the
+        # daemon stops with that one sentence.
+        failure: ConfigError | None = None
+        body_error: BaseException | None = None
+
+        async def recheck() -> None:
+            nonlocal failure
+            try:
+                await _recheck_sync_always(
+                    config, lambda: events.reconnects, lambda: events.changed
+                )
+            except ConfigError as exc:
+                logger.error("nats %s: %s", config.name, exc)
+                failure = exc
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(recheck)
+            try:
+                yield bus
+            except BaseException as exc:
+                body_error = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if body_error is not None:
+            raise body_error
     finally:
         bus._closed = True
         events.closing = True
@@ -288,7 +324,10 @@ class NatsBus(Bus):
     async def kv_bucket(
         self, name: str, *, history: int = 1, max_age_s: float | None = None
     ) -> KvBucket:
-        """Bind to the KV bucket ``name``, creating it (file storage) if missing.
+        """Bind to the KV bucket ``name``, creating it (file storage, ``replicas`` copies).
+
+        An existing bucket with fewer copies than the config's ``replicas`` is
+        refused (``ConfigError``).
 
         Args:
             name: bucket name.
@@ -302,18 +341,24 @@ class NatsBus(Bus):
             _refusals(self._conn.events, action, _kv_names(name), write=False),
             _boundary(action),
         ):
-            kv = await _aio(_aio_kv_bucket, self._conn.js, name, history, max_age_s)
+            kv = await _aio(
+                _aio_kv_bucket, self._conn.js, name, history, max_age_s, self._config.replicas
+            )
         return KvBucket(self, kv, name)
 
     async def object_store(self, name: str) -> ObjectStore:
-        """Bind to the object store bucket ``name``, creating it (file storage) if missing."""
+        """Bind to the object store ``name``, creating it (file storage, ``replicas`` copies).
+
+        An existing store with fewer copies than the config's ``replicas`` is
+        refused (``ConfigError``).
+        """
         self._check_open(f"object store {name!r}")
         action = f"open object store {name!r}"
         with (
             _refusals(self._conn.events, action, _object_names(name), write=False),
             _boundary(action),
         ):
-            await _aio(_aio_object_store, self._conn.js, name)
+            await _aio(_aio_object_store, self._conn.js, name, self._config.replicas)
         return ObjectStore(self, name)
 
 

@@ -11,6 +11,9 @@ from fedtier.protocol.bus._base import subject_matches
 from fedtier.protocol.bus.nats._subjects import _check_subject, _pattern_covers
 from fedtier.protocol.errors import ConfigError
 
+# JetStream's own bound on the copies of one stream.
+_MAX_REPLICAS = 5
+
 
 @dataclass(frozen=True, slots=True)
 class StreamSpec:
@@ -24,6 +27,11 @@ class StreamSpec:
             dedupe; at most ``max_age_s`` when that is set.
         max_msgs_per_subject: keep only the newest N messages per subject.
         storage: ``"file"`` (survives restarts) or ``"memory"``.
+        replicas: copies the servers keep (1, or 3 on a 3-node cluster: a
+            PubAck then means a majority of the copies hold it, so losing one
+            node loses nothing acknowledged). At start an existing stream with
+            fewer copies, or not on file storage when ``storage`` says file,
+            is refused.
     """
 
     name: str
@@ -32,6 +40,7 @@ class StreamSpec:
     duplicate_window_s: float
     max_msgs_per_subject: int | None = None
     storage: Literal["file", "memory"] = "file"
+    replicas: int = 1
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in ".*> \t\r\n"):
@@ -56,6 +65,10 @@ class StreamSpec:
             )
         if self.storage not in ("file", "memory"):
             raise ConfigError(f"stream {self.name!r}: storage must be 'file' or 'memory'")
+        if not 1 <= self.replicas <= _MAX_REPLICAS:
+            raise ConfigError(
+                f"stream {self.name!r}: replicas must be 1-{_MAX_REPLICAS}, got {self.replicas!r}"
+            )
 
     def covers(self, subject_filter: str) -> bool:
         """Return True when every subject matching ``subject_filter`` lands in this stream."""
@@ -91,12 +104,29 @@ class NatsConfig:
             waited for (checked every second, a warning logged every 10 s)
             instead of refused with ``ConfigError``: a daemon started before
             the one that creates the streams then waits for it.
-        require_sync_always: refuse to start unless the server fsyncs every
-            JetStream write (``sync_interval: always``, docs/architecture.md, data guarantees).
-        monitoring_url: the server's HTTP monitoring base URL
-            (``http://127.0.0.1:8222``), read for that check. Without it the
-            check is skipped with a logged warning: the client protocol does
-            not expose the setting. With a cluster, it checks that one server.
+        require_sync_always: refuse to start unless every server fsyncs every
+            JetStream write (``sync_interval: always``, docs/architecture.md, data
+            guarantees). The check fails closed: without a monitoring URL this
+            is a ``ConfigError`` here, a server that does not answer is a
+            failure at start, and it runs again after every reconnect and every
+            ``sync_recheck_s`` (docs/operations.md, NATS clusters).
+        monitoring_url: one server's HTTP monitoring base URL
+            (``http://127.0.0.1:8222``), read for that check (the client
+            protocol does not expose the setting). Kept for one server;
+            ``monitoring_urls`` lists every server of a cluster.
+        monitoring_urls: the monitoring base URL of every server (a cluster's
+            three); checked together with ``monitoring_url``.
+        sync_recheck_s: seconds between checks of every server after start (a
+            node restarted with another config while this client stayed on
+            another node); 0 checks only at start and after reconnects.
+        jetstream_domain: the JetStream domain whose streams, KV buckets and
+            object stores this client uses, when it connects to a leaf node
+            with a JetStream of its own (an edge at a site: ``core``, the
+            domain of the cluster the leaf node connects to). None: the
+            JetStream of the servers it connects to.
+        replicas: copies of each KV bucket and object store this client
+            creates (streams carry their own in ``StreamSpec.replicas``); an
+            existing bucket with fewer copies or not on file storage is refused.
         ack_wait_s: how long a durable consumer waits for an ack before
             redelivering (set when the consumer is created).
         max_deliver: most deliveries of one message to a durable consumer (set
@@ -149,6 +179,10 @@ class NatsConfig:
     wait_for_streams: bool = False
     require_sync_always: bool = True
     monitoring_url: str | None = None
+    monitoring_urls: Sequence[str] = ()
+    sync_recheck_s: float = 60.0
+    replicas: int = 1
+    jetstream_domain: str | None = None
     ack_wait_s: float = 30.0
     max_deliver: int = 50
     max_hold_s: float = 300.0
@@ -196,10 +230,41 @@ class NatsConfig:
         names = [s.name for s in self.streams]
         if len(set(names)) != len(names):
             raise ConfigError(f"NATS stream names repeat: {names}")
-        if self.monitoring_url is not None and not self.monitoring_url.startswith(
-            ("http://", "https://")
-        ):
-            raise ConfigError(f"NATS monitoring_url must be http(s), got {self.monitoring_url!r}")
+        if isinstance(self.monitoring_urls, str):
+            raise ConfigError(
+                f"NATS monitoring_urls must be a list of URLs, got {self.monitoring_urls!r}"
+            )
+        object.__setattr__(self, "monitoring_urls", tuple(self.monitoring_urls))
+        for url in self.sync_check_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"NATS monitoring URL must be http(s), got {url!r}")
+        if self.require_sync_always and not self.sync_check_urls:
+            raise ConfigError(
+                f"NATS connection {self.name!r} must check that every server runs "
+                "'sync_interval: always', but no monitoring URL is set; set [nats] "
+                "monitoring_urls (every server's http://host:8222) or, knowingly, "
+                "require_sync_always = false"
+            )
+        if not self.sync_recheck_s >= 0:
+            raise ConfigError(
+                f"NATS setting sync_recheck_s must be >= 0, got {self.sync_recheck_s!r}"
+            )
+        if not 1 <= self.replicas <= _MAX_REPLICAS:
+            raise ConfigError(
+                f"NATS setting replicas must be 1-{_MAX_REPLICAS}, got {self.replicas!r}"
+            )
+        domain = self.jetstream_domain
+        if domain is not None and (not domain or any(c in domain for c in ".*> \t\r\n")):
+            raise ConfigError(
+                f"NATS jetstream_domain must be a name without . * > or spaces, got {domain!r}"
+            )
+
+    @property
+    def sync_check_urls(self) -> tuple[str, ...]:
+        """Every monitoring base URL the fsync check reads, ``monitoring_url`` first, once each."""
+        urls = [self.monitoring_url] if self.monitoring_url is not None else []
+        urls += [u for u in self.monitoring_urls if u not in urls]
+        return tuple(urls)
 
     def stream_for_subject(self, subject: str) -> StreamSpec | None:
         """Return the configured stream a concrete subject is published into, if any."""

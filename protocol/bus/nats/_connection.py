@@ -51,6 +51,9 @@ class _ConnectionEvents:
         self.established = False
         self.closing = False
         self.last_error: Exception | None = None
+        # Counted so the fsync re-check (_varz) can tell a reconnect from any
+        # other state change: the client may now write through another node.
+        self.reconnects = 0
         self.first_error: Exception | None = None
         # Scopes of calls that wait for a reply only this connection can bring
         # (a pull request lingers on the server it was sent to): a disconnect
@@ -92,6 +95,7 @@ class _ConnectionEvents:
 
     async def on_reconnected(self) -> None:
         logger.info("nats %s: reconnected", self.label)
+        self.reconnects += 1
         self._signal()
 
     async def on_closed(self) -> None:
@@ -104,7 +108,10 @@ class _Connection:
 
     def __init__(self, nc: Any, events: _ConnectionEvents, config: NatsConfig) -> None:
         self.nc = nc
-        self.js = nc.jetstream(timeout=config.request_timeout_s)
+        # A domain prefixes every JetStream API subject ($JS.<domain>.API.>):
+        # from a leaf node, that reaches the cluster's JetStream, not the leaf's.
+        domain = {"domain": config.jetstream_domain} if config.jetstream_domain else {}
+        self.js = nc.jetstream(timeout=config.request_timeout_s, **domain)
         self.events = events
         self.config = config
 
@@ -231,8 +238,35 @@ async def _connect(config: NatsConfig, events: _ConnectionEvents) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _storage_problem(info: Any, replicas: int, file_storage: bool) -> str | None:
+    """Why a stream's info falls short of ``replicas`` copies (and file storage), or None."""
+    config = info.config
+    have = int(config.num_replicas or 1)
+    if have < replicas:
+        return f"keeps {have} copies, fewer than the configured replicas = {replicas}"
+    if file_storage and config.storage != nats.js.api.StorageType.FILE:
+        return f"is on {config.storage} storage, not file (a restart would lose it)"
+    return None
+
+
+async def _aio_check_stream_storage(js: Any, stream: str, replicas: int) -> None:
+    """Raise ``ConfigError`` when a KV bucket's or object store's ``stream`` is under-replicated."""
+    problem = _storage_problem(await js.stream_info(stream), replicas, True)
+    if problem is not None:
+        raise ConfigError(
+            f"JetStream stream {stream!r} {problem}; raise its replicas with a stream "
+            "update (nats-server copies it to the new replicas) or recreate it"
+        )
+
+
 async def _aio_ensure_streams(js: Any, streams: tuple[StreamSpec, ...], manage: bool) -> list[str]:
-    """Create or update ``streams`` (``manage``), or only look them up; return the missing names."""
+    """Create or update ``streams`` (``manage``), or only look them up; return the missing names.
+
+    Every stream found or made is then checked against its spec's replicas and
+    storage (``ConfigError``): a server may keep an older, weaker definition
+    (an update that could not apply, or a check-only user's stream made by
+    someone else).
+    """
     missing: list[str] = []
     for spec in streams:
         cfg = nats.js.api.StreamConfig(
@@ -248,17 +282,28 @@ async def _aio_ensure_streams(js: Any, streams: tuple[StreamSpec, ...], manage: 
                 if spec.storage == "file"
                 else nats.js.api.StorageType.MEMORY
             ),
+            num_replicas=spec.replicas,
         )
         try:
-            await js.stream_info(spec.name)
+            info = await js.stream_info(spec.name)
         except nats.js.errors.NotFoundError:
             if not manage:
                 missing.append(spec.name)
                 continue
-            await js.add_stream(cfg)
+            info = await js.add_stream(cfg)
         else:
             if manage:
-                await js.update_stream(cfg)
+                info = await js.update_stream(cfg)
+        problem = _storage_problem(info, spec.replicas, spec.storage == "file")
+        if problem is not None:
+            raise ConfigError(
+                f"JetStream stream {spec.name!r} {problem}; "
+                + (
+                    "the update did not change it: recreate the stream"
+                    if manage
+                    else "let the central (manage_streams) update it, or recreate it"
+                )
+            )
     return missing
 
 

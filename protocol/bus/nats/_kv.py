@@ -16,6 +16,7 @@ import nats.js.errors
 import trio
 
 from fedtier.protocol.bus.nats._bridge import _aio, _boundary
+from fedtier.protocol.bus.nats._connection import _aio_check_stream_storage
 from fedtier.protocol.bus.nats._refusals import _refusals, _RefusalWatch
 from fedtier.protocol.errors import BusError, KvConflict
 
@@ -47,11 +48,17 @@ def _kv_names(bucket: str) -> list[str]:
     return [bucket, f"KV_{bucket}"]
 
 
-async def _aio_kv_bucket(js: Any, name: str, history: int, max_age_s: float | None) -> Any:
+async def _aio_kv_bucket(
+    js: Any, name: str, history: int, max_age_s: float | None, replicas: int
+) -> Any:
     try:
-        return await js.key_value(name)
+        kv = await js.key_value(name)
     except nats.js.errors.BucketNotFoundError:
         pass
+    else:
+        # Made by someone else, maybe before the cluster grew: refuse fewer copies.
+        await _aio_check_stream_storage(js, _kv_names(name)[1], replicas)
+        return kv
     try:
         # direct=True: reads use $JS.API.DIRECT.GET, which any replica answers
         # and which a read-only user can be granted on its own.
@@ -61,10 +68,13 @@ async def _aio_kv_bucket(js: Any, name: str, history: int, max_age_s: float | No
             storage=nats.js.api.StorageType.FILE,
             direct=True,
             ttl=max_age_s,
+            replicas=replicas,
         )
     except nats.js.errors.APIError:
         # Another process created it between our two calls.
-        return await js.key_value(name)
+        kv = await js.key_value(name)
+        await _aio_check_stream_storage(js, _kv_names(name)[1], replicas)
+        return kv
 
 
 async def _aio_kv_keys(kv: Any) -> list[str]:

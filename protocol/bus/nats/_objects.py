@@ -20,6 +20,7 @@ import nats.js.object_store
 import trio
 
 from fedtier.protocol.bus.nats._bridge import _aio, _boundary
+from fedtier.protocol.bus.nats._connection import _aio_check_stream_storage
 from fedtier.protocol.bus.nats._refusals import _refusals, _RefusalWatch
 from fedtier.protocol.errors import (
     BusError,
@@ -57,15 +58,24 @@ def _object_names(bucket: str) -> list[str]:
     return [bucket, f"OBJ_{bucket}"]
 
 
-async def _aio_object_store(js: Any, name: str) -> Any:
+async def _aio_object_store(js: Any, name: str, replicas: int) -> Any:
+    stream = _object_names(name)[1]
     try:
-        return await js.object_store(name)
+        obs = await js.object_store(name)
     except nats.js.errors.NotFoundError:
         pass
+    else:
+        # Made by someone else, maybe before the cluster grew: refuse fewer copies.
+        await _aio_check_stream_storage(js, stream, replicas)
+        return obs
     try:
-        return await js.create_object_store(name, storage=nats.js.api.StorageType.FILE)
+        return await js.create_object_store(
+            name, storage=nats.js.api.StorageType.FILE, replicas=replicas
+        )
     except nats.js.errors.APIError:
-        return await js.object_store(name)
+        obs = await js.object_store(name)
+        await _aio_check_stream_storage(js, stream, replicas)
+        return obs
 
 
 async def _aio_object_previous_nuid(js: Any, bucket: str, name: str) -> str | None:

@@ -66,6 +66,7 @@ __all__ = [
     "add_arguments",
     "follow_partial",
     "follow_update",
+    "int_value",
     "iter_span_file",
     "main",
     "path_text",
@@ -452,8 +453,11 @@ def _after_aggregate(index: SpanLookup, level: int, aggregate: SpanRecord) -> _T
     return best
 
 
-def _int_attr(span: SpanRecord, attr: str) -> int | None:
-    value = span.attributes.get(attr)
+def int_value(value: object) -> int | None:
+    """An attribute value as an integer: an int, or a string of digits; else None.
+
+    JSON-lines files keep ints; an OTLP exporter may send large ones as strings.
+    """
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -461,6 +465,10 @@ def _int_attr(span: SpanRecord, attr: str) -> int | None:
     if isinstance(value, str) and value.isdigit():
         return int(value)
     return None
+
+
+def _int_attr(span: SpanRecord, attr: str) -> int | None:
+    return int_value(span.attributes.get(attr))
 
 
 def _index(source: Path | TraceIndex) -> TraceIndex:

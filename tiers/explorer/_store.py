@@ -26,7 +26,7 @@ from fedtier.protocol.telemetry import (
     ATTR_REASON,
     ATTR_UPDATE_ID,
 )
-from fedtier.tiers.tracequery import LinkRecord, SpanRecord, iter_span_file
+from fedtier.tiers.tracequery import LinkRecord, SpanRecord, int_value, iter_span_file
 
 __all__ = ["SpanStore"]
 
@@ -94,16 +94,6 @@ _BATCH: Final = 500  # ids per IN (...): far below sqlite's 32766 host parameter
 
 def _lower(value: object) -> str | None:
     return value.lower() if isinstance(value, str) and value else None
-
-
-def _int(value: object) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
 
 
 def _record(row: Sequence[Any]) -> SpanRecord:
@@ -213,7 +203,7 @@ class SpanStore:
                 span.status,
                 item,
                 _lower(attrs.get(ATTR_DEVICE)),
-                _int(attrs.get(ATTR_MODEL_VERSION)),
+                int_value(attrs.get(ATTR_MODEL_VERSION)),
                 _lower(attrs.get(ATTR_OUTCOME)),
                 _lower(attrs.get(ATTR_REASON)),
                 1 if attrs.get(ATTR_LATE) is True else None,

@@ -26,6 +26,7 @@ from fedtier.protocol.files import ConfigTable
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
 from fedtier.protocol.names import check_token
+from fedtier.tiers._quarantine import QuarantineLimits
 from fedtier.tiers.core import (
     OUTLIER_SCORES,
     ROBUST_RULES,
@@ -180,6 +181,7 @@ class TierConfig:
         retry: backoff for transient publish failures.
         telemetry: where telemetry goes.
         status: the status snapshot published for ``fedtier status``.
+        quarantine: how much the quarantine holds, in all and per sender.
     """
 
     fleet: str
@@ -197,6 +199,7 @@ class TierConfig:
     retry: RetrySettings = field(default_factory=RetrySettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     status: StatusSettings = field(default_factory=StatusSettings)
+    quarantine: QuarantineLimits = field(default_factory=QuarantineLimits)
 
     def __post_init__(self) -> None:
         try:
@@ -658,6 +661,26 @@ def _pinned_key(table: ConfigTable, key: str) -> str:
     return str(table.resolve(value))
 
 
+def _quarantine(table: ConfigTable) -> QuarantineLimits:
+    """``[quarantine]``: the bounds past which a daemon leaves an input to its broker."""
+    default = QuarantineLimits()
+    limits = QuarantineLimits(
+        max_bytes=table.integer("max_bytes", default.max_bytes, low=1),
+        max_bytes_per_sender=table.integer(
+            "max_bytes_per_sender", default.max_bytes_per_sender, low=1
+        ),
+        max_inputs_per_sender=table.integer(
+            "max_inputs_per_sender", default.max_inputs_per_sender, low=1
+        ),
+    )
+    table.finish()
+    if limits.max_bytes_per_sender > limits.max_bytes:
+        raise table.fail(
+            "max_bytes_per_sender", f"at most quarantine.max_bytes ({limits.max_bytes})"
+        )
+    return limits
+
+
 def _common(root: ConfigTable, kind: TierKind) -> dict[str, Any]:
     keys = root.table("keys")
     common: dict[str, Any] = {
@@ -673,6 +696,7 @@ def _common(root: ConfigTable, kind: TierKind) -> dict[str, Any]:
         "retry": _retry(root.table("retry")),
         "telemetry": _telemetry(root.table("telemetry")),
         "status": _status(root.table("status")),
+        "quarantine": _quarantine(root.table("quarantine")),
         **_policies(root),
     }
     if kind != "central" and not common["sender_keys"]:

@@ -320,10 +320,7 @@ class TierDaemon(abc.ABC):
         self._unsafe_reject_late = unsafe("reject_late_partials")
         self._seen = StoreLedger(self)
         self._rules = self._admission_rules()
-        limits = getattr(config, "quarantine", None)
-        self.quarantine_limits = (
-            limits if isinstance(limits, QuarantineLimits) else (QuarantineLimits())
-        )
+        self.quarantine_limits: QuarantineLimits = config.quarantine
         self.readmitted = 0
         """Quarantined inputs folded by a re-admission pass since start."""
         self._cut_retry_pending = False

@@ -15,6 +15,7 @@ from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.errors import ConfigError
 from fedtier.protocol.files import save_public_key, save_signing_identity
 from fedtier.protocol.identity import SigningIdentity
+from fedtier.tiers._quarantine import QuarantineLimits
 from fedtier.tiers.config import (
     CentralConfig,
     EdgeConfig,
@@ -114,6 +115,22 @@ def test_minimal_edge_config_takes_defaults(tmp_path: Path) -> None:
     assert config.influence.adaptive_norm is not None
     assert config.nats.ack_wait_s == 30.0
     assert (config.nats.max_deliver, config.nats.max_hold_s) == (50, 300.0)
+
+
+def test_quarantine_bounds_come_from_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "edge.toml"
+    path.write_text(EDGE_MINIMAL)
+    assert load_config("edge", path).quarantine == QuarantineLimits()  # the defaults
+    path.write_text(
+        EDGE_MINIMAL + "\n[quarantine]\nmax_bytes = 1000000\nmax_bytes_per_sender = 5000\n"
+        "max_inputs_per_sender = 7\n"
+    )
+    assert load_config("edge", path).quarantine == QuarantineLimits(
+        max_bytes=1_000_000, max_bytes_per_sender=5000, max_inputs_per_sender=7
+    )
+    path.write_text(EDGE_MINIMAL + "\n[quarantine]\nmax_bytes = 10\nmax_bytes_per_sender = 20\n")
+    with pytest.raises(ConfigError, match="max_bytes_per_sender"):
+        load_config("edge", path)
 
 
 def test_nats_and_telemetry_keys_reach_the_settings(tmp_path: Path) -> None:

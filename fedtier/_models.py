@@ -193,7 +193,14 @@ def _version_arg(text: str, source: _Source) -> StoredVersion:
         number = int(text)
     except ValueError:
         raise ConfigError(f"version {text!r} is neither a number nor 'latest'") from None
-    return read_stored_version(source.store_path, number)
+    stored = read_stored_version(source.store_path, number)
+    if not stored.record.blob:
+        raise ConfigError(
+            f"model v{number}'s parameters were pruned: the central keeps those of its newest "
+            "[retention] keep_versions versions; its metrics and lineage remain "
+            "(fedtier model list)"
+        )
+    return stored
 
 
 @dataclass(frozen=True)
@@ -258,6 +265,7 @@ def _list(args: argparse.Namespace) -> int:
             "published": v.record.published,
             "metrics": dict(v.metrics),
             "rollback_of": v.rollback_of,
+            "pruned": not v.record.blob,
         }
         for v in versions
     ]
@@ -275,6 +283,8 @@ def _list(args: argparse.Namespace) -> int:
     print(f"{'version':>7}  {'created (UTC)':20}  {'updates':>7}  {'published':9}  metrics")
     for row, stored in zip(rows, versions, strict=True):
         note = f"  (rollback of v{stored.rollback_of})" if stored.rollback_of is not None else ""
+        if not stored.record.blob:
+            note += "  (parameters pruned)"
         print(
             f"{stored.version:>7}  {row['created']:20}  {stored.record.update_count:>7}  "
             f"{'yes' if stored.record.published else 'no':9}  "

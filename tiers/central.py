@@ -62,6 +62,7 @@ from fedtier.protocol.bus import Bus, Delivery, Subscription
 from fedtier.protocol.codecs import decode
 from fedtier.protocol.envelope import open_envelope
 from fedtier.protocol.errors import (
+    BusError,
     ConfigError,
     KvConflict,
     LocalProtocolError,
@@ -245,6 +246,7 @@ class ModelPublisher(UpstreamWorker[PublishJob]):
         store.submit_published(version)
         self.published.append(version)
         daemon.log.info("model v%d published", version)
+        await daemon.prune_models(version)
 
     def has_room(self) -> bool:
         """Whether a new version may be cut: room in the queue, and no evaluation target reached.
@@ -384,6 +386,44 @@ class CentralDaemon(TierDaemon):
         self.metrics.model_version(self.version)
         if self.evaluator is not None:
             await nursery.start(self._serve_evaluations)
+
+    # -- retention ---------------------------------------------------------------------
+
+    async def prune_models(self, newest: int) -> None:
+        """Drop the parameters of published versions older than the newest ``keep_versions``.
+
+        Registry object and file go first, the store's blob last: a crash in
+        between leaves the version listed as still stored, and the next prune
+        deletes again (both deletes are idempotent). Pointer, lineage and
+        metrics stay; a registry that cannot be reached now is tried again
+        after the next version.
+        """
+        keep = self.central_config.keep_versions
+        if keep <= 0:
+            return
+        victims = self.store.prunable_versions(newest - keep + 1)
+        if not victims:
+            return
+        done: list[int] = []
+        for version in victims:
+            try:
+                await self.registry.delete_blob(version)
+            except BusError as exc:
+                self.log.warning("pruning model v%d: %s; tried again later", version, exc)
+                break
+            await self.store.run_blocking(
+                functools.partial(self.model_file(version).unlink, missing_ok=True)
+            )
+            done.append(version)
+        if done:
+            await self.store.submit_prune(done).wait()
+            self.log.info(
+                "pruned the parameters of %d old model versions (v%d..v%d; keep_versions %d)",
+                len(done),
+                done[0],
+                done[-1],
+                keep,
+            )
 
     # -- one writer per registry ---------------------------------------------------------
 

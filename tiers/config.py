@@ -404,12 +404,16 @@ class CentralConfig(TierConfig):
         optimizer_name: ``fedavg``, ``fedadam`` or ``fedyogi``.
         optimizer_params: its parameters (``lr``, ``beta1``, ``beta2``, ``tau``).
         evaluation: the held-out evaluation of each version, or None for none.
+        keep_versions: ``[retention] keep_versions``: how many of the newest
+            versions keep their parameters in the store, on disk and in the
+            registry (older ones keep pointer, lineage and metrics); 0 keeps all.
     """
 
     initial_model: Path
     optimizer_name: str = "fedavg"
     optimizer_params: Mapping[str, float] = field(default_factory=dict)
     evaluation: EvaluationSettings | None = None
+    keep_versions: int = 200
 
     def __post_init__(self) -> None:
         TierConfig.__post_init__(self)
@@ -805,12 +809,16 @@ def load_config(kind: TierKind, path: Path) -> TierConfig:
             # an unknown one); here they only have to be numbers.
             params = {key: optimizer.number(key) for key in optimizer.remaining()}
             evaluation = _evaluation(root.table("evaluation")) if root.has("evaluation") else None
+            retention = root.table("retention")
+            keep = retention.integer("keep_versions", CentralConfig.keep_versions, low=0)
+            retention.finish()
             config = CentralConfig(
                 **common,
                 initial_model=initial,
                 optimizer_name=name,
                 optimizer_params=params,
                 evaluation=evaluation,
+                keep_versions=keep,
             )
     except ConfigError as exc:
         message = str(exc)

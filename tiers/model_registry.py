@@ -83,6 +83,9 @@ class ModelRegistryWriter(ModelRegistryReader, Protocol):
             KvConflict: the pointer changed since ``last_revision`` was read.
         """
 
+    async def delete_blob(self, version: int) -> None:
+        """Remove the blob of an old ``version`` (retention); absent already is fine."""
+
 
 class MemoryModelRegistry:
     """A registry in process memory, for tests and the in-process simulator."""
@@ -115,6 +118,11 @@ class MemoryModelRegistry:
         if held is not None and held != envelope:
             raise RegistryConflict(_blob_conflict(version))
         self._blobs[version] = bytes(envelope)
+
+    async def delete_blob(self, version: int) -> None:
+        """See ``ModelRegistryWriter``."""
+        await trio.lowlevel.checkpoint()
+        self._blobs.pop(version, None)
 
     async def replace_current(self, pointer: bytes, last_revision: int) -> int:
         """See ``ModelRegistryWriter``."""
@@ -218,6 +226,10 @@ class NatsModelRegistry:
                 raise RegistryConflict(_blob_conflict(version))
             return
         await self._objects.put(NatsSubjects.blob_object(version), envelope)
+
+    async def delete_blob(self, version: int) -> None:
+        """See ``ModelRegistryWriter``."""
+        await self._objects.delete(NatsSubjects.blob_object(version))
 
     async def replace_current(self, pointer: bytes, last_revision: int) -> int:
         """See ``ModelRegistryWriter``: a KV update on the current key's revision."""

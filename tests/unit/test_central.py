@@ -10,6 +10,7 @@ import pytest
 import trio
 from trio.testing import MockClock, wait_all_tasks_blocked
 
+from fedtier.cli import main
 from fedtier.protocol.bus import MemoryBroker, MemoryBus
 from fedtier.protocol.codecs import decode
 from fedtier.protocol.envelope import open_envelope, payload_digest
@@ -596,3 +597,51 @@ async def test_hostile_partials_leave_the_central_running_and_lose_nothing(
     reasons = sorted(r.reason for r in read_quarantine(hub.config.store_path))
     assert reasons == ["malformed", "unknown_sender"]
     assert not hub.nats._queues[SUBJECTS.central_consumer()].pending
+
+
+async def test_old_versions_lose_their_parameters_past_keep_versions_and_nothing_else(
+    tmp_path: Path, autojump_clock: MockClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = make_config(tmp_path, flush=FlushPolicy(max_inputs=1, max_age_s=None), keep_versions=2)
+    hub = Hub(tmp_path, config)
+    layout, _ = load_initial_model(config.initial_model)
+    async with trio.open_nursery() as nursery:
+        central = hub.daemon()
+        await nursery.start(central.serve)
+        for seed in range(4):
+            _, data = sign_partial(
+                REGIONALS[seed % 2],
+                FLEET,
+                layout,
+                regional_buffer(20 + seed, 1, layout),
+                seq=seed + 1,
+            )
+            await hub.send(data)
+            await trio.sleep(0.1)
+        assert central.version == 4
+        await trio.sleep(0.1)  # past the commit window of the last prune
+        nursery.cancel_scope.cancel()
+    # v4 published: the two newest (v3, v4) keep their parameters everywhere.
+    assert sorted(hub.registry._blobs) == [3, 4]
+    models = config.state_dir / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["v3.blob", "v4.blob"]
+    stored = read_stored_versions(config.store_path)
+    assert [(s.version, bool(s.record.blob)) for s in stored] == [
+        (0, False),
+        (1, False),
+        (2, False),
+        (3, True),
+        (4, True),
+    ]
+    # Pointer and lineage stay: which updates made v2 is still answered.
+    assert all(s.record.pointer for s in stored)
+    assert len(stored[2].record.lineage) == 1
+    # The central starts again on the pruned store and serves v4.
+    async with trio.open_nursery() as nursery:
+        central = hub.daemon()
+        await nursery.start(central.serve)
+        assert central.version == 4
+        nursery.cancel_scope.cancel()
+    # fedtier model says what happened, in one sentence.
+    assert main(["model", "show", "1", "--state-dir", str(config.state_dir)]) == 2
+    assert "parameters were pruned" in capsys.readouterr().err

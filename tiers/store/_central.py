@@ -116,6 +116,31 @@ class CentralTables(QuarantineTables):
             f"publication of model v{version}",
         )
 
+    def prunable_versions(self, below: int) -> list[int]:
+        """Published versions under ``below`` whose parameters are still stored."""
+        assert self._reader is not None
+        rows = self._reader.execute(
+            "SELECT version FROM model_versions"
+            " WHERE version < ? AND published = 1 AND length(blob) > 0 ORDER BY version",
+            (below,),
+        ).fetchall()
+        return [int(row[0]) for row in rows]
+
+    def submit_prune(self, versions: list[int]) -> CommitTicket:
+        """Drop the parameters (the blob envelope) of ``versions``, keeping the rest.
+
+        Their pointer, lineage and metrics stay; an empty blob marks a pruned
+        version, which ``fedtier model`` reports as such.
+        """
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE model_versions SET blob = x'' WHERE version = ? AND published = 1",
+                ((v,) for v in versions),
+            )
+
+        return self._submit(op, f"prune of model versions {versions[:3]}...")
+
     def model_version(self, version: int) -> ModelVersionRecord | None:
         """The stored model version ``version``, or None."""
         assert self._reader is not None

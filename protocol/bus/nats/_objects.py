@@ -87,6 +87,15 @@ async def _aio_object_previous_nuid(js: Any, bucket: str, name: str) -> str | No
     return str(info.nuid) if not info.deleted else None
 
 
+async def _aio_object_delete(js: Any, bucket: str, name: str) -> bool:
+    obs = await js.object_store(bucket)
+    try:
+        await obs.delete(name)
+    except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
+        return False
+    return True
+
+
 async def _aio_object_put(js: Any, bucket: str, name: str, data: bytes) -> tuple[int, str]:
     obs = await js.object_store(bucket)
     info = await obs.put(name, data)
@@ -247,6 +256,21 @@ class ObjectStore:
                 return
         if purged:
             logger.warning("%s failed; purged %d orphan chunk sets", action, purged)
+
+    async def delete(self, name: str) -> bool:
+        """Delete object ``name``: its chunks are purged, its meta marked deleted.
+
+        Returns False when there was no such object (a retry of a delete that
+        went through is not an error).
+
+        Raises:
+            PublishError: the server did not confirm; retry.
+        """
+        action = f"object delete {self.name}/{name}"
+        self._bus._check_open(action)
+        with self._refusals(action, write=True), _boundary(action, outcome_unknown=True):
+            deleted: bool = await _aio(_aio_object_delete, self._bus._conn.js, self.name, name)
+        return deleted
 
     async def get(self, name: str, *, max_size_bytes: int | None = None) -> bytes:
         """Return the bytes of object ``name``, checked against its stored SHA-256.

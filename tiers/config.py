@@ -86,6 +86,8 @@ class NatsSettings:
         ack_wait_s: how long JetStream waits for this daemon's ack of a delivery
             before redelivering it (set when the durable consumer is created).
         max_deliver: most deliveries of one message (set at consumer creation).
+        inbox_prefix: the prefix of this daemon's reply inboxes; each NATS user
+            its own, matching its subscribe permission (deploy/nats/nats-server.conf).
         max_hold_s: how long in-progress acks keep a delivery this daemon holds
             from redelivery (0: none).
         tls_ca_file, tls_cert_file, tls_key_file: PEM files for TLS.
@@ -103,6 +105,7 @@ class NatsSettings:
     replicas: int = 1
     jetstream_domain: str | None = None
     ack_wait_s: float = 30.0
+    inbox_prefix: str = "_INBOX"
     max_deliver: int = 50
     max_hold_s: float = 300.0
     tls_ca_file: Path | None = None
@@ -584,6 +587,7 @@ def _nats(table: ConfigTable) -> NatsSettings:
         jetstream_domain=table.string("jetstream_domain", None),
         ack_wait_s=table.number("ack_wait_s", _DEFAULT_NATS.ack_wait_s, low=0.0, low_open=True),
         max_deliver=table.integer("max_deliver", _DEFAULT_NATS.max_deliver, low=1),
+        inbox_prefix=table.string("inbox_prefix", _DEFAULT_NATS.inbox_prefix),
         max_hold_s=table.number("max_hold_s", _DEFAULT_NATS.max_hold_s, low=0.0),
         tls_ca_file=table.path("tls_ca_file", None),
         tls_cert_file=table.path("tls_cert_file", None),

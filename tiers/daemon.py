@@ -207,6 +207,7 @@ def _nats_config(kind: TierKind, config: TierConfig, key_id: str) -> Any:
         jetstream_domain=settings.jetstream_domain,
         ack_wait_s=settings.ack_wait_s,
         max_deliver=settings.max_deliver,
+        inbox_prefix=settings.inbox_prefix,
         max_hold_s=settings.max_hold_s,
         manage_streams=manage,
         # A daemon that does not create the streams may start first: it waits

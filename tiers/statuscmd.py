@@ -325,6 +325,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--tls-key", type=Path, help="client certificate's key (PEM)")
     where.add_argument("--nkeys-seed", type=Path, help="nkeys user seed file")
     where.add_argument("--creds", type=Path, help="NATS .creds file (user JWT and seed)")
+    where.add_argument(
+        "--inbox-prefix",
+        help="reply inbox prefix its NATS user may subscribe to (deploy: _INBOX_status)",
+    )
     how = parser.add_argument_group("what")
     how.add_argument("--json", action="store_true", help="print JSON (one document per refresh)")
     how.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
@@ -377,6 +381,7 @@ def _connection(args: argparse.Namespace) -> tuple[str, NatsSettings]:
         ("tls_key", "tls_key_file"),
         ("nkeys_seed", "nkeys_seed_file"),
         ("creds", "credentials_file"),
+        ("inbox_prefix", "inbox_prefix"),
     ):
         if getattr(args, option) is not None:
             overrides[name] = getattr(args, option)
@@ -417,6 +422,7 @@ async def _run(
     config = NatsConfig(
         servers=settings.servers,
         name="fedtier-status",
+        inbox_prefix=settings.inbox_prefix,
         tls_ca_file=settings.tls_ca_file,
         tls_cert_file=settings.tls_cert_file,
         tls_key_file=settings.tls_key_file,

@@ -31,6 +31,7 @@ from fedtier.simulations.testing._deploy_templates import (
     EXAMPLE_REGION,
     MOSQUITTO_ACL_TEMPLATE,
     NATS_CONF_TEMPLATE,
+    inbox_prefix,
     mosquitto_acl,
     nats_accounts,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "find_mosquitto",
     "find_nats_server",
     "free_port",
+    "inbox_prefix",
     "mosquitto_acl",
     "nats_accounts",
     "sign_model_version",

@@ -35,6 +35,7 @@ __all__ = [
     "EXAMPLE_REGION",
     "MOSQUITTO_ACL_TEMPLATE",
     "NATS_CONF_TEMPLATE",
+    "inbox_prefix",
     "mosquitto_acl",
     "nats_accounts",
 ]
@@ -104,6 +105,26 @@ def mosquitto_acl(edge_users: Sequence[str], *, template: Path = MOSQUITTO_ACL_T
     for user in edge_users:
         lines += [f"user {user}", *blocks[0], ""]
     return "\n".join(lines)
+
+
+def inbox_prefix(role: str, region: str = EXAMPLE_REGION) -> str:
+    """The reply inbox prefix a user of ``role`` may subscribe to under the deployed rules.
+
+    deploy/nats/nats-server.conf gives each user its own (``_INBOX_edge_<region>``,
+    ``_INBOX_regional_<region>``, ``_INBOX_central``, ``_INBOX_status``; the
+    operator of the SYS account keeps ``_INBOX``); a daemon sets its own with
+    ``[nats] inbox_prefix``.
+    """
+    prefixes = {
+        "edge": f"_INBOX_edge_{region}",
+        "regional": f"_INBOX_regional_{region}",
+        "central": "_INBOX_central",
+        "status": "_INBOX_status",
+        "operator": "_INBOX",
+    }
+    if role not in prefixes:
+        raise ConfigError(f"no inbox prefix for NATS role {role!r}; roles: {sorted(prefixes)}")
+    return prefixes[role]
 
 
 def nats_accounts(

@@ -30,6 +30,7 @@ from fedtier.simulations.testing import (
     NatsTls,
     NkeyUser,
     TestPki,
+    inbox_prefix,
     nats_accounts,
 )
 from fedtier.simulations.testing._nats_cluster import CLUSTER_DEPLOY_DIR
@@ -390,6 +391,7 @@ async def _through_the_deploy_files(
     def daemon(kind: TierKind) -> NatsConfig:
         path = tmp_path / f"{kind}.toml"
         lines = [f'fleet = "{EXAMPLE_FLEET}"', "[nats]", "replicas = 3"]
+        lines += [f'inbox_prefix = "{inbox_prefix(kind)}"']
         lines += [
             f'tls_ca_file = "{pki.ca_file}"',
             f'tls_cert_file = "{certs[kind].cert_file}"',

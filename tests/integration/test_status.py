@@ -33,6 +33,7 @@ from fedtier.simulations.testing import (
     NatsTls,
     NkeyUser,
     TestPki,
+    inbox_prefix,
     nats_accounts,
 )
 from fedtier.tiers._status import STATUS_MAX_AGE_S, StatusSnapshot, encode_snapshot
@@ -233,6 +234,7 @@ def connection(
     return NatsConfig(
         servers=(server.url,),
         name=f"status-test-{role}",
+        inbox_prefix=inbox_prefix(role, REGION),
         tls_ca_file=pki.ca_file,
         tls_cert_file=cert.cert_file,
         tls_key_file=cert.key_file,
@@ -318,6 +320,8 @@ async def test_each_daemon_writes_its_own_keys_and_the_status_user_only_reads(
         str(cert.key_file),
         "--nkeys-seed",
         str(nkey.seed_file),
+        "--inbox-prefix",
+        inbox_prefix("status"),
     )
     assert code == 0, doc
     assert [(d["tier"], d["health"]) for d in doc["daemons"]] == [
@@ -329,7 +333,7 @@ async def test_each_daemon_writes_its_own_keys_and_the_status_user_only_reads(
     # The table, once and refreshed (not a terminal: plain text, one table per refresh).
     where = ["--fleet", FLEET, "--nats", secured_nats.url, "--tls-ca", str(pki.ca_file)]
     where += ["--tls-cert", str(cert.cert_file), "--tls-key", str(cert.key_file)]
-    where += ["--nkeys-seed", str(nkey.seed_file)]
+    where += ["--nkeys-seed", str(nkey.seed_file), "--inbox-prefix", inbox_prefix("status")]
     for extra, tables in (([], 1), (["--watch", "--every", "0.2", "--count", "2"], 2)):
         done = await trio.run_process(
             status_command(*where, *extra), capture_stdout=True, capture_stderr=True, check=False

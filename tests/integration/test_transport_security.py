@@ -25,7 +25,7 @@ import trio
 
 from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
 from fedtier.protocol.bus.nats import NatsConfig, StreamSpec, open_nats_bus
-from fedtier.protocol.errors import BusUnavailable, ConfigError, PublishError
+from fedtier.protocol.errors import BusUnavailable, ConfigError, FedtierError, PublishError
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.names import MqttTopics, NatsSubjects
 from fedtier.simulations.testing import (
@@ -36,6 +36,7 @@ from fedtier.simulations.testing import (
     NatsTls,
     NkeyUser,
     TestPki,
+    inbox_prefix,
     mosquitto_acl,
     nats_accounts,
 )
@@ -264,6 +265,7 @@ def nats_config(
     base = NatsConfig(
         servers=(server.url,),
         name=f"test-{role}",
+        inbox_prefix=inbox_prefix(role, REGION),
         tls_ca_file=pki.ca_file,
         tls_cert_file=users.certs[role].cert_file,
         tls_key_file=users.certs[role].key_file,
@@ -406,3 +408,24 @@ async def test_a_connection_without_credentials_is_refused(
     with trio.fail_after(DEADLINE_S), pytest.raises(error, match=match):
         async with open_nats_bus(config):
             pass
+
+
+async def test_each_user_reads_replies_on_its_own_inbox_prefix_only(
+    nats_loop: None, tls_nats: NatsServerProcess, pki: TestPki, nats_users: NatsUsers
+) -> None:
+    # With one shared _INBOX.> any credential could read every reply of the
+    # account, the partials a regional fetches included.
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(nats_config(tls_nats, pki, nats_users, "central")):
+            pass  # the streams exist
+        async with open_nats_bus(nats_config(tls_nats, pki, nats_users, "edge")) as edge:
+            for foreign in ("_INBOX", inbox_prefix("regional", REGION), inbox_prefix("central")):
+                with pytest.raises(ConfigError, match="refused") as refused:
+                    async with edge.subscribe(f"{foreign}.>"):
+                        pass
+                assert foreign in str(refused.value)
+        # An edge left on the shared prefix gets no JetStream reply: it does not start.
+        shared = nats_config(tls_nats, pki, nats_users, "edge", inbox_prefix="_INBOX")
+        with pytest.raises(FedtierError):
+            async with open_nats_bus(shared):
+                pass

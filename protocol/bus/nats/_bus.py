@@ -259,7 +259,13 @@ class NatsBus(Bus):
     async def _open_core(self, subject_filter: str, capacity: int) -> AsyncIterator[Subscription]:
         inbox = _Inbox(capacity, subject_filter)
         receiver = _CoreReceiver(inbox)
-        with _boundary(f"subscribe to {subject_filter!r}"):
+        action = f"subscribe to {subject_filter!r}"
+        # The server answers a refused SUBSCRIBE with an -ERR before the PONG
+        # of the flush: a subscription that would never deliver is an error.
+        with (
+            _refusals(self._conn.events, action, [subject_filter], write=False),
+            _boundary(action),
+        ):
             handle = await _aio(_aio_core_subscribe, self._conn.nc, subject_filter, receiver.on_msg)
         try:
             yield _InboxSubscription(inbox)

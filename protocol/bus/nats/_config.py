@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,9 @@ from fedtier.protocol.errors import ConfigError
 
 # JetStream's own bound on the copies of one stream.
 _MAX_REPLICAS = 5
+
+
+_INBOX_PREFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +86,12 @@ class NatsConfig:
     Attributes:
         servers: server URLs (``nats://host:4222``, ``tls://...``).
         name: connection name shown in the server's monitoring.
+        inbox_prefix: the subject prefix of this connection's reply inboxes
+            (JetStream PubAcks and API replies). Give each user of a trust
+            level its own (``_INBOX_edge_eu-west``) and allow only that
+            prefix to be subscribed: with the shared ``_INBOX`` any user that
+            may subscribe to ``_INBOX.>`` reads every other user's replies,
+            partials included (deploy/nats/nats-server.conf).
         connect_timeout_s: per-server TCP/TLS connect timeout.
         connect_attempts: rounds over ``servers`` for the initial connect
             (nats-py's initial connect does not retry on its own; after it
@@ -162,6 +172,7 @@ class NatsConfig:
 
     servers: Sequence[str]
     name: str = "fedtier"
+    inbox_prefix: str = "_INBOX"
     connect_timeout_s: float = 2.0
     connect_attempts: int = 5
     connect_backoff_s: float = 0.5
@@ -213,6 +224,11 @@ class NatsConfig:
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"NATS setting {key} must be > 0, got {value!r}")
+        if not _INBOX_PREFIX.fullmatch(self.inbox_prefix):
+            raise ConfigError(
+                f"NATS inbox_prefix {self.inbox_prefix!r} must be one subject token of "
+                "letters, digits, '_' and '-' (no '.', '*', '>')"
+            )
         if not self.max_hold_s >= 0:
             raise ConfigError(f"NATS setting max_hold_s must be >= 0, got {self.max_hold_s!r}")
         for key, count in {

@@ -149,6 +149,7 @@ def _connect_options(config: NatsConfig, events: _ConnectionEvents) -> dict[str,
     options: dict[str, Any] = {
         "servers": list(config.servers),
         "name": config.name,
+        "inbox_prefix": config.inbox_prefix,
         "connect_timeout": config.connect_timeout_s,
         "reconnect_time_wait": config.reconnect_wait_s,
         # nats-py treats 0 as "forever" and tries each server twice at 1, so 1

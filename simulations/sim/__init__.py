@@ -5,7 +5,8 @@
 clock over ``nodes`` (the tiers' own math) and ``devices`` (the client's own
 trainers), ``report`` writes what a run measured, ``experiments`` runs the
 documented studies, ``models`` holds the factories the shipped scenarios name,
-and ``mesh_engine`` runs a small scenario on the real daemons.
+and ``mesh_engine`` runs a small scenario on the real daemons. ``_workers`` trains
+simulated devices in processes beside the engine (``--workers``).
 """
 
 from __future__ import annotations

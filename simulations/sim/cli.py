@@ -64,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
         help="sim: in-process virtual clock (default); mesh: real daemons and devices",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="sim engine: N processes train the devices beside the engine (async, numpy "
+        "models); the results are the same bytes as with 0 (default: in process)",
+    )
 
     exp = sub.add_parser("experiment", help="run a documented experiment over several seeds")
     exp.add_argument("name", choices=EXPERIMENTS, help="which experiment")
@@ -99,6 +107,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
     from fedtier.simulations.sim.scenario import load_scenario
 
     scenario = load_scenario(args.scenario, overrides=args.overrides, seed=args.seed)
+    if args.workers and args.engine == "mesh":
+        raise FedtierError("--workers is for the sim engine; the mesh runs its own processes")
     if args.engine == "mesh":
         from fedtier.simulations.sim.mesh_engine import run_on_mesh
 
@@ -110,7 +120,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         from fedtier.simulations.sim.progress import progress_bar
 
         with progress_bar(f"{scenario.name} (seed {scenario.seed})", not args.no_progress) as tick:
-            result = run_scenario(scenario, progress=tick)
+            result = run_scenario(scenario, progress=tick, workers=args.workers)
     from fedtier.simulations.sim.report import write_run
 
     report = write_run(result, args.out, command=command)
@@ -118,7 +128,11 @@ def _run(args: argparse.Namespace, command: str) -> int:
     metric = "R^2" if result.data.task == "regression" else "accuracy"
     print(
         f"{scenario.name}: v{final.version}, {metric} {final.score:.4f}, "
-        f"{final.time_s:,.0f} virtual s, {result.wall_s:,.1f} wall s; report: {report}"
+        f"{final.time_s:,.0f} virtual s, {result.wall_s:,.1f} wall s, "
+        f"peak RSS {result.peak_rss_bytes / 2**20:,.0f} MiB"
+        + (f" (workers: {result.worker_peak_rss_bytes / 2**20:,.0f} MiB)" if result.workers else "")
+        + ", "
+        f"{result.events_per_s:,.0f} events/s; report: {report}"
     )
     return 0
 

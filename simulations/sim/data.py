@@ -22,7 +22,7 @@ Two ways to get a fleet's data (``DataSpec.partition``):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -31,7 +31,7 @@ from typing import Literal, cast
 import numpy as np
 import numpy.typing as npt
 
-from fedtier.client.plugins import DataRequest, Dataset, load_data
+from fedtier.client.plugins import DataRequest, Dataset, is_import_path, load_data, load_object
 from fedtier.protocol.errors import ConfigError
 from fedtier.simulations.datasets import dirichlet_partition, holdout_mask, split_sizes
 from fedtier.simulations.sim.specs import DataSpec
@@ -108,6 +108,42 @@ def _concat_labels(parts: Sequence[Labels]) -> Labels:
 
 def _read(spec: DataSpec, request: DataRequest, *, args: dict[str, object]) -> Dataset:
     return load_data(spec.source, request, label=spec.label, task=spec.task, args=args)
+
+
+def _shard_reader(spec: DataSpec, args: dict[str, object]) -> Callable[[DataRequest], Dataset]:
+    """Reads one device's shard per call, as :func:`_read` does, without its per-call checks.
+
+    ``load_data`` imports the loader, checks its signature against the request
+    and normalises what it returns, on every call: a 100,000-device fleet asks
+    200,000 times, and the checks cost more than the built-in ``synthetic``
+    loader itself. The first request goes through ``load_data`` (every check,
+    every error message); later ones call the loader directly and take the
+    ``Dataset`` it returns as ``load_data`` would. A loader that returns
+    anything else (pairs, a torch dataset, another task) sends that request
+    and every later one back through ``load_data``, as do files.
+    """
+    source = spec.source
+    if not (isinstance(source, str) and is_import_path(source)):
+        return lambda request: _read(spec, request, args=args)
+    direct: Callable[..., object] | None = None
+    first = True
+
+    def read(request: DataRequest) -> Dataset:
+        nonlocal direct, first
+        if direct is not None:
+            result = direct(request, **args)
+            if isinstance(result, Dataset) and spec.task in (None, result.task):
+                return result
+            direct = None  # the full path from now on (this request is read again there)
+        dataset = _read(spec, request, args=args)
+        if first:
+            first = False
+            loader = load_object(source, what="data loader")  # imported by _read already
+            if callable(loader):
+                direct = loader
+        return dataset
+
+    return read
 
 
 def build_data(
@@ -239,13 +275,14 @@ def _sharded_by_loader(
     args: dict[str, object],
 ) -> FederatedData:
     holdout = spec.holdout or "loader"
+    read = _shard_reader(spec, args)
     shards: list[Dataset] = []
     tests: list[Dataset] = []
     for index in range(count):
         request = DataRequest(
             device=device_name(index), index=index, count=count, seed=data_seed, base_dir=base_dir
         )
-        shards.append(_read(spec, request, args=args))
+        shards.append(read(request))
         if holdout == "loader":
             test_request = DataRequest(
                 device=request.device,
@@ -255,7 +292,7 @@ def _sharded_by_loader(
                 split="test",
                 base_dir=base_dir,
             )
-            tests.append(_read(spec, test_request, args=args))
+            tests.append(read(test_request))
     first = shards[0]
     for index, shard in enumerate([*shards, *tests]):
         if shard.task != first.task or shard.X.shape[1:] != first.X.shape[1:]:

@@ -153,12 +153,20 @@ class LocalTraining:
         self.error_feedback = error_feedback
         self._trainers: dict[int, _Trains] = {}
         self._feedback: dict[int, ErrorFeedback] = {}
-        self._identities: dict[int, SigningIdentity] = {}
+        # Each device's identity and key id, made on its first run: deriving an
+        # Ed25519 key costs more than a run's signature, and the key id is a hash.
+        self._identities: dict[int, tuple[SigningIdentity, str]] = {}
+        self._new_keys: list[bytes] = []
         self.keys = SimKeys()
         """Every device's public key, registered as its identity is made (nodes verify with it)."""
         self._runs: dict[int, int] = {}
 
     # -- building ------------------------------------------------------------------
+
+    @property
+    def forkable(self) -> bool:
+        """Whether device runs may go to forked workers: a built-in numpy model, nothing local."""
+        return self._prototype is None and not self._trainer_factory and not self.personal
 
     @property
     def model_bytes(self) -> int:
@@ -333,11 +341,20 @@ class LocalTraining:
 
     def identity(self, device: int) -> SigningIdentity:
         """``device``'s signing identity."""
-        identity = self._identities.get(device)
-        if identity is None:
+        return self._identity(device)[0]
+
+    def _identity(self, device: int) -> tuple[SigningIdentity, str]:
+        known = self._identities.get(device)
+        if known is None:
             identity = self.keys.register(identity_for(device_name(device), self.seed))
-            self._identities[device] = identity
-        return identity
+            known = self._identities[device] = (identity, identity.key_id)
+            self._new_keys.append(identity.verify_key.raw)
+        return known
+
+    def take_new_keys(self) -> list[bytes]:
+        """The raw public keys of identities made since the last call (a worker's enrolments)."""
+        keys, self._new_keys = self._new_keys, []
+        return keys
 
     # -- running -------------------------------------------------------------------
 
@@ -384,10 +401,10 @@ class LocalTraining:
             return None
         run = self._runs.get(device, 0) + 1
         self._runs[device] = run
-        identity = self.identity(device)
+        identity, key_id = self._identity(device)
         message = DeviceUpdate(
             fleet=FLEET,
-            sender=identity.key_id,
+            sender=key_id,
             seq=run,
             created_ms=EPOCH_MS + math.floor(now_s * 1000),
             update_id=update_id_for(self.seed, device, run),

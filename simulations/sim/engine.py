@@ -15,6 +15,13 @@ mode each round picks devices, waits for them (or for the deadline), folds
 what arrived and steps. Either way the folding, flushing and stepping are the
 tiers' own code (``simulations.sim.nodes``).
 
+A device is an index into compact per-device arrays (its edge, its kind); its
+trainer and identity exist only once it trains. With ``workers`` the async
+runs are computed in other processes (``simulations.sim._workers``): each run
+reserves its event's sequence number when it starts and becomes its event
+before anything that sorts after its end is popped, so the events, and every
+byte the run writes, are those of the in-process run (docs/performance.md).
+
 Sync rounds fold every update straight into the central: with no delay inside
 a round, edge -> regional -> central gives the same aggregate as one flat fold
 (docs/architecture.md, aggregation, ``tests/property/test_aggregation_invariants.py``), so
@@ -25,7 +32,10 @@ from __future__ import annotations
 
 import heapq
 import math
+import resource
+import sys
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Final
@@ -35,15 +45,25 @@ import numpy.typing as npt
 
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.envelope import parse_envelope
-from fedtier.protocol.messages import Tier
+from fedtier.protocol.errors import ConfigError, LocalProtocolError
+from fedtier.protocol.messages import PartialAggregate, Tier
 from fedtier.simulations.datasets import DIGITS_NAME
+from fedtier.simulations.sim._workers import DeviceWorkers
 from fedtier.simulations.sim.data import FederatedData, build_data
 from fedtier.simulations.sim.devices import FLEET, DeviceRun, LocalTraining
 from fedtier.simulations.sim.nodes import CentralNode, TierNode
 from fedtier.simulations.sim.specs import DeviceKind, Scenario, TierSpec
 from fedtier.tiers.optimizers import make_optimizer
 
-__all__ = ["DataInfo", "RunResult", "Simulation", "VersionRecord", "run_scenario"]
+__all__ = [
+    "DataInfo",
+    "Lineage",
+    "RunResult",
+    "Simulation",
+    "VersionRecord",
+    "peak_rss_bytes",
+    "run_scenario",
+]
 
 # Event kinds.
 _UPDATE = 0  # a device's update reaches its first tier: (device, DeviceRun)
@@ -168,6 +188,17 @@ class RunResult:
         local_tensors: the model's tensors that stayed on the devices (FedBN's
             BatchNorm, ``model.local``); when any did, each test example was
             scored by its own device's model.
+        peak_rss_bytes: the process's resident-memory high-water mark when the
+            run ended (``getrusage``; it covers whatever the process did before,
+            so a run in a fresh process measures the run).
+        events: events the engine processed (async: heap events; sync: rounds
+            and arrivals); ``events / wall_s`` is the engine's rate.
+        cpu_s: CPU seconds the process spent on the run, setup included (on a
+            busy machine the run's own cost, where ``wall_s`` also counts waiting).
+        workers: device worker processes the run used (0: in process).
+        worker_cpu_s: CPU seconds the workers spent.
+        worker_peak_rss_bytes: the largest worker's resident-memory high-water
+            mark (pages it shares with the engine, forked, count in both).
     """
 
     scenario: Scenario
@@ -183,6 +214,17 @@ class RunResult:
     engine: str = "sim"
     data: DataInfo = DataInfo()
     local_tensors: tuple[str, ...] = ()
+    peak_rss_bytes: int = 0
+    events: int = 0
+    cpu_s: float = 0.0
+    workers: int = 0
+    worker_cpu_s: float = 0.0
+    worker_peak_rss_bytes: int = 0
+
+    @property
+    def events_per_s(self) -> float:
+        """Events processed per wall-clock second (setup included in the seconds)."""
+        return self.events / self.wall_s if self.wall_s > 0 else math.nan
 
     @property
     def final(self) -> VersionRecord:
@@ -191,10 +233,39 @@ class RunResult:
 
 
 @dataclass(frozen=True, slots=True)
-class _Device:
-    region: int
-    edge: int
-    kind: DeviceKind
+class Lineage:
+    """Which device updates went where, for checking that none is lost or counted twice.
+
+    Kept only when a :class:`Simulation` is made with ``lineage=True`` (tests):
+    the ids are those the production core folds (``DeviceUpdate.update_id``,
+    and the ``leaves`` of every partial and version).
+
+    Attributes:
+        accepted: every update id a first tier (an edge, or the central when
+            flat) accepted, in order.
+        versions: each version's leaves, by version.
+        pending: the leaves still on their way when the run stopped: in open
+            buffers and in partials not yet delivered.
+        dropped_epochs: buffers dropped at a cut (a sum the codec could not
+            encode, a non-finite model); their leaves are in no version.
+    """
+
+    accepted: list[bytes]
+    versions: dict[int, tuple[bytes, ...]]
+    pending: list[bytes]
+    dropped_epochs: int
+
+
+def peak_rss_bytes(who: int = resource.RUSAGE_SELF) -> int:
+    """This process's resident-memory high-water mark in bytes (``getrusage``).
+
+    Args:
+        who: ``RUSAGE_SELF``, or ``RUSAGE_CHILDREN`` for the largest child
+            process that has ended (the device workers, once closed).
+    """
+    peak = resource.getrusage(who).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 ProgressCallback = Callable[[float], None]
@@ -206,21 +277,46 @@ class Simulation:
     Args:
         scenario: the scenario.
         progress: called with the fraction done (0..1) after each version.
+        lineage: keep every update id's way into the versions (:meth:`lineage`);
+            costs memory per update, so only tests ask for it.
+        workers: processes that train the devices beside the engine (async
+            mode, built-in numpy models); 0 trains them in this process. The
+            results are the same bytes either way (``simulations.sim._workers``).
+
+    Raises:
+        ConfigError: ``workers`` asked for where they cannot run.
     """
 
-    def __init__(self, scenario: Scenario, *, progress: ProgressCallback | None = None) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        progress: ProgressCallback | None = None,
+        lineage: bool = False,
+        workers: int = 0,
+    ) -> None:
         # Wall time counts the setup too (data, trainers): it is part of what a run costs.
         self._created = time.perf_counter()
+        self._created_cpu = time.process_time()
         self.scenario = s = scenario
         self._progress = progress
-        self.devices: list[_Device] = []
-        for region in range(s.fleet.regions):
-            for local_edge in range(s.fleet.edges_per_region):
-                edge = region * s.fleet.edges_per_region + local_edge
-                for kind in s.fleet.kinds:
-                    self.devices.extend(_Device(region, edge, kind) for _ in range(kind.count))
+        # A device is its index: its edge and kind live in two compact arrays (a
+        # 100,000-device fleet holds no object per device until the device trains),
+        # and every per-kind number an event needs is looked up by kind index.
+        self._kinds: tuple[DeviceKind, ...] = tuple(s.fleet.kinds)
+        per_edge = array("b")
+        for index, kind in enumerate(self._kinds):
+            per_edge.extend([index] * kind.count)
+        self._device_kind = per_edge * s.fleet.num_edges
+        self._device_edge = array("i")
+        for edge in range(s.fleet.num_edges):
+            self._device_edge.extend([edge] * len(per_edge))
+        self.num_devices = len(self._device_kind)
         self.data: FederatedData = build_data(
-            s.data, [d.kind.data_volume for d in self.devices], seed=s.seed, base_dir=s.base_dir
+            s.data,
+            [self._kinds[k].data_volume for k in self._device_kind],
+            seed=s.seed,
+            base_dir=s.base_dir,
         )
         self.training = LocalTraining(
             s.model,
@@ -245,7 +341,9 @@ class Simulation:
             norm_policy=agg.edge.norm_policy,
             keys=self.training.keys,
             seed=s.seed,
+            lineage=lineage,
         )
+        self._lineage = lineage
         # nodes[i], its spec and its parent's index; the central is last.
         self.nodes: list[TierNode] = []
         self._node_spec: list[TierSpec | None] = []
@@ -271,8 +369,21 @@ class Simulation:
             if parent == -2:
                 self._parent[i] = self.central_index
         self._hierarchical = hierarchical
+        if workers < 0:
+            raise ConfigError(f"workers is {workers}; it must be 0 or more")
+        if workers and (agg.mode != "async" or not self.training.forkable):
+            raise ConfigError(
+                "device workers run async scenarios with a built-in numpy model (logreg); "
+                "run this one without them"
+            )
+        self._worker_count = workers
+        self._worker_cpu_s = 0.0
+        self._workers: DeviceWorkers | None = None
+        # Runs handed to workers and not yet turned into events: (end of compute,
+        # the event's reserved sequence number, device), earliest first.
+        self._waiting: list[tuple[float, int, int]] = []
 
-        n = len(self.devices)
+        n = self.num_devices
         self._heap: list[tuple[float, int, int, int, object]] = []
         self._seq = 0
         self.now = 0.0
@@ -286,8 +397,8 @@ class Simulation:
         self._relayed = 0
         self._params: dict[int, npt.NDArray[np.float32]] = {0: self.central.params}
         self._idle: list[int] = []
-        self._idle_pos = np.full(n, -1, dtype=np.int64)
         self._active = 0
+        self._events = 0
         self._offline_until = np.zeros(n)
         self.updates_per_device = np.zeros(n, dtype=np.int64)
         self.records: list[VersionRecord] = []
@@ -322,6 +433,7 @@ class Simulation:
             norm_policy=self.scenario.aggregation.edge.norm_policy,
             keys=self.training.keys,
             seed=self.scenario.seed,
+            lineage=self._lineage,
         )
         self.nodes.append(node)
         self._node_spec.append(spec)
@@ -335,6 +447,21 @@ class Simulation:
         self._record(evaluate=True)
         if self.scenario.aggregation.mode == "sync":
             self._run_sync()
+        elif self._worker_count:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            self._workers = DeviceWorkers(self.training, self._worker_count, self.central.params)
+            try:
+                self._run_async()
+                # Runs started before the stop count as skipped when they skipped,
+                # as they do in process.
+                while self._waiting:
+                    self._settle()
+            finally:
+                self._workers.close()
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                self._worker_cpu_s = (after.ru_utime + after.ru_stime) - (
+                    before.ru_utime + before.ru_stime
+                )
         else:
             self._run_async()
         if not self.records[-1].evaluated:
@@ -357,7 +484,7 @@ class Simulation:
             virtual_time_s=self.now,
             num_params=self.training.layout.num_params,
             codec=str(self.training.codec),
-            num_devices=len(self.devices),
+            num_devices=self.num_devices,
             data=DataInfo(
                 name=self.data.name,
                 task=self.data.task,
@@ -365,6 +492,40 @@ class Simulation:
                 holdout=self.data.holdout,
             ),
             local_tensors=self.training.local_tensors,
+            peak_rss_bytes=peak_rss_bytes(),
+            events=self._events,
+            cpu_s=time.process_time() - self._created_cpu,
+            workers=self._worker_count,
+            worker_cpu_s=self._worker_cpu_s,
+            worker_peak_rss_bytes=peak_rss_bytes(resource.RUSAGE_CHILDREN)
+            if self._worker_count
+            else 0,
+        )
+
+    def lineage(self) -> Lineage:
+        """Where every accepted device update went (only with ``lineage=True``).
+
+        Raises:
+            LocalProtocolError: the simulation was made without ``lineage``.
+        """
+        versions = self.central.version_leaves
+        if versions is None:
+            raise LocalProtocolError("this simulation keeps no lineage; make it with lineage=True")
+        accepted: list[bytes] = []
+        pending: list[bytes] = []
+        dropped = 0
+        for node in self.nodes:
+            accepted.extend(node.accepted_ids or ())
+            pending.extend(node.buffer.accumulator.leaf_ids)
+            dropped += node.counts["dropped_epoch"]
+        for _at, _seq, kind, _a, b in self._heap:
+            if kind == _PARTIAL:
+                assert isinstance(b, bytes)
+                message = parse_envelope(b).message
+                assert isinstance(message, PartialAggregate)
+                pending.extend(message.leaves)
+        return Lineage(
+            accepted=accepted, versions=dict(versions), pending=pending, dropped_epochs=dropped
         )
 
     def _push(self, at: float, kind: int, a: int, b: object = None) -> None:
@@ -390,33 +551,44 @@ class Simulation:
 
     # -- device timing -------------------------------------------------------------
 
+    def _kind(self, device: int) -> DeviceKind:
+        return self._kinds[self._device_kind[device]]
+
     def _compute_s(self, device: int, rng: np.random.Generator) -> float:
         clients = self.scenario.clients
         draw = rng.lognormal(0.0, clients.compute_sigma) if clients.compute_sigma else 1.0
-        return clients.compute_median_s * self.devices[device].kind.speed * float(draw)
+        return clients.compute_median_s * self._kind(device).speed * float(draw)
 
     def _download_s(self, device: int) -> float:
         clients = self.scenario.clients
-        rate = self.devices[device].kind.downlink_bytes_per_s or clients.downlink_bytes_per_s
+        rate = self._kind(device).downlink_bytes_per_s or clients.downlink_bytes_per_s
         return clients.latency_s + self.training.model_bytes / rate
 
     def _upload_s(self, device: int, size: int) -> float:
         clients = self.scenario.clients
-        rate = self.devices[device].kind.uplink_bytes_per_s or clients.uplink_bytes_per_s
+        rate = self._kind(device).uplink_bytes_per_s or clients.uplink_bytes_per_s
         return clients.latency_s + size / rate
 
     # -- async ---------------------------------------------------------------------
 
     def _run_async(self) -> None:
-        for device in range(len(self.devices)):
-            self._make_idle(device)
+        self._idle.extend(range(self.num_devices))
         self._fill()
         limit = self.scenario.stop.virtual_time_s
-        while self._heap and not self._done():
-            at, _seq, kind, a, b = heapq.heappop(self._heap)
+        heap, waiting = self._heap, self._waiting
+        while True:
+            # A run in a worker becomes its event before anything that sorts after
+            # its end is popped: the order is the one the in-process run makes.
+            if waiting and (not heap or waiting[0][:2] < heap[0][:2]):
+                self._settle()
+                continue
+            if not heap or self._done():
+                break
+            at, _seq, kind, a, b = heapq.heappop(heap)
             if limit is not None and at > limit:
                 self.now = limit
                 break
+            self._events += 1
             self.now = at
             if kind == _UPDATE:
                 assert isinstance(b, DeviceRun)
@@ -444,7 +616,6 @@ class Simulation:
                 self._fill()
 
     def _make_idle(self, device: int) -> None:
-        self._idle_pos[device] = len(self._idle)
         self._idle.append(device)
 
     def _take_idle(self) -> int:
@@ -458,12 +629,10 @@ class Simulation:
         last = self._idle.pop()
         if last != device:
             self._idle[position] = last
-            self._idle_pos[last] = position
-        self._idle_pos[device] = -1
         return device
 
     def _fill(self) -> None:
-        slots = self.scenario.clients.concurrency or len(self.devices)
+        slots = self.scenario.clients.concurrency or self.num_devices
         while self._active < slots and self._idle:
             self._start(self._take_idle())
 
@@ -472,9 +641,14 @@ class Simulation:
         version = self._relayed
         download = self._download_s(device)
         compute = self._compute_s(device, self._rng_duration)
-        if self._rng_dropout.random() < self.devices[device].kind.dropout:
+        if self._rng_dropout.random() < self._kind(device).dropout:
             vanish = self.now + float(self._rng_dropout.random()) * (download + compute)
             self._push(vanish, _LOST, device)
+            return
+        if self._workers is not None:
+            self._seq += 1
+            heapq.heappush(self._waiting, (self.now + download + compute, self._seq, device))
+            self._workers.submit(self._seq, device, version, self.now)
             return
         run = self.training.run(device, self._params[version], version, now_s=self.now)
         if run is None:
@@ -483,6 +657,18 @@ class Simulation:
             return
         upload = self._upload_s(device, len(run.envelope))
         self._push(self.now + download + compute + upload, _UPDATE, device, run)
+
+    def _settle(self) -> None:
+        """Turn the earliest-ending worker run into its event, as :meth:`_start` would have."""
+        assert self._workers is not None
+        end, seq, device = heapq.heappop(self._waiting)
+        run = self._workers.result(seq, device)
+        if run is None:
+            self._skipped += 1
+            heapq.heappush(self._heap, (end, seq, _SKIPPED, device, None))
+            return
+        upload = self._upload_s(device, len(run.envelope))
+        heapq.heappush(self._heap, (end + upload, seq, _UPDATE, device, run))
 
     def _rest(self, device: int) -> None:
         rest_s = self.scenario.clients.rest_s
@@ -495,7 +681,7 @@ class Simulation:
     def _on_update(self, device: int, run: DeviceRun) -> None:
         self._active -= 1
         self._count_upload(run)
-        index = self._edge_node[self.devices[device].edge] if self._hierarchical else None
+        index = self._edge_node[self._device_edge[device]] if self._hierarchical else None
         node = self.central if index is None else self.nodes[index]
         if index is None:
             self._central_bytes += run.payload_bytes
@@ -555,6 +741,8 @@ class Simulation:
     def _on_version(self) -> None:
         version = self.central.version
         self._params[version] = self.central.params
+        if self._workers is not None:
+            self._workers.version(version, self.central.params)
         for bucket, count in enumerate(self.central.last_hist):
             self.staleness_hist[min(bucket, len(self.staleness_hist) - 1)] += count
         every = self.scenario.eval.every_versions
@@ -571,6 +759,8 @@ class Simulation:
             return
         for old in [v for v in self._params if v < version]:
             del self._params[old]
+        if self._workers is not None:
+            self._workers.forget_before(version)
         self._relayed = version
         for node in self.nodes:
             if node is not self.central:
@@ -585,6 +775,7 @@ class Simulation:
         round_number = 0
         while not self._done():
             round_number += 1
+            self._events += 1
             rng = self._rng(_STREAM_ROUND, round_number)
             start = self.now
             eligible = np.flatnonzero(self._offline_until <= start)
@@ -611,7 +802,7 @@ class Simulation:
             for device in selected:
                 download = self._download_s(device)
                 compute = self._compute_s(device, rng)
-                vanishes = rng.random() < self.devices[device].kind.dropout
+                vanishes = rng.random() < self._kind(device).dropout
                 vanish_at = float(rng.random())
                 epochs_done = self._straggler_epochs(rng)
                 plans.append((device, download, compute, vanishes, vanish_at, epochs_done))
@@ -652,6 +843,7 @@ class Simulation:
                 if at > end:
                     self._lost += 1
                     continue
+                self._events += 1
                 self._count_upload(run)
                 self._central_bytes += run.payload_bytes
                 self._central_wire += len(run.envelope)
@@ -723,16 +915,19 @@ class Simulation:
         self.records.append(record)
 
 
-def run_scenario(scenario: Scenario, *, progress: ProgressCallback | None = None) -> RunResult:
+def run_scenario(
+    scenario: Scenario, *, progress: ProgressCallback | None = None, workers: int = 0
+) -> RunResult:
     """Build and run one scenario in process.
 
     Args:
         scenario: the scenario (its seed included).
         progress: called with the fraction done after each version.
+        workers: processes that train the devices (see :class:`Simulation`).
     """
     threads = _one_torch_thread() if scenario.model.is_torch else None
     try:
-        return Simulation(scenario, progress=progress).run()
+        return Simulation(scenario, progress=progress, workers=workers).run()
     finally:
         if threads is not None:
             import torch

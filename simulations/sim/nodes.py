@@ -33,7 +33,7 @@ from fedtier.protocol.errors import LocalProtocolError, Reason
 from fedtier.protocol.identity import SigningIdentity, VerifyKey
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.limits import DEFAULT_LIMITS
-from fedtier.protocol.messages import Tier
+from fedtier.protocol.messages import DeviceUpdate, Tier
 from fedtier.tiers.core import (
     AdmissionRules,
     Decision,
@@ -82,6 +82,10 @@ class SimKeys:
         self._keys[identity.key_id] = identity.verify_key
         return identity
 
+    def enrol(self, key: VerifyKey) -> None:
+        """Add a key made elsewhere (a device identity made in a worker process)."""
+        self._keys[key.key_id] = key
+
     def get(self, key_id: str, /) -> VerifyKey | None:
         """The key of ``key_id``, None when unknown."""
         return self._keys.get(key_id)
@@ -108,6 +112,8 @@ class TierNode:
         accepts: which tiers' partials it folds.
         seed: seed of its identity.
         identity: its identity, instead of one derived from ``name`` and ``seed``.
+        lineage: record the id of every device update it accepts
+            (:attr:`accepted_ids`), for checking that each lands in one version.
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class TierNode:
         accepts: tuple[Tier, ...] = (Tier.EDGE,),
         seed: int = 0,
         identity: SigningIdentity | None = None,
+        lineage: bool = False,
     ) -> None:
         self.name = name
         self.tier = tier
@@ -150,6 +157,8 @@ class TierNode:
         self.counts: Counter[str] = Counter()
         self._seen = NothingSeen()
         self._seq = 0
+        self.accepted_ids: list[bytes] | None = [] if lineage else None
+        """Ids of the device updates accepted here, in order (None unless ``lineage``)."""
 
     def _model(self) -> ModelView:
         return ModelView(self.known_version, self.layout.fingerprint, self.layout.num_params)
@@ -202,6 +211,8 @@ class TierNode:
         if accepted.late:
             self.counts["late_partial"] += 1
         self.buffer.fold(accepted, now=now, accepted_ms=_CREATED_MS)
+        if self.accepted_ids is not None and isinstance(accepted.message, DeviceUpdate):
+            self.accepted_ids.append(accepted.input_id)
         return self._count(Outcome.ACCEPTED)
 
     # -- flushing -----------------------------------------------------------------
@@ -273,6 +284,7 @@ class CentralNode(TierNode):
         max_norm: float | None = None,
         norm_policy: NormPolicy = "clip",
         seed: int = 0,
+        lineage: bool = False,
     ) -> None:
         super().__init__(
             name,
@@ -287,12 +299,15 @@ class CentralNode(TierNode):
             norm_policy=norm_policy,
             accepts=(Tier.REGIONAL, Tier.EDGE),
             seed=seed,
+            lineage=lineage,
         )
         self.params = np.asarray(params, dtype=np.float32).copy()
         self.optimizer = optimizer
         self.version = 0
         self.last_hist: list[int] = []
         self.last_update_count = 0
+        self.version_leaves: dict[int, tuple[bytes, ...]] | None = {} if lineage else None
+        """Each version's leaves (device update ids), by version (None unless ``lineage``)."""
 
     def make_version(self) -> bool:
         """Apply ``model + server_step(aggregate)`` as the central daemon's cut does.
@@ -314,5 +329,8 @@ class CentralNode(TierNode):
         self.known_version = self.version
         self.last_hist = accumulator.staleness_hist
         self.last_update_count = accumulator.update_count
+        if self.version_leaves is not None:
+            # What the central daemon records as the version's lineage.
+            self.version_leaves[self.version] = tuple(accumulator.leaf_ids)
         self.buffer.advance()
         return True

@@ -8,6 +8,7 @@ so the mesh engine's results use the same writers.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = [
     "evaluated",
     "metric_name",
     "plot_curves",
+    "run_summary",
     "time_to_accuracy",
     "write_csv",
     "write_run",
@@ -266,8 +268,44 @@ def _scenario_summary(s: Scenario, result: RunResult) -> list[str]:
     ]
 
 
+def run_summary(result: RunResult) -> dict[str, object]:
+    """What a run cost and made, as ``summary.json`` holds it (numbers, no prose).
+
+    ``wall_s`` counts setup (data, trainers) and the run, ``cpu_s`` the process's CPU
+    time over the same span; ``peak_rss_bytes`` is the
+    process's resident-memory high-water mark when the run ended; ``events`` are
+    the engine's events (see ``RunResult.events``).
+    """
+    final = result.final
+    return {
+        "scenario": result.scenario.name,
+        "seed": result.scenario.seed,
+        "engine": result.engine,
+        "num_devices": result.num_devices,
+        "num_params": result.num_params,
+        "versions": final.version,
+        "virtual_time_s": result.virtual_time_s,
+        "wall_s": round(result.wall_s, 3),
+        "cpu_s": round(result.cpu_s, 3),
+        "peak_rss_bytes": result.peak_rss_bytes,
+        "peak_rss_mib": round(result.peak_rss_bytes / 2**20, 1),
+        "workers": result.workers,
+        "worker_cpu_s": round(result.worker_cpu_s, 3),
+        "worker_peak_rss_bytes": result.worker_peak_rss_bytes,
+        "worker_peak_rss_mib": round(result.worker_peak_rss_bytes / 2**20, 1),
+        "events": result.events,
+        "events_per_s": round(result.events_per_s, 1),
+        "updates_uploaded": final.updates_uploaded,
+        "participants": final.participants,
+        "stale_rejections": final.stale_rejections,
+        "lost_runs": final.lost_runs,
+        "final_score": None if math.isnan(final.score) else final.score,
+        "counts": dict(sorted(result.counts.items())),
+    }
+
+
 def write_run(result: RunResult, out: Path, *, command: str = "") -> Path:
-    """Write ``metrics.csv``, the PNG plots and ``report.md`` into ``out``.
+    """Write ``metrics.csv``, ``summary.json``, the PNG plots and ``report.md`` into ``out``.
 
     Args:
         result: the run.
@@ -279,6 +317,7 @@ def write_run(result: RunResult, out: Path, *, command: str = "") -> Path:
     """
     out.mkdir(parents=True, exist_ok=True)
     write_csv(result, out / "metrics.csv")
+    (out / "summary.json").write_text(json.dumps(run_summary(result), indent=2) + "\n")
     s = result.scenario
     label = s.name
     metric = metric_name(result.data.task)
@@ -353,6 +392,20 @@ def write_run(result: RunResult, out: Path, *, command: str = "") -> Path:
         f"| runs lost (dropouts, late) | {final.lost_runs:,} |",
         f"| model parameters | {result.num_params:,} |",
         f"| wall-clock time | {result.wall_s:,.1f} s |",
+    ]
+    if result.engine == "sim":
+        # The mesh's memory is in its daemons and fleet processes, not this one.
+        lines += [
+            f"| CPU time | {result.cpu_s:,.1f} s |",
+            f"| peak memory (RSS high-water mark) | {_human_bytes(result.peak_rss_bytes)} |",
+            f"| engine events | {result.events:,} ({result.events_per_s:,.0f} per wall s) |",
+        ]
+        if result.workers:
+            lines += [
+                f"| device workers | {result.workers}: CPU time {result.worker_cpu_s:,.1f} s, "
+                f"largest peak memory {_human_bytes(result.worker_peak_rss_bytes)} |",
+            ]
+    lines += [
         "",
         "Outcomes by tier: "
         + ", ".join(f"`{k}` {v:,}" for k, v in sorted(result.counts.items()) if v),

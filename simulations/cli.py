@@ -99,7 +99,7 @@ def add_demo(sub: Subcommands) -> None:
 
 
 def add_sim(sub: Subcommands) -> None:
-    """Add ``fedtier sim fleet|check|run|experiment|chaos``."""
+    """Add ``fedtier sim fleet|check|run|experiment|chaos|attack``."""
     sim = sub.add_parser("sim", help="simulations")
     sim.set_defaults(requires=LAB_MODULES)
     sim_sub = sim.add_subparsers(dest="sim_command", required=True, metavar="SIMULATION")
@@ -134,6 +134,13 @@ def add_sim(sub: Subcommands) -> None:
         "chaos",
         "fedtier.simulations.chaos",
         "a mesh under kill -9s, broker crashes, stalls and link faults, then the checker",
+        requires=LAB_MODULES,
+    )
+    add_forwarded(
+        sim_sub,
+        "attack",
+        "fedtier.simulations.attack",
+        "hostile registered devices and an edge key against a training mesh, then the checker",
         requires=LAB_MODULES,
     )
 

@@ -44,7 +44,13 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 import trio
 
-from fedtier.protocol.errors import BusUnavailable, ConfigError, FedtierError, KeyFileError
+from fedtier.protocol.errors import (
+    BusUnavailable,
+    ConfigError,
+    FedtierError,
+    KeyFileError,
+    sole_error,
+)
 
 if TYPE_CHECKING:
     from fedtier.client.config import DeviceSettings
@@ -179,12 +185,6 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
             return
 
 
-def _sole_error(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def run_command(config_path: Path | str) -> int:
     """``fedtier device --config FILE``: run until the rounds are done or a signal; exit status.
 
@@ -197,7 +197,7 @@ def run_command(config_path: Path | str) -> int:
     try:
         run_device(config=config_path)
     except BaseException as exc:  # mapped to an exit status below
-        error = _sole_error(exc)
+        error = sole_error(exc)
         if isinstance(error, ConfigError):
             _log.error("%s", error)
             return 2
@@ -298,7 +298,7 @@ async def run_device_async(
     try:
         report = await _serve(settings, identity, trainer, handle_signals=handle_signals)
     except BaseExceptionGroup as group:
-        error = _sole_error(group)
+        error = sole_error(group)
         if error is group:
             raise
         raise error from None

@@ -33,7 +33,7 @@ from typing import Final, TypeAlias
 
 from fedtier import _evaluation, _keys, _models, _quarantine
 from fedtier.client import cli as client_cli
-from fedtier.protocol.errors import FedtierError
+from fedtier.protocol.errors import FedtierError, sole_error
 from fedtier.tiers import cli as tiers_cli
 
 __all__ = ["COMMAND_GROUP", "FULL_EXTRA", "Subcommands", "add_forwarded", "main"]
@@ -151,16 +151,9 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def _sole_error(exc: BaseException) -> BaseException:
-    """The one error inside nested exception groups (trio wraps them), or ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def _missing_module(exc: BaseException) -> str | None:
     """The third-party module whose absence ``exc`` reports, or ``None`` for anything else."""
-    error = _sole_error(exc)
+    error = sole_error(exc)
     if not isinstance(error, ModuleNotFoundError) or not error.name:
         return None
     if error.name.split(".")[0] == "fedtier":

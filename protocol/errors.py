@@ -73,6 +73,7 @@ __all__ = [
     "UnknownSender",
     "UnsupportedVersion",
     "UpdateRejected",
+    "sole_error",
 ]
 
 
@@ -244,3 +245,14 @@ class ChildFailed(LabError):
 
 class BenchError(LabError):
     """A benchmark could not measure: a child failed, timed out, or counts disagree."""
+
+
+def sole_error(exc: BaseException) -> BaseException:
+    """The one error inside nested single-member exception groups, or ``exc`` itself.
+
+    trio wraps an error raised in a nursery in an ``ExceptionGroup``; a
+    command maps the error inside to its exit status and sentence.
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

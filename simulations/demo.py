@@ -50,7 +50,7 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from fedtier.protocol.errors import ChildFailed, ConfigError, FedtierError
+from fedtier.protocol.errors import ChildFailed, ConfigError, FedtierError, sole_error
 from fedtier.protocol.telemetry.tracing import otlp_requested
 from fedtier.simulations.mesh import (
     MeshPlan,
@@ -851,9 +851,7 @@ def main_demo(options: DemoOptions) -> int:
     try:
         interrupted = trio.run(_run_with_signals, options, result)
     except BaseException as exc:  # mapped to one sentence below
-        error: BaseException = exc
-        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-            error = error.exceptions[0]
+        error: BaseException = sole_error(exc)
         if isinstance(error, ConfigError):
             raise error from None
         if isinstance(error, FedtierError):

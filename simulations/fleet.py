@@ -65,6 +65,7 @@ from fedtier.protocol.errors import (
     KeyFileError,
     LocalProtocolError,
     PublishError,
+    sole_error,
 )
 from fedtier.protocol.files import ConfigTable, load_public_key, load_signing_identity
 from fedtier.protocol.identity import VerifyKey
@@ -769,9 +770,7 @@ def run_fleet(config_path: Path) -> int:
     try:
         trio.run(_serve_until_signal, config)
     except BaseException as exc:  # mapped to an exit status below
-        error = exc
-        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-            error = error.exceptions[0]
+        error = sole_error(exc)
         if isinstance(error, ConfigError):
             print(f"fedtier sim fleet: {error}", file=sys.stderr)
             return 2

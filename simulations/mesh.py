@@ -40,7 +40,7 @@ from typing import Final
 import numpy as np
 import trio
 
-from fedtier.protocol.errors import ConfigError
+from fedtier.protocol.errors import ConfigError, FedtierError
 from fedtier.protocol.files import save_public_key, save_signing_identity
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.telemetry.tracing import requested_exporters
@@ -302,6 +302,23 @@ class MeshPlan:
 
 
 # -- files ----------------------------------------------------------------------------
+
+
+def parse_regions(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``r1:s1+s2,r2:s3`` -> ``(("r1", ("s1", "s2")), ("r2", ("s3",)))``: a mesh's regions.
+
+    The ``--regions`` option of the lab's commands (``sim chaos``, ``sim attack``).
+
+    Raises:
+        FedtierError: a part that is not ``REGION:SITE+SITE``.
+    """
+    regions = []
+    for part in text.split(","):
+        region, _, sites = part.partition(":")
+        if not region or not sites:
+            raise FedtierError(f"--regions part {part!r} is not REGION:SITE+SITE")
+        regions.append((region, tuple(sites.split("+"))))
+    return tuple(regions)
 
 
 def _free_port() -> int:

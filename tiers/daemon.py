@@ -39,7 +39,7 @@ from typing import Any, Final
 import trio
 
 from fedtier.protocol.bus import Bus
-from fedtier.protocol.errors import BusUnavailable, FedtierError
+from fedtier.protocol.errors import BusUnavailable, FedtierError, sole_error
 from fedtier.protocol.names import NatsSubjects
 from fedtier.tiers import faults
 from fedtier.tiers._health import run_probes
@@ -483,13 +483,6 @@ async def _open_daemon(
         yield CentralDaemon(config, nats=nats, registry=registry, evaluator=evaluator, **common)
 
 
-def _sole_error(exc: BaseException) -> BaseException:
-    """The one error inside nested exception groups, or ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def run_daemon(
     kind: str,
     config_path: Path | str,
@@ -538,7 +531,7 @@ def _run_daemon(
     try:
         trio.run(functools.partial(serve_daemon, tier_kind, config, held=held, evaluator=evaluator))
     except BaseException as exc:  # mapped to an exit status below
-        error = _sole_error(exc)
+        error = sole_error(exc)
         if isinstance(error, FedtierError):
             logger.error("%s daemon stopped: %s", kind, error)
             return 1

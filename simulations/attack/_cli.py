@@ -10,20 +10,10 @@ from pathlib import Path
 
 import trio
 
-from fedtier.protocol.errors import FedtierError
+from fedtier.protocol.errors import FedtierError, sole_error
 from fedtier.simulations.attack._plan import AttackOptions
 from fedtier.simulations.attack._run import run_attack
-
-
-def _parse_regions(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """``r1:s1+s2,r2:s3`` -> ``(("r1", ("s1", "s2")), ("r2", ("s3",)))``."""
-    regions = []
-    for part in text.split(","):
-        region, _, sites = part.partition(":")
-        if not region or not sites:
-            raise FedtierError(f"--regions part {part!r} is not REGION:SITE+SITE")
-        regions.append((region, tuple(sites.split("+"))))
-    return tuple(regions)
+from fedtier.simulations.mesh import parse_regions
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out_dir=args.out,
             devices=args.devices,
             attackers=args.attackers,
-            regions=_parse_regions(args.regions),
+            regions=parse_regions(args.regions),
             updates=args.updates,
             rounds=args.rounds,
             updates_per_s=args.rate,
@@ -68,9 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         result = trio.run(run_attack, options)
     except BaseException as exc:  # mapped to an exit status below
-        error = exc
-        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-            error = error.exceptions[0]
+        error = sole_error(exc)
         if isinstance(error, FedtierError):
             print(f"fedtier sim attack: {error}", file=sys.stderr)
             return 2

@@ -10,21 +10,11 @@ from pathlib import Path
 
 import trio
 
-from fedtier.protocol.errors import FedtierError
+from fedtier.protocol.errors import FedtierError, sole_error
 from fedtier.simulations.chaos._plan import ALL_UNSAFE, ChaosOptions, FaultPlan
 from fedtier.simulations.chaos._run import run_chaos
 from fedtier.simulations.checker import render_report
-
-
-def _parse_regions(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """``r1:s1+s2,r2:s3+s4`` -> ``(("r1", ("s1", "s2")), ("r2", ("s3", "s4")))``."""
-    regions = []
-    for part in text.split(","):
-        region, _, sites = part.partition(":")
-        if not region or not sites:
-            raise FedtierError(f"--regions part {part!r} is not REGION:SITE+SITE")
-        regions.append((region, tuple(sites.split("+"))))
-    return tuple(regions)
+from fedtier.simulations.mesh import parse_regions
 
 
 def _parse_unsafe(text: str | None) -> frozenset[str]:
@@ -87,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = ChaosOptions(
             out_dir=args.out,
             devices=args.devices,
-            regions=_parse_regions(args.regions),
+            regions=parse_regions(args.regions),
             updates=args.updates,
             duration_s=args.duration_s,
             max_run_s=args.max_run_s,
@@ -112,9 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure()
         result = trio.run(run_chaos, options)
     except BaseException as exc:  # mapped to an exit status below
-        error = exc
-        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-            error = error.exceptions[0]
+        error = sole_error(exc)
         if isinstance(error, FedtierError):
             print(f"fedtier sim chaos: {error}", file=sys.stderr)
             return 2

@@ -12,6 +12,7 @@ from fedtier import cli
 from fedtier.protocol.errors import FedtierError
 from fedtier.simulations import chaos
 from fedtier.simulations.chaos import ALL_UNSAFE, ChaosOptions, FaultPlan, _cli, _plan
+from fedtier.simulations.mesh import parse_regions
 
 
 def test_schedule_holds_every_fault_in_the_window_and_targets_in_turn() -> None:
@@ -42,9 +43,9 @@ def test_options_check_switches_and_sites(tmp_path: Path) -> None:
 
 
 def test_command_arguments_parse() -> None:
-    assert _cli._parse_regions("r1:s1+s2,r2:s3") == (("r1", ("s1", "s2")), ("r2", ("s3",)))
+    assert parse_regions("r1:s1+s2,r2:s3") == (("r1", ("s1", "s2")), ("r2", ("s3",)))
     with pytest.raises(FedtierError, match="REGION:SITE"):
-        _cli._parse_regions("r1")
+        parse_regions("r1")
     assert _cli._parse_unsafe(None) == frozenset()
     assert _cli._parse_unsafe("all") == ALL_UNSAFE
     assert _cli._parse_unsafe("ack_before_commit, device_trust_puback") == {

@@ -149,16 +149,24 @@ class Browser:
 
     def ready(self, kind: str) -> Any:
         """Wait until the page drew view ``kind``; the ``#view`` element."""
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
 
         def drawn(driver: Any) -> Any:
+            # The page replaces #view as it draws: the old page's view may still
+            # be there (ready, of another kind), or be replaced between the find
+            # and the read (stale: look again). Only this kind, drawn, will do.
             view = driver.find_element(By.ID, "view")
-            return view if view.get_attribute("data-ready") == "1" else False
+            if view.get_attribute("data-ready") == "1" and view.get_attribute("data-view") == kind:
+                return view
+            return False
 
-        view = WebDriverWait(self.driver, WAIT_S).until(drawn)
-        error = view.get_attribute("data-view")
-        assert error == kind, f"expected the {kind} view, got {error}: {view.text[:300]}"
+        wait = WebDriverWait(
+            self.driver, WAIT_S, ignored_exceptions=(StaleElementReferenceException,)
+        )
+        view = wait.until(drawn, message=f"the {kind} view was not drawn within {WAIT_S} s")
+        assert view.get_attribute("data-view") == kind
         return view
 
     def open(self, path: str, kind: str) -> Any:

@@ -145,7 +145,10 @@ class _CoreReceiver:
 async def _aio_core_subscribe(nc: Any, subject_filter: str, cb: Any) -> Any:
     sub = await nc.subscribe(subject_filter, cb=cb)
     # One round trip so the server has the interest before publish() returns
-    # anywhere else.
+    # anywhere else; a second because nats-server was seen to send the -ERR of
+    # a refused SUB after the first PONG, and the bus turns that -ERR into an
+    # error of this subscribe (ConfigError) only while it waits here.
+    await nc.flush()
     await nc.flush()
     return sub
 

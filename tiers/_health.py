@@ -247,7 +247,14 @@ class HealthProbes:
                 self.metrics.model_version_created(message.created_ms)
 
     async def sample_disk(self) -> None:
-        """Free bytes, size and watermark of the state directory's filesystem."""
+        """Free bytes, size and watermark of the state directory's filesystem.
+
+        Nothing before the daemon serves: its store (and the state directory
+        a fresh install does not have yet) is made while it starts, and a
+        missing directory then is no failure of the disk.
+        """
+        if not self.daemon.ready.is_set():
+            return
         try:
             # A worker thread: statvfs on a stalled disk must not stall the event loop.
             free, size = await trio.to_thread.run_sync(

@@ -238,6 +238,7 @@ async def test_probes_read_a_serving_daemons_outbox_model_and_disk(tmp_path: Pat
     recorded = Recorded()
     probes = HealthProbes(daemon, recorded)
     probes.sample_daemon()
+    await probes.sample_disk()  # its state directory does not exist yet: no failure
     assert recorded.calls == []  # not serving yet: nothing to read
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.serve)

@@ -185,6 +185,100 @@ async def test_the_acl_follows_the_certificate_not_the_client_id(
             await bus.publish(topics.update(device), b"allowed")
 
 
+class _PahoClient:
+    """A bare paho MQTT v5 client with a persistent session, for the takeover test.
+
+    The fedtier bus would reconnect when the broker hands its client id to
+    someone else, and the two would take the session from each other in turn;
+    this client connects once and records what it gets.
+    """
+
+    def __init__(
+        self, broker: MosquittoProcess, ca_file: Path, client_id: str, cert: CertFiles
+    ) -> None:
+        import threading
+
+        import paho.mqtt.client as paho
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.messages: list[tuple[str, bytes]] = []
+        self.arrived = threading.Condition()
+        self.subscribed = threading.Event()
+        self.connected = threading.Event()
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+        )
+        client.tls_set(
+            ca_certs=str(ca_file), certfile=str(cert.cert_file), keyfile=str(cert.key_file)
+        )
+        client.on_connect = lambda *_: self.connected.set()
+        client.on_subscribe = lambda *_: self.subscribed.set()
+        client.on_message = lambda _c, _u, msg: self._got(msg.topic, msg.payload)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        client.connect(broker.host, broker.port, clean_start=False, properties=props)
+        client.loop_start()
+        self.client = client
+        if not self.connected.wait(DEADLINE_S):
+            self.close()
+            raise AssertionError(f"{client_id} did not connect")
+
+    def _got(self, topic: str, payload: bytes) -> None:
+        with self.arrived:
+            self.messages.append((topic, payload))
+            self.arrived.notify_all()
+
+    def subscribe(self, topic: str) -> None:
+        self.subscribed.clear()
+        self.client.subscribe(topic, qos=1)
+        assert self.subscribed.wait(DEADLINE_S), f"no SUBACK for {topic}"
+
+    def wait_for(self, payload: bytes) -> list[tuple[str, bytes]]:
+        with self.arrived:
+            ok = self.arrived.wait_for(
+                lambda: any(p == payload for _, p in self.messages), DEADLINE_S
+            )
+            assert ok, f"{payload!r} never arrived; got {self.messages}"
+            return list(self.messages)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_taking_over_a_client_id_gives_none_of_its_messages(
+    tls_mosquitto: MosquittoProcess, pki: TestPki
+) -> None:
+    """A device that connects with another's client id gets none of that session's traffic.
+
+    Mosquitto 2.0.11 checks the read ACL when it delivers, against the user
+    name of the connection (the certificate's CN), so the session's
+    subscription to the victim's receipts delivers nothing to the impostor.
+    What the impostor can do is disconnect the victim (a denial of service
+    that revoking its certificate ends; docs/operations.md).
+    """
+    topics = MqttTopics(FLEET, unique("site"))
+    victim, impostor = new_device_id(), new_device_id()
+    owner = _PahoClient(tls_mosquitto, pki.ca_file, victim, pki.issue_client(victim))
+    owner.subscribe(topics.receipt(victim))
+    owner.close()  # the session and its subscription stay on the broker
+    thief = _PahoClient(tls_mosquitto, pki.ca_file, victim, pki.issue_client(impostor))
+    edge = _PahoClient(tls_mosquitto, pki.ca_file, unique("edge-pub"), pki.issue_client(EDGE_CN))
+    try:
+        thief.subscribe(topics.receipt(victim))  # granted, delivers nothing
+        thief.subscribe(topics.receipt(impostor))
+        edge.client.publish(topics.receipt(victim), b"victim's receipt", qos=1).wait_for_publish(
+            DEADLINE_S
+        )
+        edge.client.publish(topics.receipt(impostor), b"marker", qos=1).wait_for_publish(DEADLINE_S)
+        # One session queue, one publisher: had the first been delivered, it came first.
+        assert thief.wait_for(b"marker") == [(topics.receipt(impostor), b"marker")]
+    finally:
+        thief.close()
+        edge.close()
+
+
 @pytest.mark.parametrize("credential", ["no certificate", "certificate of another CA"])
 async def test_client_without_a_valid_certificate_cannot_connect(
     tls_mosquitto: MosquittoProcess, pki: TestPki, tmp_path: Path, credential: str

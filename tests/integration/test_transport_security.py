@@ -199,6 +199,7 @@ class _PahoClient:
         import threading
 
         import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
@@ -206,16 +207,14 @@ class _PahoClient:
         self.arrived = threading.Condition()
         self.subscribed = threading.Event()
         self.connected = threading.Event()
-        client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
-        )
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
         client.tls_set(
             ca_certs=str(ca_file), certfile=str(cert.cert_file), keyfile=str(cert.key_file)
         )
         client.on_connect = lambda *_: self.connected.set()
         client.on_subscribe = lambda *_: self.subscribed.set()
-        client.on_message = lambda _c, _u, msg: self._got(msg.topic, msg.payload)
-        props = Properties(PacketTypes.CONNECT)
+        client.on_message = lambda _c, _u, msg: self._got(msg.topic, bytes(msg.payload))
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
         client.connect(broker.host, broker.port, clean_start=False, properties=props)
         client.loop_start()

@@ -90,6 +90,12 @@ def add_demo(sub: Subcommands) -> None:
         type=float,
         help="stop early once this held-out accuracy held for 5 versions (default 0.94)",
     )
+    demo.add_argument(
+        "--tls",
+        action="store_true",
+        help="brokers as deploy/ runs them: TLS, a client certificate per device and daemon, "
+        "the deployed Mosquitto ACL",
+    )
     demo.add_argument("--quiet", action="store_true", help="plain lines, no live display")
     demo.add_argument(
         "--keep-temp", action="store_true", help="keep keys, configs, state (debugging)"
@@ -189,4 +195,4 @@ def _demo(args: argparse.Namespace) -> int:
         for name in ("duration_s", "devices", "out", "seed", "target_accuracy")
         if (value := getattr(args, name)) is not None
     }
-    return main_demo(DemoOptions(quiet=args.quiet, keep_temp=args.keep_temp, **given))
+    return main_demo(DemoOptions(quiet=args.quiet, keep_temp=args.keep_temp, tls=args.tls, **given))

@@ -53,6 +53,7 @@ import trio
 from fedtier.protocol.errors import ChildFailed, ConfigError, FedtierError, sole_error
 from fedtier.protocol.telemetry.tracing import otlp_requested
 from fedtier.simulations.mesh import (
+    LAB_OBSERVER,
     MeshPlan,
     MeshSpec,
     RunningMesh,
@@ -95,6 +96,9 @@ class DemoOptions:
         target_accuracy: stop early once this held-out accuracy ...
         hold_versions: ... held for this many versions in a row.
         updates_per_s: device updates per second the fleet aims at.
+        tls: run the brokers as ``deploy/`` configures them: TLS listeners
+            that require a client certificate (one per device and daemon, from
+            a CA made for the run), Mosquitto with the deployed ACL.
     """
 
     duration_s: float = DEFAULT_DURATION_S
@@ -106,6 +110,7 @@ class DemoOptions:
     target_accuracy: float = 0.94
     hold_versions: int = 5
     updates_per_s: float = 15.0
+    tls: bool = False
 
 
 @dataclass(eq=False)
@@ -239,7 +244,7 @@ async def _watch_models(plan: MeshPlan, state: _State) -> None:
     """Verify and evaluate every model version one site's edge relays (retained MQTT topics)."""
     from fedtier.client.model_store import ModelStore, OfferStatus
     from fedtier.protocol.bus import Delivery, Subscription
-    from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
+    from fedtier.protocol.bus.mqtt import open_mqtt_bus
     from fedtier.protocol.envelope import open_envelope
     from fedtier.protocol.errors import RemoteProtocolError
     from fedtier.protocol.files import load_public_key
@@ -252,7 +257,7 @@ async def _watch_models(plan: MeshPlan, state: _State) -> None:
     store = ModelStore(central_key, layout, plan.spec.fleet)
     topics = MqttTopics(plan.spec.fleet, plan.spec.sites[0])
     X, y = plan.split.X_test, plan.split.y_test
-    config = MqttConfig(host=plan.mqtt_host, port=plan.mqtt_port, client_id="fedtier-demo-watch")
+    config = plan.mqtt_config("fedtier-demo-watch", LAB_OBSERVER)
 
     def on_pointer(delivery: Delivery) -> None:
         try:
@@ -567,7 +572,8 @@ async def run_demo(
         async with trio.open_nursery() as display:
             display.start_soon(_show_plain if options.quiet else _show_live, state, options)
             try:
-                async with open_brokers(workdir / "brokers") as brokers:
+                tls_for = spec if options.tls else None
+                async with open_brokers(workdir / "brokers", tls_for=tls_for) as brokers:
                     state.phase = "writing keys, data and configs"
                     plan = await trio.to_thread.run_sync(prepare_mesh, spec, workdir, out, brokers)
                     state.plan = plan

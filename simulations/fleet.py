@@ -149,6 +149,8 @@ class DeviceSpec:
         identity_key: its private key (PEM, 0600).
         data: its shard, an ``.npz`` with ``X`` and ``y``.
         misbehave_every_s: mean time between injected bad updates; None for never.
+        cert_file, key_file: its TLS client certificate (CN = its key id) and
+            key, when the broker requires one.
     """
 
     name: str
@@ -157,6 +159,8 @@ class DeviceSpec:
     identity_key: Path
     data: Path
     misbehave_every_s: float | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +203,8 @@ class FleetConfig:
         mqtt_host: the broker's host.
         mqtt_port: the broker's port.
         keepalive_s: MQTT keepalive.
+        ca_file: the CA bundle that signs the broker's TLS certificate; None
+            for a plain listener.
         central_key: the pinned central public key.
         edge_keys: per site, the edge keys whose receipts count.
         send: encoding and delivery.
@@ -229,6 +235,7 @@ class FleetConfig:
     train_threads: int = 1
     progress_interval_s: float = 1.0
     start_spread_s: float = 5.0
+    ca_file: Path | None = None
 
 
 def _load_key(table: ConfigTable, key: str, path: Path) -> VerifyKey:
@@ -268,6 +275,7 @@ def load_fleet_config(path: Path) -> FleetConfig:
     port = mqtt.port("port")
     host = mqtt.string("host", "127.0.0.1")
     keepalive = mqtt.integer("keepalive_s", 60, low=5)
+    ca_file = mqtt.path("ca_file", None)
     mqtt.finish()
 
     central = root.table("central")
@@ -344,8 +352,12 @@ def load_fleet_config(path: Path) -> FleetConfig:
                 identity_key=table.path("identity_key"),
                 data=table.path("data"),
                 misbehave_every_s=table.optional_number("misbehave_every_s"),
+                cert_file=table.path("cert_file", None),
+                key_file=table.path("key_file", None),
             )
         )
+        if (devices[-1].cert_file is None) != (devices[-1].key_file is None):
+            raise ConfigError(f"{table.where}: a client certificate needs its key; set both")
         table.finish()
 
     config = FleetConfig(
@@ -359,6 +371,7 @@ def load_fleet_config(path: Path) -> FleetConfig:
         mqtt_host=host,
         mqtt_port=port,
         keepalive_s=keepalive,
+        ca_file=ca_file,
         central_key=central_key,
         edge_keys=edge_keys,
         send=send,
@@ -495,6 +508,7 @@ class _FleetDevice:
         self.mqtt_host = config.mqtt_host
         self.mqtt_port = config.mqtt_port
         self.keepalive_s = config.keepalive_s
+        self.ca_file = config.ca_file
         self.store = ModelStore(config.central_key, self.trainer.layout, config.fleet)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = stack.enter_context(Outbox(config.state_dir / f"{spec.name}.outbox.sqlite"))
@@ -558,6 +572,9 @@ class _FleetDevice:
             port=self.mqtt_port,
             client_id=self.key_id,
             keepalive_s=self.keepalive_s,
+            ca_file=self.ca_file,
+            cert_file=self.spec.cert_file,
+            key_file=self.spec.key_file,
             # A device is the only consumer of its receipts: an exclusive
             # durable subscription has no loss window across a broker restart.
             shared_durables=False,

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import trio
@@ -54,8 +54,20 @@ from fedtier.simulations.datasets import (
 )
 from fedtier.simulations.fleet import KIND_NAMES, KindName, SendSpec, TrainingSpec
 from fedtier.simulations.processes import Child, ProcessGroup, open_process_group
-from fedtier.simulations.testing import MALLOC_ENV, MosquittoProcess, NatsServerProcess
+from fedtier.simulations.testing import (
+    MALLOC_ENV,
+    CertFiles,
+    MosquittoProcess,
+    MosquittoTls,
+    NatsServerProcess,
+    NatsTls,
+    TestPki,
+    mosquitto_acl,
+)
 from fedtier.simulations.testing._ports import free_port
+
+if TYPE_CHECKING:
+    from fedtier.protocol.bus.mqtt import MqttConfig
 
 __all__ = [
     "Brokers",
@@ -229,10 +241,44 @@ class Routes:
 
 @dataclass(frozen=True, slots=True)
 class Brokers:
-    """The running Mosquitto and nats-server of a run."""
+    """The running Mosquitto and nats-server of a run.
+
+    Attributes:
+        mosquitto: the MQTT broker.
+        nats: the NATS server.
+        pki: with TLS, the run's throwaway CA that signed the brokers'
+            certificates and signs every client's (None: plain listeners).
+    """
 
     mosquitto: MosquittoProcess
     nats: NatsServerProcess
+    pki: TestPki | None = None
+
+    def client_cert(self, common_name: str) -> CertFiles:
+        """Issue a client certificate for ``common_name`` (a device's key id, a daemon's name).
+
+        Raises:
+            ConfigError: the brokers run without TLS.
+        """
+        if self.pki is None:
+            raise ConfigError("the brokers of this run have no TLS; there is no CA to issue from")
+        return self.pki.issue_client(common_name)
+
+    def tls_files(self, common_name: str, *, device_spelling: bool = False) -> dict[str, object]:
+        """The ``[mqtt]``/``[nats]`` TLS keys of a client named ``common_name``; empty without TLS.
+
+        Daemons spell them ``tls_ca_file``...; device and fleet files
+        ``ca_file``... (``device_spelling``).
+        """
+        if self.pki is None:
+            return {}
+        cert = self.client_cert(common_name)
+        prefix = "" if device_spelling else "tls_"
+        return {
+            f"{prefix}ca_file": self.pki.ca_file,
+            f"{prefix}cert_file": cert.cert_file,
+            f"{prefix}key_file": cert.key_file,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +310,7 @@ class MeshPlan:
         device_configs: ``fedtier device`` config per standalone device name.
         prometheus_ports: daemon name -> its /metrics port.
         mqtt_host, mqtt_port: the (single) Mosquitto.
+        brokers: the brokers (their CA, when they run TLS).
         devices: the planned devices.
         split: the data; ``X_test``/``y_test`` are the held-out set.
         initial_model: version 0's ``.npz``.
@@ -286,10 +333,31 @@ class MeshPlan:
     prometheus_ports: Mapping[str, int]
     mqtt_host: str
     mqtt_port: int
+    brokers: Brokers
     devices: tuple[DeviceEntry, ...]
     split: DigitsSplit
     initial_model: Path
     base_interval_s: float
+
+    def mqtt_config(self, client_id: str, common_name: str) -> MqttConfig:
+        """An MQTT client of the run; with TLS, with a certificate whose CN is ``common_name``.
+
+        The CN is the user name the broker's ACL applies: a device's key id,
+        or :data:`LAB_OBSERVER` for a lab process that watches receipts and models.
+        """
+        from fedtier.protocol.bus.mqtt import MqttConfig
+
+        pki = self.brokers.pki
+        cert = None if pki is None else self.brokers.client_cert(common_name)
+        return MqttConfig(
+            host=self.mqtt_host,
+            port=self.mqtt_port,
+            client_id=client_id,
+            keepalive_s=60,
+            ca_file=None if pki is None else pki.ca_file,
+            cert_file=None if cert is None else cert.cert_file,
+            key_file=None if cert is None else cert.key_file,
+        )
 
     @property
     def edge_metrics_urls(self) -> dict[str, str]:
@@ -395,6 +463,14 @@ def _write_initial_model(path: Path, hidden: int, seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keyword order is the archive order, which is the layout order.
     np.savez(path, **arrays)
+
+
+def _device_cert(brokers: Brokers, key_id: str) -> dict[str, object]:
+    """A fleet file's per-device ``cert_file``/``key_file`` (CN = the key id); empty without TLS."""
+    if brokers.pki is None:
+        return {}
+    cert = brokers.client_cert(key_id)
+    return {"cert_file": cert.cert_file, "key_file": cert.key_file}
 
 
 def _assign_kinds(spec: MeshSpec) -> list[KindName]:
@@ -520,6 +596,7 @@ def prepare_mesh(
             "keys": {"senders": [str(p) for p in senders], "central": central_pub},
             "nats": {
                 "servers": [nats_url],
+                **brokers.tls_files(f"nats-{name}"),
                 "monitoring_url": nats.monitoring_url,
                 "require_sync_always": True,
                 **({} if spec.ack_wait_s is None else {"ack_wait_s": spec.ack_wait_s}),
@@ -580,6 +657,7 @@ def prepare_mesh(
                     "client_id": f"edge-{site}",
                     "keepalive_s": spec.edge_keepalive_s,
                     "session_expiry_s": 600,
+                    **brokers.tls_files(f"edge-{site}"),
                 },
                 "validation": {
                     "max_norm": spec.max_norm,
@@ -609,7 +687,12 @@ def prepare_mesh(
                 },
                 "central": {"public_key": central_pub},
                 "edges": {"public_keys": [keys_dir / f"edge-{sites[i]}.pub"]},
-                "mqtt": {"host": mosquitto.host, "port": device_mqtt_port, "keepalive_s": 60},
+                "mqtt": {
+                    "host": mosquitto.host,
+                    "port": device_mqtt_port,
+                    "keepalive_s": 60,
+                    **brokers.tls_files(device_ids[names[i]].key_id, device_spelling=True),
+                },
                 "send": {
                     "codec": spec.send.codec,
                     "receipt_timeout_s": spec.send.receipt_timeout_s,
@@ -644,7 +727,12 @@ def prepare_mesh(
                 "trace_dir": trace_dir,
                 "start_spread_s": round(base_t, 3),
                 **({} if spec.fleet_duration_s is None else {"duration_s": spec.fleet_duration_s}),
-                "mqtt": {"host": mosquitto.host, "port": device_mqtt_port, "keepalive_s": 60},
+                "mqtt": {
+                    "host": mosquitto.host,
+                    "port": device_mqtt_port,
+                    "keepalive_s": 60,
+                    **({} if brokers.pki is None else {"ca_file": brokers.pki.ca_file}),
+                },
                 "central": {"public_key": central_pub},
                 "send": {
                     "codec": spec.send.codec,
@@ -673,6 +761,7 @@ def prepare_mesh(
                         "identity_key": keys_dir / "devices" / f"{names[i]}.key",
                         "data": data_paths[i],
                         **({"misbehave_every_s": spec.misbehave_every_s} if i in rogue else {}),
+                        **_device_cert(brokers, device_ids[names[i]].key_id),
                     }
                     for i in members
                 ],
@@ -696,6 +785,7 @@ def prepare_mesh(
         prometheus_ports=ports,
         mqtt_host=mosquitto.host,
         mqtt_port=mosquitto.port,
+        brokers=brokers,
         devices=tuple(
             DeviceEntry(names[i], kinds[i], sites[i], device_ids[names[i]].key_id, len(shards[i]))
             for i in range(spec.devices)
@@ -740,23 +830,79 @@ def _kind_table(profile: KindProfile, base_t: float) -> dict[str, object]:
 # -- running ------------------------------------------------------------------------
 
 
+LAB_OBSERVER: Final = "lab-observer"
+"""The MQTT user (certificate CN) of a lab process that watches receipts, with TLS.
+
+The deployed ACL has no such user: a device reads only its own receipts. The
+lab's observers (the attack suite's) get their own ``user`` block that may read
+every receipt and model topic and write nothing.
+"""
+
+
+def _lab_acl(spec: MeshSpec) -> str:
+    """``deploy/mosquitto/acl`` with a user block per edge of ``spec`` and the lab observer."""
+    acl = mosquitto_acl([f"edge-{site}" for site in spec.sites])
+    return (
+        f"{acl}\n# Lab only (simulations.mesh): reads receipts and models, writes nothing.\n"
+        f"user {LAB_OBSERVER}\ntopic read ft/+/+/receipt/+\ntopic read ft/+/+/model/#\n"
+    )
+
+
+def _start_tls_mosquitto(workdir: Path, pki: TestPki, spec: MeshSpec) -> MosquittoProcess:
+    acl_file = workdir / "acl"
+    workdir.mkdir(parents=True, exist_ok=True)
+    acl_file.write_text(_lab_acl(spec))
+    server = pki.issue_server("mosquitto")
+    tls = MosquittoTls(pki.ca_file, server.cert_file, server.key_file, acl_file)
+    return MosquittoProcess.start(workdir / "broker", tls=tls)
+
+
+def _start_tls_nats(workdir: Path, pki: TestPki) -> NatsServerProcess:
+    server = pki.issue_server("nats")
+    return NatsServerProcess.start(
+        workdir, tls=NatsTls(pki.ca_file, server.cert_file, server.key_file)
+    )
+
+
 @asynccontextmanager
-async def open_brokers(workdir: Path) -> AsyncIterator[Brokers]:
+async def open_brokers(workdir: Path, *, tls_for: MeshSpec | None = None) -> AsyncIterator[Brokers]:
     """Run Mosquitto and nats-server (JetStream, ``sync_interval: always``) under ``workdir``.
 
+    With ``tls_for``, both run TLS listeners that require a client certificate
+    from a CA made for the run (``Brokers.pki``): Mosquitto with the deployed
+    ACL (``deploy/mosquitto/acl``, a user block per edge of that spec, plus
+    the lab observer), nats-server with ``verify: true``. nats-server then
+    runs without the deployed accounts and nkeys users: the per-role NATS
+    permissions are exercised by ``tests/integration/test_transport_security.py``.
     Both are stopped (SIGTERM, then SIGKILL) when the block exits, cancellation
     included.
 
     Raises:
         ConfigError: a broker is missing or does not start.
     """
+    pki = None
+    if tls_for is not None:
+        pki = await trio.to_thread.run_sync(TestPki.create, workdir / "pki")
+    tls_pki = pki
+    spec = tls_for
+
+    def start_mosquitto() -> MosquittoProcess:
+        if tls_pki is None or spec is None:
+            return MosquittoProcess.start(workdir / "mosquitto")
+        return _start_tls_mosquitto(workdir / "mosquitto", tls_pki, spec)
+
+    def start_nats() -> NatsServerProcess:
+        if tls_pki is None:
+            return NatsServerProcess.start(workdir / "nats")
+        return _start_tls_nats(workdir / "nats", tls_pki)
+
     # to_thread without abandon: a start that is cancelled still returns its
     # handle, so the finally below always knows what to stop.
-    mosquitto = await trio.to_thread.run_sync(MosquittoProcess.start, workdir / "mosquitto")
+    mosquitto = await trio.to_thread.run_sync(start_mosquitto)
     try:
-        nats = await trio.to_thread.run_sync(NatsServerProcess.start, workdir / "nats")
+        nats = await trio.to_thread.run_sync(start_nats)
         try:
-            yield Brokers(mosquitto, nats)
+            yield Brokers(mosquitto, nats, pki)
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(nats.stop)

@@ -38,10 +38,11 @@ from fedtier.simulations.attack._plan import (
     TierExpect,
 )
 from fedtier.simulations.attack._run import run_attack
-from fedtier.simulations.attack._verdict import AttackResult, Outcome
+from fedtier.simulations.attack._verdict import BROKER_REFUSED, AttackResult, Outcome
 
 __all__ = [
     "ATTACKS",
+    "BROKER_REFUSED",
     "EXPECTED",
     "TIER_EXPECTED",
     "AttackOptions",

@@ -39,6 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--duration", type=float, default=300.0, help="bound on the run phase, seconds")
     add("--seed", type=int, default=0, help="seeds the mesh and the attack bytes")
     add("--out", type=Path, default=Path("fedtier-attack-out"), help="artefact directory")
+    add(
+        "--no-tls",
+        dest="tls",
+        action="store_false",
+        help="plain broker listeners (default: TLS with a client certificate per device "
+        "and daemon, and the deployed Mosquitto ACL)",
+    )
     add("--keep-workdir", action="store_true", help="keep keys, configs and stores")
     add("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
@@ -53,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             updates_per_s=args.rate,
             max_run_s=args.duration,
             seed=args.seed,
+            tls=args.tls,
             keep_workdir=args.keep_workdir,
             progress=None if args.json else _print_err,
         )

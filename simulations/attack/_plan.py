@@ -88,6 +88,9 @@ class AttackOptions:
         max_run_s: bound on the run phase.
         drain_timeout_s: bound on the drain.
         tier_attacks: also send hostile partials signed by a registered edge key.
+        tls: run the brokers as ``deploy/`` does: TLS with a client certificate
+            per device and daemon, Mosquitto with the deployed ACL (an attacker
+            publishing on another device's topic is refused by the broker).
         keep_workdir: keep keys, configs and stores.
         progress: called with a line now and then (None: quiet).
     """
@@ -110,6 +113,7 @@ class AttackOptions:
     max_run_s: float = 300.0
     drain_timeout_s: float = 60.0
     tier_attacks: bool = True
+    tls: bool = True
     keep_workdir: bool = False
     progress: Callable[[str], None] | None = None
 

@@ -19,15 +19,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import trio
 
 from fedtier.protocol.bus import Bus
-from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
+from fedtier.protocol.bus.mqtt import open_mqtt_bus
 from fedtier.protocol.envelope import parse_envelope
-from fedtier.protocol.errors import RemoteProtocolError, StoreError
+from fedtier.protocol.errors import PublishError, RemoteProtocolError, StoreError
 from fedtier.protocol.files import load_signing_identity
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import ModelLayout
@@ -37,6 +37,7 @@ from fedtier.protocol.names import MqttTopics, NatsSubjects
 from fedtier.simulations.attack import _craft as craft
 from fedtier.simulations.attack._plan import ATTACKS, AttackOptions
 from fedtier.simulations.attack._verdict import (
+    BROKER_REFUSED,
     AttackResult,
     Outcome,
     StoredInput,
@@ -45,6 +46,8 @@ from fedtier.simulations.attack._verdict import (
 from fedtier.simulations.chaos._run import export_device_logs
 from fedtier.simulations.checker import check, load_device_logs
 from fedtier.simulations.mesh import (
+    LAB_OBSERVER,
+    Brokers,
     DeviceEntry,
     MeshPlan,
     MeshSpec,
@@ -55,9 +58,34 @@ from fedtier.simulations.mesh import (
 )
 from fedtier.tiers.store import read_lineages, read_quarantine
 
+if TYPE_CHECKING:
+    from fedtier.protocol.bus.nats import NatsConfig
+
 __all__ = ["run_attack"]
 
 _NO_ID: Final = bytes(16)
+
+
+def _hex_or_none(update_id: bytes) -> str | None:
+    return None if update_id == _NO_ID else update_id.hex()
+
+
+def _nats_config(brokers: Brokers, nats_url: str, common_name: str) -> NatsConfig:
+    """A NATS client of the run's attackers; with TLS, with a certificate for ``common_name``."""
+    from fedtier.protocol.bus.nats import NatsConfig
+
+    pki = brokers.pki
+    cert = None if pki is None else brokers.client_cert(common_name)
+    return NatsConfig(
+        servers=[nats_url],
+        manage_streams=False,
+        require_sync_always=False,
+        tls_ca_file=None if pki is None else pki.ca_file,
+        tls_cert_file=None if cert is None else cert.cert_file,
+        tls_key_file=None if cert is None else cert.key_file,
+    )
+
+
 _PACE_S: Final = 0.6  # between two sends of one attacker: under the edges' rate limit
 _POLL_S: Final = 0.5
 _QUIET_S: Final = 4.0
@@ -202,7 +230,24 @@ class _Attacker:
     ) -> None:
         """Publish on ``to``'s topic (default: our own), wait for the receipt, record it."""
         device = to or self.identity.key_id
-        await bus.publish(self.topics.update(device), envelope)
+        try:
+            await bus.publish(self.topics.update(device), envelope)
+        except PublishError as exc:
+            # The broker's ACL refused it (TLS mesh: a device may publish only
+            # on its own topic); nothing was routed, so no receipt will come.
+            if "not authorized" not in str(exc).lower():
+                raise
+            self.outcomes.append(
+                Outcome(
+                    attack,
+                    self.entry.name,
+                    _hex_or_none(update_id),
+                    BROKER_REFUSED,
+                    "not_authorized",
+                    norm,
+                )
+            )
+            return
         receipt = await self.observer.wait(device, update_id, self.options.receipt_timeout_s)
         self._record(attack, update_id, norm, receipt)
         if receipt is not None and receipt.status.value == "accepted" and update_id != _NO_ID:
@@ -214,7 +259,7 @@ class _Attacker:
             Outcome(
                 attack=attack,
                 device=self.entry.name,
-                update_id=None if uid == _NO_ID else uid.hex(),
+                update_id=_hex_or_none(uid),
                 status="no_receipt" if receipt is None else receipt.status.value,
                 reason="" if receipt is None else receipt.reason,
                 norm=norm,
@@ -222,12 +267,7 @@ class _Attacker:
         )
 
     async def run(self, attacks: list[str]) -> None:
-        config = MqttConfig(
-            host=self.plan.mqtt_host,
-            port=self.plan.mqtt_port,
-            client_id=self.identity.key_id,
-            keepalive_s=60,
-        )
+        config = self.plan.mqtt_config(self.identity.key_id, self.identity.key_id)
         async with open_mqtt_bus(config) as bus:
             for attack in attacks:
                 await getattr(self, f"_{attack}")(bus)
@@ -389,7 +429,7 @@ class _TierAttacker:
 
     async def run(self, counted_leaf: bytes | None, outcomes: list[Outcome]) -> set[str]:
         """Send every partial of ``TIER_EXPECTED``; returns the leaf ids invented for them."""
-        from fedtier.protocol.bus.nats import NatsConfig, open_nats_bus
+        from fedtier.protocol.bus.nats import open_nats_bus
 
         invented: set[str] = set()
         sends: list[tuple[str, bytes, bytes]] = []
@@ -406,9 +446,7 @@ class _TierAttacker:
             sends.append(
                 ("partial_leaf_counted_twice", *self._partial((os.urandom(16),), (counted_leaf,)))
             )
-        config = NatsConfig(
-            servers=[self.nats_url], manage_streams=False, require_sync_always=False
-        )
+        config = _nats_config(self.plan.brokers, self.nats_url, f"nats-attacker-edge-{self.site}")
         async with open_nats_bus(config) as bus:
             for attack, pid, envelope in sends:
                 await bus.publish(self.subject, envelope, msg_id=pid.hex())
@@ -517,9 +555,11 @@ async def run_attack(options: AttackOptions) -> AttackResult:
     workdir = Path(tempfile.mkdtemp(prefix="fedtier-attack-"))
     progress = options.progress or (lambda _line: None)
     try:
-        async with open_brokers(workdir / "brokers") as brokers:
+        spec = _spec(options)
+        tls_for = spec if options.tls else None
+        async with open_brokers(workdir / "brokers", tls_for=tls_for) as brokers:
             plan = await trio.to_thread.run_sync(
-                lambda: prepare_mesh(_spec(options), workdir / "mesh", out_dir, brokers)
+                lambda: prepare_mesh(spec, workdir / "mesh", out_dir, brokers)
             )
             for stale in plan.device_log_dir.glob("*.jsonl"):
                 stale.unlink()
@@ -665,9 +705,7 @@ async def _run_phases(
         MqttTopics(plan.spec.fleet, site_of_key[key]).receipt(key)
         for key in sorted(observer.watched)
     ]
-    observer_config = MqttConfig(
-        host=plan.mqtt_host, port=plan.mqtt_port, client_id="attack-observer", keepalive_s=60
-    )
+    observer_config = plan.mqtt_config("attack-observer", LAB_OBSERVER)
     async with open_mqtt_bus(observer_config) as bus, trio.open_nursery() as nursery:
         await nursery.start(observer.serve, bus, receipt_topics, plan.spec.fleet)
         await mesh.start_fleets(honest.on_line)
@@ -777,7 +815,7 @@ async def _tamper_blob(
     blob. Once its log says it skipped it, the central resumes and the next
     version is clean.
     """
-    from fedtier.protocol.bus.nats import NatsConfig, open_nats_bus
+    from fedtier.protocol.bus.nats import open_nats_bus
     from fedtier.protocol.messages import ModelAnnouncement
     from fedtier.tiers.model_registry import CURRENT_KEY
 
@@ -791,7 +829,7 @@ async def _tamper_blob(
         while observer.version <= before:
             await observer.changed.park()
     subjects = NatsSubjects(plan.spec.fleet)
-    config = NatsConfig(servers=[nats_url], manage_streams=False, require_sync_always=False)
+    config = _nats_config(plan.brokers, nats_url, "nats-attacker-blob")
     central = mesh.central.process
     central.send_signal(signal.SIGSTOP)
     try:

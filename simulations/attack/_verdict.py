@@ -11,14 +11,17 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from fedtier.protocol.errors import Reason
 from fedtier.simulations.attack._plan import EXPECTED, TIER_EXPECTED, AttackOptions
 from fedtier.simulations.checker import CheckReport, render_report
 
-__all__ = ["AttackResult", "Outcome", "StoredInput", "judge"]
+__all__ = ["BROKER_REFUSED", "AttackResult", "Outcome", "StoredInput", "judge"]
 
 _TYPED: frozenset[str] = frozenset(r.value for r in Reason)
+BROKER_REFUSED: Final = "refused_by_broker"
+"""An ``Outcome.status``: the broker's ACL refused the publish (TLS mesh)."""
 _NORM_SLACK = 1.0 + 1e-4  # f32 rounding of a clipped delta
 
 
@@ -31,7 +34,9 @@ class Outcome:
             attacker sent to have one to replay).
         device: the attacker's device name.
         update_id: the id it carried (hex), None for bytes without one.
-        status: ``accepted``, ``duplicate``, ``rejected`` or ``no_receipt``.
+        status: ``accepted``, ``duplicate``, ``rejected``, ``no_receipt``, or
+            ``refused_by_broker`` (the broker's ACL refused the publish with
+            PUBACK "Not authorized"; nothing reached an edge).
         reason: the receipt's reason token ("" when accepted).
         norm: L2 norm of the delta as sent (0 for envelopes without one).
         allowance: for an input of a flood, how many of that flood the token
@@ -239,6 +244,9 @@ def _answer_problem(outcome: Outcome) -> str | None:
     """Why the edge's answer breaks the attack's rule, or None."""
     if outcome.status == "no_receipt":
         return "no receipt within the timeout"
+    if outcome.status == BROKER_REFUSED:
+        # A typed refusal one step earlier: MQTT reason code 0x87, nothing routed.
+        return None if EXPECTED.get(outcome.attack) == "rejected" else "refused by the broker"
     if outcome.status == "rejected":
         if outcome.reason not in _TYPED:
             return f"rejected with an untyped reason {outcome.reason!r}"

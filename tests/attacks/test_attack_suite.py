@@ -1,7 +1,9 @@
 """The attack suite on a real mesh, small: every defence holds and nothing honest is lost.
 
 Runs ``fedtier sim attack`` (its ``main``, with ``--json``) exactly as
-docs/attacks.md shows the small run: brokers, daemons, two fleet processes of
+docs/attacks.md shows the small run: brokers run as ``deploy/`` configures them
+(TLS, a client certificate per device and daemon, the deployed Mosquitto
+ACL), daemons, two fleet processes of
 honest devices training, two attacker devices with registered keys, and a
 registered edge key sending hostile partials, then an edge meeting a model
 blob that fails its digest. One run (~50 s) backs every
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 from fedtier.protocol.errors import Reason
-from fedtier.simulations.attack import EXPECTED, main
+from fedtier.simulations.attack import BROKER_REFUSED, EXPECTED, main
 
 pytestmark = pytest.mark.brokers
 
@@ -54,12 +56,16 @@ def test_small_attack_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
             status_, _, reason = key.partition(":")
             if status_ == "rejected":
                 assert reason in TYPED, (attack, key)
+            elif status_ == BROKER_REFUSED and expect == "rejected":
+                assert reason == "not_authorized", (attack, key)
             elif expect == "rejected":
                 pytest.fail(f"{attack} was {key}")
     assert set(answers(result, "future_base")) == {"rejected:future_base"}
     assert set(answers(result, "future_base_max")) == {"rejected:future_base"}
     assert set(answers(result, "forged_signature")) == {"rejected:bad_signature"}
     assert set(answers(result, "replay_seq")) == {"rejected:replay"}
+    # The TLS mesh's ACL refuses a publish on another device's topic at the broker.
+    assert set(answers(result, "other_topic")) == {f"{BROKER_REFUSED}:not_authorized"}
     assert set(answers(result, "replay_id")) <= {"duplicate:-", "rejected:replay"}
     assert answers(result, "flood").get("rejected:rate_limited", 0) >= 1
     # Bounded attacks that were accepted kept only bounded influence.

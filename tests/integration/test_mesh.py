@@ -123,12 +123,15 @@ async def test_update_goes_up_version_comes_down_and_traces_connect(tmp_path: Pa
 
 
 async def test_demo_command_learns_and_writes_its_artefacts(tmp_path: Path) -> None:
+    # With --tls: the brokers as deploy/ runs them (client certificates, the
+    # deployed ACL). The plain demo runs in tests/integration/test_otlp_export.py.
     out = tmp_path / "demo-out"
     command = [
         sys.executable,
         "-m",
         "fedtier",
         "demo",
+        "--tls",
         "--duration-s",
         "25",
         "--devices",

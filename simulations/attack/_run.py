@@ -198,6 +198,14 @@ class _Attacker:
         # Updates of this attacker the edge accepted: (update id, seq, envelope).
         self.accepted: list[tuple[bytes, int, bytes]] = []
 
+    def _site_version(self) -> int:
+        """The newest model version this attacker's own edge relayed, as a device there sees it.
+
+        Not the newest anywhere: an edge that has not fetched that one yet
+        would refuse the update as ``future_base``, which is not the attack.
+        """
+        return self.observer.site_versions.get(self.entry.site, 0)
+
     def _next_seq(self) -> int:
         self.seq += 1
         return self.seq
@@ -212,7 +220,7 @@ class _Attacker:
             layout=self.layout,
             delta=delta.astype(np.float32),
             seq=seq,
-            base_version=self.observer.version if base is None else base,
+            base_version=self._site_version() if base is None else base,
             n_samples=n_samples,
         )
         return uid, seq, envelope
@@ -321,7 +329,7 @@ class _Attacker:
             layout=self.layout,
             delta=self._honest(),
             seq=self._next_seq(),
-            base_version=self.observer.version,
+            base_version=self._site_version(),
             update_id=uid,
         )[1]
         await self._send(bus, "replay_id", envelope, update_id=uid, norm=craft.HONEST_NORM)
@@ -337,7 +345,7 @@ class _Attacker:
             layout=self.layout,
             delta=self._honest(),
             seq=original[1],
-            base_version=self.observer.version,
+            base_version=self._site_version(),
         )
         await self._send(bus, "replay_seq", envelope, update_id=uid, norm=craft.HONEST_NORM)
 

@@ -5,8 +5,10 @@ to stand up a mesh they can hurt:
 
 * real broker processes on free loopback ports: ``MosquittoProcess`` and
   ``NatsServerProcess`` (with ``MosquittoTls``/``NatsTls`` to run them as
-  ``deploy/`` configures them), and ``NatsClusterProcess``, three clustered
-  nats-servers whose nodes a test can kill and restart;
+  ``deploy/`` configures them), ``NatsClusterProcess``, three clustered
+  nats-servers whose nodes a test can kill and restart, and
+  ``NatsSuperclusterProcess``, the clusters of ``deploy/nats/supercluster/``
+  joined by gateways;
 * a throwaway PKI (``TestPki``) and the ``deploy/`` access rules rendered for
   test brokers (``mosquitto_acl``, ``nats_accounts``), so tests run the very
   rules an operator copies;
@@ -48,6 +50,7 @@ from fedtier.simulations.testing._nats_server import (
     NatsTls,
     find_nats_server,
 )
+from fedtier.simulations.testing._nats_supercluster import NatsSuperclusterProcess
 from fedtier.simulations.testing._pki import CertFiles, NkeyUser, TestPki
 from fedtier.simulations.testing._ports import free_port
 from fedtier.simulations.testing._proxy import LOOPBACK, FaultyProxy
@@ -69,6 +72,7 @@ __all__ = [
     "MosquittoTls",
     "NatsClusterProcess",
     "NatsServerProcess",
+    "NatsSuperclusterProcess",
     "NatsTls",
     "NkeyUser",
     "RecordingMetrics",

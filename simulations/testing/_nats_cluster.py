@@ -19,7 +19,7 @@ import json
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -48,7 +48,7 @@ def _replace_once(text: str, old: str, new: str, source: Path) -> str:
     if count != 1:
         raise ConfigError(
             f"{source} has {count} occurrences of {old!r}, expected 1; update "
-            "simulations/testing/_nats_cluster.py along with it"
+            "its renderer in simulations/testing/ along with it"
         )
     return text.replace(old, new)
 
@@ -71,7 +71,7 @@ def _replace_all(text: str, old: str, new: str, source: Path) -> str:
     """``text`` with every occurrence of ``old`` replaced; ConfigError when there is none."""
     if old not in text:
         raise ConfigError(
-            f"{source} no longer has {old!r}; update simulations/testing/_nats_cluster.py"
+            f"{source} no longer has {old!r}; update its renderer in simulations/testing/"
         )
     return text.replace(old, new)
 
@@ -130,6 +130,86 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def _new_node(binary: Path, workdir: Path, startup_timeout_s: float) -> NatsServerProcess:
+    """A node (not started) with JetStream fsyncing every write, as every deployed node does."""
+    return NatsServerProcess(
+        binary, workdir, port=None, sync_always=True, startup_timeout_s=startup_timeout_s
+    )
+
+
+def launch_together(nodes: Sequence[NatsServerProcess], wait_ready: Callable[[], object]) -> None:
+    """Launch every node, then ``wait_ready()``; on any failure SIGKILL them all and re-raise.
+
+    The nodes of a cluster only become ready together (a meta leader needs a
+    majority): each launch waits for that node's own health only, then
+    ``wait_ready`` for the whole; a half-started cluster never outlives the call.
+    """
+    try:
+        for node in nodes:
+            node._launch()
+        wait_ready()
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise
+
+
+def start_deploy_leaf(
+    workdir: Path,
+    leafnode_ports: Sequence[int],
+    *,
+    server_tls: NatsTls,
+    client_cert: NatsTls,
+    seed: str,
+    template: Path = LEAF_DEPLOY_FILE,
+    startup_timeout_s: float = 15.0,
+) -> NatsServerProcess:
+    """Start ``deploy/nats/leaf/site.conf`` on loopback, its remote urls set to ``leafnode_ports``.
+
+    The file names three hub nodes (the core's in deploy/nats/cluster/); in a
+    supercluster an operator points them at the region's nodes instead, which
+    is what ``leafnode_ports`` then are.
+
+    Raises:
+        ConfigError: not three ports, the file no longer has what the renderer
+            replaces, or the server did not start.
+    """
+    if len(leafnode_ports) != 3:
+        raise ConfigError(f"{template} names three hub nodes, got {len(leafnode_ports)} ports")
+    node = _new_node(find_nats_server(), Path(workdir), startup_timeout_s)
+    node.tls = server_tls
+    node.server_name = "fedtier-site-eu-west-1"
+
+    def render(node: NatsServerProcess) -> str:
+        text = template.read_text()
+        for old, new in (
+            ("listen: 127.0.0.1:4222", f"listen: 127.0.0.1:{node.port}"),
+            ("http: 127.0.0.1:8222", f"http: 127.0.0.1:{node.monitoring_port}"),
+            ('"/etc/nats/tls/site.pem"', json.dumps(str(server_tls.cert_file.resolve()))),
+            ('"/etc/nats/tls/site-key.pem"', json.dumps(str(server_tls.key_file.resolve()))),
+            ('"/etc/nats/tls/site-client.pem"', json.dumps(str(client_cert.cert_file.resolve()))),
+            (
+                '"/etc/nats/tls/site-client-key.pem"',
+                json.dumps(str(client_cert.key_file.resolve())),
+            ),
+            ('"/var/lib/nats/jetstream"', json.dumps(str(node.store_dir))),
+            ('"SITE_NKEY_SEED"', json.dumps(seed)),
+        ):
+            text = _replace_once(text, old, new, template)
+        text = _replace_all(
+            text, '"/etc/nats/tls/ca.pem"', json.dumps(str(server_tls.ca_file.resolve())), template
+        )
+        for k, port in enumerate(leafnode_ports):
+            text = _replace_once(
+                text, f"tls://nats-{k + 1}.core.example:7422", f"tls://127.0.0.1:{port}", template
+            )
+        return text + f"\nports_file_dir: {json.dumps(str(node.workdir))}\n"
+
+    node.render_config = render
+    node._launch()
+    return node
+
+
 class NatsClusterProcess:
     """Three nats-server processes forming one JetStream cluster.
 
@@ -175,15 +255,10 @@ class NatsClusterProcess:
         binary = find_nats_server()
         cluster_ports = _free_ports(size)
         leafnode_ports = _free_ports(size) if leafnodes else []
-        nodes: list[NatsServerProcess] = []
-        for index in range(size):
-            node = NatsServerProcess(
-                binary,
-                Path(workdir) / f"n{index + 1}",
-                port=None,
-                sync_always=True,
-                startup_timeout_s=startup_timeout_s,
-            )
+        nodes = [
+            _new_node(binary, Path(workdir) / f"n{i + 1}", startup_timeout_s) for i in range(size)
+        ]
+        for index, node in enumerate(nodes):
             routes = ", ".join(
                 f'"nats-route://127.0.0.1:{port}"'
                 for i, port in enumerate(cluster_ports)
@@ -201,15 +276,8 @@ class NatsClusterProcess:
                     f"leafnodes {{\n  listen: 127.0.0.1:{leafnode_ports[index]}\n}}\n"
                 )
             node.jetstream_domain = jetstream_domain
-            nodes.append(node)
         cluster = cls(nodes, cluster_ports, leafnode_ports)
-        try:
-            for node in nodes:
-                node._launch()
-            cluster.wait_ready(startup_timeout_s)
-        except BaseException:
-            cluster.kill_all()
-            raise
+        launch_together(nodes, lambda: cluster.wait_ready(startup_timeout_s))
         return cluster
 
     @classmethod
@@ -244,16 +312,11 @@ class NatsClusterProcess:
         route_ports = _free_ports(3)
         leafnode_ports = _free_ports(3)
         common = _render_common(template_dir / "common.conf", client_tls, public_keys)
-        nodes: list[NatsServerProcess] = []
-        for index in range(3):
+        nodes = [
+            _new_node(binary, Path(workdir) / f"n{i + 1}", startup_timeout_s) for i in range(3)
+        ]
+        for index, node in enumerate(nodes):
             template = template_dir / f"node-{index + 1}.conf"
-            node = NatsServerProcess(
-                binary,
-                Path(workdir) / f"n{index + 1}",
-                port=None,
-                sync_always=True,
-                startup_timeout_s=startup_timeout_s,
-            )
             node.workdir.mkdir(parents=True, exist_ok=True)
             (node.workdir / "common.conf").write_text(common)
             node.tls = client_tls
@@ -267,15 +330,8 @@ class NatsClusterProcess:
                 )
 
             node.render_config = render
-            nodes.append(node)
         cluster = cls(nodes, route_ports, leafnode_ports)
-        try:
-            for node in nodes:
-                node._launch()
-            cluster.wait_ready(startup_timeout_s)
-        except BaseException:
-            cluster.kill_all()
-            raise
+        launch_together(nodes, lambda: cluster.wait_ready(startup_timeout_s))
         return cluster
 
     def start_deploy_leaf(
@@ -304,54 +360,15 @@ class NatsClusterProcess:
         """
         if not self.leafnode_ports:
             raise ConfigError("this cluster was started without leafnode ports")
-        node = NatsServerProcess(
-            find_nats_server(),
-            Path(workdir),
-            port=None,
-            sync_always=True,
+        return start_deploy_leaf(
+            workdir,
+            self.leafnode_ports,
+            server_tls=server_tls,
+            client_cert=client_cert,
+            seed=seed,
+            template=template,
             startup_timeout_s=startup_timeout_s,
         )
-        node.tls = server_tls
-        node.server_name = "fedtier-site-eu-west-1"
-        leafnode_ports = self.leafnode_ports
-
-        def render(node: NatsServerProcess) -> str:
-            text = template.read_text()
-            for old, new in (
-                ("listen: 127.0.0.1:4222", f"listen: 127.0.0.1:{node.port}"),
-                ("http: 127.0.0.1:8222", f"http: 127.0.0.1:{node.monitoring_port}"),
-                ('"/etc/nats/tls/site.pem"', json.dumps(str(server_tls.cert_file.resolve()))),
-                ('"/etc/nats/tls/site-key.pem"', json.dumps(str(server_tls.key_file.resolve()))),
-                (
-                    '"/etc/nats/tls/site-client.pem"',
-                    json.dumps(str(client_cert.cert_file.resolve())),
-                ),
-                (
-                    '"/etc/nats/tls/site-client-key.pem"',
-                    json.dumps(str(client_cert.key_file.resolve())),
-                ),
-                ('"/var/lib/nats/jetstream"', json.dumps(str(node.store_dir))),
-                ('"SITE_NKEY_SEED"', json.dumps(seed)),
-            ):
-                text = _replace_once(text, old, new, template)
-            text = _replace_all(
-                text,
-                '"/etc/nats/tls/ca.pem"',
-                json.dumps(str(server_tls.ca_file.resolve())),
-                template,
-            )
-            for k, port in enumerate(leafnode_ports):
-                text = _replace_once(
-                    text,
-                    f"tls://nats-{k + 1}.core.example:7422",
-                    f"tls://127.0.0.1:{port}",
-                    template,
-                )
-            return text + f"\nports_file_dir: {json.dumps(str(node.workdir))}\n"
-
-        node.render_config = render
-        node._launch()
-        return node
 
     @property
     def urls(self) -> list[str]:

@@ -6,7 +6,9 @@ clock over ``nodes`` (the tiers' own math) and ``devices`` (the client's own
 trainers), ``report`` writes what a run measured, ``experiments`` runs the
 documented studies, ``models`` holds the factories the shipped scenarios name,
 and ``mesh_engine`` runs a small scenario on the real daemons. ``_workers`` trains
-simulated devices in processes beside the engine (``--workers``).
+simulated devices in processes beside the engine (``--workers``); ``_attack`` makes
+the malicious devices of ``[attack]`` lie, and ``_attribution`` follows every
+device's part of each version's step (runs with ``[attack]`` or ``[defences]``).
 """
 
 from __future__ import annotations

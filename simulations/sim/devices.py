@@ -21,6 +21,12 @@ tensors persist across its runs as on a real device. A factory that returns a
 ``Trainer`` of its own (anything not torch) is called once per device with
 ``dataset=`` that device's data.
 
+**Malicious devices.** With ``[attack]`` the engine sets :attr:`LocalTraining.attack`:
+a malicious device trains as above (on poisoned data for a backdoor, from the
+initial model for a stale rollback), ``simulations.sim._attack`` turns its result
+into the vector, weight and base version it lies with, and it seals them with its
+own registered key like any honest update (``burst`` copies under their own seqs).
+
 **Scoring a model with local tensors.** There is no single global model then:
 each device runs the global tensors with its own local ones. The simulator
 scores every test example with the model of the device it was held out from
@@ -53,6 +59,7 @@ from fedtier.protocol.errors import ConfigError, LocalProtocolError
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.messages import DeviceUpdate
+from fedtier.simulations.sim._attack import AttackPlan
 from fedtier.simulations.sim.data import FederatedData, Labels, device_name
 from fedtier.simulations.sim.nodes import SimKeys, identity_for
 from fedtier.simulations.sim.specs import ModelSpec, TrainingSpec
@@ -95,11 +102,14 @@ class DeviceRun:
         envelope: the signed ``DeviceUpdate`` bytes (what crosses the uplink).
         payload_bytes: the codec payload's size (values and indices).
         train_loss: the mean training loss the trainer reported.
+        extra: more updates sent in the same arrival (a malicious device's
+            ``burst``: the same vector under other update ids and seqs).
     """
 
     envelope: bytes
     payload_bytes: int
     train_loss: float
+    extra: tuple[bytes, ...] = ()
 
 
 class LocalTraining:
@@ -160,6 +170,9 @@ class LocalTraining:
         self.keys = SimKeys()
         """Every device's public key, registered as its identity is made (nodes verify with it)."""
         self._runs: dict[int, int] = {}
+        self.attack: AttackPlan | None = None
+        """``[attack]``'s plan: which devices lie and what they send (None: all honest)."""
+        self._poisoned: dict[int, _Trains] = {}
 
     # -- building ------------------------------------------------------------------
 
@@ -310,24 +323,36 @@ class LocalTraining:
         """``device``'s trainer (created on first use, seeded from the run seed)."""
         trainer = self._trainers.get(device)
         if trainer is None:
-            seed = int.from_bytes(update_id_for(self.seed, device, -1)[:4], "little")
-            X, y = self.data.X_train[device], self.data.y_train[device]
-            if self._prototype is not None:
-                if self.personal:
-                    module = copy.deepcopy(self._prototype)
-                else:
-                    # One module for every device: a TorchTrainer loads the parameters it
-                    # is given before each run, and the simulator runs one device at a time.
-                    if self._shared is None:
-                        self._shared = copy.deepcopy(self._prototype)
-                    module = self._shared
-                trainer = self._torch(module, X, y, seed=seed)
-            elif self._trainer_factory:
-                trainer = self._user_trainer(device, X, y)
-            else:
-                trainer = self._logreg(X, y, seed=seed)
-            self._trainers[device] = trainer
+            trainer = self._trainers[device] = self._make_trainer(
+                device, self.data.X_train[device], self.data.y_train[device]
+            )
         return trainer
+
+    def poisoned_trainer(self, device: int) -> _Trains:
+        """A malicious ``device``'s trainer on its poisoned data (``AttackPlan.poison``)."""
+        trainer = self._poisoned.get(device)
+        if trainer is None:
+            assert self.attack is not None
+            X, y = self.attack.poison(device, self.data.X_train[device], self.data.y_train[device])
+            trainer = self._poisoned[device] = self._make_trainer(device, X, y)
+        return trainer
+
+    def _make_trainer(self, device: int, X: npt.NDArray[np.float32], y: Labels) -> _Trains:
+        """A trainer of ``device`` on ``(X, y)``, seeded from the run seed and the device."""
+        seed = int.from_bytes(update_id_for(self.seed, device, -1)[:4], "little")
+        if self._prototype is not None:
+            if self.personal:
+                module = copy.deepcopy(self._prototype)
+            else:
+                # One module for every device: a TorchTrainer loads the parameters it
+                # is given before each run, and the simulator runs one device at a time.
+                if self._shared is None:
+                    self._shared = copy.deepcopy(self._prototype)
+                module = self._shared
+            return self._torch(module, X, y, seed=seed)
+        if self._trainer_factory:
+            return self._user_trainer(device, X, y)
+        return self._logreg(X, y, seed=seed)
 
     def _user_trainer(self, device: int, X: npt.NDArray[np.float32], y: Labels) -> _Trains:
         built = self._build(self._dataset(X, y))
@@ -380,13 +405,30 @@ class LocalTraining:
             The sealed run, or None when the delta is not finite or out of the
             codec's range (the device skips such a run).
         """
+        plan = self.attack
+        lies = plan is not None and plan.is_malicious(device)
         trainer = self.trainer(device)
+        start = params
+        if lies:
+            assert plan is not None
+            if plan.trains_on_poison:
+                trainer = self.poisoned_trainer(device)
+            if plan.trains_from_initial:
+                start = self.initial_params
         result: TrainResult
         if isinstance(trainer, NumpyLogRegTrainer | TorchTrainer):
-            result = trainer.train(params, max_steps=max_steps)
+            result = trainer.train(start, max_steps=max_steps)
         else:  # a user's Trainer: partial work is its own business
-            result = trainer.train(params)
-        delta = np.subtract(result.params, params, dtype=np.float32)
+            result = trainer.train(start)
+        delta = np.subtract(result.params, start, dtype=np.float32)
+        n_samples, claimed_base, copies = result.n_samples, base_version, 1
+        if lies:
+            assert plan is not None
+            crafted = plan.craft(
+                result.params, start, params, n_samples=n_samples, base_version=base_version
+            )
+            delta, n_samples = crafted.delta, crafted.n_samples
+            claimed_base, copies = crafted.base_version, crafted.copies
         if not bool(np.isfinite(delta).all()):
             return None
         try:
@@ -399,23 +441,26 @@ class LocalTraining:
                 payload = encode(delta, self.codec)
         except LocalProtocolError:
             return None
-        run = self._runs.get(device, 0) + 1
-        self._runs[device] = run
         identity, key_id = self._identity(device)
-        message = DeviceUpdate(
-            fleet=FLEET,
-            sender=key_id,
-            seq=run,
-            created_ms=EPOCH_MS + math.floor(now_s * 1000),
-            update_id=update_id_for(self.seed, device, run),
-            base_version=base_version,
-            layout=self.layout.fingerprint,
-            num_params=self.layout.num_params,
-            n_samples=result.n_samples,
-            codec=self.codec,
-        )
+        envelopes: list[bytes] = []
+        for _ in range(copies):
+            run = self._runs.get(device, 0) + 1
+            self._runs[device] = run
+            message = DeviceUpdate(
+                fleet=FLEET,
+                sender=key_id,
+                seq=run,
+                created_ms=EPOCH_MS + math.floor(now_s * 1000),
+                update_id=update_id_for(self.seed, device, run),
+                base_version=claimed_base,
+                layout=self.layout.fingerprint,
+                num_params=self.layout.num_params,
+                n_samples=n_samples,
+                codec=self.codec,
+            )
+            envelopes.append(seal(message, payload, identity))
         loss = result.metrics.get("loss", math.nan)
-        return DeviceRun(seal(message, payload, identity), len(payload), loss)
+        return DeviceRun(envelopes[0], len(payload), loss, tuple(envelopes[1:]))
 
     # -- scoring -------------------------------------------------------------------
 

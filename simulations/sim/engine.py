@@ -26,6 +26,12 @@ Sync rounds fold every update straight into the central: with no delay inside
 a round, edge -> regional -> central gives the same aggregate as one flat fold
 (docs/architecture.md, aggregation, ``tests/property/test_aggregation_invariants.py``), so
 the hierarchy would change nothing but the bytes on the central link.
+
+With ``[attack]`` some registered devices lie (``simulations.sim._attack``) and
+with ``[defences]`` the first tier bounds each device's influence and the
+edges and regionals may cut robustly (``tiers.core``); either table turns on
+the attribution of every version's step to its devices
+(``simulations.sim._attribution``), reported as :class:`AttackOutcome`.
 """
 
 from __future__ import annotations
@@ -48,14 +54,18 @@ from fedtier.protocol.envelope import parse_envelope
 from fedtier.protocol.errors import ConfigError, LocalProtocolError
 from fedtier.protocol.messages import PartialAggregate, Tier
 from fedtier.simulations.datasets import DIGITS_NAME
+from fedtier.simulations.sim._attack import AttackPlan
+from fedtier.simulations.sim._attribution import Attribution, VersionInfluence
 from fedtier.simulations.sim._workers import DeviceWorkers
 from fedtier.simulations.sim.data import FederatedData, build_data
 from fedtier.simulations.sim.devices import FLEET, DeviceRun, LocalTraining
 from fedtier.simulations.sim.nodes import CentralNode, TierNode
-from fedtier.simulations.sim.specs import DeviceKind, Scenario, TierSpec
+from fedtier.simulations.sim.specs import DefencesSpec, DeviceKind, Scenario, TierSpec
+from fedtier.tiers.core import InfluenceRules, RobustRules
 from fedtier.tiers.optimizers import make_optimizer
 
 __all__ = [
+    "AttackOutcome",
     "DataInfo",
     "Lineage",
     "RunResult",
@@ -167,6 +177,35 @@ class DataInfo:
     holdout: str = "global"
 
 
+@dataclass(frozen=True, slots=True)
+class AttackOutcome:
+    """What an attacked (or defended) run measured beyond the main task.
+
+    Attributes:
+        kind: the attack's kind, None for a defended run with no attacker.
+        malicious: the malicious devices' indices.
+        defences: ``"on"``, ``"off"`` (``unsafe = true``) or ``"none"`` (no table).
+        backdoor_success: ``(version, rate)`` at every evaluated version: the
+            share of held-out non-target examples, stamped with the trigger,
+            that the model puts in the target class (backdoor only).
+        influence: per version, the largest single device's part of the step
+            (``simulations.sim._attribution``).
+        weight_cap: the weight cap in force (None: none).
+    """
+
+    kind: str | None
+    malicious: tuple[int, ...]
+    defences: str
+    backdoor_success: tuple[tuple[int, float], ...]
+    influence: tuple[VersionInfluence, ...]
+    weight_cap: int | None
+
+    @property
+    def final_backdoor_success(self) -> float:
+        """The rate at the last evaluated version (NaN without a backdoor)."""
+        return self.backdoor_success[-1][1] if self.backdoor_success else math.nan
+
+
 @dataclass
 class RunResult:
     """Everything a run measured.
@@ -199,6 +238,8 @@ class RunResult:
         worker_cpu_s: CPU seconds the workers spent.
         worker_peak_rss_bytes: the largest worker's resident-memory high-water
             mark (pages it shares with the engine, forked, count in both).
+        attack: attack and influence measurements (runs with ``[attack]`` or
+            ``[defences]``), else None.
     """
 
     scenario: Scenario
@@ -220,6 +261,7 @@ class RunResult:
     workers: int = 0
     worker_cpu_s: float = 0.0
     worker_peak_rss_bytes: int = 0
+    attack: AttackOutcome | None = None
 
     @property
     def events_per_s(self) -> float:
@@ -329,6 +371,29 @@ class Simulation:
         layout = self.training.layout
         agg = s.aggregation
         central_spec = agg.central
+        hierarchical = agg.mode == "async" and agg.topology == "hierarchical"
+        self._plan: AttackPlan | None = None
+        self._backdoor_test: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]] | None = None
+        self._backdoor_success: list[tuple[int, float]] = []
+        if s.attack is not None:
+            self._plan = AttackPlan(
+                s.attack,
+                self.num_devices,
+                seed=s.seed,
+                num_features=self.data.num_features,
+                num_classes=self.data.num_classes,
+            )
+            self.training.attack = self._plan
+            if s.attack.kind == "backdoor":
+                self._backdoor_test = self._plan.backdoor_test(self.data.X_test, self.data.y_test)
+        self.attribution: Attribution | None = None
+        if s.attack is not None or s.defences is not None:
+            malicious = () if self._plan is None else sorted(self._plan.malicious)
+            self.attribution = Attribution(
+                [self.training.identity(device).key_id for device in malicious]
+            )
+        self._influence, self._max_norm = _influence(s.defences, self.data)
+        self._edge_max_norm = agg.edge.max_norm if self._influence is None else self._max_norm
         self.central = CentralNode(
             "central",
             params=self.training.initial_params,
@@ -337,11 +402,13 @@ class Simulation:
             layout=layout,
             flush=central_spec.flush,
             staleness=central_spec.staleness,
-            max_norm=agg.edge.max_norm,
+            max_norm=agg.edge.max_norm if hierarchical else self._edge_max_norm,
             norm_policy=agg.edge.norm_policy,
             keys=self.training.keys,
             seed=s.seed,
             lineage=lineage,
+            influence=None if hierarchical else self._influence,
+            attribution=self.attribution,
         )
         self._lineage = lineage
         # nodes[i], its spec and its parent's index; the central is last.
@@ -349,7 +416,6 @@ class Simulation:
         self._node_spec: list[TierSpec | None] = []
         self._parent: list[int] = []
         self._edge_node: list[int] = []
-        hierarchical = agg.mode == "async" and agg.topology == "hierarchical"
         if hierarchical:
             regional_index: list[int] = []
             for region in range(s.fleet.regions):
@@ -371,6 +437,8 @@ class Simulation:
         self._hierarchical = hierarchical
         if workers < 0:
             raise ConfigError(f"workers is {workers}; it must be 0 or more")
+        if workers and s.attack is not None:
+            raise ConfigError("device workers run honest fleets; run an [attack] without them")
         if workers and (agg.mode != "async" or not self.training.forkable):
             raise ConfigError(
                 "device workers run async scenarios with a built-in numpy model (logreg); "
@@ -419,6 +487,10 @@ class Simulation:
         return np.random.default_rng(np.random.SeedSequence([self.scenario.seed, *stream]))
 
     def _add_node(self, name: str, tier: Tier, spec: TierSpec) -> int:
+        defences = self.scenario.defences
+        robust: RobustRules | None = None
+        if defences is not None and defences.active:
+            robust = defences.edge_robust if tier is Tier.EDGE else defences.regional_robust
         node = TierNode(
             name,
             tier=tier,
@@ -429,11 +501,14 @@ class Simulation:
             partial_codec=CodecSpec.parse(
                 spec.partial_codec, num_params=self.training.layout.num_params
             ),
-            max_norm=self.scenario.aggregation.edge.max_norm if tier is Tier.EDGE else None,
+            max_norm=self._edge_max_norm if tier is Tier.EDGE else None,
             norm_policy=self.scenario.aggregation.edge.norm_policy,
             keys=self.training.keys,
             seed=self.scenario.seed,
             lineage=self._lineage,
+            influence=self._influence if tier is Tier.EDGE else None,
+            robust=robust,
+            attribution=self.attribution,
         )
         self.nodes.append(node)
         self._node_spec.append(spec)
@@ -500,6 +575,21 @@ class Simulation:
             worker_peak_rss_bytes=peak_rss_bytes(resource.RUSAGE_CHILDREN)
             if self._worker_count
             else 0,
+            attack=self._attack_outcome(),
+        )
+
+    def _attack_outcome(self) -> AttackOutcome | None:
+        s = self.scenario
+        if self.attribution is None:
+            return None
+        defences = "none" if s.defences is None else "on" if s.defences.active else "off"
+        return AttackOutcome(
+            kind=None if s.attack is None else s.attack.kind,
+            malicious=() if self._plan is None else tuple(sorted(self._plan.malicious)),
+            defences=defences,
+            backdoor_success=tuple(self._backdoor_success),
+            influence=tuple(self.attribution.versions),
+            weight_cap=None if self._influence is None else self._influence.max_samples,
         )
 
     def lineage(self) -> Lineage:
@@ -683,12 +773,22 @@ class Simulation:
         self._count_upload(run)
         index = self._edge_node[self._device_edge[device]] if self._hierarchical else None
         node = self.central if index is None else self.nodes[index]
-        if index is None:
-            self._central_bytes += run.payload_bytes
-            self._central_wire += len(run.envelope)
-        self._count_outcome(device, node.admit_update(run.envelope, self.now))
-        self._after_input(self.central_index if index is None else index)
+        at = self.central_index if index is None else index
+        for number, envelope in enumerate((run.envelope, *run.extra)):
+            if number:
+                self._count_extra(run, envelope)
+            if index is None:
+                self._central_bytes += run.payload_bytes
+                self._central_wire += len(envelope)
+            self._count_outcome(device, node.admit_update(envelope, self.now))
+            self._after_input(at)
         self._rest(device)
+
+    def _count_extra(self, run: DeviceRun, envelope: bytes) -> None:
+        """Count a burst's further update as uploaded (it crossed the uplink too)."""
+        self._uploaded += run.payload_bytes
+        self._uploaded_wire += len(envelope)
+        self._updates_uploaded += 1
 
     def _count_upload(self, run: DeviceRun) -> None:
         self._uploaded += run.payload_bytes
@@ -845,9 +945,12 @@ class Simulation:
                     continue
                 self._events += 1
                 self._count_upload(run)
-                self._central_bytes += run.payload_bytes
-                self._central_wire += len(run.envelope)
-                self._count_outcome(device, self.central.admit_update(run.envelope, at))
+                for number, envelope in enumerate((run.envelope, *run.extra)):
+                    if number:
+                        self._count_extra(run, envelope)
+                    self._central_bytes += run.payload_bytes
+                    self._central_wire += len(envelope)
+                    self._count_outcome(device, self.central.admit_update(envelope, at))
             self.now = end
             if self.central.make_version():
                 empty_rounds = 0
@@ -880,6 +983,13 @@ class Simulation:
             if self.scenario.eval.train_loss:
                 X, y = data.all_train
                 train_loss = self.training.evaluate(central.params, X, y, data.train_owner)["loss"]
+            if self._backdoor_test is not None:
+                X_trig, y_target = self._backdoor_test
+                rate = self.training.evaluate(central.params, X_trig, y_target)["accuracy"]
+                if self._backdoor_success and self._backdoor_success[-1][0] == central.version:
+                    self._backdoor_success[-1] = (central.version, rate)
+                else:
+                    self._backdoor_success.append((central.version, rate))
         accuracy = metrics.get("accuracy", math.nan)
         loss = metrics.get("loss", math.nan)
         r2 = metrics.get("r2", math.nan)
@@ -946,3 +1056,32 @@ def _one_torch_thread() -> int | None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     return threads
+
+
+def _influence(
+    defences: DefencesSpec | None, data: FederatedData
+) -> tuple[InfluenceRules | None, float | None]:
+    """The core's influence rules and norm bound of ``[defences]`` (None, None: none or unsafe).
+
+    ``max_samples = "declared"`` is the median of the devices' training set sizes
+    (the fleet's declared data sizes, which the simulator knows; never what an
+    update claims): no update weighs more than a typical device's. The largest
+    size would let 20% of devices that all claim it outweigh the rest of a
+    quantity-skewed fleet (docs/results.md, section 7).
+    """
+    if defences is None or not defences.active:
+        return None, None
+    cap = (
+        max(1, int(np.median(data.samples)))
+        if defences.max_samples == "declared"
+        else defences.max_samples
+    )
+    rules = InfluenceRules(
+        max_samples=cap,
+        adaptive_norm=defences.adaptive if defences.norm_bound == "adaptive" else None,
+        max_updates_per_version=defences.max_updates_per_version,
+        rate_per_s=defences.rate_per_s,
+        burst=defences.burst,
+        reject_future_base=defences.reject_future_base,
+    )
+    return rules, defences.max_norm

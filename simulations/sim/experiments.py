@@ -10,6 +10,7 @@ and deterministic, so ``--jobs`` only changes how long it takes.
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import statistics
@@ -20,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtier.protocol.errors import ConfigError
+from fedtier.simulations.sim._attribution import summary as influence_summary
 from fedtier.simulations.sim.engine import RunResult, VersionRecord, run_scenario
 from fedtier.simulations.sim.report import evaluated, plot_curves, time_to_accuracy, write_run
 from fedtier.simulations.sim.scenario import load_scenario
+from fedtier.simulations.sim.specs import ATTACK_KINDS
 
 __all__ = ["Cell", "fedprox_dataset_keys", "run_experiment"]
 
@@ -99,6 +102,28 @@ BATCHNORM_VARIANTS = (
 )
 # What the issue asks: FedBN's accuracy at most this many points below the MLP without BN.
 BATCHNORM_TOLERANCE_POINTS = 2.0
+POISON_SCENARIO = "poison-base"
+POISON_FRACTIONS = (0.1, 0.2)
+# The base file turns the influence bounds on (the edge daemon's defaults); "off" is the
+# explicit unsafe switch, "on + robust" adds the edge's cosine outlier score. Its
+# min_ratio and threshold (1.5 and 2, not the core's 3 and 3.5) were picked on seed 0
+# before the study ran: with 4 inputs per edge cut the defaults flagged no sign flip.
+POISON_DEFENCES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("off", ("defences.unsafe=true",)),
+    ("on", ()),
+    (
+        "on + robust",
+        (
+            'defences.robust.edge.outlier_score="cosine"',
+            "defences.robust.edge.min_ratio=1.5",
+            "defences.robust.edge.threshold=2.0",
+        ),
+    ),
+)
+# Issue 11, "Done when": these attackers at 20% cost at most 2 points with defences on.
+POISON_TARGET_KINDS = ("scale", "sign_flip", "weight_inflation")
+POISON_TARGET_FRACTION = 0.2
+POISON_TOLERANCE_POINTS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -617,12 +642,190 @@ def _remainders(cells: Sequence[Cell], seeds: Sequence[int]) -> str:
     )
 
 
+# -- poisoning ------------------------------------------------------------------------
+
+
+def _poison_label(kind: str | None, fraction: float, defences: str) -> str:
+    attack = "no attack" if kind is None else f"{kind} {fraction:.0%}"
+    return f"{attack}, defences {defences}"
+
+
+def _poison(
+    seeds: Sequence[int], scenarios: Path, overrides: Sequence[str], attacks: Sequence[str] = ()
+) -> tuple[list[Cell], Callable[[dict[Cell, RunResult], Path], list[str]]]:
+    unknown = [a for a in attacks if a not in ATTACK_KINDS]
+    if unknown:
+        raise ConfigError(
+            f"attack {unknown[0]!r} is unknown; expected some of {', '.join(ATTACK_KINDS)}"
+        )
+    kinds = tuple(dict.fromkeys(attacks)) or ATTACK_KINDS
+    scenario = scenarios / f"{POISON_SCENARIO}.toml"
+    # (kind, fraction, defences) per row, in table order; kind None: the no-attack run.
+    rows: list[tuple[str | None, float, str]] = [(None, 0.0, d) for d, _ in POISON_DEFENCES]
+    rows += [(k, f, d) for k in kinds for f in POISON_FRACTIONS for d, _ in POISON_DEFENCES]
+    switches = dict(POISON_DEFENCES)
+    cells: list[Cell] = []
+    for kind, fraction, defences in rows:
+        attack = () if kind is None else (f'attack.kind="{kind}"', f"attack.fraction={fraction}")
+        for seed in seeds:
+            cells.append(
+                Cell(
+                    _poison_label(kind, fraction, defences),
+                    scenario,
+                    (*attack, *switches[defences], *overrides),
+                    seed,
+                )
+            )
+
+    def summarize(results: dict[Cell, RunResult], out: Path) -> list[str]:
+        by = {(c.label, c.seed): results[c] for c in cells}
+        lines = [
+            "Final test accuracy at the last version; the change is against the no-attack "
+            "run of the same seed with the same defences, in points. Backdoor success: the "
+            "share of held-out non-target images, stamped with the trigger, classified as "
+            "the target. Step share: a device's part of a version's step (its L2 move over "
+            "the sum of every device's, so one version's shares add up to 1): the largest "
+            "over versions for any device and for a malicious one, and a malicious device's "
+            "mean over versions (each the mean over seeds). Refused or left out / clipped / "
+            "weight-capped: the first tier's counts per run (mean).",
+            "",
+            "| attack | defences | final test acc. | change (points, per seed) "
+            "| backdoor success | step share: largest any / largest malicious / mean malicious "
+            "| refused or left out / clipped / weight-capped |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        table: list[dict[str, object]] = []
+        deltas: dict[tuple[str | None, float, str], list[float]] = {}
+        for kind, fraction, defences in rows:
+            label = _poison_label(kind, fraction, defences)
+            runs = [by[(label, seed)] for seed in seeds]
+            clean = [by[(_poison_label(None, 0.0, defences), seed)] for seed in seeds]
+            accs = [r.final.test_accuracy for r in runs]
+            delta = [
+                100 * (r.final.test_accuracy - c.final.test_accuracy)
+                for r, c in zip(runs, clean, strict=True)
+            ]
+            deltas[(kind, fraction, defences)] = delta
+            backdoor = [
+                r.attack.final_backdoor_success if r.attack is not None else math.nan for r in runs
+            ]
+            influence = [
+                influence_summary(list(r.attack.influence)) if r.attack else {} for r in runs
+            ]
+            top = [float(i.get("max_top_share", math.nan)) for i in influence]
+            bad = [float(i.get("max_attacker_share", math.nan)) for i in influence]
+            typical = [float(i.get("mean_attacker_share", math.nan)) for i in influence]
+            refused = [
+                sum(
+                    v
+                    for k, v in r.counts.items()
+                    if k.split(":", 1)[1]
+                    in (
+                        "future_base",
+                        "rate_limited",
+                        "contribution_capped",
+                        "outlier",
+                        "norm_exceeded",
+                    )
+                )
+                for r in runs
+            ]
+            clipped = [
+                sum(v for k, v in r.counts.items() if k.endswith(":norm_clipped")) for r in runs
+            ]
+            capped = [
+                sum(v for k, v in r.counts.items() if k.endswith(":weight_capped")) for r in runs
+            ]
+            change = (
+                "-" if kind is None else f"{_mean_std(delta, '+.1f')} ({_per_seed(delta, '+.1f')})"
+            )
+            lines.append(
+                f"| {'none' if kind is None else f'{kind}, {fraction:.0%}'} | {defences} "
+                f"| {_mean_std(accs)} | {change} "
+                f"| {'-' if kind != 'backdoor' else _mean_std(backdoor)} "
+                f"| {_nanmean(top):.2f} / "
+                + ("- / -" if kind is None else f"{_nanmean(bad):.2f} / {_nanmean(typical):.2f}")
+                + " "
+                f"| {statistics.fmean(refused):,.0f} / {statistics.fmean(clipped):,.0f} "
+                f"/ {statistics.fmean(capped):,.0f} |"
+            )
+            table.append(
+                {
+                    "attack": kind,
+                    "fraction": fraction,
+                    "defences": defences,
+                    "seeds": list(seeds),
+                    "final_accuracy": accs,
+                    "change_points": None if kind is None else delta,
+                    "backdoor_success": None if kind != "backdoor" else backdoor,
+                    "max_top_share": top,
+                    "max_attacker_share": None if kind is None else bad,
+                    "mean_attacker_share": None if kind is None else typical,
+                    "refused": refused,
+                    "clipped": clipped,
+                    "weight_capped": capped,
+                }
+            )
+        lines.append("")
+        cost: dict[str, list[float]] = {}
+        for defences, _switch in POISON_DEFENCES[1:]:
+            cost[defences] = [
+                100
+                * (
+                    by[(_poison_label(None, 0.0, defences), s)].final.test_accuracy
+                    - by[(_poison_label(None, 0.0, "off"), s)].final.test_accuracy
+                )
+                for s in seeds
+            ]
+            lines.append(
+                f"What the defences ({defences}) cost with no attacker: "
+                f"{_mean_std(cost[defences], '+.1f')} points ({_per_seed(cost[defences], '+.1f')})."
+            )
+        lines.append("")
+        verdicts: dict[str, object] = {}
+        for defences, _switch in POISON_DEFENCES[1:]:
+            for kind in POISON_TARGET_KINDS:
+                key = (kind, POISON_TARGET_FRACTION, defences)
+                if key not in deltas:
+                    continue
+                mean = statistics.fmean(deltas[key])
+                met = mean >= -POISON_TOLERANCE_POINTS
+                label = _poison_label(kind, POISON_TARGET_FRACTION, defences)
+                bare = [
+                    100
+                    * (
+                        by[(label, s)].final.test_accuracy
+                        - by[(_poison_label(None, 0.0, "off"), s)].final.test_accuracy
+                    )
+                    for s in seeds
+                ]
+                verdicts[f"{kind}, defences {defences}"] = {
+                    "change_points": deltas[key],
+                    "against_undefended_no_attack_points": bare,
+                    "met": met,
+                }
+                lines.append(
+                    f"Target: {kind} at {POISON_TARGET_FRACTION:.0%} with defences {defences} "
+                    f"costs at most {POISON_TOLERANCE_POINTS:g} points: {mean:+.1f} "
+                    f"({_per_seed(deltas[key], '+.1f')}); met: {'yes' if met else '**no**'}. "
+                    f"Against the no-attack run without defences: {_mean_std(bare, '+.1f')}."
+                )
+        (out / "summary.json").write_text(
+            json.dumps({"rows": table, "defences_cost_points": cost, "targets": verdicts}, indent=2)
+            + "\n"
+        )
+        return lines
+
+    return cells, summarize
+
+
 _EXPERIMENTS = {
     "fedprox": _fedprox,
     "async-vs-sync": _async_vs_sync,
     "codecs": _codecs,
     "scale": _scale,
     "batchnorm": _batchnorm,
+    "poison": _poison,
 }
 
 
@@ -635,13 +838,15 @@ def run_experiment(
     scenarios_dir: Path | None = None,
     overrides: Sequence[str] = (),
     datasets: Sequence[str] = (),
+    attacks: Sequence[str] = (),
     show_progress: bool = True,
     command: str = "",
 ) -> Path:
     """Run an experiment's cells and write ``OUT/summary.md`` and its plots.
 
     Args:
-        name: ``fedprox``, ``async-vs-sync``, ``codecs``, ``scale`` or ``batchnorm``.
+        name: ``fedprox``, ``async-vs-sync``, ``codecs``, ``scale``, ``batchnorm`` or
+            ``poison`` (which also writes ``OUT/summary.json``).
         out: output directory.
         seeds: seeds of every cell.
         jobs: runs in parallel processes.
@@ -650,6 +855,7 @@ def run_experiment(
             numbers use none).
         datasets: ``fedprox`` only: run these datasets (:func:`fedprox_dataset_keys`)
             instead of all five.
+        attacks: ``poison`` only: run these attack kinds (default: every kind).
         show_progress: show a progress bar over runs.
         command: the command line, quoted in the summary.
 
@@ -665,10 +871,14 @@ def run_experiment(
             f"experiment {name!r} is unknown; expected one of {', '.join(_EXPERIMENTS)}"
         )
     scenarios = scenarios_dir or SCENARIOS_DIR
+    if attacks and name != "poison":
+        raise ConfigError("attacks can be chosen only for the poison experiment")
     if name == "fedprox":
         cells, summarize = _fedprox(seeds, scenarios, overrides, datasets)
     elif datasets:
         raise ConfigError("datasets can be chosen only for the fedprox experiment")
+    elif name == "poison":
+        cells, summarize = _poison(seeds, scenarios, overrides, attacks)
     else:
         cells, summarize = build(seeds, scenarios, overrides)
     out.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,10 @@ def mesh_problems(s: Scenario) -> list[str]:
             refuse(f"training.{name}", "the fleet processes train with plain SGD on the CPU")
     if training.mu:
         refuse("training.mu", "the fleet processes have no FedProx term")
+    if s.attack is not None:
+        refuse("attack", "hostile devices on the mesh are `fedtier sim attack`'s (tests/attacks)")
+    if s.defences is not None:
+        refuse("defences", "the daemons read their bounds from their own config files")
     if training.momentum:
         refuse("training.momentum", "the fleet processes train with plain SGD")
     names = [k.name for k in s.fleet.kinds]

@@ -4,17 +4,23 @@ Imports protocol and tiers (the sans-IO core, never a daemon, bus or state
 store); the engine owns time and passes it in as ``now``. Each node runs, on the
 same signed bytes, the functions the daemons run (``fedtier.tiers.core``):
 
-    update in:   admit_update  (parse, signature, fleet, layout, staleness, norm)
+    update in:   admit_update  (parse, signature, fleet, layout, future_base,
+                 staleness, rate limit, contribution cap, norm, weight cap)
                  -> TierBuffer.fold
     partial in:  admit_partial (parse, signature, id, staleness: never refused)
                  -> TierBuffer.fold
-    cut:         TierBuffer.due -> build_partial (encode the numerator with the
-                 partial codec, derive the partial id, seal)
+    cut:         TierBuffer.due -> robust_cut (with ``[robust]``: outliers
+                 left out and counted, the robust rule's numerator)
+                 -> build_partial (encode the numerator with the partial
+                 codec, derive the partial id, seal)
     version:     step_model (the server optimizer), then seal_version's math
 
 What the simulator leaves out is what cannot change an aggregate: the state
 store and acknowledgements, duplicates and replays (its devices send each update
-once, so nodes use ``NothingSeen``), and telemetry.
+once, so nodes use ``NothingSeen``), telemetry, and resends: an update refused
+for a reason that is not final (``rate_limited``, ``contribution_capped``,
+``future_base``) is counted and dropped, where a real device would retry it, and
+an outlier a robust cut leaves out is counted where a daemon quarantines it.
 ``tests/unit/test_sim_matches_daemons.py`` feeds the same updates through these
 nodes and through the real daemons on in-memory buses and checks that the model
 versions are equal bit for bit: it proves the daemons' shell, not a copy.
@@ -34,16 +40,21 @@ from fedtier.protocol.identity import SigningIdentity, VerifyKey
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.limits import DEFAULT_LIMITS
 from fedtier.protocol.messages import DeviceUpdate, Tier
+from fedtier.simulations.sim._attribution import Attribution, Contributions
 from fedtier.tiers.core import (
     AdmissionRules,
     Decision,
+    InfluenceRules,
+    InfluenceState,
     ModelView,
     NothingSeen,
     Outcome,
+    RobustRules,
     TierBuffer,
     admit_partial,
     admit_update,
     build_partial,
+    robust_cut,
     step_model,
 )
 from fedtier.tiers.flush import FlushPolicy, FlushReason
@@ -59,6 +70,18 @@ NodeOutcome = str
 
 _CREATED_MS = CREATED_MS
 """``created_ms`` of simulated partials: virtual time has no wall clock, and no check reads it."""
+
+# Rejections the simulator's own fleet can earn; any other is a simulator bug.
+_EXPECTED_REJECTIONS = frozenset(
+    {
+        Reason.STALE,
+        Reason.NON_FINITE,
+        Reason.NORM_EXCEEDED,
+        Reason.FUTURE_BASE,
+        Reason.RATE_LIMITED,
+        Reason.CONTRIBUTION_CAPPED,
+    }
+)
 
 
 def identity_for(name: str, seed: int) -> SigningIdentity:
@@ -114,6 +137,10 @@ class TierNode:
         identity: its identity, instead of one derived from ``name`` and ``seed``.
         lineage: record the id of every device update it accepts
             (:attr:`accepted_ids`), for checking that each lands in one version.
+        influence: the per-device bounds (``[defences]``) applied to device
+            updates here, with their state; None: none beyond ``max_norm``.
+        robust: ``[robust]`` of this tier (default: FedBuff's streaming fold).
+        attribution: follow each device's contribution into the versions.
     """
 
     def __init__(
@@ -133,6 +160,9 @@ class TierNode:
         seed: int = 0,
         identity: SigningIdentity | None = None,
         lineage: bool = False,
+        influence: InfluenceRules | None = None,
+        robust: RobustRules | None = None,
+        attribution: Attribution | None = None,
     ) -> None:
         self.name = name
         self.tier = tier
@@ -151,8 +181,14 @@ class TierNode:
             max_norm=max_norm,
             norm_policy=norm_policy,
             accepts=accepts,
+            influence=influence if influence is not None else InfluenceRules(),
         )
-        self.buffer = TierBuffer(layout.num_params)
+        self.influence = None if influence is None else InfluenceState(influence, max_norm)
+        self.robust = robust if robust is not None else RobustRules()
+        self.buffer = TierBuffer(layout.num_params, keep_inputs=self.robust.enabled)
+        self.attribution = attribution
+        # Per folded input, in fold order: what each device added (with attribution).
+        self._parts: list[Contributions] = []
         self.known_version = 0
         self.counts: Counter[str] = Counter()
         self._seen = NothingSeen()
@@ -168,7 +204,13 @@ class TierNode:
     def admit_update(self, envelope: bytes, now: float) -> NodeOutcome:
         """Admit a device update as the edge daemon does; returns the outcome."""
         decision = admit_update(
-            envelope, rules=self.rules, senders=self.keys, model=self._model(), seen=self._seen
+            envelope,
+            rules=self.rules,
+            senders=self.keys,
+            model=self._model(),
+            seen=self._seen,
+            influence=self.influence,
+            now=now,
         )
         return self._take(decision, now)
 
@@ -187,11 +229,7 @@ class TierNode:
     def _take(self, decision: Decision, now: float) -> NodeOutcome:
         if decision.outcome is Outcome.REJECTED:
             assert decision.reason is not None
-            if decision.reason not in (
-                Reason.STALE,
-                Reason.NON_FINITE,
-                Reason.NORM_EXCEEDED,
-            ):
+            if decision.reason not in _EXPECTED_REJECTIONS:
                 # Anything else (a bad signature, a foreign layout...) is a simulator bug.
                 raise LocalProtocolError(
                     f"{self.name} refused its own fleet's input: {decision.error}"
@@ -210,7 +248,16 @@ class TierNode:
             self.counts["norm_clipped"] += 1
         if accepted.late:
             self.counts["late_partial"] += 1
+        if accepted.weight_capped:
+            self.counts["weight_capped"] += 1
         self.buffer.fold(accepted, now=now, accepted_ms=_CREATED_MS)
+        if self.attribution is not None:
+            if isinstance(accepted.message, DeviceUpdate):
+                self._parts.append(Attribution.of_input(accepted, self.layout.num_params))
+            else:
+                self._parts.append(
+                    self.attribution.of_partial(accepted.input_id, accepted.discount)
+                )
         if self.accepted_ids is not None and isinstance(accepted.message, DeviceUpdate):
             self.accepted_ids.append(accepted.input_id)
         return self._count(Outcome.ACCEPTED)
@@ -236,9 +283,20 @@ class TierNode:
             return None
         assert self.partial_codec is not None
         self._seq += 1
+        accumulator = self.buffer.accumulator
+        numerator = None
+        parts = self._take_parts()
+        if self.buffer.keep_inputs:
+            cut = robust_cut(self.buffer, self.robust)
+            accumulator, numerator = cut.accumulator, cut.numerator
+            if cut.outliers:
+                # A daemon quarantines them (reason "outlier"); the simulator counts them.
+                self.counts[Reason.OUTLIER.value] += len(cut.outliers)
+                left_out = set(cut.outliers)
+                parts = [p for i, p in enumerate(parts) if i not in left_out]
         try:
-            _message, envelope = build_partial(
-                self.buffer.accumulator,
+            message, envelope = build_partial(
+                accumulator,
                 identity=self.identity,
                 fleet=self.fleet,
                 tier=self.tier,
@@ -248,13 +306,21 @@ class TierNode:
                 codec=self.partial_codec,
                 seq=self._seq,
                 created_ms=_CREATED_MS,
+                numerator=numerator,
             )
         except LocalProtocolError:
             self.counts["dropped_epoch"] += 1
             self.buffer.advance()
             return None
+        if self.attribution is not None:
+            self.attribution.sealed(message.partial_id, parts)
         self.buffer.advance()
         return envelope
+
+    def _take_parts(self) -> list[Contributions]:
+        """The open buffer's per-input contributions, and a fresh list for the next epoch."""
+        parts, self._parts = self._parts, []
+        return parts
 
     def _count(self, outcome: NodeOutcome) -> NodeOutcome:
         self.counts[outcome] += 1
@@ -285,6 +351,8 @@ class CentralNode(TierNode):
         norm_policy: NormPolicy = "clip",
         seed: int = 0,
         lineage: bool = False,
+        influence: InfluenceRules | None = None,
+        attribution: Attribution | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -300,6 +368,8 @@ class CentralNode(TierNode):
             accepts=(Tier.REGIONAL, Tier.EDGE),
             seed=seed,
             lineage=lineage,
+            influence=influence,
+            attribution=attribution,
         )
         self.params = np.asarray(params, dtype=np.float32).copy()
         self.optimizer = optimizer
@@ -320,6 +390,7 @@ class CentralNode(TierNode):
         if accumulator.is_empty:
             return False
         new_params = step_model(self.params, self.optimizer, accumulator)
+        parts = self._take_parts()
         if new_params is None:
             self.counts["dropped_epoch"] += 1
             self.buffer.advance()
@@ -332,5 +403,7 @@ class CentralNode(TierNode):
         if self.version_leaves is not None:
             # What the central daemon records as the version's lineage.
             self.version_leaves[self.version] = tuple(accumulator.leaf_ids)
+        if self.attribution is not None:
+            self.attribution.version(self.version, accumulator.sample_count, parts)
         self.buffer.advance()
         return True

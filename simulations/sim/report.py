@@ -1,4 +1,4 @@
-"""A run's CSV, PNG plots and markdown report; imports matplotlib, never a tier, trainer or bus.
+"""A run's CSVs, PNG plots and markdown report; imports matplotlib, never a tier, trainer or bus.
 
 Imports matplotlib (Agg, no display), numpy and the scenario and result types;
 never a tier, a trainer or a bus. Every file is written from a ``RunResult``,
@@ -8,6 +8,7 @@ so the mesh engine's results use the same writers.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtier.simulations.sim.engine import DataInfo, RunResult, VersionRecord
+from fedtier.simulations.sim._attribution import VersionInfluence
+from fedtier.simulations.sim._attribution import summary as influence_summary
+from fedtier.simulations.sim.engine import AttackOutcome, DataInfo, RunResult, VersionRecord
 from fedtier.simulations.sim.scenario import dump_toml
 from fedtier.simulations.sim.specs import Scenario
 
@@ -26,6 +29,7 @@ __all__ = [
     "run_summary",
     "time_to_accuracy",
     "write_csv",
+    "write_influence_csv",
     "write_run",
 ]
 
@@ -268,6 +272,61 @@ def _scenario_summary(s: Scenario, result: RunResult) -> list[str]:
     ]
 
 
+def write_influence_csv(outcome: AttackOutcome, path: Path) -> None:
+    """``influence.csv``: per version, how far the largest single device moved it.
+
+    One row per model version (``simulations.sim._attribution.VersionInfluence``),
+    plus the backdoor success rate at the evaluated versions of a backdoor run.
+    """
+    success = dict(outcome.backdoor_success)
+    names = [f.name for f in dataclasses.fields(VersionInfluence)]
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([*names, "backdoor_success"])
+        for row in outcome.influence:
+            values = [getattr(row, name) for name in names]
+            rate = success.get(row.version)
+            writer.writerow(
+                [
+                    *(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values),
+                    "" if rate is None else f"{rate:.6g}",
+                ]
+            )
+
+
+def _attack_summary(outcome: AttackOutcome) -> dict[str, object]:
+    """The attack's keys of ``summary.json`` (present only for runs with the tables)."""
+    return {
+        "kind": outcome.kind,
+        "malicious_devices": len(outcome.malicious),
+        "defences": outcome.defences,
+        "weight_cap": outcome.weight_cap,
+        "final_backdoor_success": None
+        if math.isnan(outcome.final_backdoor_success)
+        else outcome.final_backdoor_success,
+        **influence_summary(list(outcome.influence)),
+    }
+
+
+def _attack_lines(outcome: AttackOutcome) -> list[str]:
+    """The report table's rows about the attack and the devices' influence."""
+    numbers = influence_summary(list(outcome.influence))
+    rows = [
+        f"| attack | {outcome.kind or 'none'}, {len(outcome.malicious)} malicious devices |",
+        f"| defences | {outcome.defences} (weight cap "
+        f"{'none' if outcome.weight_cap is None else f'{outcome.weight_cap:,}'}) |",
+    ]
+    if outcome.backdoor_success:
+        rows.append(f"| final backdoor success | {outcome.final_backdoor_success:.4f} |")
+    if numbers:
+        rows += [
+            f"| largest step share of one device (any version) | {numbers['max_top_share']:.3f} |",
+            f"| largest step share of a malicious device | {numbers['max_attacker_share']:.3f} |",
+        ]
+    rows.append("| per-version influence | [influence.csv](influence.csv) |")
+    return rows
+
+
 def run_summary(result: RunResult) -> dict[str, object]:
     """What a run cost and made, as ``summary.json`` holds it (numbers, no prose).
 
@@ -301,6 +360,7 @@ def run_summary(result: RunResult) -> dict[str, object]:
         "lost_runs": final.lost_runs,
         "final_score": None if math.isnan(final.score) else final.score,
         "counts": dict(sorted(result.counts.items())),
+        **({} if result.attack is None else {"attack": _attack_summary(result.attack)}),
     }
 
 
@@ -318,6 +378,8 @@ def write_run(result: RunResult, out: Path, *, command: str = "") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(result, out / "metrics.csv")
     (out / "summary.json").write_text(json.dumps(run_summary(result), indent=2) + "\n")
+    if result.attack is not None:
+        write_influence_csv(result.attack, out / "influence.csv")
     s = result.scenario
     label = s.name
     metric = metric_name(result.data.task)
@@ -405,6 +467,8 @@ def write_run(result: RunResult, out: Path, *, command: str = "") -> Path:
                 f"| device workers | {result.workers}: CPU time {result.worker_cpu_s:,.1f} s, "
                 f"largest peak memory {_human_bytes(result.worker_peak_rss_bytes)} |",
             ]
+    if result.attack is not None:
+        lines += _attack_lines(result.attack)
     lines += [
         "",
         "Outcomes by tier: "

@@ -33,7 +33,7 @@ import dataclasses
 import tomllib
 from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from fedtier.client.plugins import is_import_path
 from fedtier.client.trainers import LrSchedule
@@ -42,13 +42,16 @@ from fedtier.protocol.errors import ConfigError, LocalProtocolError
 from fedtier.protocol.files import ConfigTable, read_toml
 from fedtier.simulations.sim._toml_out import dump_toml
 from fedtier.simulations.sim.specs import (
+    ATTACK_KINDS,
     DATASET_ALIASES,
     SYNTHETIC_LOADER,
     AggregationSpec,
+    AttackSpec,
     CentralSpec,
     ClientsSpec,
     CodecSettings,
     DataSpec,
+    DefencesSpec,
     DeviceKind,
     EvalSpec,
     FleetSpec,
@@ -61,16 +64,19 @@ from fedtier.simulations.sim.specs import (
     TierSpec,
     TrainingSpec,
 )
+from fedtier.tiers.core import OUTLIER_SCORES, ROBUST_RULES, AdaptiveNorm, RobustRules
 from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.optimizers import make_optimizer
 from fedtier.tiers.staleness import StalenessPolicy
 
 __all__ = [
     "AggregationSpec",
+    "AttackSpec",
     "CentralSpec",
     "ClientsSpec",
     "CodecSettings",
     "DataSpec",
+    "DefencesSpec",
     "DeviceKind",
     "EvalSpec",
     "FleetSpec",
@@ -195,7 +201,10 @@ def parse_scenario(
     codec = _codec(root.table("codec"))
     stop = _stop(root.table("stop"))
     evaluation = _eval(root.table("eval"))
+    attack = _attack(root.table("attack")) if root.has("attack") else None
+    defences = _defences(root.table("defences")) if root.has("defences") else None
     root.finish()
+    _check_attack_and_defences(name, attack, defences, aggregation, fleet, data)
     if aggregation.mode == "sync" and aggregation.clients_per_round > fleet.num_devices:
         raise ConfigError(
             f"{name}: aggregation.clients_per_round is {aggregation.clients_per_round} but the "
@@ -231,6 +240,8 @@ def parse_scenario(
         eval=evaluation,
         effective=copy.deepcopy(dict(tables)),
         base_dir=base_dir,
+        attack=attack,
+        defences=defences,
     )
 
 
@@ -566,3 +577,156 @@ def _eval(t: ConfigTable) -> EvalSpec:
     )
     t.finish()
     return spec
+
+
+# -- attackers and defences ---------------------------------------------------------
+
+# The scale each kind uses unless the file says otherwise (specs.AttackSpec).
+_DEFAULT_SCALE: Final = {"scale": 10.0, "backdoor": 10.0}
+_DEFAULT_BURST: Final = {"future_base": 10}
+# A claimed n_samples travels as a u64; float32 sums stay finite far beyond it.
+_MAX_CLAIMED_SAMPLES: Final = 2**63 - 1
+
+
+def _attack(t: ConfigTable) -> AttackSpec:
+    kind = t.choice("kind", ATTACK_KINDS)
+    default = AttackSpec(kind=kind, fraction=0.1)
+    seed_raw = t.raw("seed")
+    trigger = t.integers("trigger", low=0)
+    spec = AttackSpec(
+        kind=kind,
+        fraction=t.number("fraction", low=0.0, high=1.0, low_open=True),
+        scale=t.number("scale", _DEFAULT_SCALE.get(kind, 1.0), low=0.0, high=1e12, low_open=True),
+        claimed_samples=t.integer(
+            "claimed_samples", default.claimed_samples, low=1, high=_MAX_CLAIMED_SAMPLES
+        ),
+        base_offset=t.integer("base_offset", default.base_offset, low=1, high=2**62),
+        burst=t.integer("burst", _DEFAULT_BURST.get(kind, 1), low=1, high=1000),
+        target=t.integer("target", default.target, low=0),
+        trigger=default.trigger if trigger is None else trigger,
+        trigger_value=t.number("trigger_value", default.trigger_value),
+        poison_fraction=t.number(
+            "poison_fraction", default.poison_fraction, low=0.0, high=1.0, low_open=True
+        ),
+        seed=None if seed_raw is None else t.integer("seed", 0),
+    )
+    if not spec.trigger:
+        raise t.fail("trigger", "a non-empty list of feature indices")
+    t.finish()
+    return spec
+
+
+def _robust(t: ConfigTable) -> RobustRules:
+    """``[defences.robust.<tier>]``: the keys of a daemon's ``[robust]``, with its checks."""
+    default = RobustRules()
+    try:
+        rules = RobustRules(
+            rule=t.choice("rule", ROBUST_RULES, default.rule),
+            trim=t.number("trim", default.trim, low=0.0, high=0.5),
+            outlier_score=t.choice("outlier_score", OUTLIER_SCORES, default.outlier_score),
+            threshold=t.number("threshold", default.threshold, low=1.0, high=1e6),
+            min_ratio=t.number("min_ratio", default.min_ratio, low=1.0, high=1e6),
+            min_inputs=t.integer("min_inputs", default.min_inputs, low=3),
+        )
+    except LocalProtocolError as exc:
+        raise ConfigError(f"{t.where}: {exc}") from exc
+    t.finish()
+    return rules
+
+
+def _defences(t: ConfigTable) -> DefencesSpec:
+    default = DefencesSpec()
+    unsafe = t.boolean("unsafe", False)
+    raw_samples = t.raw("max_samples", default.max_samples)
+    max_samples: int | Literal["declared"] = "declared"
+    if raw_samples != "declared":
+        max_samples = t.integer("max_samples", 1, low=1)
+    mode: Literal["adaptive", "fixed"] = t.choice(
+        "norm_bound", ("adaptive", "fixed"), default.norm_bound
+    )
+    max_norm = t.number("max_norm", default.max_norm, low=0.0, low_open=True)
+    adaptive: AdaptiveNorm | None = None
+    if mode == "adaptive":
+        base = AdaptiveNorm()
+        window = t.integer("norm_window", base.window, low=1, high=1_000_000)
+        warmup = t.integer("norm_warmup", base.warmup, low=1, high=1_000_000)
+        if warmup > window:
+            raise t.fail("norm_warmup", f"an integer <= norm_window ({window})")
+        adaptive = AdaptiveNorm(
+            quantile=t.number("norm_quantile", base.quantile, low=0.0, high=1.0, low_open=True),
+            factor=t.number("norm_factor", base.factor, low=0.0, low_open=True),
+            window=window,
+            warmup=warmup,
+        )
+    per_version = t.raw("max_updates_per_version", default.max_updates_per_version)
+    rate = t.raw("rate_per_s", default.rate_per_s)
+    robust = t.table("robust")
+    spec = DefencesSpec(
+        unsafe=unsafe,
+        max_samples=max_samples,
+        norm_bound=mode,
+        max_norm=max_norm,
+        adaptive=adaptive,
+        max_updates_per_version=(
+            None
+            if per_version is False
+            else t.integer("max_updates_per_version", default.max_updates_per_version, low=1)
+        ),
+        rate_per_s=(
+            None
+            if rate is False or default.rate_per_s is None
+            else t.number("rate_per_s", default.rate_per_s, low=0.0, low_open=True)
+        ),
+        burst=t.number("burst", default.burst, low=1.0),
+        reject_future_base=t.boolean("reject_future_base", default.reject_future_base),
+        edge_robust=_robust(robust.table("edge")),
+        regional_robust=_robust(robust.table("regional")),
+    )
+    robust.finish()
+    t.finish()
+    return spec
+
+
+def _check_attack_and_defences(
+    name: str,
+    attack: AttackSpec | None,
+    defences: DefencesSpec | None,
+    aggregation: AggregationSpec,
+    fleet: FleetSpec,
+    data: DataSpec,
+) -> None:
+    """The combinations a run cannot honour, refused by name."""
+    if attack is not None and defences is None:
+        # An attacked run must say what it defends with: no silent "off".
+        raise ConfigError(
+            f"{name}: [attack] needs a [defences] table (the tier core's bounds, or "
+            "unsafe = true to run with every bound off)"
+        )
+    if defences is not None and defences.active and aggregation.edge.max_norm is not None:
+        raise ConfigError(
+            f"{name}: aggregation.edge.max_norm and [defences] both set a norm bound; keep "
+            "defences.max_norm"
+        )
+    hierarchical = aggregation.mode == "async" and aggregation.topology == "hierarchical"
+    if (
+        defences is not None
+        and not hierarchical
+        and (defences.edge_robust.enabled or defences.regional_robust.enabled)
+    ):
+        raise ConfigError(
+            f"{name}: [defences.robust] applies to edges and regionals; it needs "
+            "aggregation.mode = 'async' and topology = 'hierarchical'"
+        )
+    if attack is None:
+        return
+    if attack.kind == "backdoor" and data.task == "regression":
+        raise ConfigError(
+            f"{name}: attack.kind 'backdoor' relabels examples; it needs a classification task"
+        )
+    if aggregation.mode == "sync" and attack.kind in ("stale_base", "future_base"):
+        raise ConfigError(
+            f"{name}: attack.kind {attack.kind!r} abuses base versions, which sync rounds "
+            "never compare; use aggregation.mode = 'async'"
+        )
+    if fleet.num_devices < 2:
+        raise ConfigError(f"{name}: an attack needs at least two devices (one honest)")

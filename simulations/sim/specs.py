@@ -4,7 +4,8 @@
 virtual clock), ``mesh_engine.py`` (real daemons), ``data.py`` and ``devices.py``
 take them. Imports the standard library, the tier policies a tier spec holds
 (``tiers.flush``, ``tiers.staleness``) and ``client.trainers.LrSchedule``
-(which imports no torch).
+(which imports no torch) and the sans-IO tier core's influence and robust
+rules (``tiers.core``) that ``[defences]`` holds.
 """
 
 from __future__ import annotations
@@ -16,18 +17,23 @@ from pathlib import Path
 from typing import Final, Literal
 
 from fedtier.client.trainers import LrSchedule
+from fedtier.tiers.core import AdaptiveNorm, RobustRules
 from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.staleness import StalenessPolicy
 
 __all__ = [
+    "ATTACK_KINDS",
     "DATASET_ALIASES",
     "DIGITS_LOADER",
     "SYNTHETIC_LOADER",
     "AggregationSpec",
+    "AttackKind",
+    "AttackSpec",
     "CentralSpec",
     "ClientsSpec",
     "CodecSettings",
     "DataSpec",
+    "DefencesSpec",
     "DeviceKind",
     "EvalSpec",
     "FleetSpec",
@@ -49,6 +55,17 @@ _BUILTIN_NAMES: Final = {loader: name for name, loader in DATASET_ALIASES.items(
 Task = Literal["classification", "regression"]
 Partition = Literal["loader", "dirichlet", "iid"]
 Holdout = Literal["global", "device", "loader"]
+AttackKind = Literal[
+    "sign_flip", "scale", "weight_inflation", "stale_base", "future_base", "backdoor"
+]
+ATTACK_KINDS: Final[tuple[AttackKind, ...]] = (
+    "sign_flip",
+    "scale",
+    "weight_inflation",
+    "stale_base",
+    "future_base",
+    "backdoor",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +438,101 @@ class EvalSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AttackSpec:
+    """``[attack]``: registered devices that lie (``simulations.sim._attack`` crafts their updates).
+
+    Malicious devices train like honest ones and seal their updates with their
+    own registered keys through the same envelope path; what differs is the
+    vector and the header fields they put in it.
+
+    Attributes:
+        kind: ``sign_flip`` (``-scale`` times the honest delta), ``scale``
+            (``scale`` times it), ``weight_inflation`` (the sign-flipped delta
+            claiming ``claimed_samples`` examples), ``stale_base`` (a rollback:
+            the delta from the current model to the device's training result
+            from the initial model, ``scale`` times, claiming the current
+            version as its base), ``future_base`` (the sign-flipped delta times
+            ``scale``, claiming base ``current + base_offset``, ``burst`` copies
+            per run) or ``backdoor`` (model replacement, Bagdasaryan et al.
+            2020: train on data where ``poison_fraction`` of the examples carry
+            the trigger and the ``target`` label, then send ``scale`` times that
+            delta).
+        fraction: share of the devices that are malicious, in (0, 1]; at least one.
+        scale: the factor of the kind (defaults: 1 sign_flip, weight_inflation,
+            stale_base and future_base; 10 scale and backdoor).
+        claimed_samples: ``weight_inflation``: the ``n_samples`` it claims.
+        base_offset: ``future_base``: how far above the current version its
+            claimed base lies.
+        burst: updates per run (distinct update ids and seqs, the same vector):
+            a flood within one arrival (default 10 for future_base, else 1).
+        target: ``backdoor``: the class triggered inputs should land in.
+        trigger: ``backdoor``: the feature indices the trigger sets.
+        trigger_value: ``backdoor``: the value they are set to.
+        poison_fraction: ``backdoor``: share of the attacker's training
+            examples stamped and relabelled (the rest stay clean, so its main
+            task accuracy stays up).
+        seed: which devices are malicious (None: the run's seed).
+    """
+
+    kind: AttackKind
+    fraction: float
+    scale: float = 1.0
+    claimed_samples: int = 2**31
+    base_offset: int = 1000
+    burst: int = 1
+    target: int = 1
+    trigger: tuple[int, ...] = (54, 55, 62, 63)
+    trigger_value: float = 1.0
+    poison_fraction: float = 0.5
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DefencesSpec:
+    """``[defences]``: the tier core's bounds on one device's influence, and ``[robust]`` per tier.
+
+    The device-facing bounds (``tiers.core._influence``) apply where device
+    updates are admitted: the edges, or the central in a flat topology.
+
+    Attributes:
+        unsafe: every bound off (the explicit switch; the other keys are then
+            checked but not applied).
+        max_samples: the cap on one update's weight; ``"declared"`` is the
+            median of the fleet's declared data sizes (training examples per
+            device), never a self-reported number.
+        norm_bound: ``adaptive`` (``norm_factor`` times the ``norm_quantile``
+            of recent accepted norms, ``max_norm`` until ``norm_warmup`` were
+            seen) or ``fixed`` (``max_norm``).
+        max_norm: the fixed bound or the adaptive bound's warm-up value.
+        adaptive: the adaptive bound's settings (None when fixed).
+        max_updates_per_version: accepted updates per device while a tier knows
+            one version (None: unlimited).
+        rate_per_s: updates per second per device (None: unlimited).
+        burst: the token bucket's size.
+        reject_future_base: refuse a base version above the tier's.
+        edge_robust: ``[defences.robust.edge]``.
+        regional_robust: ``[defences.robust.regional]``.
+    """
+
+    unsafe: bool = False
+    max_samples: int | Literal["declared"] = "declared"
+    norm_bound: Literal["adaptive", "fixed"] = "adaptive"
+    max_norm: float = 10.0
+    adaptive: AdaptiveNorm | None = dataclasses.field(default_factory=AdaptiveNorm)
+    max_updates_per_version: int | None = 8
+    rate_per_s: float | None = 2.0
+    burst: float = 10.0
+    reject_future_base: bool = True
+    edge_robust: RobustRules = dataclasses.field(default_factory=RobustRules)
+    regional_robust: RobustRules = dataclasses.field(default_factory=RobustRules)
+
+    @property
+    def active(self) -> bool:
+        """Whether any bound applies (not ``unsafe``)."""
+        return not self.unsafe
+
+
+@dataclass(frozen=True, slots=True)
 class Scenario:
     """A whole scenario, checked.
 
@@ -441,6 +553,10 @@ class Scenario:
             for the report.
         base_dir: the scenario file's folder: relative data paths were
             resolved against it, and loaders get it in their ``DataRequest``.
+        attack: ``[attack]``, None for an honest fleet.
+        defences: ``[defences]``, None when the table is absent: then no
+            influence bound applies beyond ``aggregation.edge.max_norm`` (what
+            every scenario without the table always ran).
     """
 
     name: str
@@ -457,3 +573,5 @@ class Scenario:
     eval: EvalSpec
     effective: Mapping[str, object]
     base_dir: Path | None = None
+    attack: AttackSpec | None = None
+    defences: DefencesSpec | None = None

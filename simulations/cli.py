@@ -28,7 +28,7 @@ LAB_MODULES: Final = ("rich", "matplotlib", "sklearn", "nats", "trio_asyncio", "
 
 
 def add_bench(sub: Subcommands) -> None:
-    """Add ``fedtier bench codec|edge|reject|explorer|fold``."""
+    """Add ``fedtier bench codec|edge|reject|explorer|fold|connections``."""
     bench = sub.add_parser("bench", help="benchmarks against a raw baseline run alongside")
     bench.set_defaults(requires=LAB_MODULES)
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -64,6 +64,13 @@ def add_bench(sub: Subcommands) -> None:
         "fold",
         "fedtier.simulations.bench.fold",
         "fedtier's fold per codec vs Flower's aggregate() and numpy, each in its own process",
+        requires=LAB_MODULES,
+    )
+    add_forwarded(
+        bench_sub,
+        "connections",
+        "fedtier.simulations.bench.connections",
+        "many MQTT v5 device sessions on one edge site: memory per device, drops (JSON)",
         requires=LAB_MODULES,
     )
 

@@ -1,7 +1,13 @@
-"""The intake of a tier daemon: admit deliveries in order, settle (commit, ack, receipt) in order.
+"""The intake of a tier daemon: admit deliveries in order, settle (commit, ack) in order.
 
 Imports trio, the bus interface and the state store's tickets; the decision
 about each delivery is the caller's (the daemons call the sans-IO core).
+
+Receipts (``after_ack``) are sent concurrently, up to ``capacity`` at once,
+each after its delivery's commit and ack: waiting for one receipt's PUBACK
+before settling the next delivery capped the edge at one broker round trip per
+update (``fedtier bench edge``, docs/performance.md, edge intake). Nothing
+depends on receipt order: each names its update.
 """
 
 from __future__ import annotations
@@ -100,7 +106,9 @@ class Intake:
         send, receive = trio.open_memory_channel[Admission](self._capacity)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._settle, receive)
+                # The receipts' nursery is this one: serve() returns (and ``finished``
+                # is set) only once every receipt has been sent or has failed.
+                nursery.start_soon(self._settle, receive, nursery)
                 async with send:
                     task_status.started()
                     while not self._stopping:
@@ -121,20 +129,25 @@ class Intake:
         finally:
             self.finished.set()
 
-    async def _settle(self, receive: trio.MemoryReceiveChannel[Admission]) -> None:
+    async def _settle(
+        self, receive: trio.MemoryReceiveChannel[Admission], nursery: trio.Nursery
+    ) -> None:
+        receipts = trio.Semaphore(self._capacity)
         async with receive:
             async for admission in receive:
                 if self._ack_before_commit:
                     # UNSAFE: what a broker's auto-ack does; a crash before the
                     # commit loses an input its sender was told is accepted.
-                    await self._acknowledge(admission)
+                    await self._acknowledge(admission, nursery, receipts)
                 if admission.ticket is not None:
                     # StoreError propagates: a daemon whose store fails must stop.
                     await admission.ticket.wait()
                 if not self._ack_before_commit:
-                    await self._acknowledge(admission)
+                    await self._acknowledge(admission, nursery, receipts)
 
-    async def _acknowledge(self, admission: Admission) -> None:
+    async def _acknowledge(
+        self, admission: Admission, nursery: trio.Nursery, receipts: trio.Semaphore
+    ) -> None:
         if not admission.ack:
             # Left for the broker to redeliver (after ack_wait, up to max_deliver).
             return
@@ -145,5 +158,14 @@ class Intake:
             self._log.warning("ack of a delivery on %s failed: %s", admission.delivery.subject, exc)
         crash_point(self._after_ack_point)
         if admission.after_ack is not None:
-            await admission.after_ack()
+            await receipts.acquire()
+            nursery.start_soon(self._send_receipt, admission.after_ack, receipts)
+
+    async def _send_receipt(
+        self, after_ack: Callable[[], Awaitable[None]], receipts: trio.Semaphore
+    ) -> None:
+        try:
+            await after_ack()
             crash_point(self._after_receipt_point)
+        finally:
+            receipts.release()

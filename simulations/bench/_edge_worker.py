@@ -113,9 +113,15 @@ class WorkerSpec:
         state_dir: the edge's state store folder (edge only).
         closed_loop: publisher only: each device keeps one update unanswered
             and sends the next on its receipt (else a fixed PUBACK window).
+        receipts: publisher only: collect the edge's receipts (publish ->
+            receipt latency; the run ends at the last one); implied by
+            ``closed_loop``.
         sink_first: publisher only: first publish everything to a topic nobody
             reads, to measure the publisher alone.
         repeats: baseline only: timed runs of the in-process ceiling.
+        profile_dir: when set, the child runs under ``cProfile`` (trio thread
+            only; worker threads show as waits) and writes ``<run>-<role>.pstats``
+            and a text summary there.
     """
 
     role: Role
@@ -128,8 +134,10 @@ class WorkerSpec:
     devices: int
     state_dir: str = ""
     closed_loop: bool = False
+    receipts: bool = False
     sink_first: bool = False
     repeats: int = 5
+    profile_dir: str = ""
 
     def to_json(self) -> str:
         """The spec as one JSON object (the child's argument)."""
@@ -306,8 +314,16 @@ async def _read_receipts(
         event.set()
 
 
-async def _closed_loop(bus: MqttBus, spec: WorkerSpec, outgoing: list[_Outgoing]) -> dict[str, Any]:
-    """Each device sends its next update once the receipt of the previous one arrived."""
+async def _with_receipts(
+    bus: MqttBus, spec: WorkerSpec, outgoing: list[_Outgoing]
+) -> dict[str, Any]:
+    """Publish and collect every receipt: closed loop per device, or the open-loop window.
+
+    Closed loop: each device sends its next update once the receipt of the
+    previous one arrived, as devices do. Open loop: ``OPEN_LOOP_WINDOW``
+    publishes awaiting their PUBACK, as the baseline is fed (the edge sends its
+    PUBACK only once the update is durable), receipts read as they come.
+    """
     arrived = {o.update_id: trio.Event() for o in outgoing}
     arrived_ns: dict[bytes, int] = {}
     sent_ns: dict[bytes, int] = {}
@@ -324,15 +340,28 @@ async def _closed_loop(bus: MqttBus, spec: WorkerSpec, outgoing: list[_Outgoing]
             puback_ns.append(time.monotonic_ns())
             await arrived[o.update_id].wait()
 
+    pending = iter(outgoing)
+
+    async def sender() -> None:
+        # One iterator shared by the window's tasks, as in _open_loop.
+        for o in pending:
+            sent_ns[o.update_id] = time.monotonic_ns()
+            await bus.publish(o.topic, o.envelope)
+            puback_ns.append(time.monotonic_ns())
+
     receipts_filter = f"{spec.topics.prefix}/receipt/+"
     capacity = max(64, 2 * spec.devices)
     async with bus.subscribe(receipts_filter, capacity=capacity) as sub:
         cpu_start = time.process_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_read_receipts, sub, len(outgoing), arrived, arrived_ns, statuses)
-            for items in per_device:
-                if items:
-                    nursery.start_soon(device, items)
+            if spec.closed_loop:
+                for items in per_device:
+                    if items:
+                        nursery.start_soon(device, items)
+            else:
+                for _ in range(min(OPEN_LOOP_WINDOW, len(outgoing))):
+                    nursery.start_soon(sender)
         cpu_s = time.process_time() - cpu_start
     first_ns = min(sent_ns.values())
     last_receipt_ns = max(arrived_ns.values())
@@ -363,8 +392,8 @@ async def _serve_publisher(spec: WorkerSpec) -> dict[str, Any]:
         _announce_ready()
         if spec.sink_first:
             result["alone"] = await _open_loop(bus, [(SINK_TOPIC, o.envelope) for o in outgoing])
-        if spec.closed_loop:
-            result["run"] = await _closed_loop(bus, spec, outgoing)
+        if spec.closed_loop or spec.receipts:
+            result["run"] = await _with_receipts(bus, spec, outgoing)
         else:
             result["run"] = await _open_loop(bus, [(o.topic, o.envelope) for o in outgoing])
     return result
@@ -472,6 +501,7 @@ async def _serve_edge(spec: WorkerSpec) -> dict[str, Any]:
             )
             await nursery.start(daemon.serve)
             commits_start = daemon.store.commits
+            partial_bytes_start = daemon.store.partial_bytes_stored
             cpu_start = time.process_time()
             written_start = _storage_write_bytes()
             _announce_ready()
@@ -484,6 +514,8 @@ async def _serve_edge(spec: WorkerSpec) -> dict[str, Any]:
                 if written_start is None or written_end is None
                 else written_end - written_start,
                 "commits": daemon.store.commits - commits_start,
+                # Appended to the segment log by cuts (partials), not by intake.
+                "partial_bytes": daemon.store.partial_bytes_stored - partial_bytes_start,
                 "cpu_s": round(time.process_time() - cpu_start, 3),
                 "outcomes": {
                     f"{outcome}:{reason}" if reason else outcome: count
@@ -504,6 +536,30 @@ _ROLES: Final[Mapping[str, Callable[[WorkerSpec], Awaitable[dict[str, Any]]]]] =
 }
 
 
+def _profiled(spec: WorkerSpec) -> dict[str, Any]:
+    """Run the role under ``cProfile``; write its stats and their top entries to the folder."""
+    import cProfile
+    import io
+    import pstats
+
+    folder = Path(spec.profile_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        result = trio.run(_ROLES[spec.role], spec)
+    finally:
+        profiler.disable()
+        stem = folder / f"{spec.run}-{spec.role}"
+        profiler.dump_stats(stem.with_suffix(".pstats"))
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(40)
+        stem.with_suffix(".txt").write_text(text.getvalue())
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the role of ``argv[0]`` (a ``WorkerSpec`` as JSON); print its result as one JSON line."""
     args = sys.argv[1:] if argv is None else argv
@@ -514,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
-    result = trio.run(_ROLES[spec.role], spec)
+    result = _profiled(spec) if spec.profile_dir else trio.run(_ROLES[spec.role], spec)
     print(json.dumps({"role": spec.role, **result}), flush=True)
     return 0
 

@@ -1,7 +1,7 @@
 """Edge daemon intake vs a bare pipeline on real Mosquitto; imports tiers only via its workers.
 
 ``run_edge_bench`` starts Mosquitto on a free loopback port in a temporary
-folder, then for each update format runs two pipelines in turn, each as child
+folder, then for each update format runs three pipeline runs in turn, each as child
 processes (``simulations.bench._edge_worker``) so that they start with the
 malloc environment of ``docs/transport.md`` (performance facts):
 
@@ -13,17 +13,24 @@ malloc environment of ``docs/transport.md`` (performance facts):
   publishes awaiting PUBACK; its rate runs from the first publish to the last
   fold.
 * **edge**: the real ``EdgeDaemon`` (real MQTT bus, in-memory NATS upstream,
-  sqlite store with ``synchronous=FULL`` grouped commits, signed receipts).
-  Fed by a closed-loop publisher: each device keeps one update unanswered and
-  sends the next on its receipt, as devices do. Its rate runs from the first
-  publish to the last receipt; the latencies are publish -> receipt at that
-  load, so they read as ``devices / rate`` plus service time, not as an idle
-  system's latency.
+  state store with ``synchronous=FULL`` grouped commits and envelopes in its
+  fsync'd segment log, signed receipts), run twice. Open loop (``edge``, the
+  like-for-like run the ratio uses): fed exactly as the baseline, 64 publishes
+  awaiting the broker's PUBACK, the consumer holding at most 64 deliveries
+  unacknowledged (the edge acknowledges one only once it is durable). Closed
+  loop (``edge_closed_loop``): each device keeps one update unanswered and
+  sends the next on its receipt, as devices do. Each rate runs
+  from the first publish to the last receipt; the latencies are publish ->
+  receipt at that load, so in the closed loop they read as ``devices / rate``
+  plus service time, not as an idle system's latency.
 
 The publisher signs every envelope before any timing, runs in its own process,
 and reports its own rate (publishing everything to a topic nobody reads before
 the baseline run). Every child reports its CPU time and the bench reads the
-broker's from ``/proc``, so a reader can tell which process saturates. A run is
+broker's from ``/proc``, so a reader can tell which process saturates (also per
+update, ``cpu_ms_per_update``). The edge reports the bytes it wrote
+(``/proc/self/io``) per update, in all and less its partials' bytes (a cut's
+write, not intake's), each also as a multiple of the wire size. A run is
 bounded in updates, bytes and seconds; every process and file is gone when
 ``run_edge_bench`` returns, whatever happened.
 """
@@ -48,6 +55,8 @@ import trio
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.errors import BenchError, FedtierError, LocalProtocolError
 from fedtier.simulations.bench._edge_worker import EDGE_SETTINGS, READY_LINE, Role, WorkerSpec
+from fedtier.simulations.bench._model_latency import MAX_ROUNDS as MAX_MODEL_ROUNDS
+from fedtier.simulations.bench._model_latency import measure_model_latency
 from fedtier.simulations.processes import Child, ProcessGroup, open_process_group
 from fedtier.simulations.testing import MALLOC_ENV, MosquittoProcess
 
@@ -64,8 +73,20 @@ _ENVELOPE_OVERHEAD_BYTES: Final = 512
 _READY_TIMEOUT_S: Final = 60.0
 _RESULT_AFTER_EXIT_S: Final = 5.0
 _STOP_GRACE_S: Final = 60.0
+LOADS: Final = {
+    "open": (
+        "open loop: 64 publishes awaiting the broker's PUBACK; the consumer holds at most 64"
+        " unacknowledged deliveries and acknowledges after its fold (baseline) or once the"
+        " update is durable (edge); rate until the last fold (baseline) or receipt (edge)"
+    ),
+    "closed": (
+        "closed loop (edge only): each device keeps one update awaiting its receipt and"
+        " sends the next on it, as devices do; rate until the last receipt"
+    ),
+}
 
 Pipeline = Literal["baseline", "edge"]
+Load = Literal["open", "closed"]
 
 
 @dataclass
@@ -120,6 +141,7 @@ class _Plan:
     repeats: int
     child_env: dict[str, str | None]
     run_timeout_s: float
+    profile_dir: str = ""
 
 
 class _Runner:
@@ -141,6 +163,7 @@ class _Runner:
             updates=plan.updates,
             devices=plan.devices,
             repeats=plan.repeats,
+            profile_dir=plan.profile_dir if role != "publisher" else "",
             **extra,
         )
 
@@ -156,7 +179,7 @@ class _Runner:
             env=self.plan.child_env,
         )
 
-    async def run(self, pipeline: Pipeline, codec: str) -> dict[str, Any]:
+    async def run(self, pipeline: Pipeline, codec: str, load: Load = "open") -> dict[str, Any]:
         """One pipeline on one format: consumer ready, publisher runs, both report."""
         plan = self.plan
         self._runs += 1
@@ -170,7 +193,8 @@ class _Runner:
             "publisher",
             run,
             codec,
-            closed_loop=pipeline == "edge",
+            closed_loop=load == "closed",
+            receipts=pipeline == "edge",
             sink_first=pipeline == "baseline",
         )
         consumer_result, publisher_result = _Result(), _Result()
@@ -221,31 +245,85 @@ async def _until_done(
         await group.changed()
 
 
-def _summarise(
-    codec: str, num_params: int, updates: int, baseline: dict[str, Any], edge: dict[str, Any]
+def _per_update_ms(cpu_s: float | None, updates: int) -> float | None:
+    return None if cpu_s is None else round(cpu_s * 1000.0 / updates, 3)
+
+
+def _edge_row(
+    codec: str, updates: int, wire_bytes: int, edge: dict[str, Any], load: Load
 ) -> dict[str, Any]:
-    """One format's row of the result, checking that every count adds up."""
-    base_pub, base_sub = baseline["publisher"], baseline["consumer"]
+    """One edge run's figures, checking that every update was accepted and answered."""
     edge_pub, edge_host = edge["publisher"], edge["consumer"]
-    if base_sub["folded"] != updates:
-        raise BenchError(f"baseline of {codec} folded {base_sub['folded']} of {updates} updates")
     accepted = edge_host["outcomes"].get("accepted", 0)
     receipts = edge_pub["run"]["receipts"]
     if accepted != updates or receipts.get("accepted", 0) != updates:
         raise BenchError(
-            f"edge of {codec} accepted {accepted} of {updates} updates and sent receipts"
-            f" {receipts}; outcomes {edge_host['outcomes']}"
+            f"edge of {codec} ({load} loop) accepted {accepted} of {updates} updates and sent"
+            f" receipts {receipts}; outcomes {edge_host['outcomes']}"
         )
-    base_start_ns = base_pub["run"]["first_publish_ns"]
-    base_rate = _rate(updates, base_start_ns, base_sub["done_ns"])
     edge_run = edge_pub["run"]
     edge_rate = _rate(updates, edge_run["first_publish_ns"], edge_run["last_receipt_ns"])
-    base_seconds = (base_sub["done_ns"] - base_start_ns) / 1e9
     edge_seconds = (edge_run["last_receipt_ns"] - edge_run["first_publish_ns"]) / 1e9
+    written = edge_host["storage_write_bytes"]
+    partial_bytes = edge_host["partial_bytes"]
+    intake_written = None if written is None else max(0, written - partial_bytes)
+    return {
+        "load": load,
+        "updates": updates,
+        "accepted": accepted,
+        "receipts_accepted": receipts.get("accepted", 0),
+        "updates_per_s": edge_rate,
+        "seconds": round(edge_seconds, 3),
+        "latency_ms": edge_run["latency_ms"],
+        "commits": edge_host["commits"],
+        "commits_per_update": round(edge_host["commits"] / updates, 4),
+        "storage_write_bytes_per_update": None if written is None else round(written / updates),
+        "storage_write_vs_wire": None
+        if written is None
+        else round(written / updates / wire_bytes, 3),
+        "partial_bytes_per_update": round(partial_bytes / updates),
+        "intake_write_bytes_per_update": None
+        if intake_written is None
+        else round(intake_written / updates),
+        "intake_write_vs_wire": None
+        if intake_written is None
+        else round(intake_written / updates / wire_bytes, 3),
+        "partials_published": edge_host["partials_published"],
+        "held_peak": edge_host["held_peak"],
+        "cpu_s": edge_host["cpu_s"],
+        "cpu_util": round(edge_host["cpu_s"] / edge_seconds, 3),
+        "publisher_cpu_s": edge_run["cpu_s"],
+        "broker_cpu_s": edge["broker_cpu_s"],
+        "cpu_ms_per_update": {
+            "publisher": _per_update_ms(edge_run["cpu_s"], updates),
+            "broker": _per_update_ms(edge["broker_cpu_s"], updates),
+            "edge": _per_update_ms(edge_host["cpu_s"], updates),
+        },
+    }
+
+
+def _summarise(
+    codec: str,
+    num_params: int,
+    updates: int,
+    baseline: dict[str, Any],
+    edge: dict[str, Any],
+    edge_closed: dict[str, Any],
+) -> dict[str, Any]:
+    """One format's row of the result, checking that every count adds up."""
+    base_pub, base_sub = baseline["publisher"], baseline["consumer"]
+    if base_sub["folded"] != updates:
+        raise BenchError(f"baseline of {codec} folded {base_sub['folded']} of {updates} updates")
+    wire_bytes = edge["publisher"]["wire_bytes"]
+    base_start_ns = base_pub["run"]["first_publish_ns"]
+    base_rate = _rate(updates, base_start_ns, base_sub["done_ns"])
+    base_seconds = (base_sub["done_ns"] - base_start_ns) / 1e9
     ceiling_ms = base_sub["ceiling_ms"]
+    open_row = _edge_row(codec, updates, wire_bytes, edge, "open")
+    closed_row = _edge_row(codec, updates, wire_bytes, edge_closed, "closed")
     return {
         "spec": str(CodecSpec.parse(codec, num_params=num_params)),
-        "wire_bytes": edge_pub["wire_bytes"],
+        "wire_bytes": wire_bytes,
         "ceiling": {
             "open_fold_ms": ceiling_ms,
             "updates_per_s": round(1000.0 / ceiling_ms, 1) if ceiling_ms else None,
@@ -253,9 +331,10 @@ def _summarise(
         "publisher": {
             "alone_updates_per_s": base_pub["alone"]["updates_per_s"],
             "during_baseline_updates_per_s": base_pub["run"]["updates_per_s"],
-            "window": "64 awaiting PUBACK (baseline), 1 per device awaiting receipt (edge)",
+            "window": LOADS,
         },
         "baseline": {
+            "load": "open",
             "updates": updates,
             "updates_per_s": base_rate,
             "seconds": round(base_seconds, 3),
@@ -263,27 +342,18 @@ def _summarise(
             "cpu_util": round(base_sub["cpu_s"] / base_seconds, 3),
             "publisher_cpu_s": base_pub["run"]["cpu_s"],
             "broker_cpu_s": baseline["broker_cpu_s"],
+            "cpu_ms_per_update": {
+                "publisher": _per_update_ms(base_pub["run"]["cpu_s"], updates),
+                "broker": _per_update_ms(baseline["broker_cpu_s"], updates),
+                "bare": _per_update_ms(base_sub["cpu_s"], updates),
+            },
         },
-        "edge": {
-            "updates": updates,
-            "accepted": accepted,
-            "receipts_accepted": receipts.get("accepted", 0),
-            "updates_per_s": edge_rate,
-            "seconds": round(edge_seconds, 3),
-            "latency_ms": edge_run["latency_ms"],
-            "commits": edge_host["commits"],
-            "commits_per_update": round(edge_host["commits"] / updates, 4),
-            "storage_write_bytes_per_update": None
-            if edge_host["storage_write_bytes"] is None
-            else round(edge_host["storage_write_bytes"] / updates),
-            "partials_published": edge_host["partials_published"],
-            "held_peak": edge_host["held_peak"],
-            "cpu_s": edge_host["cpu_s"],
-            "cpu_util": round(edge_host["cpu_s"] / edge_seconds, 3),
-            "publisher_cpu_s": edge_run["cpu_s"],
-            "broker_cpu_s": edge["broker_cpu_s"],
-        },
-        "edge_vs_baseline": round(edge_rate / base_rate, 3) if base_rate else None,
+        "edge": open_row,
+        "edge_closed_loop": closed_row,
+        "edge_vs_baseline": round(open_row["updates_per_s"] / base_rate, 3) if base_rate else None,
+        "edge_closed_loop_vs_baseline": round(closed_row["updates_per_s"] / base_rate, 3)
+        if base_rate
+        else None,
     }
 
 
@@ -292,8 +362,11 @@ async def _measure(plan: _Plan, formats: Sequence[str]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for codec in formats:
         baseline = await runner.run("baseline", codec)
-        edge = await runner.run("edge", codec)
-        results[codec] = _summarise(codec, plan.num_params, plan.updates, baseline, edge)
+        edge = await runner.run("edge", codec, "open")
+        edge_closed = await runner.run("edge", codec, "closed")
+        results[codec] = _summarise(
+            codec, plan.num_params, plan.updates, baseline, edge, edge_closed
+        )
     return results
 
 
@@ -346,6 +419,8 @@ def run_edge_bench(
     malloc_tuning: bool = True,
     repeats: int = 5,
     run_timeout_s: float = 300.0,
+    profile_dir: str = "",
+    model_rounds: int = 0,
 ) -> dict[str, object]:
     """Measure the edge's intake against the bare pipeline, per update format.
 
@@ -360,6 +435,14 @@ def run_edge_bench(
             (``MosquittoProcess`` sets it).
         repeats: timed runs of the in-process ceiling (median reported).
         run_timeout_s: longest one pipeline run may take.
+        profile_dir: when set, the baseline and edge processes run under
+            ``cProfile`` and leave ``<run>-<role>.pstats`` and ``.txt`` there
+            (the profile slows them: their rates are then not the measurement).
+        model_rounds: when > 0, afterwards run a real mesh (Mosquitto,
+            nats-server, central, regional and edge daemons) for this many
+            rounds and report the latency from a buffer's last update to the
+            new model version at the device (``model_latency``; see
+            ``simulations.bench._model_latency``); None when 0.
 
     Returns:
         A JSON-serializable dict: the arguments, ``machine`` (cpu count, load
@@ -376,6 +459,8 @@ def run_edge_bench(
         BenchError: a child failed or timed out, or counts disagree.
     """
     names = _checked_formats(formats, num_params, updates, devices)
+    if not 0 <= model_rounds <= MAX_MODEL_ROUNDS:
+        raise LocalProtocolError(f"model rounds is {model_rounds}; expected 0..{MAX_MODEL_ROUNDS}")
     if repeats < 1 or not run_timeout_s > 0:
         raise LocalProtocolError(
             f"repeats {repeats} must be >= 1 and run_timeout_s {run_timeout_s} > 0"
@@ -397,6 +482,7 @@ def run_edge_bench(
                 repeats=repeats,
                 child_env=child_env,
                 run_timeout_s=run_timeout_s,
+                profile_dir=str(Path(profile_dir).resolve()) if profile_dir else "",
             )
             mosquitto = _mosquitto_version(broker)
             try:
@@ -409,6 +495,7 @@ def run_edge_bench(
                 raise
         finally:
             broker.stop()
+    model_latency = measure_model_latency(model_rounds) if model_rounds else None
     return {
         "num_params": num_params,
         "updates": updates,
@@ -436,12 +523,16 @@ def run_edge_bench(
             "edge": {
                 **asdict(EDGE_SETTINGS),
                 "upstream": "in-memory NATS",
-                "store": "sqlite WAL, synchronous=FULL, grouped commits",
+                "store": (
+                    "sqlite WAL, synchronous=FULL, grouped commits; envelopes and partials"
+                    " in an append-only segment log, fdatasync'd before the commit"
+                ),
                 "telemetry": "no-op tracer and meter",
                 "log_level": "WARNING",
             },
         },
         "formats": results,
+        "model_latency": model_latency,
     }
 
 
@@ -462,8 +553,9 @@ def render_table(result: dict[str, Any]) -> Any:
         caption=(
             "KB on the wire. Updates/s: ceil = open + fold in one process, no MQTT;"
             " pub = publisher alone; bare = bare pipeline; edge = EdgeDaemon until its last"
-            " receipt; ratio = edge/bare. Latency: publish -> receipt, one update outstanding"
-            " per device. Commits per update."
+            " receipt, fed as bare is (64 awaiting PUBACK); ratio = edge/bare. Latency:"
+            " publish -> receipt, closed loop (one update outstanding per device)."
+            " wr/wire = bytes written per update (less partials) / wire bytes."
             f" {machine['cpu_count']} CPUs, load {machine['load_avg_at_start'][0]:.2f} at"
             f" start, malloc tuning {'on' if settings['malloc_tuning'] else 'off'}."
         ),
@@ -479,7 +571,7 @@ def render_table(result: dict[str, Any]) -> Any:
         "ratio",
         "p50 ms",
         "p99 ms",
-        "commits",
+        "wr/wire",
     )
     longest_name = max(len(name) for name in result["formats"])
     for column in columns:
@@ -488,7 +580,8 @@ def render_table(result: dict[str, Any]) -> Any:
         )
     for name, row in result["formats"].items():
         edge = row["edge"]
-        latency = edge["latency_ms"]
+        latency = row["edge_closed_loop"]["latency_ms"]
+        intake_ratio = edge["intake_write_vs_wire"]
         table.add_row(
             name,
             f"{row['wire_bytes'] / 1000:,.1f}",
@@ -499,7 +592,7 @@ def render_table(result: dict[str, Any]) -> Any:
             f"{row['edge_vs_baseline']:.2f}x",
             f"{latency['p50']:.0f}",
             f"{latency['p99']:.0f}",
-            f"{edge['commits_per_update']:.3f}",
+            "-" if intake_ratio is None else f"{intake_ratio:.2f}",
         )
     return table
 
@@ -537,6 +630,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout-s", type=float, default=300.0, help="longest one pipeline run may take"
     )
+    parser.add_argument(
+        "--profile",
+        default="",
+        metavar="DIR",
+        help="run the measured processes under cProfile; stats go to DIR (slows them)",
+    )
+    parser.add_argument(
+        "--model-rounds",
+        type=int,
+        default=0,
+        metavar="N",
+        help=(
+            "then run a real mesh (nats-server, central, regional, edge) for N rounds: latency"
+            " from a buffer's last update to the new model at the device (default 0: skip)"
+        ),
+    )
     parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     args = parser.parse_args(argv)
     result = run_edge_bench(
@@ -547,13 +656,24 @@ def main(argv: list[str] | None = None) -> int:
         malloc_tuning=not args.no_malloc_tuning,
         repeats=args.repeats,
         run_timeout_s=args.timeout_s,
+        profile_dir=args.profile,
+        model_rounds=args.model_rounds,
     )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     from rich.console import Console
 
-    Console().print(render_table(result))
+    console = Console()
+    console.print(render_table(result))
+    model = result["model_latency"]
+    if isinstance(model, dict):
+        latency = model["latency_ms"]
+        console.print(
+            f"last update of a buffer -> new model at the device (real mesh on loopback,"
+            f" {model['rounds']} rounds): p50 {latency['p50']:,.0f} ms,"
+            f" max {latency['max']:,.0f} ms"
+        )
     return 0
 
 

@@ -28,6 +28,7 @@ from fedtier.tiers.store import (
     release_quarantined,
 )
 from fedtier.tiers.store._schema import SCHEMA_VERSION
+from fedtier.tiers.store._segments import SegmentLog, is_ref, segment_folder
 
 SENDER = "a" * 24
 OTHER = "b" * 24
@@ -136,11 +137,14 @@ async def test_outbox_is_kept_until_acked_then_bytes_are_dropped(tmp_path: Path)
 
 
 def stored_envelopes(path: Path) -> list[bytes]:
+    """The envelopes ``input_envelopes`` names, read from the segment log (or inline)."""
+    log = SegmentLog(segment_folder(path))
     conn = sqlite3.connect(path)
     try:
-        return [bytes(row[0]) for row in conn.execute("SELECT envelope FROM input_envelopes")]
+        values = [row[0] for row in conn.execute("SELECT envelope FROM input_envelopes")]
     finally:
         conn.close()
+    return [log.read(v) if is_ref(v) else bytes(v) for v in values]
 
 
 async def test_an_inputs_envelope_is_kept_while_open_and_deleted_at_its_flush(
@@ -172,7 +176,10 @@ async def test_a_missing_envelope_of_an_open_input_is_reported_not_skipped(tmp_p
         await store.accept(record(2))
     conn = sqlite3.connect(path)
     with conn:
-        conn.execute("DELETE FROM input_envelopes WHERE envelope = ?", (b"envelope-2",))
+        conn.execute(
+            "DELETE FROM input_envelopes WHERE pos = (SELECT pos FROM inputs WHERE input_id = ?)",
+            (record(2).input_id,),
+        )
     conn.close()
     async with open_state_store(path) as store:
         with pytest.raises(StoreError, match="envelopes of only 1"):
@@ -372,7 +379,7 @@ async def test_a_version_2_store_is_migrated_and_records_metrics(tmp_path: Path)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(model_versions)")}
     finally:
         conn.close()
-    assert version == SCHEMA_VERSION == 5
+    assert version == SCHEMA_VERSION == 6
     assert "rollback_of" in columns
     after = read_stored_version(path, 1)
     assert after.metrics == {"accuracy": 0.75, "loss": 0.5}
@@ -596,7 +603,7 @@ async def test_a_version_4_central_store_gets_its_lineage_indexed(tmp_path: Path
         (version,) = conn.execute("PRAGMA user_version").fetchone()
     finally:
         conn.close()
-    assert version == SCHEMA_VERSION == 5
+    assert version == SCHEMA_VERSION == 6
 
 
 async def test_other_schema_versions_are_refused(tmp_path: Path) -> None:
@@ -641,7 +648,7 @@ async def test_a_version_3_store_is_migrated_to_an_empty_quarantine(tmp_path: Pa
         (version,) = conn.execute("PRAGMA user_version").fetchone()
     finally:
         conn.close()
-    assert version == SCHEMA_VERSION == 5
+    assert version == SCHEMA_VERSION == 6
     (row,) = read_quarantine(path)
     assert (row.qid, row.sender, row.reason, row.envelope) == (
         qid,

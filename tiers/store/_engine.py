@@ -142,6 +142,16 @@ class CommitEngine(Generic[K]):
     def _committed(self, key: K, ticket: CommitTicket) -> None:
         """Bookkeeping for a keyed write that is now durable, before its ticket is finished."""
 
+    def _before_commit_sync(self) -> None:
+        """Make what the batch's operations wrote outside sqlite durable, before ``COMMIT``.
+
+        Runs on the committer's thread inside the transaction: a failure here
+        rolls the whole batch back, so no row ever names bytes that are not on disk.
+        """
+
+    def _after_commit_sync(self) -> None:
+        """Work that needs the batch committed (deleting files no row names), same thread."""
+
     # -- opening -------------------------------------------------------------------
 
     def _open_sync(self) -> None:
@@ -203,10 +213,12 @@ class CommitEngine(Generic[K]):
         try:
             for op in ops:
                 op(conn)
+            self._before_commit_sync()
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        self._after_commit_sync()
 
     def _submit(self, op: Op, what: str, key: K | None = None) -> CommitTicket:
         if self._closed:

@@ -4,10 +4,20 @@ An input is accepted once its record is durable here: a daemon acknowledges it
 to its sender (MQTT PUBACK, JetStream ack, receipt) only then. Dedupe and the
 high-water marks are answered from memory (accepts still waiting for their
 commit) plus the read connection, so there is no gap between the two.
+
+An open input's envelope bytes, and a pending partial's, go to the segment log
+(``_segments``), synced before the transaction that references them commits;
+``input_envelopes`` and ``outbox`` keep the reference. A segment is deleted once
+no open input and no pending partial names it, so at the latest when the last
+partial holding its inputs is acknowledged upstream. Every connection of the
+store has the SQL function ``fedtier_envelope(value)``, which turns a stored
+value (reference or, in a store from before schema version 6, the bytes
+themselves) into the bytes.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -17,8 +27,28 @@ from typing import Final
 from fedtier.protocol.errors import StoreError
 from fedtier.tiers.store._engine import CommitEngine, CommitTicket, RunBlocking
 from fedtier.tiers.store._records import InputKey, InputRecord, InputState, OutboxEntry
+from fedtier.tiers.store._segments import (
+    DEFAULT_SEGMENT_BYTES,
+    SegmentLog,
+    is_ref,
+    referenced_segments,
+    segment_folder,
+)
 
-__all__ = ["InputTables", "drop_open_envelopes", "now_ms", "put_meta"]
+__all__ = [
+    "ENVELOPE_FUNCTION",
+    "InputTables",
+    "drop_open_envelopes",
+    "now_ms",
+    "prune_segments",
+    "put_meta",
+]
+
+# The package's name: store problems have always logged as the store.
+logger = logging.getLogger("fedtier.tiers.store")
+
+ENVELOPE_FUNCTION: Final = "fedtier_envelope"
+"""SQL function on every store connection: a stored envelope value to its bytes."""
 
 # Host parameters per lookup: well under SQLite's 32,766 default limit.
 _LOOKUP_CHUNK: Final = 500
@@ -34,6 +64,7 @@ class InputTables(CommitEngine[InputKey]):
         commit_window_s: float,
         run_blocking: RunBlocking,
         crash_label: str = "store",
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
     ) -> None:
         super().__init__(
             path,
@@ -41,6 +72,12 @@ class InputTables(CommitEngine[InputKey]):
             run_blocking=run_blocking,
             crash_label=crash_label,
         )
+        self.segments = SegmentLog(segment_folder(path), segment_bytes=segment_bytes)
+        self._prune_wanted = False
+        self.segments_pruned = 0
+        """Segment files deleted since opening."""
+        self.partial_bytes_stored = 0
+        """Bytes of outbox partials appended since opening (the rest are inputs')."""
         self._pending_inputs: dict[InputKey, CommitTicket] = {}
         self._pending_seqs: set[tuple[str, int]] = set()
         self._pending_leaves: dict[InputKey, tuple[bytes, ...]] = {}
@@ -48,8 +85,56 @@ class InputTables(CommitEngine[InputKey]):
         self._high_water: dict[str, int] = {}
 
     def _load_sync(self, conn: sqlite3.Connection) -> None:
+        self.segments.open_sync()
+        for each in (self._writer, self._reader):
+            assert each is not None
+            each.create_function(ENVELOPE_FUNCTION, 1, self.envelope_bytes, deterministic=True)
         for sender, hwm in conn.execute("SELECT sender, hwm FROM senders"):
             self._high_water[sender] = int(hwm)
+        # Segments left by a crash (or a prune that failed) go at the first commit.
+        self._prune_wanted = True
+
+    def _close_sync(self) -> None:
+        super()._close_sync()
+        self.segments.close()
+
+    def envelope_bytes(self, value: bytes | str) -> bytes:
+        """A stored ``input_envelopes.envelope`` value as the envelope's bytes.
+
+        Raises:
+            StoreError: a reference whose segment is gone or holds other bytes.
+        """
+        if isinstance(value, str):
+            if not is_ref(value):
+                raise StoreError(f"stored envelope {value[:40]!r} is no segment reference")
+            return self.segments.read(value)
+        return bytes(value)
+
+    def _before_commit_sync(self) -> None:
+        super()._before_commit_sync()
+        self.segments.sync()
+
+    def _after_commit_sync(self) -> None:
+        super()._after_commit_sync()
+        # Only a segment below the active one can ever be deleted.
+        if not (self._prune_wanted or self.segments.oldest < self.segments.active):
+            return
+        self._prune_wanted = False
+        conn = self._writer
+        assert conn is not None
+        try:
+            refs = [
+                str(row[0])
+                for row in conn.execute(
+                    "SELECT envelope FROM input_envelopes WHERE typeof(envelope) = 'text'"
+                    " UNION ALL"
+                    " SELECT envelope FROM outbox WHERE typeof(envelope) = 'text'"
+                )
+            ]
+            self.segments_pruned += self.segments.prune(referenced_segments(refs))
+        except (StoreError, sqlite3.Error, OSError) as exc:
+            # The commit stands; the files stay until the next prune.
+            logger.warning("cannot delete unreferenced segments: %s", exc)
 
     def _committed(self, key: InputKey, ticket: CommitTicket) -> None:
         if self._pending_inputs.get(key) is ticket:
@@ -147,7 +232,7 @@ class InputTables(CommitEngine[InputKey]):
             )
             conn.execute(
                 "INSERT INTO input_envelopes (pos, envelope) VALUES (?, ?)",
-                (cursor.lastrowid, record.envelope),
+                (cursor.lastrowid, self.segments.append(record.envelope)),
             )
             if record.leaves:
                 # OR REPLACE: only the unsafe dedupe_open_buffer_only folds a
@@ -214,6 +299,10 @@ class InputTables(CommitEngine[InputKey]):
         def op(conn: sqlite3.Connection) -> None:
             drop_open_envelopes(conn, epoch)
             if entry is not None:
+                # In the segment log too: a dense partial is the largest write of a
+                # cut, and as a row it would be written twice (WAL, checkpoint).
+                ref = self.segments.append(entry.envelope)
+                self.partial_bytes_stored += len(entry.envelope)
                 conn.execute(
                     f"{insert} INTO outbox (partial_id, epoch, seq, subject, envelope, trace,"
                     " state, created_ms) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
@@ -222,7 +311,7 @@ class InputTables(CommitEngine[InputKey]):
                         epoch,
                         entry.seq,
                         entry.subject,
-                        entry.envelope,
+                        ref,
                         entry.trace,
                         now_ms(),
                     ),
@@ -295,6 +384,23 @@ class InputTables(CommitEngine[InputKey]):
     def submit_out_seq(self, out_seq: int) -> CommitTicket:
         """Persist the last sequence number this daemon used."""
         return self._submit(lambda conn: put_meta(conn, "out_seq", out_seq), "out_seq")
+
+
+async def prune_segments(store: InputTables) -> int:
+    """Delete the segment files no committed row references any more; return how many.
+
+    Runs on the store's committer (an empty write), so it never races a
+    transaction that is adding references. The committer already checks after
+    every commit while a segment older than the active one exists; this forces
+    a check now (retention calls it after deleting rows).
+
+    Raises:
+        StoreError: the store is closed or the commit failed.
+    """
+    before = store.segments_pruned
+    store._prune_wanted = True
+    await store._submit(lambda conn: None, "segment prune").wait()
+    return store.segments_pruned - before
 
 
 def drop_open_envelopes(conn: sqlite3.Connection, epoch: int) -> None:

@@ -282,7 +282,7 @@ class QuarantineTables(InputTables):
 
         def op(conn: sqlite3.Connection) -> None:
             rows = conn.execute(
-                "SELECT i.pos, i.sender, i.input_id, e.envelope FROM inputs AS i"
+                "SELECT i.pos, i.sender, i.input_id, fedtier_envelope(e.envelope) FROM inputs AS i"
                 " JOIN input_envelopes AS e USING (pos)"
                 " WHERE i.epoch = ? AND i.status = 'open' ORDER BY i.pos",
                 (epoch,),
@@ -338,7 +338,7 @@ class QuarantineTables(InputTables):
             at = now_ms()
             for offset, (sender, input_id, detail, _) in enumerate(outliers):
                 row = conn.execute(
-                    "SELECT i.pos, e.envelope FROM inputs AS i"
+                    "SELECT i.pos, fedtier_envelope(e.envelope) FROM inputs AS i"
                     " JOIN input_envelopes AS e USING (pos)"
                     " WHERE i.sender = ? AND i.input_id = ? AND i.epoch = ? AND i.status = 'open'",
                     (sender, input_id, epoch),

@@ -1,6 +1,6 @@
-"""The state store's DDL and its migrations from schema versions 1 to 3; imports sqlite3 only.
+"""The state store's DDL and its migrations from schema versions 1 to 5; imports sqlite3 only.
 
-No trio here. Schema (``PRAGMA user_version = 5``; WAL, ``synchronous=FULL``,
+No trio here. Schema (``PRAGMA user_version = 6``; WAL, ``synchronous=FULL``,
 ``secure_delete=FAST``)::
 
     meta(key PRIMARY KEY, value)          open_epoch, out_seq, known_version,
@@ -18,11 +18,16 @@ No trio here. Schema (``PRAGMA user_version = 5``; WAL, ``synchronous=FULL``,
            accepted_ms, trace)            traceparent of the input's process span
     input_envelopes(pos PRIMARY KEY,      an open input's signed bytes, to refold
            envelope)                      it after a restart; deleted when its
-                                          epoch is flushed (the partial carries it)
+                                          epoch is flushed (the partial carries it).
+                                          Since version 6 a TEXT reference into
+                                          the segment log (``_segments``); a BLOB
+                                          is the bytes inline (older rows)
     senders(sender PRIMARY KEY, hwm)      per-sender sequence high-water marks
     outbox(partial_id PRIMARY KEY, epoch, seq, subject, envelope, trace,
            state, created_ms, acked_ms)   flushed partials: pending until the
-                                          upstream PubAck, then acked (bytes dropped)
+                                          upstream PubAck, then acked (bytes dropped);
+                                          since version 6 the envelope is a TEXT
+                                          reference into the segment log too
     model_versions(version PRIMARY KEY, blob, pointer, lineage, update_count,
            created_ms, published,         central only: signed blob and pointer
            rollback_of)                   envelopes, lineage = concatenated
@@ -62,7 +67,10 @@ write once more. Older stores are migrated when opened: version 1 (envelopes
 inline) to version 2, then version 2 to 3 (the ``model_metrics`` table and
 the ``rollback_of`` column, both empty), then version 3 to 4 (the
 ``quarantine`` table, empty), then version 4 to 5 (the ``leaves`` index,
-filled at a central from its versions' lineage).
+filled at a central from its versions' lineage), then version 5 to 6 (new input
+and outbox envelopes go to the segment log; rows already inline stay readable).
+Version 6 is a version of its own so that an older fedtier, which would read a
+reference as envelope bytes, refuses the store instead.
 """
 
 from __future__ import annotations
@@ -79,8 +87,8 @@ __all__ = ["READABLE_VERSIONS", "SCHEMA_VERSION", "prepare_schema"]
 # The package's name, not this module's: the migration has always logged as the store.
 logger = logging.getLogger("fedtier.tiers.store")
 
-SCHEMA_VERSION: Final = 5
-READABLE_VERSIONS: Final = (1, 2, 3, 4, 5)
+SCHEMA_VERSION: Final = 6
+READABLE_VERSIONS: Final = (1, 2, 3, 4, 5, 6)
 """Schema versions this fedtier opens (older ones are migrated to ``SCHEMA_VERSION``)."""
 
 _SCHEMA: Final = """
@@ -195,6 +203,8 @@ def prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
         _migrate_from_v3(conn)
     if version in (1, 2, 3, 4):
         _migrate_from_v4(conn)
+    if version in (1, 2, 3, 4, 5):
+        _migrate_from_v5(conn)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -272,6 +282,22 @@ def _migrate_from_v4(conn: sqlite3.Connection) -> None:
                 "INSERT OR IGNORE INTO leaves (update_id, pos) VALUES (?, NULL)",
                 ((bytes(lineage[i : i + 16]),) for i in range(0, len(lineage), 16)),
             )
+        conn.execute("PRAGMA user_version = 5")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    logger.info("migrated the state store to schema version %d", 5)
+
+
+def _migrate_from_v5(conn: sqlite3.Connection) -> None:
+    """Take a version 5 store to version 6: envelopes in the segment log (one transaction).
+
+    Nothing is rewritten: inline envelopes (BLOB) stay readable, and new ones
+    are stored as references (TEXT); the step only records the version.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -23,6 +23,7 @@ from fedtier.tiers.store._central import ARRAY_DTYPES, CentralTables
 from fedtier.tiers.store._engine import RunBlocking, run_inline
 from fedtier.tiers.store._records import InputRecord, OutboxEntry, Recovery, version_from_row
 from fedtier.tiers.store._schema import prepare_schema
+from fedtier.tiers.store._segments import DEFAULT_SEGMENT_BYTES
 
 __all__ = ["StateStore", "open_state_store"]
 
@@ -51,7 +52,9 @@ class StateStore(CentralTables):
                 input_id=bytes(row[1]),
                 seq=int(row[2]),
                 epoch=int(row[3]),
-                envelope=bytes(row[4]),
+                # A segment reference (or an older store's inline bytes), read here
+                # rather than through the SQL function so its StoreError says why.
+                envelope=self.envelope_bytes(row[4]),
                 base_version=int(row[5]),
                 n_samples=float(row[6]),
                 tau=int(row[7]),
@@ -90,7 +93,7 @@ class StateStore(CentralTables):
                 epoch=int(row[1]),
                 seq=int(row[2]),
                 subject=str(row[3]),
-                envelope=bytes(row[4]),
+                envelope=self.envelope_bytes(row[4]),
                 trace=str(row[5]),
             )
             for row in conn.execute(
@@ -148,6 +151,7 @@ async def open_state_store(
     commit_window_s: float = 0.002,
     in_thread: bool = True,
     crash_label: str = "store",
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES,
 ) -> AsyncIterator[StateStore]:
     """Open (creating if needed) the state store at ``path`` and run its committer.
 
@@ -160,6 +164,8 @@ async def open_state_store(
             would otherwise jump while a thread works.
         crash_label: the tier name of the crash points ``<label>.before_commit``
             and ``<label>.after_commit`` (``tiers.faults``).
+        segment_bytes: size past which the segment log starts a new file
+            (tests make it small to see segments come and go).
 
     Raises:
         StoreError: the file cannot be opened or has another schema.
@@ -173,6 +179,7 @@ async def open_state_store(
         commit_window_s=commit_window_s,
         run_blocking=run_blocking,
         crash_label=crash_label,
+        segment_bytes=segment_bytes,
     )
     await run_blocking(store._open_sync)
     try:

@@ -13,9 +13,12 @@ holds four tables:
   table, pruned to ``RESOLVED_KEEP`` rows), so a late second receipt is
   recognised.
 * ``log``: the device's own append-only history (sent, resent,
-  receipt_accepted, receipt_duplicate, receipt_rejected), never pruned. It is
-  the independent record an external checker compares with what the edges
-  say they accepted; ``export_log`` writes it as JSON lines.
+  receipt_accepted, receipt_duplicate, receipt_rejected). It is the
+  independent record an external checker compares with what the edges say
+  they accepted; ``export_log`` writes it as JSON lines. It is kept whole
+  unless the outbox is opened with ``log_horizon_s``: then rows older than
+  that are deleted (``prune_log``, also every ``LOG_PRUNE_EVERY`` receipts), so
+  a device that runs for years keeps a bounded file.
 
 The database runs in WAL mode with ``synchronous=FULL``: every commit is on
 disk before the call returns. Each call is one small transaction costing a
@@ -39,9 +42,11 @@ from typing import Final
 
 from fedtier.protocol.errors import ConfigError, LocalProtocolError
 
-__all__ = ["RESOLVED_KEEP", "LogEntry", "LogEvent", "Outbox", "PendingUpdate"]
+__all__ = ["LOG_PRUNE_EVERY", "RESOLVED_KEEP", "LogEntry", "LogEvent", "Outbox", "PendingUpdate"]
 
 RESOLVED_KEEP: Final = 4096
+LOG_PRUNE_EVERY: Final = 256
+"""Receipts between two prunes of the log, when the outbox has a ``log_horizon_s``."""
 _SCHEMA_VERSION: Final = 1
 
 _SCHEMA: Final = """
@@ -134,13 +139,21 @@ class Outbox:
             file was lost still numbers its updates above the high-water mark
             edges remember for it (unless it sent more than one update per
             millisecond on average). Ignored when the database exists.
+        log_horizon_s: keep log rows this many seconds; None keeps the whole log
+            (what a checker comparing device logs with the edges needs).
 
     Raises:
         ConfigError: the file cannot be opened as an outbox database.
     """
 
-    def __init__(self, path: Path, *, first_seq: int | None = None) -> None:
+    def __init__(
+        self, path: Path, *, first_seq: int | None = None, log_horizon_s: float | None = None
+    ) -> None:
+        if log_horizon_s is not None and not log_horizon_s >= 0:
+            raise LocalProtocolError(f"log_horizon_s is {log_horizon_s!r}; it must be >= 0")
         self.path = Path(path)
+        self.log_horizon_s = log_horizon_s
+        self._resolved_since_prune = 0
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so every
             # transaction boundary is explicit.
@@ -326,7 +339,26 @@ class Outbox:
                 (RESOLVED_KEEP,),
             )
             self._append_log(cur, update_id, seq, event, reason, now)
+        self._resolved_since_prune += 1
+        if self.log_horizon_s is not None and self._resolved_since_prune >= LOG_PRUNE_EVERY:
+            self.prune_log(now - self.log_horizon_s)
         return True
+
+    def prune_log(self, before_s: float) -> int:
+        """Delete the log rows written before Unix time ``before_s``; return how many.
+
+        Log ids grow with time, so the rows go by id: the newest row older than
+        the bound is found once, and everything up to it is deleted.
+        """
+        self._resolved_since_prune = 0
+        with self._transaction() as cur:
+            row = cur.execute(
+                "SELECT max(id) FROM log WHERE time_s < ?",
+                (before_s,),
+            ).fetchone()
+            if row[0] is None:
+                return 0
+            return int(cur.execute("DELETE FROM log WHERE id <= ?", (row[0],)).rowcount)
 
     def resolved_status(self, update_id: bytes) -> str | None:
         """The status an update was resolved with, if it is among the recent ones."""

@@ -105,11 +105,17 @@ class Reason(StrEnum):
     FUTURE_BASE = "future_base"
     RATE_LIMITED = "rate_limited"
     CONTRIBUTION_CAPPED = "contribution_capped"
+    # Backpressure (edge): the state disk is under its low watermark; not final, the
+    # device keeps the update and resends it later.
+    DISK_FULL = "disk_full"
     # A tier could not decide about one delivery (a bug, caught): quarantined, never a crash.
     INTERNAL_ERROR = "internal_error"
     # Robust aggregation ([robust] outlier_score): an acknowledged input far from its
     # buffer's robust centre, moved to the quarantine at the cut; never a receipt reason.
     OUTLIER = "outlier"
+    # Key lifecycle: the signing key (or the device name) is on the fleet's signed
+    # revocation list, or its certificate is; refused from the moment the list is loaded.
+    REVOKED = "revoked"
 
 
 class FedtierError(Exception):

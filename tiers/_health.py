@@ -11,8 +11,9 @@ Why polling: these are states, not events. An outbox whose publishes hang
 changes nothing the daemon would notice, so its age has to be looked at. Local
 state is read every ``LOCAL_INTERVAL_S`` (cheap: a few attributes and one
 ``statvfs``); nats-server's monitoring endpoint, where the ``sync_interval``
-check and the consumer's ``num_pending`` are, every ``MONITORING_INTERVAL_S``
-(the endpoint is shared by every daemon of a region: keep the load modest).
+check, the consumer's ``num_pending`` and the UP stream's bytes are, every
+``MONITORING_INTERVAL_S`` (the endpoint is shared by every daemon of a region:
+keep the load modest).
 The dropped-message count comes from Mosquitto itself: the edge subscribes to
 ``$SYS/broker/publish/messages/dropped``, which Mosquitto publishes (retained)
 every ``sys_interval``; the edge's own bus never drops a message (it stops
@@ -60,6 +61,7 @@ __all__ = [
     "consumer_pending",
     "disk_watermark",
     "run_probes",
+    "stream_bytes",
     "sync_always_of",
 ]
 
@@ -93,6 +95,9 @@ class HealthMetrics(Protocol):
 
     def consumer_lag(self, stream: str, consumer: str, pending: int, ack_pending: int, /) -> None:
         """Set a JetStream consumer's pending counts."""
+
+    def jetstream_stream(self, stream: str, size_bytes: int, max_bytes: int, /) -> None:
+        """Set a stream's stored bytes and its byte cap."""
 
     def nats_sync_always(self, server: str, ok: bool, /) -> None:
         """Set the sync check of one server."""
@@ -146,6 +151,15 @@ def consumer_pending(jsz: Mapping[str, Any], stream: str, consumer: str) -> tupl
             for info in detail.get("consumer_detail") or ():
                 if info.get("name") == consumer:
                     return int(info.get("num_pending", 0)), int(info.get("num_ack_pending", 0))
+    return None
+
+
+def stream_bytes(jsz: Mapping[str, Any], stream: str) -> int | None:
+    """The bytes ``stream`` holds in a ``/jsz`` answer; None when it lists no state for it."""
+    for account in jsz.get("account_details") or ():
+        for detail in account.get("stream_detail") or ():
+            if detail.get("name") == stream and isinstance(detail.get("state"), Mapping):
+                return int(detail["state"].get("bytes", 0))
     return None
 
 
@@ -268,7 +282,7 @@ class HealthProbes:
     # -- nats-server's monitoring endpoint ---------------------------------------------
 
     async def sample_monitoring(self) -> None:
-        """The ``sync_interval: always`` check of every server and this tier's consumer lag.
+        """The fsync check of every server, this tier's consumer lag and its stream's bytes.
 
         With no monitoring URL there is nothing to read.
         """
@@ -287,6 +301,12 @@ class HealthProbes:
             if not isinstance(jsz, Mapping):
                 continue
             answered = True
+            size = stream_bytes(jsz, self.consumer.stream)
+            if size is not None:
+                # The cap is this daemon's configured one (the central sets it on
+                # the stream): the alert compares the two before the stream fills.
+                cap = self.daemon.config.retention.up_stream_max_bytes
+                self.metrics.jetstream_stream(self.consumer.stream, size, cap)
             pending = consumer_pending(jsz, self.consumer.stream, self.consumer.durable)
             if pending is not None:
                 self.metrics.consumer_lag(self.consumer.stream, self.consumer.durable, *pending)

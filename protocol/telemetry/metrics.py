@@ -37,6 +37,8 @@ seconds (local state) or every 30 s (nats-server's monitoring endpoint)::
                                                 F4  messages not yet delivered (consumer lag)
     fedtier_jetstream_consumer_ack_pending{stream,consumer}
                                                     delivered, not yet acknowledged
+    fedtier_jetstream_stream_bytes{stream}          bytes the stream holds (its state)
+    fedtier_jetstream_stream_max_bytes{stream}      its byte cap; a full stream refuses publishes
     fedtier_nats_sync_always{server}                1 when the server fsyncs every write
     fedtier_state_disk_free_bytes                   free bytes of the state directory's disk
     fedtier_state_disk_size_bytes                   that filesystem's size
@@ -139,6 +141,8 @@ class TierMetrics:
         "_quarantined",
         "_retries",
         "_staleness",
+        "_stream_bytes",
+        "_stream_max_bytes",
         "_sync_always",
         "_update_bytes",
         "_updates",
@@ -262,6 +266,16 @@ class TierMetrics:
             "fedtier_jetstream_consumer_ack_pending",
             "{message}",
             "Messages delivered to this tier's durable consumer and not yet acknowledged.",
+        )
+        self._stream_bytes: _Gauge = meter.create_gauge(
+            "fedtier_jetstream_stream_bytes",
+            "By",
+            "Bytes the JetStream stream holds, as its server reports them.",
+        )
+        self._stream_max_bytes: _Gauge = meter.create_gauge(
+            "fedtier_jetstream_stream_max_bytes",
+            "By",
+            "The stream's byte cap (discard new: a full stream refuses publishes).",
         )
         self._sync_always: _Gauge = meter.create_gauge(
             "fedtier_nats_sync_always",
@@ -388,6 +402,12 @@ class TierMetrics:
         labels = self._labels("stream", stream, "consumer", consumer)
         self._consumer_pending.set(pending, labels)
         self._consumer_ack_pending.set(ack_pending, labels)
+
+    def jetstream_stream(self, stream: str, size_bytes: int, max_bytes: int) -> None:
+        """Set a stream's stored bytes and its byte cap (``max_bytes``; 0 when it has none)."""
+        labels = self._labels("stream", stream)
+        self._stream_bytes.set(size_bytes, labels)
+        self._stream_max_bytes.set(max_bytes, labels)
 
     def nats_sync_always(self, server: str, ok: bool) -> None:
         """Set the result of the ``sync_interval: always`` check of ``server``."""

@@ -381,10 +381,28 @@ class JsonLinesSpanExporter(SpanExporter):
     do not parse. When reopening a file whose last line is torn, the exporter
     first ends that line, so the torn fragment never swallows a new span.
     The file is opened on the first export and closed by ``shutdown``.
+
+    With ``max_bytes`` the file is rotated once a batch takes it to that size:
+    ``x.jsonl`` becomes ``x.1.jsonl`` (``x.1`` becomes ``x.2``, and so on) and
+    the oldest beyond ``keep`` is deleted, so the span files of a long-running
+    daemon stay under about ``(keep + 1) * max_bytes`` (one batch more). Rotated
+    files keep the ``.jsonl`` suffix: the readers that load every ``*.jsonl`` of
+    a folder (``fedtier trace``, the explorer) read them too.
+
+    Args:
+        path: the file spans are appended to.
+        max_bytes: rotate past this size; None never rotates.
+        keep: rotated files kept besides the current one (0: a rotation deletes it).
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, max_bytes: int | None = None, keep: int = 4) -> None:
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"span file max_bytes must be >= 1, got {max_bytes!r}")
+        if keep < 0:
+            raise ValueError(f"span files keep must be >= 0, got {keep!r}")
         self._path = Path(path)
+        self._max_bytes = max_bytes
+        self._keep = keep
         self._lock = threading.Lock()
         self._file: IO[bytes] | None = None
         self._closed = False
@@ -408,11 +426,32 @@ class JsonLinesSpanExporter(SpanExporter):
                 _logger.warning("span exporter for %s is shut down; dropping spans", self._path)
                 return SpanExportResult.FAILURE
             try:
-                self._write_all(self._open(), data)
+                file = self._open()
+                self._write_all(file, data)
+                if self._max_bytes is not None and file.tell() >= self._max_bytes:
+                    self._rotate()
             except OSError as exc:
                 _logger.warning("cannot append %d spans to %s: %s", len(spans), self._path, exc)
                 return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
+
+    def rotated_path(self, index: int) -> Path:
+        """The ``index``-th rotated file (1 is the newest): ``x.jsonl`` -> ``x.<index>.jsonl``."""
+        return self._path.with_name(f"{self._path.stem}.{index}{self._path.suffix}")
+
+    def _rotate(self) -> None:
+        """Close the current file and shift it into the rotated ones (under the lock)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        # Oldest first: each rename replaces the file just moved on (the oldest
+        # kept one is replaced, so dropped), never one still to be moved.
+        for index in range(self._keep, 0, -1):
+            newer = self.rotated_path(index - 1) if index > 1 else self._path
+            if newer.exists():
+                newer.replace(self.rotated_path(index))
+        if self._keep == 0:
+            self._path.unlink(missing_ok=True)
 
     def shutdown(self) -> None:
         """Close the file; later exports fail."""
@@ -596,6 +635,8 @@ def setup_tracing(
     jsonl_dir: Path | None,
     tier: str | None = None,
     set_global: bool = True,
+    jsonl_max_bytes: int | None = None,
+    jsonl_keep: int = 4,
 ) -> TracingHandle:
     """Create this process's tracer provider, configured by the ``OTEL_*`` variables.
 
@@ -612,6 +653,9 @@ def setup_tracing(
         set_global: also install the provider as the process-global one (the
             API allows that once per process; later calls keep the first and
             log a warning). Tests pass ``False`` and use ``handle.tracer``.
+        jsonl_max_bytes: rotate the JSON-lines file past this size (a daemon's
+            ``[retention] span_file_max_bytes``); None never rotates.
+        jsonl_keep: rotated files kept besides the current one.
 
     Raises:
         ConfigError: an unsupported ``OTEL_TRACES_EXPORTER`` or OTLP protocol, a
@@ -652,7 +696,10 @@ def setup_tracing(
                 provider.add_span_processor(
                     _KeepRejections(
                         BatchSpanProcessor(
-                            JsonLinesSpanExporter(jsonl_path), schedule_delay_millis=delay
+                            JsonLinesSpanExporter(
+                                jsonl_path, max_bytes=jsonl_max_bytes, keep=jsonl_keep
+                            ),
+                            schedule_delay_millis=delay,
                         )
                     )
                 )

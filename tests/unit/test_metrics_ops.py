@@ -182,6 +182,9 @@ class Recorded:
     def consumer_lag(self, stream: str, consumer: str, pending: int, ack_pending: int) -> None:
         self._note("consumer_lag", stream, consumer, pending, ack_pending)
 
+    def jetstream_stream(self, stream: str, size_bytes: int, max_bytes: int) -> None:
+        self._note("jetstream_stream", stream, size_bytes, max_bytes)
+
     def nats_sync_always(self, server: str, ok: bool) -> None:
         self._note("nats_sync_always", server, ok)
 

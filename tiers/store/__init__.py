@@ -16,6 +16,8 @@ One concern a module:
 * ``_records``: the record types (``InputRecord``, ``OutboxEntry``, ...).
 * ``_inputs``: the tables every tier writes (inputs, envelopes, senders' marks,
   outbox, meta).
+* ``_segments``: the append-only, fsync'd log that holds open inputs' and
+  pending partials' envelope bytes (the rows keep references).
 * ``_quarantine``: inputs acknowledged but not usable (yet), and the offline
   access of ``fedtier quarantine``.
 * ``_central``: the central's model versions, lineage, optimizer state and metrics.
@@ -24,6 +26,7 @@ One concern a module:
 * ``_lineage``: read-only lineage readers for checkers and the CLI.
 * ``_catalog``: the read-only catalog of model versions for ``fedtier model``.
 * ``_admin``: offline writes while no central runs (``fedtier model rollback``).
+* ``_retention``: the prune queries of the ``[retention]`` horizons.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from fedtier.tiers.store._catalog import (
     read_target_reached,
 )
 from fedtier.tiers.store._engine import CommitTicket
+from fedtier.tiers.store._inputs import now_ms, prune_segments
 from fedtier.tiers.store._lineage import read_lineage, read_lineages
 from fedtier.tiers.store._quarantine import (
     QuarantineRecord,
@@ -55,6 +59,13 @@ from fedtier.tiers.store._records import (
     Recovery,
     TargetRecord,
 )
+from fedtier.tiers.store._retention import (
+    PruneCounts,
+    TableSizes,
+    prune_acked_outbox,
+    prune_done_inputs,
+    table_sizes,
+)
 from fedtier.tiers.store._store import StateStore, open_state_store
 
 __all__ = [
@@ -64,16 +75,22 @@ __all__ = [
     "InputState",
     "ModelVersionRecord",
     "OutboxEntry",
+    "PruneCounts",
     "QuarantineRecord",
     "QuarantineUsage",
     "Recovery",
     "Retry",
     "StateStore",
     "StoredVersion",
+    "TableSizes",
     "TargetRecord",
     "drop_quarantined",
+    "now_ms",
     "open_state_store",
     "open_store_exclusively",
+    "prune_acked_outbox",
+    "prune_done_inputs",
+    "prune_segments",
     "read_latest_version",
     "read_lineage",
     "read_lineages",
@@ -83,4 +100,5 @@ __all__ = [
     "read_stored_versions",
     "read_target_reached",
     "release_quarantined",
+    "table_sizes",
 ]

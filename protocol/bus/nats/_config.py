@@ -36,6 +36,23 @@ class StreamSpec:
             node loses nothing acknowledged). At start an existing stream with
             fewer copies, or not on file storage when ``storage`` says file,
             is refused.
+        max_bytes: the most bytes the stream holds (None: no cap of its own,
+            only the account's). Together with ``discard="new"`` a full stream
+            refuses a publish (the publisher sees ``BusUnavailable`` and keeps
+            the message in its outbox) instead of silently dropping the oldest.
+        discard: what a full stream does: ``"old"`` drops its oldest messages,
+            ``"new"`` refuses the publish.
+        retention: ``"limits"`` keeps messages until ``max_age_s`` or a size
+            cap, whoever consumed them; ``"workqueue"`` deletes a message once
+            the one consumer whose filter matches it acknowledged it, keeps it
+            while no consumer exists yet, and refuses consumers with
+            overlapping filters; ``"interest"`` deletes a message once every
+            matching consumer acknowledged it, and stores nothing published
+            while no consumer matches (nats-server still answers such a publish
+            with a normal PubAck: a silent loss unless the consumer exists
+            before the first publish). nats-server cannot change a stream to or
+            from ``"workqueue"``: an existing stream keeps its retention then
+            (with a warning), see ``_connection``.
     """
 
     name: str
@@ -45,6 +62,9 @@ class StreamSpec:
     max_msgs_per_subject: int | None = None
     storage: Literal["file", "memory"] = "file"
     replicas: int = 1
+    max_bytes: int | None = None
+    discard: Literal["old", "new"] = "old"
+    retention: Literal["limits", "workqueue", "interest"] = "limits"
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in ".*> \t\r\n"):
@@ -73,6 +93,21 @@ class StreamSpec:
             raise ConfigError(
                 f"stream {self.name!r}: replicas must be 1-{_MAX_REPLICAS}, got {self.replicas!r}"
             )
+        if self.max_bytes is not None and (
+            isinstance(self.max_bytes, bool)
+            or not isinstance(self.max_bytes, int)
+            or self.max_bytes < 1
+        ):
+            raise ConfigError(
+                f"stream {self.name!r}: max_bytes must be None or an integer >= 1, "
+                f"got {self.max_bytes!r}"
+            )
+        if self.discard not in ("old", "new"):
+            raise ConfigError(f"stream {self.name!r}: discard must be 'old' or 'new'")
+        if self.retention not in ("limits", "workqueue", "interest"):
+            raise ConfigError(
+                f"stream {self.name!r}: retention must be 'limits', 'workqueue' or 'interest'"
+            )
 
     def covers(self, subject_filter: str) -> bool:
         """Return True when every subject matching ``subject_filter`` lands in this stream."""
@@ -91,7 +126,7 @@ class NatsConfig:
             level its own (``_INBOX_edge_eu-west``) and allow only that
             prefix to be subscribed: with the shared ``_INBOX`` any user that
             may subscribe to ``_INBOX.>`` reads every other user's replies,
-            partials included (deploy/nats/nats-server.conf).
+            partials included (deploy/nats/accounts.conf).
         connect_timeout_s: per-server TCP/TLS connect timeout.
         connect_attempts: rounds over ``servers`` for the initial connect
             (nats-py's initial connect does not retry on its own; after it
@@ -109,7 +144,7 @@ class NatsConfig:
             go through JetStream, durable subscriptions bind to them.
         manage_streams: create or update ``streams`` on connect (needs the
             JetStream API permissions to do so). False only checks that they
-            exist, for least-privilege users (deploy/nats/nats-server.conf).
+            exist, for least-privilege users (deploy/nats/accounts.conf).
         wait_for_streams: with ``manage_streams`` off, a missing stream is
             waited for (checked every second, a warning logged every 10 s)
             instead of refused with ``ConfigError``: a daemon started before
@@ -161,6 +196,13 @@ class NatsConfig:
             acks). False returns once the ack is queued: faster for a
             consumer that acks one message at a time, but an ack queued just
             before a crash of this process is lost and the message redelivered.
+        startup_backoff_s: first delay before retrying a start-up JetStream
+            call (the stream check) that got no reply (a server restarting,
+            a cluster without a leader yet); doubles on each try.
+        startup_max_backoff_s: longest delay between those tries. They go
+            on until the server answers or the caller cancels (a daemon's
+            stop signal): a daemon started while JetStream is away waits
+            for it instead of exiting.
         fetch_batch: most messages one fetch asks for (also bounded by each
             subscription's free capacity).
         fetch_wait_s: how long one pull request lingers when the consumer has
@@ -199,6 +241,8 @@ class NatsConfig:
     max_hold_s: float = 300.0
     max_ack_pending: int = 10_000
     confirm_acks: bool = True
+    startup_backoff_s: float = 0.5
+    startup_max_backoff_s: float = 10.0
     fetch_batch: int = 256
     fetch_wait_s: float = 5.0
     object_put_timeout_s: float = 60.0
@@ -220,6 +264,8 @@ class NatsConfig:
             "fetch_wait_s": self.fetch_wait_s,
             "object_put_timeout_s": self.object_put_timeout_s,
             "object_get_timeout_s": self.object_get_timeout_s,
+            "startup_backoff_s": self.startup_backoff_s,
+            "startup_max_backoff_s": self.startup_max_backoff_s,
         }
         for key, value in positive.items():
             if not value > 0:

@@ -239,6 +239,37 @@ async def _connect(config: NatsConfig, events: _ConnectionEvents) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+_RETENTION: Final = {
+    "limits": nats.js.api.RetentionPolicy.LIMITS,
+    "workqueue": nats.js.api.RetentionPolicy.WORK_QUEUE,
+    "interest": nats.js.api.RetentionPolicy.INTEREST,
+}
+
+
+def _keep_unchangeable_retention(name: str, cfg: Any, have: Any) -> None:
+    """Keep an existing stream's retention where nats-server cannot change it in place.
+
+    A stream cannot move to or from work-queue retention by an update; refusing
+    to start would stop a whole fleet over a setting whose only cost is that
+    consumed messages stay until ``max_age``. So the stream keeps what it has and
+    the log says how to move it: drain it (every consumer caught up), delete it,
+    and start the daemon that manages the streams, which creates it anew.
+    """
+    want = cfg.retention
+    work_queue = nats.js.api.RetentionPolicy.WORK_QUEUE
+    if have is None or have == want or work_queue not in (have, want):
+        return
+    logger.warning(
+        "JetStream stream %s keeps %s retention: nats-server cannot change it to %s in "
+        "place; drain the stream, delete it and restart this daemon to recreate it "
+        "(docs/operations.md, retention and limits)",
+        name,
+        getattr(have, "value", have),
+        getattr(want, "value", want),
+    )
+    cfg.retention = have
+
+
 def _storage_problem(info: Any, replicas: int, file_storage: bool) -> str | None:
     """Why a stream's info falls short of ``replicas`` copies (and file storage), or None."""
     config = info.config
@@ -284,6 +315,13 @@ async def _aio_ensure_streams(js: Any, streams: tuple[StreamSpec, ...], manage: 
                 else nats.js.api.StorageType.MEMORY
             ),
             num_replicas=spec.replicas,
+            max_bytes=spec.max_bytes if spec.max_bytes is not None else -1,
+            discard=(
+                nats.js.api.DiscardPolicy.NEW
+                if spec.discard == "new"
+                else nats.js.api.DiscardPolicy.OLD
+            ),
+            retention=_RETENTION[spec.retention],
         )
         try:
             info = await js.stream_info(spec.name)
@@ -294,6 +332,7 @@ async def _aio_ensure_streams(js: Any, streams: tuple[StreamSpec, ...], manage: 
             info = await js.add_stream(cfg)
         else:
             if manage:
+                _keep_unchangeable_retention(spec.name, cfg, info.config.retention)
                 info = await js.update_stream(cfg)
         problem = _storage_problem(info, spec.replicas, spec.storage == "file")
         if problem is not None:
@@ -311,20 +350,56 @@ async def _aio_ensure_streams(js: Any, streams: tuple[StreamSpec, ...], manage: 
 async def _check_streams(conn: _Connection) -> list[str]:
     """One pass of :func:`_aio_ensure_streams` at the bus boundary; the missing stream names."""
     names = [spec.name for spec in conn.config.streams]
+    # The reply inbox too: a user not allowed to subscribe to its prefix never
+    # gets an answer, which must read as the refusal it is, not as a wait.
+    watched = [*names, conn.config.inbox_prefix]
     try:
         with (
-            _refusals(conn.events, "ensure JetStream streams", names, write=False),
+            _refusals(conn.events, "ensure JetStream streams", watched, write=False),
             _boundary("ensure JetStream streams"),
         ):
             return await _aio(
                 _aio_ensure_streams, conn.js, conn.config.streams, conn.config.manage_streams
             )
     except BusError as exc:
-        if isinstance(exc.__cause__, nats.js.errors.APIError):
+        cause = exc.__cause__
+        if isinstance(cause, nats.js.errors.ServiceUnavailableError) and cause.err_code is None:
+            # A bare 503 status, no API error: no JetStream answers on this server
+            # now (restarting, or reached before its JetStream is up). A wait.
+            raise BusUnavailable(
+                f"ensure JetStream streams: JetStream unavailable ({cause})"
+            ) from cause
+        if isinstance(cause, nats.js.errors.APIError):
             raise ConfigError(
                 f"cannot create or update the JetStream streams {names}: {exc}"
             ) from exc
         raise
+
+
+async def _check_streams_retrying(conn: _Connection) -> list[str]:
+    """:func:`_check_streams`, retrying ``BusUnavailable`` until the server answers.
+
+    A daemon started while JetStream is away (a server restarting, a cluster
+    still electing its meta leader, a link that dropped right after the
+    connect) used to exit with "no reply in time": that is a wait, like every
+    other bus operation of a running daemon, not a reason to die. Each retry is
+    logged with its backoff (``startup_backoff_s`` doubling up to
+    ``startup_max_backoff_s``); a caller's cancellation (a stop signal) ends it.
+    """
+    config = conn.config
+    delay = config.startup_backoff_s
+    while True:
+        try:
+            return await _check_streams(conn)
+        except BusUnavailable as exc:
+            logger.warning(
+                "nats %s: JetStream stream check failed (%s); retrying in %.1f s",
+                config.name,
+                exc,
+                delay,
+            )
+        await trio.sleep(delay)
+        delay = min(delay * 2, config.startup_max_backoff_s)
 
 
 async def _ensure_streams(conn: _Connection) -> None:
@@ -334,10 +409,12 @@ async def _ensure_streams(conn: _Connection) -> None:
     that creates the streams: with ``wait_for_streams`` it polls until they
     exist, saying so at a bounded interval, so an operator reading its log
     knows what it waits for; without, the first missing one is a ``ConfigError``.
+    A check the server does not answer (``BusUnavailable``) is retried with the
+    connection's start-up backoff, never fatal.
     """
     if not conn.config.streams:
         return
-    missing = await _check_streams(conn)
+    missing = await _check_streams_retrying(conn)
     if missing and not conn.config.wait_for_streams:
         raise ConfigError(
             f"JetStream stream {missing[0]!r} does not exist and manage_streams is off; "
@@ -353,13 +430,8 @@ async def _ensure_streams(conn: _Connection) -> None:
             )
             next_log_at = trio.current_time() + _STREAM_WAIT_LOG_S
         await trio.sleep(_STREAM_POLL_S)
-        try:
-            missing = await _check_streams(conn)
-        except BusUnavailable as exc:
-            # The server restarting during a long wait is still a wait.
-            logger.warning(
-                "nats %s: stream check failed (%s); still waiting", conn.config.name, exc
-            )
+        # The server restarting during a long wait is still a wait.
+        missing = await _check_streams_retrying(conn)
     if waited:
         logger.info(
             "JetStream streams %s exist now; continuing", [s.name for s in conn.config.streams]

@@ -90,6 +90,10 @@ class MqttTopics:
         """The retained topic holding the signed current model blob."""
         return f"{self.prefix}/model/blob"
 
+    def model_certificate(self) -> str:
+        """The retained topic holding the root's certificate of the key that signed the model."""
+        return f"{self.prefix}/model/cert"
+
     def device_of(self, topic: str) -> str | None:
         """Return the device id of an update topic of this site, or None."""
         head = f"{self.prefix}/up/"
@@ -150,12 +154,31 @@ class NatsSubjects:
         """KV bucket of the daemons' status snapshots (``fedtier status``)."""
         return f"ft_{self.fleet}_status"
 
+    def lease_bucket(self) -> str:
+        """KV bucket of the leases: which instance of a site, region or central is active."""
+        return f"ft_{self.fleet}_leases"
+
+    @staticmethod
+    def lease_key(tier: str, region: str | None, site: str | None) -> str:
+        """Key of one lease: ``edge.<region>.<site>``, ``regional.<region>`` or ``central``."""
+        check_token("tier", tier)
+        parts = [tier] + [
+            check_token(kind, value)
+            for kind, value in (("region", region), ("site", site))
+            if value is not None
+        ]
+        return ".".join(parts)
+
+    def forwarded_bucket(self) -> str:
+        """KV bucket of the regionals' intents: partials sealed and about to be published."""
+        return f"ft_{self.fleet}_forwarded"
+
     @staticmethod
     def status_key(tier: str, region: str | None, daemon_id: str) -> str:
         """Key of one daemon's snapshot: ``<tier>.<region>.<id>``, or ``central.<id>``.
 
         The region is part of the key so a NATS user may be allowed to write
-        exactly its region's keys (deploy/nats/nats-server.conf).
+        exactly its region's keys (deploy/nats/accounts.conf).
         """
         check_token("tier", tier)
         if not valid_key_id(daemon_id):

@@ -107,8 +107,9 @@ class StatusSnapshot:
         fleet: the fleet token.
         region: its region (edge, regional), or None (central).
         site: its site (edge), or None.
-        state: ``starting``, ``serving``, ``stopping`` or ``stopped`` (the
-            last snapshot of a clean stop).
+        state: ``starting``, ``serving``, ``standby`` (``[lease]``: another
+            instance is active), ``stopping`` or ``stopped`` (the last
+            snapshot of a clean stop).
         model_version: the newest model version it knows.
         epoch: the open buffer's epoch, or None before it has one.
         buffer_inputs: inputs in the open buffer.
@@ -420,6 +421,8 @@ class StatusPublisher:
         if state is None:
             if self._stopping():
                 state = "stopping"
+            elif getattr(daemon, "standby", False):
+                state = "standby"  # [lease]: waiting for the active instance to go
             elif daemon.ready.is_set():
                 state = "serving"
             else:

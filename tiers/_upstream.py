@@ -10,7 +10,7 @@ import collections
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import trio
 from opentelemetry import trace
@@ -43,7 +43,7 @@ from fedtier.tiers.store import (
 J = TypeVar("J")
 T = TypeVar("T")
 
-__all__ = ["Uplink", "UplinkJob", "UpstreamWorker", "retry_transient"]
+__all__ = ["Uplink", "UplinkGate", "UplinkJob", "UpstreamWorker", "retry_transient"]
 
 
 async def retry_transient(
@@ -159,6 +159,16 @@ class UpstreamWorker(abc.ABC, Generic[J]):
         """Do one job, retrying transient failures until it is done."""
 
 
+class UplinkGate(Protocol):
+    """What a daemon does around each publish of a partial (the regional's intents, regional.py)."""
+
+    async def before_publish(self, entry: OutboxEntry) -> None:
+        """Called before the first try; returns once the partial may be published."""
+
+    def published(self, entry: OutboxEntry) -> None:
+        """Called once the partial is durable upstream (its PubAck came)."""
+
+
 @dataclass(frozen=True, slots=True)
 class UplinkJob:
     """A partial to publish once its flush is durable."""
@@ -183,8 +193,10 @@ class Uplink(UpstreamWorker[UplinkJob]):
         capacity: int,
         on_room: Callable[[], None],
         drop_unconfirmed: bool = False,
+        gate: UplinkGate | None = None,
     ) -> None:
         super().__init__(capacity=capacity, on_room=on_room)
+        self._gate = gate
         self._bus = bus
         self._store = store
         self._tier = tier
@@ -200,8 +212,10 @@ class Uplink(UpstreamWorker[UplinkJob]):
         """Wait for the flush commit, publish with ``msg_id = partial id``, mark acked."""
         if job.ticket is not None:
             await job.ticket.wait()
-        crash_point(f"{self._tier}.before_publish")
         entry = job.entry
+        if self._gate is not None:
+            await self._gate.before_publish(entry)
+        crash_point(f"{self._tier}.before_publish")
         pid = entry.partial_id.hex()
         with self._tracer.start_as_current_span(
             span_name(self._tier, "send"),
@@ -240,6 +254,8 @@ class Uplink(UpstreamWorker[UplinkJob]):
                         exc,
                     )
                     self._store.submit_acked(entry.partial_id)
+                    if self._gate is not None:
+                        self._gate.published(entry)
                     return
             else:
                 ack = await retry_transient(
@@ -262,3 +278,5 @@ class Uplink(UpstreamWorker[UplinkJob]):
         # Not awaited: if this commit is lost, the partial is resent at the next
         # start and the receiver dedupes it by id.
         self._store.submit_acked(entry.partial_id)
+        if self._gate is not None:
+            self._gate.published(entry)

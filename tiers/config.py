@@ -47,9 +47,11 @@ __all__ = [
     "EdgeConfig",
     "EvaluationSettings",
     "EvaluationTarget",
+    "LeaseSettings",
     "MqttSettings",
     "NatsSettings",
     "RegionalConfig",
+    "RetentionSettings",
     "RetrySettings",
     "StatusSettings",
     "TelemetrySettings",
@@ -87,7 +89,7 @@ class NatsSettings:
             before redelivering it (set when the durable consumer is created).
         max_deliver: most deliveries of one message (set at consumer creation).
         inbox_prefix: the prefix of this daemon's reply inboxes; each NATS user
-            its own, matching its subscribe permission (deploy/nats/nats-server.conf).
+            its own, matching its subscribe permission (deploy/nats/accounts.conf).
         max_hold_s: how long in-progress acks keep a delivery this daemon holds
             from redelivery (0: none).
         tls_ca_file, tls_cert_file, tls_key_file: PEM files for TLS.
@@ -95,7 +97,7 @@ class NatsSettings:
         nkeys_seed_file: an nkeys user seed.
         manage_streams: create or update the JetStream streams at start; None
             means only the central does (the others just check they exist), which
-            is what the per-user permissions of deploy/nats/nats-server.conf allow.
+            is what the per-user permissions of deploy/nats/accounts.conf allow.
     """
 
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
@@ -149,6 +151,72 @@ class StatusSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseSettings:
+    """``[lease]``: one active instance per site, region and central (docs/operations.md).
+
+    Off by default: a fleet that runs one process per tier needs no lease, and
+    a lease costs a KV write every third of ``ttl_s`` plus up to ``ttl_s`` of
+    idle time after a crash before the restarted process may take input again.
+
+    Attributes:
+        enabled: take input only while holding the lease; others wait as standby.
+        ttl_s: how long a lease outlives its last refresh (the KV bucket's
+            ``max_age``); also the longest a standby waits after the holder died.
+        instance: this instance's name in the lease; empty means ``host:pid``.
+    """
+
+    enabled: bool = False
+    ttl_s: float = 10.0
+    instance: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    """``[retention]``: how long each table, stream and file keeps what it no longer needs.
+
+    Every bound is a horizon or a byte cap (docs/operations.md, retention and
+    limits). The dedupe horizon is the one that guards exactly-once: an input's
+    ``(sender, id)`` stays known at least that long after it was accepted, so
+    it must exceed the longest time a copy of the input can still arrive: the
+    UP stream's ``up_stream_max_age_s`` (a partial redelivered from the stream)
+    plus the time a sender keeps resending it (its outbox).
+
+    Attributes:
+        interval_s: seconds between two prune passes of a daemon.
+        dedupe_horizon_s: age (since acceptance) after which a finished input's
+            row, and with it its dedupe key and leaf ids, may be deleted; at
+            least ``up_stream_max_age_s``.
+        outbox_horizon_s: age (since the upstream PubAck) after which an
+            acknowledged outbox row is deleted (its bytes went at the ack).
+        prune_batch: most rows one prune transaction deletes per table: the
+            store has one writer, so a long delete would hold intake commits.
+        up_stream_max_age_s: the UP stream's ``max_age``: the outer horizon of
+            a partial waiting for a consumer that is down.
+        up_stream_max_bytes: the UP stream's byte cap (discard new: a full
+            stream refuses publishes, which stay in the publisher's outbox).
+        span_file_max_bytes: a JSON-lines span file is rotated past this size.
+        span_files_keep: rotated span files kept besides the current one.
+    """
+
+    interval_s: float = 300.0
+    dedupe_horizon_s: float = 14 * 86_400.0
+    outbox_horizon_s: float = 86_400.0
+    prune_batch: int = 5_000
+    up_stream_max_age_s: float = 7 * 86_400.0
+    up_stream_max_bytes: int = 2**30
+    span_file_max_bytes: int = 64 * 2**20
+    span_files_keep: int = 4
+
+    def __post_init__(self) -> None:
+        if self.dedupe_horizon_s < self.up_stream_max_age_s:
+            raise ConfigError(
+                f"retention.dedupe_horizon_s is {self.dedupe_horizon_s:g}; it must be at least "
+                f"retention.up_stream_max_age_s ({self.up_stream_max_age_s:g}): a partial "
+                "redelivered from the stream must still be recognised as a duplicate"
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class RetrySettings:
     """Backoff for transient publish failures (``BusUnavailable``, ``PublishError``).
 
@@ -173,6 +241,13 @@ class TierConfig:
         sender_keys: key registry sources (TOML files, PEM folders) of whom this
             daemon accepts inputs from.
         central_key: the pinned central public key: 64 hex digits or a PEM path.
+        root_key: ``[keys] root``: the pinned fleet root key (hex or PEM path), empty
+            for none; with it, models signed by any central key it certified verify.
+        certificates: ``[keys] certificates``: certificate files of central keys (the
+            central publishes them beside its models).
+        revocations: ``[keys] revocations``: a signed revocation list file, or None.
+        revocation_poll_s: ``[keys] revocation_poll_s``: how often the file and the
+            registry's list are read again (the bound on how late a revocation applies).
         nats: NATS connection settings.
         flush: when the open buffer is flushed upstream.
         staleness: staleness function and bound (at a regional or the central the
@@ -185,6 +260,14 @@ class TierConfig:
         telemetry: where telemetry goes.
         status: the status snapshot published for ``fedtier status``.
         quarantine: how much the quarantine holds, in all and per sender.
+        retention: ``[retention]``: prune horizons and byte caps.
+        lease: ``[lease]``: active/standby instances (off by default).
+        max_samples_per_update: ``[validation] max_samples`` at a regional or the
+            central: the fleet's cap on one device update's weight (at least the
+            edges'); a child partial whose ``sample_count`` exceeds its
+            ``update_count`` times it is refused as ``inconsistent_partial``.
+            None: unchecked (the default of a config built in code; a config
+            file gets ``DEFAULT_MAX_SAMPLES``).
     """
 
     fleet: str
@@ -192,6 +275,10 @@ class TierConfig:
     state_dir: Path
     sender_keys: tuple[Path, ...] = ()
     central_key: str = ""
+    root_key: str = ""
+    certificates: tuple[Path, ...] = ()
+    revocations: Path | None = None
+    revocation_poll_s: float = 30.0
     nats: NatsSettings = field(default_factory=NatsSettings)
     flush: FlushPolicy = field(default_factory=FlushPolicy)
     staleness: StalenessPolicy = field(default_factory=StalenessPolicy)
@@ -203,6 +290,9 @@ class TierConfig:
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     status: StatusSettings = field(default_factory=StatusSettings)
     quarantine: QuarantineLimits = field(default_factory=QuarantineLimits)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    lease: LeaseSettings = field(default_factory=LeaseSettings)
+    max_samples_per_update: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -542,6 +632,19 @@ def _edge_validation(table: ConfigTable) -> tuple[float | None, InfluenceRules]:
     )
 
 
+def _partial_weight_cap(table: ConfigTable) -> int:
+    """``[validation] max_samples`` of a regional or the central: the edges' weight cap.
+
+    A registered edge (or regional) that lies about ``sample_count`` would
+    otherwise weigh as much as it likes, as a device did before the edges
+    capped ``n_samples``; a partial may claim at most ``update_count`` times
+    this. Set it to at least every edge's ``max_samples``.
+    """
+    cap = table.integer("max_samples", DEFAULT_MAX_SAMPLES, low=1)
+    table.finish()
+    return cap
+
+
 def _robust(table: ConfigTable) -> RobustRules:
     """``[robust]`` of an edge or a regional (docs/operations.md, robust aggregation)."""
     default = RobustRules()
@@ -632,6 +735,57 @@ def _status(table: ConfigTable) -> StatusSettings:
     return settings
 
 
+def _lease(table: ConfigTable) -> LeaseSettings:
+    default = LeaseSettings()
+    settings = LeaseSettings(
+        enabled=table.boolean("enabled", default.enabled),
+        # Below 1 s a refresh every third of it races ordinary bus latency.
+        ttl_s=table.number("ttl_s", default.ttl_s, low=1.0, high=3600.0),
+        instance=table.string("instance", default.instance, nonempty=False),
+    )
+    table.finish()
+    return settings
+
+
+def _retention(table: ConfigTable, kind: TierKind) -> tuple[RetentionSettings, int]:
+    """``[retention]`` and the central's ``keep_versions``.
+
+    Elsewhere ``keep_versions`` is refused as an unknown key: only the central
+    keeps model versions.
+    """
+    default = RetentionSettings()
+    day = 86_400.0
+    keep = CentralConfig.keep_versions
+    if kind == "central":
+        keep = table.integer("keep_versions", keep, low=0)
+    dedupe = table.number(
+        "dedupe_horizon_s", default.dedupe_horizon_s, low=0.0, high=3650 * day, low_open=True
+    )
+    max_age = table.number(
+        "up_stream_max_age_s", default.up_stream_max_age_s, low=1.0, high=3650 * day
+    )
+    if dedupe < max_age:
+        raise table.fail("dedupe_horizon_s", f"at least up_stream_max_age_s ({max_age:g})")
+    settings = RetentionSettings(
+        interval_s=table.number("interval_s", default.interval_s, low=0.0, low_open=True),
+        dedupe_horizon_s=dedupe,
+        outbox_horizon_s=table.number(
+            "outbox_horizon_s", default.outbox_horizon_s, low=0.0, high=3650 * day
+        ),
+        prune_batch=table.integer("prune_batch", default.prune_batch, low=1, high=1_000_000),
+        up_stream_max_age_s=max_age,
+        up_stream_max_bytes=table.integer(
+            "up_stream_max_bytes", default.up_stream_max_bytes, low=1 << 20
+        ),
+        span_file_max_bytes=table.integer(
+            "span_file_max_bytes", default.span_file_max_bytes, low=1 << 12
+        ),
+        span_files_keep=table.integer("span_files_keep", default.span_files_keep, low=0),
+    )
+    table.finish()
+    return settings, keep
+
+
 def _retry(table: ConfigTable) -> RetrySettings:
     settings = RetrySettings(
         initial_backoff_s=table.number(
@@ -697,6 +851,10 @@ def _common(root: ConfigTable, kind: TierKind) -> dict[str, Any]:
         "state_dir": root.path("state_dir"),
         "sender_keys": keys.paths("senders"),
         "central_key": _pinned_key(keys, "central"),
+        "root_key": _pinned_key(keys, "root") if keys.has("root") else "",
+        "certificates": keys.paths("certificates"),
+        "revocations": keys.path("revocations", None),
+        "revocation_poll_s": keys.number("revocation_poll_s", 30.0, low=0.0, low_open=True),
         "nats": _nats(root.table("nats")),
         "limits": _limits(root.table("limits")),
         "intake_capacity": root.integer("intake_capacity", 64, low=1),
@@ -705,6 +863,7 @@ def _common(root: ConfigTable, kind: TierKind) -> dict[str, Any]:
         "telemetry": _telemetry(root.table("telemetry")),
         "status": _status(root.table("status")),
         "quarantine": _quarantine(root.table("quarantine")),
+        "lease": _lease(root.table("lease")),
         **_policies(root),
     }
     if kind != "central" and not common["sender_keys"]:
@@ -712,6 +871,7 @@ def _common(root: ConfigTable, kind: TierKind) -> dict[str, Any]:
     if not common["central_key"]:
         raise ConfigError(f"{keys.locate('central')} is empty; pin the central's public key")
     keys.finish()
+    common["retention"], common["_keep_versions"] = _retention(root.table("retention"), kind)
     store = root.table("store")
     common["commit_window_s"] = store.number("commit_window_ms", 2.0, low=0.0) / 1000.0
     store.finish()
@@ -772,6 +932,7 @@ def load_config(kind: TierKind, path: Path) -> TierConfig:
     path = Path(path)
     root = ConfigTable.load(path)
     common = _common(root, kind)
+    keep = common.pop("_keep_versions")
     config: TierConfig
     try:
         if kind == "edge":
@@ -799,6 +960,7 @@ def load_config(kind: TierKind, path: Path) -> TierConfig:
             partial.finish()
             config = RegionalConfig(
                 **common,
+                max_samples_per_update=_partial_weight_cap(root.table("validation")),
                 region=root.string("region"),
                 partial_codec=codec,
                 robust=_robust(root.table("robust")),
@@ -813,11 +975,9 @@ def load_config(kind: TierKind, path: Path) -> TierConfig:
             # an unknown one); here they only have to be numbers.
             params = {key: optimizer.number(key) for key in optimizer.remaining()}
             evaluation = _evaluation(root.table("evaluation")) if root.has("evaluation") else None
-            retention = root.table("retention")
-            keep = retention.integer("keep_versions", CentralConfig.keep_versions, low=0)
-            retention.finish()
             config = CentralConfig(
                 **common,
+                max_samples_per_update=_partial_weight_cap(root.table("validation")),
                 initial_model=initial,
                 optimizer_name=name,
                 optimizer_params=params,

@@ -43,6 +43,8 @@ from fedtier.protocol.errors import BusUnavailable, FedtierError, sole_error
 from fedtier.protocol.names import NatsSubjects
 from fedtier.tiers import faults
 from fedtier.tiers._health import run_probes
+from fedtier.tiers._lease import Lease
+from fedtier.tiers._retention import run_pruner
 from fedtier.tiers._signals import DAEMON_SIGNALS, HeldSignals, hold_signals
 from fedtier.tiers._status import publish_status
 from fedtier.tiers._upstream import retry_transient
@@ -57,7 +59,7 @@ from fedtier.tiers.config import (
 )
 from fedtier.tiers.edge import EdgeDaemon
 from fedtier.tiers.model_registry import NatsModelRegistry
-from fedtier.tiers.regional import RegionalDaemon
+from fedtier.tiers.regional import FORWARDED_MAX_AGE_S, RegionalDaemon
 from fedtier.tiers.registry import TierKeys
 from fedtier.tiers.tier import TierDaemon
 
@@ -77,9 +79,9 @@ _DAEMONS: Final[dict[str, type[TierDaemon]]] = {
     "regional": RegionalDaemon,
     "central": CentralDaemon,
 }
-# JetStream retention: partials wait days for a consumer that is down; ids are
-# remembered for 10 minutes (receivers dedupe beyond that in their stores).
-_UP_MAX_AGE_S: Final = 7 * 86_400.0
+# JetStream retention: partials wait [retention] up_stream_max_age_s for a
+# consumer that is down; ids are remembered for 10 minutes (receivers dedupe
+# beyond that in their stores).
 _MODEL_MAX_AGE_S: Final = 30 * 86_400.0
 _DEDUPE_WINDOW_S: Final = 600.0
 MQTT_CONNECT_ATTEMPTS: Final = 8
@@ -209,17 +211,27 @@ def _nats_config(kind: TierKind, config: TierConfig, key_id: str) -> Any:
         max_deliver=settings.max_deliver,
         inbox_prefix=settings.inbox_prefix,
         max_hold_s=settings.max_hold_s,
+        startup_backoff_s=config.retry.initial_backoff_s,
+        startup_max_backoff_s=config.retry.max_backoff_s,
         manage_streams=manage,
         # A daemon that does not create the streams may start first: it waits
         # for the one that does, saying so in its log, instead of exiting.
         wait_for_streams=not manage,
         streams=(
+            # Work-queue retention (a partial goes once its one consumer acked it;
+            # kept while that consumer does not exist yet), a byte cap and discard
+            # new: a full stream refuses publishes, which wait in the publishers'
+            # outboxes, instead of dropping partials (docs/operations.md,
+            # retention and limits).
             StreamSpec(
                 up_name,
                 (up_subjects,),
-                _UP_MAX_AGE_S,
-                _DEDUPE_WINDOW_S,
+                config.retention.up_stream_max_age_s,
+                min(_DEDUPE_WINDOW_S, config.retention.up_stream_max_age_s),
                 replicas=settings.replicas,
+                max_bytes=config.retention.up_stream_max_bytes,
+                discard="new",
+                retention="workqueue",
             ),
             StreamSpec(
                 model_name,
@@ -408,7 +420,13 @@ async def _serve(
     keys = life.keys = _DAEMONS[kind].load_keys(config)
     key_id = keys.identity.key_id
     service = f"fedtier-{kind}"
-    tracing = setup_tracing(service, instance_id=key_id, jsonl_dir=config.telemetry.jsonl_dir)
+    tracing = setup_tracing(
+        service,
+        instance_id=key_id,
+        jsonl_dir=config.telemetry.jsonl_dir,
+        jsonl_max_bytes=config.retention.span_file_max_bytes,
+        jsonl_keep=config.retention.span_files_keep,
+    )
     try:
         with setup_metrics(
             prometheus_host=config.telemetry.prometheus_host,
@@ -423,11 +441,15 @@ async def _serve(
                     kind, config, nats, registry, keys, metrics, tracing, evaluator
                 ) as daemon:
                     life.daemon = daemon
+                    if config.lease.enabled:
+                        await _attach_lease(daemon, nats, config, metrics)
                     # `fedtier status`: one snapshot per [status] interval_s, best effort.
                     async with (
                         publish_status(daemon, nats, stopping=lambda: life.stopping),
                         # Dashboards and alerts: outbox, disk, nats-server checks.
                         run_probes(daemon, metrics),
+                        # [retention]: prune horizons of the state store.
+                        run_pruner(daemon),
                         trio.open_nursery() as nursery,
                     ):
                         await nursery.start(daemon.serve)
@@ -435,6 +457,34 @@ async def _serve(
                             life.notifier.notify("READY=1")
     finally:
         tracing.shutdown()
+
+
+async def _attach_lease(daemon: TierDaemon, nats: Any, config: TierConfig, metrics: Any) -> None:
+    """Give ``daemon`` its lease (``[lease] enabled``), and a regional its intents bucket.
+
+    The lease bucket's ``max_age`` is the TTL: the first daemon to create the
+    bucket sets it, so every instance of a fleet must use the same ``ttl_s``.
+    """
+    subjects = NatsSubjects(config.fleet)
+    retry = functools.partial(retry_transient, retry=config.retry, metrics=metrics, log=logger)
+    settings = config.lease
+    kv = await retry(
+        "open of the lease bucket",
+        "open_lease",
+        lambda: nats.kv_bucket(subjects.lease_bucket(), max_age_s=settings.ttl_s),
+    )
+    key = NatsSubjects.lease_key(
+        daemon.tier,
+        None if daemon.tier == "central" else getattr(config, "region", None),
+        getattr(config, "site", None) if daemon.tier == "edge" else None,
+    )
+    daemon.lease = Lease(kv, key, ttl_s=settings.ttl_s, instance=settings.instance)
+    if isinstance(daemon, RegionalDaemon):
+        daemon.forwarded = await retry(
+            "open of the forwarded bucket",
+            "open_lease",
+            lambda: nats.kv_bucket(subjects.forwarded_bucket(), max_age_s=FORWARDED_MAX_AGE_S),
+        )
 
 
 async def open_registry(nats: Any, config: TierConfig, metrics: Any) -> NatsModelRegistry:

@@ -10,28 +10,307 @@ window) and folded with ``extra_tau = known version - partial.known_version``
 and ``discount = s(extra_tau)``, however large ``extra_tau`` is (past
 ``max_staleness`` it is counted as ``late_partial``, never refused). The
 JetStream message is acknowledged only after the store commit (``tiers.tier``).
+
+With ``[lease] enabled`` (two or more regionals per region, one active) the
+regional survives the loss of its machine (docs/architecture.md, "More than
+one instance"): it acknowledges an edge partial only once a partial holding it
+is durable upstream (PubAck of the UP stream), holding the delivery meanwhile
+with in-progress acks; and before publishing a partial it writes the sealed
+envelope as an intent to the ``forwarded`` KV bucket. A standby that takes the
+region's lease re-publishes every intent it finds (same bytes, same
+``msg_id``: the UP stream or the central's store dedupes a copy that arrived
+already) and acknowledges the redelivered inputs those intents hold without
+folding them again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Final, Protocol
 
+import trio
 from opentelemetry import trace
 
-from fedtier.protocol.bus import Bus, Delivery, Subscription
+from fedtier.protocol.bus import Bus, Delivery, PublishAck, Subscription
 from fedtier.protocol.codecs import CodecSpec
-from fedtier.protocol.messages import Tier
+from fedtier.protocol.envelope import parse_envelope
+from fedtier.protocol.errors import BusError, ConfigError, FedtierError, LocalProtocolError
+from fedtier.protocol.messages import PartialAggregate, Tier
 from fedtier.protocol.names import NatsSubjects
 from fedtier.tiers._follower import FollowerDaemon
 from fedtier.tiers._intake import Admission
 from fedtier.tiers._telemetry import TierMetricsLike
-from fedtier.tiers._upstream import UplinkJob
+from fedtier.tiers._upstream import UplinkGate, UplinkJob, retry_transient
 from fedtier.tiers.config import RegionalConfig
+from fedtier.tiers.core import Outcome
 from fedtier.tiers.model_registry import ModelRegistryReader
 from fedtier.tiers.registry import TierKeys
+from fedtier.tiers.store import CommitTicket, OutboxEntry, Recovery
 
-__all__ = ["RegionalDaemon"]
+__all__ = ["FORWARDED_MAX_AGE_S", "ForwardedKv", "RegionalDaemon", "check_hold_config"]
+
+FORWARDED_MAX_AGE_S: Final = 7 * 86_400.0
+"""How long an intent outlives its last write: far above any ``max_hold_s`` (at most hours).
+
+An intent left behind is harmless (a standby re-publishes a partial the
+UP stream or the central dedupes); one gone too early is not.
+"""
+
+
+class ForwardedKv(Protocol):
+    """The ``forwarded`` KV bucket's operations (``protocol.bus.nats.KvBucket`` has them)."""
+
+    async def keys(self) -> list[str]:
+        """Every key that holds a value now."""
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        """The key's value and revision, or None."""
+
+    async def put(self, key: str, value: bytes) -> int:
+        """Store ``value`` under ``key``."""
+
+    async def delete(self, key: str) -> None:
+        """Delete ``key``."""
+
+
+def check_hold_config(config: RegionalConfig) -> None:
+    """Refuse a config under which held deliveries would come back or never be cut.
+
+    A regional with ``[lease]`` holds each delivery until a partial holding it
+    is durable upstream, so: in-progress acks must keep it (``max_hold_s`` >
+    0) for at least one buffer window (``flush.max_age_s``), and a buffer
+    without an age limit must be able to fill (``intake_capacity`` >=
+    ``flush.max_inputs``), since the intake holds at most ``intake_capacity``.
+
+    Raises:
+        ConfigError: the combination cannot hold a buffer window.
+    """
+    hold_s = config.nats.max_hold_s
+    window_s = config.flush.max_age_s
+    if hold_s <= 0:
+        raise ConfigError(
+            "[lease] enabled at a regional needs in-progress acks: set nats.max_hold_s > 0 "
+            "(it holds each edge partial until upstream has it)"
+        )
+    if window_s is None and config.intake_capacity < config.flush.max_inputs:
+        raise ConfigError(
+            f"[lease] enabled at a regional holds at most intake_capacity "
+            f"({config.intake_capacity}) edge partials, fewer than flush.max_inputs "
+            f"({config.flush.max_inputs}), and flush.max_age_s is unset: a buffer would "
+            "never be cut; set flush.max_age_s or raise intake_capacity"
+        )
+    if window_s is not None and hold_s < window_s:
+        raise ConfigError(
+            f"nats.max_hold_s ({hold_s:g} s) is shorter than flush.max_age_s ({window_s:g} s): "
+            "with [lease] enabled a regional holds each edge partial for a whole buffer "
+            "window; raise max_hold_s"
+        )
+
+
+def _partial_of(payload: bytes, daemon: RegionalDaemon) -> PartialAggregate | None:
+    try:
+        message = parse_envelope(payload, daemon.config.limits).message
+    except FedtierError:
+        return None
+    return message if isinstance(message, PartialAggregate) else None
+
+
+class _HeldTicket(CommitTicket):
+    """An input's commit, then the upstream durability of the epoch holding it."""
+
+    def __init__(self, commit: CommitTicket | None, forwarding: _Forwarding, epoch: int) -> None:
+        super().__init__(what=f"epoch {epoch} upstream")
+        self.commit = commit
+        self.forwarding = forwarding
+        self.epoch = epoch
+
+    async def wait(self) -> None:
+        """Wait for the commit, then until a partial of ``epoch`` (or later) is durable upstream."""
+        if self.commit is not None:
+            await self.commit.wait()
+        await self.forwarding.wait_published(self.epoch)
+
+
+class _Forwarding(UplinkGate):
+    """The regional's state for surviving a lost machine: held deliveries and intents.
+
+    ``published_epoch``: every epoch up to it is durable upstream (cuts are
+    published in epoch order), so an input folded into epoch E may be
+    acknowledged once ``published_epoch >= E``.
+    """
+
+    def __init__(self, daemon: RegionalDaemon, kv: ForwardedKv) -> None:
+        self.daemon = daemon
+        self.kv = kv
+        self.region = daemon.regional_config.region
+        self.published_epoch = -1
+        self._changed = trio.Event()
+        self.foreign: dict[bytes, str] = {}
+        """Input id -> key of the intent of another instance whose partial holds it."""
+        self._foreign_left: dict[str, set[bytes]] = {}
+        self._waiting: dict[int, int] = {}
+        self._own: dict[int, str] = {}
+        self._closed: set[int] = set()
+        self._send_delete, self._receive_delete = trio.open_memory_channel[str](1024)
+        self.republished = 0
+        """Partials of other instances re-published at takeover since start."""
+
+    def key_of(self, partial_id: bytes) -> str:
+        """The intent's key: region, then partial id (a region's user may write only its own)."""
+        return f"{self.region}.{partial_id.hex()}"
+
+    # -- the uplink gate ------------------------------------------------------------
+
+    async def before_publish(self, entry: OutboxEntry) -> None:
+        """Wait for the lease, then write the intent; a partial is never published without one."""
+        lease = self.daemon.lease
+        while lease is not None and not lease.is_held:
+            await lease.wait_held()
+        key = self.key_of(entry.partial_id)
+        daemon = self.daemon
+
+        async def put() -> int:
+            return await self.kv.put(key, entry.envelope)
+
+        await retry_transient(
+            f"intent {key}",
+            "put_intent",
+            put,
+            retry=daemon.config.retry,
+            metrics=daemon.metrics,
+            log=daemon.log,
+        )
+
+    def published(self, entry: OutboxEntry) -> None:
+        """The partial of ``entry.epoch`` is durable upstream: release the deliveries it holds."""
+        self._own[entry.epoch] = self.key_of(entry.partial_id)
+        self._advance(entry.epoch)
+        self._maybe_forget(entry.epoch)
+
+    def closed_without_partial(self, epoch: int) -> None:
+        """An epoch whose inputs went to the quarantine: done once the epochs before it are."""
+        self._closed.add(epoch)
+        self._advance(self.published_epoch)
+
+    def _advance(self, epoch: int) -> None:
+        done = max(epoch, self.published_epoch)
+        while done + 1 in self._closed:
+            done += 1
+            self._closed.discard(done)
+        if done > self.published_epoch:
+            self.published_epoch = done
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_published(self, epoch: int) -> None:
+        """Wait until ``epoch`` is durable upstream."""
+        while self.published_epoch < epoch:
+            await self._changed.wait()
+
+    # -- deliveries -------------------------------------------------------------------
+
+    def hold(self, admission: Admission, epoch: int) -> Admission:
+        """The same admission, acknowledged only once ``epoch`` is durable upstream."""
+        self._waiting[epoch] = self._waiting.get(epoch, 0) + 1
+        return Admission(
+            admission.delivery,
+            admission.outcome,
+            admission.reason,
+            ticket=_HeldTicket(admission.ticket, self, epoch),
+            after_ack=functools.partial(self._acked, epoch),
+            ack=admission.ack,
+        )
+
+    async def _acked(self, epoch: int) -> None:
+        self._waiting[epoch] -= 1
+        self._maybe_forget(epoch)
+        await trio.lowlevel.checkpoint()
+
+    def _maybe_forget(self, epoch: int) -> None:
+        """Delete an own intent once its partial is upstream and its deliveries acknowledged."""
+        if (
+            self._waiting.get(epoch, 0) == 0
+            and epoch <= self.published_epoch
+            and epoch in self._own
+        ):
+            self._waiting.pop(epoch, None)
+            self._forget(self._own.pop(epoch))
+
+    def _forget(self, key: str) -> None:
+        # When the queue is full it is left to the bucket's max_age: a stale intent is harmless.
+        with contextlib.suppress(trio.WouldBlock):
+            self._send_delete.send_nowait(key)
+
+    def forwarded(self, delivery: Delivery, partial_id: bytes) -> Admission:
+        """A redelivery of an input that another instance's re-published partial holds."""
+        key = self.foreign[partial_id]
+
+        async def acked() -> None:
+            left = self._foreign_left.get(key)
+            if left is not None:
+                left.discard(partial_id)
+                if not left:
+                    del self._foreign_left[key]
+                    self._forget(key)
+            self.foreign.pop(partial_id, None)
+            await trio.lowlevel.checkpoint()
+
+        return Admission(delivery, Outcome.DUPLICATE, after_ack=acked)
+
+    # -- takeover ---------------------------------------------------------------------
+
+    async def republish(self) -> None:
+        """Re-publish the intents other instances of this region left; note the inputs inside."""
+        daemon = self.daemon
+        retry = functools.partial(
+            retry_transient, retry=daemon.config.retry, metrics=daemon.metrics, log=daemon.log
+        )
+        keys = await retry("list of intents", "read_intents", self.kv.keys)
+        subject = daemon.subjects.to_central()
+        for key in sorted(k for k in keys if k.startswith(f"{self.region}.")):
+            got = await retry(
+                f"read of intent {key}", "read_intents", functools.partial(self.kv.get, key)
+            )
+            if got is None:
+                continue
+            envelope = got[0]
+            partial = _partial_of(envelope, daemon)
+            if partial is None:
+                daemon.log.error("intent %s is not a partial; left alone", key)
+                continue
+            if daemon.store.outbox_state(partial.partial_id) is not None:
+                continue  # this instance's own: its outbox publishes (or published) it
+            pid = partial.partial_id.hex()
+
+            def publish(envelope: bytes = envelope, pid: str = pid) -> Awaitable[PublishAck]:
+                return daemon.nats.publish(subject, envelope, msg_id=pid)
+
+            ack = await retry(f"re-publish of partial {pid}", "republish_partial", publish)
+            self.republished += 1
+            self._foreign_left[key] = set(partial.inputs)
+            for input_id in partial.inputs:
+                self.foreign[input_id] = key
+            daemon.log.warning(
+                "took over partial %s of %s from intent %s (%d inputs)%s",
+                pid,
+                daemon.keys.senders.describe(partial.sender)
+                if partial.sender in daemon.keys.senders
+                else partial.sender,
+                key,
+                len(partial.inputs),
+                ": upstream had it already" if ack.duplicate else "",
+            )
+
+    async def serve_deletes(self) -> None:
+        """Delete intents no longer needed, best effort (their max_age removes what fails)."""
+        async for key in self._receive_delete:
+            try:
+                await self.kv.delete(key)
+            except BusError as exc:
+                self.daemon.log.warning("intent %s not deleted (%s); it ages out", key, exc)
 
 
 class RegionalDaemon(FollowerDaemon):
@@ -77,6 +356,11 @@ class RegionalDaemon(FollowerDaemon):
         )
         self.regional_config = config
         self.subjects = NatsSubjects(config.fleet)
+        self.forwarded: ForwardedKv | None = None
+        """The ``forwarded`` KV bucket (set by the daemon shell with ``[lease] enabled``)."""
+        self._forwarding: _Forwarding | None = None
+        if config.lease.enabled:
+            check_hold_config(config)
 
     def _open_input(self) -> AbstractAsyncContextManager[Subscription]:
         region = self.regional_config.region
@@ -87,7 +371,94 @@ class RegionalDaemon(FollowerDaemon):
         )
 
     def _admit(self, delivery: Delivery) -> Admission:
-        return self._admit_partial(delivery)
+        forwarding = self._forwarding
+        if forwarding is None:
+            return self._admit_partial(delivery)
+        if forwarding.foreign:
+            partial = _partial_of(delivery.payload, self)
+            if partial is not None and partial.partial_id in forwarding.foreign:
+                self.counts[(Outcome.DUPLICATE.value, "")] += 1
+                self.metrics.update_outcome(Outcome.DUPLICATE.value, "")
+                return forwarding.forwarded(delivery, partial.partial_id)
+        buffer = self.buffer
+        empty_before = buffer.is_empty
+        admission = self._admit_partial(delivery)
+        if admission.outcome is Outcome.ACCEPTED:
+            return forwarding.hold(admission, buffer.epoch)
+        if admission.outcome is Outcome.DUPLICATE:
+            # The original is in the open epoch or an earlier one; epochs go
+            # upstream in order, so waiting for the open one (when it holds
+            # anything) covers both.
+            return forwarding.hold(admission, buffer.epoch - 1 if empty_before else buffer.epoch)
+        return admission
+
+    # -- surviving a lost machine ([lease] enabled) -------------------------------------
+
+    def uplink_gate(self) -> UplinkGate | None:
+        """The intents around each publish, with ``[lease] enabled``."""
+        if not self.config.lease.enabled:
+            return None
+        if self.forwarded is None:
+            raise LocalProtocolError("[lease] enabled needs the forwarded bucket; none was given")
+        self._forwarding = _Forwarding(self, self.forwarded)
+        return self._forwarding
+
+    async def _start(self, nursery: trio.Nursery, recovery: Recovery) -> None:
+        await super()._start(nursery, recovery)
+        forwarding = self._forwarding
+        if forwarding is None:
+            return
+        pending = [entry.epoch for entry in recovery.pending_outbox]
+        done = min(pending) - 1 if pending else recovery.open_epoch - 1
+        forwarding.published_epoch = max(forwarding.published_epoch, done)
+        nursery.start_soon(forwarding.serve_deletes)
+
+    def _closed_without_partial(self, epoch: int) -> None:
+        if self._forwarding is not None:
+            self._forwarding.closed_without_partial(epoch)
+
+    @property
+    def cuts_paused(self) -> bool:
+        """With ``[lease]``, cuts wait for the lease: a standby's inputs are not its own."""
+        lease = self.lease
+        return self._forwarding is not None and (lease is None or not lease.is_held)
+
+    async def _on_takeover(self) -> None:
+        forwarding = self._forwarding
+        if forwarding is None:
+            await trio.lowlevel.checkpoint()
+            return
+        # Inputs left folded from an earlier tenure were never acknowledged; someone
+        # may have counted them meanwhile. Cut them alone, so that if so the central
+        # quarantines only them (leaf_counted_twice), never honest inputs with them.
+        self._stash_cut("takeover")
+        await self._send_stashed()
+        await forwarding.republish()
+
+    async def _before_settling(self, deadline: float) -> None:
+        """Cut what was admitted, so its held deliveries can be acknowledged and the intake end."""
+        intake = self._intake
+        if self._forwarding is None or self.cuts_paused or intake is None:
+            await trio.lowlevel.checkpoint()
+            return
+        with trio.move_on_at(deadline):
+            while not intake.finished.is_set():
+                await self._send_stashed()
+                job = self._cut("shutdown")
+                if job is not None:
+                    await self.upstream.put(job)
+                async with trio.open_nursery() as race:
+
+                    async def changed() -> None:
+                        await self.buffer.wait_changed()
+                        race.cancel_scope.cancel()
+
+                    async def finished() -> None:
+                        await intake.finished.wait()
+                        race.cancel_scope.cancel()
+
+                    race.start_soon(changed)
+                    race.start_soon(finished)
 
     @property
     def partial_codec(self) -> CodecSpec:

@@ -58,7 +58,7 @@ class Row:
 
     Attributes:
         key: its key in the status bucket (``<tier>.<region>.<id>``).
-        health: ``ok``, ``stale``, ``stopped``, ``starting``, ``stopping``,
+        health: ``ok``, ``standby``, ``stale``, ``stopped``, ``starting``, ``stopping``,
             ``unreadable`` or ``missing``.
         age_s: seconds since its snapshot, by this machine's clock.
         snapshot: the snapshot, or None (unreadable, missing).
@@ -73,8 +73,8 @@ class Row:
 
     @property
     def ok(self) -> bool:
-        """Serving with a fresh snapshot."""
-        return self.health == "ok"
+        """Serving with a fresh snapshot, or a fresh standby (``[lease]``: another is active)."""
+        return self.health in ("ok", "standby")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data: the snapshot's fields (or its tier), key, health, age_s and problem."""

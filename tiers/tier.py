@@ -70,6 +70,7 @@ from fedtier.protocol.bus import Delivery, Subscription
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.envelope import parse_envelope
 from fedtier.protocol.errors import (
+    KvConflict,
     LocalProtocolError,
     Reason,
     StoreError,
@@ -98,6 +99,7 @@ from fedtier.protocol.telemetry import (
     span_name,
 )
 from fedtier.tiers._intake import Admission, Intake
+from fedtier.tiers._lease import Lease
 from fedtier.tiers._quarantine import QuarantineLimits, retry_for
 from fedtier.tiers._telemetry import (
     TierMetricsLike,
@@ -281,7 +283,12 @@ class TierDaemon(abc.ABC):
     def load_keys(cls, config: TierConfig) -> TierKeys:
         """Its identity, the keys of the senders it accepts and the pinned central key."""
         return TierKeys.load(
-            config.identity_key, config.sender_keys, config.central_key, role=cls.sender_role
+            config.identity_key,
+            config.sender_keys,
+            config.central_key,
+            role=cls.sender_role,
+            root=config.root_key,
+            certificates=config.certificates,
         )
 
     def __init__(
@@ -332,6 +339,10 @@ class TierDaemon(abc.ABC):
         """``[robust]``: robust aggregation within each cut (edge and regional)."""
         self.outliers = 0
         """Inputs quarantined as outliers at a cut since start."""
+        self.lease: Lease | None = None
+        """``[lease]``: input is taken only while this is held (set by the daemon shell)."""
+        self.standby = False
+        """Waiting for the lease (``fedtier status`` says ``standby``)."""
 
     # -- accessors ------------------------------------------------------------------
 
@@ -406,6 +417,23 @@ class TierDaemon(abc.ABC):
                     # Inputs quarantined before a restart (or released by an operator)
                     # get their chance once the buffer and the model exist.
                     self.readmit_quarantined()
+                    lease = self.lease
+                    if lease is not None:
+                        nursery.start_soon(lease.run)
+                        # A standby is started as far as systemd is concerned: it
+                        # serves its probes and status, and waits for the lease.
+                        self.standby = True
+                        task_status.started()
+                        if not await self._wait_for_lease(lease):
+                            deadline = trio.current_time() + self.config.shutdown_timeout_s
+                            await self._shut_down_cleanly(deadline)
+                            with trio.move_on_at(deadline):
+                                await lease.release()  # taken just as the shutdown came
+                            nursery.cancel_scope.cancel()
+                            return
+                        self.standby = False
+                        await self._on_takeover()
+                        self.buffer.poke()
                     self._intake = Intake(
                         self._admit_safely,
                         self._maybe_flush,
@@ -424,12 +452,14 @@ class TierDaemon(abc.ABC):
                             self.known_version,
                         )
                         self.ready.set()
-                        task_status.started()
-                        await self._shutdown.wait()
+                        if lease is None:
+                            task_status.started()
+                        await self._until_shutdown_or_lost(lease)
                         # One deadline for the whole clean shutdown; past it the
                         # daemon just stops, which loses nothing acknowledged.
                         deadline = trio.current_time() + self.config.shutdown_timeout_s
                         self._intake.stop()
+                        await self._before_settling(deadline)
                         with trio.move_on_at(deadline):
                             await self._intake.finished.wait()
                         if not self._intake.finished.is_set():
@@ -440,15 +470,88 @@ class TierDaemon(abc.ABC):
                             nursery.cancel_scope.cancel()
                             return
                     await self._shut_down_cleanly(deadline)
+                    if lease is not None:
+                        with trio.move_on_at(deadline + self.config.shutdown_timeout_s):
+                            await lease.release()
                     nursery.cancel_scope.cancel()
             finally:
                 self._store = None
 
+    # -- more than one instance: the lease (tiers._lease) -------------------------------
+
+    async def _wait_for_lease(self, lease: Lease) -> bool:
+        """Wait as a standby until ``lease`` is held (True) or a shutdown is asked for (False)."""
+        self.log.info("%s %s is standby: waiting for lease %s", self.tier, self.key_id, lease.key)
+        async with trio.open_nursery() as race:
+
+            async def held() -> None:
+                await lease.wait_held()
+                race.cancel_scope.cancel()
+
+            async def shutdown() -> None:
+                await self._shutdown.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(held)
+            race.start_soon(shutdown)
+        return lease.held.is_set() and not self._shutdown.is_set()
+
+    async def _until_shutdown_or_lost(self, lease: Lease | None) -> None:
+        """Return when a clean shutdown is asked for; raise when the lease is lost.
+
+        Raises:
+            KvConflict: the lease was lost. The daemon stops at once, without a
+                flush or a wait for settling (which would take input it no
+                longer owns); what it acknowledged is in its store and goes
+                upstream when it next holds the lease. Under systemd the
+                process is restarted and waits as a standby.
+        """
+        if lease is None:
+            await self._shutdown.wait()
+            return
+        async with trio.open_nursery() as race:
+
+            async def lost() -> None:
+                await lease.wait_lost()
+                race.cancel_scope.cancel()
+
+            async def shutdown() -> None:
+                await self._shutdown.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(lost)
+            race.start_soon(shutdown)
+        if not self._shutdown.is_set():
+            assert self._intake is not None
+            self._intake.stop()
+            raise KvConflict(
+                f"lease {lease.key} lost: another instance may be active; this {self.tier} "
+                "stops taking input (restart it to wait as a standby)"
+            )
+
+    @property
+    def cuts_paused(self) -> bool:
+        """Whether cuts wait for the lease (a regional that holds deliveries; see regional.py)."""
+        return False
+
+    async def _on_takeover(self) -> None:
+        """Called once the lease is held, before the input opens (the regional re-sends intents)."""
+        await trio.lowlevel.checkpoint()
+
+    async def _before_settling(self, deadline: float) -> None:
+        """Called after the input stopped, before waiting for what was admitted to settle."""
+        await trio.lowlevel.checkpoint()
+
     async def _shut_down_cleanly(self, deadline: float) -> None:
         timeout_s = self.config.shutdown_timeout_s
+        if self.cuts_paused:
+            # A standby that holds deliveries has nothing of its own to flush:
+            # what it folded is unacknowledged and goes to the active instance.
+            self.log.info("%s %s (standby) stopped", self.tier, self.key_id)
+            return
         with trio.move_on_at(deadline) as scope:
             await self._send_stashed()
-            job = self._cut("shutdown")
+            job = None if self.cuts_paused else self._cut("shutdown")
             if job is not None:
                 await self.upstream.put(job)
             await self.upstream.drain()
@@ -467,7 +570,7 @@ class TierDaemon(abc.ABC):
         while True:
             buffer = self.buffer
             deadline = policy.deadline_at(buffer.oldest_at)
-            if deadline is None or not self.upstream.has_room():
+            if deadline is None or not self.upstream.has_room() or self.cuts_paused:
                 # A due flush waits for room upstream; the worker pokes the buffer.
                 deadline = math.inf
             with trio.move_on_at(deadline):
@@ -481,6 +584,8 @@ class TierDaemon(abc.ABC):
     async def _maybe_flush(self) -> None:
         """Flush when the policy says so and the upstream has room (else keep folding)."""
         await self._send_stashed()
+        if self.cuts_paused:
+            return
         reason = self.buffer.due(self.config.flush, trio.current_time())
         if reason is None or not self.upstream.has_room():
             return
@@ -513,6 +618,7 @@ class TierDaemon(abc.ABC):
             staleness=self.config.staleness,
             accepts=self.accepts,
             reject_late_partials=self._unsafe_reject_late,
+            max_samples_per_update=self.config.max_samples_per_update,
         )
 
     def _count(self, span: trace.Span, outcome: Outcome, reason: str = "") -> None:
@@ -1160,7 +1266,11 @@ class TierDaemon(abc.ABC):
             out_seq=seq,
         )
         self._cut_retry_pending = True
+        self._closed_without_partial(buffer.epoch)
         buffer.advance()
+
+    def _closed_without_partial(self, epoch: int) -> None:  # noqa: B027 - a hook, off by default
+        """An epoch closed with no partial to send (its inputs went to the quarantine)."""
 
     def _report_cut(self, reason: str, inputs: int, started: float) -> None:
         buffer = self.buffer

@@ -1,0 +1,462 @@
+"""The lease (tiers._lease) on an in-memory KV with a TTL: take, expiry, CAS loss, lost refresh."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import numpy as np
+import pytest
+import trio
+from trio.testing import MockClock
+
+from fedtier.protocol.bus import MemoryBroker, MemoryBus
+from fedtier.protocol.errors import BusUnavailable, ConfigError, KvConflict, PublishError
+from fedtier.protocol.identity import SigningIdentity
+from fedtier.protocol.layout import layout_of
+from fedtier.protocol.names import NatsSubjects
+from fedtier.simulations.testing import sign_model_version, sign_partial
+from fedtier.tiers._lease import LOSS_FRACTION, Lease, LeaseHolder
+from fedtier.tiers._status import StatusPublisher, encode_snapshot
+from fedtier.tiers.aggregate import Accumulator
+from fedtier.tiers.config import (
+    LeaseSettings,
+    NatsSettings,
+    RegionalConfig,
+    StatusSettings,
+    load_config,
+)
+from fedtier.tiers.flush import FlushPolicy
+from fedtier.tiers.model_registry import MemoryModelRegistry
+from fedtier.tiers.regional import RegionalDaemon, _Forwarding, check_hold_config
+from fedtier.tiers.registry import KeyRegistry, TierKeys
+from fedtier.tiers.statuscmd import health_of, rows_from_entries
+from fedtier.tiers.store import OutboxEntry
+
+TTL_S = 9.0
+FLEET = "acme"
+LAYOUT = layout_of([("w", (3, 2)), ("b", (2,))])
+CENTRAL = SigningIdentity.from_seed(b"\x01" * 32)
+REGIONAL = SigningIdentity.from_seed(b"\x03" * 32)
+EDGE = SigningIdentity.from_seed(b"\x40" * 32)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    value: bytes
+    revision: int
+    deleted: bool = False
+
+
+class MemoryKv:
+    """A KV bucket with a ``max_age``, like JetStream's: a value unwritten for ``ttl_s`` is gone.
+
+    ``down`` makes every call fail as an unreachable server does;
+    ``lose_replies`` makes writes land but their reply fail (outcome unknown).
+    """
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self.revision = 0
+        self.values: dict[str, tuple[Entry, float]] = {}
+        self.down = False
+        self.lose_replies = False
+
+    def _current(self, key: str) -> Entry | None:
+        got = self.values.get(key)
+        if got is None:
+            return None
+        entry, written = got
+        if trio.current_time() - written >= self.ttl_s:
+            del self.values[key]
+            return None
+        return entry
+
+    async def entry(self, key: str) -> Entry | None:
+        await trio.lowlevel.checkpoint()
+        if self.down:
+            raise BusUnavailable("no server")
+        return self._current(key)
+
+    async def update(self, key: str, value: bytes, last_revision: int) -> int:
+        await trio.lowlevel.checkpoint()
+        if self.down:
+            raise BusUnavailable("no server")
+        current = self._current(key)
+        if (0 if current is None else current.revision) != last_revision:
+            raise KvConflict(f"{key} is not at {last_revision}")
+        self.revision += 1
+        self.values[key] = (Entry(value, self.revision), trio.current_time())
+        if self.lose_replies:
+            raise PublishError("no reply")
+        return self.revision
+
+    def holder(self, key: str) -> LeaseHolder | None:
+        entry = self._current(key)
+        return None if entry is None else LeaseHolder.decode(entry.value)
+
+
+KEY = NatsSubjects.lease_key("regional", "eu", None)
+
+
+async def test_one_holder_and_the_standby_takes_over_after_the_ttl(
+    autojump_clock: MockClock,
+) -> None:
+    kv = MemoryKv(TTL_S)
+    first = Lease(kv, KEY, ttl_s=TTL_S, instance="one")
+    second = Lease(kv, KEY, ttl_s=TTL_S, instance="two")
+    async with trio.open_nursery() as nursery:
+        first_scope = trio.CancelScope()
+
+        async def run_first() -> None:
+            with first_scope:
+                await first.run()
+
+        nursery.start_soon(run_first)
+        await first.wait_held()
+        nursery.start_soon(second.run)
+        # Many refreshes later the first still holds it; the second stays standby.
+        await trio.sleep(10 * TTL_S)
+        assert first.is_held
+        assert not second.held.is_set()
+        assert second.holder is not None
+        assert second.holder.instance == "one"
+        epoch = first.epoch
+        assert epoch is not None
+        assert first.tenures == 1
+        # The first dies (no release): the second takes over once the key aged out.
+        last_write = kv.values[KEY][1]
+        first_scope.cancel()
+        await second.wait_held()
+        waited = trio.current_time() - last_write
+        assert TTL_S <= waited <= TTL_S + second.refresh_interval_s + 1
+        holder = kv.holder(KEY)
+        assert holder is not None
+        assert holder.instance == "two"
+        assert second.epoch is not None
+        assert second.epoch > epoch
+        nursery.cancel_scope.cancel()
+
+
+async def test_release_hands_over_at_once(autojump_clock: MockClock) -> None:
+    kv = MemoryKv(TTL_S)
+    first = Lease(kv, KEY, ttl_s=TTL_S, instance="one")
+    second = Lease(kv, KEY, ttl_s=TTL_S, instance="two")
+    assert await first.try_acquire()
+    assert not await second.try_acquire()
+    await first.release()
+    assert not first.held.is_set()
+    assert await second.try_acquire()
+    holder = kv.holder(KEY)
+    assert holder is not None
+    assert holder.instance == "two"
+    assert not holder.released
+
+
+async def test_a_lost_compare_and_set_ends_the_tenure_at_once(autojump_clock: MockClock) -> None:
+    kv = MemoryKv(TTL_S)
+    lease = Lease(kv, KEY, ttl_s=TTL_S, instance="one")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lease.run)
+        await lease.wait_held()
+        # Someone overwrites the key (a split brain's other side, an operator).
+        entry = await kv.entry(KEY)
+        assert entry is not None
+        intruder = LeaseHolder(instance="other", host="h", pid=1, since_ms=1)
+        await kv.update(KEY, intruder.encode(), entry.revision)
+        written = trio.current_time()
+        await lease.wait_lost()
+        assert trio.current_time() - written <= lease.refresh_interval_s + 0.5
+        assert not lease.is_held
+        assert lease.losses == 1
+        # It stays standby while the intruder's value lives, then takes it again.
+        await lease.wait_held()
+        assert trio.current_time() - written >= TTL_S
+        assert lease.tenures == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refresh_that_cannot_reach_the_bus_loses_before_the_ttl(
+    autojump_clock: MockClock,
+) -> None:
+    kv = MemoryKv(TTL_S)
+    lease = Lease(kv, KEY, ttl_s=TTL_S, instance="one")
+    other = Lease(kv, KEY, ttl_s=TTL_S, instance="two")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lease.run)
+        await lease.wait_held()
+        await trio.sleep(lease.refresh_interval_s * 1.5)  # just after a refresh
+        last_write = kv.values[KEY][1]
+        kv.down = True
+        await lease.wait_lost()
+        lost_at = trio.current_time()
+        # Given up before the key could age out on the server, so before anyone else can take it.
+        assert lost_at < last_write + TTL_S
+        assert lost_at <= last_write + TTL_S * LOSS_FRACTION + 0.01
+        kv.down = False
+        assert not await other.try_acquire()  # the dead tenure's value still lives
+        await trio.sleep_until(last_write + TTL_S)
+        assert await other.try_acquire()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refresh_whose_reply_was_lost_keeps_the_lease(autojump_clock: MockClock) -> None:
+    kv = MemoryKv(TTL_S)
+    lease = Lease(kv, KEY, ttl_s=TTL_S, instance="one")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lease.run)
+        await lease.wait_held()
+        kv.lose_replies = True
+        await trio.sleep(lease.refresh_interval_s * 1.5)
+        kv.lose_replies = False
+        # The write landed, so the next one conflicts; reading back shows our own tenure.
+        await trio.sleep(TTL_S * 3)
+        assert lease.is_held
+        assert lease.losses == 0
+        nursery.cancel_scope.cancel()
+
+
+def test_holder_round_trips_and_refuses_garbage() -> None:
+    holder = LeaseHolder(instance="a:1", host="a", pid=1, since_ms=5, epoch=7)
+    assert LeaseHolder.decode(holder.encode()) == holder
+    with pytest.raises(Exception, match="not a lease holder"):
+        LeaseHolder.decode(b"\x01")
+
+
+def test_lease_key_names_the_owner() -> None:
+    assert NatsSubjects.lease_key("edge", "eu", "s1") == "edge.eu.s1"
+    assert NatsSubjects.lease_key("regional", "eu", None) == "regional.eu"
+    assert NatsSubjects.lease_key("central", None, None) == "central"
+
+
+def test_lease_table_is_off_by_default_and_checked(tmp_path: Path) -> None:
+    base = (
+        'fleet = "f"\nidentity_key = "k"\nstate_dir = "s"\nregion = "eu"\n'
+        '[keys]\nsenders = ["e"]\ncentral = "' + "a" * 64 + '"\nroot = "' + "b" * 64 + '"\n'
+    )
+    path = tmp_path / "regional.toml"
+    path.write_text(base)
+    assert load_config("regional", path).lease == LeaseSettings()
+    assert not LeaseSettings().enabled
+    path.write_text(base + '[lease]\nenabled = true\nttl_s = 4\ninstance = "r1"\n')
+    assert load_config("regional", path).lease == LeaseSettings(True, 4.0, "r1")
+    path.write_text(base + "[lease]\nttl_s = 0.5\n")
+    with pytest.raises(ConfigError, match="ttl_s"):
+        load_config("regional", path)
+
+
+async def test_status_shows_the_standby_and_counts_it_healthy() -> None:
+    config = SimpleNamespace(
+        fleet="f1",
+        region="eu",
+        flush=FlushPolicy(max_inputs=10),
+        status=StatusSettings(interval_s=0.5, rate_window_s=10.0),
+    )
+    daemon = SimpleNamespace(
+        tier="regional",
+        key_id="a" * 24,
+        config=config,
+        clock_ms=lambda: 1_800_000_000_000,
+        counts=Counter(),
+        ready=trio.Event(),
+        known_version=3,
+        standby=True,
+    )
+    publisher = StatusPublisher(cast(Any, daemon), cast(Any, None))
+    snapshot = publisher.snapshot()
+    assert snapshot.state == "standby"
+    daemon.standby = False
+    daemon.ready.set()
+    assert publisher.snapshot().state == "serving"
+    now = snapshot.at_ms
+    assert health_of(snapshot, now) == "standby"
+    rows = rows_from_entries([(publisher.key, encode_snapshot(snapshot))], now)
+    assert rows[0].ok
+
+
+def test_a_regional_that_holds_deliveries_refuses_a_config_that_cannot(tmp_path: Path) -> None:
+    base = RegionalConfig(
+        fleet="f",
+        region="eu",
+        identity_key=tmp_path / "k",
+        state_dir=tmp_path / "s",
+        central_key="a" * 64,
+        lease=LeaseSettings(enabled=True),
+        flush=FlushPolicy(max_inputs=10, max_age_s=30.0),
+    )
+    check_hold_config(base)
+    with pytest.raises(ConfigError, match="max_hold_s > 0"):
+        check_hold_config(replace(base, nats=NatsSettings(max_hold_s=0.0)))
+    with pytest.raises(ConfigError, match=r"shorter than flush\.max_age_s"):
+        check_hold_config(replace(base, nats=NatsSettings(max_hold_s=10.0)))
+    with pytest.raises(ConfigError, match="never be cut"):
+        check_hold_config(
+            replace(base, flush=FlushPolicy(max_inputs=100, max_age_s=None), intake_capacity=64)
+        )
+
+
+def is_standby(daemon: RegionalDaemon) -> bool:
+    """Read anew each time (a plain attribute check would be narrowed by the type checker)."""
+    return daemon.standby
+
+
+class MemoryForwarded:
+    """The ``forwarded`` bucket, in memory."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, bytes] = {}
+        self.written: list[str] = []
+
+    async def keys(self) -> list[str]:
+        await trio.lowlevel.checkpoint()
+        return list(self.values)
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        await trio.lowlevel.checkpoint()
+        value = self.values.get(key)
+        return None if value is None else (value, 1)
+
+    async def put(self, key: str, value: bytes) -> int:
+        await trio.lowlevel.checkpoint()
+        self.values[key] = value
+        self.written.append(key)
+        return 1
+
+    async def delete(self, key: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.values.pop(key, None)
+
+
+async def test_a_regional_takes_input_only_while_it_holds_its_lease(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    broker = MemoryBroker("nats")
+    registry = MemoryModelRegistry()
+    pointer, blob = sign_model_version(
+        CENTRAL, FLEET, 0, LAYOUT, np.zeros(LAYOUT.num_params, np.float32)
+    )
+    await registry.put_blob(0, blob)
+    await registry.put_current(0, pointer)
+    kv, forwarded = MemoryKv(TTL_S), MemoryForwarded()
+    subjects = NatsSubjects(FLEET)
+    key = NatsSubjects.lease_key("regional", "eu", None)
+
+    def regional(name: str) -> RegionalDaemon:
+        config = RegionalConfig(
+            fleet=FLEET,
+            region="eu",
+            identity_key=tmp_path / "unused.key",
+            state_dir=tmp_path / name,
+            central_key=CENTRAL.verify_key.raw.hex(),
+            flush=FlushPolicy(max_inputs=2, max_age_s=None),
+            lease=LeaseSettings(enabled=True, ttl_s=TTL_S, instance=name),
+            commit_window_s=0.001,
+        )
+        keys = TierKeys(
+            REGIONAL,
+            KeyRegistry.from_keys({"edge-0": EDGE.verify_key}, role="edge"),
+            CENTRAL.verify_key,
+        )
+        daemon = RegionalDaemon(
+            config,
+            nats=MemoryBus(broker),
+            registry_store=registry,
+            keys=keys,
+            store_in_thread=False,
+        )
+        daemon.lease = Lease(kv, key, ttl_s=TTL_S, instance=name)
+        daemon.forwarded = forwarded
+        return daemon
+
+    def edge_partial(seq: int) -> bytes:
+        acc = Accumulator(LAYOUT.num_params)
+        acc.fold_update(
+            seq.to_bytes(16, "big"),
+            np.full(LAYOUT.num_params, 0.5, np.float32),
+            n_samples=2,
+            tau=0,
+            discount=1.0,
+            base_version=0,
+        )
+        return sign_partial(EDGE, FLEET, LAYOUT, acc, seq=seq)[1]
+
+    async def send(*seqs: int) -> None:
+        for seq in seqs:
+            await MemoryBus(broker).publish(subjects.to_region("eu"), edge_partial(seq))
+
+    first, second = regional("a"), regional("b")
+    lost = trio.Event()
+
+    async def serve_first(task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await first.serve(task_status=task_status)
+        except* KvConflict:
+            lost.set()
+
+    up = MemoryBus(broker)
+    async with (
+        up.subscribe(subjects.to_central(), durable="probe") as central,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(serve_first)
+        await first.ready.wait()
+        await nursery.start(second.serve)
+        assert is_standby(second)
+        assert not second.ready.is_set()
+        await send(1, 2)
+        with trio.fail_after(60):
+            got = await central.receive()
+        await got.ack()
+        assert forwarded.written  # an intent was written before the publish
+        # Another instance writes the lease: the first stops at once, the second
+        # waits for that value to age out, then takes input.
+        entry = await kv.entry(key)
+        assert entry is not None
+        intruder = LeaseHolder(instance="other", host="h", pid=1, since_ms=1)
+        await kv.update(key, intruder.encode(), entry.revision)
+        with trio.fail_after(TTL_S):
+            await lost.wait()
+        with trio.fail_after(3 * TTL_S):
+            await second.ready.wait()
+        assert not is_standby(second)
+        await send(3, 4)
+        with trio.fail_after(60):
+            got = await central.receive()
+        await got.ack()
+        nursery.cancel_scope.cancel()
+    assert second.counts[("accepted", "")] == 2
+
+
+async def test_held_deliveries_are_released_in_epoch_order_past_quarantined_epochs() -> None:
+    daemon = SimpleNamespace(regional_config=SimpleNamespace(region="eu"))
+    forwarding = _Forwarding(cast(Any, daemon), MemoryForwarded())
+
+    def entry(epoch: int) -> OutboxEntry:
+        return OutboxEntry(
+            partial_id=bytes([epoch]) * 16, epoch=epoch, seq=epoch, subject="s", envelope=b"e"
+        )
+
+    forwarding.closed_without_partial(1)  # its inputs went to the quarantine
+    assert forwarding.published_epoch == -1  # epoch 0 is not upstream yet
+    forwarding.published(entry(0))
+    assert forwarding.published_epoch == 1
+    forwarding.published(entry(2))
+    with trio.fail_after(1):
+        await forwarding.wait_published(2)
+    assert forwarding.key_of(bytes(16)) == "eu." + "00" * 16
+
+
+async def test_a_take_whose_reply_was_lost_is_recognised_as_ours(autojump_clock: MockClock) -> None:
+    kv = MemoryKv(TTL_S)
+    lease = Lease(kv, KEY, ttl_s=TTL_S, instance="one")
+    kv.lose_replies = True
+    assert not await lease.try_acquire()
+    kv.lose_replies = False
+    assert await lease.try_acquire()  # at once, not after the TTL
+    assert lease.is_held
+    holder = kv.holder(KEY)
+    assert holder is not None
+    assert holder.instance == "one"

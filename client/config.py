@@ -214,7 +214,11 @@ class DeviceSettings:
     Attributes:
         device: the device loop's settings (with the trusted edge keys loaded).
         identity_key: the device's private key file (PKCS#8 PEM, mode 0600).
-        central_key: the central's public key file (PEM), pinned.
+        central_key: the central's public key file (PEM), pinned; None when only
+            the fleet root is pinned.
+        root_key: ``[central] root_key``: the fleet root's public key file, or
+            None. With it the device also accepts models signed by any central
+            key the root certified (a rotated central needs no change here).
         outbox: the outbox sqlite file.
         model_cache: where to keep the last good model, None for nowhere.
         data: the local data (and validation data); None only when loaded
@@ -226,13 +230,14 @@ class DeviceSettings:
 
     device: DeviceConfig
     identity_key: Path
-    central_key: Path
+    central_key: Path | None
     outbox: Path
     model_cache: Path | None
     data: DataSettings | None
     mqtt: MqttSettings
     training: TrainingSettings
     model: ModelSettings = field(default_factory=ModelSettings)
+    root_key: Path | None = None
 
 
 def load_device_settings(path: Path, *, require_data: bool = True) -> DeviceSettings:
@@ -266,7 +271,12 @@ def load_device_settings(path: Path, *, require_data: bool = True) -> DeviceSett
     model_cache = dev.path("model_cache", None)
     legacy_data = dev.path("data", None)
 
-    central_key = tables["central"].path("public_key")
+    root_key = tables["central"].path("root_key", None)
+    # With the fleet root pinned, a bare central key is optional (rotations need none).
+    central_table = tables["central"]
+    central_key = (
+        central_table.path("public_key", None) if root_key else central_table.path("public_key")
+    )
 
     edges = tables["edges"]
     trusted: list[VerifyKey] = []
@@ -350,6 +360,7 @@ def load_device_settings(path: Path, *, require_data: bool = True) -> DeviceSett
         mqtt=mqtt,
         training=training,
         model=model,
+        root_key=root_key,
     )
 
 

@@ -381,11 +381,13 @@ class _Device:
             # device and sends the retained newest one at every reconnect.
             self.bus.subscribe(self.topics.model_pointer(), latest_only=True) as pointers,
             self.bus.subscribe(self.topics.model_blob(), latest_only=True) as blobs,
+            self.bus.subscribe(self.topics.model_certificate(), latest_only=True) as certs,
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(self._pump_receipts, receipts)
             nursery.start_soon(self._pump_models, pointers, "pointer")
             nursery.start_soon(self._pump_models, blobs, "blob")
+            nursery.start_soon(self._pump_models, certs, "certificate")
             task_status.started()
             await self._run()
             nursery.cancel_scope.cancel()
@@ -433,7 +435,11 @@ class _Device:
     # -- models ------------------------------------------------------------------
 
     async def _pump_models(self, sub: Subscription, what: str) -> None:
-        offer = self.store.offer_pointer if what == "pointer" else self.store.offer_blob
+        offer = {
+            "pointer": self.store.offer_pointer,
+            "blob": self.store.offer_blob,
+            "certificate": self.store.offer_certificate,
+        }[what]
         while True:
             delivery = await sub.receive()
             result = offer(delivery.payload)

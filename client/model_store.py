@@ -15,6 +15,12 @@ reconnect. The store:
 * on any failure keeps the last good model and counts the reason in
   ``rejected`` (a repeat or an older version is counted in ``ignored``).
 
+A device pins the central's key, the fleet root's, or both (``central_key`` is
+then a ``protocol.certificates.ModelSigners``): with the root, a model signed
+by any central key whose certificate (offered with :meth:`ModelStore.offer_certificate`,
+published beside the models) is valid at the model's ``created_ms`` loads, so
+a rotated central key needs no change on the device.
+
 A loaded blob can be kept in a cache file: the blob envelope exactly as
 received, written atomically (``protocol.files.atomic_write``). On start the
 file is verified again like any received blob: the signed envelope is the one
@@ -34,15 +40,16 @@ from typing import Final, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from fedtier.protocol.certificates import ModelSigners
 from fedtier.protocol.codecs import decode
-from fedtier.protocol.envelope import Envelope, open_envelope
-from fedtier.protocol.errors import RemoteProtocolError
+from fedtier.protocol.envelope import Envelope, parse_envelope
+from fedtier.protocol.errors import Reason, RemoteProtocolError
 from fedtier.protocol.files import atomic_write
 from fedtier.protocol.identity import VerifyKey
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
 from fedtier.protocol.messages import ModelAnnouncement, ModelBlob
-from fedtier.protocol.models import check_blob_against_pointer
+from fedtier.protocol.models import check_blob_against_pointer, open_model_envelope
 from fedtier.protocol.names import check_token
 
 __all__ = ["ModelOffer", "ModelStore", "OfferStatus"]
@@ -87,8 +94,9 @@ class ModelStore:
     Not thread-safe: call it from one thread (the device's trio thread).
 
     Args:
-        central_key: the pinned public key of the central; nothing signed by
-            another key is ever loaded.
+        central_key: the pinned public key of the central, or the keys that may
+            sign models (a pinned root and the certificates offered); nothing
+            signed by another key is ever loaded.
         layout: the layout the device's trainer uses.
         fleet: the device's fleet token.
         cache_path: where to keep the last good blob across restarts, None
@@ -99,7 +107,7 @@ class ModelStore:
 
     def __init__(
         self,
-        central_key: VerifyKey,
+        central_key: VerifyKey | ModelSigners,
         layout: ModelLayout,
         fleet: str,
         *,
@@ -108,13 +116,15 @@ class ModelStore:
     ) -> None:
         self.layout = layout
         self.fleet = check_token("fleet", fleet)
-        self._keys = {central_key.key_id: central_key}
+        self.signers = ModelSigners.of(central_key)
         self._limits = limits
         self._cache_path = None if cache_path is None else Path(cache_path)
         self._version: int | None = None
         self._params: npt.NDArray[np.float32] | None = None
         self._blob_digest: bytes | None = None
         self._pointers: dict[int, ModelAnnouncement] = {}
+        # A pointer and a blob signed by a key no certificate vouches for yet.
+        self._unknown_key: list[tuple[str, str, bytes]] = []
         self.rejected: Counter[str] = Counter()
         self.ignored: Counter[str] = Counter()
         if self._cache_path is not None:
@@ -143,6 +153,29 @@ class ModelStore:
         return max(self._pointers, default=None)
 
     # -- offers ---------------------------------------------------------------
+
+    def offer_certificate(self, data: bytes | bytearray | memoryview) -> ModelOffer:
+        """Verify a central key's certificate against the pinned root and remember it.
+
+        A rejected certificate is counted like any rejected offer; models signed
+        by its key stay refused (``unknown_sender``).
+        """
+        try:
+            cert = self.signers.add_certificate(data)
+        except RemoteProtocolError as exc:
+            return self._reject(None, exc.reason, f"central key certificate: {exc}")
+        # Certificate, pointer and blob arrive on separate retained topics in any
+        # order: what waited for this key is offered again (pointer first).
+        waiting, self._unknown_key = self._unknown_key, []
+        loaded: ModelOffer | None = None
+        for sender, what, held in waiting:
+            if sender != cert.key_id:
+                self._unknown_key.append((sender, what, held))
+                continue
+            offer = self.offer_pointer(held) if what == "pointer" else self.offer_blob(held)
+            if offer.status is OfferStatus.LOADED:
+                loaded = offer
+        return loaded or ModelOffer(OfferStatus.NOTED, None)
 
     def offer_pointer(self, data: bytes | bytearray | memoryview) -> ModelOffer:
         """Verify a ``ModelAnnouncement`` envelope and remember which blob it names."""
@@ -208,7 +241,7 @@ class ModelStore:
     ) -> tuple[Envelope, _M] | ModelOffer:
         """Verify signature, kind, fleet and layout; a ``ModelOffer`` means rejected."""
         try:
-            envelope = open_envelope(data, self._keys, self._limits)
+            envelope = open_model_envelope(data, self.signers, self._limits)
             msg = envelope.message
             if not isinstance(msg, kind):
                 return self._reject(
@@ -226,8 +259,19 @@ class ModelStore:
                     msg.tensors.fingerprint, msg.tensors.num_params, what=f"{what} tensors"
                 )
         except RemoteProtocolError as exc:
+            if exc.reason is Reason.UNKNOWN_SENDER and self.signers.root is not None:
+                self._hold_for_certificate(data, "pointer" if kind is ModelAnnouncement else "blob")
             return self._reject(None, exc.reason, f"{what}: {exc}")
         return envelope, msg
+
+    def _hold_for_certificate(self, data: bytes | bytearray | memoryview, what: str) -> None:
+        """Keep the newest pointer and blob whose key is unknown until a certificate comes."""
+        try:
+            sender = parse_envelope(data, self._limits).sender
+        except RemoteProtocolError:
+            return
+        self._unknown_key = [e for e in self._unknown_key if e[1] != what]
+        self._unknown_key.append((sender, what, bytes(data)))
 
     def _reject(self, version: int | None, reason: str, detail: str) -> ModelOffer:
         self.rejected[reason] += 1

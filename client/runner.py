@@ -90,15 +90,17 @@ async def _serve(
     from fedtier.client.model_store import ModelStore
     from fedtier.client.outbox import Outbox
     from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
+    from fedtier.protocol.certificates import ModelSigners
     from fedtier.protocol.files import load_public_key
     from fedtier.protocol.telemetry.tracing import setup_tracing
 
     try:
-        central_key = load_public_key(settings.central_key)
+        pinned = () if settings.central_key is None else (load_public_key(settings.central_key),)
+        root_key = None if settings.root_key is None else load_public_key(settings.root_key)
     except KeyFileError as exc:
         raise ConfigError(str(exc)) from exc
     store = ModelStore(
-        central_key,
+        ModelSigners(pinned, root=root_key),
         trainer.layout,
         settings.device.fleet,
         cache_path=settings.model_cache,

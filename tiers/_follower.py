@@ -13,18 +13,19 @@ from opentelemetry import trace
 
 from fedtier.protocol.bus import Bus
 from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.envelope import parse_envelope
 from fedtier.protocol.errors import (
     BusError,
     ConfigError,
     FedtierError,
     RemoteProtocolError,
 )
-from fedtier.protocol.messages import ModelAnnouncement, Tier
+from fedtier.protocol.messages import Kind, ModelAnnouncement, Tier
 from fedtier.protocol.models import open_model_pointer
 from fedtier.tiers._telemetry import (
     TierMetricsLike,
 )
-from fedtier.tiers._upstream import Uplink, UplinkJob
+from fedtier.tiers._upstream import Uplink, UplinkGate, UplinkJob
 from fedtier.tiers.config import TierConfig
 from fedtier.tiers.core import (
     MESSAGE_OVERHEAD,
@@ -32,7 +33,7 @@ from fedtier.tiers.core import (
     check_fits,
     partial_envelope_bound,
 )
-from fedtier.tiers.model_registry import ModelRegistryReader
+from fedtier.tiers.model_registry import ModelRegistryReader, RevocationFollower
 from fedtier.tiers.registry import TierKeys
 from fedtier.tiers.store import (
     Recovery,
@@ -69,6 +70,7 @@ class FollowerDaemon(TierDaemon):
         self.registry = registry_store
         self.model: ModelView | None = None
         self._uplink: Uplink | None = None
+        self.revocations: RevocationFollower | None = None
 
     @property
     def known_version(self) -> int:
@@ -84,6 +86,10 @@ class FollowerDaemon(TierDaemon):
     def _model_view(self) -> ModelView:
         assert self.model is not None
         return self.model
+
+    def uplink_gate(self) -> UplinkGate | None:
+        """What runs around each publish of a partial (the regional's intents); none here."""
+        return None
 
     @property
     def partial_codec(self) -> CodecSpec:
@@ -118,10 +124,21 @@ class FollowerDaemon(TierDaemon):
         )
 
     async def _start(self, nursery: trio.Nursery, recovery: Recovery) -> None:
+        # Revocations first: nothing from a revoked key is admitted, even at start.
+        self.revocations = RevocationFollower(
+            self.keys,
+            fleet=self.config.fleet,
+            registry=self.registry,
+            path=self.config.revocations,
+            poll_s=self.config.revocation_poll_s,
+            log=self.log,
+        )
+        await nursery.start(self.revocations.serve)
         if recovery.model_pointer is not None:
+            await self._learn_central_key(recovery.model_pointer)
             try:
                 _, pointer = open_model_pointer(
-                    recovery.model_pointer, self.keys.central, self.config.fleet, self.config.limits
+                    recovery.model_pointer, self.keys.models, self.config.fleet, self.config.limits
                 )
             except RemoteProtocolError as exc:
                 self.log.warning("stored model pointer no longer verifies (%s); ignoring it", exc)
@@ -143,6 +160,7 @@ class FollowerDaemon(TierDaemon):
             capacity=4,
             on_room=self.buffer.poke,
             drop_unconfirmed=self._unsafe_drop_unconfirmed,
+            gate=self.uplink_gate(),
         )
         await nursery.start(
             self._uplink.serve, [UplinkJob(entry) for entry in recovery.pending_outbox]
@@ -205,15 +223,52 @@ class FollowerDaemon(TierDaemon):
                 return
             backoff = min(backoff * 2, self.config.retry.max_backoff_s)
 
+    async def _learn_central_key(self, data: bytes) -> None:
+        """Fetch and verify the certificate of the central key that signed ``data``, if new.
+
+        Only with a pinned fleet root: the central publishes each key's
+        certificate in the registry before its first model, so a rotated central
+        key is accepted without a config change. A missing or bad certificate
+        leaves the key unknown and the pointer is refused as usual.
+        """
+        models = self.keys.models
+        if models.root is None:
+            return
+        try:
+            sender = parse_envelope(data, self.config.limits, kinds=(Kind.MODEL,)).sender
+        except RemoteProtocolError:
+            return  # refused with its reason by open_model_pointer
+        if models.document(sender) is not None:
+            return  # also fetched for a pinned key: the edge relays it to devices
+        try:
+            certificate = await self.registry.certificate(sender)
+        except BusError as exc:
+            self.log.warning("cannot fetch the certificate of central key %s: %s", sender, exc)
+            return
+        if certificate is None:
+            return
+        try:
+            cert = models.add_certificate(certificate)
+        except RemoteProtocolError as exc:
+            self.log.warning("refused the certificate of central key %s: %s", sender, exc)
+            return
+        self.log.info(
+            "central key %s certified by the fleet root as %r (serial %d)",
+            cert.key_id,
+            cert.name,
+            cert.serial,
+        )
+
     async def _consider_pointer(self, data: bytes) -> bool:
         """Take a pointer from the registry; False when its version should be tried again.
 
         A failure to fetch or relay a version (a blob that fails its digest, an
         object store error) skips that version, never stops the daemon.
         """
+        await self._learn_central_key(data)
         try:
             _, pointer = open_model_pointer(
-                data, self.keys.central, self.config.fleet, self.config.limits
+                data, self.keys.models, self.config.fleet, self.config.limits
             )
         except RemoteProtocolError as exc:
             self.log.warning("ignored a model pointer that does not verify: %s", exc)

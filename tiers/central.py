@@ -97,7 +97,7 @@ from fedtier.tiers._upstream import UpstreamWorker, retry_transient
 from fedtier.tiers.config import CentralConfig, EvaluationTarget, load_initial_model
 from fedtier.tiers.core import ModelView, seal_version, step_model
 from fedtier.tiers.faults import crash_point
-from fedtier.tiers.model_registry import ModelRegistryWriter
+from fedtier.tiers.model_registry import ModelRegistryWriter, RevocationFollower
 from fedtier.tiers.registry import TierKeys
 from fedtier.tiers.store import CommitTicket, ModelVersionRecord, Recovery, TargetRecord
 from fedtier.tiers.tier import OpenBuffer, TierDaemon
@@ -367,6 +367,20 @@ class CentralDaemon(TierDaemon):
     async def _start(self, nursery: trio.Nursery, recovery: Recovery) -> None:
         initial: list[PublishJob] = []
         latest = recovery.latest_version
+        # Key lifecycle: certificates beside the models before any model they sign;
+        # the fleet's revocation list (file and registry) in force before any input.
+        for key_id, certificate in self.keys.certificates.items():
+            await self.registry.put_certificate(key_id, certificate)
+        revocations = RevocationFollower(
+            self.keys,
+            fleet=self.config.fleet,
+            registry=self.registry,
+            path=self.config.revocations,
+            poll_s=self.config.revocation_poll_s,
+            log=self.log,
+            publish=self.registry,
+        )
+        await nursery.start(revocations.serve)
         await self._check_not_behind_registry(None if latest is None else latest.version)
         if latest is None:
             initial.append(self._make_version_zero())
@@ -463,9 +477,7 @@ class CentralDaemon(TierDaemon):
     def _pointer_version(self, pointer: bytes) -> int | None:
         """The version a pointer names if it verifies with this central's key, else None."""
         try:
-            message = open_envelope(
-                pointer, {self.key_id: self.keys.identity.verify_key}, self.config.limits
-            ).message
+            message = open_envelope(pointer, self.keys.models.known_key, self.config.limits).message
         except RemoteProtocolError:
             return None
         return message.version if isinstance(message, ModelAnnouncement) else None
@@ -531,7 +543,7 @@ class CentralDaemon(TierDaemon):
         return job
 
     def _load_version(self, version: int, blob_bytes: bytes, pointer_bytes: bytes) -> None:
-        keys = {self.key_id: self.keys.identity.verify_key}
+        keys = self.keys.models.known_key  # own key, and own older keys the root certified
         envelope = open_envelope(blob_bytes, keys, self.config.limits)
         blob = envelope.message
         pointer = open_envelope(pointer_bytes, keys, self.config.limits).message

@@ -32,7 +32,7 @@ from opentelemetry.trace import SpanKind
 
 from fedtier.protocol.bus import Bus, Delivery, Subscription
 from fedtier.protocol.codecs import CodecSpec
-from fedtier.protocol.envelope import seal
+from fedtier.protocol.envelope import parse_envelope, seal
 from fedtier.protocol.errors import (
     BusError,
     Reason,
@@ -352,7 +352,7 @@ class EdgeDaemon(FollowerDaemon):
             self.log.warning("model registry has no blob for v%d yet; skipping it", version)
             return False
         try:
-            open_model_blob(blob, self.keys.central, pointer, self.config.limits)
+            open_model_blob(blob, self.keys.models, pointer, self.config.limits)
         except RemoteProtocolError as exc:
             self.log.warning("model blob v%d does not verify (%s); not relaying it", version, exc)
             return False
@@ -365,8 +365,11 @@ class EdgeDaemon(FollowerDaemon):
             broker="the MQTT broker's maximum packet size",
             fix="raise max_packet_size in mosquitto.conf",
         )
-        # Blob first: a device that sees the new pointer finds its blob already there.
+        # Blob first: a device that sees the new pointer finds its blob already there;
+        # the signer's certificate before both (devices that pin the fleet root need it).
+        certificate = self.keys.models.document(parse_envelope(data, self.config.limits).sender)
         for topic, payload in (
+            *([(self.topics.model_certificate(), certificate)] if certificate else []),
             (self.topics.model_blob(), blob),
             (self.topics.model_pointer(), data),
         ):

@@ -11,36 +11,86 @@ and/or directories of PEM public keys named ``<name>.pub`` (what ``fedtier
 keys new --name NAME`` writes beside ``NAME.key``: copy the ``.pub`` in to
 register a sender). ``reload()`` reads the sources again (the daemons call it
 on SIGHUP); a failed reload keeps the old keys.
+
+A sender rotates its key without a gap by holding several keys for a while,
+each with an optional validity window (Unix milliseconds or TOML datetimes,
+half-open ``[not_before, not_after)``)::
+
+    [keys]
+    edge-north = [
+        { public_key = "3d40...660c", not_after = 2026-12-31T00:00:00Z },
+        { public_key = "9a1b...07f2", not_before = 2026-12-01T00:00:00Z },
+    ]
+
+A key outside its window is not registered at that moment (``unknown_sender``).
+A signed revocation list (``protocol.certificates.RevocationList``) set with
+:meth:`KeyRegistry.set_revocations` refuses a revoked key id or name with
+``revoked`` from that moment on; it survives ``reload()``, which re-reads the
+registry files only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+import datetime as dt
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedtier.protocol.errors import ConfigError, KeyFileError, LocalProtocolError
+from fedtier.protocol.certificates import (
+    KeyRole,
+    ModelSigners,
+    RevocationList,
+    open_certificate,
+)
+from fedtier.protocol.errors import (
+    ConfigError,
+    KeyFileError,
+    LocalProtocolError,
+    Reason,
+    RemoteProtocolError,
+    UpdateRejected,
+)
 from fedtier.protocol.files import load_public_key, load_signing_identity, read_toml
 from fedtier.protocol.identity import SigningIdentity, VerifyKey
 
 __all__ = ["KeyRegistry", "TierKeys", "is_hex_key", "load_verify_key"]
 
 
+_ALWAYS: tuple[int, int] = (0, 1 << 64)
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 class KeyRegistry(Mapping[str, VerifyKey]):
     """Key id -> public key, loaded from TOML files and PEM directories.
 
-    Usable directly as the ``keys`` argument of ``protocol.envelope.open_envelope``.
+    Usable directly as the ``keys`` argument of ``protocol.envelope.open_envelope``:
+    its :meth:`get` is where validity windows and revocation apply, so every
+    admission sees them. Iterating lists every registered key, in window or not.
 
     Args:
         sources: TOML files and/or directories of ``.pub`` PEM files.
         role: what the keys belong to (``"device"``, ``"edge"``...), for log lines.
+        clock_ms: Unix milliseconds now, for validity windows (tests pass a fixed one).
     """
 
-    def __init__(self, sources: Iterable[Path] = (), *, role: str = "sender") -> None:
+    def __init__(
+        self,
+        sources: Iterable[Path] = (),
+        *,
+        role: str = "sender",
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
         self.sources = tuple(Path(p) for p in sources)
         self.role = role
+        self.clock_ms = clock_ms or _wall_ms
         self._keys: dict[str, VerifyKey] = {}
         self._names: dict[str, str] = {}
+        self._windows: dict[str, tuple[int, int]] = {}
+        self.revocations: RevocationList | None = None
         if self.sources:
             self.reload()
 
@@ -64,9 +114,18 @@ class KeyRegistry(Mapping[str, VerifyKey]):
                 fresh._load_dir(source)
             else:
                 fresh._load_toml(source)
-        self._keys, self._names = fresh._keys, fresh._names
+        self._keys, self._names, self._windows = fresh._keys, fresh._names, fresh._windows
 
-    def _add(self, name: str, key: VerifyKey, where: str) -> None:
+    def set_revocations(self, revocations: RevocationList | None) -> None:
+        """Refuse the keys and names ``revocations`` lists from now on (None lifts them).
+
+        The caller verified the list and its serial; inputs accepted before stay accepted.
+        """
+        self.revocations = revocations
+
+    def _add(
+        self, name: str, key: VerifyKey, where: str, window: tuple[int, int] = _ALWAYS
+    ) -> None:
         key_id = key.key_id
         if key_id in self._keys and self._names[key_id] != name:
             raise ConfigError(
@@ -75,6 +134,7 @@ class KeyRegistry(Mapping[str, VerifyKey]):
             )
         self._keys[key_id] = key
         self._names[key_id] = name
+        self._windows[key_id] = window
 
     def _load_toml(self, path: Path) -> None:
         data = read_toml(path, what="key registry")
@@ -85,15 +145,12 @@ class KeyRegistry(Mapping[str, VerifyKey]):
         if not isinstance(table, dict):
             raise ConfigError(f"key registry {path}: 'keys' must be a table of name = hex")
         for name, value in table.items():
-            if not isinstance(value, str):
-                raise ConfigError(
-                    f"key registry {path}: key {name!r} must be 64 hex digits, got {value!r}"
-                )
-            try:
-                key = VerifyKey.from_hex(value)
-            except LocalProtocolError as exc:
-                raise ConfigError(f"key registry {path}: key {name!r} is unusable: {exc}") from exc
-            self._add(name, key, str(path))
+            entries = value if isinstance(value, list) else [value]
+            if not entries:
+                raise ConfigError(f"key registry {path}: key {name!r} lists no key")
+            for entry in entries:
+                key, window = _registry_entry(path, name, entry)
+                self._add(name, key, str(path), window)
 
     def _load_dir(self, path: Path) -> None:
         for file in sorted(path.glob("*.pub")):
@@ -107,6 +164,31 @@ class KeyRegistry(Mapping[str, VerifyKey]):
 
     def __getitem__(self, key_id: str) -> VerifyKey:
         return self._keys[key_id]
+
+    def get(self, key_id: str, default: VerifyKey | None = None, /) -> VerifyKey | None:  # type: ignore[override]  # narrower than Mapping.get on purpose
+        """The key of ``key_id`` if it may sign now, else ``default``.
+
+        Raises:
+            UpdateRejected: the key or its name is revoked (reason ``revoked``).
+        """
+        key = self._keys.get(key_id)
+        if key is None:
+            return default
+        if self.revocations is not None and self.revocations.revokes(
+            key_id, self._names.get(key_id)
+        ):
+            raise UpdateRejected(
+                f"{self.describe(key_id)} is revoked by revocation list {self.revocations.serial}",
+                reason=Reason.REVOKED,
+            )
+        not_before, not_after = self._windows.get(key_id, _ALWAYS)
+        if (not_before, not_after) != _ALWAYS and not not_before <= self.clock_ms() < not_after:
+            return default
+        return key
+
+    def window(self, key_id: str) -> tuple[int, int] | None:
+        """The ``[not_before, not_after)`` window of a registered key (ms), None if unknown."""
+        return self._windows.get(key_id) if key_id in self._keys else None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -125,6 +207,43 @@ class KeyRegistry(Mapping[str, VerifyKey]):
         if name is None:
             return f"unregistered {self.role} ({short})"
         return f"{self.role} {name!r} ({short})"
+
+
+def _ms(path: Path, name: str, field_name: str, value: object) -> int:
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            raise ConfigError(
+                f"key registry {path}: key {name!r} {field_name} needs a time zone (e.g. Z)"
+            )
+        return int(value.timestamp() * 1000)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ConfigError(
+        f"key registry {path}: key {name!r} {field_name} must be a datetime or Unix "
+        f"milliseconds, got {value!r}"
+    )
+
+
+def _registry_entry(path: Path, name: str, entry: object) -> tuple[VerifyKey, tuple[int, int]]:
+    """One key of a registry file: ``"hex"`` or ``{public_key, not_before?, not_after?}``."""
+    window = _ALWAYS
+    if isinstance(entry, dict):
+        unknown = sorted(set(entry) - {"public_key", "not_before", "not_after"})
+        if unknown:
+            raise ConfigError(f"key registry {path}: key {name!r} has unknown field {unknown[0]!r}")
+        window = (
+            _ms(path, name, "not_before", entry.get("not_before", _ALWAYS[0])),
+            _ms(path, name, "not_after", entry.get("not_after", _ALWAYS[1])),
+        )
+        if window[0] >= window[1]:
+            raise ConfigError(f"key registry {path}: key {name!r} has an empty validity window")
+        entry = entry.get("public_key")
+    if not isinstance(entry, str):
+        raise ConfigError(f"key registry {path}: key {name!r} must be 64 hex digits, got {entry!r}")
+    try:
+        return VerifyKey.from_hex(entry), window
+    except LocalProtocolError as exc:
+        raise ConfigError(f"key registry {path}: key {name!r} is unusable: {exc}") from exc
 
 
 def is_hex_key(value: str) -> bool:
@@ -166,12 +285,27 @@ class TierKeys:
         identity: this daemon's signing identity.
         senders: whom it accepts inputs from (devices at an edge, edges at a
             regional daemon, regional daemons at the central).
-        central: the pinned central key that model versions must verify against.
+        central: the pinned central key that model versions verify against.
+        root: the pinned fleet root, when the fleet has one: model versions
+            signed by any central key it certified (for the version's time)
+            verify too.
+        models: who may sign model versions (``central`` and, with a root,
+            the certified keys the daemon has seen); the one lookup to verify
+            a model version with.
     """
 
     identity: SigningIdentity
     senders: KeyRegistry
     central: VerifyKey
+    root: VerifyKey | None = None
+    certificates: Mapping[str, bytes] = field(default_factory=dict)
+    models: ModelSigners = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        models = ModelSigners((self.central,), root=self.root)
+        for certificate in self.certificates.values():
+            models.add_certificate(certificate)
+        object.__setattr__(self, "models", models)
 
     @classmethod
     def load(
@@ -182,6 +316,8 @@ class TierKeys:
         *,
         role: str,
         base_dir: Path | None = None,
+        root: str = "",
+        certificates: Iterable[Path] = (),
     ) -> TierKeys:
         """Load the identity, the sender registry and the pinned central key.
 
@@ -195,16 +331,34 @@ class TierKeys:
                 loaded config has resolved it already). Never the identity
                 key's folder: ``keys/central.pub`` beside ``keys/me.key`` would
                 then be looked for in ``keys/keys/``.
+            root: the pinned fleet root (as ``central``), empty for none.
+            certificates: certificate files of central keys (what ``fedtier keys
+                rotate`` writes), each verified against ``root`` now.
 
         Raises:
-            ConfigError: any of them cannot be loaded.
+            ConfigError: any of them cannot be loaded, or a certificate does not
+                verify against the root.
         """
         try:
             identity = load_signing_identity(identity_key)
         except KeyFileError as exc:
             raise ConfigError(str(exc)) from exc
+        pinned_root = load_verify_key(root, base_dir=base_dir) if root else None
+        documents: dict[str, bytes] = {}
+        for path in certificates:
+            if pinned_root is None:
+                raise ConfigError(f"certificate {path} needs [keys] root to verify it against")
+            try:
+                data = Path(path).read_bytes()
+                documents[open_certificate(data, pinned_root, role=KeyRole.CENTRAL).key_id] = data
+            except OSError as exc:
+                raise ConfigError(f"cannot read certificate {path}: {exc.strerror}") from exc
+            except RemoteProtocolError as exc:
+                raise ConfigError(f"certificate {path} is unusable: {exc}") from exc
         return cls(
             identity=identity,
             senders=KeyRegistry(sender_sources, role=role),
             central=load_verify_key(central, base_dir=base_dir),
+            root=pinned_root,
+            certificates=documents,
         )

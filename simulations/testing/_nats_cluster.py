@@ -8,7 +8,8 @@ node's ``/healthz`` is ok, so streams at ``replicas = 3`` can be created at
 once. ``kill(i)`` and ``restart(i)`` hurt one node; ``wait_ready`` waits for
 the cluster to be whole again. ``start_deploy`` runs the very files of
 ``deploy/nats/cluster/`` instead (TLS on clients and routes, the users and
-permissions), with only addresses, file paths and example nkeys replaced.
+permissions of the ``deploy/nats/accounts.conf`` it includes), with only
+addresses, file paths and example nkeys replaced.
 Every method is synchronous and bounded by a deadline; call it from trio
 through ``trio.to_thread.run_sync``.
 """
@@ -22,10 +23,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Final, NamedTuple
 
 from fedtier.protocol.errors import ConfigError
-from fedtier.simulations.testing._deploy_templates import DEPLOY_DIR, EXAMPLE_NKEYS
+from fedtier.simulations.testing._deploy_templates import (
+    DEPLOY_DIR,
+    EXAMPLE_NKEYS,
+    SITE_EXAMPLE_NKEY,
+    nats_accounts,
+)
 from fedtier.simulations.testing._nats_server import (
     NatsServerProcess,
     NatsTls,
@@ -37,9 +43,11 @@ __all__ = ["CLUSTER_DEPLOY_DIR", "LEAF_DEPLOY_FILE", "SITE_EXAMPLE_NKEY", "NatsC
 
 CLUSTER_DEPLOY_DIR: Final = DEPLOY_DIR / "nats" / "cluster"
 LEAF_DEPLOY_FILE: Final = DEPLOY_DIR / "nats" / "leaf" / "site.conf"
-# The example public key of the site leaf node's user in deploy/nats/cluster/common.conf.
-SITE_EXAMPLE_NKEY: Final = "UBXSYEP5UOKEINRDGWARZHC5NTSFS5JAJSU63EIYBHYQEL4TB5RAOGKE"
 _CLUSTER_NAME = "fedtier-core"
+# common.conf's include of the users' file (deploy/nats/accounts.conf).
+_ACCOUNTS_INCLUDE_RE: Final = re.compile(
+    r"^include\s+[\"']?([^\"'\s]*accounts\.conf)[\"']?\s*$", re.MULTILINE
+)
 
 
 def _replace_once(text: str, old: str, new: str, source: Path) -> str:
@@ -53,7 +61,23 @@ def _replace_once(text: str, old: str, new: str, source: Path) -> str:
     return text.replace(old, new)
 
 
-def _render_common(template: Path, client_tls: NatsTls, public_keys: Mapping[str, str]) -> str:
+class _Common(NamedTuple):
+    """``common.conf`` rendered, and the accounts file it includes, rendered."""
+
+    text: str
+    accounts_include: Path
+    """Where ``text`` includes the accounts from, relative to the folder holding it."""
+    accounts: str
+
+
+def _render_common(template: Path, client_tls: NatsTls, public_keys: Mapping[str, str]) -> _Common:
+    """Render ``common.conf`` and the accounts file its ``include`` names.
+
+    The accounts file is found the way nats-server finds it (relative to
+    ``template``), so the harness runs whatever file the deployed one includes;
+    the caller writes it at the same relative place next to the rendered copy.
+    Roles left out of ``public_keys`` keep their example keys.
+    """
     text = template.read_text()
     for old, path in (
         ("/etc/nats/tls/server.pem", client_tls.cert_file),
@@ -61,10 +85,23 @@ def _render_common(template: Path, client_tls: NatsTls, public_keys: Mapping[str
         ("/etc/nats/tls/ca.pem", client_tls.ca_file),
     ):
         text = _replace_once(text, f'"{old}"', json.dumps(str(path.resolve())), template)
-    for role, example in {**EXAMPLE_NKEYS, "site": SITE_EXAMPLE_NKEY}.items():
-        if role in public_keys:
-            text = _replace_once(text, example, public_keys[role], template)
-    return text
+    includes = _ACCOUNTS_INCLUDE_RE.findall(text)
+    if len(includes) != 1 or Path(includes[0]).is_absolute():
+        raise ConfigError(
+            f"{template} must include its accounts file exactly once, by a relative path;"
+            f" found {includes}"
+        )
+    include = Path(includes[0])
+    keys = {**EXAMPLE_NKEYS, "site": SITE_EXAMPLE_NKEY, **public_keys}
+    return _Common(text, include, nats_accounts(keys, template=template.parent / include))
+
+
+def _write_common(common: _Common, folder: Path) -> None:
+    """Write ``common`` as ``folder/common.conf``, its accounts file where it includes it from."""
+    (folder / "common.conf").write_text(common.text)
+    accounts = folder / common.accounts_include
+    accounts.parent.mkdir(parents=True, exist_ok=True)
+    accounts.write_text(common.accounts)
 
 
 def _replace_all(text: str, old: str, new: str, source: Path) -> str:
@@ -291,7 +328,7 @@ class NatsClusterProcess:
         template_dir: Path = CLUSTER_DEPLOY_DIR,
         startup_timeout_s: float = 30.0,
     ) -> NatsClusterProcess:
-        """Start ``deploy/nats/cluster/node-{1,2,3}.conf`` (and their ``common.conf``) on loopback.
+        """Start ``deploy/nats/cluster/node-{1,2,3}.conf`` (and what they include) on loopback.
 
         Args:
             workdir: an existing directory the three nodes may own.
@@ -318,7 +355,9 @@ class NatsClusterProcess:
         for index, node in enumerate(nodes):
             template = template_dir / f"node-{index + 1}.conf"
             node.workdir.mkdir(parents=True, exist_ok=True)
-            (node.workdir / "common.conf").write_text(common)
+            # Each node its own common.conf; they share the accounts file they
+            # include (one folder up: the cluster's workdir).
+            _write_common(common, node.workdir)
             node.tls = client_tls
             node.server_name = f"fedtier-core-{index + 1}"
 

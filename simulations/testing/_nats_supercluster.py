@@ -2,9 +2,10 @@
 
 ``NatsSuperclusterProcess.start_deploy(workdir, ...)`` runs the very files of
 ``deploy/nats/supercluster/`` (and the ``deploy/nats/cluster/common.conf`` they
-include) as nine nats-server processes: the core cluster and one cluster per
-region, three nodes each, with TLS on clients, routes and gateways and the
-deployed users, only addresses, file paths and example nkeys replaced. It
+include, with the ``deploy/nats/accounts.conf`` that one includes) as nine
+nats-server processes: the core cluster and one cluster per region, three
+nodes each, with TLS on clients, routes and gateways and the deployed users,
+only addresses, file paths and example nkeys replaced. It
 returns once every node is healthy, every node has a gateway to every other
 cluster (``/gatewayz``), and the JetStream meta group has one leader that every
 node names and counts every node as current, so R3 assets can be created at
@@ -33,6 +34,7 @@ from fedtier.simulations.testing._nats_cluster import (
     _render_common,
     _replace_all,
     _replace_once,
+    _write_common,
     launch_together,
     start_deploy_leaf,
 )
@@ -182,8 +184,9 @@ class NatsSuperclusterProcess:
 
         Args:
             workdir: an existing directory the nodes may own (``<node>/`` each,
-                and ``cluster/common.conf``, which the cluster files include as
-                ``../cluster/common.conf``).
+                ``cluster/common.conf``, which the cluster files include as
+                ``../cluster/common.conf``, and ``accounts.conf``, which that one
+                includes as ``../accounts.conf``).
             client_tls: the CA and server certificate of the client and leaf node ports.
             route_tls: the CA and a certificate valid for 127.0.0.1 with the
                 serverAuth and clientAuth key usages, for routes and gateways.
@@ -201,8 +204,11 @@ class NatsSuperclusterProcess:
         ports = _Ports()
         common_dir = workdir / "cluster"
         common_dir.mkdir(parents=True, exist_ok=True)
-        (common_dir / "common.conf").write_text(
-            _render_common(template_dir.parent / "cluster" / "common.conf", client_tls, public_keys)
+        _write_common(
+            _render_common(
+                template_dir.parent / "cluster" / "common.conf", client_tls, public_keys
+            ),
+            common_dir,
         )
         gateways = _render_gateways(template_dir / "gateways.conf", ports)
         clusters: dict[str, list[NatsServerProcess]] = {}

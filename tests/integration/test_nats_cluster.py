@@ -7,6 +7,7 @@ import datetime
 import ipaddress
 import json
 import re
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from fedtier.simulations.testing import (
     EXAMPLE_FLEET,
     EXAMPLE_NKEYS,
     EXAMPLE_REGION,
+    NATS_ACCOUNTS_TEMPLATE,
     NATS_CONF_TEMPLATE,
     CertFiles,
     NatsClusterProcess,
@@ -30,12 +32,22 @@ from fedtier.simulations.testing import (
     NatsTls,
     NkeyUser,
     TestPki,
+    find_nats_server,
     inbox_prefix,
     nats_accounts,
 )
-from fedtier.simulations.testing._nats_cluster import CLUSTER_DEPLOY_DIR
-from fedtier.tiers.config import TierConfig, TierKind, load_nats_settings
+from fedtier.simulations.testing._nats_cluster import LEAF_DEPLOY_FILE, SITE_EXAMPLE_NKEY
+from fedtier.tiers.config import (
+    RetentionSettings,
+    RetrySettings,
+    TierConfig,
+    TierKind,
+    load_nats_settings,
+)
 from fedtier.tiers.daemon import _nats_config
+
+# What _nats_config reads of a daemon's config besides [nats] (a stand-in config).
+DAEMON_DEFAULTS = {"retry": RetrySettings(), "retention": RetentionSettings()}
 
 pytestmark = pytest.mark.brokers
 
@@ -143,7 +155,7 @@ def daemon_config(tmp_path: Path, cluster: NatsClusterProcess, kind: TierKind) -
         "replicas = 3\n"
     )
     fleet, settings = load_nats_settings(path)
-    config = cast(TierConfig, SimpleNamespace(fleet=fleet, nats=settings))
+    config = cast(TierConfig, SimpleNamespace(fleet=fleet, nats=settings, **DAEMON_DEFAULTS))
     return cast(NatsConfig, _nats_config(kind, config, "k" * 16))
 
 
@@ -330,11 +342,136 @@ def route_cert(pki: TestPki, tmp_path: Path) -> NatsTls:
     return NatsTls(pki.ca_file, cert_file, key_file)
 
 
-def without_the_site_user(accounts: str) -> str:
-    """The accounts block with the site leaf node's user (cluster only) cut out."""
-    begin = accounts.index("      # --- site leaf node of eu-west")
-    marker = "# --- end of the site leaf node of eu-west ---\n"
-    return accounts[:begin] + accounts[accounts.index(marker) + len(marker) :]
+NATS_DEPLOY_DIR = NATS_ACCOUNTS_TEMPLATE.parent
+_INCLUDE_RE = re.compile(r"^\s*include\s+[\"']?([^\"'\s]+)[\"']?\s*$", re.MULTILINE)
+
+
+def server_configs() -> list[Path]:
+    """Every file of deploy/nats/ that an operator starts a nats-server with."""
+    return sorted(
+        path.resolve()
+        for path in NATS_DEPLOY_DIR.rglob("*.conf")
+        if re.search(r"^server_name:", path.read_text(), re.MULTILINE)
+    )
+
+
+def included(config: Path) -> list[Path]:
+    """``config`` and every file it includes, transitively.
+
+    Each path is taken as nats-server takes it: relative to the folder of the
+    file that names it.
+    """
+    files = [config.resolve()]
+    for name in _INCLUDE_RE.findall(config.read_text()):
+        files += included(config.parent / name)
+    return files
+
+
+def test_every_deployed_server_takes_its_users_from_the_one_accounts_file() -> None:
+    servers = server_configs()
+    # The single server, the 3-node cluster, the 9 nodes of the supercluster, a site.
+    assert len(servers) == 1 + 3 + 9 + 1
+    assert {NATS_CONF_TEMPLATE.resolve(), LEAF_DEPLOY_FILE.resolve()} <= set(servers)
+    for server in servers:
+        # A site's leaf node has no users: its edges are bounded by the site's
+        # user on the cluster it links to.
+        want = 0 if server == LEAF_DEPLOY_FILE.resolve() else 1
+        assert included(server).count(NATS_ACCOUNTS_TEMPLATE.resolve()) == want, server
+    # No second copy of users anywhere that could drift from the one file.
+    holders = {
+        path.relative_to(NATS_DEPLOY_DIR).as_posix()
+        for path in NATS_DEPLOY_DIR.rglob("*.conf")
+        if re.search(
+            r"^\s*(accounts\s*\{|system_account\s*:|authorization\s*\{)",
+            path.read_text(),
+            re.MULTILINE,
+        )
+    }
+    assert holders == {"accounts.conf"}
+
+
+def test_the_site_leaf_nodes_user_is_rendered_only_with_its_key() -> None:
+    keys = {role: f"U{'A' * 55}" for role in EXAMPLE_NKEYS}
+    site_key = f"U{'S' * 55}"
+    lone = nats_accounts(keys)  # a test server without leaf nodes
+    linked = nats_accounts({**keys, "site": site_key}, fleet="acme", region="south")
+    assert (lone.count("nkey: "), linked.count("nkey: ")) == (5, 6)
+    assert "$JS.core.API" not in lone
+    assert SITE_EXAMPLE_NKEY not in lone + linked
+    site_user = linked[linked.index(f"nkey: {site_key}") :]
+    assert site_user.index('allowed_connection_types: ["LEAFNODE"]') < site_user.index("}")
+    assert '"$JS.core.API.STREAM.INFO.FT_ACME_UP"' in site_user
+    assert '"ft.acme.up.region.south"' in site_user
+
+
+def test_a_site_user_whose_markers_are_gone_is_not_cut_blindly(tmp_path: Path) -> None:
+    template = tmp_path / "accounts.conf"
+    text = NATS_ACCOUNTS_TEMPLATE.read_text()
+    template.write_text(re.sub(r".*# --- end of the site leaf node of .*\n", "", text))
+    keys = {role: f"U{'A' * 55}" for role in EXAMPLE_NKEYS}
+    with pytest.raises(ConfigError, match="no longer marks the site leaf node's user"):
+        nats_accounts(keys, template=template)
+    # Kept whole, the entry needs no markers.
+    assert "nkey: U" + "S" * 55 in nats_accounts(
+        {**keys, "site": f"U{'S' * 55}"}, template=template
+    )
+
+
+def test_nats_server_resolves_the_accounts_include_of_every_deployed_server(
+    tmp_path: Path,
+) -> None:
+    # A copy of deploy/nats/ with only the certificate and store paths made
+    # real, checked by nats-server itself (-t): the include paths resolve as
+    # nats-server resolves them, and without accounts.conf no server starts.
+    pki = TestPki.create(tmp_path / "pki")
+    server = pki.issue_server("nats")
+    copy = tmp_path / "nats"
+
+    def real_path(match: re.Match[str]) -> str:
+        name = match[1]
+        path = (
+            pki.ca_file
+            if name == "ca"
+            else server.key_file
+            if name.endswith("-key")
+            else server.cert_file
+        )
+        return json.dumps(str(path.resolve()))
+
+    for source in NATS_DEPLOY_DIR.rglob("*.conf"):
+        text = re.sub(r'"/etc/nats/tls/([\w-]+)\.pem"', real_path, source.read_text())
+        text = text.replace('"/var/lib/nats/jetstream"', json.dumps(str(tmp_path / "store")))
+        target = copy / source.relative_to(NATS_DEPLOY_DIR)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    binary = str(find_nats_server())
+
+    def check(config: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [binary, "-t", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    with_users = [
+        copy / path.relative_to(NATS_DEPLOY_DIR.resolve())
+        for path in server_configs()
+        if path != LEAF_DEPLOY_FILE.resolve()
+    ]
+    for config in with_users:
+        result = check(config)
+        assert result.returncode == 0, (config, result.stderr)
+    (copy / "accounts.conf").unlink()
+    for config in (
+        copy / "nats-server.conf",
+        copy / "cluster" / "node-1.conf",
+        copy / "supercluster" / "us-east-3.conf",
+    ):
+        result = check(config)
+        assert result.returncode != 0, config
+        assert "accounts.conf: no such file" in result.stderr, (config, result.stderr)
 
 
 async def test_the_deploy_cluster_and_leaf_files_run_with_r3_streams_and_their_users(
@@ -344,14 +481,6 @@ async def test_the_deploy_cluster_and_leaf_files_run_with_r3_streams_and_their_u
     users = {role: pki.issue_nkey_user(f"nats-{role}") for role in [*EXAMPLE_NKEYS, "site"]}
     certs = {role: pki.issue_client(f"nats-{role}") for role in ("central", "edge", "site")}
     keys = {role: user.public_key for role, user in users.items()}
-    # One permissions model: the cluster's users are the single server's, word for
-    # word, plus the site leaf node's.
-    cluster_accounts = nats_accounts(
-        {r: k for r, k in keys.items() if r != "site"}, template=CLUSTER_DEPLOY_DIR / "common.conf"
-    )
-    assert without_the_site_user(cluster_accounts) == nats_accounts(
-        {r: k for r, k in keys.items() if r != "site"}, template=NATS_CONF_TEMPLATE
-    )
     server = pki.issue_server("nats")
     cluster = await trio.to_thread.run_sync(
         lambda: NatsClusterProcess.start_deploy(
@@ -411,7 +540,7 @@ async def _through_the_deploy_files(
             ]
         path.write_text("\n".join(lines) + "\n")
         fleet, settings = load_nats_settings(path)
-        config = cast(TierConfig, SimpleNamespace(fleet=fleet, nats=settings))
+        config = cast(TierConfig, SimpleNamespace(fleet=fleet, nats=settings, **DAEMON_DEFAULTS))
         return cast(NatsConfig, _nats_config(kind, config, "k" * 16))
 
     subjects = NatsSubjects(EXAMPLE_FLEET)
@@ -425,6 +554,20 @@ async def _through_the_deploy_files(
             # The site's user on the core lets only this region's partials across.
             with pytest.raises(PublishError, match="no JetStream responder"):
                 await bus.publish(subjects.to_region("us-east"), b"p", msg_id="p2")
+        # The site's user serves leaf node links only: as a client it is refused.
+        site_as_client = NatsConfig(
+            servers=tuple(cluster.urls),
+            name="site-as-client",
+            tls_ca_file=pki.ca_file,
+            tls_cert_file=certs["site"].cert_file,
+            tls_key_file=certs["site"].key_file,
+            nkeys_seed_file=users["site"].seed_file,
+            monitoring_urls=tuple(cluster.monitoring_urls),
+            connect_attempts=1,
+        )
+        with pytest.raises(ConfigError, match="refused the credentials"):
+            async with open_nats_bus(site_as_client):
+                pass
     configs = stream_configs(cluster)
     for name in (subjects.up_stream()[0], f"KV_{subjects.model_bucket()}"):
         assert configs[name]["num_replicas"] == 3, name
@@ -494,7 +637,9 @@ async def _edge_through_the_leaf(
     edge = cast(
         NatsConfig,
         _nats_config(
-            "edge", cast(TierConfig, SimpleNamespace(fleet=fleet, nats=settings)), "e" * 16
+            "edge",
+            cast(TierConfig, SimpleNamespace(fleet=fleet, nats=settings, **DAEMON_DEFAULTS)),
+            "e" * 16,
         ),
     )
     # Without the domain the edge asks the leaf's own JetStream, which has no such stream.

@@ -3,7 +3,7 @@
 Mosquitto runs a TLS listener that requires a client certificate, takes its
 CN as the user name and applies ``deploy/mosquitto/acl`` (edge user blocks
 rendered for this test's edge). nats-server runs TLS with ``verify: true`` and
-the ``accounts`` block of ``deploy/nats/nats-server.conf`` (its nkeys replaced
+the ``accounts`` block of ``deploy/nats/accounts.conf`` (its nkeys replaced
 by this test's, fleet and region renamed). So these tests check the deployed
 rules themselves, not a copy of them.
 

@@ -13,7 +13,7 @@ from fedtier.protocol.errors import ConfigError
 from fedtier.simulations.testing import (
     EXAMPLE_NKEYS,
     MOSQUITTO_ACL_TEMPLATE,
-    NATS_CONF_TEMPLATE,
+    NATS_ACCOUNTS_TEMPLATE,
     MosquittoTls,
     TestPki,
     mosquitto_acl,
@@ -87,8 +87,8 @@ def test_nats_accounts_need_every_role() -> None:
 
 
 def test_nats_accounts_fail_loudly_when_the_template_drops_an_example_key(tmp_path: Path) -> None:
-    template = tmp_path / "nats-server.conf"
-    text = NATS_CONF_TEMPLATE.read_text().replace(EXAMPLE_NKEYS["regional"], "U" + "B" * 55)
+    template = tmp_path / "accounts.conf"
+    text = NATS_ACCOUNTS_TEMPLATE.read_text().replace(EXAMPLE_NKEYS["regional"], "U" + "B" * 55)
     template.write_text(text)
     keys = {role: f"U{'A' * 55}" for role in EXAMPLE_NKEYS}
     with pytest.raises(ConfigError, match="example regional nkey"):

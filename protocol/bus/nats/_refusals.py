@@ -79,7 +79,7 @@ def _refusals(
 def _refused(action: str, violation: str, *, write: bool) -> FedtierError:
     message = (
         f"{action}: the NATS server refused it ({violation}); grant it in this user's "
-        "permissions (deploy/nats/nats-server.conf) or use another user"
+        "permissions (deploy/nats/accounts.conf) or use another user"
     )
     return PublishError(message) if write else ConfigError(message)
 

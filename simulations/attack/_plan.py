@@ -57,7 +57,7 @@ TierExpect = Literal["quarantined", "contained"]
 
 TIER_EXPECTED: Final[Mapping[str, TierExpect]] = {
     "partial_repeated_inputs": "quarantined",  # one input id twice: no id derives
-    "partial_huge_sample_count": "contained",  # two partials, sample_count 1e308 each
+    "partial_huge_sample_count": "contained",  # sample_count 1e308 each: over the weight cap
     "partial_leaf_counted_twice": "quarantined",  # a leaf already counted via another input
 }
 

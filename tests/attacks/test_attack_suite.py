@@ -80,7 +80,8 @@ def test_small_attack_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     # A registered edge key's hostile partials: quarantined with their reasons.
     assert answers(result, "partial_repeated_inputs") == {"quarantined:malformed": 1}
     assert answers(result, "partial_leaf_counted_twice") == {"quarantined:leaf_counted_twice": 1}
-    assert sum(answers(result, "partial_huge_sample_count").values()) == 2
+    # Over the regional's weight cap on partials (update_count x max_samples).
+    assert answers(result, "partial_huge_sample_count") == {"quarantined:inconsistent_partial": 2}
     # A model blob failing its digest: the edge that met it skipped it and served a later one.
     blob = result["blob"]
     assert blob["skipped"], blob

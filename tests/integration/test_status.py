@@ -5,7 +5,7 @@ test_mesh.py does, smaller), runs ``fedtier status --json`` as a user does
 (a subprocess with a daemon's config), waits with deadlines for every daemon
 and for versions to advance, then stops one edge cleanly and kills the other
 and sees them turn ``stopped`` and ``stale``. The permissions test runs
-deploy/nats/nats-server.conf's users: each daemon writes only its own keys,
+deploy/nats/accounts.conf's users: each daemon writes only its own keys,
 the ``status`` user only reads, through the command's TLS and nkeys options.
 """
 
@@ -110,7 +110,9 @@ async def test_status_shows_every_daemon_versions_advance_and_stopped_ones_turn_
         central_flush=FlushSpec(1, 0.2),
         shutdown_timeout_s=3.0,
     )
-    with trio.fail_after(60):
+    # Deadlines, not waits: each phase ends as soon as it is seen. Under a CPU hog
+    # the fleet's first update can take 20 s to come, so they are generous.
+    with trio.fail_after(180):
         async with open_brokers(tmp_path / "brokers") as brokers:
             plan = await trio.to_thread.run_sync(
                 prepare_mesh, spec, tmp_path, tmp_path / "out", brokers
@@ -127,7 +129,7 @@ async def test_status_shows_every_daemon_versions_advance_and_stopped_ones_turn_
                 def all_serving(doc: Doc) -> bool:
                     return doc["ok"] and len(doc["daemons"]) == 4
 
-                first = await watch_until(edge_config, all_serving, "every daemon serving", 20)
+                first = await watch_until(edge_config, all_serving, "every daemon serving", 45)
                 tiers = by_tier(first)
                 assert {t: len(d) for t, d in tiers.items()} == {
                     "central": 1,
@@ -148,7 +150,7 @@ async def test_status_shows_every_daemon_versions_advance_and_stopped_ones_turn_
                         and sum(e["totals"].get("accepted", 0) for e in now["edge"]) > 0
                     )
 
-                later = await watch_until(edge_config, advanced, "versions advance", 25)
+                later = await watch_until(edge_config, advanced, "versions advance", 60)
                 assert by_tier(later)["regional"][0]["totals"].get("accepted", 0) > 0
 
                 # One-shot, as a user runs it: all fine, exit status 0. On a loaded
@@ -170,7 +172,7 @@ async def test_status_shows_every_daemon_versions_advance_and_stopped_ones_turn_
                     health = {e["site"]: e["health"] for e in by_tier(doc)["edge"]}
                     return health == {"s1": "stopped", "s2": "stale"}
 
-                await watch_until(plan.central_config, edges_down, "edges stopped and stale", 15)
+                await watch_until(plan.central_config, edges_down, "edges stopped and stale", 30)
                 code, doc = await status_once("--config", str(plan.central_config))
                 assert code == 1
                 assert not doc["ok"]

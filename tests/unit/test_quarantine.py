@@ -155,6 +155,32 @@ async def test_a_partial_with_repeated_inputs_leaves_the_regional_running(
     assert pending(region) == 0
 
 
+async def test_a_partial_claiming_more_weight_than_its_updates_is_quarantined(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    # edge_buffer(5, 2) holds updates of n_samples 3 and 4: at most 2 x 4 under a cap of 4.
+    region = Region(tmp_path, make_config(tmp_path, max_samples_per_update=4))
+    await region.publish_model(0)
+    acc = edge_buffer(5, 2)
+    message, data_honest = sign_partial(EDGES[0], FLEET, LAYOUT, acc)
+    acc_lie = edge_buffer(6, 2)
+    lie, _ = sign_partial(EDGES[1], FLEET, LAYOUT, acc_lie)
+    lie = replace(lie, sample_count=1e12)
+    async with trio.open_nursery() as nursery:
+        regional = region.daemon()
+        await nursery.start(regional.serve)
+        await region.send(resealed(lie, acc_lie, EDGES[1]))
+        await region.send(data_honest)
+        await settle()
+        assert regional.counts[("rejected", "inconsistent_partial")] == 1
+        assert regional.counts[("accepted", "")] == 1
+        assert list(regional.buffer.accumulator.input_ids) == [message.partial_id]
+        nursery.cancel_scope.cancel()
+    (row,) = read_quarantine(region.config.store_path)
+    assert (row.reason, row.input_id) == ("inconsistent_partial", lie.partial_id)
+    assert pending(region) == 0
+
+
 async def test_partials_whose_sample_counts_sum_to_inf_are_all_folded(
     tmp_path: Path, autojump_clock: MockClock
 ) -> None:

@@ -17,6 +17,7 @@ from fedtier.protocol.files import save_public_key, save_signing_identity
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.tiers._quarantine import QuarantineLimits
 from fedtier.tiers.config import (
+    DEFAULT_MAX_SAMPLES,
     CentralConfig,
     EdgeConfig,
     RegionalConfig,
@@ -59,6 +60,18 @@ def test_regional_and_central_examples_load() -> None:
     assert isinstance(central, CentralConfig)
     assert central.initial_model == DEPLOY / "models/initial.npz"
     assert central.make_optimizer().name == "fedavg"
+    # The partial weight cap: on by default, the edges' default max_samples.
+    assert regional.max_samples_per_update == central.max_samples_per_update == DEFAULT_MAX_SAMPLES
+
+
+def test_regional_validation_max_samples_caps_partial_weight(tmp_path: Path) -> None:
+    path = tmp_path / "regional.toml"
+    base = (DEPLOY / "regional.example.toml").read_text()
+    path.write_text(base.replace("[keys]", "[validation]\nmax_samples = 500\n\n[keys]", 1))
+    assert load_config("regional", path).max_samples_per_update == 500
+    path.write_text(base.replace("[keys]", "[validation]\nmax_samples = 0\n\n[keys]", 1))
+    with pytest.raises(ConfigError, match="max_samples"):
+        load_config("regional", path)
 
 
 EDGE_MINIMAL = """

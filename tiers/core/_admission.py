@@ -161,6 +161,10 @@ class AdmissionRules:
         influence: the bounds on one device's influence (device updates only); the
             stateful ones (adaptive norm, contribution cap, rate limit) need an
             ``InfluenceState`` passed to ``admit_update``.
+        max_samples_per_update: the fleet's cap on one device update's weight, as
+            the edges apply it; a child partial whose ``sample_count`` exceeds
+            ``update_count`` times it claims more weight than its updates can
+            carry, and is refused (``inconsistent_partial``). None: unchecked.
     """
 
     fleet: str
@@ -171,6 +175,7 @@ class AdmissionRules:
     accepts: tuple[Tier, ...] = (Tier.EDGE,)
     reject_late_partials: bool = False
     influence: InfluenceRules = field(default_factory=InfluenceRules)
+    max_samples_per_update: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,6 +533,15 @@ def admit_partial(
         if len(set(message.leaves)) != len(message.leaves):
             raise InconsistentPartial(
                 f"partial {pid} from {who} lists one device update twice among its leaves"
+            )
+        cap = rules.max_samples_per_update
+        if cap is not None and not message.sample_count <= message.update_count * cap:
+            # A registered child tier that lies about weight would otherwise own
+            # the version, as a device did before the edges capped n_samples.
+            raise InconsistentPartial(
+                f"partial {pid} from {who} claims sample_count {message.sample_count:g} for "
+                f"{message.update_count} device update(s); the fleet caps one update's weight "
+                f"at {cap}"
             )
         counted = seen.counted_leaves(message.leaves)
         if counted:

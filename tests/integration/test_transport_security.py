@@ -40,6 +40,8 @@ from fedtier.simulations.testing import (
     mosquitto_acl,
     nats_accounts,
 )
+from fedtier.tiers._lease import Lease
+from fedtier.tiers.regional import FORWARDED_MAX_AGE_S
 
 pytestmark = pytest.mark.brokers
 
@@ -523,3 +525,45 @@ async def test_each_user_reads_replies_on_its_own_inbox_prefix_only(
         with pytest.raises(FedtierError):
             async with open_nats_bus(shared):
                 pass
+
+
+async def test_the_lease_and_intent_buckets_take_each_user_s_own_keys_only(
+    nats_loop: None, tls_nats: NatsServerProcess, pki: TestPki, nats_users: NatsUsers
+) -> None:
+    # [lease] with the deployed users (docs/operations.md, "Run a standby"):
+    # whichever instance comes first creates the buckets; each user takes its
+    # own lease key and, a regional, writes and lists its own region's intents.
+    subjects = NatsSubjects(FLEET)
+    forged_by_role = {
+        "edge": [f"regional.{REGION}", "edge.south.s1", "central"],
+        "regional": ["regional.south", f"edge.{REGION}.s1", "central"],
+        "central": [],
+    }
+    own_key = {"edge": f"edge.{REGION}.s1", "regional": f"regional.{REGION}", "central": "central"}
+
+    def config(role: str) -> NatsConfig:
+        return nats_config(tls_nats, pki, nats_users, role)
+
+    with trio.fail_after(DEADLINE_S):
+        async with open_nats_bus(config("central")):
+            pass  # the streams exist
+        for role in ("regional", "edge", "central"):
+            async with open_nats_bus(config(role)) as bus:
+                kv = await bus.kv_bucket(subjects.lease_bucket(), max_age_s=10.0)
+                lease = Lease(kv, own_key[role], ttl_s=10.0, instance=f"test-{role}")
+                assert await lease.try_acquire()
+                assert lease.is_held
+                for forged in forged_by_role[role]:
+                    with pytest.raises(PublishError, match="permissions violation"):
+                        await kv.update(forged, b"forged", 0)
+        async with open_nats_bus(config("regional")) as regional:
+            intents = await regional.kv_bucket(
+                subjects.forwarded_bucket(), max_age_s=FORWARDED_MAX_AGE_S
+            )
+            mine = f"{REGION}.{'ab' * 16}"
+            await intents.put(mine, b"sealed partial")
+            assert await intents.get(mine) == (b"sealed partial", 1)
+            assert await intents.keys() == [mine]
+            await intents.delete(mine)
+            with pytest.raises(PublishError, match="permissions violation"):
+                await intents.put(f"south.{'ab' * 16}", b"forged")

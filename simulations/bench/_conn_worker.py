@@ -61,14 +61,12 @@ from fedtier.protocol.layout import layout_of
 from fedtier.protocol.messages import DeviceUpdate, Receipt
 from fedtier.protocol.names import MqttTopics
 from fedtier.simulations.bench._conn_mqtt import MqttSession, connect_session
-from fedtier.simulations.bench._edge_worker import EDGE_SETTINGS
-from fedtier.tiers.config import EdgeConfig, MqttSettings
+from fedtier.simulations.bench._edge_worker import (
+    bench_edge_config,
+    bench_edge_keys_and_registry,
+    bench_identity,
+)
 from fedtier.tiers.edge import EdgeDaemon
-from fedtier.tiers.flush import FlushPolicy
-from fedtier.tiers.model_registry import MemoryModelRegistry
-from fedtier.tiers.registry import KeyRegistry, TierKeys
-from fedtier.tiers.staleness import StalenessPolicy
-from fedtier.tiers.testing import sign_model_version
 
 __all__ = [
     "EDGE_USER",
@@ -88,7 +86,6 @@ FLEET: Final = "bench"
 REGION: Final = "bench"
 EDGE_USER: Final = "edge-bench"
 """The edge's certificate CN: its user name in the ACL."""
-_SEED_TAG: Final = b"fedtier-bench-connections\x00"
 # Distinct deltas cycled through the updates: the signed header makes every
 # envelope unique anyway, and encoding is not what is measured.
 _DISTINCT_DELTAS: Final = 4
@@ -177,15 +174,9 @@ class ConnSpec:
 # -- shared by every process -------------------------------------------------------------
 
 
-def _identity(label: str) -> SigningIdentity:
-    return SigningIdentity.from_seed(
-        hashlib.blake2b(_SEED_TAG + label.encode(), digest_size=32).digest()
-    )
-
-
 def device_identity(index: int) -> SigningIdentity:
     """The signing identity of device ``index``, the same in every process."""
-    return _identity(f"device-{index}")
+    return bench_identity(f"device-{index}")
 
 
 def raise_nofile(needed: int, who: str) -> int:
@@ -259,7 +250,7 @@ class _Fleet:
         self.spec = spec
         self.nursery = nursery
         self.rng = np.random.default_rng([spec.seed, spec.first_device])
-        self.edge_keys = {_identity("edge").key_id: _identity("edge").verify_key}
+        self.edge_keys = {bench_identity("edge").key_id: bench_identity("edge").verify_key}
         self.limiter = trio.CapacityLimiter(spec.connect_concurrency)
         self.stop = trio.Event()
         self.drain_scopes: set[trio.CancelScope] = set()
@@ -593,46 +584,12 @@ async def _serve_devices(spec: ConnSpec) -> dict[str, Any]:
 # -- edge --------------------------------------------------------------------------------
 
 
-def _edge_config(spec: ConnSpec) -> EdgeConfig:
-    state_dir = Path(spec.state_dir)
-    settings = EDGE_SETTINGS
-    return EdgeConfig(
-        fleet=FLEET,
-        site=spec.site,
-        region=REGION,
-        identity_key=state_dir / "unused.key",  # keys are handed over in memory
-        state_dir=state_dir,
-        central_key=_identity("central").verify_key.raw.hex(),
-        flush=FlushPolicy(max_inputs=settings.flush_max_inputs, max_age_s=settings.flush_max_age_s),
-        staleness=StalenessPolicy(max_staleness=settings.max_staleness),
-        commit_window_s=settings.commit_window_ms / 1000.0,
-        intake_capacity=settings.intake_capacity,
-        mqtt=MqttSettings(host=spec.host, port=spec.port, client_id=f"{spec.site}-edge"),
-        max_norm=settings.max_norm,
-        norm_policy=settings.norm_policy,
-        partial_codec=CodecSpec.parse(settings.partial_codec),
-    )
-
-
 async def _serve_edge(spec: ConnSpec) -> None:
     raise_nofile(_FD_MARGIN, "the edge")
-    config = _edge_config(spec)
-    central = _identity("central")
-    keys = TierKeys(
-        _identity("edge"),
-        KeyRegistry.from_keys(
-            {f"dev-{i}": device_identity(i).verify_key for i in range(spec.devices)},
-            role="device",
-        ),
-        central.verify_key,
+    config = bench_edge_config(Path(spec.state_dir), spec.site, spec.host, spec.port)
+    keys, registry = await bench_edge_keys_and_registry(
+        [device_identity(i) for i in range(spec.devices)], spec.num_params
     )
-    layout = layout_of([("delta", (spec.num_params,))])
-    registry = MemoryModelRegistry()
-    pointer, blob = sign_model_version(
-        central, FLEET, 0, layout, np.zeros(spec.num_params, np.float32)
-    )
-    await registry.put_blob(0, blob)
-    await registry.put_current(0, pointer)
     tls: dict[str, Any] = {}
     if spec.tls_dir:
         folder = Path(spec.tls_dir)

@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -56,7 +56,17 @@ from fedtier.tiers.staleness import StalenessPolicy
 from fedtier.tiers.testing import sign_model_version
 from fedtier.tiers.validation import NormPolicy
 
-__all__ = ["EDGE_SETTINGS", "READY_LINE", "EdgeBenchSettings", "Role", "WorkerSpec", "main"]
+__all__ = [
+    "EDGE_SETTINGS",
+    "READY_LINE",
+    "EdgeBenchSettings",
+    "Role",
+    "WorkerSpec",
+    "bench_edge_config",
+    "bench_edge_keys_and_registry",
+    "bench_identity",
+    "main",
+]
 
 Role = Literal["publisher", "baseline", "edge"]
 
@@ -180,6 +190,11 @@ def _identity(label: str) -> SigningIdentity:
     return SigningIdentity.from_seed(
         hashlib.blake2b(_SEED_TAG + label.encode(), digest_size=32).digest()
     )
+
+
+def bench_identity(label: str) -> SigningIdentity:
+    """A bench identity (``central``, ``edge``, ``device-<i>``), the same in every process."""
+    return _identity(label)
 
 
 def device_identities(count: int) -> list[SigningIdentity]:
@@ -448,12 +463,12 @@ async def _serve_baseline(spec: WorkerSpec) -> dict[str, Any]:
 # -- edge host ----------------------------------------------------------------------------
 
 
-def _edge_config(spec: WorkerSpec) -> EdgeConfig:
-    state_dir = Path(spec.state_dir)
+def bench_edge_config(state_dir: Path, site: str, host: str, port: int) -> EdgeConfig:
+    """The edge of the benches (``EDGE_SETTINGS``); the connections bench runs it too."""
     settings = EDGE_SETTINGS
     return EdgeConfig(
         fleet=FLEET,
-        site=spec.run,
+        site=site,
         region=REGION,
         identity_key=state_dir / "unused.key",  # keys are handed over in memory
         state_dir=state_dir,
@@ -462,17 +477,18 @@ def _edge_config(spec: WorkerSpec) -> EdgeConfig:
         staleness=StalenessPolicy(max_staleness=settings.max_staleness),
         commit_window_s=settings.commit_window_ms / 1000.0,
         intake_capacity=settings.intake_capacity,
-        mqtt=MqttSettings(host=spec.host, port=spec.port, client_id=f"{spec.run}-edge"),
+        mqtt=MqttSettings(host=host, port=port, client_id=f"{site}-edge"),
         max_norm=settings.max_norm,
         norm_policy=settings.norm_policy,
         partial_codec=CodecSpec.parse(settings.partial_codec),
     )
 
 
-async def _serve_edge(spec: WorkerSpec) -> dict[str, Any]:
-    config = _edge_config(spec)
+async def bench_edge_keys_and_registry(
+    devices: Sequence[SigningIdentity], num_params: int
+) -> tuple[TierKeys, MemoryModelRegistry]:
+    """The bench edge's keys (``devices`` registered) and a registry holding version 0."""
     central = _identity("central")
-    devices = device_identities(spec.devices)
     keys = TierKeys(
         _identity("edge"),
         KeyRegistry.from_keys(
@@ -480,13 +496,20 @@ async def _serve_edge(spec: WorkerSpec) -> dict[str, Any]:
         ),
         central.verify_key,
     )
-    layout = model_layout(spec.num_params)
     registry = MemoryModelRegistry()
     pointer, blob = sign_model_version(
-        central, FLEET, 0, layout, np.zeros(spec.num_params, np.float32)
+        central, FLEET, 0, model_layout(num_params), np.zeros(num_params, np.float32)
     )
     await registry.put_blob(0, blob)
     await registry.put_current(0, pointer)
+    return keys, registry
+
+
+async def _serve_edge(spec: WorkerSpec) -> dict[str, Any]:
+    config = bench_edge_config(Path(spec.state_dir), spec.run, spec.host, spec.port)
+    keys, registry = await bench_edge_keys_and_registry(
+        device_identities(spec.devices), spec.num_params
+    )
     # As tiers.daemon builds it: the bus bounds itself to the intake's capacity.
     mqtt_config = spec.mqtt_config("edge", receive_maximum=config.intake_capacity)
     # Installed before "ready": a SIGTERM must never find the default handler.

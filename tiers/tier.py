@@ -224,7 +224,11 @@ class StoreLedger:
         return state is not None and not forgotten
 
     def seq_used_elsewhere(self, sender: str, seq: int, input_id: bytes, /) -> bool:
-        """Whether an accepted input of ``sender`` took ``seq`` (this one is new, so another)."""
+        """Whether an accepted input of ``sender`` took ``seq`` (this one is new, so another).
+
+        Also true at or below the sender's floor (the highest seq the retention
+        prune deleted): the input that held it is forgotten, and may be this one.
+        """
         if self._forgotten == (sender, input_id):
             return False  # a forgotten input took its own seq: it is no replay
         return self._daemon.store.seq_taken(sender, seq)

@@ -379,7 +379,7 @@ async def test_a_version_2_store_is_migrated_and_records_metrics(tmp_path: Path)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(model_versions)")}
     finally:
         conn.close()
-    assert version == SCHEMA_VERSION == 6
+    assert version == SCHEMA_VERSION == 7
     assert "rollback_of" in columns
     after = read_stored_version(path, 1)
     assert after.metrics == {"accuracy": 0.75, "loss": 0.5}
@@ -603,7 +603,7 @@ async def test_a_version_4_central_store_gets_its_lineage_indexed(tmp_path: Path
         (version,) = conn.execute("PRAGMA user_version").fetchone()
     finally:
         conn.close()
-    assert version == SCHEMA_VERSION == 6
+    assert version == SCHEMA_VERSION == 7
 
 
 async def test_other_schema_versions_are_refused(tmp_path: Path) -> None:
@@ -648,7 +648,7 @@ async def test_a_version_3_store_is_migrated_to_an_empty_quarantine(tmp_path: Pa
         (version,) = conn.execute("PRAGMA user_version").fetchone()
     finally:
         conn.close()
-    assert version == SCHEMA_VERSION == 6
+    assert version == SCHEMA_VERSION == 7
     (row,) = read_quarantine(path)
     assert (row.qid, row.sender, row.reason, row.envelope) == (
         qid,

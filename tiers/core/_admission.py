@@ -25,7 +25,9 @@ The checks run cheapest first, and each rejection has exactly one reason:
 
 Replays are "a seq reused by another update id", not "a seq at or below the
 high-water mark": a device resends an unanswered update after newer ones were
-accepted, and the strict rule would lose it.
+accepted, and the strict rule would lose it. Only below the floor of what the
+retention prune deleted does the ledger count every seq as used (its inputs'
+ids are forgotten there), which ``SeenInputs.seq_used_elsewhere`` answers.
 """
 
 from __future__ import annotations
@@ -98,7 +100,10 @@ class SeenInputs(Protocol):
         """Whether ``(sender, input_id)`` was accepted before (a resend is a duplicate)."""
 
     def seq_used_elsewhere(self, sender: str, seq: int, input_id: bytes, /) -> bool:
-        """Whether another input of ``sender`` already took ``seq`` (a replay)."""
+        """Whether another input of ``sender`` already took ``seq`` (a replay).
+
+        A ledger that forgets inputs answers True for every seq it forgot too.
+        """
 
     def counted_leaves(self, leaves: Sequence[bytes], /) -> Sequence[bytes]:
         """The device update ids among ``leaves`` that an accepted input already carried."""

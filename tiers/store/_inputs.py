@@ -161,14 +161,31 @@ class InputTables(CommitEngine[InputKey]):
         return self._pending_inputs.get((sender, input_id))
 
     def seq_taken(self, sender: str, seq: int) -> bool:
-        """Whether an input from ``sender`` with sequence ``seq`` was accepted (or is pending)."""
+        """Whether ``sender``'s sequence ``seq`` is used: accepted, pending, or pruned.
+
+        A seq at or below the sender's floor (``senders.pruned_seq``, the highest
+        seq a prune deleted) counts as used whatever input held it: its row is
+        gone, so an update carrying it may be a resend of one already counted.
+        One statement, so one snapshot: a prune committing between two reads
+        cannot hide the seq from both.
+        """
         if (sender, seq) in self._pending_seqs:
             return True
         assert self._reader is not None
         row = self._reader.execute(
-            "SELECT 1 FROM inputs WHERE sender = ? AND seq = ? LIMIT 1", (sender, seq)
+            "SELECT EXISTS (SELECT 1 FROM inputs WHERE sender = ? AND seq = ?)"
+            " OR EXISTS (SELECT 1 FROM senders WHERE sender = ? AND pruned_seq >= ?)",
+            (sender, seq, sender, seq),
         ).fetchone()
-        return row is not None
+        return bool(row[0])
+
+    def seq_floor(self, sender: str) -> int | None:
+        """The highest seq of ``sender`` a prune deleted (its floor), or None if none."""
+        assert self._reader is not None
+        row = self._reader.execute(
+            "SELECT pruned_seq FROM senders WHERE sender = ?", (sender,)
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
 
     def counted_leaves(self, leaves: Sequence[bytes]) -> list[bytes]:
         """The ids among ``leaves`` that an accepted input (pending ones too) already carried."""

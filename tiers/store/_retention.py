@@ -13,7 +13,12 @@ What may go, and why only that (docs/operations.md, retention and limits):
   partial not yet acknowledged upstream, and a restart needs it. A done input
   is kept for the horizon because its ``(sender, id)`` and its sequence number
   are the dedupe keys: a copy arriving later (a device resend, a partial
-  redelivered from the UP stream) must still be recognised.
+  redelivered from the UP stream) must still be recognised. The same
+  transaction raises each sender's ``senders.pruned_seq`` (its floor) to the
+  highest seq deleted, so a device update resent after its row went is still
+  refused: unknown, at or below the floor, it is a replay (``seq_taken``),
+  never counted a second time. Devices number updates strictly upward, so an
+  honest device's new update is always above its floor.
 * ``outbox`` rows in state ``acked`` acknowledged before the outbox horizon:
   their bytes went at the ack; the row is history only.
 
@@ -85,7 +90,9 @@ def prune_done_inputs(
     """Delete up to ``batch`` done inputs accepted before ``accepted_before_ms``, oldest first.
 
     Their ``leaves`` rows and any envelope row go in the same transaction, so a
-    leaf id is never left pointing at an input that is gone.
+    leaf id is never left pointing at an input that is gone, and so does the
+    floor of their senders (``senders.pruned_seq``, only ever raised), so no
+    deleted sequence number is ever free for a replay.
     """
     positions = [
         int(row[0])
@@ -98,6 +105,16 @@ def prune_done_inputs(
     for start in range(0, len(positions), _CHUNK):
         chunk = positions[start : start + _CHUNK]
         marks = ", ".join("?" * len(chunk))  # values are bound, never spliced
+        # Before the rows go, in their transaction. SQL's max() of a NULL is
+        # NULL, hence the coalesce for a sender's first floor.
+        conn.execute(
+            "INSERT INTO senders (sender, hwm, pruned_seq)"  # noqa: S608
+            f" SELECT sender, max(seq), max(seq) FROM inputs WHERE pos IN ({marks})"
+            " GROUP BY sender"
+            " ON CONFLICT (sender) DO UPDATE SET pruned_seq ="
+            " max(coalesce(pruned_seq, excluded.pruned_seq), excluded.pruned_seq)",
+            chunk,
+        )
         leaves += conn.execute(f"DELETE FROM leaves WHERE pos IN ({marks})", chunk).rowcount  # noqa: S608
         envelopes += conn.execute(
             f"DELETE FROM input_envelopes WHERE pos IN ({marks})",  # noqa: S608

@@ -1,6 +1,6 @@
-"""The state store's DDL and its migrations from schema versions 1 to 5; imports sqlite3 only.
+"""The state store's DDL and its migrations from schema versions 1 to 6; imports sqlite3 only.
 
-No trio here. Schema (``PRAGMA user_version = 6``; WAL, ``synchronous=FULL``,
+No trio here. Schema (``PRAGMA user_version = 7``; WAL, ``synchronous=FULL``,
 ``secure_delete=FAST``)::
 
     meta(key PRIMARY KEY, value)          open_epoch, out_seq, known_version,
@@ -22,7 +22,10 @@ No trio here. Schema (``PRAGMA user_version = 6``; WAL, ``synchronous=FULL``,
                                           Since version 6 a TEXT reference into
                                           the segment log (``_segments``); a BLOB
                                           is the bytes inline (older rows)
-    senders(sender PRIMARY KEY, hwm)      per-sender sequence high-water marks
+    senders(sender PRIMARY KEY, hwm,      per-sender sequence high-water marks,
+           pruned_seq)                    and the highest seq the prune deleted
+                                          (NULL if none; since version 7): an
+                                          unknown update at or below it is a replay
     outbox(partial_id PRIMARY KEY, epoch, seq, subject, envelope, trace,
            state, created_ms, acked_ms)   flushed partials: pending until the
                                           upstream PubAck, then acked (bytes dropped);
@@ -68,9 +71,13 @@ inline) to version 2, then version 2 to 3 (the ``model_metrics`` table and
 the ``rollback_of`` column, both empty), then version 3 to 4 (the
 ``quarantine`` table, empty), then version 4 to 5 (the ``leaves`` index,
 filled at a central from its versions' lineage), then version 5 to 6 (new input
-and outbox envelopes go to the segment log; rows already inline stay readable).
+and outbox envelopes go to the segment log; rows already inline stay readable),
+then version 6 to 7 (the ``senders.pruned_seq`` column, NULL: nothing of an older
+store was pruned with a floor, so none is known).
 Version 6 is a version of its own so that an older fedtier, which would read a
-reference as envelope bytes, refuses the store instead.
+reference as envelope bytes, refuses the store instead; version 7 so that an
+older fedtier, whose prune would delete inputs without raising the floor,
+refuses it too.
 """
 
 from __future__ import annotations
@@ -87,8 +94,8 @@ __all__ = ["READABLE_VERSIONS", "SCHEMA_VERSION", "prepare_schema"]
 # The package's name, not this module's: the migration has always logged as the store.
 logger = logging.getLogger("fedtier.tiers.store")
 
-SCHEMA_VERSION: Final = 6
-READABLE_VERSIONS: Final = (1, 2, 3, 4, 5, 6)
+SCHEMA_VERSION: Final = 7
+READABLE_VERSIONS: Final = (1, 2, 3, 4, 5, 6, 7)
 """Schema versions this fedtier opens (older ones are migrated to ``SCHEMA_VERSION``)."""
 
 _SCHEMA: Final = """
@@ -123,7 +130,8 @@ CREATE TABLE IF NOT EXISTS input_envelopes (
 );
 CREATE TABLE IF NOT EXISTS senders (
     sender TEXT PRIMARY KEY,
-    hwm INTEGER NOT NULL
+    hwm INTEGER NOT NULL,
+    pruned_seq INTEGER
 );
 CREATE TABLE IF NOT EXISTS outbox (
     partial_id BLOB PRIMARY KEY,
@@ -205,6 +213,8 @@ def prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
         _migrate_from_v4(conn)
     if version in (1, 2, 3, 4, 5):
         _migrate_from_v5(conn)
+    if version in (1, 2, 3, 4, 5, 6):
+        _migrate_from_v6(conn)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -298,6 +308,26 @@ def _migrate_from_v5(conn: sqlite3.Connection) -> None:
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
+        conn.execute("PRAGMA user_version = 6")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    logger.info("migrated the state store to schema version %d", 6)
+
+
+def _migrate_from_v6(conn: sqlite3.Connection) -> None:
+    """Take a version 6 store to version 7: the ``senders.pruned_seq`` column (one transaction).
+
+    The column starts NULL (no floor): a version 6 prune kept no record of the
+    sequence numbers it deleted, so their replays stay guarded by the staleness
+    bound only, as before. Adding a NULL column rewrites no row.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(senders)")}
+        if "pruned_seq" not in columns:
+            conn.execute("ALTER TABLE senders ADD COLUMN pruned_seq INTEGER")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -23,17 +23,25 @@ import re
 import signal
 import subprocess
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Final, TypeVar
 
 import trio
 
 from fedtier.protocol.errors import ChildFailed
 
-__all__ = ["Child", "ProcessGroup", "open_process_group"]
+__all__ = [
+    "Child",
+    "ProcessGroup",
+    "open_process_group",
+    "sigterm_as_interrupt",
+    "stop_on_signals",
+]
+
+T = TypeVar("T")
 
 _TAIL_LINES: Final = 12
 _TAIL_IN_MESSAGES: Final = 3
@@ -320,3 +328,57 @@ async def open_process_group(
             yield group
         finally:
             await group.stop(group.running(), grace_s=stop_grace_s)
+
+
+async def stop_on_signals(run: Callable[[], Awaitable[T]]) -> T:
+    """Await ``run()``; SIGTERM or SIGINT cancels it, then raises ``KeyboardInterrupt``.
+
+    For a lab command that starts brokers and children (the benches): without
+    it a SIGTERM (``kill``, a service manager, a CI timeout) ended the Python
+    process at once and left every child it had started running, and a
+    command started in the background with SIGINT ignored could not be
+    stopped cleanly at all. Cancelling runs the cleanup of every context the
+    run entered, so its children are stopped and its files removed before the
+    command exits (status 130, like Ctrl-C).
+    """
+    result: list[T] = []
+    received: list[int] = []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    received.append(signum)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            async def body() -> None:
+                result.append(await run())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            nursery.start_soon(body)
+    if received:
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(received[0]).name}")
+    return result[0]
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``KeyboardInterrupt`` like Ctrl-C does.
+
+    For the synchronous parts of a lab command (starting a broker before
+    ``trio.run``, stopping it after): Python's default SIGTERM ends the
+    process without running a single ``finally``, so a broker it started
+    would outlive it. Inside ``trio.run`` :func:`stop_on_signals` takes over.
+    Only in the main thread; the previous handler comes back at the end.
+    """
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -58,7 +58,13 @@ from fedtier.simulations.bench._conn_worker import (
     hist_percentile_ms,
     raise_nofile,
 )
-from fedtier.simulations.processes import Child, ProcessGroup, open_process_group
+from fedtier.simulations.processes import (
+    Child,
+    ProcessGroup,
+    open_process_group,
+    sigterm_as_interrupt,
+    stop_on_signals,
+)
 from fedtier.simulations.testing import (
     MALLOC_ENV,
     MosquittoProcess,
@@ -642,7 +648,7 @@ def run_connections_bench(
             child_env=dict(MALLOC_ENV),
         )
         try:
-            measured = trio.run(_measure, plan, baseline)
+            measured = trio.run(stop_on_signals, partial(_measure, plan, baseline))
         except BaseExceptionGroup as group:
             # Nurseries wrap a failure; give the caller the one sentence it can print.
             leaves = _leaves(group)
@@ -721,22 +727,23 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-dir", type=Path, default=None, help="run in this new folder and keep it (logs)"
     )
     args = parser.parse_args(argv)
-    result = run_connections_bench(
-        sessions=args.sessions,
-        duration_s=args.duration_s,
-        tls=args.tls,
-        processes=args.processes,
-        interval_s=args.interval_s,
-        jitter=args.jitter,
-        num_params=args.params,
-        codec=args.codec,
-        keepalive_s=args.keepalive_s,
-        baseline=not args.no_baseline,
-        drain_s=args.drain_s,
-        seed=args.seed,
-        keep_dir=args.keep_dir,
-        connect_concurrency=args.connect_concurrency,
-    )
+    with sigterm_as_interrupt():
+        result = run_connections_bench(
+            sessions=args.sessions,
+            duration_s=args.duration_s,
+            tls=args.tls,
+            processes=args.processes,
+            interval_s=args.interval_s,
+            jitter=args.jitter,
+            num_params=args.params,
+            codec=args.codec,
+            keepalive_s=args.keepalive_s,
+            baseline=not args.no_baseline,
+            drain_s=args.drain_s,
+            seed=args.seed,
+            keep_dir=args.keep_dir,
+            connect_concurrency=args.connect_concurrency,
+        )
     print(json.dumps(result, indent=2))
     return 0
 

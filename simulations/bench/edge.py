@@ -45,6 +45,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -57,7 +58,13 @@ from fedtier.protocol.errors import BenchError, FedtierError, LocalProtocolError
 from fedtier.simulations.bench._edge_worker import EDGE_SETTINGS, READY_LINE, Role, WorkerSpec
 from fedtier.simulations.bench._model_latency import MAX_ROUNDS as MAX_MODEL_ROUNDS
 from fedtier.simulations.bench._model_latency import measure_model_latency
-from fedtier.simulations.processes import Child, ProcessGroup, open_process_group
+from fedtier.simulations.processes import (
+    Child,
+    ProcessGroup,
+    open_process_group,
+    sigterm_as_interrupt,
+    stop_on_signals,
+)
 from fedtier.simulations.testing import MALLOC_ENV, MosquittoProcess
 
 __all__ = ["DEFAULT_FORMATS", "main", "render_table", "run_edge_bench"]
@@ -486,7 +493,7 @@ def run_edge_bench(
             )
             mosquitto = _mosquitto_version(broker)
             try:
-                results = trio.run(_measure, plan, names)
+                results = trio.run(stop_on_signals, partial(_measure, plan, names))
             except BaseExceptionGroup as group:
                 # Nurseries wrap a failure; give the caller the one sentence it can print.
                 leaves = _leaves(group)
@@ -648,17 +655,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     args = parser.parse_args(argv)
-    result = run_edge_bench(
-        num_params=args.params,
-        updates=args.updates,
-        devices=args.devices,
-        formats=[name.strip() for name in args.formats.split(",") if name.strip()],
-        malloc_tuning=not args.no_malloc_tuning,
-        repeats=args.repeats,
-        run_timeout_s=args.timeout_s,
-        profile_dir=args.profile,
-        model_rounds=args.model_rounds,
-    )
+    with sigterm_as_interrupt():
+        result = run_edge_bench(
+            num_params=args.params,
+            updates=args.updates,
+            devices=args.devices,
+            formats=[name.strip() for name in args.formats.split(",") if name.strip()],
+            malloc_tuning=not args.no_malloc_tuning,
+            repeats=args.repeats,
+            run_timeout_s=args.timeout_s,
+            profile_dir=args.profile,
+            model_rounds=args.model_rounds,
+        )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -10,7 +11,11 @@ import pytest
 import trio
 
 from fedtier.protocol.errors import ChildFailed
-from fedtier.simulations.processes import open_process_group
+from fedtier.simulations.processes import (
+    open_process_group,
+    sigterm_as_interrupt,
+    stop_on_signals,
+)
 
 # A child that logs readiness, then waits for SIGTERM and logs that too.
 _POLITE = """
@@ -89,3 +94,51 @@ async def test_a_child_that_exits_before_ready_is_one_sentence(tmp_path: Path) -
             )
             with pytest.raises(ChildFailed, match=r"broken exited with status 2.*no config"):
                 await group.wait_ready([child], timeout_s=10)
+
+
+async def test_sigterm_stops_a_lab_command_and_every_child_it_started(tmp_path: Path) -> None:
+    # What a bench does when killed: its children are stopped by their group's
+    # cleanup before it exits, never left running.
+    pids: list[int] = []
+
+    async def run() -> None:
+        async with open_process_group(tmp_path) as group:
+            child = await group.start(
+                "polite", [sys.executable, "-c", _POLITE], ready_pattern="child ready"
+            )
+            await group.wait_ready([child], timeout_s=10)
+            pids.append(child.process.pid)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await trio.sleep_forever()
+
+    with trio.fail_after(20), pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        await stop_on_signals(run)
+    assert pids
+    assert not _alive(pids[0])
+    assert "got SIGTERM" in (tmp_path / "polite.log").read_text()
+
+
+async def test_stop_on_signals_returns_the_result_when_no_signal_comes() -> None:
+    async def run() -> int:
+        await trio.sleep(0)
+        return 42
+
+    assert await stop_on_signals(run) == 42
+
+
+def test_sigterm_outside_trio_runs_the_finally_blocks_then_the_old_handler_is_back() -> None:
+    cleaned: list[str] = []
+    before = signal.getsignal(signal.SIGTERM)
+
+    def bench() -> None:
+        with sigterm_as_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                signal.pause()  # not reached: the handler raises first
+            finally:
+                cleaned.append("broker stopped")
+
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        bench()
+    assert cleaned == ["broker stopped"]
+    assert signal.getsignal(signal.SIGTERM) == before

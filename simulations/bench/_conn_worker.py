@@ -53,7 +53,6 @@ from fedtier.protocol.envelope import open_envelope, seal
 from fedtier.protocol.errors import (
     BusUnavailable,
     ConfigError,
-    LocalProtocolError,
     RemoteProtocolError,
 )
 from fedtier.protocol.identity import SigningIdentity
@@ -62,6 +61,9 @@ from fedtier.protocol.messages import DeviceUpdate, Receipt
 from fedtier.protocol.names import MqttTopics
 from fedtier.simulations.bench._conn_mqtt import MqttSession, connect_session
 from fedtier.simulations.bench._edge_worker import (
+    READY_LINE,
+    JsonSpec,
+    announce_ready,
     bench_edge_config,
     bench_edge_keys_and_registry,
     bench_identity,
@@ -81,7 +83,6 @@ __all__ = [
 
 Role = Literal["devices", "edge"]
 
-READY_LINE: Final = "fedtier-bench-ready"
 FLEET: Final = "bench"
 REGION: Final = "bench"
 EDGE_USER: Final = "edge-bench"
@@ -105,7 +106,7 @@ _PROGRESS_EVERY_S: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
-class ConnSpec:
+class ConnSpec(JsonSpec):
     """What one child process does.
 
     Attributes:
@@ -148,22 +149,6 @@ class ConnSpec:
     drain_s: float = 30.0
     state_dir: str = ""
     seed: int = 0
-
-    def to_json(self) -> str:
-        """The spec as one JSON object (the child's argument)."""
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> ConnSpec:
-        """Parse ``to_json`` output.
-
-        Raises:
-            LocalProtocolError: not a JSON object of the spec's fields.
-        """
-        try:
-            return cls(**json.loads(text))
-        except (ValueError, TypeError) as exc:
-            raise LocalProtocolError(f"bad bench worker spec {text[:80]!r}: {exc}") from exc
 
     @property
     def topics(self) -> MqttTopics:
@@ -215,10 +200,6 @@ def hist_percentile_ms(hist: dict[int, int], pct: float) -> float | None:
         if seen >= rank:
             return round(_HIST_BASE**bucket / 1000, 3)
     raise AssertionError("unreachable: the ranks add up to total")
-
-
-def _announce_ready() -> None:
-    print(READY_LINE, file=sys.stderr, flush=True)
 
 
 def _emit(event: str, **fields: Any) -> None:
@@ -550,7 +531,7 @@ async def _serve_devices(spec: ConnSpec) -> dict[str, Any]:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stop_signals:
         async with trio.open_nursery() as nursery:
             fleet = _Fleet(spec, nursery)
-            _announce_ready()
+            announce_ready()
             nursery.start_soon(fleet.pinger)
             lives_done = trio.Event()
 
@@ -619,7 +600,7 @@ async def _serve_edge(spec: ConnSpec) -> None:
             await nursery.start(daemon.serve)
             commits_start = daemon.store.commits
             cpu_start = time.process_time()
-            _announce_ready()
+            announce_ready()
             async for _ in stop_signals:
                 break
             result = {

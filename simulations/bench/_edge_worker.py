@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -60,8 +60,10 @@ __all__ = [
     "EDGE_SETTINGS",
     "READY_LINE",
     "EdgeBenchSettings",
+    "JsonSpec",
     "Role",
     "WorkerSpec",
+    "announce_ready",
     "bench_edge_config",
     "bench_edge_keys_and_registry",
     "bench_identity",
@@ -106,8 +108,34 @@ class EdgeBenchSettings:
 EDGE_SETTINGS: Final = EdgeBenchSettings()
 
 
+class JsonSpec:
+    """A bench worker's spec handed to its child process as one JSON argument.
+
+    For frozen dataclasses of JSON-able fields (``WorkerSpec``, the connections
+    bench's ``ConnSpec``).
+    """
+
+    __slots__ = ()
+
+    def to_json(self) -> str:
+        """The spec as one JSON object (the child's argument)."""
+        return json.dumps(dataclasses.asdict(self))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        """Parse ``to_json`` output.
+
+        Raises:
+            LocalProtocolError: not a JSON object of the spec's fields.
+        """
+        try:
+            return cls(**json.loads(text))
+        except (ValueError, TypeError) as exc:
+            raise LocalProtocolError(f"bad bench worker spec {text[:80]!r}: {exc}") from exc
+
+
 @dataclass(frozen=True, slots=True)
-class WorkerSpec:
+class WorkerSpec(JsonSpec):
     """What one child process does.
 
     Attributes:
@@ -148,23 +176,6 @@ class WorkerSpec:
     sink_first: bool = False
     repeats: int = 5
     profile_dir: str = ""
-
-    def to_json(self) -> str:
-        """The spec as one JSON object (the child's argument)."""
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> WorkerSpec:
-        """Parse ``to_json`` output.
-
-        Raises:
-            LocalProtocolError: not a JSON object of the spec's fields.
-        """
-        try:
-            fields = json.loads(text)
-            return cls(**fields)
-        except (ValueError, TypeError) as exc:
-            raise LocalProtocolError(f"bad bench worker spec {text[:80]!r}: {exc}") from exc
 
     @property
     def topics(self) -> MqttTopics:
@@ -265,7 +276,8 @@ def _storage_write_bytes() -> int | None:
     return None
 
 
-def _announce_ready() -> None:
+def announce_ready() -> None:
+    """Tell the parent this worker is ready (``READY_LINE`` on stderr)."""
     print(READY_LINE, file=sys.stderr, flush=True)
 
 
@@ -404,7 +416,7 @@ async def _serve_publisher(spec: WorkerSpec) -> dict[str, Any]:
     # Receipts are bounded by the devices' one outstanding update each.
     config = spec.mqtt_config("publisher", receive_maximum=max(64, 2 * spec.devices))
     async with open_mqtt_bus(config) as bus:
-        _announce_ready()
+        announce_ready()
         if spec.sink_first:
             result["alone"] = await _open_loop(bus, [(SINK_TOPIC, o.envelope) for o in outgoing])
         if spec.closed_loop or spec.receipts:
@@ -438,7 +450,7 @@ async def _serve_baseline(spec: WorkerSpec) -> dict[str, Any]:
         open_mqtt_bus(spec.mqtt_config("baseline")) as bus,
         bus.subscribe(spec.topics.updates_filter(), capacity=64) as sub,
     ):
-        _announce_ready()
+        announce_ready()
         first_ns: int | None = None
         cpu_start = time.process_time()
         for _ in range(spec.updates):
@@ -527,7 +539,7 @@ async def _serve_edge(spec: WorkerSpec) -> dict[str, Any]:
             partial_bytes_start = daemon.store.partial_bytes_stored
             cpu_start = time.process_time()
             written_start = _storage_write_bytes()
-            _announce_ready()
+            announce_ready()
             async for _ in stop_signals:
                 break
             # Sampled before the shutdown flush, which is not intake work.

@@ -98,6 +98,10 @@ class NatsSettings:
         manage_streams: create or update the JetStream streams at start; None
             means only the central does (the others just check they exist), which
             is what the per-user permissions of deploy/nats/accounts.conf allow.
+        max_parted_bytes: the largest partial this daemon sends or takes; one
+            above the server's ``max_payload`` travels as numbered parts on the
+            UP stream (a large model's partials). A consumer holds the parts of
+            at most twice this in incomplete partials. 0 turns parts off.
     """
 
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
@@ -116,6 +120,7 @@ class NatsSettings:
     credentials_file: Path | None = None
     nkeys_seed_file: Path | None = None
     manage_streams: bool | None = None
+    max_parted_bytes: int = 2**30
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,6 +703,9 @@ def _nats(table: ConfigTable) -> NatsSettings:
         credentials_file=table.path("credentials_file", None),
         nkeys_seed_file=table.path("nkeys_seed_file", None),
         manage_streams=table.boolean("manage_streams", None),
+        max_parted_bytes=table.integer(
+            "max_parted_bytes", _DEFAULT_NATS.max_parted_bytes, low=0, high=2**40
+        ),
     )
     table.finish()
     return settings

@@ -211,6 +211,7 @@ def _nats_config(kind: TierKind, config: TierConfig, key_id: str) -> Any:
         max_deliver=settings.max_deliver,
         inbox_prefix=settings.inbox_prefix,
         max_hold_s=settings.max_hold_s,
+        max_parted_bytes=settings.max_parted_bytes,
         startup_backoff_s=config.retry.initial_backoff_s,
         startup_max_backoff_s=config.retry.max_backoff_s,
         manage_streams=manage,

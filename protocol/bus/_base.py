@@ -136,6 +136,15 @@ class Bus(abc.ABC):
         """
         return None
 
+    @property
+    def max_single_message_bytes(self) -> int | None:
+        """The most one message carries whole (a KV value).
+
+        ``max_message_bytes`` unless the bus sends larger payloads as parts
+        (NATS: the server's ``max_payload``).
+        """
+        return self.max_message_bytes
+
     @abc.abstractmethod
     async def publish(
         self,

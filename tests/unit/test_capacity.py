@@ -119,7 +119,7 @@ async def test_an_edge_whose_partials_cannot_fit_max_payload_does_not_start(
     site.nats = MemoryBroker("nats", max_message_bytes=need - 1)
     await site.publish_model(0)
     with pytest.RaisesGroup(
-        pytest.RaisesExc(ConfigError, match=r"partial of model v0 .* above the NATS server's"),
+        pytest.RaisesExc(ConfigError, match=r"partial of model v0 .* above the largest partial"),
         flatten_subgroups=True,
     ):
         async with trio.open_nursery() as nursery:

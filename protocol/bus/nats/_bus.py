@@ -8,6 +8,7 @@ Publishes to subjects a configured stream covers go through JetStream with
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ from fedtier.protocol.bus.nats._connection import (
 )
 from fedtier.protocol.bus.nats._kv import KvBucket, _aio_kv_bucket, _kv_names
 from fedtier.protocol.bus.nats._objects import ObjectStore, _aio_object_store, _object_names
+from fedtier.protocol.bus.nats._parts import PART_HEADER, PART_MARGIN_BYTES, part_headers, split
 from fedtier.protocol.bus.nats._refusals import _refusals
 from fedtier.protocol.bus.nats._subjects import _check_durable_name, _check_subject, _wire_headers
 from fedtier.protocol.bus.nats._subscriptions import (
@@ -146,7 +148,19 @@ class NatsBus(Bus):
 
     @property
     def max_message_bytes(self) -> int | None:
-        """The server's ``max_payload`` from its INFO (payload plus headers); see ``Bus``."""
+        """The largest payload a publish to a stream takes; see ``Bus``.
+
+        The server's ``max_payload`` from its INFO (payload plus headers), or
+        ``max_parted_bytes`` when that is larger: such payloads go as parts.
+        """
+        single = self.max_single_message_bytes
+        if single is None:
+            return None
+        return max(single, self._config.max_parted_bytes)
+
+    @property
+    def max_single_message_bytes(self) -> int | None:
+        """The server's ``max_payload``: the most one message (a KV value) carries."""
         nc = self._conn.nc
         # nats-py's max_payload is a 1 MiB default until a server's INFO arrived.
         if nc.connected_url is None:
@@ -170,9 +184,15 @@ class NatsBus(Bus):
         core NATS does not dedupe). ``retain`` is refused: NATS has no
         retained messages (keep the model pointer in a KV bucket).
 
+        A payload above the server's ``max_payload`` goes to its stream as
+        numbered parts when ``max_parted_bytes`` allows it (``_parts``): the
+        ack is then the last part's, duplicate only when every part was.
+
         Raises:
             LocalProtocolError: wildcard subject, ``retain=True``, a header
-                named ``Nats-*``, a payload above the server's max_payload.
+                named ``Nats-*``, a payload above the server's max_payload that
+                cannot go as parts (no stream, no ``msg_id``, above
+                ``max_parted_bytes``).
             BusUnavailable: not connected now; nothing was sent.
             PublishError: no PubAck (timeout, no responder, interrupted);
                 retry with the same ``msg_id``. Or the server refused the
@@ -195,6 +215,20 @@ class NatsBus(Bus):
         data = payload if isinstance(payload, bytes) else bytes(payload)
         self._conn.check_connected(action)
         timeout_s = self._config.request_timeout_s
+        single = self.max_single_message_bytes
+        if (
+            spec is not None
+            and single is not None
+            and len(data) > single - PART_MARGIN_BYTES
+            and self._config.max_parted_bytes >= len(data)
+        ):
+            if msg_id is None:
+                raise LocalProtocolError(
+                    f"{action}: {len(data)} bytes need parts, and parts need a msg_id"
+                )
+            return await self._publish_parts(
+                subject, data, headers, msg_id, spec.name, single - PART_MARGIN_BYTES
+            )
         with (
             _refusals(self._conn.events, action, [subject], write=True),
             _boundary(action, outcome_unknown=True),
@@ -216,6 +250,43 @@ class NatsBus(Bus):
             # message sits in nats-py's buffer and may go out after reconnect.
             raise PublishError(f"{action}: disconnected before the flush; outcome unknown")
         return PublishAck()
+
+    async def _publish_parts(
+        self,
+        subject: str,
+        data: bytes,
+        headers: Mapping[str, str] | None,
+        msg_id: str,
+        stream: str,
+        part_bytes: int,
+    ) -> PublishAck:
+        """Publish ``data`` as numbered parts, in order; see ``_parts``."""
+        parts = split(data, part_bytes)
+        digest = hashlib.sha256(data).hexdigest()
+        timeout_s = self._config.request_timeout_s
+        duplicate = True
+        sequence = 0
+        for index, chunk in enumerate(parts):
+            part_id = f"{msg_id}#{index}/{len(parts)}"
+            action = f"publish part {index + 1}/{len(parts)} of {msg_id!r} to {subject!r}"
+            wire_headers = _wire_headers(headers, part_id) or {}
+            wire_headers[PART_HEADER] = part_headers(index, len(parts), data, digest, msg_id)
+            self._conn.check_connected(action)
+            with (
+                _refusals(self._conn.events, action, [subject], write=True),
+                _boundary(action, outcome_unknown=True),
+            ):
+                part_duplicate, sequence = await _aio(
+                    _aio_js_publish,
+                    self._conn.js,
+                    subject,
+                    bytes(chunk),
+                    wire_headers,
+                    stream,
+                    timeout_s,
+                )
+            duplicate = duplicate and part_duplicate
+        return PublishAck(duplicate=duplicate, sequence=sequence)
 
     @asynccontextmanager
     async def subscribe(

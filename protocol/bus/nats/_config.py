@@ -210,6 +210,12 @@ class NatsConfig:
         object_put_timeout_s: deadline of one object store put, which runs
             shielded from outside cancellation so it never leaves half an object.
         object_get_timeout_s: deadline of one object store get.
+        max_parted_bytes: the largest payload a publish to a stream may carry,
+            and a durable subscription assembles, when it is above the
+            server's ``max_payload``: such a payload travels as numbered parts
+            (``_parts``). 0 (the default) keeps parts off: a payload above
+            ``max_payload`` is refused. A durable subscription holds the
+            parts of at most ``2 x max_parted_bytes`` of incomplete wholes.
     """
 
     servers: Sequence[str]
@@ -247,6 +253,7 @@ class NatsConfig:
     fetch_wait_s: float = 5.0
     object_put_timeout_s: float = 60.0
     object_get_timeout_s: float = 60.0
+    max_parted_bytes: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.servers, str) or not self.servers:
@@ -277,6 +284,10 @@ class NatsConfig:
             )
         if not self.max_hold_s >= 0:
             raise ConfigError(f"NATS setting max_hold_s must be >= 0, got {self.max_hold_s!r}")
+        if self.max_parted_bytes < 0:
+            raise ConfigError(
+                f"NATS setting max_parted_bytes must be >= 0, got {self.max_parted_bytes!r}"
+            )
         for key, count in {
             "connect_attempts": self.connect_attempts,
             "max_ack_pending": self.max_ack_pending,

@@ -24,6 +24,7 @@ import trio_asyncio
 from fedtier.protocol.bus._base import Delivery, Subscription
 from fedtier.protocol.bus.nats._bridge import _aio, _boundary
 from fedtier.protocol.bus.nats._connection import _Connection
+from fedtier.protocol.bus.nats._parts import PART_HEADER, Completed, PartsAssembly, parse_part
 from fedtier.protocol.bus.nats._subjects import _user_headers
 from fedtier.protocol.errors import BusClosed, BusError, BusUnavailable, LocalProtocolError
 
@@ -201,6 +202,11 @@ async def _aio_in_progress(msgs: list[Any]) -> None:
             await msg.in_progress()
 
 
+async def _aio_nak_later(msgs: list[tuple[Any, float]]) -> None:
+    for msg, delay_s in msgs:
+        await msg.nak(delay=delay_s)
+
+
 async def _aio_fetch(psub: Any, batch: int, wait_s: float) -> list[Any]:
     msgs: list[Any] = await psub.fetch(batch, timeout=wait_s)
     return msgs
@@ -260,14 +266,20 @@ class _PullSubscription(_InboxSubscription):
         self._sending_done = trio.Event()
         self._ack_lot = trio.lowlevel.ParkingLot()
         self._closing = False
+        parted = conn.config.max_parted_bytes
+        self._parts = PartsAssembly(parted, 2 * parted)
 
-    def _delivery(self, msg: Any) -> Delivery:
+    def _hold(self, msg: Any) -> int:
         token = next(self._tokens)
         self._held[token] = msg
         self._held_since[token] = trio.current_time()
+        return token
+
+    def _delivery(self, msg: Any) -> Delivery:
+        token = self._hold(msg)
 
         async def ack() -> None:
-            await self._ack(token)
+            await self._ack((token,))
 
         return Delivery(
             subject=msg.subject,
@@ -277,15 +289,97 @@ class _PullSubscription(_InboxSubscription):
             _ack=ack,
         )
 
-    async def _ack(self, token: int) -> None:
+    def _take(self, msg: Any, give_back: list[tuple[Any, float]]) -> None:
+        """Hand a fetched message on, or file it as a part of a larger whole (``_parts``)."""
+        try:
+            part = parse_part(msg.headers)
+        except LocalProtocolError as exc:
+            # Not this bus's framing: the subscriber sees the message as it is
+            # (and refuses it as it refuses any malformed input).
+            logger.warning("%s on %s; handed on as a whole message", exc, self._inbox.label)
+            part = None
+        if part is None:
+            self._inbox.put(self._delivery(msg))
+            return
+        token = self._hold(msg)
+        headers = {k: v for k, v in _user_headers(msg.headers).items() if k != PART_HEADER}
+        verdict, replaced = self._parts.offer(
+            part,
+            token,
+            int(msg.metadata.sequence.stream),
+            msg.data,
+            subject=msg.subject,
+            headers=headers,
+            redelivered=msg.metadata.num_delivered > 1,
+            now=trio.current_time(),
+        )
+        if verdict == "held":
+            if replaced is not None:  # the server redelivered the copy held: keep the newer
+                self._held.pop(replaced, None)
+                self._held_since.pop(replaced, None)
+            whole = self._parts.take_completed(part)
+            if whole is not None:
+                self._inbox.put(self._whole_delivery(whole))
+            return
+        self._held.pop(token, None)
         self._held_since.pop(token, None)
-        msg = self._held.pop(token, None)
-        if msg is None or self._closing:
+        if verdict == "repeat":
+            self._queued_acks.append(msg)
+            self._ack_lot.unpark_all()
+        elif verdict == "later":
+            give_back.append((msg, 1.0))
+        else:
+            logger.error(
+                "%s: a %d-byte whole (msg id %r) is above max_parted_bytes %d: its parts are "
+                "given back, never acknowledged, and end on the dead-letter path",
+                self._inbox.label,
+                part.whole_size,
+                part.msg_id,
+                self._parts.max_whole_bytes,
+            )
+            give_back.append((msg, self._ack_wait_s))
+
+    def _whole_delivery(self, whole: Completed) -> Delivery:
+        if not whole.intact:
+            logger.warning(
+                "%s: the parts of a whole on %s do not match its size and digest; "
+                "handed on for the subscriber to refuse",
+                self._inbox.label,
+                whole.subject,
+            )
+        tokens = whole.tokens
+
+        async def ack() -> None:
+            await self._ack(tokens)
+
+        return Delivery(
+            subject=whole.subject,
+            payload=whole.payload,
+            headers=whole.headers,
+            redelivered=whole.redelivered,
+            _ack=ack,
+        )
+
+    def _expire_parts(self) -> None:
+        """Stop holding parts of wholes that did not complete within the hold time."""
+        hold_s = self._conn.config.max_hold_s or self._ack_wait_s
+        for token in self._parts.expire(trio.current_time() - hold_s):
+            self._held.pop(token, None)
+            self._held_since.pop(token, None)
+
+    async def _ack(self, tokens: tuple[int, ...]) -> None:
+        msgs = []
+        for token in tokens:
+            self._held_since.pop(token, None)
+            msg = self._held.pop(token, None)
+            if msg is not None:
+                msgs.append(msg)
+        if not msgs or self._closing:
             # Already acknowledged, or the subscription closed and gave it back.
             await trio.lowlevel.checkpoint()
             return
         self._inbox.settle()
-        self._queued_acks.append(msg)
+        self._queued_acks.extend(msgs)
         done = self._queued_done
         self._ack_lot.unpark_all()
         if not self._conn.config.confirm_acks:
@@ -390,8 +484,16 @@ class _PullSubscription(_InboxSubscription):
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
             backoff_s = 0.1
+            give_back: list[tuple[Any, float]] = []
             for msg in msgs:
-                self._inbox.put(self._delivery(msg))
+                self._take(msg, give_back)
+            self._expire_parts()
+            if give_back:
+                try:
+                    with _boundary(f"give back {len(give_back)} parts on {self._inbox.label}"):
+                        await _aio(_aio_nak_later, give_back)
+                except BusError as exc:
+                    logger.warning("%s; the server redelivers them after ack_wait", exc)
 
     async def close(self) -> None:
         """Give back what this subscription holds and unsubscribe; call shielded."""
@@ -399,6 +501,7 @@ class _PullSubscription(_InboxSubscription):
         self._inbox.close()
         acks = self._sending_acks + self._queued_acks
         naks = list(self._held.values())
+        self._parts.clear()
         self._held.clear()
         self._held_since.clear()
         self._queued_acks = []

@@ -47,7 +47,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from fedtier.client.error_feedback import ErrorFeedback
-from fedtier.client.model_store import ModelStore, OfferStatus
+from fedtier.client.model_store import ModelOffer, ModelStore, OfferStatus
 from fedtier.client.outbox import Outbox, PendingUpdate
 from fedtier.client.trainers import Trainer, TrainResult
 from fedtier.protocol.bus import Bus, Delivery, Subscription
@@ -62,12 +62,14 @@ from fedtier.protocol.errors import (
     RemoteProtocolError,
 )
 from fedtier.protocol.identity import SigningIdentity, VerifyKey
+from fedtier.protocol.limits import DEFAULT_LIMITS
 from fedtier.protocol.messages import (
     UNAUTHENTICATED_REJECTIONS,
     DeviceUpdate,
     Receipt,
     ReceiptStatus,
 )
+from fedtier.protocol.model_parts import BlobAssembler
 from fedtier.protocol.names import MqttTopics, check_token
 from fedtier.protocol.telemetry import (
     ATTR_DEVICE,
@@ -381,12 +383,14 @@ class _Device:
             # device and sends the retained newest one at every reconnect.
             self.bus.subscribe(self.topics.model_pointer(), latest_only=True) as pointers,
             self.bus.subscribe(self.topics.model_blob(), latest_only=True) as blobs,
+            self.bus.subscribe(self.topics.model_blob_parts(), latest_only=True) as blob_parts,
             self.bus.subscribe(self.topics.model_certificate(), latest_only=True) as certs,
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(self._pump_receipts, receipts)
             nursery.start_soon(self._pump_models, pointers, "pointer")
             nursery.start_soon(self._pump_models, blobs, "blob")
+            nursery.start_soon(self._pump_blob_parts, blob_parts)
             nursery.start_soon(self._pump_models, certs, "certificate")
             task_status.started()
             await self._run()
@@ -442,14 +446,38 @@ class _Device:
         }[what]
         while True:
             delivery = await sub.receive()
-            result = offer(delivery.payload)
             await delivery.ack()
-            if result.status is OfferStatus.LOADED:
-                self.report.last_model_version = result.version
-                _log.info("model v%s loaded", result.version)
-                if any(h.after_version is not None for h in self.held.values()):
-                    self.flush_needed = True  # a capped update may go now
-                self.model_changed.unpark_all()
+            if not delivery.payload:
+                # An edge cleared the retained whole blob: the current one goes as parts.
+                continue
+            self._model_offered(offer(delivery.payload))
+
+    async def _pump_blob_parts(self, sub: Subscription) -> None:
+        """Join the retained parts of a blob above the broker's packet limit, then offer it."""
+        # The widest blob of this device's layout: float32 values, the largest header.
+        bound = 4 * self.layout.num_params + DEFAULT_LIMITS.max_header_bytes + 1024
+        assembler = BlobAssembler(bound)
+        while True:
+            delivery = await sub.receive()
+            await delivery.ack()
+            index = self.topics.blob_part_index(delivery.subject)
+            if index is None or not delivery.payload:
+                continue
+            try:
+                blob = assembler.offer(index, delivery.headers, delivery.payload)
+            except RemoteProtocolError as exc:
+                _log.warning("model blob part on %s dropped: %s", delivery.subject, exc)
+                continue
+            if blob is not None:
+                self._model_offered(self.store.offer_blob(blob))
+
+    def _model_offered(self, result: ModelOffer) -> None:
+        if result.status is OfferStatus.LOADED:
+            self.report.last_model_version = result.version
+            _log.info("model v%s loaded", result.version)
+            if any(h.after_version is not None for h in self.held.values()):
+                self.flush_needed = True  # a capped update may go now
+            self.model_changed.unpark_all()
 
     def _newer_than(self, last_trained: int | None) -> bool:
         version = self.store.version

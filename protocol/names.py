@@ -11,6 +11,8 @@ MQTT (site broker)::
     ft/<fleet>/<site>/receipt/<device>   edge -> device      signed receipt, QoS 1
     ft/<fleet>/<site>/model/current      edge -> devices     signed model pointer, retained
     ft/<fleet>/<site>/model/blob         edge -> devices     signed model blob, retained
+    ft/<fleet>/<site>/model/blob/<i>     edge -> devices     part i of a blob above the packet
+                                                             limit (protocol.model_parts), retained
 
 NATS / JetStream (regional and central)::
 
@@ -93,6 +95,24 @@ class MqttTopics:
     def model_certificate(self) -> str:
         """The retained topic holding the root's certificate of the key that signed the model."""
         return f"{self.prefix}/model/cert"
+
+    def model_blob_part(self, index: int) -> str:
+        """The retained topic of part ``index`` of a blob above the broker's packet limit."""
+        if index < 0:
+            raise LocalProtocolError(f"a blob part index is >= 0, got {index}")
+        return f"{self.prefix}/model/blob/{index}"
+
+    def model_blob_parts(self) -> str:
+        """The filter a device subscribes to for every part of a parted blob."""
+        return f"{self.prefix}/model/blob/+"
+
+    def blob_part_index(self, topic: str) -> int | None:
+        """Return the part index of a blob part topic of this site, or None."""
+        head = f"{self.prefix}/model/blob/"
+        tail = topic[len(head) :] if topic.startswith(head) else ""
+        if not tail.isdigit() or len(tail) > 9 or (tail != "0" and tail.startswith("0")):
+            return None
+        return int(tail)
 
     def device_of(self, topic: str) -> str | None:
         """Return the device id of an update topic of this site, or None."""

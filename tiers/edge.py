@@ -35,11 +35,13 @@ from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.envelope import parse_envelope, seal
 from fedtier.protocol.errors import (
     BusError,
+    ConfigError,
     Reason,
     RemoteProtocolError,
     UpdateRejected,
 )
 from fedtier.protocol.messages import ModelAnnouncement, Receipt, ReceiptStatus, Tier
+from fedtier.protocol.model_parts import MAX_BLOB_PARTS, blob_parts
 from fedtier.protocol.models import open_model_blob
 from fedtier.protocol.names import MqttTopics, NatsSubjects
 from fedtier.protocol.telemetry import (
@@ -60,7 +62,6 @@ from fedtier.tiers.core import (
     InfluenceState,
     Outcome,
     admit_update,
-    check_fits,
 )
 from fedtier.tiers.model_registry import ModelRegistryReader
 from fedtier.tiers.registry import TierKeys
@@ -357,26 +358,40 @@ class EdgeDaemon(FollowerDaemon):
             self.log.warning("model blob v%d does not verify (%s); not relaying it", version, exc)
             return False
         # Mosquitto drops the connection of a client that sends a packet above
-        # its max_packet_size, on every retry: refuse the configuration instead.
-        check_fits(
-            f"model v{version}'s blob for the devices",
-            len(blob) + MESSAGE_OVERHEAD,
-            self.mqtt.max_message_bytes,
-            broker="the MQTT broker's maximum packet size",
-            fix="raise max_packet_size in mosquitto.conf",
-        )
+        # its max_packet_size, on every retry: a larger blob goes as retained parts
+        # (protocol.model_parts), and an empty retained blob clears the whole one.
+        limit = self.mqtt.max_message_bytes
+        blob_messages: list[tuple[str, bytes, dict[str, str] | None]]
+        if limit is not None and len(blob) + MESSAGE_OVERHEAD > limit:
+            part_bytes = limit - MESSAGE_OVERHEAD
+            if part_bytes < 1 or -(-len(blob) // part_bytes) > MAX_BLOB_PARTS:
+                raise ConfigError(
+                    f"the MQTT broker's maximum packet size of {limit:,} bytes cannot carry "
+                    f"model v{version}'s {len(blob):,}-byte blob in at most {MAX_BLOB_PARTS:,} "
+                    "parts: raise max_packet_size in mosquitto.conf"
+                )
+            parts = blob_parts(blob, part_bytes)
+            blob_messages = [
+                (self.topics.model_blob_part(i), chunk, properties)
+                for i, (properties, chunk) in enumerate(parts)
+            ]
+            blob_messages.append((self.topics.model_blob(), b"", None))
+        else:
+            blob_messages = [(self.topics.model_blob(), blob, None)]
         # Blob first: a device that sees the new pointer finds its blob already there;
         # the signer's certificate before both (devices that pin the fleet root need it).
         certificate = self.keys.models.document(parse_envelope(data, self.config.limits).sender)
-        for topic, payload in (
-            *([(self.topics.model_certificate(), certificate)] if certificate else []),
-            (self.topics.model_blob(), blob),
-            (self.topics.model_pointer(), data),
+        for topic, payload, properties in (
+            *([(self.topics.model_certificate(), certificate, None)] if certificate else []),
+            *blob_messages,
+            (self.topics.model_pointer(), data, None),
         ):
             await retry_transient(
                 f"retained publish of model v{version} on {topic}",
                 "relay_model",
-                functools.partial(self.mqtt.publish, topic, payload, retain=True),
+                functools.partial(
+                    self.mqtt.publish, topic, payload, headers=properties, retain=True
+                ),
                 retry=self.config.retry,
                 metrics=self.metrics,
                 log=self.log,

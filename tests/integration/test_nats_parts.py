@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import urllib.request
 
 import pytest
 import trio
 
-from fedtier.protocol.bus.nats import NatsBus, NatsConfig, StreamSpec, open_nats_bus
+from fedtier.protocol.bus.nats import NatsConfig, StreamSpec, open_nats_bus
 from fedtier.protocol.errors import LocalProtocolError
 from fedtier.simulations.testing import NatsServerProcess
 
@@ -28,15 +30,16 @@ def config_for(server: NatsServerProcess, stream: StreamSpec, **overrides: objec
     )
 
 
-async def stream_messages(bus: NatsBus, stream: str) -> int:
-    """How many messages the stream holds now (through the bus's own JetStream context)."""
-    from fedtier.protocol.bus.nats._bridge import _aio
-
-    async def count(js: object) -> int:
-        info = await js.stream_info(stream)  # type: ignore[attr-defined]
-        return int(info.state.messages)
-
-    return await _aio(count, bus._conn.js)
+def stream_messages(server: NatsServerProcess, stream: str) -> int:
+    """How many messages the stream holds now, from the server's monitoring endpoint."""
+    url = f"{server.monitoring_url}/jsz?streams=true"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        report = json.load(response)
+    for account in report.get("account_details", []):
+        for detail in account.get("stream_detail", []):
+            if detail["name"] == stream:
+                return int(detail["state"]["messages"])
+    raise AssertionError(f"stream {stream} not in {url}")
 
 
 async def test_a_large_payload_goes_as_parts_and_is_delivered_and_acked_whole(
@@ -58,7 +61,7 @@ async def test_a_large_payload_goes_as_parts_and_is_delivered_and_acked_whole(
             # A retried publish (a lost PubAck looks the same) stores nothing new.
             again = await bus.publish("parts1.up", payload, msg_id="e1:p1")
             assert again.duplicate
-            assert await stream_messages(bus, "PARTS1") == 3
+            assert stream_messages(nats_server, "PARTS1") == 3
             await bus.publish("parts1.up", b"small", msg_id="e1:p2")
 
             async with bus.subscribe("parts1.>", durable="reader") as sub:
@@ -76,7 +79,7 @@ async def test_a_large_payload_goes_as_parts_and_is_delivered_and_acked_whole(
             assert got[len(payload)].headers == {"traceparent": "00-ab-cd-01"}
             assert got[5].payload == b"small"
             # Work-queue retention: acknowledging the whole removed every part.
-            assert await stream_messages(bus, "PARTS1") == 0
+            assert stream_messages(nats_server, "PARTS1") == 0
     assert first.payload == payload  # a fresh consumer delivers in stream order
 
 

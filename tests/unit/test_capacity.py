@@ -7,15 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
-from trio.testing import MockClock
+from trio.testing import MockClock, wait_all_tasks_blocked
 
-from fedtier.protocol.bus import MemoryBroker
+from fedtier.protocol.bus import MemoryBroker, MemoryBus
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.errors import ConfigError
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import layout_of
 from fedtier.protocol.limits import Limits
 from fedtier.protocol.messages import Tier
+from fedtier.protocol.model_parts import BlobAssembler
+from fedtier.protocol.names import MqttTopics
 from fedtier.tiers.aggregate import Accumulator
 from fedtier.tiers.core import (
     MESSAGE_OVERHEAD,
@@ -134,14 +136,51 @@ async def test_an_edge_whose_partials_cannot_fit_max_payload_does_not_start(
         nursery.cancel_scope.cancel()
 
 
-async def test_an_edge_that_cannot_relay_the_model_blob_stops_saying_why(
+async def test_an_edge_relays_a_blob_above_the_packet_limit_as_parts_a_device_joins(
     tmp_path: Path, autojump_clock: MockClock
 ) -> None:
     site = Site(tmp_path, edge_config(tmp_path))
-    site.mqtt = MemoryBroker("mqtt", max_message_bytes=MESSAGE_OVERHEAD + 16)
+    await site.publish_model(0)
+    blob = await site.registry.blob(0)
+    assert blob is not None
+    # Room for parts of a quarter of the blob: four or five of them.
+    site.mqtt = MemoryBroker("mqtt", max_message_bytes=MESSAGE_OVERHEAD + len(blob) // 4)
+    async with trio.open_nursery() as nursery:
+        edge = site.daemon()
+        await nursery.start(edge.serve)
+        await wait_all_tasks_blocked()
+        device = MemoryBus(site.mqtt)
+        topics = MqttTopics(site.config.fleet, edge_config(tmp_path).site)
+        assembler = BlobAssembler(len(blob))
+        joined: bytes | None = None
+        parts = 0
+        async with device.subscribe(topics.model_blob_parts()) as sub:
+            while joined is None:
+                delivery = await sub.receive()
+                index = topics.blob_part_index(delivery.subject)
+                assert index is not None
+                assert delivery.retained
+                assert len(delivery.payload) + MESSAGE_OVERHEAD <= len(blob) // 4 + MESSAGE_OVERHEAD
+                joined = assembler.offer(index, delivery.headers, delivery.payload)
+                parts += 1
+        assert joined == blob
+        assert parts in (4, 5)
+        # The whole-blob topic holds nothing: a device never sees a stale whole blob.
+        async with device.subscribe(topics.model_blob()) as whole:
+            with trio.move_on_after(1):
+                await whole.receive()
+                raise AssertionError("a retained whole blob is left")
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_edge_whose_broker_cannot_carry_even_blob_parts_stops_saying_why(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    site = Site(tmp_path, edge_config(tmp_path))
+    site.mqtt = MemoryBroker("mqtt", max_message_bytes=MESSAGE_OVERHEAD)
     await site.publish_model(0)
     with pytest.RaisesGroup(
-        pytest.RaisesExc(ConfigError, match=r"model v0's blob .* maximum packet size"),
+        pytest.RaisesExc(ConfigError, match=r"cannot carry model v0's .* blob in at most"),
         flatten_subgroups=True,
     ):
         async with trio.open_nursery() as nursery:

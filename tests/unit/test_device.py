@@ -54,6 +54,7 @@ from fedtier.protocol.messages import (
     Receipt,
     ReceiptStatus,
 )
+from fedtier.protocol.model_parts import blob_parts
 from fedtier.protocol.names import MqttTopics
 from fedtier.protocol.telemetry import ATTR_DEVICE, ATTR_MODEL_VERSION, ATTR_UPDATE_ID
 from tests.samples import CENTRAL, CREATED_MS, DEVICE, EDGE
@@ -72,8 +73,12 @@ def _trainer() -> NumpyLogRegTrainer:
 LAYOUT = _trainer().layout
 
 
-async def publish_model(bus: Bus, version: int) -> None:
-    """Play the central: retained signed pointer and blob for ``version``."""
+async def publish_model(bus: Bus, version: int, *, part_bytes: int | None = None) -> None:
+    """Play the central: retained signed pointer and blob for ``version``.
+
+    With ``part_bytes`` the blob goes as retained parts of that size, as an
+    edge sends a blob above its broker's packet limit (``protocol.model_parts``).
+    """
     params = np.full(LAYOUT.num_params, 0.01 * version, np.float32)
     spec = CodecSpec("f32")
     payload = encode(params, spec)
@@ -101,7 +106,12 @@ async def publish_model(bus: Bus, version: int) -> None:
         update_count=0,
     )
     await bus.publish(TOPICS.model_pointer(), seal(pointer, b"", CENTRAL), retain=True)
-    await bus.publish(TOPICS.model_blob(), seal(blob, payload, CENTRAL), retain=True)
+    sealed = seal(blob, payload, CENTRAL)
+    if part_bytes is None:
+        await bus.publish(TOPICS.model_blob(), sealed, retain=True)
+        return
+    for index, (properties, chunk) in enumerate(blob_parts(sealed, part_bytes)):
+        await bus.publish(TOPICS.model_blob_part(index), chunk, headers=properties, retain=True)
 
 
 @dataclass
@@ -254,6 +264,27 @@ async def test_updates_are_accepted_once_and_leave_the_outbox(
     assert first.attributes[ATTR_MODEL_VERSION] == 1
     traceparent = edge.seen[0].headers["traceparent"]
     assert traceparent.split("-")[1] == f"{first.context.trace_id:032x}"
+
+
+async def test_a_blob_in_parts_is_joined_and_loaded_and_leftover_parts_are_ignored(
+    broker: MemoryBroker, outbox: Outbox
+) -> None:
+    edge = FakeEdge(MemoryBus(broker))
+    # Leftovers of an older, larger parted blob on indices the new one also uses
+    # and beyond: another digest, never complete, never in the way.
+    stale = b"s" * 4000
+    for index, (properties, chunk) in enumerate(blob_parts(stale, 100)):
+        if index >= 3:
+            await edge.bus.publish(
+                TOPICS.model_blob_part(index), chunk, headers=properties, retain=True
+            )
+    # A forged part (no property) on a part topic is dropped.
+    await edge.bus.publish(TOPICS.model_blob_part(99), b"junk", retain=True)
+    await publish_model(edge.bus, 2, part_bytes=100)
+    report = await run_with_edge(edge, outbox, _config(rounds=1))
+    assert report.last_model_version == 2
+    assert report.accepted == 1
+    assert edge.seen[0].update.base_version == 2
 
 
 async def test_lost_receipt_means_same_bytes_resent_and_duplicate(

@@ -6,7 +6,8 @@ import hashlib
 
 import pytest
 
-from fedtier.protocol.bus.nats._parts import (
+from fedtier.protocol.errors import LocalProtocolError
+from fedtier.protocol.stream_parts import (
     PART_HEADER,
     PART_MARGIN_BYTES,
     Part,
@@ -15,7 +16,6 @@ from fedtier.protocol.bus.nats._parts import (
     part_headers,
     split,
 )
-from fedtier.protocol.errors import LocalProtocolError
 
 
 def parts_of(payload: bytes, part_bytes: int, msg_id: str) -> list[tuple[Part, bytes]]:

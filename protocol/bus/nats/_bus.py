@@ -33,7 +33,6 @@ from fedtier.protocol.bus.nats._connection import (
 )
 from fedtier.protocol.bus.nats._kv import KvBucket, _aio_kv_bucket, _kv_names
 from fedtier.protocol.bus.nats._objects import ObjectStore, _aio_object_store, _object_names
-from fedtier.protocol.bus.nats._parts import PART_HEADER, PART_MARGIN_BYTES, part_headers, split
 from fedtier.protocol.bus.nats._refusals import _refusals
 from fedtier.protocol.bus.nats._subjects import _check_durable_name, _check_subject, _wire_headers
 from fedtier.protocol.bus.nats._subscriptions import (
@@ -52,6 +51,7 @@ from fedtier.protocol.errors import (
     LocalProtocolError,
     PublishError,
 )
+from fedtier.protocol.stream_parts import PART_HEADER, PART_MARGIN_BYTES, part_headers, split
 
 logger = logging.getLogger("fedtier.protocol.bus.nats")
 
@@ -185,7 +185,7 @@ class NatsBus(Bus):
         retained messages (keep the model pointer in a KV bucket).
 
         A payload above the server's ``max_payload`` goes to its stream as
-        numbered parts when ``max_parted_bytes`` allows it (``_parts``): the
+        numbered parts when ``max_parted_bytes`` allows it (``protocol.stream_parts``): the
         ack is then the last part's, duplicate only when every part was.
 
         Raises:
@@ -260,7 +260,7 @@ class NatsBus(Bus):
         stream: str,
         part_bytes: int,
     ) -> PublishAck:
-        """Publish ``data`` as numbered parts, in order; see ``_parts``."""
+        """Publish ``data`` as numbered parts, in order; see ``protocol.stream_parts``."""
         parts = split(data, part_bytes)
         digest = hashlib.sha256(data).hexdigest()
         timeout_s = self._config.request_timeout_s

@@ -213,7 +213,7 @@ class NatsConfig:
         max_parted_bytes: the largest payload a publish to a stream may carry,
             and a durable subscription assembles, when it is above the
             server's ``max_payload``: such a payload travels as numbered parts
-            (``_parts``). 0 (the default) keeps parts off: a payload above
+            (``protocol.stream_parts``). 0 (the default) keeps parts off: a payload above
             ``max_payload`` is refused. A durable subscription holds the
             parts of at most ``2 x max_parted_bytes`` of incomplete wholes.
     """

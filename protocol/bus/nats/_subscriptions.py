@@ -24,9 +24,9 @@ import trio_asyncio
 from fedtier.protocol.bus._base import Delivery, Subscription
 from fedtier.protocol.bus.nats._bridge import _aio, _boundary
 from fedtier.protocol.bus.nats._connection import _Connection
-from fedtier.protocol.bus.nats._parts import PART_HEADER, Completed, PartsAssembly, parse_part
 from fedtier.protocol.bus.nats._subjects import _user_headers
 from fedtier.protocol.errors import BusClosed, BusError, BusUnavailable, LocalProtocolError
+from fedtier.protocol.stream_parts import PART_HEADER, Completed, PartsAssembly, parse_part
 
 logger = logging.getLogger("fedtier.protocol.bus.nats")
 
@@ -290,7 +290,7 @@ class _PullSubscription(_InboxSubscription):
         )
 
     def _take(self, msg: Any, give_back: list[tuple[Any, float]]) -> None:
-        """Hand a fetched message on, or file it as a part of a larger whole (``_parts``)."""
+        """Hand a fetched message on, or file it as a part of a whole (``stream_parts``)."""
         try:
             part = parse_part(msg.headers)
         except LocalProtocolError as exc:

@@ -1,4 +1,4 @@
-"""A payload above the server's ``max_payload`` as numbered parts on its stream; no nats-py.
+"""A payload above nats-server's ``max_payload`` as numbered parts on its stream; sans-IO.
 
 nats-server refuses a message above ``max_payload`` (8 MB in the shipped
 configs, 64 MB at most), while a partial of a large model is hundreds of MB.

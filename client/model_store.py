@@ -19,7 +19,10 @@ A device pins the central's key, the fleet root's, or both (``central_key`` is
 then a ``protocol.certificates.ModelSigners``): with the root, a model signed
 by any central key whose certificate (offered with :meth:`ModelStore.offer_certificate`,
 published beside the models) is valid at the model's ``created_ms`` loads, so
-a rotated central key needs no change on the device.
+a rotated central key needs no change on the device. A model whose signer
+has no certificate yet (``unknown_sender``) or one that does not hold at the
+model's time (``certificate_expired``, ``certificate_not_yet_valid``) is kept,
+and loads when a certificate that covers it arrives.
 
 A loaded blob can be kept in a cache file: the blob envelope exactly as
 received, written atomically (``protocol.files.atomic_write``). On start the
@@ -58,6 +61,12 @@ _log = logging.getLogger("fedtier.device.model")
 # Pointers remembered per version; more would only matter for a central that
 # announces many versions faster than their blobs arrive.
 _POINTERS_KEPT: Final = 8
+_AWAITS_CERTIFICATE: Final = frozenset(
+    {Reason.UNKNOWN_SENDER, Reason.CERTIFICATE_EXPIRED, Reason.CERTIFICATE_NOT_YET_VALID}
+)
+"""Refusals a certificate may still lift: the signer's first one, or a renewed one (a
+higher serial with a window that holds the model's ``created_ms``), published beside
+the models; so the model is kept and offered again when one arrives."""
 _M = TypeVar("_M", ModelAnnouncement, ModelBlob)
 
 
@@ -259,7 +268,7 @@ class ModelStore:
                     msg.tensors.fingerprint, msg.tensors.num_params, what=f"{what} tensors"
                 )
         except RemoteProtocolError as exc:
-            if exc.reason is Reason.UNKNOWN_SENDER and self.signers.root is not None:
+            if exc.reason in _AWAITS_CERTIFICATE and self.signers.root is not None:
                 self._hold_for_certificate(data, "pointer" if kind is ModelAnnouncement else "blob")
             return self._reject(None, exc.reason, f"{what}: {exc}")
         return envelope, msg

@@ -118,7 +118,20 @@ async def _serve(
         # One consumer per receipt topic: an exclusive durable subscription
         # has no loss window across a broker restart (docs/transport.md, MQTT).
         shared_durables=False,
+        # One connection: the device listener replaces the client id by the
+        # certificate's CN, and two connections would then share it and
+        # disconnect each other (docs/operations.md, Transport security).
+        single_connection=True,
     )
+    if mqtt.client_id not in (None, identity.key_id) and mqtt.tls_cert_file is not None:
+        # Not an error: a plain broker keeps it. The deployed device listener
+        # replaces it by the certificate's CN (docs/operations.md).
+        _log.warning(
+            "[mqtt] client_id %r is not this device's key id %s; a broker that binds client"
+            " ids to certificates uses the certificate's CN instead",
+            mqtt.client_id,
+            identity.key_id,
+        )
     tracing = setup_tracing("fedtier-device", instance_id=identity.key_id, jsonl_dir=None)
     report = DeviceReport()
     settings.outbox.parent.mkdir(parents=True, exist_ok=True)

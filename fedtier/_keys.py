@@ -13,8 +13,8 @@ use it, so a key made here is registered by copying its ``.pub`` file.
 ``NAME.cert`` is a key certificate signed by the fleet root (``root.key``,
 made by ``fedtier keys ca`` and kept offline), and ``revocations.bin`` the
 fleet's signed revocation list. The runbooks that use these commands are in
-docs/operations.md ("Rotate the central's key", "Rotate an edge's key",
-"Revoke a device").
+docs/operations.md ("Rotate the central's signing key", "Rotate an edge's
+key", "Revoke a device").
 """
 
 from __future__ import annotations
@@ -204,10 +204,12 @@ def _add_lifecycle_commands(keys_sub: argparse._SubParsersAction[argparse.Argume
         help="make the next key of a participant (and its certificate or registry entry)",
         description=(
             "Create NAME-N.key/.pub, the next free N in --out. For --role central, also "
-            "NAME-N.cert signed by --root: add it to [keys] certificates (keep the old one "
-            "while models it signed are in use), point identity_key and [keys] central at "
-            "the new files and restart the central; devices and tiers that pin the root "
-            "accept it with no change. For an edge, a regional or a device, pass --registry "
+            "NAME-N.cert signed by --root, in --out (the folder [keys] certificates names: "
+            "keep the old certificate while models it signed are in use). With --install "
+            "FILE the new private key also replaces FILE (the central's identity_key); "
+            "then `systemctl reload` the central: it publishes the certificate and signs "
+            "with the new key, no restart. Devices and tiers that pin the root accept it "
+            "with no change. For an edge, a regional or a device, pass --registry "
             "to add the new key to that sender's entry in a key registry file, valid from "
             "now, and to end the old keys' window after --overlap-days."
         ),
@@ -217,6 +219,14 @@ def _add_lifecycle_commands(keys_sub: argparse._SubParsersAction[argparse.Argume
     rotate.add_argument("--out", type=Path, default=Path(), help="key directory (default: .)")
     rotate.add_argument("--root", type=Path, help="root private key (needed for --role central)")
     rotate.add_argument("--registry", type=Path, help="key registry TOML file to update")
+    rotate.add_argument(
+        "--install",
+        type=Path,
+        help=(
+            "also write the new private key over this file (mode 0600, atomically): the "
+            "identity_key a daemon reads again at SIGHUP; the old key there is gone"
+        ),
+    )
     rotate.add_argument(
         "--overlap-days",
         type=float,
@@ -507,7 +517,7 @@ def _next_stem(out_dir: Path, name: str) -> str:
 
 def _keys_rotate(args: argparse.Namespace) -> int:
     from fedtier.protocol.errors import ConfigError
-    from fedtier.protocol.files import save_public_key, save_signing_identity
+    from fedtier.protocol.files import atomic_write, save_public_key, save_signing_identity
     from fedtier.protocol.identity import SigningIdentity
 
     if args.role == "central" and args.root is None:
@@ -533,6 +543,13 @@ def _keys_rotate(args: argparse.Namespace) -> int:
                 args, args.root, ident.verify_key, args.role, args.name, out_dir / f"{stem}.cert"
             )
         )
+    if args.install is not None:
+        # Written last: the certificate exists before any daemon can read the new key.
+        try:
+            atomic_write(args.install, ident.to_pem(), mode=0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {args.install}: {exc.strerror}") from exc
+        info["installed_key_file"] = str(args.install)
     if args.registry is not None:
         start = _parse_time_ms(args.not_before)
         retire = start + int(args.overlap_days * _DAY_MS)

@@ -36,6 +36,7 @@ import numpy.typing as npt
 from fedtier.protocol.errors import ConfigError, FedtierError, RemoteProtocolError
 
 if TYPE_CHECKING:
+    from fedtier.protocol.certificates import ModelSigners
     from fedtier.protocol.identity import VerifyKey
     from fedtier.protocol.layout import ModelLayout
     from fedtier.protocol.limits import Limits
@@ -213,7 +214,7 @@ class _Opened:
 
 
 def _open_version(
-    stored: StoredVersion, central: VerifyKey, fleet: str | None, limits: Limits
+    stored: StoredVersion, central: VerifyKey | ModelSigners, fleet: str | None, limits: Limits
 ) -> _Opened:
     """Check a stored version's signatures and digest; decode its parameters.
 
@@ -667,11 +668,7 @@ def _rollback(args: argparse.Namespace) -> int:
 
     config = _load_central_config(args.config)
     keys = CentralDaemon.load_keys(config)
-    if keys.identity.key_id != keys.central.key_id:
-        raise ConfigError(
-            f"the central's identity is {keys.identity.key_id} but keys.central pins "
-            f"{keys.central.key_id}; devices would reject the version"
-        )
+    keys.check_central_identity()  # devices would reject the version otherwise
     wanted: int = args.version
     with open_store_exclusively(config.store_path) as store:
         latest = store.latest_version()
@@ -686,7 +683,7 @@ def _rollback(args: argparse.Namespace) -> int:
         if wanted == latest.version:
             raise ConfigError(f"v{wanted} is the current version already; nothing to roll back")
         try:
-            opened = _open_version(StoredVersion(source), keys.central, config.fleet, config.limits)
+            opened = _open_version(StoredVersion(source), keys.models, config.fleet, config.limits)
         except RemoteProtocolError as exc:
             raise FedtierError(
                 f"model v{wanted} fails its checks, so it is not republished: {exc}"

@@ -56,12 +56,14 @@ __all__ = [
     "KeyRole",
     "ModelSigners",
     "RevocationList",
+    "check_window",
     "issue_certificate",
     "open_certificate",
     "open_revocations",
     "parse_certificate",
     "parse_revocations",
     "sign_revocations",
+    "window_reason",
 ]
 
 DOCUMENT_VERSION: Final = 1
@@ -395,9 +397,11 @@ def open_certificate(
 
     Raises:
         DecodeError: malformed.
-        UnknownSender: issued by another root, for another role, or not valid at ``at_ms``.
+        UnknownSender: issued by another root.
         SignatureError: the root's signature does not verify.
-        UpdateRejected: revoked (reason ``revoked``).
+        UpdateRejected: for another role (reason ``wrong_role``), not valid at
+            ``at_ms`` (``certificate_expired``, ``certificate_not_yet_valid``),
+            or revoked (``revoked``).
     """
     cert, body_bytes, signature = parse_certificate(data)
     label = f"certificate {cert.serial} of {cert.role.value} key {cert.key_id} ({cert.name!r})"
@@ -407,16 +411,37 @@ def open_certificate(
         )
     root.verify(signature, CERTIFICATE_CONTEXT + body_bytes)
     if role is not None and cert.role is not role:
-        raise UnknownSender(f"{label} is not for the {role.value} role")
-    if at_ms is not None and not cert.valid_at(at_ms):
-        raise UnknownSender(
-            f"{label} is valid in [{cert.not_before_ms}, {cert.not_after_ms}), not at {at_ms}"
-        )
+        raise UpdateRejected(f"{label} is not for the {role.value} role", reason=Reason.WRONG_ROLE)
+    if at_ms is not None:
+        check_window(cert, at_ms, label)
     if revocations is not None and revocations.revokes(cert.key_id, cert.name):
         raise UpdateRejected(
             f"{label} is revoked by list {revocations.serial}", reason=Reason.REVOKED
         )
     return cert
+
+
+def window_reason(cert: KeyCertificate, t_ms: int) -> Reason | None:
+    """Why ``cert`` does not hold at ``t_ms`` (expired or not yet valid), None when it does."""
+    if t_ms < cert.not_before_ms:
+        return Reason.CERTIFICATE_NOT_YET_VALID
+    if t_ms >= cert.not_after_ms:
+        return Reason.CERTIFICATE_EXPIRED
+    return None
+
+
+def check_window(cert: KeyCertificate, t_ms: int, label: str) -> None:
+    """Raise unless ``cert`` is valid at ``t_ms``.
+
+    Raises:
+        UpdateRejected: reason ``certificate_expired`` or ``certificate_not_yet_valid``.
+    """
+    reason = window_reason(cert, t_ms)
+    if reason is not None:
+        raise UpdateRejected(
+            f"{label} is valid in [{cert.not_before_ms}, {cert.not_after_ms}), not at {t_ms}",
+            reason=reason,
+        )
 
 
 def parse_revocations(data: bytes | bytearray | memoryview) -> tuple[RevocationList, bytes, bytes]:
@@ -581,8 +606,10 @@ class ModelSigners:
         """Raise unless ``key_id`` may sign a model created at ``created_ms``.
 
         Raises:
-            UnknownSender: not pinned, and no certificate valid at ``created_ms``.
-            UpdateRejected: revoked (reason ``revoked``).
+            UnknownSender: neither pinned nor certified.
+            UpdateRejected: revoked (reason ``revoked``), or the key's certificate
+                does not hold at ``created_ms`` (``certificate_expired``,
+                ``certificate_not_yet_valid``: a renewed certificate may still come).
         """
         self._check_revoked(key_id)
         if key_id in self._pinned:
@@ -590,11 +617,7 @@ class ModelSigners:
         cert = self._certified.get(key_id)
         if cert is None:
             raise UnknownSender(f"model signed by {key_id}: no pinned key or certificate for it")
-        if not cert.valid_at(created_ms):
-            raise UnknownSender(
-                f"model created at {created_ms} is signed by central key {key_id}, whose "
-                f"certificate is valid in [{cert.not_before_ms}, {cert.not_after_ms})"
-            )
+        check_window(cert, created_ms, f"model created at {created_ms}: central key {key_id}")
 
     def _check_revoked(self, key_id: str) -> None:
         cert = self._certified.get(key_id)

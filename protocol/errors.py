@@ -116,6 +116,13 @@ class Reason(StrEnum):
     # Key lifecycle: the signing key (or the device name) is on the fleet's signed
     # revocation list, or its certificate is; refused from the moment the list is loaded.
     REVOKED = "revoked"
+    # Key certificates (protocol section 13): the root signed it, but for a window that
+    # does not hold the time it is needed at (a model's ``created_ms``, now), or for
+    # another role than the key is used in. Not final for a model: a renewed
+    # certificate of the same key (a higher serial) may still arrive.
+    CERTIFICATE_EXPIRED = "certificate_expired"
+    CERTIFICATE_NOT_YET_VALID = "certificate_not_yet_valid"
+    WRONG_ROLE = "wrong_role"
 
 
 class FedtierError(Exception):

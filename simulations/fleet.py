@@ -578,6 +578,8 @@ class _FleetDevice:
             # A device is the only consumer of its receipts: an exclusive
             # durable subscription has no loss window across a broker restart.
             shared_durables=False,
+            # The device listener binds the client id to the certificate.
+            single_connection=True,
         )
         async with open_mqtt_bus(config) as raw_bus:
             bus = _MeteredBus(raw_bus, self.topics.update(self.key_id), self.counters)

@@ -244,15 +244,21 @@ class Brokers:
     """The running Mosquitto and nats-server of a run.
 
     Attributes:
-        mosquitto: the MQTT broker.
+        mosquitto: the MQTT broker; devices connect to its ``port``, edges
+            and lab observers to its ``tier_port`` (the same port without TLS).
         nats: the NATS server.
         pki: with TLS, the run's throwaway CA that signed the brokers'
-            certificates and signs every client's (None: plain listeners).
+            certificates and signs every device's and every NATS client's
+            (None: plain listeners).
+        tier_pki: with TLS, the CA of the MQTT tier listener: it signs the
+            edges' and lab observers' MQTT certificates, so a device
+            certificate cannot connect there (None: ``pki`` signs them too).
     """
 
     mosquitto: MosquittoProcess
     nats: NatsServerProcess
     pki: TestPki | None = None
+    tier_pki: TestPki | None = None
 
     def client_cert(self, common_name: str) -> CertFiles:
         """Issue a client certificate for ``common_name`` (a device's key id, a daemon's name).
@@ -264,15 +270,29 @@ class Brokers:
             raise ConfigError("the brokers of this run have no TLS; there is no CA to issue from")
         return self.pki.issue_client(common_name)
 
-    def tls_files(self, common_name: str, *, device_spelling: bool = False) -> dict[str, object]:
+    def tier_cert(self, common_name: str) -> CertFiles:
+        """Issue a certificate for the MQTT tier listener (an edge, a lab observer).
+
+        Raises:
+            ConfigError: the brokers run without TLS.
+        """
+        if self.tier_pki is None:
+            return self.client_cert(common_name)
+        return self.tier_pki.issue_client(common_name)
+
+    def tls_files(
+        self, common_name: str, *, device_spelling: bool = False, mqtt_tier: bool = False
+    ) -> dict[str, object]:
         """The ``[mqtt]``/``[nats]`` TLS keys of a client named ``common_name``; empty without TLS.
 
         Daemons spell them ``tls_ca_file``...; device and fleet files
-        ``ca_file``... (``device_spelling``).
+        ``ca_file``... (``device_spelling``). ``mqtt_tier``: a certificate for
+        the MQTT tier listener (an edge's ``[mqtt]``); the CA that verifies the
+        broker stays ``pki``'s.
         """
         if self.pki is None:
             return {}
-        cert = self.client_cert(common_name)
+        cert = self.tier_cert(common_name) if mqtt_tier else self.client_cert(common_name)
         prefix = "" if device_spelling else "tls_"
         return {
             f"{prefix}ca_file": self.pki.ca_file,
@@ -309,7 +329,8 @@ class MeshPlan:
             files, by region / site for the middle tiers and fleets.
         device_configs: ``fedtier device`` config per standalone device name.
         prometheus_ports: daemon name -> its /metrics port.
-        mqtt_host, mqtt_port: the (single) Mosquitto.
+        mqtt_host, mqtt_port: the (single) Mosquitto, its device listener.
+        mqtt_tier_port: its tier listener (edges, lab observers).
         brokers: the brokers (their CA, when they run TLS).
         devices: the planned devices.
         split: the data; ``X_test``/``y_test`` are the held-out set.
@@ -333,6 +354,7 @@ class MeshPlan:
     prometheus_ports: Mapping[str, int]
     mqtt_host: str
     mqtt_port: int
+    mqtt_tier_port: int
     brokers: Brokers
     devices: tuple[DeviceEntry, ...]
     split: DigitsSplit
@@ -344,19 +366,27 @@ class MeshPlan:
 
         The CN is the user name the broker's ACL applies: a device's key id,
         or :data:`LAB_OBSERVER` for a lab process that watches receipts and models.
+        A device gets one connection on the device listener, where the broker
+        replaces ``client_id`` by its key id; the observer two on the tier
+        listener, with a certificate of the tier CA.
         """
         from fedtier.protocol.bus.mqtt import MqttConfig
 
         pki = self.brokers.pki
-        cert = None if pki is None else self.brokers.client_cert(common_name)
+        tier = common_name == LAB_OBSERVER
+        cert = None
+        if pki is not None:
+            issue = self.brokers.tier_cert if tier else self.brokers.client_cert
+            cert = issue(common_name)
         return MqttConfig(
             host=self.mqtt_host,
-            port=self.mqtt_port,
+            port=self.mqtt_tier_port if tier else self.mqtt_port,
             client_id=client_id,
             keepalive_s=60,
             ca_file=None if pki is None else pki.ca_file,
             cert_file=None if cert is None else cert.cert_file,
             key_file=None if cert is None else cert.key_file,
+            single_connection=not tier,
         )
 
     @property
@@ -653,11 +683,11 @@ def prepare_mesh(
                 ),
                 "mqtt": {
                     "host": mosquitto.host,
-                    "port": mosquitto.port,
+                    "port": mosquitto.tier_port,
                     "client_id": f"edge-{site}",
                     "keepalive_s": spec.edge_keepalive_s,
                     "session_expiry_s": 600,
-                    **brokers.tls_files(f"edge-{site}"),
+                    **brokers.tls_files(f"edge-{site}", mqtt_tier=True),
                 },
                 "validation": {
                     "max_norm": spec.max_norm,
@@ -785,6 +815,7 @@ def prepare_mesh(
         prometheus_ports=ports,
         mqtt_host=mosquitto.host,
         mqtt_port=mosquitto.port,
+        mqtt_tier_port=mosquitto.tier_port,
         brokers=brokers,
         devices=tuple(
             DeviceEntry(names[i], kinds[i], sites[i], device_ids[names[i]].key_id, len(shards[i]))
@@ -835,7 +866,8 @@ LAB_OBSERVER: Final = "lab-observer"
 
 The deployed ACL has no such user: a device reads only its own receipts. The
 lab's observers (the attack suite's) get their own ``user`` block that may read
-every receipt and model topic and write nothing.
+every receipt and model topic and write nothing, and connect on the tier
+listener with a certificate of the tier CA (``MeshPlan.mqtt_config``).
 """
 
 
@@ -848,12 +880,16 @@ def _lab_acl(spec: MeshSpec) -> str:
     )
 
 
-def _start_tls_mosquitto(workdir: Path, pki: TestPki, spec: MeshSpec) -> MosquittoProcess:
+def _start_tls_mosquitto(
+    workdir: Path, pki: TestPki, tier_pki: TestPki, spec: MeshSpec
+) -> MosquittoProcess:
     acl_file = workdir / "acl"
     workdir.mkdir(parents=True, exist_ok=True)
     acl_file.write_text(_lab_acl(spec))
     server = pki.issue_server("mosquitto")
-    tls = MosquittoTls(pki.ca_file, server.cert_file, server.key_file, acl_file)
+    tls = MosquittoTls(
+        pki.ca_file, server.cert_file, server.key_file, acl_file, tier_ca_file=tier_pki.ca_file
+    )
     return MosquittoProcess.start(workdir / "broker", tls=tls)
 
 
@@ -870,8 +906,10 @@ async def open_brokers(workdir: Path, *, tls_for: MeshSpec | None = None) -> Asy
 
     With ``tls_for``, both run TLS listeners that require a client certificate
     from a CA made for the run (``Brokers.pki``): Mosquitto with the deployed
-    ACL (``deploy/mosquitto/acl``, a user block per edge of that spec, plus
-    the lab observer), nats-server with ``verify: true``. nats-server then
+    listeners and ACL (``deploy/mosquitto/``: a device listener that binds
+    the client id to the certificate, a tier listener for certificates of
+    ``Brokers.tier_pki``; a user block per edge of that spec, plus the lab
+    observer), nats-server with ``verify: true``. nats-server then
     runs without the deployed accounts and nkeys users: the per-role NATS
     permissions are exercised by ``tests/integration/test_transport_security.py``.
     Both are stopped (SIGTERM, then SIGKILL) when the block exits, cancellation
@@ -880,16 +918,17 @@ async def open_brokers(workdir: Path, *, tls_for: MeshSpec | None = None) -> Asy
     Raises:
         ConfigError: a broker is missing or does not start.
     """
-    pki = None
+    pki = tier_pki = None
     if tls_for is not None:
         pki = await trio.to_thread.run_sync(TestPki.create, workdir / "pki")
-    tls_pki = pki
+        tier_pki = await trio.to_thread.run_sync(TestPki.create, workdir / "tier-pki")
+    tls_pki, tls_tier_pki = pki, tier_pki
     spec = tls_for
 
     def start_mosquitto() -> MosquittoProcess:
-        if tls_pki is None or spec is None:
+        if tls_pki is None or tls_tier_pki is None or spec is None:
             return MosquittoProcess.start(workdir / "mosquitto")
-        return _start_tls_mosquitto(workdir / "mosquitto", tls_pki, spec)
+        return _start_tls_mosquitto(workdir / "mosquitto", tls_pki, tls_tier_pki, spec)
 
     def start_nats() -> NatsServerProcess:
         if tls_pki is None:
@@ -902,7 +941,7 @@ async def open_brokers(workdir: Path, *, tls_for: MeshSpec | None = None) -> Asy
     try:
         nats = await trio.to_thread.run_sync(start_nats)
         try:
-            yield Brokers(mosquitto, nats, pki)
+            yield Brokers(mosquitto, nats, pki, tier_pki)
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(nats.stop)

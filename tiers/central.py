@@ -45,11 +45,11 @@ import functools
 import math
 import numbers
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -73,6 +73,7 @@ from fedtier.protocol.errors import (
 from fedtier.protocol.files import atomic_write
 from fedtier.protocol.layout import ModelLayout
 from fedtier.protocol.messages import ModelAnnouncement, ModelBlob, Tier
+from fedtier.protocol.models import check_blob_against_pointer
 from fedtier.protocol.names import NatsSubjects
 from fedtier.protocol.telemetry import (
     ATTR_FLUSH_REASON,
@@ -85,6 +86,7 @@ from fedtier.protocol.telemetry import (
     messaging_attributes,
     span_name,
 )
+from fedtier.tiers._identity import IdentityReload
 from fedtier.tiers._intake import Admission
 from fedtier.tiers._telemetry import (
     TierMetricsLike,
@@ -94,15 +96,84 @@ from fedtier.tiers._telemetry import (
     traceparent_of,
 )
 from fedtier.tiers._upstream import UpstreamWorker, retry_transient
+from fedtier.tiers._version_record import (
+    RecordInput,
+    VersionRecord,
+    decode_optimizer_state,
+    decode_version_record,
+    encode_optimizer_state,
+    encode_version_record,
+)
 from fedtier.tiers.config import CentralConfig, EvaluationTarget, load_initial_model
-from fedtier.tiers.core import ModelView, seal_version, step_model
+from fedtier.tiers.core import ModelView, Outcome, seal_version, step_model
 from fedtier.tiers.faults import crash_point
 from fedtier.tiers.model_registry import ModelRegistryWriter, RevocationFollower
 from fedtier.tiers.registry import TierKeys
-from fedtier.tiers.store import CommitTicket, ModelVersionRecord, Recovery, TargetRecord
+from fedtier.tiers.store import (
+    CommitTicket,
+    ModelVersionRecord,
+    RebasedVersion,
+    Recovery,
+    TargetRecord,
+)
 from fedtier.tiers.tier import OpenBuffer, TierDaemon
 
-__all__ = ["CentralDaemon", "ModelEvaluator", "ModelPublisher"]
+__all__ = [
+    "LINEAGE_HORIZON_VERSIONS",
+    "CentralDaemon",
+    "ModelEvaluator",
+    "ModelPublisher",
+    "check_central_hold_config",
+]
+
+LINEAGE_HORIZON_VERSIONS: Final = 64
+"""How many of the newest versions' records a standby central reads back at takeover.
+
+What can come back to a successor is (a) what the dead central held
+unacknowledged: the open buffer and the versions in its publisher's queue (at
+most 4), and (b) a partial a regional re-publishes at its own takeover, a
+lease TTL plus a hold after the first copy, or a copy inside the UP stream's
+dedupe window, which JetStream drops by ``msg_id``. Both lie a handful of
+versions back; 64 leaves room for a fleet that makes a version every few
+seconds. A record older than that is deleted after each publication (it
+holds the optimizer's state: FedAdam's is twice the model), and with its blob
+when ``keep_versions`` is smaller.
+"""
+
+
+def check_central_hold_config(config: CentralConfig) -> None:
+    """Refuse a config under which the central's held deliveries would come back or never be cut.
+
+    With ``[lease]`` a central holds each partial until a version holding it
+    is published, so: in-progress acks must keep it (``nats.max_hold_s`` > 0)
+    for at least one buffer window (``flush.max_age_s``), and a buffer without
+    an age limit must be able to fill (``intake_capacity`` >=
+    ``flush.max_inputs``), since the intake holds at most ``intake_capacity``.
+    The regional's rule (``tiers.regional.check_hold_config``), for the central.
+
+    Raises:
+        ConfigError: the combination cannot hold a buffer window.
+    """
+    hold_s = config.nats.max_hold_s
+    window_s = config.flush.max_age_s
+    if hold_s <= 0:
+        raise ConfigError(
+            "[lease] enabled at the central needs in-progress acks: set nats.max_hold_s > 0 "
+            "(it holds each partial until a model version holding it is published)"
+        )
+    if window_s is None and config.intake_capacity < config.flush.max_inputs:
+        raise ConfigError(
+            f"[lease] enabled at the central holds at most intake_capacity "
+            f"({config.intake_capacity}) partials, fewer than flush.max_inputs "
+            f"({config.flush.max_inputs}), and flush.max_age_s is unset: a buffer would "
+            "never be cut; set flush.max_age_s or raise intake_capacity"
+        )
+    if window_s is not None and hold_s < window_s:
+        raise ConfigError(
+            f"nats.max_hold_s ({hold_s:g} s) is shorter than flush.max_age_s ({window_s:g} s): "
+            "with [lease] enabled the central holds each partial for a whole buffer window; "
+            "raise max_hold_s"
+        )
 
 
 class ModelEvaluator(Protocol):
@@ -162,6 +233,8 @@ class PublishJob:
         pointer: signed pointer envelope bytes.
         ticket: the version's commit, waited for before anything leaves.
         trace: traceparent of the aggregate span (parent of the publish span).
+        epoch: the buffer epoch the version closed (None: version 0, a rollback);
+            with ``[lease]`` its held deliveries are acknowledged once published.
     """
 
     version: int
@@ -169,6 +242,83 @@ class PublishJob:
     pointer: bytes
     ticket: CommitTicket | None = None
     trace: str = ""
+    epoch: int | None = None
+
+
+class _PublishedTicket(CommitTicket):
+    """An input's commit, then the publication of the version holding its epoch."""
+
+    def __init__(self, commit: CommitTicket | None, held: _HeldEpochs, epoch: int) -> None:
+        super().__init__(what=f"epoch {epoch} published")
+        self.commit = commit
+        self.held = held
+        self.epoch = epoch
+
+    async def wait(self) -> None:
+        """Wait for the commit, then until a version of ``epoch`` (or later) is published."""
+        if self.commit is not None:
+            await self.commit.wait()
+        await self.held.wait_published(self.epoch)
+
+
+class _HeldEpochs:
+    """With ``[lease]``: partials are acknowledged once a published version holds them.
+
+    The regional's mechanism (``tiers.regional``, held deliveries), with the
+    registry's pointer compare-and-set in place of the UP stream's PubAck:
+    every epoch up to ``published_epoch`` is in a version the registry's
+    pointer has reached (versions are published in epoch order), so an input
+    folded into epoch E may be acknowledged once ``published_epoch >= E``.
+    Meanwhile the bus keeps the delivery with in-progress acks
+    (``nats.max_hold_s``), and a central that dies leaves it to JetStream,
+    which redelivers it to the successor.
+    """
+
+    def __init__(self) -> None:
+        self.published_epoch = -1
+        self._closed: set[int] = set()
+        self._changed = trio.Event()
+
+    def published(self, epoch: int | None) -> None:
+        """The version of ``epoch`` is published: release the deliveries it holds."""
+        if epoch is not None:
+            self._advance(epoch)
+
+    def closed_without_version(self, epoch: int) -> None:
+        """An epoch whose inputs went to the quarantine: done once the epochs before it are."""
+        self._closed.add(epoch)
+        self._advance(self.published_epoch)
+
+    def reset(self, published_epoch: int) -> None:
+        """Everything up to ``published_epoch`` is published (at start, at a takeover)."""
+        self._closed = {e for e in self._closed if e > published_epoch}
+        self._advance(published_epoch)
+
+    def _advance(self, epoch: int) -> None:
+        done = max(epoch, self.published_epoch)
+        while done + 1 in self._closed:
+            done += 1
+            self._closed.discard(done)
+        if done > self.published_epoch:
+            self.published_epoch = done
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_published(self, epoch: int) -> None:
+        """Wait until ``epoch`` is in a published version."""
+        while self.published_epoch < epoch:
+            await self._changed.wait()
+
+    def hold(self, admission: Admission, epoch: int) -> Admission:
+        """The same admission, acknowledged only once ``epoch`` is published."""
+        return Admission(
+            admission.delivery,
+            admission.outcome,
+            admission.reason,
+            ticket=_PublishedTicket(admission.ticket, self, epoch),
+            after_ack=admission.after_ack,
+            ack=admission.ack,
+        )
 
 
 def _write_model_file(path: Path, data: bytes) -> None:
@@ -204,6 +354,13 @@ class ModelPublisher(UpstreamWorker[PublishJob]):
         version = job.version
         # The stream dedupes a resent announcement by this id.
         announcement_id = f"{daemon.config.fleet}-model-v{version}"
+        record = None
+        if daemon.held is not None:
+            # Never a registry write without the lease (a deposed central waits, then exits).
+            lease = daemon.lease
+            while lease is not None and not lease.is_held:
+                await lease.wait_held()
+            record = await daemon.version_record(job)
         with daemon.tracer.start_as_current_span(
             span_name("central", "publish model"),
             context=context_of(job.trace),
@@ -221,6 +378,13 @@ class ModelPublisher(UpstreamWorker[PublishJob]):
             },
         ) as span:
             await store.run_blocking(_write_model_file, daemon.model_file(version), job.blob)
+            if record is not None:
+                # Before the pointer moves: a successor that reads the pointer finds it.
+                await retry(
+                    f"registry put of version record v{version}",
+                    "registry_put_record",
+                    lambda: daemon.registry.put_record(version, record),
+                )
             await retry(
                 f"registry put of model blob v{version}",
                 "registry_put_blob",
@@ -244,6 +408,9 @@ class ModelPublisher(UpstreamWorker[PublishJob]):
             )
         crash_point("central.after_publish")
         store.submit_published(version)
+        if daemon.held is not None:
+            # The pointer's compare-and-set is confirmed: the inputs may go.
+            daemon.held.published(job.epoch)
         self.published.append(version)
         daemon.log.info("model v%d published", version)
         await daemon.prune_models(version)
@@ -300,11 +467,8 @@ class CentralDaemon(TierDaemon):
         evaluator: ModelEvaluator | None = None,
     ) -> None:
         keys = keys if keys is not None else self.load_keys(config)
-        if keys.identity.key_id != keys.central.key_id:
-            raise ConfigError(
-                f"the central's identity is {keys.identity.key_id} but keys.central pins "
-                f"{keys.central.key_id}; devices would reject its models"
-            )
+        # The pinned central key, or a key the root certified for now (ConfigError if not).
+        keys.check_central_identity(None if clock_ms is None else clock_ms())
         super().__init__(
             config,
             keys=keys,
@@ -332,6 +496,25 @@ class CentralDaemon(TierDaemon):
         self._evaluation_pending: _EvaluationJob | None = None
         self._evaluation_wakeup = trio.Event()
         self._evaluation_limiter = trio.CapacityLimiter(1)
+        self.held: _HeldEpochs | None = None
+        """With ``[lease] enabled``: deliveries held until a version holding them is published."""
+        self.took_over_at: int | None = None
+        """The registry's version this central caught up to at its last takeover, if it did."""
+        if config.lease.enabled:
+            check_central_hold_config(config)
+            self.held = _HeldEpochs()
+        self._unpublished: list[PublishJob] = []
+        # SIGHUP: a new key in identity_key signs once its certificate is published.
+        self.identity_reload = IdentityReload(
+            keys,
+            identity_key=config.identity_key,
+            certificates=config.certificates,
+            registry=registry,
+            clock_ms=self.clock_ms,
+            retry=config.retry,
+            metrics=self.metrics,
+            log=self.log,
+        )
 
     # -- state --------------------------------------------------------------------------
 
@@ -381,7 +564,10 @@ class CentralDaemon(TierDaemon):
             publish=self.registry,
         )
         await nursery.start(revocations.serve)
-        await self._check_not_behind_registry(None if latest is None else latest.version)
+        await nursery.start(self.identity_reload.serve)
+        if self.held is None:
+            # Without a lease, a registry ahead of this store means another central.
+            await self._check_not_behind_registry(None if latest is None else latest.version)
         if latest is None:
             initial.append(self._make_version_zero())
         else:
@@ -390,16 +576,301 @@ class CentralDaemon(TierDaemon):
             for version in recovery.unpublished_versions:
                 record = self.store.model_version(version)
                 assert record is not None
-                initial.append(PublishJob(version, record.blob, record.pointer))
+                initial.append(
+                    PublishJob(
+                        version,
+                        record.blob,
+                        record.pointer,
+                        epoch=self.store.version_epoch(version),
+                    )
+                )
         assert self._view is not None
         self._buffer = OpenBuffer(self._view.num_params, recovery.open_epoch)
         self._refold(recovery)
         self._resume_evaluation()
         self._publisher = ModelPublisher(self, capacity=4, on_room=self.buffer.poke)
+        if self.held is not None:
+            # With a lease, what this store holds is published only once the lease is
+            # held and the registry read (_on_takeover): it may be behind by then.
+            self._unpublished = initial
+            initial = []
         await nursery.start(self._publisher.serve, initial)
         self.metrics.model_version(self.version)
         if self.evaluator is not None:
             await nursery.start(self._serve_evaluations)
+
+    # -- more than one central ([lease] enabled) ------------------------------------------
+
+    @property
+    def cuts_paused(self) -> bool:
+        """With ``[lease]``, cuts wait for the lease: a standby's inputs are not its own."""
+        lease = self.lease
+        return self.held is not None and (lease is None or not lease.is_held)
+
+    async def _on_takeover(self) -> None:
+        """Catch up with the registry, then publish what this store holds beyond it.
+
+        A central without a lease refuses to start behind the registry; with
+        one, being behind at takeover is the normal case of a standby whose
+        store is empty or stale: it continues from the registry's version
+        records (:meth:`_catch_up`).
+        """
+        held = self.held
+        if held is None:
+            await trio.lowlevel.checkpoint()
+            return
+        entry = await retry_transient(
+            "registry read of the current model pointer",
+            "registry_get_current",
+            self.registry.current_entry,
+            retry=self.config.retry,
+            metrics=self.metrics,
+            log=self.log,
+        )
+        pointer = entry[0] if entry is not None and entry[0] else None
+        pending, self._unpublished = self._unpublished, []
+        current = -1 if pointer is None else self._registry_version(pointer)
+        if pointer is not None and current is None:
+            stale = self.buffer
+            await self._catch_up(pointer)
+            stale.poke()  # the deadline task waits on the old buffer: wake it
+            pending = []
+            current = self.version
+        assert current is not None
+        await self._drop_orphan(current + 1)
+        epochs = [job.epoch for job in pending if job.epoch is not None]
+        held.reset(min(epochs) - 1 if epochs else self.buffer.epoch - 1)
+        for job in pending:
+            await self.upstream.put(job)
+
+    async def _catch_up(self, pointer: bytes) -> None:
+        """Continue from the registry's current version: params, optimizer state, lineage.
+
+        Reads the version records of the newest ``LINEAGE_HORIZON_VERSIONS``
+        versions (the newest must exist and verify; an older one missing ends
+        the walk), checks them against the pointer and the blob, and rebases
+        the store onto them in one commit: every partial and device update
+        they hold is a duplicate from then on, so a redelivery is acknowledged
+        and never folded again.
+
+        Raises:
+            RegistryConflict: the pointer, the newest record, the blob or an
+                older record does not verify or does not agree; a successor
+                that cannot see what was counted must not count again.
+        """
+        version = self._pointer_version(pointer)
+        if version is None:
+            raise RegistryConflict(
+                "the model registry's current pointer does not verify with this central's "
+                f"keys ({self.key_id!r}); refusing to take over another fleet's history"
+            )
+        newest = await self._read_record(version, required=True)
+        assert newest is not None
+        if newest.pointer != pointer:
+            raise RegistryConflict(
+                f"the version record of v{version} names another pointer than the registry's"
+            )
+        blob = await self._read_registry(
+            f"blob v{version}", functools.partial(self.registry.blob, version)
+        )
+        if blob is None:
+            raise RegistryConflict(f"the model registry holds no blob for its current v{version}")
+        try:
+            envelope = open_envelope(blob, self.keys.models.known_key, self.config.limits)
+            announcement = open_envelope(
+                pointer, self.keys.models.known_key, self.config.limits
+            ).message
+            if not isinstance(envelope.message, ModelBlob) or not isinstance(
+                announcement, ModelAnnouncement
+            ):
+                raise RegistryConflict(f"the registry's v{version} is not a blob and a pointer")
+            check_blob_against_pointer(envelope, envelope.message, announcement)
+            layout = envelope.message.tensors
+            if self.layout is not None and layout.fingerprint != self.layout.fingerprint:
+                raise RegistryConflict(
+                    f"the registry's v{version} has another model layout than this central's"
+                )
+        except RemoteProtocolError as exc:
+            raise RegistryConflict(
+                f"the registry's blob v{version} does not verify: {exc}"
+            ) from exc
+        probe = self.central_config.make_optimizer()
+        try:
+            probe.load_state_arrays(dict(newest.optimizer))
+        except LocalProtocolError as exc:
+            raise RegistryConflict(
+                f"the optimizer state in the version record of v{version} does not fit this "
+                f"central's optimizer ({self.central_config.optimizer_name}): {exc}"
+            ) from exc
+        records = [newest]
+        for older in range(version - 1, max(-1, version - LINEAGE_HORIZON_VERSIONS), -1):
+            record = await self._read_record(older, required=False)
+            if record is None:
+                break
+            records.append(record)
+        records.reverse()
+        await self.store.submit_rebase(
+            [
+                RebasedVersion(
+                    r.version,
+                    r.pointer,
+                    r.update_count,
+                    r.created_ms,
+                    tuple((i.sender, i.input_id, i.seq) for i in r.inputs),
+                    r.leaves,
+                )
+                for r in records
+            ],
+            blob=blob,
+            optimizer_state=newest.optimizer,
+            out_seq=announcement.seq,
+        ).wait()
+        self._load_version(version, blob, pointer)
+        self.optimizer.load_state_arrays(dict(newest.optimizer))
+        self._seq.last = max(self._seq.last, announcement.seq)
+        assert self._view is not None
+        self._buffer = OpenBuffer(self._view.num_params, self.buffer.epoch)
+        self.metrics.model_version(version)
+        self.took_over_at = version
+        self.log.warning(
+            "took over from the registry at model v%d: %d versions of lineage (v%d..v%d), "
+            "%d partials and %d device updates known as counted, optimizer state of v%d; "
+            "what this store held unpublished is dropped (never acknowledged: JetStream "
+            "redelivers it)",
+            version,
+            len(records),
+            records[0].version,
+            version,
+            sum(len(r.inputs) for r in records),
+            sum(len(r.leaves) for r in records),
+            version,
+        )
+
+    async def _drop_orphan(self, version: int) -> None:
+        """Delete a blob and record of ``version`` that the pointer never reached.
+
+        A predecessor that died between its blob and its pointer left them; the
+        blob store refuses other bytes under a version it holds, so this
+        central could not publish its own ``version``. Versions are published
+        one at a time, so only the one after the pointer can be such an orphan
+        (this central's own, when it is, is written again from its store).
+        """
+        for what, delete in (
+            ("blob", self.registry.delete_blob),
+            ("version record", self.registry.delete_record),
+        ):
+            await retry_transient(
+                f"registry delete of the unpublished {what} v{version}",
+                "registry_delete_orphan",
+                functools.partial(delete, version),
+                retry=self.config.retry,
+                metrics=self.metrics,
+                log=self.log,
+            )
+
+    async def _read_registry(
+        self, what: str, read: Callable[[], Awaitable[bytes | None]]
+    ) -> bytes | None:
+        return await retry_transient(
+            f"registry read of {what}",
+            "registry_read",
+            read,
+            retry=self.config.retry,
+            metrics=self.metrics,
+            log=self.log,
+        )
+
+    async def _read_record(self, version: int, *, required: bool) -> VersionRecord | None:
+        """The registry's verified version record of ``version``, or None when it has none.
+
+        Raises:
+            RegistryConflict: it does not verify, or names another version; or
+                it is missing and ``required``.
+        """
+        data = await self._read_registry(
+            f"version record v{version}", functools.partial(self.registry.record, version)
+        )
+        if data is None:
+            if required:
+                raise RegistryConflict(
+                    f"the model registry holds no version record for its current v{version} "
+                    "(published by a central without [lease]?): a standby cannot know what "
+                    "it counted; start the central that holds its state directory instead"
+                )
+            return None
+        try:
+            record = decode_version_record(
+                data,
+                self.keys.models.known_key,
+                fleet=self.config.fleet,
+                max_bytes=self.config.limits.max_envelope_bytes * 4,
+                max_params=self.config.limits.max_params,
+            )
+        except RemoteProtocolError as exc:
+            raise RegistryConflict(f"the version record of v{version} is refused: {exc}") from exc
+        if record.version != version:
+            raise RegistryConflict(
+                f"the registry's version record v{version} names v{record.version}"
+            )
+        return record
+
+    async def version_record(self, job: PublishJob) -> bytes:
+        """The signed version record of a stored version (``[lease] enabled``), from the store."""
+        version = job.version
+        stored = self.store.model_version(version)
+        assert stored is not None
+        state = self.store.record_state(version)
+        if state is not None:
+            optimizer = decode_optimizer_state(state, max_params=self.config.limits.max_params)
+        elif version == self.version:
+            optimizer = self.optimizer.state_arrays()
+        else:
+            # Stored before [lease] was enabled: the state after it is gone.
+            self.log.warning(
+                "model v%d's optimizer state is not kept; its record has none", version
+            )
+            optimizer = {}
+        record = VersionRecord(
+            fleet=self.config.fleet,
+            version=version,
+            pointer=job.pointer,
+            update_count=stored.update_count,
+            created_ms=stored.created_ms,
+            inputs=tuple(RecordInput(*row) for row in self.store.version_inputs(version)),
+            leaves=tuple(stored.lineage),
+            optimizer=optimizer,
+        )
+        await trio.lowlevel.checkpoint()
+        return encode_version_record(record, self.keys.identity)
+
+    def _closed_without_partial(self, epoch: int) -> None:
+        if self.held is not None:
+            self.held.closed_without_version(epoch)
+
+    async def _before_settling(self, deadline: float) -> None:
+        """Cut what was admitted, so its held deliveries can be acknowledged and the intake end."""
+        intake = self._intake
+        if self.held is None or self.cuts_paused or intake is None:
+            await trio.lowlevel.checkpoint()
+            return
+        with trio.move_on_at(deadline):
+            while not intake.finished.is_set():
+                await self._send_stashed()
+                job = self._cut("shutdown")
+                if job is not None:
+                    await self.upstream.put(job)
+                async with trio.open_nursery() as race:
+
+                    async def changed() -> None:
+                        await self.buffer.wait_changed()
+                        race.cancel_scope.cancel()
+
+                    async def finished() -> None:
+                        await intake.finished.wait()
+                        race.cancel_scope.cancel()
+
+                    race.start_soon(changed)
+                    race.start_soon(finished)
 
     # -- retention ---------------------------------------------------------------------
 
@@ -412,6 +883,15 @@ class CentralDaemon(TierDaemon):
         metrics stay; a registry that cannot be reached now is tried again
         after the next version.
         """
+        if self.held is not None and newest >= LINEAGE_HORIZON_VERSIONS:
+            # A successor reads no record older than the horizon; each is the size
+            # of the optimizer's state (FedAdam: twice the model), so it goes.
+            try:
+                await self.registry.delete_record(newest - LINEAGE_HORIZON_VERSIONS)
+            except BusError as exc:
+                self.log.warning(
+                    "version record v%d not deleted: %s", newest - LINEAGE_HORIZON_VERSIONS, exc
+                )
         keep = self.central_config.keep_versions
         if keep <= 0:
             return
@@ -422,6 +902,8 @@ class CentralDaemon(TierDaemon):
         for version in victims:
             try:
                 await self.registry.delete_blob(version)
+                if self.held is not None:
+                    await self.registry.delete_record(version)
             except BusError as exc:
                 self.log.warning("pruning model v%d: %s; tried again later", version, exc)
                 break
@@ -564,7 +1046,22 @@ class CentralDaemon(TierDaemon):
         )
 
     def _admit(self, delivery: Delivery) -> Admission:
-        return self._admit_partial(delivery)
+        held = self.held
+        if held is None:
+            return self._admit_partial(delivery)
+        empty_before = self.buffer.is_empty
+        admission = self._admit_partial(delivery)
+        if admission.outcome is Outcome.ACCEPTED:
+            return held.hold(admission, self.buffer.epoch)
+        if admission.outcome is Outcome.DUPLICATE:
+            # The original is in the open epoch or an earlier one; versions are
+            # published in epoch order, so waiting for the open one (when it
+            # holds anything) covers both. One from the registry's history
+            # (a takeover) is published already and goes at once.
+            return held.hold(
+                admission, self.buffer.epoch - 1 if empty_before else self.buffer.epoch
+            )
+        return admission
 
     # -- versions -----------------------------------------------------------------------
 
@@ -608,13 +1105,16 @@ class CentralDaemon(TierDaemon):
             input_count=input_count,
             optimizer_state=self.optimizer.state_arrays(),
             out_seq=sealed.pointer_message.seq,
+            record_state=(
+                None if self.held is None else encode_optimizer_state(self.optimizer.state_arrays())
+            ),
         )
         self.version = version
         self._view = ModelView(version, layout.fingerprint, layout.num_params, pointer_bytes)
         self.metrics.model_version(version)
         if version % self._evaluate_every == 0:
             self._queue_evaluation(_EvaluationJob(version, params, ticket, trace_parent))
-        return PublishJob(version, blob_bytes, pointer_bytes, ticket, trace_parent)
+        return PublishJob(version, blob_bytes, pointer_bytes, ticket, trace_parent, epoch)
 
     def _cut(self, reason: str) -> PublishJob | None:
         if self.target_reached is not None:

@@ -245,11 +245,12 @@ class TierConfig:
             central, the model files.
         sender_keys: key registry sources (TOML files, PEM folders) of whom this
             daemon accepts inputs from.
-        central_key: the pinned central public key: 64 hex digits or a PEM path.
+        central_key: the pinned central public key: 64 hex digits or a PEM path;
+            empty when ``root_key`` is set (then optional: an extra pin).
         root_key: ``[keys] root``: the pinned fleet root key (hex or PEM path), empty
             for none; with it, models signed by any central key it certified verify.
-        certificates: ``[keys] certificates``: certificate files of central keys (the
-            central publishes them beside its models).
+        certificates: ``[keys] certificates``: certificate files of central keys, or
+            folders of ``*.cert`` files (the central publishes them beside its models).
         revocations: ``[keys] revocations``: a signed revocation list file, or None.
         revocation_poll_s: ``[keys] revocation_poll_s``: how often the file and the
             registry's list are read again (the bound on how late a revocation applies).
@@ -825,7 +826,7 @@ def _policies(root: ConfigTable) -> dict[str, Any]:
 
 def _pinned_key(table: ConfigTable, key: str) -> str:
     """A pinned public key as written: 64 hex digits, or a path resolved like every other path."""
-    value = table.string(key, nonempty=False)
+    value = table.string(key, "", nonempty=False)  # absent: the caller says what is missing
     if not value or is_hex_key(value):
         return value
     return str(table.resolve(value))
@@ -876,8 +877,12 @@ def _common(root: ConfigTable, kind: TierKind) -> dict[str, Any]:
     }
     if kind != "central" and not common["sender_keys"]:
         raise ConfigError(f"{keys.locate('senders')} is missing; list at least one key registry")
-    if not common["central_key"]:
-        raise ConfigError(f"{keys.locate('central')} is empty; pin the central's public key")
+    if not common["central_key"] and not common["root_key"]:
+        # With the fleet root pinned, every central key is taken by its certificate.
+        raise ConfigError(
+            f"{keys.locate('central')} is empty; pin the fleet root ([keys] root), "
+            "the central's public key, or both"
+        )
     keys.finish()
     common["retention"], common["_keep_versions"] = _retention(root.table("retention"), kind)
     store = root.table("store")

@@ -14,7 +14,8 @@ SIGTERM or SIGINT asks for a clean shutdown (stop input, flush the open buffer
 upstream, wait for PubAcks up to ``shutdown_timeout_s``), or during start-up
 ends the process without serving; a second one stops at once, which loses
 nothing acknowledged. SIGHUP reloads the sender key registry and re-admits
-quarantined inputs (docs/operations.md, quarantine). An edge or
+quarantined inputs (docs/operations.md, quarantine); at the central it also
+takes a new signing key from ``identity_key`` (``tiers._identity``). An edge or
 regional daemon started before the central waits for the JetStream streams
 the central creates, logging what it waits for every 10 s. Under systemd
 (``Type=notify``) it reports ``READY=1`` once inputs are taken, ``STOPPING=1``
@@ -352,6 +353,10 @@ class _Lifecycle:
                 len(self.keys.senders),
                 self.keys.senders.role,
             )
+        if isinstance(self.daemon, CentralDaemon):
+            # A new key in identity_key takes over once the root's certificate for it
+            # is published (tiers._identity); never raises.
+            self.daemon.identity_reload.request()
         if self.daemon is not None:
             # Inputs quarantined for a sender the registry did not know (or released
             # by an operator) go through the core's admission again.

@@ -59,10 +59,16 @@ __all__ = [
     "NatsModelRegistry",
     "RevocationFollower",
     "certificate_key",
+    "record_object",
 ]
 
 CURRENT_KEY = "current"
 REVOCATIONS_KEY = "revocations"
+
+
+def record_object(version: int) -> str:
+    """The object name of the version record of ``version``: beside its blob ``v<version>``."""
+    return f"{NatsSubjects.blob_object(version)}.record"
 
 
 def certificate_key(key_id: str) -> str:
@@ -120,6 +126,20 @@ class ModelRegistryWriter(ModelRegistryReader, Protocol):
     async def delete_blob(self, version: int) -> None:
         """Remove the blob of an old ``version`` (retention); absent already is fine."""
 
+    async def put_record(self, version: int, record: bytes) -> None:
+        """Store the signed version record of ``version`` (``tiers._version_record``).
+
+        Written before the pointer moves to ``version``, so a standby central
+        that reads the pointer finds the record. Rewriting it is allowed (the
+        bytes of a retried publication are the same; the pointer decides).
+        """
+
+    async def record(self, version: int) -> bytes | None:
+        """The version record of ``version``, or None when the registry does not hold it."""
+
+    async def delete_record(self, version: int) -> None:
+        """Remove the version record of an old ``version``; absent already is fine."""
+
     async def put_certificate(self, key_id: str, certificate: bytes) -> None:
         """Publish the certificate of central key ``key_id`` (readers verify it)."""
 
@@ -132,6 +152,7 @@ class MemoryModelRegistry:
 
     def __init__(self) -> None:
         self._blobs: dict[int, bytes] = {}
+        self._records: dict[int, bytes] = {}
         self._documents: dict[str, bytes] = {}
         self._current: tuple[int, bytes] | None = None
         self._revision = 0
@@ -184,6 +205,21 @@ class MemoryModelRegistry:
         """See ``ModelRegistryWriter``."""
         await trio.lowlevel.checkpoint()
         self._blobs.pop(version, None)
+
+    async def put_record(self, version: int, record: bytes) -> None:
+        """See ``ModelRegistryWriter``."""
+        await trio.lowlevel.checkpoint()
+        self._records[version] = bytes(record)
+
+    async def record(self, version: int) -> bytes | None:
+        """See ``ModelRegistryWriter``."""
+        await trio.lowlevel.checkpoint()
+        return self._records.get(version)
+
+    async def delete_record(self, version: int) -> None:
+        """See ``ModelRegistryWriter``."""
+        await trio.lowlevel.checkpoint()
+        self._records.pop(version, None)
 
     async def replace_current(self, pointer: bytes, last_revision: int) -> int:
         """See ``ModelRegistryWriter``."""
@@ -252,6 +288,9 @@ class NatsModelRegistry:
         self._kv = kv
         self._objects = objects
         self._max_blob_bytes = max_blob_bytes
+        # A record holds the optimizer's arrays (FedAdam: two model-sized vectors)
+        # and recent lineage, so it may be a few times the blob.
+        self._max_record_bytes = None if max_blob_bytes is None else 4 * max_blob_bytes
 
     async def current_pointer(self) -> bytes | None:
         """See ``ModelRegistryReader``."""
@@ -309,6 +348,23 @@ class NatsModelRegistry:
     async def delete_blob(self, version: int) -> None:
         """See ``ModelRegistryWriter``."""
         await self._objects.delete(NatsSubjects.blob_object(version))
+
+    async def put_record(self, version: int, record: bytes) -> None:
+        """See ``ModelRegistryWriter``: object ``v<version>.record`` beside the blob."""
+        await self._objects.put(record_object(version), record)
+
+    async def record(self, version: int) -> bytes | None:
+        """See ``ModelRegistryWriter``."""
+        try:
+            return await self._objects.get(
+                record_object(version), max_size_bytes=self._max_record_bytes
+            )
+        except ObjectNotFound:
+            return None
+
+    async def delete_record(self, version: int) -> None:
+        """See ``ModelRegistryWriter``."""
+        await self._objects.delete(record_object(version))
 
     async def replace_current(self, pointer: bytes, last_revision: int) -> int:
         """See ``ModelRegistryWriter``: a KV update on the current key's revision."""

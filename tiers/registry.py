@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedtier.protocol.certificates import (
+    KeyCertificate,
     KeyRole,
     ModelSigners,
     RevocationList,
@@ -54,7 +55,14 @@ from fedtier.protocol.errors import (
 from fedtier.protocol.files import load_public_key, load_signing_identity, read_toml
 from fedtier.protocol.identity import SigningIdentity, VerifyKey
 
-__all__ = ["KeyRegistry", "TierKeys", "is_hex_key", "load_verify_key"]
+__all__ = [
+    "KeyRegistry",
+    "TierKeys",
+    "certificate_files",
+    "is_hex_key",
+    "load_certificates",
+    "load_verify_key",
+]
 
 
 _ALWAYS: tuple[int, int] = (0, 1 << 64)
@@ -282,13 +290,19 @@ class TierKeys:
     """The keys one daemon works with.
 
     Attributes:
-        identity: this daemon's signing identity.
+        identity: this daemon's signing identity. The one field that changes
+            while a daemon runs: the central's key rotation without a restart
+            (:meth:`rotate_identity`, ``tiers._identity``).
         senders: whom it accepts inputs from (devices at an edge, edges at a
             regional daemon, regional daemons at the central).
-        central: the pinned central key that model versions verify against.
+        central: the pinned central key that model versions verify against;
+            None when only the fleet root is pinned (then every central key
+            is accepted by its certificate).
         root: the pinned fleet root, when the fleet has one: model versions
             signed by any central key it certified (for the version's time)
             verify too.
+        certificates: key id -> certificate bytes of the central keys the
+            config lists (the central publishes them beside its models).
         models: who may sign model versions (``central`` and, with a root,
             the certified keys the daemon has seen); the one lookup to verify
             a model version with.
@@ -296,23 +310,82 @@ class TierKeys:
 
     identity: SigningIdentity
     senders: KeyRegistry
-    central: VerifyKey
+    central: VerifyKey | None = None
     root: VerifyKey | None = None
     certificates: Mapping[str, bytes] = field(default_factory=dict)
     models: ModelSigners = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        models = ModelSigners((self.central,), root=self.root)
+        # Pin at least one of the two: ModelSigners says so otherwise.
+        models = ModelSigners(() if self.central is None else (self.central,), root=self.root)
         for certificate in self.certificates.values():
             models.add_certificate(certificate)
+        # A private copy: a rotation adds the new key's certificate to it.
+        object.__setattr__(self, "certificates", dict(self.certificates))
         object.__setattr__(self, "models", models)
+
+    def identity_certificate(self, at_ms: int) -> KeyCertificate | None:
+        """The certificate of :attr:`identity` held here and valid at ``at_ms``, if any."""
+        cert = next((c for c in self.models.certificates if c.key_id == self.identity.key_id), None)
+        return cert if cert is not None and cert.valid_at(at_ms) else None
+
+    def check_central_identity(self, now_ms: int | None = None) -> None:
+        """Raise unless models this identity signs verify wherever the fleet's pins are.
+
+        That is: it is the pinned central key, or the root certified it for the
+        central role and the certificate holds now.
+
+        Raises:
+            ConfigError: neither; the message says which pin or certificate is missing.
+        """
+        key_id = self.identity.key_id
+        if self.central is not None and key_id == self.central.key_id:
+            return
+        at_ms = _wall_ms() if now_ms is None else now_ms
+        if self.root is not None and self.identity_certificate(at_ms) is not None:
+            return
+        if self.root is None:
+            assert self.central is not None  # ModelSigners needs one of the two
+            raise ConfigError(
+                f"the central's identity is {key_id} but [keys] central pins "
+                f"{self.central.key_id}; devices would reject its models (pin the fleet "
+                "root and list the key's certificate to rotate it)"
+            )
+        raise ConfigError(
+            f"the central's identity {key_id} has no certificate valid now among [keys] "
+            f"certificates (issued by root {self.root.key_id} for the central role); "
+            "devices would reject its models"
+        )
+
+    def rotate_identity(self, identity: SigningIdentity, certificate: bytes) -> KeyCertificate:
+        """Sign with ``identity`` from now on; ``certificate`` is its root certificate.
+
+        The caller (``tiers._identity``) checked the certificate and published
+        it in the registry before calling, so that no version signed by the new
+        key is ever announced before the certificate that makes it verify.
+
+        Raises:
+            RemoteProtocolError: the certificate does not verify against the
+                pinned root for the central role, or is for another key.
+        """
+        cert = self.models.add_certificate(certificate)
+        if cert.key_id != identity.key_id:
+            raise UpdateRejected(
+                f"certificate {cert.serial} is for key {cert.key_id}, not {identity.key_id}",
+                reason=Reason.UNKNOWN_SENDER,
+            )
+        certificates = self.certificates
+        assert isinstance(certificates, dict)  # made one in __post_init__
+        certificates[cert.key_id] = bytes(certificate)
+        object.__setattr__(self, "identity", identity)
+        return cert
 
     @classmethod
     def load(
         cls,
         identity_key: Path,
         sender_sources: Iterable[Path],
-        central: str,
+        central: str = "",
         *,
         role: str,
         base_dir: Path | None = None,
@@ -324,7 +397,8 @@ class TierKeys:
         Args:
             identity_key: this daemon's private key file.
             sender_sources: key registry sources (see :class:`KeyRegistry`).
-            central: 64 hex digits, or the path of a PEM file.
+            central: 64 hex digits, or the path of a PEM file; empty when
+                ``root`` is given and every central key is taken by its certificate.
             role: whose keys ``sender_sources`` hold, for log lines.
             base_dir: what a relative path of ``central`` is relative to: the
                 config file's folder, as for every other path of a config (a
@@ -333,32 +407,61 @@ class TierKeys:
                 then be looked for in ``keys/keys/``.
             root: the pinned fleet root (as ``central``), empty for none.
             certificates: certificate files of central keys (what ``fedtier keys
-                rotate`` writes), each verified against ``root`` now.
+                rotate`` writes), or folders whose ``*.cert`` files all count,
+                each verified against ``root`` now.
 
         Raises:
-            ConfigError: any of them cannot be loaded, or a certificate does not
-                verify against the root.
+            ConfigError: any of them cannot be loaded, a certificate does not
+                verify against the root, or neither ``central`` nor ``root`` is given.
         """
+        if not central and not root:
+            raise ConfigError("pin the fleet root ([keys] root), the central's key, or both")
         try:
             identity = load_signing_identity(identity_key)
         except KeyFileError as exc:
             raise ConfigError(str(exc)) from exc
         pinned_root = load_verify_key(root, base_dir=base_dir) if root else None
-        documents: dict[str, bytes] = {}
-        for path in certificates:
-            if pinned_root is None:
-                raise ConfigError(f"certificate {path} needs [keys] root to verify it against")
-            try:
-                data = Path(path).read_bytes()
-                documents[open_certificate(data, pinned_root, role=KeyRole.CENTRAL).key_id] = data
-            except OSError as exc:
-                raise ConfigError(f"cannot read certificate {path}: {exc.strerror}") from exc
-            except RemoteProtocolError as exc:
-                raise ConfigError(f"certificate {path} is unusable: {exc}") from exc
         return cls(
             identity=identity,
             senders=KeyRegistry(sender_sources, role=role),
-            central=load_verify_key(central, base_dir=base_dir),
+            central=load_verify_key(central, base_dir=base_dir) if central else None,
             root=pinned_root,
-            certificates=documents,
+            certificates=load_certificates(certificates, pinned_root),
         )
+
+
+def certificate_files(sources: Iterable[Path]) -> list[Path]:
+    """The certificate files ``[keys] certificates`` names: files, and folders' ``*.cert``."""
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        files.extend(sorted(path.glob("*.cert")) if path.is_dir() else [path])
+    return files
+
+
+def load_certificates(sources: Iterable[Path], root: VerifyKey | None) -> dict[str, bytes]:
+    """Key id -> bytes of each central key certificate in ``sources``, verified against ``root``.
+
+    The window is not checked here: a certificate that ended still verifies the
+    versions its key signed inside it (the central reads its own back at start).
+
+    Raises:
+        ConfigError: a file is unreadable, or a certificate does not verify
+            (another root, another role, revoked, malformed), or no root is pinned.
+    """
+    documents: dict[str, bytes] = {}
+    serials: dict[str, int] = {}
+    for path in certificate_files(sources):
+        if root is None:
+            raise ConfigError(f"certificate {path} needs [keys] root to verify it against")
+        try:
+            data = path.read_bytes()
+            cert = open_certificate(data, root, role=KeyRole.CENTRAL)
+        except OSError as exc:
+            raise ConfigError(f"cannot read certificate {path}: {exc.strerror}") from exc
+        except RemoteProtocolError as exc:
+            raise ConfigError(f"certificate {path} is unusable: {exc}") from exc
+        # Two certificates of one key (a renewal beside the old one): the newer serial.
+        if serials.get(cert.key_id, -1) < cert.serial:
+            documents[cert.key_id], serials[cert.key_id] = data, cert.serial
+    return documents

@@ -10,9 +10,12 @@ clients included), ``set_tcp_nodelay true`` (large QoS 1 messages stall on
 small acks without it) and a packet size that fits 8 MiB payloads. The broker
 runs with the malloc settings of ``docs/transport.md``. Anonymous access
 on loopback only, unless ``start(tls=MosquittoTls(...))`` makes the listener
-what ``deploy/mosquitto/mosquitto.conf`` configures: TLS 1.3, a client
-certificate required, its Common Name as the user name, and an ACL file
-(``fedtier.simulations.testing.mosquitto_acl`` renders the deployed one).
+TLS 1.3 with a client certificate required, its Common Name as the user name,
+and an ACL file (``fedtier.simulations.testing.mosquitto_acl`` renders the
+deployed one). With ``MosquittoTls(tier_ca_file=...)`` it runs the two
+listeners ``deploy/mosquitto/mosquitto.conf`` configures: ``port`` for
+devices, where the client id is replaced by the certificate's CN, and
+``tier_port`` for the tiers, which accepts only certificates of the tier CA.
 """
 
 from __future__ import annotations
@@ -61,12 +64,19 @@ class MosquittoTls:
             host clients connect to (127.0.0.1).
         key_file: the broker private key.
         acl_file: the ACL; user names are the client certificates' CN.
+        tier_ca_file: the CA of the tiers' certificates: with it, the
+            listener on ``port`` is the device listener (client id bound to
+            the certificate, certificates of ``ca_file``) and a second one on
+            ``tier_port`` takes the tiers (certificates of this CA only, two
+            connections per client, no id binding), both with ``acl_file``.
+            None: one listener, no id binding (benchmarks, older layouts).
     """
 
     ca_file: Path
     cert_file: Path
     key_file: Path
     acl_file: Path
+    tier_ca_file: Path | None = None
 
 
 def find_mosquitto() -> Path:
@@ -89,22 +99,38 @@ def _free_port() -> int:
     return free_port(_HOST)
 
 
-def _listener_lines(port: int, tls: MosquittoTls | None) -> list[str]:
-    if tls is None:
-        return [f"listener {port} {_HOST}", "allow_anonymous true"]
+def _tls_listener(port: int, tls: MosquittoTls, ca_file: Path, *, bind_id: bool) -> list[str]:
     return [
-        # One ACL and one authentication setup for the whole broker, as deployed.
-        "per_listener_settings false",
         f"listener {port} {_HOST}",
-        f"cafile {tls.ca_file.resolve()}",
+        f"cafile {ca_file.resolve()}",
         f"certfile {tls.cert_file.resolve()}",
         f"keyfile {tls.key_file.resolve()}",
         "tls_version tlsv1.3",
         "require_certificate true",
-        # The certificate CN becomes the user name the ACL's %u stands for.
+        # The certificate CN becomes the user name the ACL's %u stands for...
         "use_identity_as_username true",
+        # ...and, on the device listener, the client id: a device cannot
+        # take over another's session.
+        *(["use_username_as_clientid true"] if bind_id else []),
         "allow_anonymous false",
         f"acl_file {tls.acl_file.resolve()}",
+    ]
+
+
+def _listener_lines(port: int, tier_port: int, tls: MosquittoTls | None) -> list[str]:
+    if tls is None:
+        return [f"listener {port} {_HOST}", "allow_anonymous true"]
+    if tls.tier_ca_file is None:
+        # One ACL and one authentication setup for the whole broker.
+        return [
+            "per_listener_settings false",
+            *_tls_listener(port, tls, tls.ca_file, bind_id=False),
+        ]
+    # As deployed: every security setting belongs to the listener above it.
+    return [
+        "per_listener_settings true",
+        *_tls_listener(port, tls, tls.ca_file, bind_id=True),
+        *_tls_listener(tier_port, tls, tls.tier_ca_file, bind_id=False),
     ]
 
 
@@ -115,10 +141,11 @@ def _render_config(
     autosave_interval: int,
     autosave_on_changes: bool,
     tls: MosquittoTls | None = None,
+    tier_port: int | None = None,
 ) -> str:
     lines = [
         "# Written by fedtier.simulations.testing for a test, demo or benchmark broker.",
-        *_listener_lines(port, tls),
+        *_listener_lines(port, port if tier_port is None else tier_port, tls),
         "persistence true",
         f"persistence_location {workdir}/",
         "persistence_file mosquitto.db",
@@ -150,7 +177,10 @@ class MosquittoProcess:
 
     Attributes:
         host: the loopback address it listens on.
-        port: its TCP port (kept across ``restart``).
+        port: its TCP port (kept across ``restart``); with
+            ``MosquittoTls(tier_ca_file=...)`` the device listener.
+        tier_port: where the tiers connect: the tier listener with
+            ``MosquittoTls(tier_ca_file=...)``, else ``port``.
         workdir: where its config, log and persistence file live.
     """
 
@@ -161,6 +191,7 @@ class MosquittoProcess:
         self.binary = binary
         self.workdir = workdir
         self.port = port
+        self.tier_port = port
         self.config_path = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
         self._ready_timeout_s = ready_timeout_s
@@ -193,8 +224,9 @@ class MosquittoProcess:
                 change or at ``stop``.
             ready_timeout_s: how long to wait for the port to accept.
             tls: make the listener TLS with client certificates and an ACL
-                (clients need ``MqttConfig(ca_file=, cert_file=, key_file=)``);
-                None keeps the anonymous plain listener.
+                (clients need ``MqttConfig(ca_file=, cert_file=, key_file=)``),
+                two listeners with ``tier_ca_file``; None keeps the anonymous
+                plain listener.
 
         Raises:
             ConfigError: Mosquitto is not installed, exits early, or does not
@@ -206,6 +238,8 @@ class MosquittoProcess:
         chosen = _free_port() if port is None else port
         broker = cls(binary, workdir, chosen, ready_timeout_s=ready_timeout_s)
         broker.tls = tls
+        if tls is not None and tls.tier_ca_file is not None:
+            broker.tier_port = _free_port()
         broker.config_path.write_text(
             _render_config(
                 workdir,
@@ -213,6 +247,7 @@ class MosquittoProcess:
                 autosave_interval=autosave_interval,
                 autosave_on_changes=autosave_on_changes,
                 tls=tls,
+                tier_port=broker.tier_port,
             )
         )
         broker._launch()
@@ -255,8 +290,11 @@ class MosquittoProcess:
         deadline = time.monotonic() + self._ready_timeout_s
         while True:
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return
+                # Every listener: the tier one opens after the device one.
+                for port in dict.fromkeys((self.port, self.tier_port)):
+                    with socket.create_connection((self.host, port), timeout=0.5):
+                        pass
+                return
             except OSError as exc:
                 last_error = exc
             if time.monotonic() > deadline:

@@ -3,7 +3,8 @@
 Each example is copied into one config folder with only the substitutions the
 docs' table lists (state and log folders, broker addresses, metrics ports),
 next to keys made with ``fedtier keys new`` and registered by copying ``.pub``
-files, exactly as "From the examples to a running mesh" and "Onboarding a
+files, and the fleet root and central certificate that every example pins
+("Key lifecycle", set up once), exactly as "From the examples to a running mesh" and "Onboarding a
 device" say. The daemons run as ``python -m fedtier <tier> --config FILE``
 from another working directory (every relative path must resolve against the
 config file's folder), are waited for by their log lines with a deadline, and
@@ -123,6 +124,13 @@ def prepare_tiers(tmp_path: Path, nats: NatsServerProcess, mqtt_port: int) -> Pa
         render(DEPLOY_DIR / f"{tier}.example.toml", etc / f"{tier}.toml", changes)
     for name in ("central", REGIONAL_NAME, EDGE_NAME):
         _keys_new(etc, name)
+    # "Key lifecycle", set up once: the fleet root (root.pub is what every example
+    # pins) and the root's certificate of the central's key (in its certificates folder).
+    keys = etc / "keys"
+    assert fedtier_main(["keys", "ca", "--out", str(keys)]) == 0
+    assert fedtier_main(["keys", "issue", "--root", str(keys / "root.key"),
+                         "--key", str(keys / "central.pub"), "--role", "central",
+                         "--name", "central"]) == 0  # fmt: skip
     for folder, pub in (("regionals", REGIONAL_NAME), ("edges", EDGE_NAME), ("devices", None)):
         (etc / "keys" / folder).mkdir()
         if pub is not None:
@@ -360,7 +368,14 @@ async def test_the_device_example_starts_as_shipped(
     try:
         broker = MosquittoProcess.start(
             tmp_path / "mosquitto",
-            tls=MosquittoTls(pki.ca_file, server.cert_file, server.key_file, acl),
+            tls=MosquittoTls(
+                pki.ca_file,
+                server.cert_file,
+                server.key_file,
+                acl,
+                # Its two listeners: the device's binds its client id to its CN.
+                tier_ca_file=TestPki.create(tmp_path / "tier-pki").ca_file,
+            ),
         )
     except ConfigError as exc:
         pytest.fail(str(exc), pytrace=False)

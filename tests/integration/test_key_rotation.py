@@ -1,11 +1,16 @@
 """The central's key rotated and a device revoked on a running mesh, nothing acknowledged lost.
 
 An in-process mesh on in-memory buses (edge -> regional -> central, the
-daemons themselves) whose followers and device pin the fleet root. Mid-run
-the central restarts with a new key certified by the root (``fedtier keys
-rotate`` writes the files), and ``fedtier keys revoke`` revokes a device
-whose earlier update was already accepted. The exactly-once checker then
-joins what the devices were told with the central's lineage.
+daemons themselves) whose followers and device pin only the fleet root.
+Mid-run the operator rotates the central's key as docs/operations.md says:
+``fedtier keys rotate --install`` writes the next key over the central's
+``identity_key`` and its certificate into the ``[keys] certificates`` folder,
+and the central gets SIGHUP (``systemctl reload``) through the daemon's own
+signal handler; it keeps serving, publishes the certificate, then signs with
+the new key. ``fedtier keys revoke`` then revokes a device whose earlier
+update was already accepted. The exactly-once checker joins what the devices
+were told with the central's lineage, after a restart of the central with
+the same config shows that it starts with the installed key.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +48,15 @@ from fedtier.simulations.checker import DeviceHistory, check, load_lineage_count
 from fedtier.simulations.testing import SimDevice, TestPki
 from fedtier.tiers.central import CentralDaemon
 from fedtier.tiers.config import CentralConfig, EdgeConfig, RegionalConfig, load_initial_model
+from fedtier.tiers.daemon import _Lifecycle
 from fedtier.tiers.edge import EdgeDaemon
 from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.model_registry import MemoryModelRegistry
 from fedtier.tiers.regional import RegionalDaemon
-from fedtier.tiers.registry import KeyRegistry, TierKeys
+from fedtier.tiers.registry import KeyRegistry, TierKeys, load_certificates
 
 FLEET, REGION, SITE = "acme", "eu", "north"
-NOW_MS = 1_764_288_000_000
+NOW_MS = 1_764_288_000_000  # 2025-11-28
 REGIONAL = SigningIdentity.from_seed(b"\x62" * 32)
 EDGE = SigningIdentity.from_seed(b"\x63" * 32)
 POLL_S = 0.5
@@ -74,18 +80,20 @@ def cli(*argv: str) -> dict[str, object]:
     return answer
 
 
-async def serve_cancellable(
-    serve: Callable[..., Awaitable[object]],
-    stopped: trio.Event,
-    *,
-    task_status: trio.TaskStatus[trio.CancelScope],
-) -> None:
-    try:
-        async with trio.open_nursery() as inner:
-            await inner.start(serve)
-            task_status.started(inner.cancel_scope)
-    finally:
-        stopped.set()
+class RecordingRegistry(MemoryModelRegistry):
+    """The in-memory registry, noting in order each certificate put and each pointer set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str]] = []
+
+    async def put_certificate(self, key_id: str, certificate: bytes) -> None:
+        await super().put_certificate(key_id, certificate)
+        self.events.append(("certificate", key_id))
+
+    def _set(self, version: int | None, pointer: bytes) -> None:
+        self.events.append(("pointer", parse_envelope(pointer).sender))
+        super()._set(version, pointer)
 
 
 async def wait_for(condition: Callable[[], bool], what: str) -> None:
@@ -95,76 +103,70 @@ async def wait_for(condition: Callable[[], bool], what: str) -> None:
     assert condition(), what
 
 
-async def test_rotation_and_revocation_on_a_running_mesh(
+async def test_rotation_without_restart_and_revocation_on_a_running_mesh(
     tmp_path: Path, autojump_clock: MockClock
 ) -> None:
     keys_dir = tmp_path / "keys"
+    identity_key = keys_dir / "central.key"  # the central's identity_key, rewritten by --install
     root_info = cli("keys", "ca", "--out", str(keys_dir))
     root_pub = load_public_key(Path(str(root_info["public_key_file"])))
-    first = cli(
-        "keys",
-        "rotate",
-        "--role",
-        "central",
-        "--name",
-        "central",
-        "--out",
-        str(keys_dir),
-        "--root",
-        str(keys_dir / "root.key"),
-        "--not-before",
-        "2025-11-01T00:00:00Z",
-        "--days",
-        "60",
-    )
+
+    def rotate(not_before: str, *extra: str) -> dict[str, object]:
+        return cli(
+            "keys", "rotate", "--role", "central", "--name", "central",
+            "--out", str(keys_dir), "--root", str(keys_dir / "root.key"),
+            "--not-before", not_before, "--install", str(identity_key), *extra,
+        )  # fmt: skip
+
+    first = rotate("2025-11-01T00:00:00Z", "--days", "60")
     central_1 = load_signing_identity(Path(str(first["private_key_file"])))
+    assert load_signing_identity(identity_key).key_id == central_1.key_id
     model_file = tmp_path / "init.npz"
     write_model(model_file)
     layout, _ = load_initial_model(model_file)
-    nats, mqtt, registry = MemoryBroker("nats"), MemoryBroker("mqtt"), MemoryModelRegistry()
+    nats, mqtt, registry = MemoryBroker("nats"), MemoryBroker("mqtt"), RecordingRegistry()
     devices = [
         SimDevice(SigningIdentity.from_seed(bytes([70 + i]) * 32), FLEET, layout) for i in range(4)
     ]
     revocations_file = tmp_path / "revocations.bin"
     state = tmp_path / "central"
-
-    def central(identity: SigningIdentity, certificates: list[Path]) -> CentralDaemon:
-        return CentralDaemon(
-            CentralConfig(
-                fleet=FLEET,
-                identity_key=tmp_path / "unused.pem",
-                state_dir=state,
-                central_key=identity.verify_key.raw.hex(),
-                initial_model=model_file,
-                flush=FlushPolicy(max_inputs=1, max_age_s=None),
-                commit_window_s=0.001,
-                revocations=revocations_file,
-                revocation_poll_s=POLL_S,
-            ),
-            nats=MemoryBus(nats),
-            registry=registry,
-            keys=TierKeys(
-                identity,
-                KeyRegistry.from_keys({REGION: REGIONAL.verify_key}, role="regional"),
-                identity.verify_key,
-                root=root_pub,
-                certificates={
-                    load_public_key(p.with_suffix(".pub")).key_id: p.read_bytes()
-                    for p in certificates
-                },
-            ),
-            clock_ms=lambda: NOW_MS,
-            store_in_thread=False,
-        )
-
-    # Followers pin the root (and the first central key, as configs always did).
+    regionals = tmp_path / "regionals.toml"  # a file source: SIGHUP re-reads it
+    regionals.write_text(f'[keys]\n{REGION} = "{REGIONAL.verify_key.raw.hex()}"\n')
+    # The central as central.toml configures it: no [keys] central, the root, and the
+    # key folder as its certificates (every *.cert there).
+    config = CentralConfig(
+        fleet=FLEET,
+        identity_key=identity_key,
+        state_dir=state,
+        root_key=root_pub.raw.hex(),
+        certificates=(keys_dir,),
+        initial_model=model_file,
+        flush=FlushPolicy(max_inputs=1, max_age_s=None),
+        commit_window_s=0.001,
+        revocations=revocations_file,
+        revocation_poll_s=POLL_S,
+    )
+    central = CentralDaemon(
+        config,
+        nats=MemoryBus(nats),
+        registry=registry,
+        keys=TierKeys(
+            load_signing_identity(identity_key),
+            KeyRegistry([regionals], role="regional"),
+            root=root_pub,
+            certificates=load_certificates(config.certificates, root_pub),
+        ),
+        clock_ms=lambda: NOW_MS,
+        store_in_thread=False,
+    )
+    # Followers pin only the root.
     regional = RegionalDaemon(
         RegionalConfig(
             fleet=FLEET,
             region=REGION,
             identity_key=tmp_path / "unused.pem",
             state_dir=tmp_path / "regional",
-            central_key=central_1.verify_key.raw.hex(),
+            root_key=root_pub.raw.hex(),
             flush=FlushPolicy(max_inputs=1, max_age_s=None),
             commit_window_s=0.001,
             revocation_poll_s=POLL_S,
@@ -174,7 +176,6 @@ async def test_rotation_and_revocation_on_a_running_mesh(
         keys=TierKeys(
             REGIONAL,
             KeyRegistry.from_keys({SITE: EDGE.verify_key}, role="edge"),
-            central_1.verify_key,
             root=root_pub,
         ),
         clock_ms=lambda: NOW_MS,
@@ -187,7 +188,7 @@ async def test_rotation_and_revocation_on_a_running_mesh(
             region=REGION,
             identity_key=tmp_path / "unused.pem",
             state_dir=tmp_path / "edge",
-            central_key=central_1.verify_key.raw.hex(),
+            root_key=root_pub.raw.hex(),
             flush=FlushPolicy(max_inputs=1, max_age_s=None),
             commit_window_s=0.001,
             revocation_poll_s=POLL_S,
@@ -200,7 +201,6 @@ async def test_rotation_and_revocation_on_a_running_mesh(
             KeyRegistry.from_keys(
                 {f"veh-{i}": d.identity.verify_key for i, d in enumerate(devices)}, role="device"
             ),
-            central_1.verify_key,
             root=root_pub,
         ),
         clock_ms=lambda: NOW_MS,
@@ -255,11 +255,12 @@ async def test_rotation_and_revocation_on_a_running_mesh(
         assert device_store.version is not None
         assert device_store.version >= version
 
+    # The daemon's own SIGHUP handler (what `systemctl reload` sends).
+    life = _Lifecycle(None)
+    life.keys, life.daemon = central.keys, central
+
     async with trio.open_nursery() as nursery:
-        stopped_1 = trio.Event()
-        central_scope = await nursery.start(
-            serve_cancellable, central(central_1, [keys_dir / "central-1.cert"]).serve, stopped_1
-        )
+        await nursery.start(central.serve)
         await nursery.start(regional.serve)
         await nursery.start(edge.serve)
 
@@ -269,40 +270,30 @@ async def test_rotation_and_revocation_on_a_running_mesh(
         await wait_for(lambda: edge.known_version >= 3, "three versions from the first key")
         await device_loads_newest(3)
 
-        # Phase 2: rotate. The operator makes key 2 and its certificate, and
-        # restarts the central with it, listing both certificates.
-        second = cli(
-            "keys",
-            "rotate",
-            "--role",
-            "central",
-            "--name",
-            "central",
-            "--out",
-            str(keys_dir),
-            "--root",
-            str(keys_dir / "root.key"),
-            "--not-before",
-            "2025-11-27T00:00:00Z",
-        )
+        # Phase 2: rotate without a restart. The operator makes key 2, its
+        # certificate (in the certificates folder) and installs it as identity_key,
+        # then reloads the central; a device update is in flight meanwhile.
+        second = rotate("2025-11-27T00:00:00Z")
         assert second["private_key_file"] == str(keys_dir / "central-2.key")
         central_2 = load_signing_identity(keys_dir / "central-2.key")
-        central_scope.cancel()
-        await stopped_1.wait()
-        stopped_2 = trio.Event()
-        await nursery.start(
-            serve_cancellable,
-            central(central_2, [keys_dir / "central-1.cert", keys_dir / "central-2.cert"]).serve,
-            stopped_2,
-        )
-        for device in (devices[0], devices[3]):
-            assert (await send(device)).status is ReceiptStatus.ACCEPTED
+        assert load_signing_identity(identity_key).key_id == central_2.key_id
+        assert central.keys.identity.key_id == central_1.key_id  # nothing read yet
+        life.on_signal(signal.SIGHUP)
+        assert (await send(devices[0])).status is ReceiptStatus.ACCEPTED
+        await wait_for(lambda: central.identity_reload.rotations == 1, "the central rotates")
+        assert central.keys.identity.key_id == central_2.key_id
+        assert not central.identity_reload.refused
+        assert (await send(devices[3])).status is ReceiptStatus.ACCEPTED
         await wait_for(lambda: edge.known_version >= 5, "versions signed by the rotated key")
         assert edge.keys.models.knows(central_2.key_id)
         assert regional.keys.models.knows(central_2.key_id)
         await device_loads_newest(5)
         assert parse_envelope((await registry.current_pointer()) or b"").sender == central_2.key_id
         assert device_store.rejected["unknown_sender"] >= 1  # the wait that the certificate ended
+        # The certificate was in the registry before any pointer the new key signed.
+        events = registry.events
+        first_new = events.index(("pointer", central_2.key_id))
+        assert ("certificate", central_2.key_id) in events[:first_new], events
 
         # Phase 3: revoke device 1, whose update of phase 1 is inside a version.
         revoked = cli(
@@ -327,6 +318,19 @@ async def test_rotation_and_revocation_on_a_running_mesh(
         assert refused.reason == "revoked"
         assert (await send(devices[2])).status is ReceiptStatus.ACCEPTED
         await wait_for(lambda: edge.known_version >= 6, "the version after the revocation")
+        nursery.cancel_scope.cancel()
+
+    # A restart reads the same config: the installed key, certified by a file in the
+    # certificates folder, starts and reads back what both keys signed.
+    restarted = CentralDaemon(
+        config, nats=MemoryBus(nats), registry=registry, clock_ms=lambda: NOW_MS,
+        store_in_thread=False,
+    )  # fmt: skip
+    assert restarted.keys.identity.key_id == central_2.key_id
+    assert restarted.keys.central is None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(restarted.serve)
+        assert restarted.known_version == 6
         nursery.cancel_scope.cancel()
 
     counted, versions = load_lineage_counts(state / "state.sqlite")

@@ -1,11 +1,14 @@
 """Transport security on real brokers run with the rules of ``deploy/``.
 
-Mosquitto runs a TLS listener that requires a client certificate, takes its
-CN as the user name and applies ``deploy/mosquitto/acl`` (edge user blocks
-rendered for this test's edge). nats-server runs TLS with ``verify: true`` and
-the ``accounts`` block of ``deploy/nats/accounts.conf`` (its nkeys replaced
-by this test's, fleet and region renamed). So these tests check the deployed
-rules themselves, not a copy of them.
+Mosquitto runs the two TLS listeners of ``deploy/mosquitto/mosquitto.conf``:
+the device listener requires a certificate of the fleet CA, takes its CN as
+the user name and as the client id; the tier listener requires a certificate
+of the tier CA and binds no client id (an edge opens two connections). Both
+apply ``deploy/mosquitto/acl`` (edge user blocks rendered for this test's
+edge). nats-server runs TLS with ``verify: true`` and the ``accounts`` block of
+``deploy/nats/accounts.conf`` (its nkeys replaced by this test's, fleet and
+region renamed). So these tests check the deployed rules themselves, not a
+copy of them.
 
 "Nothing arrived" is proved without waiting for silence: the refused message
 is followed by an allowed one on the same ordered path (one MQTT
@@ -66,14 +69,22 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
 
 
 @pytest.fixture(scope="module")
+def tier_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    """The tier CA: it signs the edges' MQTT certificates only."""
+    return TestPki.create(tmp_path_factory.mktemp("tier-pki"))
+
+
+@pytest.fixture(scope="module")
 def tls_mosquitto(
-    tmp_path_factory: pytest.TempPathFactory, pki: TestPki
+    tmp_path_factory: pytest.TempPathFactory, pki: TestPki, tier_pki: TestPki
 ) -> Iterator[MosquittoProcess]:
     workdir = tmp_path_factory.mktemp("tls-mosquitto")
     acl_file = workdir / "acl"
     acl_file.write_text(mosquitto_acl([EDGE_CN]))
     server = pki.issue_server("mosquitto")
-    tls = MosquittoTls(pki.ca_file, server.cert_file, server.key_file, acl_file)
+    tls = MosquittoTls(
+        pki.ca_file, server.cert_file, server.key_file, acl_file, tier_ca_file=tier_pki.ca_file
+    )
     try:
         broker = MosquittoProcess.start(workdir / "broker", tls=tls)
     except ConfigError as exc:
@@ -85,28 +96,42 @@ def tls_mosquitto(
 
 
 def mqtt_config(
-    broker: MosquittoProcess, ca_file: Path, client_id: str, cert: CertFiles | None
+    broker: MosquittoProcess,
+    ca_file: Path,
+    client_id: str,
+    cert: CertFiles | None,
+    *,
+    tier: bool = False,
+    receive_maximum: int = 64,
 ) -> MqttConfig:
+    """A device's config (one connection, device listener) or, with ``tier``, an edge's."""
     return MqttConfig(
         host=broker.host,
-        port=broker.port,
+        port=broker.tier_port if tier else broker.port,
         client_id=client_id,
         ca_file=ca_file,
         cert_file=cert.cert_file if cert is not None else None,
         key_file=cert.key_file if cert is not None else None,
         connect_timeout_s=5.0,
+        receive_maximum=receive_maximum,
+        single_connection=not tier,
     )
+
+
+def edge_config(broker: MosquittoProcess, pki: TestPki, tier_pki: TestPki) -> MqttConfig:
+    cert = tier_pki.issue_client(EDGE_CN)
+    return mqtt_config(broker, pki.ca_file, unique("edge"), cert, tier=True)
 
 
 # -- MQTT ---------------------------------------------------------------------
 
 
 async def test_device_publishes_its_updates_and_reads_its_receipts_and_the_model(
-    tls_mosquitto: MosquittoProcess, pki: TestPki
+    tls_mosquitto: MosquittoProcess, pki: TestPki, tier_pki: TestPki
 ) -> None:
     topics = MqttTopics(FLEET, unique("site"))
     device, other = new_device_id(), new_device_id()
-    edge_cfg = mqtt_config(tls_mosquitto, pki.ca_file, unique("edge"), pki.issue_client(EDGE_CN))
+    edge_cfg = edge_config(tls_mosquitto, pki, tier_pki)
     device_cfg = mqtt_config(tls_mosquitto, pki.ca_file, device, pki.issue_client(device))
     with trio.fail_after(DEADLINE_S):
         async with (
@@ -142,9 +167,56 @@ async def test_device_publishes_its_updates_and_reads_its_receipts_and_the_model
             ]
 
 
+async def test_a_device_s_one_connection_gets_its_pubacks_while_its_receipts_wait(
+    tls_mosquitto: MosquittoProcess, pki: TestPki, tier_pki: TestPki
+) -> None:
+    """Publishes and deliveries share the device's connection; neither blocks the other.
+
+    The receipt subscription is full (its capacity held unacknowledged) when
+    the device publishes: the PUBACK still arrives, and what the reader took
+    meanwhile stays within the Receive Maximum the device announced.
+    """
+    topics = MqttTopics(FLEET, unique("site"))
+    device = new_device_id()
+    receive_maximum, capacity, receipts_sent = 4, 2, 10
+    device_cfg = mqtt_config(
+        tls_mosquitto,
+        pki.ca_file,
+        device,
+        pki.issue_client(device),
+        receive_maximum=receive_maximum,
+    )
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            open_mqtt_bus(edge_config(tls_mosquitto, pki, tier_pki)) as edge,
+            open_mqtt_bus(device_cfg) as dev,
+            dev.subscribe(
+                topics.receipt(device), durable=f"receipts-{device}", capacity=capacity
+            ) as receipts,
+            edge.subscribe(topics.updates_filter()) as updates,
+        ):
+            for i in range(receipts_sent):
+                await edge.publish(topics.receipt(device), b"receipt-%d" % i)
+            held = [await receipts.receive() for _ in range(capacity)]
+            await dev.publish(topics.update(device), b"update")  # its PUBACK came
+            got = await updates.receive()
+            assert got.payload == b"update"
+            await got.ack()
+            assert capacity <= dev.stats().held_peak <= receive_maximum
+            for delivery in held:
+                await delivery.ack()
+            payloads = [d.payload for d in held]
+            while len(payloads) < receipts_sent:
+                delivery = await receipts.receive()
+                payloads.append(delivery.payload)
+                await delivery.ack()
+            assert payloads == [b"receipt-%d" % i for i in range(receipts_sent)]
+            assert dev.stats().reconnects_total == 0
+
+
 @pytest.mark.parametrize("target", ["another device's update", "model pointer", "model blob"])
 async def test_device_cannot_publish_outside_its_update_topic(
-    tls_mosquitto: MosquittoProcess, pki: TestPki, target: str
+    tls_mosquitto: MosquittoProcess, pki: TestPki, tier_pki: TestPki, target: str
 ) -> None:
     topics = MqttTopics(FLEET, unique("site"))
     device, other = new_device_id(), new_device_id()
@@ -153,11 +225,10 @@ async def test_device_cannot_publish_outside_its_update_topic(
         "model pointer": topics.model_pointer(),
         "model blob": topics.model_blob(),
     }[target]
-    edge_cfg = mqtt_config(tls_mosquitto, pki.ca_file, unique("edge"), pki.issue_client(EDGE_CN))
     device_cfg = mqtt_config(tls_mosquitto, pki.ca_file, device, pki.issue_client(device))
     with trio.fail_after(DEADLINE_S):
         async with (
-            open_mqtt_bus(edge_cfg) as edge,
+            open_mqtt_bus(edge_config(tls_mosquitto, pki, tier_pki)) as edge,
             open_mqtt_bus(device_cfg) as dev,
             # One subscription sees updates and models in the order routed.
             edge.subscribe(f"{topics.prefix}/#") as observer,
@@ -173,114 +244,46 @@ async def test_device_cannot_publish_outside_its_update_topic(
             await got.ack()
 
 
-async def test_the_acl_follows_the_certificate_not_the_client_id(
-    tls_mosquitto: MosquittoProcess, pki: TestPki
+async def test_another_device_s_client_id_is_replaced_by_the_certificate_s(
+    tls_mosquitto: MosquittoProcess, pki: TestPki, tier_pki: TestPki
 ) -> None:
+    """A device that connects under another's client id gets its own session, not the other's.
+
+    Mosquitto 2.0.11 (``use_username_as_clientid`` on the device listener)
+    replaces the client id by the certificate's CN: the owner stays
+    connected and keeps getting its receipts, and the impostor keeps only
+    its own rights.
+    """
     topics = MqttTopics(FLEET, unique("site"))
-    device, victim = new_device_id(), new_device_id()
-    # Device's certificate, the victim's client id: still the device's rights.
-    cfg = mqtt_config(tls_mosquitto, pki.ca_file, victim, pki.issue_client(device))
+    owner, impostor = new_device_id(), new_device_id()
+    owner_cfg = mqtt_config(tls_mosquitto, pki.ca_file, owner, pki.issue_client(owner))
+    # The impostor's certificate, the owner's client id.
+    impostor_cfg = mqtt_config(tls_mosquitto, pki.ca_file, owner, pki.issue_client(impostor))
     with trio.fail_after(DEADLINE_S):
-        async with open_mqtt_bus(cfg) as bus:
-            with pytest.raises(PublishError, match="Not authorized"):
-                await bus.publish(topics.update(victim), b"forged")
-            await bus.publish(topics.update(device), b"allowed")
+        async with (
+            open_mqtt_bus(edge_config(tls_mosquitto, pki, tier_pki)) as edge,
+            open_mqtt_bus(owner_cfg) as dev,
+            dev.subscribe(topics.receipt(owner), durable=f"receipts-{owner}") as receipts,
+        ):
+            async with open_mqtt_bus(impostor_cfg) as thief:
+                with pytest.raises(PublishError, match="Not authorized"):
+                    await thief.publish(topics.update(owner), b"forged")
+                await thief.publish(topics.update(impostor), b"allowed")
+                await edge.publish(topics.receipt(owner), b"owner's receipt")
+                got = await receipts.receive()
+                assert got.payload == b"owner's receipt"
+                await got.ack()
+            # Had the impostor taken the session, the owner would have had to
+            # reconnect before that receipt could reach it.
+            assert dev.stats().reconnects_total == 0
+    log = tls_mosquitto.log_path.read_text()
+    assert f"as {impostor} " in log
 
 
-class _PahoClient:
-    """A bare paho MQTT v5 client with a persistent session, for the takeover test.
-
-    The fedtier bus would reconnect when the broker hands its client id to
-    someone else, and the two would take the session from each other in turn;
-    this client connects once and records what it gets.
-    """
-
-    def __init__(
-        self, broker: MosquittoProcess, ca_file: Path, client_id: str, cert: CertFiles
-    ) -> None:
-        import threading
-
-        import paho.mqtt.client as paho
-        from paho.mqtt.enums import CallbackAPIVersion
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        self.messages: list[tuple[str, bytes]] = []
-        self.arrived = threading.Condition()
-        self.subscribed = threading.Event()
-        self.connected = threading.Event()
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
-        client.tls_set(
-            ca_certs=str(ca_file), certfile=str(cert.cert_file), keyfile=str(cert.key_file)
-        )
-        client.on_connect = lambda *_: self.connected.set()
-        client.on_subscribe = lambda *_: self.subscribed.set()
-        client.on_message = lambda _c, _u, msg: self._got(msg.topic, bytes(msg.payload))
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 3600
-        client.connect(broker.host, broker.port, clean_start=False, properties=props)
-        client.loop_start()
-        self.client = client
-        if not self.connected.wait(DEADLINE_S):
-            self.close()
-            raise AssertionError(f"{client_id} did not connect")
-
-    def _got(self, topic: str, payload: bytes) -> None:
-        with self.arrived:
-            self.messages.append((topic, payload))
-            self.arrived.notify_all()
-
-    def subscribe(self, topic: str) -> None:
-        self.subscribed.clear()
-        self.client.subscribe(topic, qos=1)
-        assert self.subscribed.wait(DEADLINE_S), f"no SUBACK for {topic}"
-
-    def wait_for(self, payload: bytes) -> list[tuple[str, bytes]]:
-        with self.arrived:
-            ok = self.arrived.wait_for(
-                lambda: any(p == payload for _, p in self.messages), DEADLINE_S
-            )
-            assert ok, f"{payload!r} never arrived; got {self.messages}"
-            return list(self.messages)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def test_taking_over_a_client_id_gives_none_of_its_messages(
-    tls_mosquitto: MosquittoProcess, pki: TestPki
-) -> None:
-    """A device that connects with another's client id gets none of that session's traffic.
-
-    Mosquitto 2.0.11 checks the read ACL when it delivers, against the user
-    name of the connection (the certificate's CN), so the session's
-    subscription to the victim's receipts delivers nothing to the impostor.
-    What the impostor can do is disconnect the victim (a denial of service
-    that revoking its certificate ends; docs/operations.md).
-    """
-    topics = MqttTopics(FLEET, unique("site"))
-    victim, impostor = new_device_id(), new_device_id()
-    owner = _PahoClient(tls_mosquitto, pki.ca_file, victim, pki.issue_client(victim))
-    owner.subscribe(topics.receipt(victim))
-    owner.close()  # the session and its subscription stay on the broker
-    thief = _PahoClient(tls_mosquitto, pki.ca_file, victim, pki.issue_client(impostor))
-    edge = _PahoClient(tls_mosquitto, pki.ca_file, unique("edge-pub"), pki.issue_client(EDGE_CN))
-    try:
-        thief.subscribe(topics.receipt(victim))  # granted, delivers nothing
-        thief.subscribe(topics.receipt(impostor))
-        edge.client.publish(topics.receipt(victim), b"victim's receipt", qos=1).wait_for_publish(
-            DEADLINE_S
-        )
-        edge.client.publish(topics.receipt(impostor), b"marker", qos=1).wait_for_publish(DEADLINE_S)
-        # One session queue, one publisher: had the first been delivered, it came first.
-        assert thief.wait_for(b"marker") == [(topics.receipt(impostor), b"marker")]
-    finally:
-        thief.close()
-        edge.close()
-
-
-@pytest.mark.parametrize("credential", ["no certificate", "certificate of another CA"])
+@pytest.mark.parametrize(
+    "credential",
+    ["no certificate", "certificate of another CA", "device certificate on the tier listener"],
+)
 async def test_client_without_a_valid_certificate_cannot_connect(
     tls_mosquitto: MosquittoProcess, pki: TestPki, tmp_path: Path, credential: str
 ) -> None:
@@ -288,7 +291,10 @@ async def test_client_without_a_valid_certificate_cannot_connect(
     cert = None
     if credential == "certificate of another CA":
         cert = TestPki.create(tmp_path / "rogue-ca").issue_client(device)
-    cfg = mqtt_config(tls_mosquitto, pki.ca_file, device, cert)
+    tier = credential == "device certificate on the tier listener"
+    if tier:
+        cert = pki.issue_client(device)
+    cfg = mqtt_config(tls_mosquitto, pki.ca_file, device, cert, tier=tier)
     with trio.fail_after(DEADLINE_S), pytest.raises(BusUnavailable, match="before CONNACK"):
         async with open_mqtt_bus(cfg):
             pass

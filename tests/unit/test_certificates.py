@@ -99,9 +99,11 @@ def _reference_verdict(case: dict[str, Any], vectors: dict[str, Any]) -> str:
     except InvalidSignature:
         return "bad_signature"
     if fields["role"] != case["role"]:
-        return "unknown_sender"
-    if not fields["not_before_ms"] <= case["at_ms"] < fields["not_after_ms"]:
-        return "unknown_sender"
+        return "wrong_role"
+    if case["at_ms"] < fields["not_before_ms"]:
+        return "certificate_not_yet_valid"
+    if case["at_ms"] >= fields["not_after_ms"]:
+        return "certificate_expired"
     revoked = vectors["revocations"]["fields"]
     if case["with_revocations"] and (
         fields["key_id"] in revoked["key_ids"] or fields["name"] in revoked["names"]
@@ -255,11 +257,15 @@ def test_a_root_pinning_participant_accepts_a_rotated_central_by_time() -> None:
     assert open_model_pointer(old, signers, "acme", _limits())[1].version == 5
     new = pointer(CENTRAL_2, 6, T0 + 21 * DAY)
     assert open_model_pointer(new, signers, "acme", _limits())[1].version == 6
-    # The old key after its certificate's end, the new key before its start: refused.
-    for late in (pointer(CENTRAL_1, 7, T0 + 30 * DAY), pointer(CENTRAL_2, 7, T0 + DAY)):
+    # The old key after its certificate's end, the new key before its start: refused,
+    # each with its typed reason.
+    for late, reason in (
+        (pointer(CENTRAL_1, 7, T0 + 30 * DAY), Reason.CERTIFICATE_EXPIRED),
+        (pointer(CENTRAL_2, 7, T0 + DAY), Reason.CERTIFICATE_NOT_YET_VALID),
+    ):
         with pytest.raises(RemoteProtocolError) as info:
             open_model_pointer(late, signers, "acme", _limits())
-        assert info.value.reason is Reason.UNKNOWN_SENDER
+        assert info.value.reason is reason
     # Revoking the old key refuses even what it signed inside its window.
     signers.set_revocations(
         open_revocations(
@@ -304,7 +310,7 @@ def test_a_device_certificate_cannot_sign_models() -> None:
     )
     with pytest.raises(RemoteProtocolError) as info:
         signers.add_certificate(device_cert)
-    assert info.value.reason is Reason.UNKNOWN_SENDER
+    assert info.value.reason is Reason.WRONG_ROLE
     assert not signers.knows(DEVICE.key_id)
 
 
@@ -502,3 +508,222 @@ async def test_revocation_follower_takes_newer_lists_only_and_publishes_the_file
     await follower.poll_once()
     assert serial() == 3
     assert keys.senders.get(DEVICE.key_id) == DEVICE.verify_key
+
+
+# -- the central's signing key rotated while it runs ---------------------------------------
+
+CENTRAL_3 = SigningIdentity.from_seed(b"\x55" * 32)
+
+
+def _reload_setup(
+    tmp_path: Path, *, root: VerifyKey | None = ROOT.verify_key
+) -> tuple[Any, Any, Path, Path]:
+    """A central signing with CENTRAL_1; its identity_key file and certificates folder."""
+    import logging
+
+    from fedtier.tiers._identity import IdentityReload
+    from fedtier.tiers._telemetry import quiet_metrics
+    from fedtier.tiers.config import RetrySettings
+    from fedtier.tiers.model_registry import MemoryModelRegistry
+    from fedtier.tiers.registry import TierKeys
+
+    certs = tmp_path / "certs"
+    certs.mkdir(parents=True)
+    (certs / "central.cert").write_bytes(certify(CENTRAL_1, T0, T0 + 60 * DAY))
+    keys = TierKeys(
+        CENTRAL_1,
+        KeyRegistry.from_keys({}, role="regional"),
+        None if root is not None else CENTRAL_1.verify_key,
+        root=root,
+        certificates={}
+        if root is None
+        else {CENTRAL_1.key_id: certify(CENTRAL_1, T0, T0 + 60 * DAY)},
+    )
+    registry = MemoryModelRegistry()
+    identity_key = tmp_path / "central.key"
+    reload = IdentityReload(
+        keys,
+        identity_key=identity_key,
+        certificates=[certs],
+        registry=registry,
+        clock_ms=lambda: T0 + DAY,
+        retry=RetrySettings(),
+        metrics=quiet_metrics("central", CENTRAL_1.key_id),
+        log=logging.getLogger("test"),
+    )
+    return reload, registry, identity_key, certs
+
+
+def _install(path: Path, identity: SigningIdentity) -> None:
+    from fedtier.protocol.files import atomic_write
+
+    atomic_write(path, identity.to_pem(), mode=0o600)
+
+
+@pytest.mark.parametrize(
+    ("certificate", "reason"),
+    [
+        (None, "no_certificate"),
+        (lambda: certify(CENTRAL_2, T0 - 10 * DAY, T0), "certificate_expired"),
+        (lambda: certify(CENTRAL_2, T0 + 5 * DAY, T0 + 60 * DAY), "certificate_not_yet_valid"),
+        (
+            lambda: issue_certificate(
+                ROOT,
+                CENTRAL_2.verify_key,
+                role=KeyRole.EDGE,
+                name="central",
+                not_before_ms=T0,
+                not_after_ms=T0 + 60 * DAY,
+                serial=9,
+            ),
+            "wrong_role",
+        ),
+        (
+            lambda: issue_certificate(
+                CENTRAL_3,
+                CENTRAL_2.verify_key,
+                role=KeyRole.CENTRAL,
+                name="central",
+                not_before_ms=T0,
+                not_after_ms=T0 + 60 * DAY,
+                serial=9,
+            ),
+            "unknown_sender",
+        ),
+    ],
+)
+def test_a_reload_refuses_a_key_the_root_did_not_certify_for_now_and_keeps_the_old(
+    tmp_path: Path, certificate: Any, reason: str
+) -> None:
+    reload, _, identity_key, certs = _reload_setup(tmp_path)
+    _install(identity_key, CENTRAL_2)
+    if certificate is not None:
+        (certs / "central-2.cert").write_bytes(certificate())
+    assert reload.request() == reason
+    assert reload.refused == {reason: 1}
+    assert not reload.pending
+    assert reload.keys.identity.key_id == CENTRAL_1.key_id
+
+
+def test_a_reload_refuses_a_revoked_key_without_a_root_or_an_unreadable_file(
+    tmp_path: Path,
+) -> None:
+    reload, _, identity_key, certs = _reload_setup(tmp_path)
+    identity_key.write_text("half a key")
+    assert reload.request() == "unreadable_key"
+    _install(identity_key, CENTRAL_2)
+    (certs / "central-2.cert").write_bytes(certify(CENTRAL_2, T0, T0 + 60 * DAY, serial=2))
+    revocations = sign_revocations(
+        ROOT, fleet="acme", serial=1, issued_ms=T0, next_update_ms=T0 + DAY,
+        key_ids=[CENTRAL_2.key_id],
+    )  # fmt: skip
+    reload.keys.models.set_revocations(
+        open_revocations(revocations, {ROOT.key_id: ROOT.verify_key}, "acme")
+    )
+    assert reload.request() == "revoked"
+    pinned, _, pinned_key, _ = _reload_setup(tmp_path / "pinned", root=None)
+    _install(pinned_key, CENTRAL_2)
+    assert pinned.request() == "no_root"
+    assert reload.keys.identity.key_id == CENTRAL_1.key_id
+    assert pinned.keys.identity.key_id == CENTRAL_1.key_id
+
+
+async def test_a_reload_publishes_the_certificate_then_signs_with_the_new_key(
+    tmp_path: Path,
+) -> None:
+    import trio
+
+    reload, registry, identity_key, certs = _reload_setup(tmp_path)
+    _install(identity_key, CENTRAL_1)
+    assert reload.request() is None  # the same key: nothing to do
+    assert not reload.pending
+    document = certify(CENTRAL_2, T0, T0 + 60 * DAY, serial=2)
+    (certs / "central-2.cert").write_bytes(document)
+    _install(identity_key, CENTRAL_2)
+    assert reload.request() is None
+    assert reload.pending
+    # Until the certificate is in the registry, the old key signs.
+    assert reload.keys.identity.key_id == CENTRAL_1.key_id
+    assert await registry.certificate(CENTRAL_2.key_id) is None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reload.serve)
+        with trio.fail_after(5):
+            while reload.rotations == 0:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert await registry.certificate(CENTRAL_2.key_id) == document
+    assert reload.keys.identity.key_id == CENTRAL_2.key_id
+    assert reload.keys.certificates[CENTRAL_2.key_id] == document
+    assert reload.keys.models.knows(CENTRAL_2.key_id)
+    reload.keys.check_central_identity(T0 + DAY)
+
+
+def test_keys_that_pin_only_the_root_start_a_follower_and_a_rotated_central(
+    tmp_path: Path,
+) -> None:
+    from fedtier.protocol.files import save_public_key, save_signing_identity
+    from fedtier.tiers.registry import TierKeys
+
+    save_public_key(ROOT.verify_key, tmp_path / "root.pub")
+    save_signing_identity(CENTRAL_2, tmp_path / "central.key")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "central.cert").write_bytes(certify(CENTRAL_1, T0, T0 + 30 * DAY, serial=1))
+    (certs / "central-1.cert").write_bytes(certify(CENTRAL_2, T0 + DAY, T0 + 60 * DAY, serial=2))
+    # A restart after the rotation: the certified new key, no [keys] central.
+    keys = TierKeys.load(
+        tmp_path / "central.key", [], role="regional", root="root.pub", base_dir=tmp_path,
+        certificates=[certs],
+    )  # fmt: skip
+    assert keys.central is None
+    assert keys.models.knows(CENTRAL_1.key_id)
+    keys.check_central_identity(T0 + 2 * DAY)
+    with pytest.raises(ConfigError, match="no certificate valid now"):
+        keys.check_central_identity(T0)  # before the new key's certificate starts
+    (certs / "central-1.cert").unlink()
+    uncertified = TierKeys.load(
+        tmp_path / "central.key", [], role="regional", root="root.pub", base_dir=tmp_path,
+        certificates=[certs],
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="no certificate valid now"):
+        uncertified.check_central_identity(T0 + 2 * DAY)
+    with pytest.raises(ConfigError, match="pin the fleet root"):
+        TierKeys.load(tmp_path / "central.key", [], role="edge")
+
+
+def test_a_tier_config_may_pin_only_the_root(tmp_path: Path) -> None:
+    from fedtier.tiers.config import load_config
+
+    path = tmp_path / "edge.toml"
+    head = (
+        'fleet = "acme"\nsite = "s1"\nregion = "r1"\nidentity_key = "k.pem"\n'
+        'state_dir = "state"\n[keys]\nsenders = "devices.toml"\n'
+    )
+    path.write_text(head + 'root = "keys/root.pub"\n')
+    config = load_config("edge", path)
+    assert (config.central_key, config.root_key) == ("", str(tmp_path / "keys" / "root.pub"))
+    path.write_text(head)
+    with pytest.raises(ConfigError, match="pin the fleet root"):
+        load_config("edge", path)
+
+
+def test_a_device_keeps_a_model_whose_certificate_ended_until_a_renewal_covers_it() -> None:
+    import numpy as np
+
+    from fedtier.client.model_store import ModelStore, OfferStatus
+    from fedtier.protocol.layout import ModelLayout
+    from fedtier.tiers.core import seal_version
+
+    layout = ModelLayout.from_arrays({"w": np.zeros(4, np.float32)})
+    sealed = seal_version(
+        1, np.ones(4, np.float32), layout, identity=CENTRAL_1, fleet="acme",
+        created_ms=T0 + 40 * DAY, blob_seq=1, pointer_seq=2, update_count=0,
+    )  # fmt: skip
+    store = ModelStore(ModelSigners(root=ROOT.verify_key), layout, "acme")
+    assert store.offer_certificate(certify(CENTRAL_1, T0, T0 + 30 * DAY, serial=1)).status is (
+        OfferStatus.NOTED
+    )
+    offer = store.offer_blob(sealed.blob)
+    assert (offer.status, offer.reason) == (OfferStatus.REJECTED, "certificate_expired")
+    renewed = store.offer_certificate(certify(CENTRAL_1, T0, T0 + 90 * DAY, serial=2))
+    assert (renewed.status, renewed.version) == (OfferStatus.LOADED, 1)

@@ -40,11 +40,13 @@ def test_keys_new_writes_what_a_registry_folder_and_the_examples_read(
     registry = KeyRegistry([tmp_path], role="device")  # a sender folder reads *.pub
     assert registry.name_of(created["key_id"]) == "veh-0042"
     # One naming: every key file the examples name is NAME.key or NAME.pub (or
-    # a registry: a folder, or a TOML file of name = hex).
+    # a registry: a folder, or a TOML file of name = hex; or what `fedtier keys`
+    # writes beside them: a certificate NAME.cert, the list revocations.bin).
     for example in sorted((ROOT / "deploy").glob("**/*.toml")):
         for name in re.findall(r'"(keys/[^"]+)"', example.read_text()):
             suffix = Path(name).suffix
-            assert suffix in ("", ".key", ".pub", ".toml"), (example, name)
+            assert suffix in ("", ".key", ".pub", ".toml", ".cert", ".bin"), (example, name)
+            assert suffix != ".bin" or Path(name).name == "revocations.bin", (example, name)
 
 
 def test_errors_are_one_sentence_not_a_traceback(

@@ -44,24 +44,41 @@ def test_the_acl_template_refuses_an_odd_user_name() -> None:
         mosquitto_acl(["edge x"])
 
 
-def test_the_test_broker_listener_matches_the_deployed_listener(tmp_path: Path) -> None:
+def test_the_test_broker_listeners_match_the_deployed_listeners(tmp_path: Path) -> None:
     tls = MosquittoTls(
-        tmp_path / "ca.pem", tmp_path / "b.pem", tmp_path / "b.key", tmp_path / "acl"
+        tmp_path / "ca.pem",
+        tmp_path / "b.pem",
+        tmp_path / "b.key",
+        tmp_path / "acl",
+        tier_ca_file=tmp_path / "tier-ca.pem",
     )
     rendered = _render_config(
-        tmp_path, 1883, autosave_interval=1, autosave_on_changes=False, tls=tls
+        tmp_path, 1883, autosave_interval=1, autosave_on_changes=False, tls=tls, tier_port=1884
     )
-    deployed = set(rules((MOSQUITTO_ACL_TEMPLATE.parent / "mosquitto.conf").read_text()))
     settings = (
         "per_listener_settings",
         "tls_version",
         "require_certificate",
         "use_identity_as_username",
+        "use_username_as_clientid",
         "allow_anonymous",
     )
-    shared = [line for line in rules(rendered) if line.startswith(settings)]
-    assert len(shared) == len(settings)
-    assert set(shared) <= deployed
+
+    def blocks(text: str) -> list[list[str]]:
+        """The security settings before the first listener, then per listener."""
+        found: list[list[str]] = [[]]
+        for line in rules(text):
+            if line.startswith("listener "):
+                found.append([])
+            elif line.startswith(settings):
+                found[-1].append(line)
+        return found
+
+    deployed = blocks((MOSQUITTO_ACL_TEMPLATE.parent / "mosquitto.conf").read_text())
+    # Global, device listener, tier listener; the loopback health listener is not rendered.
+    assert blocks(rendered) == deployed[:3]
+    assert "use_username_as_clientid true" in deployed[1]
+    assert "use_username_as_clientid true" not in deployed[2]
 
 
 def test_nats_accounts_replace_every_example_key_fleet_and_region() -> None:

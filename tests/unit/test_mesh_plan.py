@@ -20,7 +20,7 @@ from fedtier.tiers.config import EdgeConfig, load_config, load_initial_model
 def _fake_brokers(pki: TestPki | None = None) -> Brokers:
     # prepare_mesh reads only addresses (and, with TLS, the CA) from the brokers;
     # no process is started.
-    mosquitto: Any = SimpleNamespace(host="127.0.0.1", port=1883)
+    mosquitto: Any = SimpleNamespace(host="127.0.0.1", port=1883, tier_port=1883)
     nats: Any = SimpleNamespace(url="nats://127.0.0.1:4222", monitoring_url="http://127.0.0.1:8222")
     return Brokers(mosquitto, nats, pki)
 

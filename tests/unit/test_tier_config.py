@@ -37,7 +37,8 @@ def test_edge_example_loads() -> None:
     assert config.identity_key == DEPLOY / "keys/edge-plant-3-a.key"
     assert config.sender_keys == (DEPLOY / "keys/devices",)
     # Relative to the config file's folder, like every path (not the identity key's).
-    assert config.central_key == str(DEPLOY / "keys/central.pub")
+    assert config.root_key == str(DEPLOY / "keys/root.pub")
+    assert config.central_key == ""  # the root alone: the central's key may rotate
     assert config.mqtt.client_id == "edge-plant-3-a"
     assert config.flush.max_inputs == 50
     assert config.flush.min_sample_weight is None

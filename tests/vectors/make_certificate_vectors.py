@@ -134,10 +134,10 @@ def certificate_vectors() -> dict[str, Any]:
         "cases": [
             case("valid", c1, T0 + DAY, "ok"),
             case("first millisecond", c1, T0, "ok"),
-            case("not yet valid", c2, T0 + DAY, "unknown_sender"),
-            case("expired (not_after is exclusive)", c1, T0 + 30 * DAY, "unknown_sender"),
+            case("not yet valid", c2, T0 + DAY, "certificate_not_yet_valid"),
+            case("expired (not_after is exclusive)", c1, T0 + 30 * DAY, "certificate_expired"),
             case("overlap: the new key", c2, T0 + 25 * DAY, "ok"),
-            case("wrong role", wrong_role, T0 + DAY, "unknown_sender"),
+            case("wrong role", wrong_role, T0 + DAY, "wrong_role"),
             case("another root", other, T0 + DAY, "unknown_sender"),
             case("tampered body", tampered, T0 + DAY, "bad_signature"),
             case("revoked", c1, T0 + DAY, "revoked", revoked=True),

@@ -39,6 +39,7 @@ from fedtier.tiers.store._catalog import (
     read_stored_versions,
     read_target_reached,
 )
+from fedtier.tiers.store._central import RebasedVersion
 from fedtier.tiers.store._engine import CommitTicket
 from fedtier.tiers.store._inputs import now_ms, prune_segments
 from fedtier.tiers.store._lineage import read_lineage, read_lineages
@@ -78,6 +79,7 @@ __all__ = [
     "PruneCounts",
     "QuarantineRecord",
     "QuarantineUsage",
+    "RebasedVersion",
     "Recovery",
     "Retry",
     "StateStore",

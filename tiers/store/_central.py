@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
@@ -30,10 +31,35 @@ from fedtier.tiers.store._records import (
     version_from_row,
 )
 
-__all__ = ["ARRAY_DTYPES", "CentralTables"]
+__all__ = ["ARRAY_DTYPES", "CentralTables", "RebasedVersion"]
 
 # Only plain numeric dtypes are persisted, so loading never needs pickle.
 ARRAY_DTYPES: Final = frozenset({"float16", "float32", "float64", "int32", "int64", "uint64"})
+
+
+def _record_state_key(version: int) -> str:
+    return f"record_state.{version}"
+
+
+@dataclass(frozen=True, slots=True)
+class RebasedVersion:
+    """A published version as a standby central takes it from the registry's version records.
+
+    Attributes:
+        version: the model version.
+        pointer: its signed pointer envelope.
+        update_count: device updates inside it.
+        created_ms: when it was made.
+        inputs: ``(sender, partial id, seq)`` of the partials folded into it.
+        leaves: the device update ids inside it.
+    """
+
+    version: int
+    pointer: bytes
+    update_count: int
+    created_ms: int
+    inputs: tuple[tuple[str, bytes, int], ...]
+    leaves: tuple[bytes, ...]
 
 
 class CentralTables(QuarantineTables):
@@ -47,6 +73,7 @@ class CentralTables(QuarantineTables):
         input_count: int,
         optimizer_state: Mapping[str, npt.NDArray[Any]],
         out_seq: int,
+        record_state: bytes | None = None,
     ) -> CommitTicket:
         """Store a new model version; with ``epoch``, close that epoch into it (one transaction).
 
@@ -56,6 +83,11 @@ class CentralTables(QuarantineTables):
             input_count: inputs in that epoch, checked against the stored rows.
             optimizer_state: the optimizer's arrays after the step (replaces older state).
             out_seq: the sequence number used on the envelopes, persisted.
+            record_state: the optimizer's arrays after this version's step, encoded
+                for its version record (``[lease] enabled``): kept in ``meta``
+                until the version is published, since ``optimizer_state`` holds
+                only the newest version's and the record of an older one may
+                still be on its way to the registry.
         """
         arrays = {name: np.array(a, order="C", copy=True) for name, a in optimizer_state.items()}
         for name, array in arrays.items():
@@ -104,17 +136,140 @@ class CentralTables(QuarantineTables):
             put_meta(conn, "known_version", record.version)
             put_meta(conn, "model_pointer", record.pointer)
             put_meta(conn, "out_seq", out_seq)
+            if record_state is not None:
+                put_meta(conn, _record_state_key(record.version), record_state)
 
         return self._submit(op, f"model v{record.version}")
 
     def submit_published(self, version: int) -> CommitTicket:
         """Mark a model version's registry writes and announcement done."""
-        return self._submit(
-            lambda conn: conn.execute(
-                "UPDATE model_versions SET published = 1 WHERE version = ?", (version,)
-            ),
-            f"publication of model v{version}",
-        )
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE model_versions SET published = 1 WHERE version = ?", (version,))
+            # The version record is in the registry now: its state copy is done with.
+            conn.execute("DELETE FROM meta WHERE key = ?", (_record_state_key(version),))
+
+        return self._submit(op, f"publication of model v{version}")
+
+    # -- what a successor central needs (tiers._version_record) --------------------
+
+    def record_state(self, version: int) -> bytes | None:
+        """The encoded optimizer state stored with unpublished ``version``, or None."""
+        assert self._reader is not None
+        row = self._reader.execute(
+            "SELECT value FROM meta WHERE key = ?", (_record_state_key(version),)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def version_inputs(self, version: int) -> list[tuple[str, bytes, int]]:
+        """``(sender, input id, seq)`` of every input folded into ``version``, in fold order."""
+        assert self._reader is not None
+        rows = self._reader.execute(
+            "SELECT sender, input_id, seq FROM inputs WHERE version = ? ORDER BY pos",
+            (version,),
+        ).fetchall()
+        return [(str(sender), bytes(input_id), int(seq)) for sender, input_id, seq in rows]
+
+    def version_epoch(self, version: int) -> int | None:
+        """The buffer epoch ``version`` was made from, or None (version 0, a rollback)."""
+        assert self._reader is not None
+        row = self._reader.execute(
+            "SELECT max(epoch) FROM inputs WHERE version = ?", (version,)
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def submit_rebase(
+        self,
+        versions: Sequence[RebasedVersion],
+        *,
+        blob: bytes,
+        optimizer_state: Mapping[str, npt.NDArray[Any]],
+        out_seq: int,
+    ) -> CommitTicket:
+        """Replace this central's history by the registry's (a standby central's takeover).
+
+        One transaction: every input, leaf, envelope, version, metric and the
+        optimizer state go; ``versions`` (oldest first, the newest last, with
+        ``blob`` its parameters) come in as published versions whose inputs
+        are ``done`` and whose leaves are indexed, so that a partial or a
+        device update they hold is a duplicate from now on. Nothing removed
+        was ever acknowledged by this central with ``[lease] enabled`` (it
+        acknowledges an input only once a version holding it is published,
+        and the registry holds every published version), so what it held
+        comes back from JetStream and is judged against the registry's
+        history instead. The quarantine, each sender's seq floor and the
+        open epoch's number stay.
+        """
+        if not versions:
+            raise StoreError("a rebase needs at least the registry's current version")
+        arrays = {name: np.array(a, order="C", copy=True) for name, a in optimizer_state.items()}
+        for name, array in arrays.items():
+            if array.dtype.name not in ARRAY_DTYPES:
+                raise StoreError(f"optimizer array {name!r} has dtype {array.dtype}; not storable")
+        newest = versions[-1]
+
+        def op(conn: sqlite3.Connection) -> None:
+            for table in (
+                "input_envelopes", "leaves", "inputs", "model_metrics", "model_versions",
+                "optimizer_state",
+            ):  # fmt: skip
+                conn.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
+            conn.execute(
+                "DELETE FROM meta WHERE key LIKE 'record_state.%' OR key = ?", ("target_reached",)
+            )
+            for each in versions:
+                conn.execute(
+                    "INSERT INTO model_versions (version, blob, pointer, lineage, update_count,"
+                    " created_ms, published) VALUES (?, ?, ?, ?, ?, ?, 1)",
+                    (
+                        each.version,
+                        blob if each is newest else b"",
+                        each.pointer,
+                        b"".join(each.leaves),
+                        each.update_count,
+                        each.created_ms,
+                    ),
+                )
+                for sender, input_id, seq in each.inputs:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO inputs (sender, input_id, seq, epoch, status,"
+                        " version, base_version, n_samples, tau, discount, clip_scale,"
+                        " accepted_ms) VALUES (?, ?, ?, -1, 'done', ?, 0, 0, 0, 0, 1, ?)",
+                        (sender, input_id, seq, each.version, each.created_ms),
+                    )
+                    conn.execute(
+                        "INSERT INTO senders (sender, hwm) VALUES (?, ?)"
+                        " ON CONFLICT (sender) DO UPDATE SET hwm = max(hwm, excluded.hwm)",
+                        (sender, seq),
+                    )
+                conn.executemany(
+                    "INSERT OR IGNORE INTO leaves (update_id, pos) VALUES (?, NULL)",
+                    ((leaf,) for leaf in each.leaves),
+                )
+            for name, array in arrays.items():
+                conn.execute(
+                    "INSERT INTO optimizer_state (name, version, dtype, shape, data)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        name,
+                        newest.version,
+                        array.dtype.str,
+                        json.dumps(list(array.shape)),
+                        array.tobytes(),
+                    ),
+                )
+            put_meta(conn, "known_version", newest.version)
+            put_meta(conn, "model_pointer", newest.pointer)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'out_seq'").fetchone()
+            put_meta(conn, "out_seq", max(out_seq, 0 if row is None else int(row[0])))
+
+        for each in versions:
+            for sender, _, seq in each.inputs:
+                if seq > self._high_water.get(sender, -1):
+                    self._high_water[sender] = seq
+        # The open inputs' segments are unreferenced now: delete them after the commit.
+        self._prune_wanted = True
+        return self._submit(op, f"rebase onto the registry's v{newest.version}")
 
     def prunable_versions(self, below: int) -> list[int]:
         """Published versions under ``below`` whose parameters are still stored."""

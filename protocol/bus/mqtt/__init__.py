@@ -9,7 +9,10 @@ under trio, and Mosquitto":
   callbacks only record into plain state (``_connection``).
 * Two connections per bus: publishes over ``<client_id>.pub``, subscriptions
   over the persistent session ``<client_id>``, so a full subscription cannot
-  hold back this bus's own PUBACKs (``_publish``, ``_subscription``).
+  hold back this bus's own PUBACKs (``_publish``, ``_subscription``). A device
+  uses one (``MqttConfig(single_connection=True)``, ``_single``) on a broker
+  that binds the client id to its certificate; that link never parks its
+  reader while a PUBACK or SUBACK is awaited.
 * The session always connects with ``clean_start=False``.
 * Durable subscriptions are shared (``$share/<durable>/<filter>``) unless
   ``MqttConfig(shared_durables=False)``, and are subscribed again at every

@@ -1,4 +1,4 @@
-"""``MqttBus`` and ``open_mqtt_bus``: ``Bus`` over the two connections; no nats, no tiers."""
+"""``MqttBus``, ``open_mqtt_bus``: ``Bus`` on two connections (a device: one); no nats, no tiers."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from fedtier.protocol.bus._base import (
 from fedtier.protocol.bus.mqtt._config import MqttConfig, _tls_context
 from fedtier.protocol.bus.mqtt._connection import _Link
 from fedtier.protocol.bus.mqtt._publish import _PublishLink
+from fedtier.protocol.bus.mqtt._single import _SingleLink
 from fedtier.protocol.bus.mqtt._subscription import _SubscribeLink
 from fedtier.protocol.bus.mqtt._wire import (
     _MAX_PAYLOAD_BYTES,
@@ -67,8 +68,13 @@ class MqttBus(Bus):
         self.config = config
         self._nursery = nursery
         self._tls_context = tls_context
-        self._publisher = _PublishLink(config, tls_context)
+        self._publisher: _PublishLink | _SingleLink
         self._subscriber: _SubscribeLink | None = None
+        if config.single_connection:
+            # One link does both; it is opened at once, like a publisher.
+            self._publisher = self._subscriber = _SingleLink(config, tls_context)
+        else:
+            self._publisher = _PublishLink(config, tls_context)
         self._start_lock = trio.Lock()
         self._closed = False
 
@@ -169,7 +175,7 @@ class MqttBus(Bus):
             link.close_subscription(sub, bus_closing=self._closed)
 
     async def wait_connected(self) -> None:
-        """Wait until the bus is up: both connections, every subscription answered.
+        """Wait until the bus is up: its connections, every subscription answered.
 
         Returns at once when it is. Lets a caller that got ``BusUnavailable``
         retry when it can succeed instead of after a guessed delay, and a
@@ -194,7 +200,7 @@ class MqttBus(Bus):
             received_total=sub.received_total if sub is not None else 0,
             acks_dropped_total=sub.acks_dropped_total if sub is not None else 0,
             reconnects_total=self._publisher.reconnects_total
-            + (sub.reconnects_total if sub is not None else 0),
+            + (sub.reconnects_total if sub is not None and sub is not self._publisher else 0),
         )
 
     async def _start(self) -> None:
@@ -205,7 +211,8 @@ class MqttBus(Bus):
         links: list[_Link] = [self._publisher]
         if self._subscriber is not None:
             self._subscriber.close_all()
-            links.append(self._subscriber)
+            if self._subscriber is not self._publisher:
+                links.append(self._subscriber)
         async with trio.open_nursery() as nursery:
             for link in links:
                 nursery.start_soon(link.aclose)
@@ -217,7 +224,8 @@ async def open_mqtt_bus(config: MqttConfig) -> AsyncIterator[MqttBus]:
 
     The publishing connection is opened here; the subscribing one (the
     persistent session named ``config.client_id``) by the first
-    ``subscribe``. Both reconnect by themselves after a loss.
+    ``subscribe``. Both reconnect by themselves after a loss. With
+    ``config.single_connection`` the session is opened here and carries both.
 
     Raises:
         BusUnavailable: the first connection attempt failed (refused, timed

@@ -19,7 +19,8 @@ class MqttConfig:
         host: broker host name or address.
         port: broker TCP port.
         client_id: names the persistent session; the same id resumes it. The
-            publishing connection uses ``<client_id>.pub``.
+            publishing connection uses ``<client_id>.pub`` (none with
+            ``single_connection``).
         keepalive_s: MQTT keepalive; keep it above the longest consumer stall.
         session_expiry_s: how long the broker keeps the session (subscriptions,
             unacknowledged and queued messages) after a disconnect.
@@ -38,6 +39,13 @@ class MqttConfig:
             False: an exclusive subscription in this client's session (one
             consumer, but no loss window when the broker restarts; see
             ``docs/transport.md``).
+        single_connection: False (the default): two connections, publishes
+            over ``<client_id>.pub``. True: one connection, the session
+            ``<client_id>``, carries publishes too: what a device needs on a
+            broker listener that replaces the client id by the certificate's
+            name (two connections would then share one id and disconnect
+            each other). Safe for a client whose consumers never wait on its
+            own publishes; see ``_single`` and ``docs/transport.md``.
     """
 
     host: str
@@ -55,6 +63,7 @@ class MqttConfig:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     shared_durables: bool = True
+    single_connection: bool = False
 
     def __post_init__(self) -> None:
         where = f"MQTT client {self.client_id!r} for {self.host}:{self.port}"

@@ -1,8 +1,9 @@
-"""The publishing connection ``<client_id>.pub``, one PUBACK event per mid; no nats, no tiers."""
+"""QoS 1 publishes, one PUBACK event per mid, and the ``<client_id>.pub`` link; no nats or tiers."""
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -27,6 +28,85 @@ class _PendingPublish:
     lost: bool = False
 
 
+class _Publisher:
+    """The publishes of one link waiting for their PUBACK, one event per mid.
+
+    Shared by the dedicated publishing link and the single link of a device
+    (``MqttConfig(single_connection=True)``), which reads PUBACKs on the same
+    connection as its deliveries.
+    """
+
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+        self.pending: dict[int, _PendingPublish] = {}
+
+    def on_puback(self, mid: int, reason: ReasonCode) -> None:
+        pending = self.pending.pop(mid, None)
+        if pending is not None:
+            pending.reason = reason
+            pending.done.set()
+
+    def drop_unsent(self) -> None:
+        # Their callers were told the outcome is unknown and retry themselves;
+        # paho resending them as well would only add duplicates.
+        self.link.client.drop_out_messages()
+
+    def lost(self) -> None:
+        for pending in self.pending.values():
+            pending.lost = True
+            pending.done.set()
+        self.pending.clear()
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        properties: Properties,
+        retain: bool,
+        *,
+        on_queued: Callable[[], None] | None = None,
+    ) -> PublishAck:
+        link = self.link
+        if not link.connected:
+            raise BusUnavailable(
+                f"MQTT client {link.client_id!r} is not connected to {link.where};"
+                f" cannot publish to {subject!r}"
+            )
+        try:
+            info = link.client.publish(
+                subject, payload, qos=1, retain=retain, properties=properties
+            )
+        except ValueError as exc:
+            raise LocalProtocolError(f"cannot publish to MQTT topic {subject!r}: {exc}") from exc
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            raise BusUnavailable(
+                f"MQTT client {link.client_id!r} lost {link.where}; cannot publish to {subject!r}"
+            )
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise PublishError(
+                f"MQTT client {link.client_id!r} could not queue a publish to {subject!r}:"
+                f" paho error {info.rc}"
+            )
+        pending = self.pending[info.mid] = _PendingPublish()
+        if on_queued is not None:
+            on_queued()
+        try:
+            await pending.done.wait()
+        finally:
+            self.pending.pop(info.mid, None)
+        if pending.lost:
+            raise PublishError(
+                f"connection of MQTT client {link.client_id!r} to {link.where} was lost before"
+                f" the broker confirmed a publish to {subject!r}; retry with the same msg_id"
+            )
+        if pending.reason is not None and pending.reason.is_failure:
+            raise PublishError(
+                f"MQTT broker {link.where} refused a publish to {subject!r} from client"
+                f" {link.client_id!r}: {pending.reason}"
+            )
+        return PublishAck(duplicate=False)
+
+
 class _PublishLink(_Link):
     """The publishing connection: clean start, no session, one event per mid."""
 
@@ -37,7 +117,7 @@ class _PublishLink(_Link):
             persistent=False,
             tls_context=tls_context,
         )
-        self._pending: dict[int, _PendingPublish] = {}
+        self._publisher = _Publisher(self)
         self.client.on_publish = self._on_publish
 
     def _on_publish(
@@ -49,58 +129,15 @@ class _PublishLink(_Link):
         properties: Properties,
     ) -> None:
         self._progress += 1
-        pending = self._pending.pop(mid, None)
-        if pending is not None:
-            pending.reason = reason
-            pending.done.set()
+        self._publisher.on_puback(mid, reason)
 
     def _before_connect(self) -> None:
-        # Their callers were told the outcome is unknown and retry themselves;
-        # paho resending them as well would only add duplicates.
-        self.client.drop_out_messages()
+        self._publisher.drop_unsent()
 
     def _on_lost(self) -> None:
-        for pending in self._pending.values():
-            pending.lost = True
-            pending.done.set()
-        self._pending.clear()
+        self._publisher.lost()
 
     async def publish(
         self, subject: str, payload: bytes, properties: Properties, retain: bool
     ) -> PublishAck:
-        if not self.connected:
-            raise BusUnavailable(
-                f"MQTT client {self.client_id!r} is not connected to {self.where};"
-                f" cannot publish to {subject!r}"
-            )
-        try:
-            info = self.client.publish(
-                subject, payload, qos=1, retain=retain, properties=properties
-            )
-        except ValueError as exc:
-            raise LocalProtocolError(f"cannot publish to MQTT topic {subject!r}: {exc}") from exc
-        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
-            raise BusUnavailable(
-                f"MQTT client {self.client_id!r} lost {self.where}; cannot publish to {subject!r}"
-            )
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise PublishError(
-                f"MQTT client {self.client_id!r} could not queue a publish to {subject!r}:"
-                f" paho error {info.rc}"
-            )
-        pending = self._pending[info.mid] = _PendingPublish()
-        try:
-            await pending.done.wait()
-        finally:
-            self._pending.pop(info.mid, None)
-        if pending.lost:
-            raise PublishError(
-                f"connection of MQTT client {self.client_id!r} to {self.where} was lost before"
-                f" the broker confirmed a publish to {subject!r}; retry with the same msg_id"
-            )
-        if pending.reason is not None and pending.reason.is_failure:
-            raise PublishError(
-                f"MQTT broker {self.where} refused a publish to {subject!r} from client"
-                f" {self.client_id!r}: {pending.reason}"
-            )
-        return PublishAck(duplicate=False)
+        return await self._publisher.publish(subject, payload, properties, retain)

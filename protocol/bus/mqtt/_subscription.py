@@ -88,6 +88,19 @@ class _MqttSubscription(Subscription):
 
     def push(self, held: _Held) -> None:
         held.owner = self
+        if self.latest_only and held.qos == 0 and len(self.queue) >= self.capacity:
+            # Only reachable on a single connection, whose reader reads on past
+            # capacity while it awaits a PUBACK (``_single``): only the newest
+            # value of a topic matters, so the oldest queued one of this topic
+            # (else the oldest of all) makes room. QoS 0: nothing to ack.
+            unacked = [old for old in self.queue if old.qos == 0]
+            same = [old for old in unacked if old.subject == held.subject]
+            dropped = same[0] if same else (unacked[0] if unacked else None)
+            if dropped is not None:
+                self.queue.remove(dropped)
+                dropped.live = False
+                self.link.dropped_latest_total += 1
+                self.link._release(1)
         self.queue.append(held)
         self._lot.unpark_all()
 
@@ -107,7 +120,9 @@ class _MqttSubscription(Subscription):
                     f"subscription {self.wire_filter!r} of MQTT client"
                     f" {self.link.client_id!r} is closed"
                 )
-            if self.queue:
+            # The outstanding check matters on a single connection only, whose
+            # queue may outgrow the capacity while a PUBACK is awaited.
+            if self.queue and len(self.outstanding) < self.capacity:
                 break
             await self._lot.park()
             parked = True
@@ -151,6 +166,8 @@ class _SubscribeLink(_Link):
         self.held_peak = 0
         self.received_total = 0
         self.acks_dropped_total = 0
+        # latest_only messages replaced by a newer one before being read.
+        self.dropped_latest_total = 0
         self._inbox: deque[MQTTMessage] = deque()
         self._suback_waiters: dict[int, _MqttSubscription] = {}
         self._gate = trio.lowlevel.ParkingLot()
@@ -306,6 +323,7 @@ class _SubscribeLink(_Link):
             held.live = False
             if held.owner is not None:
                 held.owner.outstanding.discard(held)
+                held.owner.wake()
             self._release(1)
             self._ack_on_wire(held)
         await trio.lowlevel.checkpoint()

@@ -33,7 +33,7 @@ import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Final, Literal, TypeAlias
+from typing import Final, Literal, TypeAlias, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_INDEX",
     "MAX_CHUNK",
     "CodecSpec",
+    "DecodedPayload",
     "IndexKind",
     "Payload",
     "ValuesKind",
@@ -52,6 +53,7 @@ __all__ = [
     "decode",
     "encode",
     "fold_into",
+    "parse_payload",
     "pick_codec",
     "relative_l2_error",
 ]
@@ -652,6 +654,13 @@ def fold_into(acc: F32Array, payload: Payload, spec: CodecSpec, weight: float) -
         DecodeError: the payload breaks the layout (``LimitExceeded`` when too long).
         LocalProtocolError: ``acc`` or ``weight`` is unusable.
     """
+    _check_acc(acc)
+    if not math.isfinite(weight):
+        raise LocalProtocolError(f"weight is {weight!r}; it must be finite")
+    DecodedPayload(_parse(payload, spec, acc.shape[0]), spec, acc.shape[0]).fold_into(acc, weight)
+
+
+def _check_acc(acc: object) -> None:
     if (
         not isinstance(acc, np.ndarray)
         or acc.dtype != np.float32
@@ -659,23 +668,103 @@ def fold_into(acc: F32Array, payload: Payload, spec: CodecSpec, weight: float) -
         or not acc.flags.writeable
     ):
         raise LocalProtocolError("acc must be a writeable 1-D float32 numpy array")
-    if not math.isfinite(weight):
-        raise LocalProtocolError(f"weight is {weight!r}; it must be finite")
-    parsed = _parse(payload, spec, acc.shape[0])
-    w = np.float32(weight)
-    # The caller checks finiteness; overflow here should not turn into a warning
-    # (an exception under -W error) halfway through a fold.
-    with np.errstate(over="ignore", invalid="ignore"):
-        if parsed.indices is not None:
-            values = _values_f32(parsed, spec)
-            if w != 1:
-                values *= w
-            # Indices are validated strictly increasing, so each appears once.
-            np.add.at(acc, parsed.indices, values)
-        elif spec.values == "f32" and w == 1:
-            np.add(acc, parsed.values, out=acc)
-        else:
-            _fold_dense_blocks(acc, parsed, spec, w)
+
+
+class DecodedPayload:
+    """A payload validated once, whose decoded values are kept for the next reader.
+
+    Why: a tier checks an update (finiteness, L2 norm) and then folds it; each
+    step parsed and dequantized the payload again, and the norm of a top-k
+    update was taken over a dense scatter of the whole model
+    (docs/performance.md, edge intake). Parse once with :func:`parse_payload`,
+    then ask for :meth:`norm_values`, :meth:`all_finite` and :meth:`fold_into`:
+    each computes what it needs from the views and the float32 values already
+    made, and the fold is bit-identical to :func:`fold_into` on the same bytes.
+    A dense i8 fold scales the values it decoded in place and drops them (it is
+    their last reader); a second fold decodes them again.
+
+    It holds views into the payload's buffer: keep the buffer alive and unchanged
+    while it is used.
+    """
+
+    __slots__ = ("_parsed", "_values", "num_params", "spec")
+
+    def __init__(self, parsed: _Parsed, spec: CodecSpec, num_params: int) -> None:
+        self._parsed = parsed
+        self.spec = spec
+        self.num_params = num_params
+        # i8 values dequantized to float32 (k of them for top-k, n for dense), made once.
+        self._values: F32Array | None = None
+
+    def _float_values(self) -> F32Array:
+        if self._values is None:
+            with np.errstate(over="ignore"):  # a huge scale decodes faithfully to inf
+                self._values = _values_f32(self._parsed, self.spec)
+        return self._values
+
+    def norm_values(self) -> npt.NDArray[np.floating]:
+        """The values whose L2 norm is the update's: the stored values, never a dense scatter.
+
+        Dense f32/f16: a zero-copy view of the payload; i8: its float32 decode
+        (made here once and reused by the fold); top-k: the ``k`` values only,
+        since the other coordinates are zero.
+        """
+        if self.spec.values == "i8" or self._parsed.indices is not None:
+            return self._float_values()
+        # Dense f32/f16: the float view itself (int8 views are i8's, handled above).
+        return cast("npt.NDArray[np.floating]", self._parsed.values)
+
+    def all_finite(self) -> bool:
+        """Whether every decoded value is finite (as :func:`all_finite`)."""
+        if self._values is not None:
+            return bool(np.isfinite(self._values).all())
+        return _parsed_finite(self._parsed, self.spec)
+
+    def fold_into(self, acc: F32Array, weight: float) -> None:
+        """Add ``weight * values`` to ``acc`` in place, as :func:`fold_into` does.
+
+        Raises:
+            LocalProtocolError: ``acc`` is not this payload's length, or ``weight``
+                is not finite.
+        """
+        _check_acc(acc)
+        if acc.shape[0] != self.num_params:
+            raise LocalProtocolError(
+                f"acc has {acc.shape[0]} values; the payload was decoded for {self.num_params}"
+            )
+        if not math.isfinite(weight):
+            raise LocalProtocolError(f"weight is {weight!r}; it must be finite")
+        parsed, spec = self._parsed, self.spec
+        w = np.float32(weight)
+        # The caller checks finiteness; overflow here should not turn into a warning
+        # (an exception under -W error) halfway through a fold.
+        with np.errstate(over="ignore", invalid="ignore"):
+            if parsed.indices is not None:
+                values = self._float_values()
+                if w != 1:
+                    values = values * w  # a new array: the kept values stay as decoded
+                # Indices are validated strictly increasing, so each appears once.
+                np.add.at(acc, parsed.indices, values)
+            elif spec.values == "f32" and w == 1:
+                np.add(acc, parsed.values, out=acc)
+            elif self._values is not None:
+                # The fold is the decoded values' last reader: scale them in place
+                # (no scratch pass) and forget them; a later fold decodes again.
+                values, self._values = self._values, None
+                if w != 1:
+                    np.multiply(values, w, out=values)
+                np.add(acc, values, out=acc)
+            else:
+                _fold_dense_blocks(acc, parsed, spec, w)
+
+
+def parse_payload(payload: Payload, spec: CodecSpec, num_params: int) -> DecodedPayload:
+    """Validate a payload completely, once, for :class:`DecodedPayload`'s readers.
+
+    Raises:
+        DecodeError: the payload breaks the layout (``LimitExceeded`` when too long).
+    """
+    return DecodedPayload(_parse(payload, spec, num_params), spec, num_params)
 
 
 def _fold_dense_blocks(acc: F32Array, parsed: _Parsed, spec: CodecSpec, w: np.float32) -> None:
@@ -708,7 +797,10 @@ def all_finite(payload: Payload, spec: CodecSpec, num_params: int) -> bool:
     Raises:
         DecodeError: the payload breaks the layout (``LimitExceeded`` when too long).
     """
-    parsed = _parse(payload, spec, num_params)
+    return _parsed_finite(_parse(payload, spec, num_params), spec)
+
+
+def _parsed_finite(parsed: _Parsed, spec: CodecSpec) -> bool:
     values = parsed.values
     if values.shape[0] == 0:
         return True

@@ -28,6 +28,11 @@ from fedtier.protocol.limits import DEFAULT_LIMITS, Limits
 from fedtier.protocol.names import check_token
 from fedtier.tiers._quarantine import QuarantineLimits
 from fedtier.tiers.core import (
+    DEFAULT_BURST,
+    DEFAULT_MAX_SAMPLES,
+    DEFAULT_MAX_UPDATES_PER_VERSION,
+    DEFAULT_RATE_PER_S,
+    DEFAULT_WARMUP_NORM,
     OUTLIER_SCORES,
     ROBUST_RULES,
     AdaptiveNorm,
@@ -580,13 +585,11 @@ _NORM_POLICIES: Final[tuple[NormPolicy, ...]] = ("clip", "reject")
 
 
 _NORM_BOUNDS: Final = ("adaptive", "fixed", "none")
-DEFAULT_WARMUP_NORM: Final = 10.0
-"""The adaptive norm bound's warm-up value when ``max_norm`` is not given."""
-DEFAULT_MAX_SAMPLES: Final = 10_000
-"""The cap on one update's weight when ``max_samples`` is not given."""
-DEFAULT_MAX_UPDATES_PER_VERSION: Final = 8
-DEFAULT_RATE_PER_S: Final = 2.0
-DEFAULT_BURST: Final = 10.0
+# The edge's defaults (DEFAULT_MAX_SAMPLES and the rest) live in tiers.core._influence,
+# shared with the simulator's [defences]; imported above and re-exported by this module.
+
+
+_ADAPTIVE: Final = AdaptiveNorm()
 
 
 def _edge_validation(table: ConfigTable) -> tuple[float | None, InfluenceRules]:
@@ -612,14 +615,25 @@ def _edge_validation(table: ConfigTable) -> tuple[float | None, InfluenceRules]:
         if max_norm is None:
             max_norm = DEFAULT_WARMUP_NORM
         adaptive = AdaptiveNorm(
-            quantile=table.number("norm_quantile", 0.5, low=0.0, high=1.0, low_open=True),
-            factor=table.number("norm_factor", 3.0, low=0.0, low_open=True),
-            window=table.integer("norm_window", 256, low=1, high=1_000_000),
-            warmup=table.integer("norm_warmup", 16, low=1, high=1_000_000),
+            quantile=table.number(
+                "norm_quantile", _ADAPTIVE.quantile, low=0.0, high=1.0, low_open=True
+            ),
+            factor=table.number("norm_factor", _ADAPTIVE.factor, low=0.0, low_open=True),
+            window=table.integer("norm_window", _ADAPTIVE.window, low=1, high=1_000_000),
+            warmup=table.integer("norm_warmup", _ADAPTIVE.warmup, low=1, high=1_000_000),
         )
         if adaptive.warmup > adaptive.window:
             raise table.fail("norm_warmup", f"an integer <= norm_window ({adaptive.window})")
-    max_samples = table.integer("max_samples", DEFAULT_MAX_SAMPLES, low=1)
+    # "declared" (the default): a device without a declared size in the key
+    # registry is capped at the median declared size, or DEFAULT_MAX_SAMPLES when
+    # none is declared; a number caps those devices there. Declared sizes always
+    # cap their own devices (tiers.core._influence).
+    derive_cap = table.raw("max_samples", "declared") == "declared"
+    max_samples = (
+        DEFAULT_MAX_SAMPLES
+        if derive_cap
+        else table.integer("max_samples", DEFAULT_MAX_SAMPLES, low=1)
+    )
     contributions = table.raw("max_updates_per_version", DEFAULT_MAX_UPDATES_PER_VERSION)
     per_version = (
         None
@@ -635,6 +649,7 @@ def _edge_validation(table: ConfigTable) -> tuple[float | None, InfluenceRules]:
         rate_per_s=rate,
         burst=burst,
         reject_future_base=True,
+        derive_cap=derive_cap,
     )
 
 

@@ -530,7 +530,10 @@ async def _open_daemon(
     if kind == "edge":
         assert isinstance(config, EdgeConfig)
         async with _open_mqtt(config) as mqtt:
-            yield EdgeDaemon(config, mqtt=mqtt, nats=nats, registry_store=registry, **common)
+            # One daemon per process: its collector is tuned once it started.
+            yield EdgeDaemon(
+                config, mqtt=mqtt, nats=nats, registry_store=registry, gc_tuning=True, **common
+            )
     elif kind == "regional":
         assert isinstance(config, RegionalConfig)
         yield RegionalDaemon(config, nats=nats, registry_store=registry, **common)

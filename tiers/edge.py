@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import logging
 import math
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Final
 
 import trio
 from opentelemetry import trace
@@ -59,16 +61,46 @@ from fedtier.tiers.config import EdgeConfig
 from fedtier.tiers.core import (
     MESSAGE_OVERHEAD,
     AdmissionRules,
+    DeclaredCaps,
     InfluenceState,
     Outcome,
     admit_update,
 )
 from fedtier.tiers.model_registry import ModelRegistryReader
 from fedtier.tiers.registry import TierKeys
+from fedtier.tiers.store import Recovery
 
-__all__ = ["EdgeDaemon"]
+__all__ = ["GC_GEN0_THRESHOLD", "EdgeDaemon", "tune_gc"]
 
 _NO_ID = bytes(16)
+
+GC_GEN0_THRESHOLD: Final = 50_000
+"""Allocations between young-generation collections in a tuned daemon (Python's default: 700).
+
+Each update allocates dozens of container objects (envelope, message,
+decision, span, receipt), so at the default the young generation was
+collected every 15 updates or so, and each full collection walks every object
+of the process; a ``perf`` profile of the edge once put the collector at
+about a tenth of its CPU with small updates (docs/performance.md, edge
+intake). Cycles are rare here: reference counting frees an update's objects."""
+
+
+def tune_gc() -> None:
+    """Tune the cyclic garbage collector for a long-running daemon process, once it started.
+
+    Collects what start-up left, then freezes every surviving object (``gc.freeze``:
+    they are never scanned again; they live as long as the process anyway) and
+    raises the young generation's threshold to :data:`GC_GEN0_THRESHOLD`.
+    Reference counting still frees almost everything an update allocates at
+    once; the collector only finds cycles, later.
+
+    Process-wide: for a process that runs one daemon (``fedtier edge``, the edge
+    bench), not for a test process that runs many.
+    """
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, GC_GEN0_THRESHOLD), gen1, gen2)
 
 
 class EdgeDaemon(FollowerDaemon):
@@ -86,6 +118,8 @@ class EdgeDaemon(FollowerDaemon):
         clock_ms: wall clock for ``created_ms`` (tests pin it).
         store_in_thread: run sqlite commits on a worker thread (False for
             fake-clock tests).
+        gc_tuning: call :func:`tune_gc` once started (recovery done, model
+            known): for a process that runs this daemon alone.
     """
 
     tier = "edge"
@@ -103,7 +137,9 @@ class EdgeDaemon(FollowerDaemon):
         tracer: trace.Tracer | None = None,
         clock_ms: Callable[[], int] | None = None,
         store_in_thread: bool = True,
+        gc_tuning: bool = False,
     ) -> None:
+        self._gc_tuning = gc_tuning
         super().__init__(
             config,
             nats=nats,
@@ -122,6 +158,9 @@ class EdgeDaemon(FollowerDaemon):
         # Per-device bounds whose state lives in memory (module docstring of
         # tiers.core._influence: a restart only restarts their warm-up).
         self.influence = InfluenceState(self._rules.influence, self._rules.max_norm)
+        # Each device's weight cap: its declared size in the key registry, else the
+        # fleet's default (tiers.core._influence); follows registry reloads.
+        self._caps = DeclaredCaps(self._rules.influence)
         if self.influence.norm is None:
             self.log.warning(
                 "UNSAFE: no norm bound on device updates (FEDTIER_UNSAFE=no_norm_bound); one "
@@ -133,10 +172,17 @@ class EdgeDaemon(FollowerDaemon):
                 "updates per device per version",
                 self.influence.norm.mode,
                 self.influence.norm.initial,
-                self._rules.influence.max_samples,
+                self._caps.current(self.keys.senders.declared_samples()).default_cap,
                 f"{self._rules.influence.rate_per_s:g}/s" if self.influence.buckets else "none",
                 self._rules.influence.max_updates_per_version,
             )
+
+    async def _start(self, nursery: trio.Nursery, recovery: Recovery) -> None:
+        await super()._start(nursery, recovery)
+        if self._gc_tuning:
+            # Start-up's objects (keys, the refolded buffer) are all made by now.
+            tune_gc()
+            self.log.debug("garbage collector tuned: threshold %s", gc.get_threshold())
 
     # -- input ----------------------------------------------------------------------
 
@@ -173,13 +219,15 @@ class EdgeDaemon(FollowerDaemon):
             ),
         ) as span:
             self.metrics.update_bytes(len(delivery.payload))
+            topic_device = self.topics.device_of(delivery.subject)
+            influence = self._caps.rules_for(self.keys.senders.declared_samples(), topic_device)
             decision = admit_update(
                 delivery.payload,
-                rules=self._rules,
+                rules=dataclasses.replace(self._rules, influence=influence),
                 senders=self.keys.senders,
                 model=self._model_view(),
                 seen=self._seen,
-                topic_device=self.topics.device_of(delivery.subject),
+                topic_device=topic_device,
                 influence=self.influence,
                 now=trio.current_time(),
             )

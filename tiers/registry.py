@@ -1,8 +1,8 @@
 """Which public keys a tier accepts messages from, and the keys it signs and verifies with.
 
-Imports protocol only (no bus, no trio). A :class:`KeyRegistry` maps key ids to
-public keys and to human names for log lines. Its sources are TOML files with
-one table::
+Imports protocol and ``tiers._declared`` only (no bus, no trio). A
+:class:`KeyRegistry` maps key ids to public keys and to human names for log
+lines. Its sources are TOML files with one table::
 
     [keys]
     veh-0042 = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"
@@ -23,6 +23,9 @@ half-open ``[not_before, not_after)``)::
     ]
 
 A key outside its window is not registered at that moment (``unknown_sender``).
+A device's entry may declare its data size, ``{ public_key = "...", max_samples = 480 }``
+(``tiers._declared``): the edge caps that device's updates' weight there
+(:meth:`KeyRegistry.declared_samples`).
 A signed revocation list (``protocol.certificates.RevocationList``) set with
 :meth:`KeyRegistry.set_revocations` refuses a revoked key id or name with
 ``revoked`` from that moment on; it survives ``reload()``, which re-reads the
@@ -54,6 +57,7 @@ from fedtier.protocol.errors import (
 )
 from fedtier.protocol.files import load_public_key, load_signing_identity, read_toml
 from fedtier.protocol.identity import SigningIdentity, VerifyKey
+from fedtier.tiers._declared import DECLARED_FIELD, declared_size
 
 __all__ = [
     "KeyRegistry",
@@ -98,6 +102,8 @@ class KeyRegistry(Mapping[str, VerifyKey]):
         self._keys: dict[str, VerifyKey] = {}
         self._names: dict[str, str] = {}
         self._windows: dict[str, tuple[int, int]] = {}
+        # key id -> the device's declared data size (tiers._declared), when given.
+        self._declared: dict[str, int] = {}
         self.revocations: RevocationList | None = None
         if self.sources:
             self.reload()
@@ -123,6 +129,7 @@ class KeyRegistry(Mapping[str, VerifyKey]):
             else:
                 fresh._load_toml(source)
         self._keys, self._names, self._windows = fresh._keys, fresh._names, fresh._windows
+        self._declared = fresh._declared
 
     def set_revocations(self, revocations: RevocationList | None) -> None:
         """Refuse the keys and names ``revocations`` lists from now on (None lifts them).
@@ -159,6 +166,9 @@ class KeyRegistry(Mapping[str, VerifyKey]):
             for entry in entries:
                 key, window = _registry_entry(path, name, entry)
                 self._add(name, key, str(path), window)
+                size = declared_size(path, name, entry)
+                if size is not None:
+                    self._declared[key.key_id] = size
 
     def _load_dir(self, path: Path) -> None:
         for file in sorted(path.glob("*.pub")):
@@ -204,6 +214,14 @@ class KeyRegistry(Mapping[str, VerifyKey]):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def declared_samples(self) -> Mapping[str, int]:
+        """Key id -> declared data size (``max_samples`` of its entry), for the weight cap.
+
+        The same object until :meth:`reload` replaces it, so a caller may cache
+        what it derives from it by identity.
+        """
+        return self._declared
+
     def name_of(self, key_id: str) -> str | None:
         """The human name registered for ``key_id``, or None."""
         return self._names.get(key_id)
@@ -236,7 +254,7 @@ def _registry_entry(path: Path, name: str, entry: object) -> tuple[VerifyKey, tu
     """One key of a registry file: ``"hex"`` or ``{public_key, not_before?, not_after?}``."""
     window = _ALWAYS
     if isinstance(entry, dict):
-        unknown = sorted(set(entry) - {"public_key", "not_before", "not_after"})
+        unknown = sorted(set(entry) - {"public_key", "not_before", "not_after", DECLARED_FIELD})
         if unknown:
             raise ConfigError(f"key registry {path}: key {name!r} has unknown field {unknown[0]!r}")
         window = (

@@ -19,6 +19,7 @@ model layout from fixed seeds, so no key material travels between them.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -274,6 +275,11 @@ def _storage_write_bytes() -> int | None:
         if name == "write_bytes":
             return int(value)
     return None
+
+
+def _gc_collections() -> list[int]:
+    """Collections of each generation of the cyclic garbage collector so far."""
+    return [int(generation["collections"]) for generation in gc.get_stats()]
 
 
 def announce_ready() -> None:
@@ -533,11 +539,16 @@ async def _serve_edge(spec: WorkerSpec) -> dict[str, Any]:
                 nats=MemoryBus(MemoryBroker("nats")),
                 registry_store=registry,
                 keys=keys,
+                # As ``fedtier edge`` runs it (tiers.daemon): one daemon per process.
+                gc_tuning=True,
             )
             await nursery.start(daemon.serve)
             commits_start = daemon.store.commits
             partial_bytes_start = daemon.store.partial_bytes_stored
             cpu_start = time.process_time()
+            # trio runs on this thread; the commits (and their writes) on worker threads.
+            trio_cpu_start = time.thread_time()
+            gc_start = _gc_collections()
             written_start = _storage_write_bytes()
             announce_ready()
             async for _ in stop_signals:
@@ -552,6 +563,10 @@ async def _serve_edge(spec: WorkerSpec) -> dict[str, Any]:
                 # Appended to the segment log by cuts (partials), not by intake.
                 "partial_bytes": daemon.store.partial_bytes_stored - partial_bytes_start,
                 "cpu_s": round(time.process_time() - cpu_start, 3),
+                "trio_thread_cpu_s": round(time.thread_time() - trio_cpu_start, 3),
+                "gc_collections": [
+                    end - start for start, end in zip(gc_start, _gc_collections(), strict=True)
+                ],
                 "outcomes": {
                     f"{outcome}:{reason}" if reason else outcome: count
                     for (outcome, reason), count in sorted(daemon.counts.items())

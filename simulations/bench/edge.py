@@ -298,6 +298,8 @@ def _edge_row(
         "partials_published": edge_host["partials_published"],
         "held_peak": edge_host["held_peak"],
         "cpu_s": edge_host["cpu_s"],
+        "trio_thread_cpu_s": edge_host["trio_thread_cpu_s"],
+        "gc_collections": edge_host["gc_collections"],
         "cpu_util": round(edge_host["cpu_s"] / edge_seconds, 3),
         "publisher_cpu_s": edge_run["cpu_s"],
         "broker_cpu_s": edge["broker_cpu_s"],
@@ -306,6 +308,9 @@ def _edge_row(
             "broker": _per_update_ms(edge["broker_cpu_s"], updates),
             "edge": _per_update_ms(edge_host["cpu_s"], updates),
         },
+        # Of cpu_ms_per_update["edge"]: the trio thread's (admission, fold, receipts,
+        # MQTT); the rest is the commit thread's (sqlite, segment appends and syncs).
+        "trio_thread_cpu_ms_per_update": _per_update_ms(edge_host["trio_thread_cpu_s"], updates),
     }
 
 

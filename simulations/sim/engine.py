@@ -61,7 +61,7 @@ from fedtier.simulations.sim.data import FederatedData, build_data
 from fedtier.simulations.sim.devices import FLEET, DeviceRun, LocalTraining
 from fedtier.simulations.sim.nodes import CentralNode, TierNode
 from fedtier.simulations.sim.specs import DefencesSpec, DeviceKind, Scenario, TierSpec
-from fedtier.tiers.core import InfluenceRules, RobustRules
+from fedtier.tiers.core import DEFAULT_MAX_SAMPLES, InfluenceRules, RobustRules
 from fedtier.tiers.optimizers import make_optimizer
 
 __all__ = [
@@ -190,7 +190,8 @@ class AttackOutcome:
             that the model puts in the target class (backdoor only).
         influence: per version, the largest single device's part of the step
             (``simulations.sim._attribution``).
-        weight_cap: the weight cap in force (None: none).
+        weight_cap: the weight cap of a device without a declared size (None: none).
+        declared_caps: each device's updates are capped at its declared size.
     """
 
     kind: str | None
@@ -199,6 +200,7 @@ class AttackOutcome:
     backdoor_success: tuple[tuple[int, float], ...]
     influence: tuple[VersionInfluence, ...]
     weight_cap: int | None
+    declared_caps: bool = False
 
     @property
     def final_backdoor_success(self) -> float:
@@ -392,7 +394,11 @@ class Simulation:
             self.attribution = Attribution(
                 [self.training.identity(device).key_id for device in malicious]
             )
-        self._influence, self._max_norm = _influence(s.defences, self.data)
+        self._influence, self._max_norm = _influence(
+            s.defences,
+            self.data,
+            lambda: [self.training.identity(d).key_id for d in range(self.num_devices)],
+        )
         self._edge_max_norm = agg.edge.max_norm if self._influence is None else self._max_norm
         self.central = CentralNode(
             "central",
@@ -589,7 +595,8 @@ class Simulation:
             defences=defences,
             backdoor_success=tuple(self._backdoor_success),
             influence=tuple(self.attribution.versions),
-            weight_cap=None if self._influence is None else self._influence.max_samples,
+            weight_cap=None if self._influence is None else self._influence.default_cap,
+            declared_caps=self._influence is not None and bool(self._influence.declared),
         )
 
     def lineage(self) -> Lineage:
@@ -760,6 +767,10 @@ class Simulation:
         upload = self._upload_s(device, len(run.envelope))
         heapq.heappush(self._heap, (end + upload, seq, _UPDATE, device, run))
 
+    def _key_id(self, device: int) -> str:
+        """``device``'s key id: whom the tier caps (the edge daemon knows it from the topic)."""
+        return self.training.identity(device).key_id
+
     def _rest(self, device: int) -> None:
         rest_s = self.scenario.clients.rest_s
         if rest_s > 0:
@@ -780,7 +791,7 @@ class Simulation:
             if index is None:
                 self._central_bytes += run.payload_bytes
                 self._central_wire += len(envelope)
-            self._count_outcome(device, node.admit_update(envelope, self.now))
+            self._count_outcome(device, node.admit_update(envelope, self.now, self._key_id(device)))
             self._after_input(at)
         self._rest(device)
 
@@ -950,7 +961,9 @@ class Simulation:
                         self._count_extra(run, envelope)
                     self._central_bytes += run.payload_bytes
                     self._central_wire += len(envelope)
-                    self._count_outcome(device, self.central.admit_update(envelope, at))
+                    self._count_outcome(
+                        device, self.central.admit_update(envelope, at, self._key_id(device))
+                    )
             self.now = end
             if self.central.make_version():
                 empty_rounds = 0
@@ -1059,29 +1072,40 @@ def _one_torch_thread() -> int | None:
 
 
 def _influence(
-    defences: DefencesSpec | None, data: FederatedData
+    defences: DefencesSpec | None, data: FederatedData, key_ids: Callable[[], list[str]]
 ) -> tuple[InfluenceRules | None, float | None]:
     """The core's influence rules and norm bound of ``[defences]`` (None, None: none or unsafe).
 
-    ``max_samples = "declared"`` is the median of the devices' training set sizes
-    (the fleet's declared data sizes, which the simulator knows; never what an
-    update claims): no update weighs more than a typical device's. The largest
-    size would let 20% of devices that all claim it outweigh the rest of a
-    quantity-skewed fleet (docs/results.md, section 7).
+    ``max_samples = "declared"``: every device is registered with its declared
+    data size, its training set's (the operator registered each device, the
+    attackers too, so theirs is what they really hold; never what an update
+    claims), and each update is capped at its device's size, as the edge daemon
+    does with a key registry whose entries carry ``max_samples``
+    (``InfluenceRules.weight_cap``). A number: no device declares a size and
+    that number caps every update.
+
+    Args:
+        defences: ``[defences]``.
+        data: the fleet's data (its devices' training set sizes).
+        key_ids: every device's key id, by device index (called only when needed).
     """
     if defences is None or not defences.active:
         return None, None
-    cap = (
-        max(1, int(np.median(data.samples)))
-        if defences.max_samples == "declared"
-        else defences.max_samples
-    )
+    declared: dict[str, int] = {}
+    if defences.max_samples == "declared":
+        declared = {
+            key: max(1, int(size)) for key, size in zip(key_ids(), data.samples, strict=True)
+        }
     rules = InfluenceRules(
-        max_samples=cap,
+        max_samples=DEFAULT_MAX_SAMPLES
+        if defences.max_samples == "declared"
+        else defences.max_samples,
         adaptive_norm=defences.adaptive if defences.norm_bound == "adaptive" else None,
         max_updates_per_version=defences.max_updates_per_version,
         rate_per_s=defences.rate_per_s,
         burst=defences.burst,
         reject_future_base=defences.reject_future_base,
+        declared=declared,
+        derive_cap=defences.max_samples == "declared",
     )
     return rules, defences.max_norm

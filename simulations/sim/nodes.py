@@ -28,6 +28,7 @@ versions are equal bit for bit: it proves the daemons' shell, not a copy.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import Counter
 
@@ -201,14 +202,25 @@ class TierNode:
 
     # -- admission ----------------------------------------------------------------
 
-    def admit_update(self, envelope: bytes, now: float) -> NodeOutcome:
-        """Admit a device update as the edge daemon does; returns the outcome."""
+    def admit_update(self, envelope: bytes, now: float, sender: str | None = None) -> NodeOutcome:
+        """Admit a device update as the edge daemon does; returns the outcome.
+
+        Args:
+            envelope: the update's envelope.
+            now: the virtual time.
+            sender: the device's key id (the daemon's topic device): its weight
+                cap is its declared size (``InfluenceRules.weight_cap``).
+        """
+        rules = self.rules
+        if rules.influence.declared or rules.influence.derive_cap:
+            rules = dataclasses.replace(rules, influence=rules.influence.for_sender(sender))
         decision = admit_update(
             envelope,
-            rules=self.rules,
+            rules=rules,
             senders=self.keys,
             model=self._model(),
             seen=self._seen,
+            topic_device=sender,
             influence=self.influence,
             now=now,
         )

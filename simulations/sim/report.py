@@ -314,7 +314,14 @@ def _attack_lines(outcome: AttackOutcome) -> list[str]:
     rows = [
         f"| attack | {outcome.kind or 'none'}, {len(outcome.malicious)} malicious devices |",
         f"| defences | {outcome.defences} (weight cap "
-        f"{'none' if outcome.weight_cap is None else f'{outcome.weight_cap:,}'}) |",
+        + (
+            "each device's declared size"
+            if outcome.declared_caps
+            else "none"
+            if outcome.weight_cap is None
+            else f"{outcome.weight_cap:,}"
+        )
+        + ") |",
     ]
     if outcome.backdoor_success:
         rows.append(f"| final backdoor success | {outcome.final_backdoor_success:.4f} |")

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Final, Literal
 
 from fedtier.client.trainers import LrSchedule
-from fedtier.tiers.core import AdaptiveNorm, RobustRules
+from fedtier.tiers.core import (
+    DEFAULT_BURST,
+    DEFAULT_MAX_UPDATES_PER_VERSION,
+    DEFAULT_RATE_PER_S,
+    DEFAULT_WARMUP_NORM,
+    AdaptiveNorm,
+    RobustRules,
+)
 from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.staleness import StalenessPolicy
 
@@ -497,9 +504,13 @@ class DefencesSpec:
     Attributes:
         unsafe: every bound off (the explicit switch; the other keys are then
             checked but not applied).
-        max_samples: the cap on one update's weight; ``"declared"`` is the
-            median of the fleet's declared data sizes (training examples per
-            device), never a self-reported number.
+        max_samples: the cap on one update's weight; ``"declared"``: each
+            device's declared data size, which is its training set (what the
+            operator registered for it; never a self-reported number), as the
+            edge daemon's default does with sizes in its key registry; a
+            number: no device declares a size and that number caps every update.
+            The defaults of this table are the edge daemon's
+            (``tiers.core._influence``), so "defences on" is what it would do.
         norm_bound: ``adaptive`` (``norm_factor`` times the ``norm_quantile``
             of recent accepted norms, ``max_norm`` until ``norm_warmup`` were
             seen) or ``fixed`` (``max_norm``).
@@ -517,11 +528,11 @@ class DefencesSpec:
     unsafe: bool = False
     max_samples: int | Literal["declared"] = "declared"
     norm_bound: Literal["adaptive", "fixed"] = "adaptive"
-    max_norm: float = 10.0
+    max_norm: float = DEFAULT_WARMUP_NORM
     adaptive: AdaptiveNorm | None = dataclasses.field(default_factory=AdaptiveNorm)
-    max_updates_per_version: int | None = 8
-    rate_per_s: float | None = 2.0
-    burst: float = 10.0
+    max_updates_per_version: int | None = DEFAULT_MAX_UPDATES_PER_VERSION
+    rate_per_s: float | None = DEFAULT_RATE_PER_S
+    burst: float = DEFAULT_BURST
     reject_future_base: bool = True
     edge_robust: RobustRules = dataclasses.field(default_factory=RobustRules)
     regional_robust: RobustRules = dataclasses.field(default_factory=RobustRules)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 
@@ -14,6 +15,7 @@ from fedtier.protocol.codecs import (
     decode,
     encode,
     fold_into,
+    parse_payload,
     pick_codec,
     relative_l2_error,
 )
@@ -434,3 +436,54 @@ def test_relative_l2_error() -> None:
     assert relative_l2_error(f32(0.0), f32(1.0)) == float("inf")
     with pytest.raises(LocalProtocolError, match="shapes differ"):
         relative_l2_error(f32(1.0), f32(1.0, 2.0))
+
+
+# -- decoded once: check, then fold, from one parse ------------------------------------
+
+_DECODE_ONCE_SPECS = [
+    CodecSpec("f32"),
+    CodecSpec("f16"),
+    CodecSpec("i8", chunk=64),
+    CodecSpec("i8", chunk=64, k=37, index="u32"),
+    CodecSpec("i8", chunk=16, k=37, index="varint"),
+    CodecSpec("f16", k=37, index="u32"),
+]
+
+
+@pytest.mark.parametrize("spec", _DECODE_ONCE_SPECS, ids=str)
+@pytest.mark.parametrize("weight", [1.0, 7.25])
+def test_a_decoded_payload_folds_bit_for_bit_as_fold_into(spec: CodecSpec, weight: float) -> None:
+    n = 1000
+    rng = np.random.default_rng(3)
+    payload = encode(rng.standard_normal(n).astype(np.float32), spec)
+    start = rng.standard_normal(n).astype(np.float32)
+    expected = start.copy()
+    fold_into(expected, payload, spec, weight)
+    decoded = parse_payload(payload, spec, n)
+    values = np.asarray(decoded.norm_values(), np.float64)
+    dense = decode(payload, spec, n).astype(np.float64)
+    # The norm is taken over the stored values alone (top-k: the k kept ones).
+    assert values.shape[0] == (n if spec.k is None else spec.k)
+    assert np.linalg.norm(values) == pytest.approx(np.linalg.norm(dense), rel=1e-6)
+    assert decoded.all_finite()
+    got = start.copy()
+    decoded.fold_into(got, weight)
+    assert got.tobytes() == expected.tobytes()
+    # A second fold (a dense i8 fold consumed what it decoded) decodes again, alike.
+    decoded.fold_into(got, weight)
+    fold_into(expected, payload, spec, weight)
+    assert got.tobytes() == expected.tobytes()
+
+
+def test_a_decoded_payload_is_validated_once_at_parse() -> None:
+    spec = CodecSpec("i8", chunk=2)
+    with pytest.raises(DecodeError, match="-128"):
+        parse_payload(le_f32(1.0) + i8s(1, -128), spec, 2)
+    huge = parse_payload(le_f32(3e38) + i8s(127, 1), spec, 2)
+    assert not huge.all_finite()
+    assert huge.all_finite() == all_finite(le_f32(3e38) + i8s(127, 1), spec, 2)
+    decoded = parse_payload(le_f32(1.0) + i8s(1, 2), spec, 2)
+    with pytest.raises(LocalProtocolError, match="decoded for 2"):
+        decoded.fold_into(np.zeros(3, np.float32), 1.0)
+    with pytest.raises(LocalProtocolError, match="finite"):
+        decoded.fold_into(np.zeros(2, np.float32), math.inf)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import math
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -33,8 +34,17 @@ from fedtier.protocol.telemetry.tracing import extract_context, inject_headers
 from fedtier.simulations.testing import RecordingMetrics, SimDevice, sign_model_version
 from fedtier.tiers.aggregate import Accumulator, partial_id
 from fedtier.tiers.config import EdgeConfig, load_config
-from fedtier.tiers.core import AdaptiveNorm, InfluenceRules
-from fedtier.tiers.edge import EdgeDaemon
+from fedtier.tiers.core import (
+    AdaptiveNorm,
+    AdmissionRules,
+    InfluenceRules,
+    InfluenceState,
+    ModelView,
+    NothingSeen,
+    TierBuffer,
+    admit_update,
+)
+from fedtier.tiers.edge import GC_GEN0_THRESHOLD, EdgeDaemon
 from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.model_registry import MemoryModelRegistry
 from fedtier.tiers.registry import KeyRegistry, TierKeys
@@ -1014,3 +1024,104 @@ async def test_a_rejection_before_authentication_goes_to_the_topics_device_with_
         4,
     )
     assert (second.status, second.reason) == (ReceiptStatus.REJECTED, "bad_signature")
+
+
+# -- intake cost: decode once, a tuned collector ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [
+        CodecSpec("f32"),
+        CodecSpec("i8", chunk=4),
+        CodecSpec("i8", chunk=4, k=3, index="u32"),
+        CodecSpec("i8", chunk=2, k=2, index="varint"),
+    ],
+    ids=str,
+)
+def test_an_accepted_update_is_folded_from_its_admission_decode(
+    codec: CodecSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Admission parses, checks and (i8) dequantizes the payload once; the fold reuses
+    # that work instead of parsing the bytes again, and folds exactly the same sums.
+    rules = AdmissionRules(
+        fleet=FLEET,
+        limits=Limits(),
+        staleness=StalenessPolicy(max_staleness=2),
+        max_norm=0.5,  # clips each of these: the scale comes from the carried norm
+        norm_policy="clip",
+    )
+    model = ModelView(0, LAYOUT.fingerprint, LAYOUT.num_params)
+    accepted = []
+    for i, device in enumerate(DEVICES[:3]):
+        _message, data = device.update(delta(i), codec=codec, n_samples=3 + i)
+        decision = admit_update(
+            data,
+            rules=rules,
+            senders=edge_keys().senders,
+            model=model,
+            seen=NothingSeen(),
+            influence=InfluenceState(rules.influence, rules.max_norm),
+        )
+        assert decision.accepted is not None, decision
+        assert decision.accepted.decoded is not None
+        assert decision.accepted.clipped
+        accepted.append(decision.accepted)
+    reference = TierBuffer(LAYOUT.num_params)
+    for a in accepted:
+        # The refold after a restart: no decode carried, the payload bytes parsed anew.
+        reference.refold(
+            a.message,
+            a.payload,
+            tau=a.tau,
+            discount=a.discount,
+            clip_scale=a.clip_scale,
+            now=0.0,
+            accepted_ms=0,
+            n_samples=a.n_samples,
+        )
+
+    def parse_again(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the fold parsed the payload again")
+
+    monkeypatch.setattr("fedtier.tiers.core._buffer.fold_into", parse_again)
+    buffer = TierBuffer(LAYOUT.num_params)
+    for a in accepted:
+        buffer.fold(a, now=0.0, accepted_ms=0)
+    assert buffer.accumulator.numerator.tobytes() == reference.accumulator.numerator.tobytes()
+    assert buffer.accumulator.weight_sum == reference.accumulator.weight_sum
+
+
+async def test_gc_tuning_is_applied_once_started_and_only_when_asked(
+    site: Site, autojump_clock: MockClock
+) -> None:
+    before = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(site.daemon().serve)  # a test process runs many: untouched
+            assert gc.get_threshold() == before
+            assert gc.get_freeze_count() == frozen
+            nursery.cancel_scope.cancel()
+        tuned = EdgeDaemon(
+            replace(site.config, state_dir=site.tmp / "tuned"),
+            mqtt=MemoryBus(site.mqtt),
+            nats=MemoryBus(site.nats),
+            registry_store=site.registry,
+            keys=edge_keys(),
+            store_in_thread=False,
+            gc_tuning=True,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tuned.serve)
+            assert gc.get_threshold() == (max(before[0], GC_GEN0_THRESHOLD), *before[1:])
+            assert gc.get_freeze_count() > frozen
+            # Still admits and answers updates.
+            _message, data = DEVICES[0].update(delta(1))
+            receipt = await send_and_receipt(Phone(site, DEVICES[0]), data)
+            assert receipt.status is ReceiptStatus.ACCEPTED
+            nursery.cancel_scope.cancel()
+    finally:
+        if frozen == 0:
+            gc.unfreeze()  # else what was frozen before cannot be told apart: left frozen
+        gc.set_threshold(*before)

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from trio.testing import MockClock
 
+from fedtier.protocol.bus import MemoryBus
+from fedtier.protocol.errors import ConfigError
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import layout_of
 from fedtier.protocol.limits import DEFAULT_LIMITS
+from fedtier.protocol.messages import ReceiptStatus
+from fedtier.tiers.config import EdgeConfig, load_config
 from fedtier.tiers.core import (
+    DEFAULT_MAX_SAMPLES,
     AdaptiveNorm,
     AdmissionRules,
     ContributionCounter,
     Decision,
+    DeclaredCaps,
     InfluenceRules,
     InfluenceState,
     ModelView,
@@ -28,10 +38,13 @@ from fedtier.tiers.core import (
     TokenBuckets,
     admit_update,
     capped_weight,
+    declared_default,
 )
-from fedtier.tiers.registry import KeyRegistry
+from fedtier.tiers.edge import EdgeDaemon
+from fedtier.tiers.registry import KeyRegistry, TierKeys
 from fedtier.tiers.staleness import StalenessPolicy
 from fedtier.tiers.testing import SimDevice
+from tests.unit import test_edge as edge_tests
 
 FLEET = "acme"
 LAYOUT = layout_of([("w", (6,)), ("b", (2,))])
@@ -238,3 +251,143 @@ def test_no_single_device_moves_a_version_by_more_than_its_cap(
     assert added_weight == min(n_samples, cap)
     moved = float(np.linalg.norm(with_attack.numerator - without.numerator))
     assert moved <= cap * max_norm * (1 + 1e-4)
+
+
+# -- declared data sizes: each device's own cap ------------------------------------------
+
+
+def test_declared_default_is_the_median_or_the_fallback() -> None:
+    assert declared_default([], 10_000) == 10_000
+    assert declared_default([], None) is None
+    assert declared_default([5, 7, 40], 10_000) == 7
+    assert declared_default([5, 8], 10_000) == 6  # 6.5, rounded down
+
+
+def test_each_device_is_capped_at_its_declared_size_else_the_fleet_default() -> None:
+    ids = [d.identity.key_id for d in (*HONEST, ATTACKER)]
+    declared = {ids[0]: 30, ids[1]: 10, ids[2]: 50}
+    derived = InfluenceRules(max_samples=10_000, declared=declared, derive_cap=True)
+    # Median of 10, 30, 50: a declared size above it is capped there too.
+    assert [derived.weight_cap(k) for k in ids] == [30, 10, 30, 30, 30]
+    assert derived.weight_cap(None) == derived.default_cap == 30
+    fixed = InfluenceRules(max_samples=20, declared=declared)
+    assert [fixed.weight_cap(k) for k in ids] == [30, 10, 50, 20, 20]
+    assert InfluenceRules(max_samples=20, derive_cap=True).default_cap == 20  # none declared
+    caps = DeclaredCaps(derived.with_declared({}))
+    admission = rules(max_samples=10_000, derive_cap=True)
+    weights = []
+    for sender, n_samples in ((HONEST[0], 2**31), (HONEST[1], 4), (ATTACKER, 2**63 - 1)):
+        influence = caps.rules_for(declared, sender.identity.key_id)
+        data = sender.update(honest_delta(1), base_version=3, n_samples=n_samples)[1]
+        decision = admit(data, dataclasses.replace(admission, influence=influence), None)
+        assert decision.accepted is not None
+        weights.append(decision.accepted.n_samples)
+    # Never the raw claim: the declared size, the claim when below it, the fleet's median.
+    assert weights == [30.0, 4.0, 30.0]
+    # A reloaded registry hands out a new mapping: the caps follow it.
+    assert caps.rules_for({ids[4]: 3}, ids[4]).max_samples == 3
+    assert caps.rules_for({ids[4]: 3}, ids[0]).max_samples == 3
+
+
+def test_a_registry_entry_declares_its_device_size(tmp_path: Path) -> None:
+    registry = tmp_path / "devices.toml"
+    ids = [d.identity.key_id for d in HONEST]
+    hexes = [d.identity.verify_key.raw.hex() for d in HONEST]
+    registry.write_text(
+        "[keys]\n"
+        f'veh-0 = {{ public_key = "{hexes[0]}", max_samples = 480 }}\n'
+        f'veh-1 = [{{ public_key = "{hexes[1]}", max_samples = 20 }}]\n'
+        f'veh-2 = "{hexes[2]}"\n'
+    )
+    keys = KeyRegistry([registry], role="device")
+    declared = keys.declared_samples()
+    assert dict(declared) == {ids[0]: 480, ids[1]: 20}
+    assert keys.declared_samples() is declared  # the same object until a reload
+    caps = DeclaredCaps(InfluenceRules(max_samples=10_000, derive_cap=True))
+    # The median of 480 and 20 is 250: the larger device is capped there.
+    assert [caps.rules_for(declared, k).max_samples for k in ids[:3]] == [250, 20, 250]
+    registry.write_text(f'[keys]\nveh-0 = {{ public_key = "{hexes[0]}", max_samples = 0 }}\n')
+    with pytest.raises(ConfigError, match="max_samples must be an integer"):
+        keys.reload()
+    registry.write_text(f'[keys]\nveh-0 = {{ public_key = "{hexes[0]}", max_samples = 7 }}\n')
+    keys.reload()
+    assert keys.declared_samples() is not declared
+    assert caps.rules_for(keys.declared_samples(), ids[0]).max_samples == 7
+
+
+@pytest.mark.parametrize(
+    ("line", "derive", "cap"),
+    [
+        ("", True, DEFAULT_MAX_SAMPLES),
+        ('max_samples = "declared"', True, DEFAULT_MAX_SAMPLES),
+        ("max_samples = 64", False, 64),
+    ],
+)
+def test_edge_config_max_samples(tmp_path: Path, line: str, derive: bool, cap: int) -> None:
+    path = tmp_path / "edge.toml"
+    path.write_text(
+        'fleet = "acme"\nsite = "s1"\nregion = "r1"\nidentity_key = "k.pem"\n'
+        'state_dir = "state"\n[keys]\nsenders = "devices.toml"\ncentral = "central.pub"\n'
+        f"[validation]\n{line}\n"
+    )
+    config = load_config("edge", path)
+    assert isinstance(config, EdgeConfig)
+    assert (config.influence.derive_cap, config.influence.max_samples) == (derive, cap)
+    # "declared" or a number of examples; nothing else.
+    path.write_text(path.read_text().replace(line, "") + 'max_samples = "lots"\n')
+    with pytest.raises(ConfigError, match=r"validation\.max_samples"):
+        load_config("edge", path)
+
+
+async def test_the_edge_caps_each_device_at_its_registry_size(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    registry = tmp_path / "devices.toml"
+    hexes = [d.identity.verify_key.raw.hex() for d in edge_tests.DEVICES]
+    registry.write_text(
+        "[keys]\n"
+        f'veh-0 = {{ public_key = "{hexes[0]}", max_samples = 30 }}\n'
+        f'veh-1 = {{ public_key = "{hexes[1]}", max_samples = 50 }}\n'
+        f'veh-2 = "{hexes[2]}"\n'
+    )
+    # The edge's defaults: max_samples = "declared", so veh-2 gets the median, 40.
+    site = edge_tests.Site(
+        tmp_path,
+        edge_tests.make_config(
+            tmp_path, influence=InfluenceRules(max_samples=DEFAULT_MAX_SAMPLES, derive_cap=True)
+        ),
+    )
+    await site.publish_model(0)
+    keys = TierKeys(
+        edge_tests.EDGE, KeyRegistry([registry], role="device"), edge_tests.CENTRAL.verify_key
+    )
+    async with trio.open_nursery() as nursery:
+        edge = EdgeDaemon(
+            site.config,
+            mqtt=MemoryBus(site.mqtt),
+            nats=MemoryBus(site.nats),
+            registry_store=site.registry,
+            keys=keys,
+            metrics=site.metrics,
+            clock_ms=lambda: 1_764_288_000_000,
+            store_in_thread=False,
+        )
+        await nursery.start(edge.serve)
+        for device, claim in zip(edge_tests.DEVICES[:3], (2**63 - 1, 20, 10**9), strict=True):
+            data = device.update(edge_tests.delta(7), n_samples=claim)[1]
+            receipt = await edge_tests.send_and_receipt(edge_tests.Phone(site, device), data)
+            assert receipt.status is ReceiptStatus.ACCEPTED
+        assert edge.buffer.accumulator.sample_count == 30 + 20 + 40
+        # A reload with new sizes applies to the next update.
+        registry.write_text(
+            f'[keys]\nveh-0 = {{ public_key = "{hexes[0]}", max_samples = 3 }}\n'
+            f'veh-2 = "{hexes[2]}"\n'
+        )
+        keys.senders.reload()
+        data = edge_tests.DEVICES[0].update(edge_tests.delta(8), n_samples=100)[1]
+        receipt = await edge_tests.send_and_receipt(
+            edge_tests.Phone(site, edge_tests.DEVICES[0]), data
+        )
+        assert receipt.status is ReceiptStatus.ACCEPTED
+        assert edge.buffer.accumulator.sample_count == 90 + 3
+        nursery.cancel_scope.cancel()

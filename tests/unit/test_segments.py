@@ -15,7 +15,7 @@ from fedtier.tiers.store import (
     open_state_store,
     prune_segments,
 )
-from fedtier.tiers.store._segments import SegmentLog, is_ref, segment_folder
+from fedtier.tiers.store._segments import PAGE_BYTES, SegmentLog, is_ref, segment_folder
 
 SENDER = "a" * 24
 
@@ -210,3 +210,28 @@ async def test_an_inline_envelope_of_an_older_store_is_still_read(tmp_path: Path
     conn.close()
     async with open_state_store(path) as store:
         assert (await store.recover()).open_inputs == (record(1),)
+
+
+def test_each_sync_pads_to_a_page_so_the_next_batch_starts_on_a_fresh_one(
+    tmp_path: Path,
+) -> None:
+    log = SegmentLog(tmp_path / "segments")
+    log.open_sync()
+    first = log.append(b"a" * 100)
+    second = log.append(b"b" * 5000)  # same batch: packed right after the first
+    log.sync()
+    third = log.append(b"c" * 10)  # the next batch
+    log.sync()
+    log.sync()  # nothing new: no more padding
+    log.close()
+    offsets = [int(ref.split(":")[2]) for ref in (first, second, third)]
+    assert offsets[0] == 0
+    assert offsets[1] == offsets[0] + 12 + 100
+    assert offsets[2] % PAGE_BYTES == 0
+    assert offsets[2] > offsets[1]
+    assert log.path_of(log.active).stat().st_size == offsets[2] + PAGE_BYTES
+    assert [log.read(ref) for ref in (first, second, third)] == [
+        b"a" * 100,
+        b"b" * 5000,
+        b"c" * 10,
+    ]

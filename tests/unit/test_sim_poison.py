@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from fedtier.simulations.sim.cli import main
 from fedtier.simulations.sim.engine import RunResult, Simulation, run_scenario
 from fedtier.simulations.sim.scenario import parse_scenario
 from fedtier.simulations.sim.specs import DefencesSpec, Scenario
+from fedtier.tiers.config import EdgeConfig, load_config
 
 # 12 devices, every one in every sync round, so a version holds exactly one
 # update of each device (the attacker's included).
@@ -94,6 +96,32 @@ def test_one_device_moves_a_version_by_no_more_than_its_cap(
         assert on.final.test_accuracy > off.final.test_accuracy + 0.2
 
 
+def test_each_device_is_capped_at_its_declared_size_and_the_median() -> None:
+    # The edge daemon's default, max_samples = "declared": a device's cap is the data
+    # size registered for it (in the simulator its training set), at most the median
+    # of those sizes, never its claim.
+    defences = {"max_samples": "declared", "norm_bound": "fixed", "max_norm": CAP_B}
+    sim = Simulation(
+        scenario(attack={"kind": "weight_inflation", "fraction": 0.05}, defences=defences)
+    )
+    result = sim.run()
+    assert result.attack is not None
+    assert result.attack.declared_caps
+    (attacker,) = result.attack.malicious
+    own = int(sim.data.samples[attacker])
+    median = max(1, int(statistics.median(int(n) for n in sim.data.samples)))
+    cap = min(own, median)
+    assert cap < int(sim.data.samples.max())  # so a fleet-wide largest cap would differ
+    assert len(result.attack.influence) == 5
+    for version in result.attack.influence:
+        assert version.attacker_weight == cap  # claimed 2**31, folded with its declared cap
+        assert version.attacker_move * version.sample_count <= cap * CAP_B * (1 + 1e-5)
+    # The attacker's five updates are capped, and so is every honest update of a
+    # device above the median; none of a device at or below it.
+    above = sum(1 for n in sim.data.samples if int(n) > median)
+    assert (result.counts["central:weight_capped"] > 5) == (above > 0)
+
+
 def test_future_base_is_refused_with_defences_on_and_moves_versions_without() -> None:
     hierarchical = {
         "aggregation__mode": "async",
@@ -165,14 +193,24 @@ def test_knobs_parse() -> None:
     assert scenario(defences={"unsafe": True}).defences == DefencesSpec(unsafe=True)
 
 
-def test_defence_defaults_are_the_edge_daemon_defaults() -> None:
-    from fedtier.tiers import config
-
+def test_defence_defaults_are_the_edge_daemon_defaults(tmp_path: Path) -> None:
+    # What a minimal edge config file loads to, against [defences] = {}.
+    path = tmp_path / "edge.toml"
+    path.write_text(
+        'fleet = "acme"\nsite = "s1"\nregion = "r1"\nidentity_key = "k.pem"\n'
+        'state_dir = "state"\n[keys]\nsenders = "devices.toml"\ncentral = "central.pub"\n'
+    )
+    edge = load_config("edge", path)
+    assert isinstance(edge, EdgeConfig)
+    rules = edge.influence
     d = DefencesSpec()
-    assert d.max_norm == config.DEFAULT_WARMUP_NORM
-    assert d.max_updates_per_version == config.DEFAULT_MAX_UPDATES_PER_VERSION
-    assert d.rate_per_s == config.DEFAULT_RATE_PER_S
-    assert d.burst == config.DEFAULT_BURST
+    assert d.max_norm == edge.max_norm
+    assert d.adaptive == rules.adaptive_norm
+    assert d.max_updates_per_version == rules.max_updates_per_version
+    assert d.rate_per_s == rules.rate_per_s
+    assert d.burst == rules.burst
+    assert d.reject_future_base == rules.reject_future_base
+    assert (d.max_samples == "declared") == rules.derive_cap
 
 
 @pytest.mark.parametrize(

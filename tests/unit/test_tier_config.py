@@ -17,13 +17,13 @@ from fedtier.protocol.files import save_public_key, save_signing_identity
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.tiers._quarantine import QuarantineLimits
 from fedtier.tiers.config import (
-    DEFAULT_MAX_SAMPLES,
     CentralConfig,
     EdgeConfig,
     RegionalConfig,
     load_config,
     load_initial_model,
 )
+from fedtier.tiers.core import DEFAULT_MAX_SAMPLES
 from fedtier.tiers.daemon import KeyValueFormatter, SystemdNotifier
 from fedtier.tiers.registry import KeyRegistry, TierKeys, load_verify_key
 

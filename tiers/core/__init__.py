@@ -38,13 +38,20 @@ from fedtier.tiers.core._cut import (
     step_model,
 )
 from fedtier.tiers.core._influence import (
+    DEFAULT_BURST,
+    DEFAULT_MAX_SAMPLES,
+    DEFAULT_MAX_UPDATES_PER_VERSION,
+    DEFAULT_RATE_PER_S,
+    DEFAULT_WARMUP_NORM,
     AdaptiveNorm,
     ContributionCounter,
+    DeclaredCaps,
     InfluenceRules,
     InfluenceState,
     NormBound,
     TokenBuckets,
     capped_weight,
+    declared_default,
 )
 from fedtier.tiers.core._robust import (
     OUTLIER_SCORES,
@@ -58,6 +65,11 @@ from fedtier.tiers.core._robust import (
 )
 
 __all__ = [
+    "DEFAULT_BURST",
+    "DEFAULT_MAX_SAMPLES",
+    "DEFAULT_MAX_UPDATES_PER_VERSION",
+    "DEFAULT_RATE_PER_S",
+    "DEFAULT_WARMUP_NORM",
     "F32_SAFE",
     "HIST_BUCKETS",
     "MESSAGE_OVERHEAD",
@@ -71,6 +83,7 @@ __all__ = [
     "BufferedInput",
     "ContributionCounter",
     "Decision",
+    "DeclaredCaps",
     "InfluenceRules",
     "InfluenceState",
     "ModelView",
@@ -94,6 +107,7 @@ __all__ = [
     "check_fits",
     "check_payload",
     "decide_outliers",
+    "declared_default",
     "fold_bound",
     "fold_message",
     "max_abs",

@@ -38,9 +38,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-import numpy as np
-
-from fedtier.protocol.codecs import CodecSpec, all_finite, decode
+from fedtier.protocol.codecs import CodecSpec, DecodedPayload, parse_payload
 from fedtier.protocol.envelope import Envelope, parse_envelope
 from fedtier.protocol.errors import (
     DecodeError,
@@ -204,6 +202,9 @@ class AcceptedInput:
         norm: the L2 norm as received (NaN when not computed).
         late: a partial past ``max_staleness``, folded anyway.
         weight_capped: the update's ``n_samples`` was above ``max_samples``.
+        decoded: the payload as admission validated and decoded it, so the fold
+            neither parses nor dequantizes it again (None: the fold decodes
+            ``payload`` itself).
     """
 
     message: DeviceUpdate | PartialAggregate
@@ -220,6 +221,7 @@ class AcceptedInput:
     norm: float = math.nan
     late: bool = False
     weight_capped: bool = False
+    decoded: DecodedPayload | None = None
 
     @property
     def clipped(self) -> bool:
@@ -264,27 +266,44 @@ def check_payload(
 ) -> ValidationResult:
     """Check an encoded vector completely before it is folded: layout, finiteness, norm.
 
-    Dense f32/f16 payloads are checked in place (zero-copy views); i8 and top-k
-    payloads are scanned without a dense copy unless a norm bound needs one.
+    Dense f32/f16 payloads are checked in place (zero-copy views); i8 payloads are
+    scanned without a float32 decode unless a norm bound needs one, and a top-k
+    payload's norm is taken over its ``k`` values (the others are zero).
 
     Raises:
         DecodeError: the payload breaks its codec (``malformed``).
         UpdateRejected: ``non_finite``, or ``norm_exceeded`` under the reject policy.
     """
-    if codec.k is None and codec.values in ("f32", "f16"):
+    result, _ = _checked_payload(
+        payload, codec, num_params, max_norm=max_norm, norm_policy=norm_policy
+    )
+    return result
+
+
+def _checked_payload(
+    payload: memoryview | bytes,
+    codec: CodecSpec,
+    num_params: int,
+    *,
+    max_norm: float | None,
+    norm_policy: NormPolicy,
+) -> tuple[ValidationResult, DecodedPayload]:
+    """``check_payload``, also returning the decoded payload for the fold (decoded once)."""
+    dense_float = codec.k is None and codec.values in ("f32", "f16")
+    if dense_float:
         expected = codec.expected_payload_size(num_params)
         if len(payload) != expected:
             raise DecodeError(f"{codec} payload has {len(payload)} bytes; expected {expected}")
-        values = np.frombuffer(payload, dtype="<f4" if codec.values == "f32" else "<f2")
-        return check_update_vector(values, max_norm=max_norm, norm_policy=norm_policy)
-    if max_norm is None:
-        if not all_finite(payload, codec, num_params):
+    decoded = parse_payload(payload, codec, num_params)
+    if max_norm is None and not dense_float:
+        # Finiteness alone needs no float32 decode of an i8 payload (its scales tell).
+        if not decoded.all_finite():
             raise UpdateRejected(
                 f"{codec} payload decodes to a NaN or infinite value", reason=Reason.NON_FINITE
             )
-        return ValidationResult(norm=math.nan)
-    dense = decode(payload, codec, num_params)
-    return check_update_vector(dense, max_norm=max_norm, norm_policy=norm_policy)
+        return ValidationResult(norm=math.nan), decoded
+    result = check_update_vector(decoded.norm_values(), max_norm=max_norm, norm_policy=norm_policy)
+    return result, decoded
 
 
 class _Claim:
@@ -445,7 +464,7 @@ def admit_update(
                 reason=Reason.CONTRIBUTION_CAPPED,
             )
         max_norm = rules.max_norm if influence is None else influence.norm_bound()
-        result = check_payload(
+        result, decoded = _checked_payload(
             envelope.payload,
             message.codec,
             message.num_params,
@@ -472,6 +491,7 @@ def admit_update(
             clip_scale=result.scale,
             norm=result.norm,
             weight_capped=weight < message.n_samples,
+            decoded=decoded,
         ),
     )
 
@@ -565,7 +585,7 @@ def admit_partial(
                 f"v{message.known_version}; this {tier} knows v{model.version}",
                 reason=Reason.STALE,
             )
-        check_payload(
+        _, decoded = _checked_payload(
             envelope.payload, message.codec, message.num_params, max_norm=None, norm_policy="clip"
         )
     except RemoteProtocolError as exc:
@@ -583,5 +603,6 @@ def admit_partial(
             tau=assessment.tau,
             discount=assessment.discount,
             late=assessment.late,
+            decoded=decoded,
         ),
     )

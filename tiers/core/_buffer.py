@@ -11,7 +11,7 @@ import functools
 from dataclasses import dataclass
 from typing import Final
 
-from fedtier.protocol.codecs import fold_into
+from fedtier.protocol.codecs import DecodedPayload, fold_into
 from fedtier.protocol.messages import DeviceUpdate, PartialAggregate
 from fedtier.tiers.aggregate import Accumulator
 from fedtier.tiers.core._admission import AcceptedInput
@@ -32,6 +32,7 @@ def fold_message(
     discount: float,
     clip_scale: float = 1.0,
     n_samples: float | None = None,
+    decoded: DecodedPayload | None = None,
 ) -> None:
     """Fold a verified message's payload with the weights assessed (or stored) for it.
 
@@ -40,8 +41,15 @@ def fold_message(
     refold after a restart both come here, so they cannot fold differently.
     ``n_samples`` is an update's admitted weight (its ``n_samples`` capped at the
     tier's ``max_samples``); it never raises the message's own count.
+    ``decoded`` is ``payload`` as admission already validated and decoded it
+    (``AcceptedInput.decoded``): the fold then reuses that work, with the same
+    result bit for bit.
     """
-    folder = functools.partial(fold_into, payload=payload, spec=message.codec)
+    folder = (
+        functools.partial(fold_into, payload=payload, spec=message.codec)
+        if decoded is None
+        else decoded.fold_into
+    )
     if isinstance(message, DeviceUpdate):
         acc.fold_update(
             message.update_id,
@@ -164,6 +172,7 @@ class TierBuffer:
             tag=tag,
             n_samples=accepted.n_samples,
             exempt=exempt,
+            decoded=accepted.decoded,
         )
 
     def refold(
@@ -179,11 +188,12 @@ class TierBuffer:
         tag: str = "",
         n_samples: float | None = None,
         exempt: bool = False,
+        decoded: DecodedPayload | None = None,
     ) -> None:
         """Fold an input with weights decided earlier (recovery after a restart) and book it.
 
         ``n_samples`` is the stored weight of an update (capped at admission); None
-        folds the message's own count.
+        folds the message's own count. ``decoded``: see :func:`fold_message`.
         """
         fold_message(
             self.accumulator,
@@ -193,6 +203,7 @@ class TierBuffer:
             discount=discount,
             clip_scale=clip_scale,
             n_samples=n_samples,
+            decoded=decoded,
         )
         if self.oldest_at is None:
             self.oldest_at = now

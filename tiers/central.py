@@ -619,14 +619,7 @@ class CentralDaemon(TierDaemon):
         if held is None:
             await trio.lowlevel.checkpoint()
             return
-        entry = await retry_transient(
-            "registry read of the current model pointer",
-            "registry_get_current",
-            self.registry.current_entry,
-            retry=self.config.retry,
-            metrics=self.metrics,
-            log=self.log,
-        )
+        entry = await self._read_current_entry()
         pointer = entry[0] if entry is not None and entry[0] else None
         pending, self._unpublished = self._unpublished, []
         current = -1 if pointer is None else self._registry_version(pointer)
@@ -849,28 +842,10 @@ class CentralDaemon(TierDaemon):
 
     async def _before_settling(self, deadline: float) -> None:
         """Cut what was admitted, so its held deliveries can be acknowledged and the intake end."""
-        intake = self._intake
-        if self.held is None or self.cuts_paused or intake is None:
+        if self.held is None:
             await trio.lowlevel.checkpoint()
             return
-        with trio.move_on_at(deadline):
-            while not intake.finished.is_set():
-                await self._send_stashed()
-                job = self._cut("shutdown")
-                if job is not None:
-                    await self.upstream.put(job)
-                async with trio.open_nursery() as race:
-
-                    async def changed() -> None:
-                        await self.buffer.wait_changed()
-                        race.cancel_scope.cancel()
-
-                    async def finished() -> None:
-                        await intake.finished.wait()
-                        race.cancel_scope.cancel()
-
-                    race.start_soon(changed)
-                    race.start_soon(finished)
+        await self._cut_until_settled(deadline)
 
     # -- retention ---------------------------------------------------------------------
 
@@ -923,14 +898,9 @@ class CentralDaemon(TierDaemon):
 
     # -- one writer per registry ---------------------------------------------------------
 
-    async def _check_not_behind_registry(self, latest: int | None) -> None:
-        """Refuse to start when the registry holds a version this central's store did not write.
-
-        A central restarted on an empty or restored-from-old store, or a second
-        central of the same fleet, would otherwise sign and publish other
-        models under version numbers the fleet already knows.
-        """
-        entry = await retry_transient(
+    async def _read_current_entry(self) -> tuple[bytes, int] | None:
+        """The registry's current pointer entry, read with the transient-error retry."""
+        return await retry_transient(
             "registry read of the current model pointer",
             "registry_get_current",
             self.registry.current_entry,
@@ -938,6 +908,15 @@ class CentralDaemon(TierDaemon):
             metrics=self.metrics,
             log=self.log,
         )
+
+    async def _check_not_behind_registry(self, latest: int | None) -> None:
+        """Refuse to start when the registry holds a version this central's store did not write.
+
+        A central restarted on an empty or restored-from-old store, or a second
+        central of the same fleet, would otherwise sign and publish other
+        models under version numbers the fleet already knows.
+        """
+        entry = await self._read_current_entry()
         if entry is None or not entry[0]:
             return
         if self._registry_version(entry[0]) is not None:

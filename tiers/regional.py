@@ -437,28 +437,10 @@ class RegionalDaemon(FollowerDaemon):
 
     async def _before_settling(self, deadline: float) -> None:
         """Cut what was admitted, so its held deliveries can be acknowledged and the intake end."""
-        intake = self._intake
-        if self._forwarding is None or self.cuts_paused or intake is None:
+        if self._forwarding is None:
             await trio.lowlevel.checkpoint()
             return
-        with trio.move_on_at(deadline):
-            while not intake.finished.is_set():
-                await self._send_stashed()
-                job = self._cut("shutdown")
-                if job is not None:
-                    await self.upstream.put(job)
-                async with trio.open_nursery() as race:
-
-                    async def changed() -> None:
-                        await self.buffer.wait_changed()
-                        race.cancel_scope.cancel()
-
-                    async def finished() -> None:
-                        await intake.finished.wait()
-                        race.cancel_scope.cancel()
-
-                    race.start_soon(changed)
-                    race.start_soon(finished)
+        await self._cut_until_settled(deadline)
 
     @property
     def partial_codec(self) -> CodecSpec:

@@ -546,6 +546,37 @@ class TierDaemon(abc.ABC):
         """Called after the input stopped, before waiting for what was admitted to settle."""
         await trio.lowlevel.checkpoint()
 
+    async def _cut_until_settled(self, deadline: float) -> None:
+        """Cut what was admitted until the intake has settled, by ``deadline``.
+
+        For a tier that acknowledges a delivery only once a partial or version
+        holding it is durable upstream (``[lease]`` at the regional and the
+        central): its held deliveries settle only after such cuts, so at
+        shutdown it keeps cutting while the intake still holds any.
+        """
+        intake = self._intake
+        if self.cuts_paused or intake is None:
+            await trio.lowlevel.checkpoint()
+            return
+        with trio.move_on_at(deadline):
+            while not intake.finished.is_set():
+                await self._send_stashed()
+                job = self._cut("shutdown")
+                if job is not None:
+                    await self.upstream.put(job)
+                async with trio.open_nursery() as race:
+
+                    async def changed() -> None:
+                        await self.buffer.wait_changed()
+                        race.cancel_scope.cancel()
+
+                    async def finished() -> None:
+                        await intake.finished.wait()
+                        race.cancel_scope.cancel()
+
+                    race.start_soon(changed)
+                    race.start_soon(finished)
+
     async def _shut_down_cleanly(self, deadline: float) -> None:
         timeout_s = self.config.shutdown_timeout_s
         if self.cuts_paused:

@@ -107,18 +107,10 @@ class _Publisher:
         return PublishAck(duplicate=False)
 
 
-class _PublishLink(_Link):
-    """The publishing connection: clean start, no session, one event per mid."""
+class _PubackHook(_Link):
+    """A link that publishes: each PUBACK counts as progress and settles its publish."""
 
-    def __init__(self, config: MqttConfig, tls_context: ssl.SSLContext | None) -> None:
-        super().__init__(
-            config,
-            client_id=config.client_id + _PUBLISHER_SUFFIX,
-            persistent=False,
-            tls_context=tls_context,
-        )
-        self._publisher = _Publisher(self)
-        self.client.on_publish = self._on_publish
+    _publisher: _Publisher
 
     def _on_publish(
         self,
@@ -130,6 +122,20 @@ class _PublishLink(_Link):
     ) -> None:
         self._progress += 1
         self._publisher.on_puback(mid, reason)
+
+
+class _PublishLink(_PubackHook):
+    """The publishing connection: clean start, no session, one event per mid."""
+
+    def __init__(self, config: MqttConfig, tls_context: ssl.SSLContext | None) -> None:
+        super().__init__(
+            config,
+            client_id=config.client_id + _PUBLISHER_SUFFIX,
+            persistent=False,
+            tls_context=tls_context,
+        )
+        self._publisher = _Publisher(self)
+        self.client.on_publish = self._on_publish
 
     def _before_connect(self) -> None:
         self._publisher.drop_unsent()

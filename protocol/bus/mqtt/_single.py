@@ -29,36 +29,22 @@ reading, as on the subscribing connection of a tier.
 from __future__ import annotations
 
 import ssl
-from typing import Any
 
-from paho.mqtt.client import Client
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from fedtier.protocol.bus._base import PublishAck
 from fedtier.protocol.bus.mqtt._config import MqttConfig
-from fedtier.protocol.bus.mqtt._publish import _Publisher
+from fedtier.protocol.bus.mqtt._publish import _PubackHook, _Publisher
 from fedtier.protocol.bus.mqtt._subscription import _MqttSubscription, _SubscribeLink
 
 
-class _SingleLink(_SubscribeLink):
+class _SingleLink(_SubscribeLink, _PubackHook):
     """The persistent session ``<client_id>``, subscribing and publishing."""
 
     def __init__(self, config: MqttConfig, tls_context: ssl.SSLContext | None) -> None:
         super().__init__(config, tls_context)
         self._publisher = _Publisher(self)
         self.client.on_publish = self._on_publish
-
-    def _on_publish(
-        self,
-        client: Client,
-        userdata: Any,
-        mid: int,
-        reason: ReasonCode,
-        properties: Properties,
-    ) -> None:
-        self._progress += 1
-        self._publisher.on_puback(mid, reason)
 
     def _before_connect(self) -> None:
         super()._before_connect()

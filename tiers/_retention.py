@@ -10,8 +10,9 @@ submits its deletes through the store's committer like any other write, one
 batch per transaction, so accepts keep grouping between two batches and a
 crash in the middle of a pass leaves a store that simply has more rows.
 
-The clocks: inputs record ``accepted_ms`` with the daemon's clock
-(``daemon.clock_ms``, virtual in tests), acknowledged outbox rows their
+The clocks: inputs record ``accepted_ms`` and the central's versions
+``created_ms`` with the daemon's clock (``daemon.clock_ms``, virtual in
+tests), acknowledged outbox rows their
 ``acked_ms`` with the wall clock (``tiers.store``): each horizon is measured on
 the clock that wrote its column.
 """
@@ -34,6 +35,7 @@ from fedtier.tiers.store import (
     now_ms,
     prune_acked_outbox,
     prune_done_inputs,
+    prune_version_history,
 )
 from fedtier.tiers.store._inputs import prune_segments
 
@@ -72,23 +74,27 @@ async def prune_once(
     for _ in range(_MAX_BATCHES_PER_PASS):
         accepted_before = clock_ms() - int(settings.dedupe_horizon_s * 1000)
         acked_before = wall_ms() - int(settings.outbox_horizon_s * 1000)
+        made_before = clock_ms() - int(settings.version_history_s * 1000)
         result: list[PruneCounts] = []
 
         def op(
             conn: sqlite3.Connection,
             accepted_before: int = accepted_before,
             acked_before: int = acked_before,
+            made_before: int = made_before,
             result: list[PruneCounts] = result,
         ) -> None:
             counts = prune_done_inputs(conn, accepted_before_ms=accepted_before, batch=batch)
             outbox = prune_acked_outbox(conn, acked_before_ms=acked_before, batch=batch)
-            result.append(counts + PruneCounts(outbox=outbox))
+            # Version rows exist at the central only; elsewhere this deletes nothing.
+            versions = prune_version_history(conn, created_before_ms=made_before, batch=batch)
+            result.append(counts + PruneCounts(outbox=outbox, versions=versions))
 
         # The committer's own path: one writer, FIFO with every accept and flush.
         await store._submit(op, "retention prune").wait()
         counts = result[0]
         total += counts
-        if counts.inputs < batch and counts.outbox < batch:
+        if counts.inputs < batch and counts.outbox < batch and counts.versions < batch:
             break
     if total.envelopes:
         # Envelope bytes live in segment files; a file no row names any more goes now.
@@ -123,11 +129,13 @@ class Pruner:
         self.pruned += counts
         if counts.total:
             logger.info(
-                "pruned %d inputs, %d leaf ids, %d envelopes, %d acked outbox rows",
+                "pruned %d inputs, %d leaf ids, %d envelopes, %d acked outbox rows, "
+                "%d model version rows",
                 counts.inputs,
                 counts.leaves,
                 counts.envelopes,
                 counts.outbox,
+                counts.versions,
             )
         fired, self.passed = self.passed, trio.Event()
         fired.set()

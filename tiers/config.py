@@ -206,6 +206,10 @@ class RetentionSettings:
             stream refuses publishes, which stay in the publisher's outbox).
         span_file_max_bytes: a JSON-lines span file is rotated past this size.
         span_files_keep: rotated span files kept besides the current one.
+        version_history_s: the central's model version rows (signed pointer,
+            lineage, evaluation metrics) made longer ago than this go, once
+            ``keep_versions`` dropped their parameters: ``fedtier trace`` and
+            ``fedtier model list`` then know them no more.
     """
 
     interval_s: float = 300.0
@@ -216,6 +220,7 @@ class RetentionSettings:
     up_stream_max_bytes: int = 2**30
     span_file_max_bytes: int = 64 * 2**20
     span_files_keep: int = 4
+    version_history_s: float = 90 * 86_400.0
 
     def __post_init__(self) -> None:
         if self.dedupe_horizon_s < self.up_stream_max_age_s:
@@ -780,8 +785,12 @@ def _retention(table: ConfigTable, kind: TierKind) -> tuple[RetentionSettings, i
     default = RetentionSettings()
     day = 86_400.0
     keep = CentralConfig.keep_versions
+    history = default.version_history_s
     if kind == "central":
         keep = table.integer("keep_versions", keep, low=0)
+        history = table.number(
+            "version_history_s", history, low=0.0, high=3650 * day, low_open=True
+        )
     dedupe = table.number(
         "dedupe_horizon_s", default.dedupe_horizon_s, low=0.0, high=3650 * day, low_open=True
     )
@@ -805,6 +814,7 @@ def _retention(table: ConfigTable, kind: TierKind) -> tuple[RetentionSettings, i
             "span_file_max_bytes", default.span_file_max_bytes, low=1 << 12
         ),
         span_files_keep=table.integer("span_files_keep", default.span_files_keep, low=0),
+        version_history_s=history,
     )
     table.finish()
     return settings, keep

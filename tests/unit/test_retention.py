@@ -23,6 +23,7 @@ from fedtier.tiers.store import (
     open_state_store,
     prune_acked_outbox,
     prune_done_inputs,
+    prune_version_history,
     table_sizes,
 )
 
@@ -85,6 +86,45 @@ def run_sync(path: Path, fn, /, **kwargs):  # type: ignore[no-untyped-def]
         return result
     finally:
         conn.close()
+
+
+async def test_old_version_rows_go_only_once_published_and_their_parameters_pruned(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "central.sqlite"
+    async with open_state_store(path, in_thread=False):
+        pass  # the schema
+    conn = sqlite3.connect(path, isolation_level=None)
+    rows = [
+        # version, blob, created_ms, published
+        (1, b"", 1_000, 1),  # old, parameters pruned: goes
+        (2, b"", 2_000, 1),  # likewise
+        (3, b"params", 3_000, 1),  # old but among keep_versions (parameters kept): stays
+        (4, b"", 4_000, 0),  # never published: stays
+        (5, b"", 9_000, 1),  # inside the history horizon: stays
+    ]
+    for version, blob, created_ms, published in rows:
+        conn.execute(
+            "INSERT INTO model_versions (version, blob, pointer, lineage, update_count,"
+            " created_ms, published) VALUES (?, ?, x'00', x'00', 1, ?, ?)",
+            (version, blob, created_ms, published),
+        )
+    conn.execute(
+        "INSERT INTO model_metrics (version, metric, value, evaluated_ms) VALUES "
+        "(1, 'accuracy', 0.5, 1), (3, 'accuracy', 0.7, 1)"
+    )
+    conn.close()
+    assert run_sync(path, prune_version_history, created_before_ms=5_000, batch=1) == 1
+    assert run_sync(path, prune_version_history, created_before_ms=5_000, batch=100) == 1
+    assert run_sync(path, prune_version_history, created_before_ms=5_000, batch=100) == 0
+    conn = sqlite3.connect(path)
+    try:
+        left = [int(r[0]) for r in conn.execute("SELECT version FROM model_versions")]
+        metrics = [int(r[0]) for r in conn.execute("SELECT version FROM model_metrics")]
+    finally:
+        conn.close()
+    assert left == [3, 4, 5]
+    assert metrics == [3]
 
 
 async def test_done_inputs_past_the_horizon_go_with_their_leaves_and_nothing_else(
@@ -196,6 +236,14 @@ def test_the_retention_table_is_read_and_checked() -> None:
     )
     assert keep == 3
     assert central == RetentionSettings()
+    # So is the version history horizon (only the central keeps version rows).
+    with pytest.raises(ConfigError, match="version_history_s"):
+        retention_table({"version_history_s": 86400})
+    central, _ = _retention(
+        ConfigTable({"version_history_s": 86400}, source="central.toml", path="retention"),
+        "central",
+    )
+    assert central.version_history_s == 86400
 
 
 def test_a_span_file_rotates_past_its_size_and_keeps_only_the_newest(tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ from fedtier.tiers.store._retention import (
     TableSizes,
     prune_acked_outbox,
     prune_done_inputs,
+    prune_version_history,
     table_sizes,
 )
 from fedtier.tiers.store._store import StateStore, open_state_store
@@ -93,6 +94,7 @@ __all__ = [
     "prune_acked_outbox",
     "prune_done_inputs",
     "prune_segments",
+    "prune_version_history",
     "read_latest_version",
     "read_lineage",
     "read_lineages",

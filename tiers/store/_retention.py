@@ -22,6 +22,10 @@ What may go, and why only that (docs/operations.md, retention and limits):
 * ``outbox`` rows in state ``acked`` acknowledged before the outbox horizon:
   their bytes went at the ack; the row is history only.
 
+* the central's ``model_versions`` rows (pointer, lineage) and their metrics,
+  made before the version history horizon, once ``keep_versions`` dropped
+  their parameters.
+
 The quarantine is bounded in bytes by its own limits (``[quarantine]``), model
 parameters at the central by ``keep_versions``; neither is pruned here.
 
@@ -37,7 +41,14 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["PruneCounts", "TableSizes", "prune_acked_outbox", "prune_done_inputs", "table_sizes"]
+__all__ = [
+    "PruneCounts",
+    "TableSizes",
+    "prune_acked_outbox",
+    "prune_done_inputs",
+    "prune_version_history",
+    "table_sizes",
+]
 
 _CHUNK: Final = 500  # host parameters per statement, well under SQLite's limit
 
@@ -51,12 +62,15 @@ class PruneCounts:
         leaves: leaf update ids those inputs carried.
         envelopes: envelope rows of those inputs (normally none: a flush drops them).
         outbox: acknowledged outbox rows past the outbox horizon.
+        versions: the central's model version rows (pointer, lineage, metrics)
+            past the version history horizon whose parameters were pruned.
     """
 
     inputs: int = 0
     leaves: int = 0
     envelopes: int = 0
     outbox: int = 0
+    versions: int = 0
 
     def __add__(self, other: PruneCounts) -> PruneCounts:
         return PruneCounts(
@@ -64,12 +78,13 @@ class PruneCounts:
             self.leaves + other.leaves,
             self.envelopes + other.envelopes,
             self.outbox + other.outbox,
+            self.versions + other.versions,
         )
 
     @property
     def total(self) -> int:
         """Rows deleted in all."""
-        return self.inputs + self.leaves + self.envelopes + self.outbox
+        return self.inputs + self.leaves + self.envelopes + self.outbox + self.versions
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +146,33 @@ def prune_acked_outbox(conn: sqlite3.Connection, *, acked_before_ms: int, batch:
         " WHERE state = 'acked' AND acked_ms < ? ORDER BY acked_ms LIMIT ?)",
         (acked_before_ms, batch),
     ).rowcount
+
+
+def prune_version_history(conn: sqlite3.Connection, *, created_before_ms: int, batch: int) -> int:
+    """Delete up to ``batch`` of the central's oldest version rows made before the horizon.
+
+    Only a published version whose parameters ``keep_versions`` already dropped
+    (an empty ``blob``) goes, with its evaluation metrics: its pointer and
+    lineage are history (``fedtier trace``, ``fedtier model list``), which the
+    history horizon bounds. The newest ``keep_versions`` (a rollback's
+    candidates) always stay, and nothing else in the store refers to a version
+    row: the dedupe keys are the inputs' and the leaves', pruned by their own
+    horizon, and a standby continues from the registry's records.
+    """
+    versions = [
+        int(row[0])
+        for row in conn.execute(
+            "SELECT version FROM model_versions WHERE published = 1 AND length(blob) = 0"
+            " AND created_ms < ? ORDER BY version LIMIT ?",
+            (created_before_ms, batch),
+        )
+    ]
+    for start in range(0, len(versions), _CHUNK):
+        chunk = versions[start : start + _CHUNK]
+        marks = ", ".join("?" * len(chunk))  # values are bound, never spliced
+        conn.execute(f"DELETE FROM model_metrics WHERE version IN ({marks})", chunk)  # noqa: S608
+        conn.execute(f"DELETE FROM model_versions WHERE version IN ({marks})", chunk)  # noqa: S608
+    return len(versions)
 
 
 def table_sizes(conn: sqlite3.Connection) -> TableSizes:

@@ -62,7 +62,7 @@ from fedtier.protocol.errors import (
     RemoteProtocolError,
 )
 from fedtier.protocol.identity import SigningIdentity, VerifyKey
-from fedtier.protocol.limits import DEFAULT_LIMITS
+from fedtier.protocol.limits import limits_for_model
 from fedtier.protocol.messages import (
     UNAUTHENTICATED_REJECTIONS,
     DeviceUpdate,
@@ -455,8 +455,7 @@ class _Device:
     async def _pump_blob_parts(self, sub: Subscription) -> None:
         """Join the retained parts of a blob above the broker's packet limit, then offer it."""
         # The widest blob of this device's layout: float32 values, the largest header.
-        bound = 4 * self.layout.num_params + DEFAULT_LIMITS.max_header_bytes + 1024
-        assembler = BlobAssembler(bound)
+        assembler = BlobAssembler(limits_for_model(self.layout.num_params).max_envelope_bytes)
         while True:
             delivery = await sub.receive()
             await delivery.ack()

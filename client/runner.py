@@ -92,6 +92,7 @@ async def _serve(
     from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
     from fedtier.protocol.certificates import ModelSigners
     from fedtier.protocol.files import load_public_key
+    from fedtier.protocol.limits import limits_for_model
     from fedtier.protocol.telemetry.tracing import setup_tracing
 
     try:
@@ -104,6 +105,8 @@ async def _serve(
         trainer.layout,
         settings.device.fleet,
         cache_path=settings.model_cache,
+        # A model of this device's own layout always fits, however large.
+        limits=limits_for_model(trainer.layout.num_params),
     )
     mqtt = settings.mqtt
     mqtt_config = MqttConfig(

@@ -10,11 +10,11 @@ are not configured but derived from the message schemas and ``Limits``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedtier.protocol.errors import LocalProtocolError
 
-__all__ = ["DEFAULT_LIMITS", "Limits", "StructureCaps"]
+__all__ = ["DEFAULT_LIMITS", "Limits", "StructureCaps", "limits_for_model"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +52,24 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+def limits_for_model(num_params: int, base: Limits = DEFAULT_LIMITS) -> Limits:
+    """``base``, raised where needed so that a model of ``num_params`` values fits.
+
+    A device knows its model's layout, so it need not be configured for a
+    large model: a blob of its own layout (float32, the widest dense codec,
+    plus the largest header) is never above these caps, while every other cap
+    stays ``base``'s.
+    """
+    if num_params < 1:
+        raise LocalProtocolError(f"a model has at least one parameter, got {num_params}")
+    widest = 4 * num_params + base.max_header_bytes + 1024
+    return replace(
+        base,
+        max_params=max(base.max_params, num_params),
+        max_envelope_bytes=max(base.max_envelope_bytes, widest),
+    )
 
 
 @dataclass(frozen=True, slots=True)

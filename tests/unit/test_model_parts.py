@@ -7,6 +7,7 @@ import hashlib
 import pytest
 
 from fedtier.protocol.errors import DecodeError, LimitExceeded, LocalProtocolError
+from fedtier.protocol.limits import DEFAULT_LIMITS, limits_for_model
 from fedtier.protocol.model_parts import (
     MAX_BLOB_PARTS,
     MODEL_PART_PROPERTY,
@@ -115,3 +116,16 @@ def test_the_example_in_protocol_md_section_7() -> None:
     parts = blob_parts(bytes(40_000_000), 16_777_216 - 1024)
     assert [len(chunk) for _, chunk in parts] == [16_776_192, 16_776_192, 6_447_616]
     assert parts[2][0][MODEL_PART_PROPERTY].startswith("2 3 40000000 ")
+
+
+def test_a_device_s_limits_fit_a_blob_of_its_own_layout_however_large() -> None:
+    small = limits_for_model(1_000)
+    assert small == DEFAULT_LIMITS  # the defaults already fit a small model
+    large = limits_for_model(100_000_000)
+    assert large.max_params == 100_000_000
+    assert large.max_envelope_bytes >= 4 * 100_000_000 + DEFAULT_LIMITS.max_header_bytes
+    # Every other cap stays the default's: a large model is no licence for a large header.
+    assert large.max_header_bytes == DEFAULT_LIMITS.max_header_bytes
+    assert large.max_ids == DEFAULT_LIMITS.max_ids
+    with pytest.raises(LocalProtocolError):
+        limits_for_model(0)

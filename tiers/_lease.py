@@ -29,12 +29,15 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import msgpack
 import trio
 
-from fedtier.protocol.errors import BusError, DecodeError, KvConflict
+if TYPE_CHECKING:
+    from fedtier.tiers.config import TierConfig
+
+from fedtier.protocol.errors import BusError, ConfigError, DecodeError, KvConflict
 
 __all__ = [
     "LOSS_FRACTION",
@@ -42,6 +45,7 @@ __all__ = [
     "LeaseEntry",
     "LeaseHolder",
     "LeaseKv",
+    "check_hold_config",
     "default_instance",
 ]
 
@@ -392,3 +396,44 @@ class Lease:
 
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def check_hold_config(config: TierConfig, *, who: str, held: str, until: str) -> None:
+    """Refuse a config under which a tier's held deliveries would come back or never be cut.
+
+    With ``[lease]`` a regional (the central) holds each delivery until a
+    partial (a model version) holding it is durable upstream (published), so:
+    in-progress acks must keep it (``nats.max_hold_s`` > 0) for at least one
+    buffer window (``flush.max_age_s``), and a buffer without an age limit must
+    be able to fill (``intake_capacity`` >= ``flush.max_inputs``), since the
+    intake holds at most ``intake_capacity``.
+
+    Args:
+        config: the daemon's config.
+        who: the daemon, for the sentence ("a regional", "the central").
+        held: what it holds ("edge partial", "partial").
+        until: until when ("upstream has it", "a model version holding it is published").
+
+    Raises:
+        ConfigError: the combination cannot hold a buffer window.
+    """
+    hold_s = config.nats.max_hold_s
+    window_s = config.flush.max_age_s
+    if hold_s <= 0:
+        raise ConfigError(
+            f"[lease] enabled at {who} needs in-progress acks: set nats.max_hold_s > 0 "
+            f"(it holds each {held} until {until})"
+        )
+    if window_s is None and config.intake_capacity < config.flush.max_inputs:
+        raise ConfigError(
+            f"[lease] enabled at {who} holds at most intake_capacity "
+            f"({config.intake_capacity}) {held}s, fewer than flush.max_inputs "
+            f"({config.flush.max_inputs}), and flush.max_age_s is unset: a buffer would "
+            "never be cut; set flush.max_age_s or raise intake_capacity"
+        )
+    if window_s is not None and hold_s < window_s:
+        raise ConfigError(
+            f"nats.max_hold_s ({hold_s:g} s) is shorter than flush.max_age_s ({window_s:g} s): "
+            f"with [lease] enabled {who} holds each {held} for a whole buffer window; "
+            "raise max_hold_s"
+        )

@@ -63,7 +63,6 @@ from fedtier.protocol.codecs import decode
 from fedtier.protocol.envelope import open_envelope
 from fedtier.protocol.errors import (
     BusError,
-    ConfigError,
     KvConflict,
     LocalProtocolError,
     RegistryConflict,
@@ -88,6 +87,7 @@ from fedtier.protocol.telemetry import (
 )
 from fedtier.tiers._identity import IdentityReload
 from fedtier.tiers._intake import Admission
+from fedtier.tiers._lease import check_hold_config as _check_hold_config
 from fedtier.tiers._telemetry import (
     TierMetricsLike,
     context_of,
@@ -142,38 +142,14 @@ when ``keep_versions`` is smaller.
 
 
 def check_central_hold_config(config: CentralConfig) -> None:
-    """Refuse a config under which the central's held deliveries would come back or never be cut.
-
-    With ``[lease]`` a central holds each partial until a version holding it
-    is published, so: in-progress acks must keep it (``nats.max_hold_s`` > 0)
-    for at least one buffer window (``flush.max_age_s``), and a buffer without
-    an age limit must be able to fill (``intake_capacity`` >=
-    ``flush.max_inputs``), since the intake holds at most ``intake_capacity``.
-    The regional's rule (``tiers.regional.check_hold_config``), for the central.
+    """Refuse a config whose held deliveries would come back or never be cut (``tiers._lease``).
 
     Raises:
         ConfigError: the combination cannot hold a buffer window.
     """
-    hold_s = config.nats.max_hold_s
-    window_s = config.flush.max_age_s
-    if hold_s <= 0:
-        raise ConfigError(
-            "[lease] enabled at the central needs in-progress acks: set nats.max_hold_s > 0 "
-            "(it holds each partial until a model version holding it is published)"
-        )
-    if window_s is None and config.intake_capacity < config.flush.max_inputs:
-        raise ConfigError(
-            f"[lease] enabled at the central holds at most intake_capacity "
-            f"({config.intake_capacity}) partials, fewer than flush.max_inputs "
-            f"({config.flush.max_inputs}), and flush.max_age_s is unset: a buffer would "
-            "never be cut; set flush.max_age_s or raise intake_capacity"
-        )
-    if window_s is not None and hold_s < window_s:
-        raise ConfigError(
-            f"nats.max_hold_s ({hold_s:g} s) is shorter than flush.max_age_s ({window_s:g} s): "
-            "with [lease] enabled the central holds each partial for a whole buffer window; "
-            "raise max_hold_s"
-        )
+    _check_hold_config(
+        config, who="the central", held="partial", until="a model version holding it is published"
+    )
 
 
 class ModelEvaluator(Protocol):

@@ -37,11 +37,12 @@ from opentelemetry import trace
 from fedtier.protocol.bus import Bus, Delivery, PublishAck, Subscription
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.envelope import parse_envelope
-from fedtier.protocol.errors import BusError, ConfigError, FedtierError, LocalProtocolError
+from fedtier.protocol.errors import BusError, FedtierError, LocalProtocolError
 from fedtier.protocol.messages import PartialAggregate, Tier
 from fedtier.protocol.names import NatsSubjects
 from fedtier.tiers._follower import FollowerDaemon
 from fedtier.tiers._intake import Admission
+from fedtier.tiers._lease import check_hold_config as _check_hold_config
 from fedtier.tiers._telemetry import TierMetricsLike
 from fedtier.tiers._upstream import UplinkGate, UplinkJob, retry_transient
 from fedtier.tiers.config import RegionalConfig
@@ -77,37 +78,12 @@ class ForwardedKv(Protocol):
 
 
 def check_hold_config(config: RegionalConfig) -> None:
-    """Refuse a config under which held deliveries would come back or never be cut.
-
-    A regional with ``[lease]`` holds each delivery until a partial holding it
-    is durable upstream, so: in-progress acks must keep it (``max_hold_s`` >
-    0) for at least one buffer window (``flush.max_age_s``), and a buffer
-    without an age limit must be able to fill (``intake_capacity`` >=
-    ``flush.max_inputs``), since the intake holds at most ``intake_capacity``.
+    """Refuse a config whose held deliveries would come back or never be cut (``tiers._lease``).
 
     Raises:
         ConfigError: the combination cannot hold a buffer window.
     """
-    hold_s = config.nats.max_hold_s
-    window_s = config.flush.max_age_s
-    if hold_s <= 0:
-        raise ConfigError(
-            "[lease] enabled at a regional needs in-progress acks: set nats.max_hold_s > 0 "
-            "(it holds each edge partial until upstream has it)"
-        )
-    if window_s is None and config.intake_capacity < config.flush.max_inputs:
-        raise ConfigError(
-            f"[lease] enabled at a regional holds at most intake_capacity "
-            f"({config.intake_capacity}) edge partials, fewer than flush.max_inputs "
-            f"({config.flush.max_inputs}), and flush.max_age_s is unset: a buffer would "
-            "never be cut; set flush.max_age_s or raise intake_capacity"
-        )
-    if window_s is not None and hold_s < window_s:
-        raise ConfigError(
-            f"nats.max_hold_s ({hold_s:g} s) is shorter than flush.max_age_s ({window_s:g} s): "
-            "with [lease] enabled a regional holds each edge partial for a whole buffer "
-            "window; raise max_hold_s"
-        )
+    _check_hold_config(config, who="a regional", held="edge partial", until="upstream has it")
 
 
 def _partial_of(payload: bytes, daemon: RegionalDaemon) -> PartialAggregate | None:

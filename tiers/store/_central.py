@@ -121,18 +121,7 @@ class CentralTables(QuarantineTables):
                     )
                 put_meta(conn, "open_epoch", epoch + 1)
             conn.execute("DELETE FROM optimizer_state")
-            for name, array in arrays.items():
-                conn.execute(
-                    "INSERT INTO optimizer_state (name, version, dtype, shape, data)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (
-                        name,
-                        record.version,
-                        array.dtype.str,
-                        json.dumps(list(array.shape)),
-                        array.tobytes(),
-                    ),
-                )
+            _put_optimizer_state(conn, record.version, arrays)
             put_meta(conn, "known_version", record.version)
             put_meta(conn, "model_pointer", record.pointer)
             put_meta(conn, "out_seq", out_seq)
@@ -246,18 +235,7 @@ class CentralTables(QuarantineTables):
                     "INSERT OR IGNORE INTO leaves (update_id, pos) VALUES (?, NULL)",
                     ((leaf,) for leaf in each.leaves),
                 )
-            for name, array in arrays.items():
-                conn.execute(
-                    "INSERT INTO optimizer_state (name, version, dtype, shape, data)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (
-                        name,
-                        newest.version,
-                        array.dtype.str,
-                        json.dumps(list(array.shape)),
-                        array.tobytes(),
-                    ),
-                )
+            _put_optimizer_state(conn, newest.version, arrays)
             put_meta(conn, "known_version", newest.version)
             put_meta(conn, "model_pointer", newest.pointer)
             row = conn.execute("SELECT value FROM meta WHERE key = 'out_seq'").fetchone()
@@ -373,3 +351,15 @@ class CentralTables(QuarantineTables):
             return target_from_bytes(bytes(row[0]))
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"state store {self.path} holds an unreadable target: {exc}") from exc
+
+
+def _put_optimizer_state(
+    conn: sqlite3.Connection, version: int, arrays: Mapping[str, npt.NDArray[Any]]
+) -> None:
+    """Write the server optimizer's arrays as the state after ``version`` (rows only, no delete)."""
+    for name, array in arrays.items():
+        conn.execute(
+            "INSERT INTO optimizer_state (name, version, dtype, shape, data)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (name, version, array.dtype.str, json.dumps(list(array.shape)), array.tobytes()),
+        )

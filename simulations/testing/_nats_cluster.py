@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +38,7 @@ from fedtier.simulations.testing._nats_server import (
     _read_json,
     find_nats_server,
 )
+from fedtier.simulations.testing._ports import free_port
 
 __all__ = ["CLUSTER_DEPLOY_DIR", "LEAF_DEPLOY_FILE", "SITE_EXAMPLE_NKEY", "NatsClusterProcess"]
 
@@ -48,6 +49,9 @@ _CLUSTER_NAME = "fedtier-core"
 _ACCOUNTS_INCLUDE_RE: Final = re.compile(
     r"^include\s+[\"']?([^\"'\s]*accounts\.conf)[\"']?\s*$", re.MULTILINE
 )
+
+_RECENT_PORTS: deque[int] = deque(maxlen=4096)
+"""Ports ``_free_ports`` handed out lately in this process."""
 
 
 def _replace_once(text: str, old: str, new: str, source: Path) -> str:
@@ -152,19 +156,23 @@ def _render_node(
 
 
 def _free_ports(count: int) -> list[int]:
-    """Ports free on loopback now (held together, so they differ), for routes and leaf nodes.
+    """Ports free on loopback now, distinct from each other and from recent calls.
 
-    The route ports must be known before any node starts (each node names the
-    others), so the server cannot pick them itself as it does client ports.
+    The route, gateway and leaf node ports must be known before any node
+    starts (each node names the others), so the server cannot pick them itself
+    as it does client ports. They come from below the kernel's ephemeral range
+    (``free_port``): a port picked there by binding port 0 was taken, on a
+    busy machine, by an outgoing connection of an already started node before
+    its own node bound it ("address already in use"). A supercluster asks
+    several times for its nine nodes, hence the memory of recent ports.
     """
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports and port not in _RECENT_PORTS:
+            ports.append(port)
+    _RECENT_PORTS.extend(ports)
+    return ports
 
 
 def _new_node(binary: Path, workdir: Path, startup_timeout_s: float) -> NatsServerProcess:

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -41,6 +40,7 @@ from fedtier.simulations.testing import (
     MosquittoTls,
     NatsServerProcess,
     TestPki,
+    free_port,
     mosquitto_acl,
 )
 
@@ -96,10 +96,7 @@ def render(example: Path, dest: Path, changes: Changes) -> Path:
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    return free_port()
 
 
 def _keys_new(etc: Path, name: str) -> None:

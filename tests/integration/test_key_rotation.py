@@ -45,7 +45,7 @@ from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.messages import Receipt, ReceiptStatus
 from fedtier.protocol.names import MqttTopics
 from fedtier.simulations.checker import DeviceHistory, check, load_lineage_counts
-from fedtier.simulations.testing import SimDevice, TestPki
+from fedtier.simulations.testing import SimDevice, TestPki, free_port
 from fedtier.tiers.central import CentralDaemon
 from fedtier.tiers.config import CentralConfig, EdgeConfig, RegionalConfig, load_initial_model
 from fedtier.tiers.daemon import _Lifecycle
@@ -378,9 +378,7 @@ def test_revoke_writes_a_crl_that_mosquitto_applies_on_sighup(tmp_path: Path) ->
         pki.issue_client("alice"),
         pki.issue_client("bob"),
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tmp_path / "mosquitto.log"
     config = tmp_path / "mosquitto.conf"
     config.write_text(

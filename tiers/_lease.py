@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Final, Protocol
 import msgpack
 import trio
 
+from fedtier.tiers.store import CommitTicket
+
 if TYPE_CHECKING:
     from fedtier.tiers.config import TierConfig
 
@@ -41,6 +43,8 @@ from fedtier.protocol.errors import BusError, ConfigError, DecodeError, KvConfli
 
 __all__ = [
     "LOSS_FRACTION",
+    "EpochWatermark",
+    "HeldTicket",
     "Lease",
     "LeaseEntry",
     "LeaseHolder",
@@ -437,3 +441,62 @@ def check_hold_config(config: TierConfig, *, who: str, held: str, until: str) ->
             f"with [lease] enabled {who} holds each {held} for a whole buffer window; "
             "raise max_hold_s"
         )
+
+
+class EpochWatermark:
+    """Which epochs are durable upstream, for a tier that holds deliveries until they are.
+
+    ``published_epoch``: every epoch up to it is durable upstream (a regional's
+    partial PubAcked by the UP stream, a central's version published by the
+    registry's compare-and-set). Cuts are published in epoch order, so an
+    input folded into epoch E may be acknowledged once ``published_epoch >= E``.
+    An epoch that produced nothing (its inputs went to the quarantine) counts
+    as done once the epochs before it are.
+    """
+
+    def __init__(self) -> None:
+        self.published_epoch = -1
+        self._closed: set[int] = set()
+        self._changed = trio.Event()
+
+    def advance(self, epoch: int) -> None:
+        """``epoch`` (and so every epoch before it) is durable upstream."""
+        done = max(epoch, self.published_epoch)
+        while done + 1 in self._closed:
+            done += 1
+            self._closed.discard(done)
+        if done > self.published_epoch:
+            self.published_epoch = done
+            self._changed.set()
+            self._changed = trio.Event()
+
+    def closed_without_partial(self, epoch: int) -> None:
+        """An epoch whose inputs went to the quarantine: done once the epochs before it are."""
+        self._closed.add(epoch)
+        self.advance(self.published_epoch)
+
+    def reset(self, published_epoch: int) -> None:
+        """Everything up to ``published_epoch`` is durable (at start, at a takeover)."""
+        self._closed = {e for e in self._closed if e > published_epoch}
+        self.advance(published_epoch)
+
+    async def wait_published(self, epoch: int) -> None:
+        """Wait until ``epoch`` is durable upstream."""
+        while self.published_epoch < epoch:
+            await self._changed.wait()
+
+
+class HeldTicket(CommitTicket):
+    """An input's commit, then the upstream durability of the epoch holding it."""
+
+    def __init__(self, commit: CommitTicket | None, watermark: EpochWatermark, epoch: int) -> None:
+        super().__init__(what=f"epoch {epoch} upstream")
+        self.commit = commit
+        self.watermark = watermark
+        self.epoch = epoch
+
+    async def wait(self) -> None:
+        """Wait for the commit, then until ``epoch`` (or a later one) is durable upstream."""
+        if self.commit is not None:
+            await self.commit.wait()
+        await self.watermark.wait_published(self.epoch)

@@ -87,6 +87,7 @@ from fedtier.protocol.telemetry import (
 )
 from fedtier.tiers._identity import IdentityReload
 from fedtier.tiers._intake import Admission
+from fedtier.tiers._lease import EpochWatermark, HeldTicket
 from fedtier.tiers._lease import check_hold_config as _check_hold_config
 from fedtier.tiers._telemetry import (
     TierMetricsLike,
@@ -221,69 +222,21 @@ class PublishJob:
     epoch: int | None = None
 
 
-class _PublishedTicket(CommitTicket):
-    """An input's commit, then the publication of the version holding its epoch."""
-
-    def __init__(self, commit: CommitTicket | None, held: _HeldEpochs, epoch: int) -> None:
-        super().__init__(what=f"epoch {epoch} published")
-        self.commit = commit
-        self.held = held
-        self.epoch = epoch
-
-    async def wait(self) -> None:
-        """Wait for the commit, then until a version of ``epoch`` (or later) is published."""
-        if self.commit is not None:
-            await self.commit.wait()
-        await self.held.wait_published(self.epoch)
-
-
-class _HeldEpochs:
+class _HeldEpochs(EpochWatermark):
     """With ``[lease]``: partials are acknowledged once a published version holds them.
 
-    The regional's mechanism (``tiers.regional``, held deliveries), with the
-    registry's pointer compare-and-set in place of the UP stream's PubAck:
-    every epoch up to ``published_epoch`` is in a version the registry's
-    pointer has reached (versions are published in epoch order), so an input
-    folded into epoch E may be acknowledged once ``published_epoch >= E``.
-    Meanwhile the bus keeps the delivery with in-progress acks
-    (``nats.max_hold_s``), and a central that dies leaves it to JetStream,
-    which redelivers it to the successor.
+    The regional's mechanism (``tiers._lease.EpochWatermark``, held
+    deliveries), with the registry's pointer compare-and-set in place of the
+    UP stream's PubAck (versions are published in epoch order). Meanwhile the
+    bus keeps the delivery with in-progress acks (``nats.max_hold_s``), and a
+    central that dies leaves it to JetStream, which redelivers it to the
+    successor.
     """
-
-    def __init__(self) -> None:
-        self.published_epoch = -1
-        self._closed: set[int] = set()
-        self._changed = trio.Event()
 
     def published(self, epoch: int | None) -> None:
         """The version of ``epoch`` is published: release the deliveries it holds."""
         if epoch is not None:
-            self._advance(epoch)
-
-    def closed_without_version(self, epoch: int) -> None:
-        """An epoch whose inputs went to the quarantine: done once the epochs before it are."""
-        self._closed.add(epoch)
-        self._advance(self.published_epoch)
-
-    def reset(self, published_epoch: int) -> None:
-        """Everything up to ``published_epoch`` is published (at start, at a takeover)."""
-        self._closed = {e for e in self._closed if e > published_epoch}
-        self._advance(published_epoch)
-
-    def _advance(self, epoch: int) -> None:
-        done = max(epoch, self.published_epoch)
-        while done + 1 in self._closed:
-            done += 1
-            self._closed.discard(done)
-        if done > self.published_epoch:
-            self.published_epoch = done
-            self._changed.set()
-            self._changed = trio.Event()
-
-    async def wait_published(self, epoch: int) -> None:
-        """Wait until ``epoch`` is in a published version."""
-        while self.published_epoch < epoch:
-            await self._changed.wait()
+            self.advance(epoch)
 
     def hold(self, admission: Admission, epoch: int) -> Admission:
         """The same admission, acknowledged only once ``epoch`` is published."""
@@ -291,7 +244,7 @@ class _HeldEpochs:
             admission.delivery,
             admission.outcome,
             admission.reason,
-            ticket=_PublishedTicket(admission.ticket, self, epoch),
+            ticket=HeldTicket(admission.ticket, self, epoch),
             after_ack=admission.after_ack,
             ack=admission.ack,
         )
@@ -814,7 +767,7 @@ class CentralDaemon(TierDaemon):
 
     def _closed_without_partial(self, epoch: int) -> None:
         if self.held is not None:
-            self.held.closed_without_version(epoch)
+            self.held.closed_without_partial(epoch)
 
     async def _before_settling(self, deadline: float) -> None:
         """Cut what was admitted, so its held deliveries can be acknowledged and the intake end."""

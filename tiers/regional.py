@@ -42,6 +42,7 @@ from fedtier.protocol.messages import PartialAggregate, Tier
 from fedtier.protocol.names import NatsSubjects
 from fedtier.tiers._follower import FollowerDaemon
 from fedtier.tiers._intake import Admission
+from fedtier.tiers._lease import EpochWatermark, HeldTicket
 from fedtier.tiers._lease import check_hold_config as _check_hold_config
 from fedtier.tiers._telemetry import TierMetricsLike
 from fedtier.tiers._upstream import UplinkGate, UplinkJob, retry_transient
@@ -49,7 +50,7 @@ from fedtier.tiers.config import RegionalConfig
 from fedtier.tiers.core import Outcome
 from fedtier.tiers.model_registry import ModelRegistryReader
 from fedtier.tiers.registry import TierKeys
-from fedtier.tiers.store import CommitTicket, OutboxEntry, Recovery
+from fedtier.tiers.store import OutboxEntry, Recovery
 
 __all__ = ["FORWARDED_MAX_AGE_S", "ForwardedKv", "RegionalDaemon", "check_hold_config"]
 
@@ -94,42 +95,23 @@ def _partial_of(payload: bytes, daemon: RegionalDaemon) -> PartialAggregate | No
     return message if isinstance(message, PartialAggregate) else None
 
 
-class _HeldTicket(CommitTicket):
-    """An input's commit, then the upstream durability of the epoch holding it."""
-
-    def __init__(self, commit: CommitTicket | None, forwarding: _Forwarding, epoch: int) -> None:
-        super().__init__(what=f"epoch {epoch} upstream")
-        self.commit = commit
-        self.forwarding = forwarding
-        self.epoch = epoch
-
-    async def wait(self) -> None:
-        """Wait for the commit, then until a partial of ``epoch`` (or later) is durable upstream."""
-        if self.commit is not None:
-            await self.commit.wait()
-        await self.forwarding.wait_published(self.epoch)
-
-
-class _Forwarding(UplinkGate):
+class _Forwarding(EpochWatermark, UplinkGate):
     """The regional's state for surviving a lost machine: held deliveries and intents.
 
-    ``published_epoch``: every epoch up to it is durable upstream (cuts are
-    published in epoch order), so an input folded into epoch E may be
-    acknowledged once ``published_epoch >= E``.
+    Its watermark (``EpochWatermark``) advances with each partial PubAcked by
+    the UP stream.
     """
 
     def __init__(self, daemon: RegionalDaemon, kv: ForwardedKv) -> None:
+        super().__init__()
         self.daemon = daemon
         self.kv = kv
         self.region = daemon.regional_config.region
-        self.published_epoch = -1
-        self._changed = trio.Event()
         self.foreign: dict[bytes, str] = {}
         """Input id -> key of the intent of another instance whose partial holds it."""
         self._foreign_left: dict[str, set[bytes]] = {}
         self._waiting: dict[int, int] = {}
         self._own: dict[int, str] = {}
-        self._closed: set[int] = set()
         self._send_delete, self._receive_delete = trio.open_memory_channel[str](1024)
         self.republished = 0
         """Partials of other instances re-published at takeover since start."""
@@ -163,28 +145,8 @@ class _Forwarding(UplinkGate):
     def published(self, entry: OutboxEntry) -> None:
         """The partial of ``entry.epoch`` is durable upstream: release the deliveries it holds."""
         self._own[entry.epoch] = self.key_of(entry.partial_id)
-        self._advance(entry.epoch)
+        self.advance(entry.epoch)
         self._maybe_forget(entry.epoch)
-
-    def closed_without_partial(self, epoch: int) -> None:
-        """An epoch whose inputs went to the quarantine: done once the epochs before it are."""
-        self._closed.add(epoch)
-        self._advance(self.published_epoch)
-
-    def _advance(self, epoch: int) -> None:
-        done = max(epoch, self.published_epoch)
-        while done + 1 in self._closed:
-            done += 1
-            self._closed.discard(done)
-        if done > self.published_epoch:
-            self.published_epoch = done
-            self._changed.set()
-            self._changed = trio.Event()
-
-    async def wait_published(self, epoch: int) -> None:
-        """Wait until ``epoch`` is durable upstream."""
-        while self.published_epoch < epoch:
-            await self._changed.wait()
 
     # -- deliveries -------------------------------------------------------------------
 
@@ -195,7 +157,7 @@ class _Forwarding(UplinkGate):
             admission.delivery,
             admission.outcome,
             admission.reason,
-            ticket=_HeldTicket(admission.ticket, self, epoch),
+            ticket=HeldTicket(admission.ticket, self, epoch),
             after_ack=functools.partial(self._acked, epoch),
             ack=admission.ack,
         )

@@ -40,6 +40,7 @@ from fedtier.protocol.errors import DecodeError, UnsupportedVersion
 from fedtier.protocol.names import NatsSubjects
 
 if TYPE_CHECKING:
+    from fedtier.tiers._lease import Lease
     from fedtier.tiers.tier import TierDaemon
 
 __all__ = [
@@ -136,6 +137,13 @@ class StatusSnapshot:
         at_ms: when this snapshot was taken (Unix ms).
         interval_s: the publishing interval (a reader calls it stale after
             ``STALE_AFTER_INTERVALS`` of them).
+        active_since_ms: with ``[lease]``, when this instance took the lease it
+            holds (Unix ms); None without a lease or while standby.
+        lease_tenures: with ``[lease]``, how often this process took the lease
+            (above 1: it lost it and took it back).
+        took_over_version: a central that took over from the registry after
+            another instance's machine was lost: the version it continued
+            from; None otherwise.
     """
 
     schema: int = SCHEMA
@@ -168,6 +176,9 @@ class StatusSnapshot:
     started_ms: int = 0
     at_ms: int = 0
     interval_s: float = 2.0
+    active_since_ms: int | None = None
+    lease_tenures: int = 0
+    took_over_version: int | None = None
 
     @property
     def uptime_s(self) -> float:
@@ -377,6 +388,14 @@ def _safely(read: Callable[[], Any], default: Any) -> Any:
         return default
 
 
+def _active_since_ms(daemon: TierDaemon) -> int | None:
+    """When this instance took the lease it holds now, or None (no lease, or standby)."""
+    lease: Lease | None = getattr(daemon, "lease", None)
+    if lease is None or not lease.held.is_set() or lease.holder is None:
+        return None
+    return lease.holder.since_ms
+
+
 class StatusPublisher:
     """Builds the daemon's snapshots and puts them into the status bucket.
 
@@ -470,6 +489,9 @@ class StatusPublisher:
             started_ms=self._started_ms,
             at_ms=self._clock_ms(),
             interval_s=self.settings.interval_s,
+            active_since_ms=_active_since_ms(daemon),
+            lease_tenures=_safely(lambda: int(getattr(daemon.lease, "tenures", 0)), 0),
+            took_over_version=getattr(daemon, "took_over_at", None),
         )
 
     async def publish_once(

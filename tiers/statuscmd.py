@@ -236,7 +236,7 @@ def row_cells(row: Row) -> list[str]:
     return [
         snap.tier,
         name,
-        row.health,
+        _health_cell(row.health, snap),
         _duration(row.age_s),
         "-" if snap.model_version is None else f"v{snap.model_version}",
         buffer,
@@ -247,6 +247,20 @@ def row_cells(row: Row) -> list[str]:
         errors,
         _duration(snap.uptime_s),
     ]
+
+
+def _health_cell(health: str, snap: StatusSnapshot) -> str:
+    """The health, and with ``[lease]`` how long this instance has been the active one.
+
+    A takeover is what an operator looks for after a lost machine: a central
+    that continued from the registry says from which version.
+    """
+    if snap.active_since_ms is None:
+        return health
+    held = _duration(max(0.0, (snap.at_ms - snap.active_since_ms) / 1000))
+    if snap.took_over_version is not None:
+        return f"{health}, took over at v{snap.took_over_version} {held} ago"
+    return f"{health}, active {held}"
 
 
 def summary_line(rows: Sequence[Row], fleet: str) -> str:

@@ -30,7 +30,13 @@ from fedtier.tiers._status import (
 )
 from fedtier.tiers.config import StatusSettings, load_config, load_nats_settings
 from fedtier.tiers.flush import FlushPolicy
-from fedtier.tiers.statuscmd import health_of, render_table, rows_from_entries, to_json
+from fedtier.tiers.statuscmd import (
+    health_of,
+    render_table,
+    row_cells,
+    rows_from_entries,
+    to_json,
+)
 from fedtier.tiers.store import QuarantineUsage
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -241,6 +247,36 @@ def test_table_shows_every_column_and_a_summary() -> None:
     assert text.splitlines()[-1] == "fleet f1: 2 daemons, 1 not ok (stale)"
 
 
+def test_health_says_how_long_an_instance_has_been_active_and_what_it_took_over() -> None:
+    since = NOW_MS - 1000 - 180_000
+    rows = rows_from_entries(
+        [
+            ("k1", encode_snapshot(snapshot(active_since_ms=since, lease_tenures=1))),
+            (
+                "k2",
+                encode_snapshot(
+                    snapshot(
+                        tier="central",
+                        daemon_id="c" * 24,
+                        region=None,
+                        site=None,
+                        active_since_ms=since,
+                        took_over_version=17,
+                    )
+                ),
+            ),
+            ("k3", encode_snapshot(snapshot(daemon_id="b" * 24, state="standby"))),
+        ],
+        NOW_MS,
+    )
+    cells = {row.key: row_cells(row)[2] for row in rows}
+    assert cells == {
+        "k1": "ok, active 3m",
+        "k2": "ok, took over at v17 3m ago",
+        "k3": "standby",
+    }
+
+
 def test_json_document_lists_daemons_with_health() -> None:
     rows = rows_from_entries([("k1", encode_snapshot(snapshot()))], NOW_MS)
     document = json.loads(to_json(rows, "f1", NOW_MS))
@@ -416,6 +452,17 @@ async def test_snapshot_reads_buffer_quarantine_outbox_and_rates_of_a_serving_da
     assert taken.totals == {"accepted": 10, "rejected": 4, "duplicate": 1}
     daemon.upstream = SimpleNamespace(outstanding=0, oldest_age_s=lambda: 0.0)
     assert publisher.snapshot().outbox_oldest_s is None
+    assert (taken.active_since_ms, taken.lease_tenures, taken.took_over_version) == (None, 0, None)
+    held = trio.Event()
+    held.set()
+    holder = SimpleNamespace(since_ms=NOW_MS - 5000)
+    daemon.lease = SimpleNamespace(held=held, holder=holder, tenures=2)
+    daemon.took_over_at = 4
+    leased = publisher.snapshot()
+    assert (leased.active_since_ms, leased.lease_tenures) == (NOW_MS - 5000, 2)
+    assert leased.took_over_version == 4
+    daemon.lease = SimpleNamespace(held=trio.Event(), holder=holder, tenures=2)
+    assert publisher.snapshot().active_since_ms is None  # standby again
 
 
 def test_started_ms_is_this_process_start() -> None:

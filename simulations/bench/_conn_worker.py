@@ -255,7 +255,9 @@ class _Fleet:
                 _Device(
                     index=index,
                     identity=identity,
-                    client_id=f"{spec.site}-dev-{index}",
+                    # As deployed: the device listener takes the certificate's
+                    # CN (the key id) as the client id.
+                    client_id=identity.key_id,
                     update_topic=topics.update(identity.key_id),
                     receipt_topic=topics.receipt(identity.key_id),
                     ssl_context=self._ssl_context(identity.key_id),

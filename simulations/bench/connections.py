@@ -14,8 +14,10 @@
   sending, wait up to ``drain_s`` for their missing receipts, and disconnect.
 
 Both brokers run as ``MosquittoProcess`` configures them; with ``tls`` as
-``deploy/mosquitto/mosquitto.conf`` does (TLS 1.3, a certificate per device
-from a throwaway PKI, its CN the user name of the deployed ACL). A reconnect is
+``deploy/mosquitto/mosquitto.conf`` does: TLS 1.3 on two listeners, the
+devices' (a certificate per device from a throwaway PKI, its CN the user name
+of the deployed ACL and the session's client id) and the tiers' (the edge, with
+a certificate of a second, tier CA). A reconnect is
 a drop, whether the device or the broker log noticed it. Memory per device is
 an RSS delta over connected sessions: the broker's from before the first device
 connected to the end of the hold, the edge's from its ready state (before any
@@ -89,7 +91,9 @@ _RESULT_WAIT_S: Final = 5.0
 # The edge's shutdown waits for the intake in progress (at most its capacity).
 _EDGE_STOP_GRACE_S: Final = 120.0
 # Device client ids hold this; the broker log lines about them are counted.
-_DEVICE_MARK: Final = f"{SITE}-dev-"
+# Devices' client ids are their key ids (the device listener binds the id to
+# the certificate); every other client is the edge's.
+_EDGE_MARK: Final = f"{SITE}-edge"
 _DROP_LINE: Final = re.compile(
     r"Client (\S+) (?:closed its connection|has exceeded timeout|disconnected|already connected)"
     r"|Socket error on client (\S+)"
@@ -215,7 +219,7 @@ def _drops_logged(log_path: Path, since_offset: int) -> tuple[int, int]:
     found = 0
     for match in _DROP_LINE.finditer(text.decode(errors="replace")):
         client = match.group(1) or match.group(2) or ""
-        if _DEVICE_MARK in client:
+        if client and not client.startswith(_EDGE_MARK):
             found += 1
     return found, since_offset + len(text)
 
@@ -306,7 +310,7 @@ async def _edge_run(plan: _Plan) -> dict[str, Any]:
             edge_spec = replace(
                 plan.spec,
                 role="edge",
-                port=broker.port,
+                port=broker.tier_port,
                 devices=plan.sessions,
                 state_dir=str(plan.workdir / "edge-run" / "edge-state"),
             )
@@ -498,16 +502,29 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 def _make_pki(workdir: Path, sessions: int) -> tuple[MosquittoTls, str]:
-    """A CA, the broker's and the edge's certificates, one per device, and the deployed ACL."""
+    """The deployed layout: a device CA, a tier CA, their certificates and the ACL.
+
+    Devices connect to the device listener (their certificate's CN is their
+    client id there), the edge to the tier listener with a certificate of
+    the tier CA, which it writes into the device PKI's folder as
+    ``EDGE_USER.pem``/``.key`` (the worker's convention).
+    """
     pki = TestPki.create(workdir / "pki")
     server = pki.issue_server("mosquitto")
-    pki.issue_client(EDGE_USER)
+    tier_pki = TestPki.create(workdir / "tier-pki")
+    edge = tier_pki.issue_client(EDGE_USER)
+    (pki.directory / f"{EDGE_USER}.pem").write_bytes(edge.cert_file.read_bytes())
+    (pki.directory / f"{EDGE_USER}.key").write_bytes(edge.key_file.read_bytes())
     for index in range(sessions):
         pki.issue_client(device_identity(index).key_id)
     acl = workdir / "pki" / "acl"
     acl.write_text(mosquitto_acl([EDGE_USER]))
     tls = MosquittoTls(
-        ca_file=pki.ca_file, cert_file=server.cert_file, key_file=server.key_file, acl_file=acl
+        ca_file=pki.ca_file,
+        cert_file=server.cert_file,
+        key_file=server.key_file,
+        acl_file=acl,
+        tier_ca_file=tier_pki.ca_file,
     )
     return tls, str(pki.directory)
 

@@ -124,20 +124,6 @@ class FollowerDaemon(TierDaemon):
                 'value ([partial] codec = "f16" or "i8")'
             ),
         )
-        if self.tier == "regional" and self.config.lease.enabled:
-            # The regional's intents keep each sealed partial as one KV value,
-            # which cannot go as parts.
-            check_fits(
-                what,
-                size + MESSAGE_OVERHEAD,
-                self.nats.max_single_message_bytes,
-                broker="the NATS server's max_payload, which bounds a [lease] intent",
-                fix=(
-                    "raise max_payload in nats-server.conf (64MB at most), encode partials "
-                    'with fewer bytes per value ([partial] codec = "f16" or "i8"), or run '
-                    "this regional without [lease]"
-                ),
-            )
 
     async def _start(self, nursery: trio.Nursery, recovery: Recovery) -> None:
         # Revocations first: nothing from a revoked key is admitted, even at start.

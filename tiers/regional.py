@@ -29,7 +29,7 @@ import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Final, Protocol
+from typing import Final
 
 import trio
 from opentelemetry import trace
@@ -37,11 +37,18 @@ from opentelemetry import trace
 from fedtier.protocol.bus import Bus, Delivery, PublishAck, Subscription
 from fedtier.protocol.codecs import CodecSpec
 from fedtier.protocol.envelope import parse_envelope
-from fedtier.protocol.errors import BusError, FedtierError, LocalProtocolError
+from fedtier.protocol.errors import (
+    BusError,
+    FedtierError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from fedtier.protocol.messages import PartialAggregate, Tier
 from fedtier.protocol.names import NatsSubjects
 from fedtier.tiers._follower import FollowerDaemon
 from fedtier.tiers._intake import Admission
+from fedtier.tiers._intents import IntentKv as ForwardedKv
+from fedtier.tiers._intents import PartedIntents
 from fedtier.tiers._lease import EpochWatermark, HeldTicket
 from fedtier.tiers._lease import check_hold_config as _check_hold_config
 from fedtier.tiers._telemetry import TierMetricsLike
@@ -60,22 +67,6 @@ FORWARDED_MAX_AGE_S: Final = 7 * 86_400.0
 An intent left behind is harmless (a standby re-publishes a partial the
 UP stream or the central dedupes); one gone too early is not.
 """
-
-
-class ForwardedKv(Protocol):
-    """The ``forwarded`` KV bucket's operations (``protocol.bus.nats.KvBucket`` has them)."""
-
-    async def keys(self) -> list[str]:
-        """Every key that holds a value now."""
-
-    async def get(self, key: str) -> tuple[bytes, int] | None:
-        """The key's value and revision, or None."""
-
-    async def put(self, key: str, value: bytes) -> int:
-        """Store ``value`` under ``key``."""
-
-    async def delete(self, key: str) -> None:
-        """Delete ``key``."""
 
 
 def check_hold_config(config: RegionalConfig) -> None:
@@ -105,7 +96,8 @@ class _Forwarding(EpochWatermark, UplinkGate):
     def __init__(self, daemon: RegionalDaemon, kv: ForwardedKv) -> None:
         super().__init__()
         self.daemon = daemon
-        self.kv = kv
+        # An intent above the server's max_payload goes as parts (tiers._intents).
+        self.intents = PartedIntents(kv, lambda: daemon.nats.max_single_message_bytes)
         self.region = daemon.regional_config.region
         self.foreign: dict[bytes, str] = {}
         """Input id -> key of the intent of another instance whose partial holds it."""
@@ -131,9 +123,9 @@ class _Forwarding(EpochWatermark, UplinkGate):
         daemon = self.daemon
 
         async def put() -> int:
-            return await self.kv.put(key, entry.envelope)
+            return await self.intents.put(key, entry.envelope)
 
-        await retry_transient(
+        parts = await retry_transient(
             f"intent {key}",
             "put_intent",
             put,
@@ -141,6 +133,10 @@ class _Forwarding(EpochWatermark, UplinkGate):
             metrics=daemon.metrics,
             log=daemon.log,
         )
+        if parts:
+            daemon.log.info(
+                "intent %s written as %d parts (%d bytes)", key, parts, len(entry.envelope)
+            )
 
     def published(self, entry: OutboxEntry) -> None:
         """The partial of ``entry.epoch`` is durable upstream: release the deliveries it holds."""
@@ -206,15 +202,23 @@ class _Forwarding(EpochWatermark, UplinkGate):
         retry = functools.partial(
             retry_transient, retry=daemon.config.retry, metrics=daemon.metrics, log=daemon.log
         )
-        keys = await retry("list of intents", "read_intents", self.kv.keys)
+        keys = await retry("list of intents", "read_intents", self.intents.keys)
         subject = daemon.subjects.to_central()
         for key in sorted(k for k in keys if k.startswith(f"{self.region}.")):
-            got = await retry(
-                f"read of intent {key}", "read_intents", functools.partial(self.kv.get, key)
-            )
-            if got is None:
+            try:
+                envelope = await retry(
+                    f"read of intent {key}",
+                    "read_intents",
+                    functools.partial(self.intents.get, key),
+                )
+            except RemoteProtocolError as exc:
+                # Its inputs come back to this instance and are folded anew; if the
+                # lost one's partial did reach the central, its leaf index
+                # quarantines the second copy whole (leaf_counted_twice).
+                daemon.log.error("intent %s cannot be read (%s); left alone", key, exc)
                 continue
-            envelope = got[0]
+            if envelope is None:
+                continue
             partial = _partial_of(envelope, daemon)
             if partial is None:
                 daemon.log.error("intent %s is not a partial; left alone", key)
@@ -246,7 +250,7 @@ class _Forwarding(EpochWatermark, UplinkGate):
         """Delete intents no longer needed, best effort (their max_age removes what fails)."""
         async for key in self._receive_delete:
             try:
-                await self.kv.delete(key)
+                await self.intents.delete(key)
             except BusError as exc:
                 self.daemon.log.warning("intent %s not deleted (%s); it ages out", key, exc)
 

@@ -12,6 +12,7 @@ regionals; the exactly-once checker reads the standby's lineage.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from collections import Counter
@@ -25,7 +26,7 @@ import trio
 from fedtier.protocol.bus.nats import NatsConfig, open_nats_bus
 from fedtier.protocol.envelope import parse_envelope
 from fedtier.protocol.identity import SigningIdentity
-from fedtier.protocol.layout import layout_of
+from fedtier.protocol.layout import ModelLayout, layout_of
 from fedtier.protocol.limits import DEFAULT_LIMITS
 from fedtier.protocol.messages import PartialAggregate, Tier
 from fedtier.protocol.names import NatsSubjects
@@ -46,6 +47,7 @@ from fedtier.tiers.store import read_stored_versions
 
 FLEET, REGION = "hafleet", "eu"
 LAYOUT = layout_of([("w", (3, 2)), ("b", (2,))])
+BIG_LAYOUT = layout_of([("w", (160_000,))])
 CENTRAL_SEED = b"\x01" * 32
 CENTRAL = SigningIdentity.from_seed(CENTRAL_SEED)
 REGIONAL_SEEDS = {"ra": b"\x03" * 32, "rb": b"\x04" * 32}
@@ -108,19 +110,21 @@ trio.run(main)
 """
 
 
-def _edge_partial(edge: int, seq: int) -> tuple[PartialAggregate, bytes]:
-    acc = Accumulator(LAYOUT.num_params, hist_buckets=32)
+def _edge_partial(
+    edge: int, seq: int, layout: ModelLayout = LAYOUT
+) -> tuple[PartialAggregate, bytes]:
+    acc = Accumulator(layout.num_params, hist_buckets=32)
     for i in range(2):
         seed = edge * 10_000 + seq * 10 + i
         acc.fold_update(
             seed.to_bytes(16, "big"),
-            np.random.default_rng(seed).standard_normal(LAYOUT.num_params).astype(np.float32),
+            np.random.default_rng(seed).standard_normal(layout.num_params).astype(np.float32),
             n_samples=3,
             tau=0,
             discount=1.0,
             base_version=0,
         )
-    return sign_partial(EDGES[edge], FLEET, LAYOUT, acc, seq=seq)
+    return sign_partial(EDGES[edge], FLEET, layout, acc, seq=seq)
 
 
 def _test_config(server: NatsServerProcess, fleet: str = FLEET) -> TierConfig:
@@ -153,11 +157,34 @@ _retention = _retention_factory()
 async def test_standby_regional_takes_over_a_lost_machine_and_counts_each_update_once(
     tmp_path: Path, nats_server: NatsServerProcess, nats_loop: None
 ) -> None:
+    await _regional_takeover(tmp_path, nats_server, LAYOUT)
+
+
+async def test_a_standby_regional_takes_over_intents_written_as_parts(
+    tmp_path: Path, nats_loop: None
+) -> None:
+    # Partials of 640 KB on a server whose max_payload is 256 KiB: every partial,
+    # in and out, goes as stream parts, and every intent as KV parts.
+    server = await trio.to_thread.run_sync(
+        lambda: NatsServerProcess.start(tmp_path / "nats", extra_config="max_payload: 262144")
+    )
+    try:
+        await _regional_takeover(tmp_path, server, BIG_LAYOUT)
+    finally:
+        await trio.to_thread.run_sync(server.stop)
+    log = (tmp_path / "logs" / "ra.log").read_text()
+    assert re.search(r"intent \S+ written as [3-9] parts", log), log[-2000:]
+
+
+async def _regional_takeover(
+    tmp_path: Path, nats_server: NatsServerProcess, layout: ModelLayout
+) -> None:
+    """The active regional dies after publishing a partial; its standby counts each update once."""
     config = _test_config(nats_server)
     async with open_nats_bus(cast(NatsConfig, _nats_config("central", config, "c" * 16))) as bus:
         registry = await open_registry(bus, config, RecordingMetrics())
         pointer, blob = sign_model_version(
-            CENTRAL, FLEET, 0, LAYOUT, np.zeros(LAYOUT.num_params, np.float32)
+            CENTRAL, FLEET, 0, layout, np.zeros(layout.num_params, np.float32)
         )
         await registry.put_blob(0, blob)
         await registry.replace_current(pointer, 0)
@@ -205,7 +232,7 @@ async def test_standby_regional_takes_over_a_lost_machine_and_counts_each_update
         async def publish_edges(first_seq: int) -> None:
             for edge in range(len(EDGES)):
                 for seq in (first_seq, first_seq + 1):
-                    message, envelope = _edge_partial(edge, seq)
+                    message, envelope = _edge_partial(edge, seq, layout)
                     published.update(message.leaves)
                     await bus.publish(
                         SUBJECTS.to_region(REGION), envelope, msg_id=message.partial_id.hex()

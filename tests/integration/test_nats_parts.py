@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
+from pathlib import Path
 
 import pytest
 import trio
@@ -99,3 +100,24 @@ async def test_without_parts_a_payload_above_max_payload_is_refused(
                 await bus.publish("parts2.up", big)
             with pytest.raises(LocalProtocolError, match="max_payload"):
                 await bus.publish("parts2.up", bytes(17 * MiB), msg_id="y")
+
+
+async def test_an_object_store_works_on_a_server_with_a_small_max_payload(
+    tmp_path: Path, nats_loop: None
+) -> None:
+    # nats-py's default object chunk is one 128 KiB message: on a 64 KiB
+    # max_payload every put failed; chunks now fit the server's bound.
+    server = await trio.to_thread.run_sync(
+        lambda: NatsServerProcess.start(tmp_path / "nats", extra_config="max_payload: 65536")
+    )
+    try:
+        stream = StreamSpec("PARTS3", ("parts3.>",), 3600.0, 600.0)
+        data = os.urandom(300_000)
+        with trio.fail_after(DEADLINE_S):
+            async with open_nats_bus(config_for(server, stream)) as bus:
+                store = await bus.object_store("small_chunks")
+                stored = await store.put("blob", data)
+                assert stored.size_bytes == len(data)
+                assert await store.get("blob") == data
+    finally:
+        await trio.to_thread.run_sync(server.stop)

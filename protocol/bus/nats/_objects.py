@@ -98,7 +98,14 @@ async def _aio_object_delete(js: Any, bucket: str, name: str) -> bool:
 
 async def _aio_object_put(js: Any, bucket: str, name: str, data: bytes) -> tuple[int, str]:
     obs = await js.object_store(bucket)
-    info = await obs.put(name, data)
+    # nats-py's default chunk (128 KiB) is one message: above a server's
+    # max_payload every put would fail, so a chunk leaves room for headers.
+    max_payload = int(js._nc.max_payload)
+    chunk = max(1024, min(nats.js.object_store.OBJ_DEFAULT_CHUNK_SIZE, max_payload - 1024))
+    meta = nats.js.api.ObjectMeta(
+        name=name, options=nats.js.api.ObjectMetaOptions(max_chunk_size=chunk)
+    )
+    info = await obs.put(name, data, meta=meta)
     return int(info.size), str(info.digest)
 
 

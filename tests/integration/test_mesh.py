@@ -132,11 +132,12 @@ async def test_demo_command_learns_and_writes_its_artefacts(tmp_path: Path) -> N
         "fedtier",
         "demo",
         "--tls",
-        # At most 25 s of training, ended early once the held-out accuracy has
-        # held 0.6 for five versions: that already proves everything asserted
-        # below (v0 evaluates at 0.06), and a loaded machine still gets 25 s.
+        # Training ends once the held-out accuracy has held 0.6 for five
+        # versions (about 17 s here): that already proves everything asserted
+        # below (v0 evaluates at 0.06). The duration is only a cap, so that a
+        # loaded machine takes longer to get there rather than failing.
         "--duration-s",
-        "25",
+        "150",
         "--target-accuracy",
         "0.6",
         "--devices",
@@ -145,7 +146,7 @@ async def test_demo_command_learns_and_writes_its_artefacts(tmp_path: Path) -> N
         "--out",
         str(out),
     ]
-    with trio.fail_after(240):
+    with trio.fail_after(420):
         # On a timeout trio terminates it (SIGTERM): the demo then stops its
         # processes and removes its temporary directory itself.
         done = await trio.run_process(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import ssl
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -377,7 +377,9 @@ async def _across_the_supercluster(mesh: Mesh) -> None:
             await trio.to_thread.run_sync(sc.kill, up_leader)
             await _a_round(mqtt, devices, version=2)
             assert central.version == 2
-            assert regional.known_version == 2
+            # The edge relayed v2, but the regional follows the registry on its
+            # own watch (through the region's mirror): wait for it, with a deadline.
+            await _until(lambda: regional.known_version == 2, "the regional learns v2")
             assert edge.known_version == 2
             nursery.cancel_scope.cancel()
 
@@ -390,6 +392,14 @@ def _stream_leader(sc: NatsSuperclusterProcess, stream: str) -> str:
                 if detail["name"] == stream and detail["cluster"].get("leader"):
                     return str(detail["cluster"]["leader"])
     raise AssertionError(f"no core node names a leader of {stream}")
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Return once ``condition()`` holds; fail naming ``what`` after ``timeout_s``."""
+    with trio.move_on_after(timeout_s):
+        while not condition():
+            await trio.sleep(0.05)
+    assert condition(), f"{what}: not within {timeout_s:.0f} s"
 
 
 async def _a_round(mqtt: MemoryBroker, devices: list[SimDevice], *, version: int) -> None:

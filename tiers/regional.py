@@ -64,8 +64,22 @@ __all__ = ["FORWARDED_MAX_AGE_S", "ForwardedKv", "RegionalDaemon", "check_hold_c
 FORWARDED_MAX_AGE_S: Final = 7 * 86_400.0
 """How long an intent outlives its last write: far above any ``max_hold_s`` (at most hours).
 
-An intent left behind is harmless (a standby re-publishes a partial the
-UP stream or the central dedupes); one gone too early is not.
+Only a backstop: an intent left behind is re-published at every takeover of
+its region, and once neither the UP stream (its dedupe window, lost whole
+when the stream restarts) nor the central (a central that took over knows
+its last 64 versions) remembers the partial, that re-publish is folded a
+second time. So deletes are retried until done, and a taken-over intent goes
+``FOREIGN_GRACE_ACK_WAITS`` ack waits after its re-publish at the latest.
+"""
+
+FOREIGN_GRACE_ACK_WAITS: Final = 3
+"""Ack waits (plus one lease TTL) after a takeover's re-publish before a foreign intent goes.
+
+The lost instance's unacknowledged deliveries come back one ack wait after
+its last in-progress ack, which was before it lost the lease; an input of the
+intent that has not come back by then was acknowledged before the loss and
+never will. Until this instance stops, a later redelivery is still known
+(``_Forwarding.foreign`` lives as long as the process).
 """
 
 
@@ -102,6 +116,7 @@ class _Forwarding(EpochWatermark, UplinkGate):
         self.foreign: dict[bytes, str] = {}
         """Input id -> key of the intent of another instance whose partial holds it."""
         self._foreign_left: dict[str, set[bytes]] = {}
+        self._foreign_until: dict[str, float] = {}
         self._waiting: dict[int, int] = {}
         self._own: dict[int, str] = {}
         self._send_delete, self._receive_delete = trio.open_memory_channel[str](1024)
@@ -174,7 +189,7 @@ class _Forwarding(EpochWatermark, UplinkGate):
             self._forget(self._own.pop(epoch))
 
     def _forget(self, key: str) -> None:
-        # When the queue is full it is left to the bucket's max_age: a stale intent is harmless.
+        # When the queue is full it is left to the bucket's max_age (a backstop only).
         with contextlib.suppress(trio.WouldBlock):
             self._send_delete.send_nowait(key)
 
@@ -188,6 +203,7 @@ class _Forwarding(EpochWatermark, UplinkGate):
                 left.discard(partial_id)
                 if not left:
                     del self._foreign_left[key]
+                    self._foreign_until.pop(key, None)
                     self._forget(key)
             self.foreign.pop(partial_id, None)
             await trio.lowlevel.checkpoint()
@@ -233,6 +249,7 @@ class _Forwarding(EpochWatermark, UplinkGate):
             ack = await retry(f"re-publish of partial {pid}", "republish_partial", publish)
             self.republished += 1
             self._foreign_left[key] = set(partial.inputs)
+            self._foreign_until[key] = trio.current_time() + self._foreign_grace_s()
             for input_id in partial.inputs:
                 self.foreign[input_id] = key
             daemon.log.warning(
@@ -246,13 +263,48 @@ class _Forwarding(EpochWatermark, UplinkGate):
                 ": upstream had it already" if ack.duplicate else "",
             )
 
+    def _foreign_grace_s(self) -> float:
+        config = self.daemon.config
+        return FOREIGN_GRACE_ACK_WAITS * config.nats.ack_wait_s + config.lease.ttl_s
+
     async def serve_deletes(self) -> None:
-        """Delete intents no longer needed, best effort (their max_age removes what fails)."""
-        async for key in self._receive_delete:
-            try:
-                await self.intents.delete(key)
-            except BusError as exc:
-                self.daemon.log.warning("intent %s not deleted (%s); it ages out", key, exc)
+        """Delete intents no longer needed, retrying while the bus is away; forget old foreign ones.
+
+        A delete that cannot reach the bus is retried with backoff (a left-behind
+        intent is re-published at every later takeover, see
+        ``FORWARDED_MAX_AGE_S``); another error leaves it to the bucket's max_age.
+        """
+        daemon = self.daemon
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve_foreign_expiry)
+            async for key in self._receive_delete:
+                try:
+                    await retry_transient(
+                        f"delete of intent {key}",
+                        "delete_intent",
+                        functools.partial(self.intents.delete, key),
+                        retry=daemon.config.retry,
+                        metrics=daemon.metrics,
+                        log=daemon.log,
+                    )
+                except BusError as exc:
+                    daemon.log.warning("intent %s not deleted (%s); it ages out", key, exc)
+
+    async def _serve_foreign_expiry(self) -> None:
+        """Forget foreign intents whose grace after the takeover's re-publish is over."""
+        while True:
+            await trio.sleep(max(0.05, self._foreign_grace_s() / 4))
+            now = trio.current_time()
+            for key in [k for k, until in self._foreign_until.items() if until <= now]:
+                del self._foreign_until[key]
+                left = self._foreign_left.pop(key, set())
+                self.daemon.log.info(
+                    "intent %s taken over: %d of its inputs never came back (acknowledged "
+                    "before the takeover); deleting it",
+                    key,
+                    len(left),
+                )
+                self._forget(key)
 
 
 class RegionalDaemon(FollowerDaemon):

@@ -17,6 +17,7 @@ from fedtier.protocol.bus import MemoryBroker, MemoryBus
 from fedtier.protocol.errors import BusUnavailable, ConfigError, KvConflict, PublishError
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import layout_of
+from fedtier.protocol.messages import Tier
 from fedtier.protocol.names import NatsSubjects
 from fedtier.simulations.testing import sign_model_version, sign_partial
 from fedtier.tiers._lease import LOSS_FRACTION, Lease, LeaseHolder
@@ -460,3 +461,84 @@ async def test_a_take_whose_reply_was_lost_is_recognised_as_ours(autojump_clock:
     holder = kv.holder(KEY)
     assert holder is not None
     assert holder.instance == "one"
+
+
+class FlakyForwarded(MemoryForwarded):
+    """A ``forwarded`` bucket whose first delete finds the bus away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_deletes = 0
+
+    async def delete(self, key: str) -> None:
+        if self.failed_deletes == 0:
+            self.failed_deletes += 1
+            raise BusUnavailable("the NATS server is away")
+        await super().delete(key)
+
+
+async def test_a_taken_over_intent_goes_once_its_grace_is_over_even_when_the_bus_was_away(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    # The lost instance had acknowledged every input of its partial but its
+    # delete of the intent never reached the bus: a standby re-publishes it at
+    # takeover, and must then delete it, or every later takeover re-publishes it
+    # again, until neither the UP stream nor the central remembers the partial.
+    broker = MemoryBroker("nats")
+    registry = MemoryModelRegistry()
+    pointer, blob = sign_model_version(
+        CENTRAL, FLEET, 0, LAYOUT, np.zeros(LAYOUT.num_params, np.float32)
+    )
+    await registry.put_blob(0, blob)
+    await registry.put_current(0, pointer)
+    acc = Accumulator(LAYOUT.num_params)
+    acc.fold_update(
+        bytes(16),
+        np.ones(LAYOUT.num_params, np.float32),
+        n_samples=2,
+        tau=0,
+        discount=1.0,
+        base_version=0,
+    )
+    message, envelope = sign_partial(REGIONAL, FLEET, LAYOUT, acc, seq=1, tier=Tier.REGIONAL)
+    forwarded = FlakyForwarded()
+    key = f"eu.{message.partial_id.hex()}"
+    forwarded.values[key] = envelope
+    config = RegionalConfig(
+        fleet=FLEET,
+        region="eu",
+        identity_key=tmp_path / "unused.key",
+        state_dir=tmp_path / "b",
+        central_key=CENTRAL.verify_key.raw.hex(),
+        flush=FlushPolicy(max_inputs=2, max_age_s=None),
+        lease=LeaseSettings(enabled=True, ttl_s=TTL_S, instance="b"),
+        commit_window_s=0.001,
+    )
+    keys = TierKeys(
+        REGIONAL,
+        KeyRegistry.from_keys({"edge-0": EDGE.verify_key}, role="edge"),
+        CENTRAL.verify_key,
+    )
+    daemon = RegionalDaemon(
+        config, nats=MemoryBus(broker), registry_store=registry, keys=keys, store_in_thread=False
+    )
+    daemon.lease = Lease(
+        MemoryKv(TTL_S), NatsSubjects.lease_key("regional", "eu", None), ttl_s=TTL_S
+    )
+    daemon.forwarded = forwarded
+    subjects = NatsSubjects(FLEET)
+    async with (
+        MemoryBus(broker).subscribe(subjects.to_central(), durable="probe") as central,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(daemon.serve)
+        with trio.fail_after(60):
+            got = await central.receive()
+        assert got.payload == envelope  # re-published at takeover, same bytes
+        assert key in forwarded.values  # kept while its inputs may still come back
+        grace_s = 3 * config.nats.ack_wait_s + TTL_S
+        with trio.fail_after(2 * grace_s):
+            while key in forwarded.values:
+                await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert forwarded.failed_deletes == 1  # the first delete found the bus away: retried

@@ -59,6 +59,7 @@ from fedtier.simulations.testing import (
     CertFiles,
     MosquittoProcess,
     MosquittoTls,
+    NatsClusterProcess,
     NatsServerProcess,
     NatsTls,
     TestPki,
@@ -178,6 +179,13 @@ class MeshSpec:
         edge_validation: more ``[validation]`` keys for every edge (its bounds
             on one device's influence: ``rate_per_s``, ``max_updates_per_version``,
             ...); empty keeps the edges' defaults.
+        standbys: two instances of every edge site, region and central, with
+            ``[lease]`` on: the plan's ``standby_configs`` hold the second ones
+            (each with its own state directory and, edges and regionals, its
+            own identity key in the registry its readers use).
+        lease_ttl_s: ``[lease] ttl_s`` of every instance, with ``standbys``.
+        edge_standbys: with ``standbys``, a second edge per site too; False
+            keeps one edge per site (still with ``[lease]``).
     """
 
     fleet: str = "demo"
@@ -210,6 +218,9 @@ class MeshSpec:
     edge_keepalive_s: int = 60
     ack_wait_s: float | None = None
     edge_validation: Mapping[str, object] = field(default_factory=dict)
+    standbys: bool = False
+    lease_ttl_s: float = 6.0
+    edge_standbys: bool = True
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -233,10 +244,13 @@ class Routes:
         edge_nats_url: the NATS URL of the edges; None: the server's own.
         device_mqtt_port: the port devices connect to on the Mosquitto host;
             None: the broker's own.
+        edge_nats_urls: every NATS URL of the edges when there are several
+            (a proxy per cluster node); takes precedence over ``edge_nats_url``.
     """
 
     edge_nats_url: str | None = None
     device_mqtt_port: int | None = None
+    edge_nats_urls: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,12 +267,24 @@ class Brokers:
         tier_pki: with TLS, the CA of the MQTT tier listener: it signs the
             edges' and lab observers' MQTT certificates, so a device
             certificate cannot connect there (None: ``pki`` signs them too).
+        nats_cluster: a NATS cluster the daemons use instead of one server
+            (``nats`` is then its first node): every node's URL and
+            monitoring URL go into the configs, and streams, KV buckets and
+            object stores get one copy per node.
     """
 
     mosquitto: MosquittoProcess
     nats: NatsServerProcess
     pki: TestPki | None = None
     tier_pki: TestPki | None = None
+    nats_cluster: NatsClusterProcess | None = None
+
+    @property
+    def nats_urls(self) -> tuple[str, ...]:
+        """Every NATS server's client URL."""
+        if self.nats_cluster is not None:
+            return tuple(self.nats_cluster.urls)
+        return (self.nats.url,)
 
     def client_cert(self, common_name: str) -> CertFiles:
         """Issue a client certificate for ``common_name`` (a device's key id, a daemon's name).
@@ -327,6 +353,10 @@ class MeshPlan:
         central_key_id: its key id.
         central_config, regional_configs, edge_configs, fleet_configs: config
             files, by region / site for the middle tiers and fleets.
+        standby_configs: with ``MeshSpec.standbys``, the second instance of
+            each: process name (``central-b``, ``regional-<region>-b``,
+            ``edge-<site>-b``) -> (tier, config file); empty otherwise.
+        state_dirs: daemon process name -> its state directory.
         device_configs: ``fedtier device`` config per standalone device name.
         prometheus_ports: daemon name -> its /metrics port.
         mqtt_host, mqtt_port: the (single) Mosquitto, its device listener.
@@ -360,6 +390,8 @@ class MeshPlan:
     split: DigitsSplit
     initial_model: Path
     base_interval_s: float
+    standby_configs: Mapping[str, tuple[str, Path]] = field(default_factory=dict)
+    state_dirs: Mapping[str, Path] = field(default_factory=dict)
 
     def mqtt_config(self, client_id: str, common_name: str) -> MqttConfig:
         """An MQTT client of the run; with TLS, with a certificate whose CN is ``common_name``.
@@ -567,6 +599,20 @@ def prepare_mesh(
         region: _new_identity(keys_dir, f"regional-{region}") for region, _ in spec.regions
     }
     edges = {site: _new_identity(keys_dir, f"edge-{site}") for site in spec.sites}
+    # A standby instance has an identity of its own (docs/operations.md, "Run a
+    # standby"), listed beside the first one's; the central's is the fleet's one key.
+    second = "-b"
+    edge_pairs = spec.standbys and spec.edge_standbys
+    standby_edges = (
+        {site: _new_identity(keys_dir, f"edge-{site}{second}") for site in spec.sites}
+        if edge_pairs
+        else {}
+    )
+    standby_regionals = (
+        {r: _new_identity(keys_dir, f"regional-{r}{second}") for r, _ in spec.regions}
+        if spec.standbys
+        else {}
+    )
 
     kinds = _assign_kinds(spec)
     names: list[str] = []
@@ -598,39 +644,69 @@ def prepare_mesh(
     }
     edge_registries = {
         region: _write_registry(
-            keys_dir / f"edges-{region}.toml", {f"edge-{s}": edges[s] for s in region_sites}
+            keys_dir / f"edges-{region}.toml",
+            {f"edge-{s}": edges[s] for s in region_sites}
+            | {f"edge-{s}{second}": standby_edges[s] for s in region_sites if standby_edges},
         )
         for region, region_sites in spec.regions
     }
     regional_registry = _write_registry(
-        keys_dir / "regionals.toml", {f"regional-{r}": i for r, i in regionals.items()}
+        keys_dir / "regionals.toml",
+        {f"regional-{r}": i for r, i in regionals.items()}
+        | {f"regional-{r}{second}": i for r, i in standby_regionals.items()},
     )
     central_pub = keys_dir / "central.pub"
 
     mosquitto, nats = brokers.mosquitto, brokers.nats
     routes = routes or Routes()
     device_mqtt_port = routes.device_mqtt_port or mosquitto.port
-    ports = {name: _free_port() for name in ["central"]
-             + [f"regional-{r}" for r, _ in spec.regions]
-             + [f"edge-{s}" for s in spec.sites]}  # fmt: skip
+    daemon_names = (
+        ["central"] + [f"regional-{r}" for r, _ in spec.regions] + [f"edge-{s}" for s in spec.sites]
+    )
+    instance_names = daemon_names + [
+        f"{n}{second}"
+        for n in daemon_names
+        if spec.standbys and (edge_pairs or not n.startswith("edge-"))
+    ]
+    ports = {name: _free_port() for name in instance_names}
+    cluster = brokers.nats_cluster
 
     def common(
-        name: str, flush: FlushSpec, senders: Sequence[Path], nats_url: str = nats.url
+        name: str,
+        flush: FlushSpec,
+        senders: Sequence[Path],
+        nats_urls: Sequence[str] = brokers.nats_urls,
+        *,
+        instance: str = "",
     ) -> dict[str, object]:
+        # ``instance``: the second instance's suffix; the key of the central is one.
+        process = name + instance
+        key = name if name == "central" else process
+        monitoring = (
+            {"monitoring_urls": cluster.monitoring_urls}
+            if cluster is not None
+            else {"monitoring_url": nats.monitoring_url}
+        )
         return {
             "fleet": spec.fleet,
-            "identity_key": keys_dir / f"{name}.key",
-            "state_dir": state_dir / name,
+            "identity_key": keys_dir / f"{key}.key",
+            "state_dir": state_dir / process,
             "intake_capacity": 64,
             "shutdown_timeout_s": spec.shutdown_timeout_s,
             "keys": {"senders": [str(p) for p in senders], "central": central_pub},
             "nats": {
-                "servers": [nats_url],
-                **brokers.tls_files(f"nats-{name}"),
-                "monitoring_url": nats.monitoring_url,
+                "servers": list(nats_urls),
+                **brokers.tls_files(f"nats-{process}"),
+                **monitoring,
                 "require_sync_always": True,
+                **({} if cluster is None else {"replicas": len(cluster.nodes)}),
                 **({} if spec.ack_wait_s is None else {"ack_wait_s": spec.ack_wait_s}),
             },
+            **(
+                {"lease": {"enabled": True, "ttl_s": spec.lease_ttl_s, "instance": process}}
+                if spec.standbys
+                else {}
+            ),
             "flush": {"max_inputs": flush.max_inputs, "max_age_s": flush.max_age_s},
             "staleness": {
                 "kind": "fedbuff",
@@ -642,35 +718,45 @@ def prepare_mesh(
             },
             "store": {"commit_window_ms": spec.commit_window_ms},
             "retry": {"initial_backoff_s": 0.1, "max_backoff_s": 2.0},
-            "telemetry": {"jsonl_dir": trace_dir, "prometheus_port": ports[name]},
+            "telemetry": {"jsonl_dir": trace_dir, "prometheus_port": ports[process]},
         }
 
     header = "Written by simulations.mesh for one run; see deploy/*.example.toml."
-    central_config = _write_toml(
-        config_dir / "central.toml",
-        header,
-        {
-            **common("central", spec.central_flush, [regional_registry]),
-            "model": {"initial": initial_model},
-            "optimizer": {"name": "fedavg", "lr": spec.server_lr},
-        },
+    region_of = {site: region for region, region_sites in spec.regions for site in region_sites}
+    edge_urls = routes.edge_nats_urls or (
+        (routes.edge_nats_url,) if routes.edge_nats_url else brokers.nats_urls
     )
-    regional_configs = {
-        region: _write_toml(
-            config_dir / f"regional-{region}.toml",
+
+    def central_file(instance: str) -> Path:
+        return _write_toml(
+            config_dir / f"central{instance}.toml",
+            header,
+            {
+                **common("central", spec.central_flush, [regional_registry], instance=instance),
+                "model": {"initial": initial_model},
+                "optimizer": {"name": "fedavg", "lr": spec.server_lr},
+            },
+        )
+
+    def regional_file(region: str, instance: str) -> Path:
+        return _write_toml(
+            config_dir / f"regional-{region}{instance}.toml",
             header,
             {
                 "region": region,
-                **common(f"regional-{region}", spec.regional_flush, [edge_registries[region]]),
+                **common(
+                    f"regional-{region}",
+                    spec.regional_flush,
+                    [edge_registries[region]],
+                    instance=instance,
+                ),
                 "partial": {"codec": "f32"},
             },
         )
-        for region, _ in spec.regions
-    }
-    region_of = {site: region for region, region_sites in spec.regions for site in region_sites}
-    edge_configs = {
-        site: _write_toml(
-            config_dir / f"edge-{site}.toml",
+
+    def edge_file(site: str, instance: str) -> Path:
+        return _write_toml(
+            config_dir / f"edge-{site}{instance}.toml",
             header,
             {
                 "site": site,
@@ -679,15 +765,16 @@ def prepare_mesh(
                     f"edge-{site}",
                     spec.edge_flush,
                     [registries[site]],
-                    routes.edge_nats_url or nats.url,
+                    edge_urls,
+                    instance=instance,
                 ),
                 "mqtt": {
                     "host": mosquitto.host,
                     "port": mosquitto.tier_port,
-                    "client_id": f"edge-{site}",
+                    "client_id": f"edge-{site}{instance}",
                     "keepalive_s": spec.edge_keepalive_s,
                     "session_expiry_s": 600,
-                    **brokers.tls_files(f"edge-{site}", mqtt_tier=True),
+                    **brokers.tls_files(f"edge-{site}{instance}", mqtt_tier=True),
                 },
                 "validation": {
                     "max_norm": spec.max_norm,
@@ -697,6 +784,23 @@ def prepare_mesh(
                 "partial": {"codec": "f32"},
             },
         )
+
+    central_config = central_file("")
+    regional_configs = {region: regional_file(region, "") for region, _ in spec.regions}
+    edge_configs = {site: edge_file(site, "") for site in spec.sites}
+    standby_configs: dict[str, tuple[str, Path]] = {}
+    if spec.standbys:
+        standby_configs[f"central{second}"] = ("central", central_file(second))
+        for region, _ in spec.regions:
+            standby_configs[f"regional-{region}{second}"] = (
+                "regional",
+                regional_file(region, second),
+            )
+        for site in spec.sites if edge_pairs else ():
+            standby_configs[f"edge-{site}{second}"] = ("edge", edge_file(site, second))
+    edge_keys = {
+        site: [keys_dir / f"edge-{site}.pub"]
+        + ([keys_dir / f"edge-{site}{second}.pub"] if edge_pairs else [])
         for site in spec.sites
     }
 
@@ -716,7 +820,7 @@ def prepare_mesh(
                     "data": data_paths[i],
                 },
                 "central": {"public_key": central_pub},
-                "edges": {"public_keys": [keys_dir / f"edge-{sites[i]}.pub"]},
+                "edges": {"public_keys": edge_keys[sites[i]]},
                 "mqtt": {
                     "host": mosquitto.host,
                     "port": device_mqtt_port,
@@ -782,7 +886,7 @@ def prepare_mesh(
                 "kinds": {
                     name: _kind_table(profile, base_t) for name, profile in spec.kinds.items()
                 },
-                "sites": {site: {"edge_keys": [keys_dir / f"edge-{site}.pub"]}},
+                "sites": {site: {"edge_keys": edge_keys[site]}},
                 "devices": [
                     {
                         "name": names[i],
@@ -813,6 +917,8 @@ def prepare_mesh(
         fleet_configs=fleet_configs,
         device_configs=device_configs,
         prometheus_ports=ports,
+        standby_configs=standby_configs,
+        state_dirs={name: state_dir / name for name in instance_names},
         mqtt_host=mosquitto.host,
         mqtt_port=mosquitto.port,
         mqtt_tier_port=mosquitto.tier_port,

@@ -11,7 +11,7 @@ from pathlib import Path
 import trio
 
 from fedtier.protocol.errors import FedtierError, sole_error
-from fedtier.simulations.chaos._plan import ALL_UNSAFE, ChaosOptions, FaultPlan
+from fedtier.simulations.chaos._plan import ALL_UNSAFE, TOPOLOGIES, ChaosOptions, FaultPlan
 from fedtier.simulations.chaos._run import run_chaos
 from fedtier.simulations.checker import render_report
 from fedtier.simulations.mesh import parse_regions
@@ -46,6 +46,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--drain-timeout-s", type=float, default=90.0, help="bound on the drain")
     add("--rate", type=float, default=8.0, help="updates per second the fleet aims at")
     add("--seed", type=int, default=0, help="seeds the mesh and the fault schedule")
+    add(
+        "--topology",
+        choices=TOPOLOGIES,
+        default="single",
+        help="single: one instance per tier, one nats-server (default); ha: leases, two "
+        "instances of every edge site, region and central, a 3-node NATS cluster",
+    )
+    add("--lease-ttl-s", type=float, default=6.0, help="[lease] ttl_s with --topology ha")
+    add(
+        "--single-edges",
+        action="store_true",
+        help="with --topology ha: one edge per site (with its lease) instead of two",
+    )
     for kind in FaultPlan.kinds():
         add(f"--{kind.replace('_', '-')}", type=int, default=0, metavar="N", help=f"{kind} faults")
     add("--crash-at", default="", help="FEDTIER_CRASH_AT for the daemons (tiers.faults)")
@@ -94,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             proxies=not args.no_proxies,
             keep_workdir=args.keep_workdir,
             progress=None if args.json else _print_err,
+            topology=args.topology,
+            lease_ttl_s=args.lease_ttl_s,
+            edge_pairs=not args.single_edges,
         )
         if args.crash_at:
             from fedtier.tiers.faults import configure

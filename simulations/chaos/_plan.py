@@ -33,7 +33,13 @@ FAULT_KINDS: Final = (
     "proxy_reset",
     "proxy_partition",
     "proxy_delay",
+    "lose_edge",
+    "lose_regional",
+    "lose_central",
+    "kill_nats_node",
 )
+HA_ONLY_KINDS: Final = frozenset({"lose_edge", "lose_regional", "lose_central", "kill_nats_node"})
+TOPOLOGIES: Final = ("single", "ha")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +51,12 @@ class FaultPlan:
         kill_mosquitto, kill_nats: kill -9 and restart of a broker.
         stop_edge, stop_regional, stop_central: SIGSTOP for ``stop_s``, then SIGCONT.
         proxy_reset, proxy_partition, proxy_delay: faults of a proxy.
+        lose_edge, lose_regional, lose_central: (``ha`` only) the active
+            instance's machine is lost: SIGKILL, its state directory deleted,
+            and after a restart pause a replacement with an empty state
+            directory joins as a standby.
+        kill_nats_node: (``ha`` only) SIGKILL of one cluster node, restarted
+            on its store after ``broker_down_s``.
         restart_delay_s: a killed daemon stays down a uniform draw from this range.
         broker_down_s: a killed broker stays down a uniform draw from this range.
         edge_stall_s: how long the edges are frozen before a Mosquitto kill.
@@ -65,6 +77,10 @@ class FaultPlan:
     proxy_reset: int = 0
     proxy_partition: int = 0
     proxy_delay: int = 0
+    lose_edge: int = 0
+    lose_regional: int = 0
+    lose_central: int = 0
+    kill_nats_node: int = 0
     restart_delay_s: tuple[float, float] = (0.2, 2.0)
     broker_down_s: tuple[float, float] = (0.5, 2.0)
     edge_stall_s: float = 2.0
@@ -120,6 +136,13 @@ class ChaosOptions:
         proxies: route edges -> NATS and devices -> Mosquitto through proxies.
         keep_workdir: keep keys, configs, stores and broker files.
         progress: called with a line every few seconds (None: quiet).
+        topology: ``single`` (one instance per tier, one nats-server) or
+            ``ha`` (leases on; two instances of every edge site, region and
+            central; a 3-node NATS cluster with three copies of everything).
+        lease_ttl_s: ``[lease] ttl_s`` in ``ha``: a takeover after a loss
+            waits this long.
+        edge_pairs: in ``ha``, two edges per site (False: one, with its
+            lease). Edge pairs are not exactly-once yet: docs/chaos-results.md.
     """
 
     out_dir: Path
@@ -149,8 +172,19 @@ class ChaosOptions:
     proxies: bool = True
     keep_workdir: bool = False
     progress: Callable[[str], None] | None = None
+    topology: str = "single"
+    lease_ttl_s: float = 6.0
+    edge_pairs: bool = True
 
     def __post_init__(self) -> None:
+        if self.topology not in TOPOLOGIES:
+            raise FedtierError(
+                f"topology {self.topology!r} is unknown; the topologies are {', '.join(TOPOLOGIES)}"
+            )
+        if self.topology != "ha":
+            ha_only = [kind for kind in sorted(HA_ONLY_KINDS) if self.faults.count(kind)]
+            if ha_only:
+                raise FedtierError(f"fault {ha_only[0]} needs --topology ha")
         unknown = sorted(self.unsafe - ALL_UNSAFE)
         if unknown:
             raise FedtierError(
@@ -195,7 +229,15 @@ class ChaosOptions:
             commit_window_ms=self.commit_window_ms,
             edge_keepalive_s=self.edge_keepalive_s,
             ack_wait_s=self.ack_wait_s,
+            standbys=self.ha,
+            lease_ttl_s=self.lease_ttl_s,
+            edge_standbys=self.edge_pairs,
         )
+
+    @property
+    def ha(self) -> bool:
+        """Whether the run uses the ``ha`` topology."""
+        return self.topology == "ha"
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +253,7 @@ class _Fault:
 def _schedule(plan: FaultPlan, rng: random.Random, window_s: float) -> list[_Fault]:
     faults: list[_Fault] = []
     for kind in FaultPlan.kinds():
-        broker = kind in ("kill_mosquitto", "kill_nats")
+        broker = kind in ("kill_mosquitto", "kill_nats", "kill_nats_node")
         low, high = plan.broker_down_s if broker else plan.restart_delay_s
         # Targets in turn (the k-th fault of a kind hits candidate k mod n): every
         # edge, proxy... gets its share, whatever the seed.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedtier.simulations.chaos._plan import FaultPlan
 from fedtier.simulations.checker import CheckReport
@@ -27,6 +27,9 @@ class ChaosResult:
         phase_s: wall time of each phase (setup, start, faults, drain, stop).
         unsafe: the safeties that were off.
         crash_at: the crash points armed.
+        topology: ``single`` or ``ha``.
+        missing_records: (``ha``) published versions whose record could not
+            be read or verified: their lineage is unknown, so the run fails.
     """
 
     report: CheckReport
@@ -42,17 +45,29 @@ class ChaosResult:
     phase_s: dict[str, float]
     unsafe: frozenset[str]
     crash_at: str
+    topology: str = "single"
+    missing_records: list[int] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
-        """True when the checker found an update lost, duplicated or unexpected."""
-        return self.report.failed
+        """True when the checker found an update lost, duplicated or unexpected.
+
+        Also when a published version's lineage could not be read: the checker
+        cannot vouch for what it does not see.
+        """
+        return self.report.failed or bool(self.missing_records)
 
     def summary_lines(self) -> list[str]:
         """The fault summary as printed lines."""
         lines = [
             f"chaos run: {self.elapsed_s:.0f} s, {self.sent} updates sent, "
             f"{self.receipted} receipted, drained: {'yes' if self.drained else 'no'}",
+            f"  topology: {self.topology}"
+            + (
+                f"; versions without a readable record: {self.missing_records[:10]}  <- FAILURE"
+                if self.missing_records
+                else ""
+            ),
             "  phases: " + ", ".join(f"{name} {s:g} s" for name, s in self.phase_s.items()),
             "  safeties off: " + (", ".join(sorted(self.unsafe)) or "none"),
             "  crash points: " + (self.crash_at or "none"),
@@ -85,4 +100,6 @@ class ChaosResult:
             "phase_s": self.phase_s,
             "unsafe": sorted(self.unsafe),
             "crash_at": self.crash_at,
+            "topology": self.topology,
+            "missing_records": self.missing_records,
         }

@@ -20,6 +20,7 @@ import trio
 from fedtier.protocol.errors import StoreError
 from fedtier.protocol.telemetry.tracing import otlp_requested
 from fedtier.simulations.chaos._inject import _Injector
+from fedtier.simulations.chaos._observer import open_observer
 from fedtier.simulations.chaos._plan import ChaosOptions
 from fedtier.simulations.chaos._result import ChaosResult
 from fedtier.simulations.chaos._supervisor import _READY_TIMEOUT_S, _STOP_GRACE_S
@@ -32,7 +33,12 @@ from fedtier.simulations.mesh import (
     prepare_mesh,
 )
 from fedtier.simulations.processes import ProcessGroup, open_process_group
-from fedtier.simulations.testing import FaultyProxy, MosquittoProcess, NatsServerProcess
+from fedtier.simulations.testing import (
+    FaultyProxy,
+    MosquittoProcess,
+    NatsClusterProcess,
+    NatsServerProcess,
+)
 from fedtier.tiers.store import read_lineages
 
 _POLL_S: Final = 0.5
@@ -67,6 +73,43 @@ class _Run(_Injector):
     ) -> None:
         super().__init__(options, plan, group, brokers, proxies)
         self.phase_s: dict[str, float] = {}
+        self.final_counted: Counter[str] = Counter()
+        self.final_versions = 0
+        self.missing_records: set[int] = set()
+
+    async def settle_lineage(self) -> None:
+        """Read the lineage the checker uses, once every daemon has stopped."""
+        if self.observer is not None:
+            await self.observer.settle(self.options.drain_timeout_s)
+            self.missing_records = set(self.observer.missing)
+        else:
+            # Nothing may hold the store open any more: a failure here is real.
+            self.final_counted = await trio.to_thread.run_sync(_lineage_ids, self.plan)
+            self.final_versions = await trio.to_thread.run_sync(self.lineage_versions)
+            return
+        self.final_counted = self.observer.counted()
+        self.final_versions = self.lineage_versions()
+
+    @asynccontextmanager
+    async def observing(self) -> AsyncIterator[None]:
+        """``ha``: follow the registry's versions and the leases while the block runs."""
+        if not self.options.ha:
+            yield
+            return
+        spec = self.plan.spec
+        cluster = self.brokers.nats_cluster
+        async with open_observer(
+            self.brokers.nats_urls,
+            spec.fleet,
+            self.plan.central_key_file,
+            spec.lease_ttl_s,
+            1 if cluster is None else len(cluster.nodes),
+        ) as observer:
+            self.observer = observer
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(observer.follow)
+                yield
+                nursery.cancel_scope.cancel()
 
     # -- progress -------------------------------------------------------------------
 
@@ -106,10 +149,7 @@ class _Run(_Injector):
         deadline = trio.current_time() + options.drain_timeout_s
         last_total, last_change = -1, trio.current_time()
         while trio.current_time() < deadline:
-            try:
-                counted = await trio.to_thread.run_sync(_lineage_ids, self.plan)
-            except StoreError:
-                counted = Counter()  # the central is between a crash and its restart
+            counted = await self.counted()
             total = sum(counted.values())
             now = trio.current_time()
             if total != last_total:
@@ -120,6 +160,21 @@ class _Run(_Injector):
                 return complete
             await trio.sleep(_POLL_S)
         return False
+
+    async def counted(self) -> Counter[str]:
+        """Update ids by how often the published lineage counts them (see ``lineage``)."""
+        if self.observer is not None:
+            return self.observer.counted()
+        try:
+            return await trio.to_thread.run_sync(_lineage_ids, self.plan)
+        except StoreError:
+            return Counter()  # the central is between a crash and its restart
+
+    def lineage_versions(self) -> int:
+        """Versions whose lineage the checker reads."""
+        if self.observer is not None:
+            return len(self.observer.lineage)
+        return len(read_lineages(central_store(self.plan)))
 
 
 def _outboxes(plan: MeshPlan) -> list[tuple[str, Path]]:
@@ -162,11 +217,20 @@ def _lineage_ids(plan: MeshPlan) -> Counter[str]:
 
 
 @asynccontextmanager
-async def _open_brokers(workdir: Path, autosave_s: int) -> AsyncIterator[Brokers]:
+async def _open_brokers(workdir: Path, autosave_s: int, *, ha: bool) -> AsyncIterator[Brokers]:
     mosquitto = await trio.to_thread.run_sync(
         lambda: MosquittoProcess.start(workdir / "mosquitto", autosave_interval=autosave_s)
     )
     try:
+        if ha:
+            (workdir / "nats").mkdir(parents=True, exist_ok=True)
+            cluster = await trio.to_thread.run_sync(NatsClusterProcess.start, workdir / "nats")
+            try:
+                yield Brokers(mosquitto, cluster.nodes[0], nats_cluster=cluster)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(cluster.stop)
+            return
         nats = await trio.to_thread.run_sync(NatsServerProcess.start, workdir / "nats")
         try:
             yield Brokers(mosquitto, nats)
@@ -192,20 +256,32 @@ async def run_chaos(options: ChaosOptions) -> ChaosResult:
     workdir = Path(tempfile.mkdtemp(prefix="fedtier-chaos-"))
     try:
         async with (
-            _open_brokers(workdir / "brokers", options.mosquitto_autosave_s) as brokers,
+            _open_brokers(
+                workdir / "brokers", options.mosquitto_autosave_s, ha=options.ha
+            ) as brokers,
             trio.open_nursery() as proxy_nursery,
         ):
             proxies: list[FaultyProxy] = []
             routes = Routes()
             if options.proxies:
-                nats_proxy = FaultyProxy("edges-nats", brokers.nats.port)
+                # One proxy per NATS server (a cluster's three: the edges fail over).
+                nodes = (
+                    brokers.nats_cluster.nodes
+                    if brokers.nats_cluster is not None
+                    else [brokers.nats]
+                )
+                nats_proxies = [
+                    FaultyProxy(f"edges-nats{i + 1 if len(nodes) > 1 else ''}", node.port)
+                    for i, node in enumerate(nodes)
+                ]
                 mqtt_proxy = FaultyProxy("devices-mosquitto", brokers.mosquitto.port)
-                for proxy in (nats_proxy, mqtt_proxy):
+                for proxy in (*nats_proxies, mqtt_proxy):
                     await proxy_nursery.start(proxy.serve)
                     proxies.append(proxy)
                 routes = Routes(
-                    edge_nats_url=f"nats://127.0.0.1:{nats_proxy.port}",
+                    edge_nats_url=f"nats://127.0.0.1:{nats_proxies[0].port}",
                     device_mqtt_port=mqtt_proxy.port,
+                    edge_nats_urls=tuple(f"nats://127.0.0.1:{p.port}" for p in nats_proxies),
                 )
             plan = await trio.to_thread.run_sync(
                 lambda: prepare_mesh(
@@ -222,8 +298,8 @@ async def run_chaos(options: ChaosOptions) -> ChaosResult:
                 drained = await _run_phases(run, started)
             proxy_nursery.cancel_scope.cancel()
         histories = load_device_logs(sorted(plan.device_log_dir.glob("*.jsonl")))
-        counted = _lineage_ids(plan)
-        report = check(histories, counted, len(read_lineages(central_store(plan))))
+        counted = run.final_counted
+        report = check(histories, counted, run.final_versions)
         result = ChaosResult(
             report=report,
             updates_in_logs=len(histories),
@@ -238,8 +314,15 @@ async def run_chaos(options: ChaosOptions) -> ChaosResult:
             phase_s=run.phase_s,
             unsafe=options.unsafe,
             crash_at=options.crash_at,
+            topology=options.topology,
+            missing_records=sorted(run.missing_records),
         )
         (out_dir / "chaos.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        if run.observer is not None:
+            # What the checker counted, version by version: to follow a failure
+            # back to the versions (and so the partials) that hold an update.
+            lineage = {str(v): ids for v, ids in sorted(run.observer.lineage.items())}
+            (out_dir / "lineage.json").write_text(json.dumps(lineage) + "\n")
         return result
     finally:
         if options.keep_workdir:
@@ -268,18 +351,20 @@ async def _run_phases(run: _Run, started: float) -> bool:
         # an edge serves, they wait for a model and resend what got no receipt.
         await run.start_fleets(nursery)
         await run.wait_mesh_ready()
-        # Faults start once updates flow: a broker killed before any device sent
-        # would test nothing.
-        with trio.move_on_after(_READY_TIMEOUT_S):
-            await run.traffic.wait()
-        lap("start")
-        with trio.move_on_after(options.max_run_s):
-            await run.run_faults()
-            await run.target_reached.wait()
-        lap("faults")
-        drained = await run.drain()
-        lap("drain")
-        await run.stop_daemons()
-        lap("stop")
+        async with run.observing():
+            # Faults start once updates flow: a broker killed before any device sent
+            # would test nothing.
+            with trio.move_on_after(_READY_TIMEOUT_S):
+                await run.traffic.wait()
+            lap("start")
+            with trio.move_on_after(options.max_run_s):
+                await run.run_faults()
+                await run.target_reached.wait()
+            lap("faults")
+            drained = await run.drain()
+            lap("drain")
+            await run.stop_daemons()
+            lap("stop")
+            await run.settle_lineage()
         nursery.cancel_scope.cancel()
     return drained

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import signal
 import sys
 from collections import Counter
@@ -27,6 +28,8 @@ from fedtier.tiers.faults import CRASH_ENV, CRASH_EXIT_STATUS, UNSAFE_ENV, UNSAF
 
 # The daemons' log line once their input is open (tiers.tier.TierDaemon.serve).
 _SERVING: Final = r"serving \(epoch \d+, model v\d+\)"
+# With a lease, an instance is up once it serves or waits as a standby.
+_SERVING_OR_STANDBY: Final = _SERVING + r"|is standby: waiting for lease"
 _READY_TIMEOUT_S: Final = 60.0
 _STOP_GRACE_S: Final = 15.0
 _FAILED_RESTART_S: Final = 1.0
@@ -46,6 +49,11 @@ class _Supervised:
     lock: trio.Lock = field(default_factory=trio.Lock)
     expect_kill: bool = False
     fired: set[str] = field(default_factory=set)
+    # ``ha``: the lease its instances share, and its state directory, which a
+    # machine loss (``wipe``) deletes before the replacement starts.
+    lease_key: str = ""
+    state_dir: Path | None = None
+    wipe: bool = False
 
 
 class _Supervisor:
@@ -126,19 +134,36 @@ class _Supervisor:
         def argv(kind: str, config: Path) -> list[str]:
             return [sys.executable, "-m", "fedtier", kind, "--config", str(config)]
 
-        async def add(tier: str, name: str, config: Path) -> _Supervised:
+        ready = _SERVING_OR_STANDBY if plan.standby_configs else _SERVING
+        region_of = {site: region for region, sites in plan.spec.regions for site in sites}
+
+        async def add(tier: str, name: str, config: Path, lease_key: str) -> _Supervised:
             process = await self._start_new(
-                nursery, tier, name, argv(tier, config), ready_pattern=_SERVING
+                nursery, tier, name, argv(tier, config), ready_pattern=ready
             )
+            process.lease_key = lease_key
+            process.state_dir = plan.state_dirs.get(name)
             self.daemons[tier].append(process)
             return process
 
-        central = await add("central", "central", plan.central_config)
+        def second(name: str) -> Path | None:
+            entry = plan.standby_configs.get(f"{name}-b")
+            return None if entry is None else entry[1]
+
+        # The first instance of each starts first, so it is the first active one.
+        central = await add("central", "central", plan.central_config, "central")
         await self._wait_all_up([central])
+        if (config_b := second("central")) is not None:
+            await add("central", "central-b", config_b, "central")
         for region, config in plan.regional_configs.items():
-            await add("regional", f"regional-{region}", config)
+            await add("regional", f"regional-{region}", config, f"regional.{region}")
+            if (config_b := second(f"regional-{region}")) is not None:
+                await add("regional", f"regional-{region}-b", config_b, f"regional.{region}")
         for site, config in plan.edge_configs.items():
-            await add("edge", f"edge-{site}", config)
+            key = f"edge.{region_of[site]}.{site}"
+            await add("edge", f"edge-{site}", config, key)
+            if (config_b := second(f"edge-{site}")) is not None:
+                await add("edge", f"edge-{site}-b", config_b, key)
 
     async def wait_mesh_ready(self) -> None:
         """Wait until every daemon serves (restarts included: a crash point may fire early)."""
@@ -187,7 +212,14 @@ class _Supervisor:
             if self.stopping.is_set() or process.child.stopping:
                 return
             code = process.child.returncode
-            if process.expect_kill and code == -signal.SIGKILL:
+            if process.wipe and code == -signal.SIGKILL:
+                # The machine is gone, disk included: the replacement starts empty.
+                how = "lost"
+                state_dir = process.state_dir
+                if state_dir is not None:
+                    await trio.to_thread.run_sync(_remove_tree, state_dir)
+                pause_s = self.rng.uniform(*self.options.faults.restart_delay_s)
+            elif process.expect_kill and code == -signal.SIGKILL:
                 how = "killed"
                 pause_s = self.rng.uniform(*self.options.faults.restart_delay_s)
             elif code == CRASH_EXIT_STATUS:
@@ -206,6 +238,7 @@ class _Supervisor:
                 pause_s = _FAILED_RESTART_S
                 self.failures.append(process.child.describe_exit())
             process.expect_kill = False
+            process.wipe = False
             self.exits[f"{process.tier}:{how}"] += 1
             if process.tier == "fleet":
                 self._sent_before[process.name] += self._sent_now.pop(process.name, 0)
@@ -227,6 +260,10 @@ class _Supervisor:
         for tier in TIERS:
             children = [p.child for p in self.daemons[tier]]
             await self.group.stop(children, grace_s=_STOP_GRACE_S)
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _fired_point(child: Child) -> str | None:

@@ -511,6 +511,19 @@ class NatsClusterProcess:
         """Start node ``index`` again on its ports and store (see ``NatsServerProcess.restart``)."""
         self.nodes[index].restart(sync_always=sync_always)
 
+    def restart_all(self, timeout_s: float = 30.0) -> None:
+        """Start every node again on its ports and store, together, and wait for the cluster.
+
+        Together because a node restarted alone cannot become healthy without
+        a majority (the meta group needs one); a cluster killed whole comes
+        back only this way.
+        """
+        for node in self.nodes:
+            node.stop()
+            for stale in node.workdir.glob("nats-server_*.ports"):
+                stale.unlink(missing_ok=True)
+        launch_together(self.nodes, lambda: self.wait_ready(timeout_s))
+
     def kill_all(self) -> None:
         """Kill every node (SIGKILL) and reap it."""
         for node in self.nodes:

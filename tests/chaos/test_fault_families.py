@@ -1,7 +1,13 @@
-"""Each fault family on a real mesh, twice: safe, then with the safety it tests turned off.
+"""Every fault family on a real HA mesh at once, then each family with its safety turned off.
 
-A safe run must end with nothing lost, duplicated or unexpected; the same run
-with the family's safety off must make the checker report loss or
+The safe run is the ``ha`` topology (leases on every daemon; an active and a
+standby regional per region and central; one edge per site; a 3-node NATS
+cluster with three copies of every stream and bucket) under every family
+below at once, plus the losses of a regional's and of the central's machine
+and kills of NATS nodes; it must end with nothing lost, duplicated or
+unexpected, and every planned fault must have hit. (Two edges per site are
+not exactly-once yet: docs/chaos-results.md, "Edge pairs".) Each family then runs alone in the
+``single`` topology with its safety off, and the checker must report loss or
 duplication: a fault test that cannot fail proves nothing. Where a random
 schedule might miss the window that the safety covers, the fault is made
 deterministic (a crash point at a chosen passage, a broker that does not
@@ -125,7 +131,7 @@ def explain(result: ChaosResult) -> str:
     return "\n".join(lines)
 
 
-def options_for(family: Family, out_dir: Path, *, safe: bool) -> ChaosOptions:
+def options_for(family: Family, out_dir: Path) -> ChaosOptions:
     return ChaosOptions(
         out_dir=out_dir,
         devices=10,
@@ -136,15 +142,66 @@ def options_for(family: Family, out_dir: Path, *, safe: bool) -> ChaosOptions:
         seed=7,
         ack_wait_s=2.0,
         faults=family.faults,
-        unsafe=frozenset() if safe else family.unsafe,
+        unsafe=family.unsafe,
         **family.options,
     )
 
 
-@pytest.mark.parametrize("safe", [True, False], ids=["safe", "safety_off"])
+def every_family(*, ha: bool) -> tuple[FaultPlan, dict[str, Any]]:
+    """Every family's faults and options in one plan, plus the HA-only faults with ``ha``."""
+    counts: dict[str, int] = {}
+    options: dict[str, Any] = {}
+    for family in FAMILIES:
+        for kind in FaultPlan.kinds():
+            counts[kind] = counts.get(kind, 0) + family.faults.count(kind)
+        options.update(family.options)
+    # Machine losses of the two tiers whose state is on the bus, and a node of
+    # the cluster (an edge's loss loses what it receipted: docs/chaos-results.md).
+    if ha:
+        counts.update(lose_regional=1, lose_central=1, kill_nats_node=2)
+    plan: Any = FaultPlan  # counts by kind name
+    return plan(**counts, broker_down_s=(2.0, 3.0)), options
+
+
+@pytest.mark.parametrize("topology", ["single", "ha"])
+async def test_every_fault_family_at_once(topology: str, tmp_path: Path) -> None:
+    # "single" is what most fleets run (one instance per tier, restarted on its
+    # own disk); "ha" adds standbys, machine losses and a NATS cluster.
+    ha = topology == "ha"
+    faults, family_options = every_family(ha=ha)
+    options = ChaosOptions(
+        out_dir=tmp_path / "out",
+        topology=topology,
+        edge_pairs=False,
+        devices=10,
+        updates=60,
+        duration_s=20.0,
+        max_run_s=150.0,
+        drain_timeout_s=90.0,
+        seed=7,
+        ack_wait_s=2.0,
+        faults=faults,
+        **family_options,
+    )
+    with trio.fail_after(330):
+        result = await run_chaos(options)
+    why = explain(result)
+    # Every planned fault hit a running target (a loss: the active instance).
+    for kind in FaultPlan.kinds():
+        assert result.faults[kind] == faults.count(kind), why
+    for tier in ("edge", "regional", "central"):
+        assert result.exits[f"{tier}:crash_point"] >= 1, why
+    if ha:
+        assert result.exits["regional:lost"] == 1, why
+        assert result.exits["central:lost"] == 1, why
+    assert not result.failed, why
+    assert result.drained, why
+    assert result.report.counts["ok"] >= 40, why
+
+
 @pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
-async def test_fault_family(family: Family, safe: bool, tmp_path: Path) -> None:
-    options = options_for(family, tmp_path / "out", safe=safe)
+async def test_fault_family_with_its_safety_off(family: Family, tmp_path: Path) -> None:
+    options = options_for(family, tmp_path / "out")
     with trio.fail_after(240):
         result = await run_chaos(options)
     why = explain(result)
@@ -154,9 +211,4 @@ async def test_fault_family(family: Family, safe: bool, tmp_path: Path) -> None:
     if "crash_at" in family.options:
         for tier in ("edge", "regional", "central"):
             assert result.exits[f"{tier}:crash_point"] >= 1, why
-    if safe:
-        assert not result.failed, why
-        assert result.drained, why
-        assert result.report.counts["ok"] >= 20, why
-    else:
-        assert sum(result.report.counts[row] for row in family.shows) > 0, why
+    assert sum(result.report.counts[row] for row in family.shows) > 0, why

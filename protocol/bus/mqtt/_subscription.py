@@ -244,6 +244,12 @@ class _SubscribeLink(_Link):
         if self._connack is None:
             # Until CONNACK is read nothing else can be: never park before it.
             return True
+        if self._suback_waiters:
+            # A resumed session's backlog arrives ahead of the SUBACK: parking at
+            # a full subscription would never read the SUBACK that lets its
+            # consumer start. The broker's flow control (receive_maximum) still
+            # bounds the PUBLISHes read meanwhile.
+            return True
         if self.held >= self.config.receive_maximum:
             return False
         return all(sub.held < sub.capacity for sub in self.subs.values())
@@ -374,6 +380,7 @@ class _SubscribeLink(_Link):
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             sub.subscribe_sent = True
             self._suback_waiters[mid] = sub
+            self._gate.unpark_all()  # a reader parked at a full subscription reads its SUBACK
 
     def close_subscription(self, sub: _MqttSubscription, *, bus_closing: bool = False) -> None:
         """Close ``sub`` now (no await: it runs in ``finally`` blocks).

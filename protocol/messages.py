@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from functools import lru_cache
 from typing import Any, ClassVar, Final, TypeAlias
@@ -586,13 +586,20 @@ def header_caps(limits: Limits, kinds: frozenset[Kind] | None = None) -> Structu
     return caps
 
 
+# A message built here is checked for shape, not against a receiver's decoding
+# caps: the model's size is the sender's to choose (a daemon raises max_params
+# in its [limits], a device takes its model's), and each receiver applies its
+# own caps when it decodes.
+_LOCAL_LIMITS: Final = replace(DEFAULT_LIMITS, max_params=MAX_UINT)
+
+
 def _validate_local(msg: Any) -> None:
     kind: Kind = msg.KIND
     _cls, schema = SCHEMAS[kind]
     values = {f.name: getattr(msg, f.name) for f in fields(msg)}
     for name, check in schema:
         try:
-            converted = check(values[name], DEFAULT_LIMITS, values)
+            converted = check(values[name], _LOCAL_LIMITS, values)
         except _FieldProblem as exc:
             raise LocalProtocolError(f"{kind.value} field {name!r} {exc}") from None
         if converted is not values[name] and not isinstance(values[name], CodecSpec | ModelLayout):

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, overload
 
 from fedtier.protocol.errors import DecodeError, LimitExceeded, LocalProtocolError
 
@@ -33,6 +33,7 @@ __all__ = [
     "MODEL_PART_PROPERTY",
     "BlobAssembler",
     "BlobPart",
+    "BlobParts",
     "blob_parts",
     "parse_blob_part",
 ]
@@ -59,7 +60,45 @@ class BlobPart:
         return (self.digest, self.count, self.size)
 
 
-def blob_parts(blob: bytes, part_bytes: int) -> list[tuple[dict[str, str], bytes]]:
+class BlobParts(Sequence[tuple[dict[str, str], bytes]]):
+    """The parts of one blob, each ``(property, bytes)``; a part's bytes are cut when it is taken.
+
+    A relay that publishes the parts one after the other so holds one part
+    besides the blob, never a second copy of the whole blob.
+    """
+
+    __slots__ = ("_blob", "_count", "_digest", "_part_bytes")
+
+    def __init__(self, blob: bytes, part_bytes: int) -> None:
+        self._blob = blob
+        self._part_bytes = part_bytes
+        self._count = -(-len(blob) // part_bytes)
+        self._digest = hashlib.sha256(blob).hexdigest()
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[dict[str, str], bytes]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[dict[str, str], bytes]]: ...
+
+    def __getitem__(
+        self, index: int | slice
+    ) -> tuple[dict[str, str], bytes] | list[tuple[dict[str, str], bytes]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(f"part {index} of a blob of {self._count} parts")
+        start = index * self._part_bytes
+        prop = f"{index} {self._count} {len(self._blob)} {self._digest}"
+        return {MODEL_PART_PROPERTY: prop}, self._blob[start : start + self._part_bytes]
+
+
+def blob_parts(blob: bytes, part_bytes: int) -> BlobParts:
     """Cut ``blob`` into parts of at most ``part_bytes`` bytes, each with its property.
 
     Raises:
@@ -69,16 +108,7 @@ def blob_parts(blob: bytes, part_bytes: int) -> list[tuple[dict[str, str], bytes
         raise LocalProtocolError(f"part size must be >= 1 byte, got {part_bytes}")
     if not blob:
         raise LocalProtocolError("an empty blob has no parts")
-    digest = hashlib.sha256(blob).hexdigest()
-    starts = range(0, len(blob), part_bytes)
-    count = len(starts)
-    return [
-        (
-            {MODEL_PART_PROPERTY: f"{index} {count} {len(blob)} {digest}"},
-            blob[start : start + part_bytes],
-        )
-        for index, start in enumerate(starts)
-    ]
+    return BlobParts(blob, part_bytes)
 
 
 def parse_blob_part(properties: Mapping[str, str]) -> BlobPart:

@@ -28,7 +28,7 @@ LAB_MODULES: Final = ("rich", "matplotlib", "sklearn", "nats", "trio_asyncio", "
 
 
 def add_bench(sub: Subcommands) -> None:
-    """Add ``fedtier bench codec|edge|reject|explorer|fold|connections``."""
+    """Add ``fedtier bench codec|edge|reject|explorer|fold|connections|large-model``."""
     bench = sub.add_parser("bench", help="benchmarks against a raw baseline run alongside")
     bench.set_defaults(requires=LAB_MODULES)
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -71,6 +71,13 @@ def add_bench(sub: Subcommands) -> None:
         "connections",
         "fedtier.simulations.bench.connections",
         "many MQTT v5 device sessions on one edge site: memory per device, drops (JSON)",
+        requires=LAB_MODULES,
+    )
+    add_forwarded(
+        bench_sub,
+        "large-model",
+        "fedtier.simulations.bench.large",
+        "a 100M-parameter model through the real daemons on loopback: peak RSS of each (JSON)",
         requires=LAB_MODULES,
     )
 

@@ -144,14 +144,21 @@ class UpstreamWorker(abc.ABC, Generic[J]):
 
     async def serve(self, initial: Sequence[J], *, task_status: trio.TaskStatus[None]) -> None:
         """Run ``initial`` jobs (recovered from the store), then queued ones, in order."""
-        for _ in initial:
+        for _ in range(len(initial)):
             self._started_one()
         task_status.started()
-        for job in initial:
+        # A job holds a whole partial or model blob: each is let go once done,
+        # never kept while the next is awaited (or while the rest of ``initial`` runs).
+        pending = collections.deque(initial)
+        del initial
+        while pending:
+            job = pending.popleft()
             await self.run(job)
+            del job
             self._finished_one()
         async for job in self._receive:
             await self.run(job)
+            del job
             self._finished_one()
 
     @abc.abstractmethod

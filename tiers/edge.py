@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import itertools
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Final
 
@@ -409,7 +410,7 @@ class EdgeDaemon(FollowerDaemon):
         # its max_packet_size, on every retry: a larger blob goes as retained parts
         # (protocol.model_parts), and an empty retained blob clears the whole one.
         limit = self.mqtt.max_message_bytes
-        blob_messages: list[tuple[str, bytes, dict[str, str] | None]]
+        blob_messages: Iterable[tuple[str, bytes, dict[str, str] | None]]
         if limit is not None and len(blob) + MESSAGE_OVERHEAD > limit:
             part_bytes = limit - MESSAGE_OVERHEAD
             if part_bytes < 1 or -(-len(blob) // part_bytes) > MAX_BLOB_PARTS:
@@ -418,21 +419,25 @@ class EdgeDaemon(FollowerDaemon):
                     f"model v{version}'s {len(blob):,}-byte blob in at most {MAX_BLOB_PARTS:,} "
                     "parts: raise max_packet_size in mosquitto.conf"
                 )
+            # Lazily: a part's bytes are cut as it is published, so the relay holds
+            # one part besides the blob, not a second copy of the whole model.
             parts = blob_parts(blob, part_bytes)
-            blob_messages = [
-                (self.topics.model_blob_part(i), chunk, properties)
-                for i, (properties, chunk) in enumerate(parts)
-            ]
-            blob_messages.append((self.topics.model_blob(), b"", None))
+            blob_messages = itertools.chain(
+                (
+                    (self.topics.model_blob_part(i), chunk, properties)
+                    for i, (properties, chunk) in enumerate(parts)
+                ),
+                [(self.topics.model_blob(), b"", None)],
+            )
         else:
             blob_messages = [(self.topics.model_blob(), blob, None)]
         # Blob first: a device that sees the new pointer finds its blob already there;
         # the signer's certificate before both (devices that pin the fleet root need it).
         certificate = self.keys.models.document(parse_envelope(data, self.config.limits).sender)
-        for topic, payload, properties in (
-            *([(self.topics.model_certificate(), certificate, None)] if certificate else []),
-            *blob_messages,
-            (self.topics.model_pointer(), data, None),
+        for topic, payload, properties in itertools.chain(
+            [(self.topics.model_certificate(), certificate, None)] if certificate else [],
+            blob_messages,
+            [(self.topics.model_pointer(), data, None)],
         ):
             await retry_transient(
                 f"retained publish of model v{version} on {topic}",

@@ -908,7 +908,7 @@ class TierDaemon(abc.ABC):
             return Admission(delivery, Outcome.ACCEPTED, ticket=ticket)
 
     def _refold(self, recovery: Recovery) -> None:
-        """Rebuild the open buffer from the stored inputs, with their stored weights.
+        """Rebuild the open buffer from the stored inputs, one at a time, with their stored weights.
 
         With ``[robust]`` on, the buffer keeps its inputs again (and which ones
         an operator released), so the cut decides as the crashed run would have.
@@ -943,6 +943,9 @@ class TierDaemon(abc.ABC):
                 clip_scale=record.clip_scale,
                 n_samples=record.n_samples,
             )
+            # The store reads each envelope when it is taken: dropping this one
+            # before the next is read keeps one envelope in memory, not the buffer's.
+            del record, envelope, message
         buffer.poke()
 
     # -- quarantine: never acknowledge an input and drop it ---------------------------------

@@ -8,8 +8,8 @@ order of a ``model_versions`` row.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Final, TypeAlias
 
@@ -21,6 +21,7 @@ __all__ = [
     "InputRecord",
     "InputState",
     "ModelVersionRecord",
+    "OpenInputs",
     "OutboxEntry",
     "Recovery",
     "TargetRecord",
@@ -143,13 +144,67 @@ class TargetRecord:
     reached_ms: int
 
 
+class OpenInputs(Sequence[InputRecord]):
+    """The open buffer's inputs as recovery returns them: each envelope read when it is taken.
+
+    A buffer may hold thousands of inputs of a large model (an edge keeps
+    accepting while upstream is down), so holding every envelope at once
+    would cost the buffer's inputs times the envelope size. The records are
+    kept without their envelopes; indexing or iterating reads one envelope
+    (a segment read) and hands it over, so a refold that folds one record at
+    a time holds one envelope at a time.
+
+    Args:
+        records: the records, each with an empty ``envelope``.
+        stored: per record, what the store holds for its envelope (a segment
+            reference or the bytes themselves).
+        load: turns a stored value into the envelope bytes.
+    """
+
+    __slots__ = ("_load", "_records", "_stored")
+
+    def __init__(
+        self,
+        records: Sequence[InputRecord],
+        stored: Sequence[bytes | str],
+        load: Callable[[bytes | str], bytes],
+    ) -> None:
+        if len(records) != len(stored):
+            raise ValueError("one stored envelope per record")
+        self._records = tuple(records)
+        self._stored = tuple(stored)
+        self._load = load
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> InputRecord:  # type: ignore[override]
+        return replace(self._records[index], envelope=self._load(self._stored[index]))
+
+    def __iter__(self) -> Iterator[InputRecord]:
+        for index in range(len(self._records)):
+            yield self[index]
+
+    def __eq__(self, other: object) -> bool:
+        # As a tuple of the records compares (the store's tests compare with tuples).
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"OpenInputs({len(self)} records)"
+
+
 @dataclass(frozen=True, slots=True)
 class Recovery:
     """What a daemon needs to resume after a stop or a crash.
 
     Attributes:
         open_epoch: the epoch of the open buffer.
-        open_inputs: its accepted inputs, in fold order (refold them).
+        open_inputs: its accepted inputs, in fold order (refold them one at a
+            time: each envelope is read when its record is taken).
         pending_outbox: flushed partials not yet acknowledged upstream (resend them).
         high_water: per-sender sequence high-water marks.
         out_seq: the last sequence number this daemon used on its own messages.
@@ -161,7 +216,7 @@ class Recovery:
     """
 
     open_epoch: int
-    open_inputs: tuple[InputRecord, ...]
+    open_inputs: Sequence[InputRecord]
     pending_outbox: tuple[OutboxEntry, ...]
     high_water: Mapping[str, int]
     out_seq: int

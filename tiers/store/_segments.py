@@ -226,6 +226,21 @@ class SegmentLog:
             StoreError: a malformed reference, a missing segment, or bytes that
                 are not the record the reference names (the store is inconsistent).
         """
+        return self._read(ref, with_data=True)
+
+    def check(self, ref: str) -> None:
+        """Check that ``ref`` names a whole record, reading only its header.
+
+        Recovery checks every open input this way and reads each envelope
+        only when it refolds it: a buffer of large envelopes is never in
+        memory at once.
+
+        Raises:
+            StoreError: as :meth:`read` would.
+        """
+        self._read(ref, with_data=False)
+
+    def _read(self, ref: str, *, with_data: bool) -> bytes:
         match = _REF.match(ref)
         if match is None:
             raise StoreError(f"malformed segment reference {ref!r}")
@@ -237,12 +252,17 @@ class SegmentLog:
             raise StoreError(f"envelope {ref} is referenced but {path} is gone: {exc}") from exc
         try:
             header = os.pread(fd, _HEADER.size, offset)
-            data = os.pread(fd, length, offset + _HEADER.size) if length else b""
+            if with_data:
+                data = os.pread(fd, length, offset + _HEADER.size) if length else b""
+                size = len(data)
+            else:
+                data = b""
+                size = min(length, max(0, os.fstat(fd).st_size - offset - _HEADER.size))
         finally:
             os.close(fd)
         if len(header) != _HEADER.size or _HEADER.unpack(header) != (_MAGIC, length):
             raise StoreError(f"envelope {ref}: {path} holds no such record; it is inconsistent")
-        if len(data) != length:
+        if size != length:
             raise StoreError(f"envelope {ref}: {path} ends early; it is inconsistent")
         return data
 

@@ -21,9 +21,15 @@ import trio
 from fedtier.protocol.errors import StoreError
 from fedtier.tiers.store._central import ARRAY_DTYPES, CentralTables
 from fedtier.tiers.store._engine import RunBlocking, run_inline
-from fedtier.tiers.store._records import InputRecord, OutboxEntry, Recovery, version_from_row
+from fedtier.tiers.store._records import (
+    InputRecord,
+    OpenInputs,
+    OutboxEntry,
+    Recovery,
+    version_from_row,
+)
 from fedtier.tiers.store._schema import prepare_schema
-from fedtier.tiers.store._segments import DEFAULT_SEGMENT_BYTES
+from fedtier.tiers.store._segments import DEFAULT_SEGMENT_BYTES, is_ref
 
 __all__ = ["StateStore", "open_state_store"]
 
@@ -46,31 +52,38 @@ class StateStore(CentralTables):
         assert conn is not None
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         open_epoch = int(meta.get("open_epoch", 0))
-        inputs = tuple(
-            InputRecord(
-                sender=row[0],
-                input_id=bytes(row[1]),
-                seq=int(row[2]),
-                epoch=int(row[3]),
-                # A segment reference (or an older store's inline bytes), read here
-                # rather than through the SQL function so its StoreError says why.
-                envelope=self.envelope_bytes(row[4]),
-                base_version=int(row[5]),
-                n_samples=float(row[6]),
-                tau=int(row[7]),
-                discount=float(row[8]),
-                clip_scale=float(row[9]),
-                accepted_ms=int(row[10]),
-                trace=str(row[11]),
+        records: list[InputRecord] = []
+        stored: list[bytes | str] = []
+        for row in conn.execute(
+            "SELECT sender, input_id, seq, epoch, e.envelope, base_version, n_samples,"
+            " tau, discount, clip_scale, accepted_ms, trace"
+            " FROM inputs JOIN input_envelopes AS e USING (pos)"
+            " WHERE epoch = ? AND status = 'open' ORDER BY pos",
+            (open_epoch,),
+        ):
+            value = row[4] if isinstance(row[4], str) else bytes(row[4])
+            # Checked now, so that a missing or overwritten segment fails the
+            # recovery with its reason (as reading it would), but read only when
+            # the refold takes it: the open buffer's envelopes never all at once.
+            self._check_envelope(value)
+            stored.append(value)
+            records.append(
+                InputRecord(
+                    sender=row[0],
+                    input_id=bytes(row[1]),
+                    seq=int(row[2]),
+                    epoch=int(row[3]),
+                    envelope=b"",
+                    base_version=int(row[5]),
+                    n_samples=float(row[6]),
+                    tau=int(row[7]),
+                    discount=float(row[8]),
+                    clip_scale=float(row[9]),
+                    accepted_ms=int(row[10]),
+                    trace=str(row[11]),
+                )
             )
-            for row in conn.execute(
-                "SELECT sender, input_id, seq, epoch, e.envelope, base_version, n_samples,"
-                " tau, discount, clip_scale, accepted_ms, trace"
-                " FROM inputs JOIN input_envelopes AS e USING (pos)"
-                " WHERE epoch = ? AND status = 'open' ORDER BY pos",
-                (open_epoch,),
-            )
-        )
+        inputs = OpenInputs(records, stored, self.envelope_bytes)
         (open_count,) = conn.execute(
             "SELECT count(*) FROM inputs WHERE epoch = ? AND status = 'open'", (open_epoch,)
         ).fetchone()
@@ -134,6 +147,14 @@ class StateStore(CentralTables):
             unpublished_versions=unpublished,
             optimizer_state=optimizer,
         )
+
+    def _check_envelope(self, value: bytes | str) -> None:
+        """Raise ``StoreError`` unless ``value`` (a reference or inline bytes) can be read."""
+        if is_ref(value):
+            assert isinstance(value, str)
+            self.segments.check(value)
+        else:
+            self.envelope_bytes(value)  # inline bytes pass; any other text raises
 
     async def recover(self) -> Recovery:
         """Read what a restarting daemon needs: open inputs, pending outbox, marks, versions."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
 
@@ -37,6 +37,7 @@ from fedtier.tiers.core import (
     ROBUST_RULES,
     AdaptiveNorm,
     InfluenceRules,
+    ReputationRules,
     RobustRules,
 )
 from fedtier.tiers.faults import unsafe_requested
@@ -671,6 +672,26 @@ def _partial_weight_cap(table: ConfigTable) -> int:
     return cap
 
 
+def _reputation(table: ConfigTable) -> ReputationRules | None:
+    """The edge's ``[reputation]`` (docs/operations.md, reputation); None when ``enabled = false``.
+
+    ``exempt`` lists device key ids never down-weighted: how an operator
+    releases a device the score flagged wrongly (a config reload or restart).
+    """
+    default = ReputationRules()
+    enabled = table.boolean("enabled", default.enabled)
+    rules = ReputationRules(
+        enabled=enabled,
+        min_updates=table.integer("min_updates", default.min_updates, low=1),
+        threshold=table.number("threshold", default.threshold, low=-1.0, high=0.99),
+        low_weight=table.integer("low_weight", default.low_weight, low=1),
+        sketch_dim=table.integer("sketch_dim", default.sketch_dim, low=16, high=1 << 16),
+        exempt=frozenset(table.strings("exempt")),
+    )
+    table.finish()
+    return rules if enabled else None
+
+
 def _robust(table: ConfigTable) -> RobustRules:
     """``[robust]`` of an edge or a regional (docs/operations.md, robust aggregation)."""
     default = RobustRules()
@@ -989,7 +1010,7 @@ def load_config(kind: TierKind, path: Path) -> TierConfig:
                 max_norm=max_norm,
                 norm_policy=policy,
                 partial_codec=codec,
-                influence=influence,
+                influence=replace(influence, reputation=_reputation(root.table("reputation"))),
                 robust=_robust(root.table("robust")),
             )
         elif kind == "regional":

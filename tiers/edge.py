@@ -14,7 +14,11 @@ The edge is where one device's influence is bounded (``tiers.core._influence``):
 it owns the ``InfluenceState`` (token buckets, contribution counts, the adaptive
 norm bound) and passes the trio clock as ``now``. ``rate_limited`` receipts carry
 ``retry_after_ms``; ``rate_limited``, ``future_base`` and ``contribution_capped``
-are not final for the device (docs/protocol.md, receipts).
+are not final for the device (docs/protocol.md, receipts). It also scores each
+device's history against the models it relays (``tiers.core._reputation``) and
+folds a low-reputation device's updates with ``[reputation] low_weight``,
+counted as ``fedtier_anomalous_updates_total{detector="low_reputation"}`` and
+traced as a ``low_reputation`` span event.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from fedtier.protocol.bus import Bus, Delivery, Subscription
-from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.codecs import CodecSpec, decode
 from fedtier.protocol.envelope import parse_envelope, seal
 from fedtier.protocol.errors import (
     BusError,
@@ -43,7 +47,13 @@ from fedtier.protocol.errors import (
     RemoteProtocolError,
     UpdateRejected,
 )
-from fedtier.protocol.messages import ModelAnnouncement, Receipt, ReceiptStatus, Tier
+from fedtier.protocol.messages import (
+    DeviceUpdate,
+    ModelAnnouncement,
+    Receipt,
+    ReceiptStatus,
+    Tier,
+)
 from fedtier.protocol.model_parts import MAX_BLOB_PARTS, blob_parts
 from fedtier.protocol.models import open_model_blob
 from fedtier.protocol.names import MqttTopics, NatsSubjects
@@ -61,6 +71,7 @@ from fedtier.tiers._upstream import UplinkJob, retry_transient
 from fedtier.tiers.config import EdgeConfig
 from fedtier.tiers.core import (
     MESSAGE_OVERHEAD,
+    AcceptedInput,
     AdmissionRules,
     DeclaredCaps,
     InfluenceState,
@@ -74,6 +85,8 @@ from fedtier.tiers.store import Recovery
 __all__ = ["GC_GEN0_THRESHOLD", "EdgeDaemon", "tune_gc"]
 
 _NO_ID = bytes(16)
+_ATTR_REPUTATION: Final = "fedtier.reputation.score"
+"""The span event attribute of a down-weighted update: its device's reputation score."""
 
 GC_GEN0_THRESHOLD: Final = 50_000
 """Allocations between young-generation collections in a tuned daemon (Python's default: 700).
@@ -222,6 +235,11 @@ class EdgeDaemon(FollowerDaemon):
             self.metrics.update_bytes(len(delivery.payload))
             topic_device = self.topics.device_of(delivery.subject)
             influence = self._caps.rules_for(self.keys.senders.declared_samples(), topic_device)
+            # A device whose updates, summed, point against the model's movement is
+            # folded with a small weight (tiers.core._reputation), never dropped.
+            low = self.influence.down_weighted(influence, topic_device)
+            if low is not None:
+                influence = low
             decision = admit_update(
                 delivery.payload,
                 rules=dataclasses.replace(self._rules, influence=influence),
@@ -314,6 +332,7 @@ class EdgeDaemon(FollowerDaemon):
                         device, update_id, decision.seq, ReceiptStatus.REJECTED, exc.reason
                     ),
                 )
+            self._reputation(accepted, span, who, down_weighted=low is not None)
             self.log.debug(
                 "accepted update %s from %s (tau %d)", update_id.hex(), who, accepted.tau
             )
@@ -325,6 +344,35 @@ class EdgeDaemon(FollowerDaemon):
                     device, update_id, decision.seq, ReceiptStatus.ACCEPTED, ""
                 ),
             )
+
+    def _reputation(
+        self, accepted: AcceptedInput, span: trace.Span, who: str, *, down_weighted: bool
+    ) -> None:
+        """Count and trace a down-weighted update, then add the update to its device's history."""
+        reputation = self.influence.reputation
+        if reputation is None:
+            return
+        if down_weighted:
+            score = reputation.score(accepted.sender)
+            self._note_anomaly("low_reputation")
+            span.add_event(
+                "low_reputation",
+                {_ATTR_REPUTATION: math.nan if score is None else score},
+            )
+            self.log.info(
+                "update %s from %s folded with weight %d: low reputation (score %.3f)",
+                accepted.input_id.hex(),
+                who,
+                int(accepted.n_samples),
+                math.nan if score is None else score,
+            )
+        message = accepted.message
+        assert isinstance(message, DeviceUpdate)
+        reputation.observe(
+            accepted.sender,
+            decode(accepted.payload, message.codec, message.num_params),
+            accepted.clip_scale,
+        )
 
     def _receipt_sender(
         self,
@@ -402,10 +450,15 @@ class EdgeDaemon(FollowerDaemon):
             self.log.warning("model registry has no blob for v%d yet; skipping it", version)
             return False
         try:
-            open_model_blob(blob, self.keys.models, pointer, self.config.limits)
+            envelope, opened = open_model_blob(blob, self.keys.models, pointer, self.config.limits)
         except RemoteProtocolError as exc:
             self.log.warning("model blob v%d does not verify (%s); not relaying it", version, exc)
             return False
+        if self.influence.reputation is not None:
+            # Devices are scored against the models this edge relays.
+            self.influence.reputation.model(
+                version, decode(envelope.payload, opened.codec, opened.num_params)
+            )
         # Mosquitto drops the connection of a client that sends a packet above
         # its max_packet_size, on every retry: a larger blob goes as retained parts
         # (protocol.model_parts), and an empty retained blob clears the whole one.

@@ -107,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
         "weight_inflation, stale_base, future_base, backdoor; default all)",
     )
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    exp.add_argument(
+        "--no-run-plots",
+        action="store_true",
+        help="draw no per-run plots under runs/ (each run keeps its CSV and report)",
+    )
     return parser
 
 
@@ -160,6 +165,7 @@ def _experiment(args: argparse.Namespace, command: str) -> int:
         attacks=args.attacks,
         show_progress=not args.no_progress,
         command=command,
+        run_plots=not args.no_run_plots,
     )
     # The poison study prints its numbers as JSON (summary.md beside it has the table).
     table = summary.with_name("summary.json") if args.name == "poison" else summary

@@ -470,6 +470,9 @@ class Simulation:
         # not yet relayed (a version is relayed model_propagation_s after it is made).
         self._relayed = 0
         self._params: dict[int, npt.NDArray[np.float32]] = {0: self.central.params}
+        for node in self.nodes:
+            if node is not self.central:
+                node.model(0, self.central.params)
         self._idle: list[int] = []
         self._active = 0
         self._events = 0
@@ -873,9 +876,13 @@ class Simulation:
         if self._workers is not None:
             self._workers.forget_before(version)
         self._relayed = version
+        params = self._params.get(version)
         for node in self.nodes:
             if node is not self.central:
-                node.known_version = max(node.known_version, version)
+                if params is None:
+                    node.known_version = max(node.known_version, version)
+                else:
+                    node.model(version, params)
 
     # -- sync ----------------------------------------------------------------------
 
@@ -1107,5 +1114,6 @@ def _influence(
         reject_future_base=defences.reject_future_base,
         declared=declared,
         derive_cap=defences.max_samples == "declared",
+        reputation=defences.reputation,
     )
     return rules, defences.max_norm

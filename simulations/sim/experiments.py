@@ -104,12 +104,14 @@ BATCHNORM_VARIANTS = (
 BATCHNORM_TOLERANCE_POINTS = 2.0
 POISON_SCENARIO = "poison-base"
 POISON_FRACTIONS = (0.1, 0.2)
-# The base file turns the influence bounds on (the edge daemon's defaults); "off" is the
-# explicit unsafe switch, "on + robust" adds the edge's cosine outlier score. Its
+# The base file turns the influence bounds on (the edge daemon's defaults, reputation
+# included); "off" is the explicit unsafe switch, "on, no reputation" turns the edge's
+# reputation off, "on + robust" adds the edge's cosine outlier score. Its
 # min_ratio and threshold (1.5 and 2, not the core's 3 and 3.5) were picked on seed 0
 # before the study ran: with 4 inputs per edge cut the defaults flagged no sign flip.
 POISON_DEFENCES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("off", ("defences.unsafe=true",)),
+    ("on, no reputation", ("defences.reputation.enabled=false",)),
     ("on", ()),
     (
         "on + robust",
@@ -158,7 +160,13 @@ def run_cell(cell: Cell) -> RunResult:
 
 
 def _run_cells(
-    cells: Sequence[Cell], *, jobs: int, show_progress: bool, out: Path, name: str
+    cells: Sequence[Cell],
+    *,
+    jobs: int,
+    show_progress: bool,
+    out: Path,
+    name: str,
+    run_plots: bool = True,
 ) -> dict[Cell, RunResult]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -174,7 +182,9 @@ def _run_cells(
 
         def finished(cell: Cell, result: RunResult) -> None:
             results[cell] = result
-            write_run(result, out / "runs" / cell.slug, command=_cell_command(cell))
+            write_run(
+                result, out / "runs" / cell.slug, command=_cell_command(cell), plots=run_plots
+            )
             progress.advance(task)
 
         if jobs == 1:
@@ -687,11 +697,12 @@ def _poison(
             "the sum of every device's, so one version's shares add up to 1): the largest "
             "over versions for any device and for a malicious one, and a malicious device's "
             "mean over versions (each the mean over seeds). Refused or left out / clipped / "
-            "weight-capped: the first tier's counts per run (mean).",
+            "weight-capped / down-weighted (low reputation): the first tier's counts per run "
+            "(mean).",
             "",
             "| attack | defences | final test acc. | change (points, per seed) "
             "| backdoor success | step share: largest any / largest malicious / mean malicious "
-            "| refused or left out / clipped / weight-capped |",
+            "| refused or left out / clipped / weight-capped / down-weighted |",
             "|---|---|---|---|---|---|---|",
         ]
         table: list[dict[str, object]] = []
@@ -736,6 +747,9 @@ def _poison(
             capped = [
                 sum(v for k, v in r.counts.items() if k.endswith(":weight_capped")) for r in runs
             ]
+            low = [
+                sum(v for k, v in r.counts.items() if k.endswith(":low_reputation")) for r in runs
+            ]
             change = (
                 "-" if kind is None else f"{_mean_std(delta, '+.1f')} ({_per_seed(delta, '+.1f')})"
             )
@@ -747,7 +761,7 @@ def _poison(
                 + ("- / -" if kind is None else f"{_nanmean(bad):.2f} / {_nanmean(typical):.2f}")
                 + " "
                 f"| {statistics.fmean(refused):,.0f} / {statistics.fmean(clipped):,.0f} "
-                f"/ {statistics.fmean(capped):,.0f} |"
+                f"/ {statistics.fmean(capped):,.0f} / {statistics.fmean(low):,.0f} |"
             )
             table.append(
                 {
@@ -764,6 +778,7 @@ def _poison(
                     "refused": refused,
                     "clipped": clipped,
                     "weight_capped": capped,
+                    "down_weighted": low,
                 }
             )
         lines.append("")
@@ -841,6 +856,7 @@ def run_experiment(
     attacks: Sequence[str] = (),
     show_progress: bool = True,
     command: str = "",
+    run_plots: bool = True,
 ) -> Path:
     """Run an experiment's cells and write ``OUT/summary.md`` and its plots.
 
@@ -858,6 +874,8 @@ def run_experiment(
         attacks: ``poison`` only: run these attack kinds (default: every kind).
         show_progress: show a progress bar over runs.
         command: the command line, quoted in the summary.
+        run_plots: draw each run's own plots under ``runs/`` (the experiment's
+            comparison plots are drawn either way).
 
     Returns:
         The summary's path.
@@ -883,7 +901,9 @@ def run_experiment(
         cells, summarize = build(seeds, scenarios, overrides)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results = _run_cells(cells, jobs=jobs, show_progress=show_progress, out=out, name=name)
+    results = _run_cells(
+        cells, jobs=jobs, show_progress=show_progress, out=out, name=name, run_plots=run_plots
+    )
     lines = [f"# Experiment {name}", ""]
     if command:
         lines += ["Produced by:", "", "```", command, "```", ""]

@@ -35,7 +35,7 @@ from collections import Counter
 import numpy as np
 import numpy.typing as npt
 
-from fedtier.protocol.codecs import CodecSpec
+from fedtier.protocol.codecs import CodecSpec, decode
 from fedtier.protocol.errors import LocalProtocolError, Reason
 from fedtier.protocol.identity import SigningIdentity, VerifyKey
 from fedtier.protocol.layout import ModelLayout
@@ -214,6 +214,13 @@ class TierNode:
         rules = self.rules
         if rules.influence.declared or rules.influence.derive_cap:
             rules = dataclasses.replace(rules, influence=rules.influence.for_sender(sender))
+        low = (
+            None
+            if self.influence is None
+            else self.influence.down_weighted(rules.influence, sender)
+        )
+        if low is not None:
+            rules = dataclasses.replace(rules, influence=low)
         decision = admit_update(
             envelope,
             rules=rules,
@@ -224,7 +231,27 @@ class TierNode:
             influence=self.influence,
             now=now,
         )
-        return self._take(decision, now)
+        outcome = self._take(decision, now)
+        accepted = decision.accepted
+        reputation = None if self.influence is None else self.influence.reputation
+        if reputation is not None and accepted is not None and outcome == Outcome.ACCEPTED:
+            message = accepted.message
+            assert isinstance(message, DeviceUpdate)
+            if low is not None:
+                # A daemon counts and traces it (fedtier_low_reputation_total).
+                self.counts["low_reputation"] += 1
+            reputation.observe(
+                accepted.sender,
+                decode(accepted.payload, message.codec, message.num_params),
+                accepted.clip_scale,
+            )
+        return outcome
+
+    def model(self, version: int, params: npt.NDArray[np.float32]) -> None:
+        """The node knows model ``version`` now: its reputation scores against it."""
+        self.known_version = max(self.known_version, version)
+        if self.influence is not None and self.influence.reputation is not None:
+            self.influence.reputation.model(version, params)
 
     def admit_partial(self, envelope: bytes, now: float) -> NodeOutcome:
         """Admit a child partial as the regional and central daemons do; returns the outcome."""
@@ -386,6 +413,8 @@ class CentralNode(TierNode):
         self.params = np.asarray(params, dtype=np.float32).copy()
         self.optimizer = optimizer
         self.version = 0
+        # In a flat topology the central admits device updates and scores them.
+        self.model(0, self.params)
         self.last_hist: list[int] = []
         self.last_update_count = 0
         self.version_leaves: dict[int, tuple[bytes, ...]] | None = {} if lineage else None
@@ -409,7 +438,7 @@ class CentralNode(TierNode):
             return False
         self.params = new_params
         self.version += 1
-        self.known_version = self.version
+        self.model(self.version, new_params)
         self.last_hist = accumulator.staleness_hist
         self.last_update_count = accumulator.update_count
         if self.version_leaves is not None:

@@ -371,13 +371,16 @@ def run_summary(result: RunResult) -> dict[str, object]:
     }
 
 
-def write_run(result: RunResult, out: Path, *, command: str = "") -> Path:
+def write_run(result: RunResult, out: Path, *, command: str = "", plots: bool = True) -> Path:
     """Write ``metrics.csv``, ``summary.json``, the PNG plots and ``report.md`` into ``out``.
 
     Args:
         result: the run.
         out: the directory (created when missing).
         command: the command line that produced the run, quoted in the report.
+        plots: draw the four PNG plots. An experiment of many runs may skip
+            them (``--no-run-plots``): matplotlib takes about as long as a
+            small run, and the experiment's own plots compare the runs anyway.
 
     Returns:
         The report's path.
@@ -390,22 +393,23 @@ def write_run(result: RunResult, out: Path, *, command: str = "") -> Path:
     s = result.scenario
     label = s.name
     metric = metric_name(result.data.task)
-    plot_curves(
-        [(label, result.records)],
-        out / "accuracy_time.png",
-        x="time_s",
-        title=f"{label}: vs time",
-        metric=metric,
-    )
-    plot_curves(
-        [(label, result.records)],
-        out / "accuracy_bytes.png",
-        x="uploaded_bytes",
-        title=f"{label}: vs uploaded bytes",
-        metric=metric,
-    )
-    _plot_staleness(result, out / "staleness.png")
-    _plot_participation(result, out / "participation.png")
+    if plots:
+        plot_curves(
+            [(label, result.records)],
+            out / "accuracy_time.png",
+            x="time_s",
+            title=f"{label}: vs time",
+            metric=metric,
+        )
+        plot_curves(
+            [(label, result.records)],
+            out / "accuracy_bytes.png",
+            x="uploaded_bytes",
+            title=f"{label}: vs uploaded bytes",
+            metric=metric,
+        )
+        _plot_staleness(result, out / "staleness.png")
+        _plot_participation(result, out / "participation.png")
     final = result.final
     best = max(evaluated(result.records), key=lambda r: r.score)
     metric = metric_name(result.data.task)
@@ -483,13 +487,19 @@ def write_run(result: RunResult, out: Path, *, command: str = "") -> Path:
         "",
         "## Plots",
         "",
-        f"![{metric} and loss against virtual time](accuracy_time.png)",
-        "",
-        f"![{metric} and loss against uploaded bytes](accuracy_bytes.png)",
-        "",
-        "![staleness histogram](staleness.png)",
-        "",
-        "![participation](participation.png)",
+        *(
+            [
+                f"![{metric} and loss against virtual time](accuracy_time.png)",
+                "",
+                f"![{metric} and loss against uploaded bytes](accuracy_bytes.png)",
+                "",
+                "![staleness histogram](staleness.png)",
+                "",
+                "![participation](participation.png)",
+            ]
+            if plots
+            else ["Not drawn for this run (--no-run-plots)."]
+        ),
         "",
         "Per-version numbers: [metrics.csv](metrics.csv).",
         "",

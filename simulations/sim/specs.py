@@ -23,6 +23,7 @@ from fedtier.tiers.core import (
     DEFAULT_RATE_PER_S,
     DEFAULT_WARMUP_NORM,
     AdaptiveNorm,
+    ReputationRules,
     RobustRules,
 )
 from fedtier.tiers.flush import FlushPolicy
@@ -523,6 +524,9 @@ class DefencesSpec:
         reject_future_base: refuse a base version above the tier's.
         edge_robust: ``[defences.robust.edge]``.
         regional_robust: ``[defences.robust.regional]``.
+        reputation: ``[defences.reputation]``, the edge's per-device reputation
+            (``tiers.core._reputation``; on by default, as at the edge daemon);
+            None: off (``enabled = false``).
     """
 
     unsafe: bool = False
@@ -536,6 +540,7 @@ class DefencesSpec:
     reject_future_base: bool = True
     edge_robust: RobustRules = dataclasses.field(default_factory=RobustRules)
     regional_robust: RobustRules = dataclasses.field(default_factory=RobustRules)
+    reputation: ReputationRules | None = dataclasses.field(default_factory=ReputationRules)
 
     @property
     def active(self) -> bool:

@@ -179,19 +179,23 @@ def test_a_bad_scenario_is_one_sentence_and_status_2(
     assert "training.lr is -1" in err
 
 
-def test_an_experiment_writes_its_summary(tmp_path: Path) -> None:
-    summary = run_experiment(
-        "async-vs-sync",
-        out=tmp_path,
-        seeds=[0],
-        overrides=["stop.versions=2", "stop.virtual_time_s=400"],
-        show_progress=False,
-    )
-    text = summary.read_text()
+def test_an_experiment_writes_its_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Per-run plots are what test_sim_run_writes_csv_plots_and_a_report checks;
+    # here they would only cost matplotlib's time, so the knob is tested instead.
+    argv = ["experiment", "async-vs-sync", "--out", str(tmp_path), "--seeds", "0"]
+    argv += ["--set", "stop.versions=2", "--set", "stop.virtual_time_s=400"]
+    assert main([*argv, "--no-progress", "--no-run-plots"]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert capsys.readouterr().out.strip() == text.strip()
     assert "synchronous FedAvg" in text
     assert "hierarchical FedBuff" in text
     assert (tmp_path / "async-vs-sync-time.png").exists()
-    assert (tmp_path / "runs" / "hierarchical-fedbuff" / "seed0" / "metrics.csv").exists()
+    run = tmp_path / "runs" / "hierarchical-fedbuff" / "seed0"
+    assert (run / "metrics.csv").exists()
+    assert "Not drawn for this run (--no-run-plots)." in (run / "report.md").read_text()
+    assert not list(run.glob("*.png"))
 
 
 def test_the_fedprox_experiment_runs_only_the_datasets_asked_for(tmp_path: Path) -> None:
@@ -202,6 +206,7 @@ def test_the_fedprox_experiment_runs_only_the_datasets_asked_for(tmp_path: Path)
         overrides=["stop.versions=2"],
         datasets=["1-1-stragglers"],
         show_progress=False,
+        run_plots=False,  # no assertion reads them
     )
     text = summary.read_text()
     assert "| Synthetic(1,1), 90% stragglers |" in text
@@ -461,6 +466,7 @@ def test_the_batchnorm_experiment_compares_three_models(tmp_path: Path) -> None:
         seeds=[0],
         overrides=["stop.versions=2", "eval.every_versions=1"],
         show_progress=False,
+        run_plots=False,  # no assertion reads them
     )
     text = summary.read_text()
     for label in ("without BatchNorm", "BatchNorm, averaged (global)", "kept local (FedBN)"):

@@ -14,7 +14,7 @@ import pytest
 from fedtier.protocol.errors import ConfigError
 from fedtier.simulations.sim.cli import main
 from fedtier.simulations.sim.engine import RunResult, Simulation, run_scenario
-from fedtier.simulations.sim.scenario import parse_scenario
+from fedtier.simulations.sim.scenario import load_scenario, parse_scenario
 from fedtier.simulations.sim.specs import DefencesSpec, Scenario
 from fedtier.tiers.config import EdgeConfig, load_config
 
@@ -100,7 +100,13 @@ def test_each_device_is_capped_at_its_declared_size_and_the_median() -> None:
     # The edge daemon's default, max_samples = "declared": a device's cap is the data
     # size registered for it (in the simulator its training set), at most the median
     # of those sizes, never its claim.
-    defences = {"max_samples": "declared", "norm_bound": "fixed", "max_norm": CAP_B}
+    # The reputation off: it would fold the flipped updates with weight 1 from the 5th.
+    defences = {
+        "max_samples": "declared",
+        "norm_bound": "fixed",
+        "max_norm": CAP_B,
+        "reputation": {"enabled": False},
+    }
     sim = Simulation(
         scenario(attack={"kind": "weight_inflation", "fraction": 0.05}, defences=defences)
     )
@@ -211,6 +217,7 @@ def test_defence_defaults_are_the_edge_daemon_defaults(tmp_path: Path) -> None:
     assert d.burst == rules.burst
     assert d.reject_future_base == rules.reject_future_base
     assert (d.max_samples == "declared") == rules.derive_cap
+    assert d.reputation == rules.reputation
 
 
 @pytest.mark.parametrize(
@@ -274,10 +281,11 @@ def test_the_study_command_runs_on_a_tiny_configuration(
     assert [(r["attack"], r["fraction"], r["defences"]) for r in rows] == [
         (kind, fraction, defences)
         for kind, fraction in ((None, 0.0), ("weight_inflation", 0.1), ("weight_inflation", 0.2))
-        for defences in ("off", "on", "on + robust")
+        for defences in ("off", "on, no reputation", "on", "on + robust")
     ]
     assert all(0.0 <= a <= 1.0 for r in rows for a in r["final_accuracy"])
     assert set(printed["targets"]) == {
+        "weight_inflation, defences on, no reputation",
         "weight_inflation, defences on",
         "weight_inflation, defences on + robust",
     }
@@ -287,7 +295,7 @@ def test_the_study_command_runs_on_a_tiny_configuration(
     influence = tmp_path / "runs" / "weight-inflation-20-defences-off" / "seed0" / "influence.csv"
     header = influence.read_text().splitlines()[0]
     assert header.startswith("version,sample_count,step_norm")
-    assert not math.isnan(rows[6]["max_attacker_share"][0])
+    assert not math.isnan(rows[8]["max_attacker_share"][0])
 
 
 def test_the_study_refuses_an_unknown_attack(tmp_path: Path) -> None:
@@ -321,3 +329,28 @@ def test_the_attribution_adds_up_to_each_version_step() -> None:
     for version in result.attack.influence:
         assert version.step_norm == pytest.approx(steps[version.version], rel=1e-4)
         assert 0.0 < version.top_share <= 1.0
+
+
+def test_the_edges_down_weight_sign_flippers_and_no_honest_device() -> None:
+    # The study's fleet (non-IID digits, 100 devices over 10 edge sites, 20% sign
+    # flippers), cut to 1,000 virtual seconds: each device sends about 4 updates, the
+    # reputation's min_updates, so about half of the flippers are judged by the end.
+    s = load_scenario(
+        Path("simulations/scenarios/poison-base.toml"),
+        overrides=['attack.kind="sign_flip"', "attack.fraction=0.2", "stop.virtual_time_s=1000"],
+        seed=0,
+    )
+    sim = Simulation(s)
+    result = sim.run()
+    assert result.attack is not None
+    malicious = {sim.training.identity(d).key_id for d in result.attack.malicious}
+    low: set[str] = set()
+    for node in sim.nodes:
+        reputation = None if node.influence is None else node.influence.reputation
+        if reputation is not None:
+            low |= {k for k in reputation.senders if reputation.low(k)}
+    assert low
+    assert low <= malicious
+    assert len(low) >= len(malicious) // 4
+    down_weighted = sum(v for k, v in result.counts.items() if k.endswith(":low_reputation"))
+    assert down_weighted > 0

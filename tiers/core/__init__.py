@@ -53,6 +53,12 @@ from fedtier.tiers.core._influence import (
     capped_weight,
     declared_default,
 )
+from fedtier.tiers.core._reputation import (
+    DEFAULT_SKETCH_DIM,
+    Reputation,
+    ReputationRules,
+    sketch,
+)
 from fedtier.tiers.core._robust import (
     OUTLIER_SCORES,
     ROBUST_RULES,
@@ -69,6 +75,7 @@ __all__ = [
     "DEFAULT_MAX_SAMPLES",
     "DEFAULT_MAX_UPDATES_PER_VERSION",
     "DEFAULT_RATE_PER_S",
+    "DEFAULT_SKETCH_DIM",
     "DEFAULT_WARMUP_NORM",
     "F32_SAFE",
     "HIST_BUCKETS",
@@ -91,6 +98,8 @@ __all__ = [
     "NothingSeen",
     "Outcome",
     "OutlierScore",
+    "Reputation",
+    "ReputationRules",
     "RobustCut",
     "RobustDecision",
     "RobustRule",
@@ -115,5 +124,6 @@ __all__ = [
     "robust_cut",
     "robust_mean",
     "seal_version",
+    "sketch",
     "step_model",
 ]

@@ -1,7 +1,8 @@
 """Bounded influence per device, sans-IO: weight cap, norm bound, contribution cap, rate limit.
 
-Imports the standard library only: no trio, sqlite, OpenTelemetry, logging or
-clock. Time comes in as ``now`` (seconds on the caller's monotonic clock).
+Imports the standard library and ``tiers.core._reputation`` only: no trio,
+sqlite, OpenTelemetry, logging or clock. Time comes in as ``now`` (seconds on
+the caller's monotonic clock).
 
 Why each bound exists (a signed, registered device is not a trusted one):
 
@@ -39,6 +40,7 @@ changes what was folded, only how the next inputs are judged.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import statistics
 from collections import deque
@@ -46,6 +48,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal
+
+from fedtier.tiers.core._reputation import Reputation, ReputationRules
 
 __all__ = [
     "DEFAULT_BURST",
@@ -262,6 +266,9 @@ class InfluenceRules:
             size is capped at the median of the declared sizes
             (:func:`declared_default`), or at ``max_samples`` when there are none;
             a device with one at the smaller of its size and that median.
+        reputation: the edge's per-device reputation (``tiers.core._reputation``):
+            a device whose summed updates point against the model's movement is
+            down-weighted; None: off.
     """
 
     max_samples: int | None = None
@@ -272,6 +279,7 @@ class InfluenceRules:
     reject_future_base: bool = False
     declared: Mapping[str, int] = field(default_factory=lambda: _NO_SIZES, hash=False)
     derive_cap: bool = False
+    reputation: ReputationRules | None = None
     _default_cap: int | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -325,6 +333,7 @@ class InfluenceRules:
             reject_future_base=self.reject_future_base,
             declared=declared,
             derive_cap=self.derive_cap,
+            reputation=self.reputation,
         )
 
     def for_sender(self, sender: str | None) -> InfluenceRules:
@@ -343,6 +352,7 @@ class InfluenceRules:
             rate_per_s=self.rate_per_s,
             burst=self.burst,
             reject_future_base=self.reject_future_base,
+            reputation=self.reputation,
         )
 
 
@@ -394,6 +404,24 @@ class InfluenceState:
         )
         self.buckets = (
             TokenBuckets(rules.rate_per_s, rules.burst) if rules.rate_per_s is not None else None
+        )
+        reputation = rules.reputation
+        self.reputation = (
+            Reputation(reputation) if reputation is not None and reputation.enabled else None
+        )
+
+    def down_weighted(self, rules: InfluenceRules, sender: str | None) -> InfluenceRules | None:
+        """``rules`` with ``sender``'s cap lowered by its reputation; None when it is not low.
+
+        The caller admits the update with the returned rules (admission caps its
+        weight at ``max_samples``, and the store keeps that weight), counts the
+        down-weighting and traces it.
+        """
+        reputation = self.reputation
+        if reputation is None or sender is None or not reputation.low(sender):
+            return None
+        return dataclasses.replace(
+            rules, max_samples=reputation.weight_cap(sender, rules.max_samples)
         )
 
     def norm_bound(self) -> float | None:

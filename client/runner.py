@@ -115,6 +115,7 @@ async def _serve(
         client_id=mqtt.client_id or identity.key_id,
         keepalive_s=mqtt.keepalive_s,
         session_expiry_s=mqtt.session_expiry_s,
+        connect_timeout_s=mqtt.connect_timeout_s,
         ca_file=mqtt.tls_ca_file,
         cert_file=mqtt.tls_cert_file,
         key_file=mqtt.tls_key_file,

@@ -258,6 +258,7 @@ async def _open_mqtt(config: EdgeConfig) -> AsyncIterator[Bus]:
         client_id=settings.client_id or "fedtier-edge",
         keepalive_s=settings.keepalive_s,
         session_expiry_s=settings.session_expiry_s,
+        connect_timeout_s=settings.connect_timeout_s,
         # The broker does not honour Receive Maximum once acks flow; the bus
         # bounds itself, and the intake never holds more than this anyway.
         receive_maximum=config.intake_capacity,

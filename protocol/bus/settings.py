@@ -33,6 +33,10 @@ class MqttSettings:
             fixed name.
         keepalive_s: MQTT keepalive; well above any consumer stall.
         session_expiry_s: how long the broker keeps the session while away.
+        connect_timeout_s: deadline of one connect attempt (TCP, TLS and
+            CONNACK). Mosquitto answers no CONNECT while it writes its
+            persistence file, which takes seconds when it retains a large
+            model's blob: raise this with the broker's ``autosave_interval``.
         tls_ca_file: CA bundle that signs the broker's certificate; None for
             plain TCP.
         tls_cert_file: the client's TLS certificate (client certificate auth).
@@ -51,6 +55,7 @@ class MqttSettings:
     client_id: str | None = None
     keepalive_s: int = 60
     session_expiry_s: int = 86_400
+    connect_timeout_s: float = 5.0
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -84,6 +89,9 @@ def parse_mqtt_settings(
         client_id=client_id,
         keepalive_s=table.integer("keepalive_s", defaults.keepalive_s, low=_MIN_KEEPALIVE_S),
         session_expiry_s=table.integer("session_expiry_s", defaults.session_expiry_s, low=1),
+        connect_timeout_s=table.number(
+            "connect_timeout_s", defaults.connect_timeout_s, low=0.0, low_open=True
+        ),
         tls_ca_file=_tls_file(table, "ca_file", defaults.tls_ca_file),
         tls_cert_file=_tls_file(table, "cert_file", defaults.tls_cert_file),
         tls_key_file=_tls_file(table, "key_file", defaults.tls_key_file),

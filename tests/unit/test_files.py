@@ -131,6 +131,12 @@ def test_mqtt_table_takes_defaults_and_both_tls_spellings(tmp_path: Path) -> Non
         parse_mqtt_settings(
             _table("[mqtt]\nkeepalive_s = 2\n", tmp_path).table("mqtt"), MqttSettings()
         )
+    slow = _table("[mqtt]\nconnect_timeout_s = 60\n", tmp_path).table("mqtt")
+    assert parse_mqtt_settings(slow, MqttSettings()).connect_timeout_s == 60.0
+    with pytest.raises(ConfigError, match=r"mqtt\.connect_timeout_s"):
+        parse_mqtt_settings(
+            _table("[mqtt]\nconnect_timeout_s = 0\n", tmp_path).table("mqtt"), MqttSettings()
+        )
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_no_temporary(tmp_path: Path) -> None:

@@ -13,6 +13,15 @@ intent above the bound is written as parts, each one value:
 * then the index, under the intent's own key: ``INDEX_MAGIC`` followed by a
   msgpack map ``{"n": parts, "size": total bytes, "sha256": digest}``.
 
+Once a standby has re-published a taken-over intent and its PubAck came, it
+rewrites the intent as a small **forwarded** record (``FORWARDED_MAGIC`` and a
+msgpack map ``{"partial": id, "inputs": [ids]}``): a later takeover then notes
+the inputs (a redelivery of one is acknowledged as already forwarded) but does
+not publish the partial again. Without it, every takeover re-published the
+same bytes, and once neither the UP stream's dedupe window (lost whole when
+the stream restarts) nor the central (one that took over knows 64 versions)
+remembered the partial, a copy was folded twice.
+
 The index goes last, so an intent whose index can be read had every part
 written; a crash between leaves parts without an index, which no reader lists
 and the bucket's ``max_age`` removes. A value starting with ``INDEX_MAGIC`` is
@@ -32,10 +41,24 @@ import msgpack
 
 from fedtier.protocol.errors import RemoteProtocolError
 
-__all__ = ["INDEX_MAGIC", "MAX_INTENT_PARTS", "IntentKv", "PartedIntents"]
+__all__ = [
+    "FORWARDED_MAGIC",
+    "INDEX_MAGIC",
+    "MAX_INTENT_PARTS",
+    "IntentKv",
+    "PartedIntents",
+    "decode_forwarded",
+    "encode_forwarded",
+]
 
 INDEX_MAGIC: Final = b"fedtier-intent-parts\x00"
 """How an intent's value says it is an index of parts, not the envelope itself."""
+
+FORWARDED_MAGIC: Final = b"fedtier-intent-forwarded\x00"
+"""How an intent's value says a takeover already re-published its partial upstream."""
+
+_MAX_FORWARDED_INPUTS: Final = 1 << 20
+"""Most input ids a forwarded record may name (a partial lists at most this many)."""
 
 MAX_INTENT_PARTS: Final = 65_536
 """Most parts one intent may name: 4 TB at 64 MB a part; bounds what a reader trusts."""
@@ -105,6 +128,18 @@ class PartedIntents:
         await self.kv.put(key, index_value)
         return count
 
+    async def replace(self, key: str, value: bytes) -> None:
+        """Write a small ``value`` (one KV value) over intent ``key``, then drop its old parts."""
+        got = await self.kv.get(key)
+        await self.kv.put(key, value)
+        if got is not None and got[0].startswith(INDEX_MAGIC):
+            try:
+                count = _read_index(key, got[0])[0]
+            except RemoteProtocolError:
+                return  # its parts age out with the bucket's max_age
+            for index in range(count):
+                await self.kv.delete(f"{key}.{index}")
+
     async def keys(self) -> list[str]:
         """The intents' keys (``<region>.<partial id>``), without their parts' keys."""
         return [key for key in await self.kv.keys() if key.count(".") == 1]
@@ -173,3 +208,36 @@ def _read_index(key: str, value: bytes) -> tuple[int, int, bytes]:
     if not (isinstance(digest, bytes) and len(digest) == 32):
         raise RemoteProtocolError(f"intent {key}: its digest is not 32 bytes")
     return count, total, digest
+
+
+def encode_forwarded(partial_id: bytes, inputs: list[bytes] | tuple[bytes, ...]) -> bytes:
+    """The forwarded record of a re-published partial: its id and its inputs' ids."""
+    body: bytes = msgpack.packb({"partial": partial_id, "inputs": list(inputs)}, use_bin_type=True)
+    return FORWARDED_MAGIC + body
+
+
+def decode_forwarded(key: str, value: bytes) -> tuple[bytes, list[bytes]]:
+    """The partial id and input ids of a forwarded record.
+
+    Raises:
+        RemoteProtocolError: the record is malformed.
+    """
+    try:
+        record = msgpack.unpackb(
+            value[len(FORWARDED_MAGIC) :],
+            raw=False,
+            strict_map_key=True,
+            max_array_len=_MAX_FORWARDED_INPUTS,
+        )
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise RemoteProtocolError(
+            f"intent {key}: its forwarded record is not msgpack: {exc}"
+        ) from exc
+    if not isinstance(record, dict):
+        raise RemoteProtocolError(f"intent {key}: its forwarded record is not a map")
+    partial, inputs = record.get("partial"), record.get("inputs")
+    if not isinstance(partial, bytes) or not isinstance(inputs, list):
+        raise RemoteProtocolError(f"intent {key}: its forwarded record lacks partial or inputs")
+    if not all(isinstance(item, bytes) for item in inputs):
+        raise RemoteProtocolError(f"intent {key}: its forwarded record names a non-bytes input")
+    return partial, inputs

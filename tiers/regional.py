@@ -47,8 +47,13 @@ from fedtier.protocol.messages import PartialAggregate, Tier
 from fedtier.protocol.names import NatsSubjects
 from fedtier.tiers._follower import FollowerDaemon
 from fedtier.tiers._intake import Admission
+from fedtier.tiers._intents import (
+    FORWARDED_MAGIC,
+    PartedIntents,
+    decode_forwarded,
+    encode_forwarded,
+)
 from fedtier.tiers._intents import IntentKv as ForwardedKv
-from fedtier.tiers._intents import PartedIntents
 from fedtier.tiers._lease import EpochWatermark, HeldTicket
 from fedtier.tiers._lease import check_hold_config as _check_hold_config
 from fedtier.tiers._telemetry import TierMetricsLike
@@ -235,6 +240,21 @@ class _Forwarding(EpochWatermark, UplinkGate):
                 continue
             if envelope is None:
                 continue
+            if envelope.startswith(FORWARDED_MAGIC):
+                # Re-published by an earlier takeover, PubAck seen: note its inputs only.
+                try:
+                    _, inputs = decode_forwarded(key, envelope)
+                except RemoteProtocolError as exc:
+                    daemon.log.error("intent %s cannot be read (%s); left alone", key, exc)
+                    continue
+                self._note_foreign(key, inputs)
+                daemon.log.info(
+                    "intent %s: its partial is upstream already (an earlier takeover "
+                    "re-published it); %d inputs noted",
+                    key,
+                    len(inputs),
+                )
+                continue
             partial = _partial_of(envelope, daemon)
             if partial is None:
                 daemon.log.error("intent %s is not a partial; left alone", key)
@@ -248,10 +268,15 @@ class _Forwarding(EpochWatermark, UplinkGate):
 
             ack = await retry(f"re-publish of partial {pid}", "republish_partial", publish)
             self.republished += 1
-            self._foreign_left[key] = set(partial.inputs)
-            self._foreign_until[key] = trio.current_time() + self._foreign_grace_s()
-            for input_id in partial.inputs:
-                self.foreign[input_id] = key
+            self._note_foreign(key, partial.inputs)
+            # Upstream has it now: a later takeover must not publish it again.
+            await retry(
+                f"forwarded record of intent {key}",
+                "put_intent",
+                functools.partial(
+                    self.intents.replace, key, encode_forwarded(partial.partial_id, partial.inputs)
+                ),
+            )
             daemon.log.warning(
                 "took over partial %s of %s from intent %s (%d inputs)%s",
                 pid,
@@ -262,6 +287,13 @@ class _Forwarding(EpochWatermark, UplinkGate):
                 len(partial.inputs),
                 ": upstream had it already" if ack.duplicate else "",
             )
+
+    def _note_foreign(self, key: str, inputs: list[bytes] | tuple[bytes, ...]) -> None:
+        """Recognise a redelivery of ``inputs`` as forwarded; forget ``key`` after the grace."""
+        self._foreign_left[key] = set(inputs)
+        self._foreign_until[key] = trio.current_time() + self._foreign_grace_s()
+        for input_id in inputs:
+            self.foreign[input_id] = key
 
     def _foreign_grace_s(self) -> float:
         config = self.daemon.config

@@ -9,7 +9,14 @@ import msgpack
 import pytest
 
 from fedtier.protocol.errors import RemoteProtocolError
-from fedtier.tiers._intents import INDEX_MAGIC, MAX_INTENT_PARTS, PartedIntents
+from fedtier.tiers._intents import (
+    FORWARDED_MAGIC,
+    INDEX_MAGIC,
+    MAX_INTENT_PARTS,
+    PartedIntents,
+    decode_forwarded,
+    encode_forwarded,
+)
 
 BOUND = 4096
 
@@ -129,3 +136,28 @@ async def test_the_index_names_the_size_and_digest_of_the_whole() -> None:
     parts = await intents.put("eu.gg", data)
     index = msgpack.unpackb(kv.values["eu.gg"][len(INDEX_MAGIC) :])
     assert index == {"n": parts, "size": len(data), "sha256": hashlib.sha256(data).digest()}
+
+
+async def test_a_forwarded_record_replaces_a_parted_intent_and_drops_its_parts() -> None:
+    kv = BoundedKv()
+    intents = PartedIntents(kv, lambda: BOUND)
+    await intents.put("eu.hh", envelope(3 * BOUND))
+    record = encode_forwarded(b"p" * 16, [b"a" * 16, b"b" * 16])
+    await intents.replace("eu.hh", record)
+    assert kv.values == {"eu.hh": record}
+    assert await intents.get("eu.hh") == record
+    assert decode_forwarded("eu.hh", record) == (b"p" * 16, [b"a" * 16, b"b" * 16])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xc1",
+        msgpack.packb([1]),
+        msgpack.packb({"partial": 1}),
+        msgpack.packb({"partial": b"p", "inputs": [1]}),
+    ],
+)
+def test_a_malformed_forwarded_record_is_refused(body: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match=r"eu\.ii"):
+        decode_forwarded("eu.ii", FORWARDED_MAGIC + body)

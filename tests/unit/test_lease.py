@@ -20,6 +20,7 @@ from fedtier.protocol.layout import layout_of
 from fedtier.protocol.messages import Tier
 from fedtier.protocol.names import NatsSubjects
 from fedtier.simulations.testing import sign_model_version, sign_partial
+from fedtier.tiers._intents import FORWARDED_MAGIC, decode_forwarded, encode_forwarded
 from fedtier.tiers._lease import LOSS_FRACTION, Lease, LeaseHolder
 from fedtier.tiers._status import StatusPublisher, encode_snapshot
 from fedtier.tiers.aggregate import Accumulator
@@ -535,10 +536,80 @@ async def test_a_taken_over_intent_goes_once_its_grace_is_over_even_when_the_bus
         with trio.fail_after(60):
             got = await central.receive()
         assert got.payload == envelope  # re-published at takeover, same bytes
-        assert key in forwarded.values  # kept while its inputs may still come back
+        # Kept while its inputs may still come back, but rewritten so that a later
+        # takeover does not publish it again.
+        with trio.fail_after(60):
+            while not forwarded.values[key].startswith(FORWARDED_MAGIC):
+                await trio.sleep(0.1)
+        assert decode_forwarded(key, forwarded.values[key]) == (
+            message.partial_id,
+            list(message.inputs),
+        )
         grace_s = 3 * config.nats.ack_wait_s + TTL_S
         with trio.fail_after(2 * grace_s):
             while key in forwarded.values:
                 await trio.sleep(1)
         nursery.cancel_scope.cancel()
     assert forwarded.failed_deletes == 1  # the first delete found the bus away: retried
+
+
+async def test_an_intent_an_earlier_takeover_re_published_is_not_published_again(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    broker = MemoryBroker("nats")
+    registry = MemoryModelRegistry()
+    pointer, blob = sign_model_version(
+        CENTRAL, FLEET, 0, LAYOUT, np.zeros(LAYOUT.num_params, np.float32)
+    )
+    await registry.put_blob(0, blob)
+    await registry.put_current(0, pointer)
+    acc = Accumulator(LAYOUT.num_params)
+    acc.fold_update(
+        bytes(16),
+        np.ones(LAYOUT.num_params, np.float32),
+        n_samples=2,
+        tau=0,
+        discount=1.0,
+        base_version=0,
+    )
+    edge_message, edge_envelope = sign_partial(EDGE, FLEET, LAYOUT, acc, seq=7)
+    forwarded = MemoryForwarded()
+    key = "eu." + "ab" * 16
+    forwarded.values[key] = encode_forwarded(bytes.fromhex("ab" * 16), [edge_message.partial_id])
+    config = RegionalConfig(
+        fleet=FLEET,
+        region="eu",
+        identity_key=tmp_path / "unused.key",
+        state_dir=tmp_path / "c",
+        central_key=CENTRAL.verify_key.raw.hex(),
+        flush=FlushPolicy(max_inputs=2, max_age_s=None),
+        lease=LeaseSettings(enabled=True, ttl_s=TTL_S, instance="c"),
+        commit_window_s=0.001,
+    )
+    keys = TierKeys(
+        REGIONAL,
+        KeyRegistry.from_keys({"edge-0": EDGE.verify_key}, role="edge"),
+        CENTRAL.verify_key,
+    )
+    daemon = RegionalDaemon(
+        config, nats=MemoryBus(broker), registry_store=registry, keys=keys, store_in_thread=False
+    )
+    daemon.lease = Lease(
+        MemoryKv(TTL_S), NatsSubjects.lease_key("regional", "eu", None), ttl_s=TTL_S
+    )
+    daemon.forwarded = forwarded
+    subjects = NatsSubjects(FLEET)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.serve)
+        with trio.fail_after(60):
+            await daemon.ready.wait()  # the takeover (and its re-publishing) is done
+        forwarding = daemon._forwarding
+        assert forwarding is not None
+        assert forwarding.republished == 0
+        # A redelivery of the edge partial it names is a duplicate, never folded again.
+        await MemoryBus(broker).publish(subjects.to_region("eu"), edge_envelope)
+        with trio.fail_after(60):
+            while daemon.counts[("duplicate", "")] == 0:
+                await trio.sleep(0.1)
+        assert daemon.counts[("accepted", "")] == 0
+        nursery.cancel_scope.cancel()

@@ -30,12 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-import numpy as np
-import numpy.typing as npt
-
 from fedtier.protocol.errors import ConfigError, FedtierError, RemoteProtocolError
 
+# numpy too is imported by the actions that use it: ``fedtier.cli`` imports
+# this module to build every command's parser, ``fedtier keys`` included.
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
     from fedtier.protocol.certificates import ModelSigners
     from fedtier.protocol.identity import VerifyKey
     from fedtier.protocol.layout import ModelLayout
@@ -421,6 +423,8 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def _npz_bytes(arrays: Mapping[str, npt.NDArray[Any]]) -> bytes:
+    import numpy as np
+
     buffer = io.BytesIO()
     # Insertion order is the file order, which is the layout order the central reads.
     np.savez(buffer, **{name: np.ascontiguousarray(a) for name, a in arrays.items()})  # type: ignore[arg-type]
@@ -519,6 +523,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _array_bytes(fmt: str, arrays: Mapping[str, npt.NDArray[Any]]) -> bytes:
+    import numpy as np
+
     if fmt == "npz":
         return _npz_bytes(arrays)
     try:
@@ -534,6 +540,7 @@ def _array_bytes(fmt: str, arrays: Mapping[str, npt.NDArray[Any]]) -> bytes:
 
 def _tensors_of(layout: ModelLayout, params: npt.NDArray[np.float32]) -> dict[str, Any]:
     """The version's tensors as torch tensors, each in its layout dtype (bfloat16 too)."""
+    import numpy as np
     import torch
 
     dtypes = {
@@ -628,6 +635,8 @@ def _initial_of(
 ) -> tuple[ModelLayout, npt.NDArray[np.float32], list[str]]:
     """The travelling layout of ``model``, its initial vector and the local tensor names."""
     import sys
+
+    import numpy as np
 
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(model, torch.nn.Module):

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from fedtier.protocol.errors import ConfigError
-from fedtier.protocol.files import atomic_write
 
 __all__ = ["add_commands"]
 
@@ -125,6 +124,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from fedtier.protocol.files import atomic_write
     from fedtier.tiers.store import read_quarantine
 
     path = _store_path(args)

@@ -13,7 +13,10 @@ command module's ``add_commands``-like function receives the subcommand table
 and adds its parsers, each with ``set_defaults(run=...)`` and optionally
 ``extra=`` (the install extra it needs) and ``requires=`` (modules checked
 before it runs). Commands import their heavy modules only when they run,
-so ``fedtier keys`` does not pay for torch or the brokers.
+so ``fedtier keys`` does not pay for torch or the brokers: every process
+(each daemon, device and key command) builds the whole parser first, so the
+modules imported here keep numpy, trio, sqlite3 and the config loader out of
+their module level.
 
 Errors the user can fix are one readable sentence on stderr and exit status 2,
 never a traceback; that includes a command whose dependencies this install
@@ -24,17 +27,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
-from typing import Final, TypeAlias
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from fedtier import _evaluation, _keys, _models, _quarantine
 from fedtier.client import cli as client_cli
 from fedtier.protocol.errors import FedtierError, sole_error
 from fedtier.tiers import cli as tiers_cli
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoints
 
 __all__ = ["COMMAND_GROUP", "FULL_EXTRA", "Subcommands", "add_forwarded", "main"]
 
@@ -112,6 +116,17 @@ def _add_unavailable(sub: Subcommands, name: str, missing: str) -> None:
     parser.set_defaults(run=run)
 
 
+def entry_points(*, group: str) -> EntryPoints:
+    """The installed entry points of ``group``.
+
+    ``importlib.metadata`` (zipfile, email) costs more to import than the rest
+    of this module, and only a plug-in command or ``--help`` reads it.
+    """
+    from importlib.metadata import entry_points as installed
+
+    return installed(group=group)
+
+
 def _add_plugins(sub: Subcommands, wanted: str | None) -> None:
     """Add the plug-in commands: only ``wanted`` when a plug-in names it, else all (for help)."""
     found = sorted(entry_points(group=COMMAND_GROUP), key=lambda ep: ep.name)
@@ -163,6 +178,8 @@ def _missing_module(exc: BaseException) -> str | None:
 
 def _first_absent(modules: Sequence[str]) -> str | None:
     """The first of ``modules`` that this install cannot import, without importing it."""
+    import importlib.util
+
     for module in modules:
         try:
             found = importlib.util.find_spec(module) is not None

@@ -4,7 +4,8 @@ Reads the fleet's status bucket (``tiers._status``) over NATS with the same
 connection settings as the daemons (a daemon's TOML, or ``--nats`` and the
 TLS and credential files), and prints one row per daemon: a table, JSON
 (``--json``), or a live view (``--watch``; rich when installed, plain text
-otherwise). trio and the NATS client are imported only when it runs.
+otherwise). trio, the NATS client, the snapshot codec and the config loader
+are imported only when it runs, so building its parser costs nothing.
 
 Exit status: 0 when every daemon found is serving with a fresh snapshot
 (and every ``--expect``-ed one is there), 1 when one is stale, stopped,
@@ -25,18 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from fedtier.protocol.errors import ConfigError, FedtierError, RemoteProtocolError
-from fedtier.protocol.names import NatsSubjects, check_token
-from fedtier.tiers._status import (
-    SCHEMA,
-    STALE_AFTER_INTERVALS,
-    STATUS_MAX_AGE_S,
-    StatusSnapshot,
-    decode_snapshot,
-)
-from fedtier.tiers.config import TIER_KINDS, NatsSettings, load_nats_settings
 
+# The snapshot codec, the config loader and the names (cryptography) cost a
+# daemon-sized import; ``fedtier.cli`` imports this module to build every
+# command's parser, so they are imported by the functions that use them.
 if TYPE_CHECKING:
     from fedtier.protocol.bus.nats import KvBucket
+    from fedtier.tiers._status import StatusSnapshot
+    from fedtier.tiers.config import NatsSettings
 
 __all__ = ["DESCRIPTION", "Row", "add_arguments", "gather_rows", "render_table", "run"]
 
@@ -110,6 +107,8 @@ def rows_from_entries(
     entries: Sequence[tuple[str, bytes]], now_ms: int, expect: dict[str, int] | None = None
 ) -> list[Row]:
     """Decode the bucket's ``(key, value)`` pairs into sorted rows; add ``missing`` ones."""
+    from fedtier.tiers._status import decode_snapshot
+
     rows: list[Row] = []
     for key, value in entries:
         try:
@@ -303,6 +302,8 @@ def _rich_table(rows: Sequence[Row], fleet: str) -> Any:
 
 def to_json(rows: Sequence[Row], fleet: str, now_ms: int) -> str:
     """The ``--json`` document: one object per daemon, plus whether all are ok."""
+    from fedtier.tiers._status import SCHEMA, STALE_AFTER_INTERVALS
+
     return json.dumps(
         {
             "schema": SCHEMA,
@@ -365,6 +366,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _expectations(values: Sequence[str]) -> dict[str, int]:
+    from fedtier.tiers.config import TIER_KINDS
+
     expect: dict[str, int] = {}
     for value in values:
         tier, _, count = value.partition("=")
@@ -377,6 +380,9 @@ def _expectations(values: Sequence[str]) -> dict[str, int]:
 
 
 def _connection(args: argparse.Namespace) -> tuple[str, NatsSettings]:
+    from fedtier.protocol.names import check_token
+    from fedtier.tiers.config import NatsSettings, load_nats_settings
+
     fleet: str | None = None
     settings = NatsSettings()
     if args.config is not None:
@@ -432,6 +438,8 @@ async def _run(
     import trio
 
     from fedtier.protocol.bus.nats import NatsConfig, open_nats_bus
+    from fedtier.protocol.names import NatsSubjects
+    from fedtier.tiers._status import STATUS_MAX_AGE_S
 
     config = NatsConfig(
         servers=settings.servers,

@@ -142,6 +142,26 @@ def test_a_daemon_run_never_imports_the_lab() -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_a_key_command_imports_no_daemon_module() -> None:
+    # Every CLI process (each daemon, device, key and status command the
+    # tests and the chaos harness start) builds the whole parser first, so
+    # the parser must not import what only a command's run needs.
+    code = (
+        "import sys\n"
+        "from fedtier.cli import _parser\n"
+        "_parser('keys').parse_args(['keys', 'new', '--name', 'k'])\n"
+        "heavy = ('numpy', 'trio', 'sqlite3', 'cryptography', 'msgpack', 'importlib.metadata',\n"
+        "         'fedtier.tiers.config', 'fedtier.tiers.store', 'fedtier.tiers.core',\n"
+        "         'fedtier.tiers._status', 'fedtier.protocol.files')\n"
+        "found = sorted(m for m in heavy if m in sys.modules)\n"
+        "sys.exit(f'imported {found}' if found else 0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def test_a_plugin_that_cannot_load_names_the_extra(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -78,9 +78,13 @@ __all__ = [
     "MeshSpec",
     "Routes",
     "RunningMesh",
+    "new_identity",
     "open_brokers",
     "open_mesh",
     "prepare_mesh",
+    "toml_value",
+    "write_registry",
+    "write_toml",
 ]
 
 # The daemons' log line once their input is open (tiers.tier.TierDaemon.serve).
@@ -457,7 +461,8 @@ def _free_port() -> int:
     return free_port(_LOOPBACK)
 
 
-def _toml_value(value: object) -> str:
+def toml_value(value: object) -> str:
+    """``value`` (bool, number, string, path or a list of them) as a TOML value."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -465,11 +470,11 @@ def _toml_value(value: object) -> str:
     if isinstance(value, str | Path):
         return json.dumps(str(value))  # a JSON string is a valid TOML basic string
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"no TOML form for {value!r}")
 
 
-def _write_toml(path: Path, header: str, body: Mapping[str, object]) -> Path:
+def write_toml(path: Path, header: str, body: Mapping[str, object]) -> Path:
     """Write a TOML file from a dict of scalars and one level of tables (and arrays of tables)."""
     lines = [f"# {header}"]
     tables: list[tuple[str, object]] = []
@@ -479,36 +484,38 @@ def _write_toml(path: Path, header: str, body: Mapping[str, object]) -> Path:
         ):
             tables.append((key, value))
         else:
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
     for key, value in tables:
         if isinstance(value, Mapping):
             nested = [(k, v) for k, v in value.items() if isinstance(v, Mapping)]
             lines.append(f"\n[{key}]")
             lines.extend(
-                f"{k} = {_toml_value(v)}" for k, v in value.items() if not isinstance(v, Mapping)
+                f"{k} = {toml_value(v)}" for k, v in value.items() if not isinstance(v, Mapping)
             )
             for sub, sub_value in nested:
                 assert isinstance(sub_value, Mapping)
                 lines.append(f"\n[{key}.{sub}]")
-                lines.extend(f"{k} = {_toml_value(v)}" for k, v in sub_value.items())
+                lines.extend(f"{k} = {toml_value(v)}" for k, v in sub_value.items())
         else:
             assert isinstance(value, list)
             for item in value:
                 lines.append(f"\n[[{key}]]")
-                lines.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+                lines.extend(f"{k} = {toml_value(v)}" for k, v in item.items())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
-def _new_identity(keys_dir: Path, name: str) -> SigningIdentity:
+def new_identity(keys_dir: Path, name: str) -> SigningIdentity:
+    """A fresh signing identity, saved as ``name.key`` (0600) and ``name.pub`` in ``keys_dir``."""
     identity = SigningIdentity.generate()
     save_signing_identity(identity, keys_dir / f"{name}.key")
     save_public_key(identity.verify_key, keys_dir / f"{name}.pub")
     return identity
 
 
-def _write_registry(path: Path, members: Mapping[str, SigningIdentity]) -> Path:
+def write_registry(path: Path, members: Mapping[str, SigningIdentity]) -> Path:
+    """A key registry file (``[keys]``: name = public key hex) of ``members``; returns ``path``."""
     lines = ["# Written by simulations.mesh: name = public key (hex).", "[keys]"]
     lines.extend(
         f"{json.dumps(name)} = {json.dumps(i.verify_key.raw.hex())}" for name, i in members.items()
@@ -594,22 +601,20 @@ def prepare_mesh(
     log_dir = out_dir / "logs"
     base_t = spec.base_interval_s()
 
-    central = _new_identity(keys_dir, "central")
-    regionals = {
-        region: _new_identity(keys_dir, f"regional-{region}") for region, _ in spec.regions
-    }
-    edges = {site: _new_identity(keys_dir, f"edge-{site}") for site in spec.sites}
+    central = new_identity(keys_dir, "central")
+    regionals = {region: new_identity(keys_dir, f"regional-{region}") for region, _ in spec.regions}
+    edges = {site: new_identity(keys_dir, f"edge-{site}") for site in spec.sites}
     # A standby instance has an identity of its own (docs/operations.md, "Run a
     # standby"), listed beside the first one's; the central's is the fleet's one key.
     second = "-b"
     edge_pairs = spec.standbys and spec.edge_standbys
     standby_edges = (
-        {site: _new_identity(keys_dir, f"edge-{site}{second}") for site in spec.sites}
+        {site: new_identity(keys_dir, f"edge-{site}{second}") for site in spec.sites}
         if edge_pairs
         else {}
     )
     standby_regionals = (
-        {r: _new_identity(keys_dir, f"regional-{r}{second}") for r, _ in spec.regions}
+        {r: new_identity(keys_dir, f"regional-{r}{second}") for r, _ in spec.regions}
         if spec.standbys
         else {}
     )
@@ -620,7 +625,7 @@ def prepare_mesh(
     for kind in kinds:
         counters[kind] = counters.get(kind, 0) + 1
         names.append(f"{_PREFIX[kind]}-{counters[kind]:04d}")
-    device_ids = {name: _new_identity(keys_dir / "devices", name) for name in names}
+    device_ids = {name: new_identity(keys_dir / "devices", name) for name in names}
     sites = [spec.sites[i % len(spec.sites)] for i in range(spec.devices)]
 
     split = load_digits_split(seed=spec.seed)
@@ -636,21 +641,21 @@ def prepare_mesh(
     _write_initial_model(initial_model, spec.training.hidden, spec.model_seed)
 
     registries = {
-        site: _write_registry(
+        site: write_registry(
             keys_dir / f"devices-{site}.toml",
             {n: device_ids[n] for n, s in zip(names, sites, strict=True) if s == site},
         )
         for site in spec.sites
     }
     edge_registries = {
-        region: _write_registry(
+        region: write_registry(
             keys_dir / f"edges-{region}.toml",
             {f"edge-{s}": edges[s] for s in region_sites}
             | {f"edge-{s}{second}": standby_edges[s] for s in region_sites if standby_edges},
         )
         for region, region_sites in spec.regions
     }
-    regional_registry = _write_registry(
+    regional_registry = write_registry(
         keys_dir / "regionals.toml",
         {f"regional-{r}": i for r, i in regionals.items()}
         | {f"regional-{r}{second}": i for r, i in standby_regionals.items()},
@@ -728,7 +733,7 @@ def prepare_mesh(
     )
 
     def central_file(instance: str) -> Path:
-        return _write_toml(
+        return write_toml(
             config_dir / f"central{instance}.toml",
             header,
             {
@@ -739,7 +744,7 @@ def prepare_mesh(
         )
 
     def regional_file(region: str, instance: str) -> Path:
-        return _write_toml(
+        return write_toml(
             config_dir / f"regional-{region}{instance}.toml",
             header,
             {
@@ -755,7 +760,7 @@ def prepare_mesh(
         )
 
     def edge_file(site: str, instance: str) -> Path:
-        return _write_toml(
+        return write_toml(
             config_dir / f"edge-{site}{instance}.toml",
             header,
             {
@@ -807,7 +812,7 @@ def prepare_mesh(
     rogue = _pick_rogues(spec, kinds, sites)
     standalone = range(spec.standalone_devices)
     device_configs = {
-        names[i]: _write_toml(
+        names[i]: write_toml(
             config_dir / f"device-{names[i]}.toml",
             header,
             {
@@ -849,7 +854,7 @@ def prepare_mesh(
     fleet_configs: dict[str, Path] = {}
     for site in spec.sites:
         members = [i for i in range(spec.devices) if sites[i] == site and i not in standalone]
-        fleet_configs[site] = _write_toml(
+        fleet_configs[site] = write_toml(
             config_dir / f"fleet-{site}.toml",
             header,
             {

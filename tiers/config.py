@@ -66,6 +66,7 @@ __all__ = [
     "load_config",
     "load_initial_model",
     "load_nats_settings",
+    "parse_reputation",
 ]
 
 TierKind: TypeAlias = Literal["edge", "regional", "central"]
@@ -672,7 +673,7 @@ def _partial_weight_cap(table: ConfigTable) -> int:
     return cap
 
 
-def _reputation(table: ConfigTable) -> ReputationRules | None:
+def parse_reputation(table: ConfigTable) -> ReputationRules | None:
     """The edge's ``[reputation]`` (docs/operations.md, reputation); None when ``enabled = false``.
 
     ``exempt`` lists device key ids never down-weighted: how an operator
@@ -1010,7 +1011,7 @@ def load_config(kind: TierKind, path: Path) -> TierConfig:
                 max_norm=max_norm,
                 norm_policy=policy,
                 partial_codec=codec,
-                influence=replace(influence, reputation=_reputation(root.table("reputation"))),
+                influence=replace(influence, reputation=parse_reputation(root.table("reputation"))),
                 robust=_robust(root.table("robust")),
             )
         elif kind == "regional":

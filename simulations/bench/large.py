@@ -39,9 +39,8 @@ import numpy as np
 import trio
 
 from fedtier.protocol.errors import BenchError, FedtierError
-from fedtier.protocol.files import save_public_key, save_signing_identity
-from fedtier.protocol.identity import SigningIdentity
 from fedtier.simulations.bench._large_device import DeviceSpec
+from fedtier.simulations.mesh import new_identity, write_registry, write_toml
 from fedtier.simulations.processes import (
     Child,
     ProcessGroup,
@@ -142,41 +141,11 @@ class LargeModelPlan:
 # -- files --------------------------------------------------------------------------
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
+_HEADER = "Written by fedtier bench large-model for one run; see deploy/*.example.toml."
 
 
-def _write_toml(path: Path, body: Mapping[str, object]) -> Path:
-    """Scalars first, then one level of tables: all a daemon config of this bench needs."""
-    lines = ["# Written by fedtier bench large-model for one run; see deploy/*.example.toml."]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in body.items() if not isinstance(v, Mapping)]
-    for key, table in body.items():
-        if isinstance(table, Mapping):
-            lines.append(f"\n[{key}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def _identity(keys: Path, name: str) -> SigningIdentity:
-    identity = SigningIdentity.generate()
-    save_signing_identity(identity, keys / f"{name}.key")
-    save_public_key(identity.verify_key, keys / f"{name}.pub")
-    return identity
-
-
-def _registry(path: Path, members: Mapping[str, SigningIdentity]) -> Path:
-    lines = ["[keys]"] + [
-        f"{json.dumps(n)} = {json.dumps(i.verify_key.raw.hex())}" for n, i in members.items()
-    ]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+def _write_toml(path: Path, body: dict[str, object]) -> Path:
+    return write_toml(path, _HEADER, body)
 
 
 def _write_model(path: Path, plan: LargeModelPlan) -> None:
@@ -206,11 +175,11 @@ def _write_files(plan: LargeModelPlan, work: Path, mqtt: MosquittoProcess, nats:
     keys = work / "keys"
     (keys / "devices").mkdir(parents=True)
     trace_dir = work / "traces"
-    _identity(keys, "central")
-    regional = _identity(keys, f"regional-{REGION}")
-    edge = _identity(keys, f"edge-{SITE}")
+    new_identity(keys, "central")
+    regional = new_identity(keys, f"regional-{REGION}")
+    edge = new_identity(keys, f"edge-{SITE}")
     devices = {
-        f"dev-{i:02d}": _identity(keys / "devices", f"dev-{i:02d}") for i in range(plan.updates)
+        f"dev-{i:02d}": new_identity(keys / "devices", f"dev-{i:02d}") for i in range(plan.updates)
     }
     model = work / "initial.npz"
     _write_model(model, plan)
@@ -243,7 +212,7 @@ def _write_files(plan: LargeModelPlan, work: Path, mqtt: MosquittoProcess, nats:
             {
                 **common(
                     "central",
-                    _registry(keys / "regionals.toml", {f"regional-{REGION}": regional}),
+                    write_registry(keys / "regionals.toml", {f"regional-{REGION}": regional}),
                     1,
                 ),
                 "model": {"initial": model},
@@ -255,7 +224,9 @@ def _write_files(plan: LargeModelPlan, work: Path, mqtt: MosquittoProcess, nats:
             {
                 "region": REGION,
                 **common(
-                    f"regional-{REGION}", _registry(keys / "edges.toml", {f"edge-{SITE}": edge}), 1
+                    f"regional-{REGION}",
+                    write_registry(keys / "edges.toml", {f"edge-{SITE}": edge}),
+                    1,
                 ),
                 "partial": {"codec": plan.partial_codec},
             },
@@ -265,7 +236,9 @@ def _write_files(plan: LargeModelPlan, work: Path, mqtt: MosquittoProcess, nats:
             {
                 "site": SITE,
                 "region": REGION,
-                **common(f"edge-{SITE}", _registry(keys / "devices.toml", devices), plan.updates),
+                **common(
+                    f"edge-{SITE}", write_registry(keys / "devices.toml", devices), plan.updates
+                ),
                 "mqtt": {
                     "host": mqtt.host,
                     "port": mqtt.tier_port,

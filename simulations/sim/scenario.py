@@ -64,11 +64,11 @@ from fedtier.simulations.sim.specs import (
     TierSpec,
     TrainingSpec,
 )
+from fedtier.tiers.config import parse_reputation
 from fedtier.tiers.core import (
     OUTLIER_SCORES,
     ROBUST_RULES,
     AdaptiveNorm,
-    ReputationRules,
     RobustRules,
 )
 from fedtier.tiers.flush import FlushPolicy
@@ -640,21 +640,6 @@ def _robust(t: ConfigTable) -> RobustRules:
     return rules
 
 
-def _reputation(t: ConfigTable) -> ReputationRules | None:
-    """``[defences.reputation]``: the keys of an edge daemon's ``[reputation]``."""
-    default = ReputationRules()
-    enabled = t.boolean("enabled", default.enabled)
-    rules = ReputationRules(
-        enabled=enabled,
-        min_updates=t.integer("min_updates", default.min_updates, low=1),
-        threshold=t.number("threshold", default.threshold, low=-1.0, high=0.99),
-        low_weight=t.integer("low_weight", default.low_weight, low=1),
-        sketch_dim=t.integer("sketch_dim", default.sketch_dim, low=16, high=1 << 16),
-    )
-    t.finish()
-    return rules if enabled else None
-
-
 def _defences(t: ConfigTable) -> DefencesSpec:
     default = DefencesSpec()
     unsafe = t.boolean("unsafe", False)
@@ -702,7 +687,8 @@ def _defences(t: ConfigTable) -> DefencesSpec:
         reject_future_base=t.boolean("reject_future_base", default.reject_future_base),
         edge_robust=_robust(robust.table("edge")),
         regional_robust=_robust(robust.table("regional")),
-        reputation=_reputation(t.table("reputation")),
+        # The edge daemon's own parser: one home for the [reputation] keys.
+        reputation=parse_reputation(t.table("reputation")),
     )
     robust.finish()
     t.finish()

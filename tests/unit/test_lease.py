@@ -478,20 +478,17 @@ class FlakyForwarded(MemoryForwarded):
         await super().delete(key)
 
 
-async def test_a_taken_over_intent_goes_once_its_grace_is_over_even_when_the_bus_was_away(
-    tmp_path: Path, autojump_clock: MockClock
-) -> None:
-    # The lost instance had acknowledged every input of its partial but its
-    # delete of the intent never reached the bus: a standby re-publishes it at
-    # takeover, and must then delete it, or every later takeover re-publishes it
-    # again, until neither the UP stream nor the central remembers the partial.
-    broker = MemoryBroker("nats")
+async def _registry_at_v0() -> MemoryModelRegistry:
     registry = MemoryModelRegistry()
     pointer, blob = sign_model_version(
         CENTRAL, FLEET, 0, LAYOUT, np.zeros(LAYOUT.num_params, np.float32)
     )
     await registry.put_blob(0, blob)
     await registry.put_current(0, pointer)
+    return registry
+
+
+def _one_update() -> Accumulator:
     acc = Accumulator(LAYOUT.num_params)
     acc.fold_update(
         bytes(16),
@@ -501,18 +498,25 @@ async def test_a_taken_over_intent_goes_once_its_grace_is_over_even_when_the_bus
         discount=1.0,
         base_version=0,
     )
-    message, envelope = sign_partial(REGIONAL, FLEET, LAYOUT, acc, seq=1, tier=Tier.REGIONAL)
-    forwarded = FlakyForwarded()
-    key = f"eu.{message.partial_id.hex()}"
-    forwarded.values[key] = envelope
+    return acc
+
+
+def _leased_regional(
+    tmp_path: Path,
+    broker: MemoryBroker,
+    registry: MemoryModelRegistry,
+    forwarded: MemoryForwarded,
+    name: str,
+) -> RegionalDaemon:
+    """A regional of region "eu" that takes its (free) lease at once, with ``forwarded``."""
     config = RegionalConfig(
         fleet=FLEET,
         region="eu",
         identity_key=tmp_path / "unused.key",
-        state_dir=tmp_path / "b",
+        state_dir=tmp_path / name,
         central_key=CENTRAL.verify_key.raw.hex(),
         flush=FlushPolicy(max_inputs=2, max_age_s=None),
-        lease=LeaseSettings(enabled=True, ttl_s=TTL_S, instance="b"),
+        lease=LeaseSettings(enabled=True, ttl_s=TTL_S, instance=name),
         commit_window_s=0.001,
     )
     keys = TierKeys(
@@ -527,6 +531,26 @@ async def test_a_taken_over_intent_goes_once_its_grace_is_over_even_when_the_bus
         MemoryKv(TTL_S), NatsSubjects.lease_key("regional", "eu", None), ttl_s=TTL_S
     )
     daemon.forwarded = forwarded
+    return daemon
+
+
+async def test_a_taken_over_intent_goes_once_its_grace_is_over_even_when_the_bus_was_away(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    # The lost instance had acknowledged every input of its partial but its
+    # delete of the intent never reached the bus: a standby re-publishes it at
+    # takeover, and must then delete it, or every later takeover re-publishes it
+    # again, until neither the UP stream nor the central remembers the partial.
+    broker = MemoryBroker("nats")
+    registry = await _registry_at_v0()
+    message, envelope = sign_partial(
+        REGIONAL, FLEET, LAYOUT, _one_update(), seq=1, tier=Tier.REGIONAL
+    )
+    forwarded = FlakyForwarded()
+    key = f"eu.{message.partial_id.hex()}"
+    forwarded.values[key] = envelope
+    daemon = _leased_regional(tmp_path, broker, registry, forwarded, "b")
+    config = daemon.regional_config
     subjects = NatsSubjects(FLEET)
     async with (
         MemoryBus(broker).subscribe(subjects.to_central(), durable="probe") as central,
@@ -557,47 +581,12 @@ async def test_an_intent_an_earlier_takeover_re_published_is_not_published_again
     tmp_path: Path, autojump_clock: MockClock
 ) -> None:
     broker = MemoryBroker("nats")
-    registry = MemoryModelRegistry()
-    pointer, blob = sign_model_version(
-        CENTRAL, FLEET, 0, LAYOUT, np.zeros(LAYOUT.num_params, np.float32)
-    )
-    await registry.put_blob(0, blob)
-    await registry.put_current(0, pointer)
-    acc = Accumulator(LAYOUT.num_params)
-    acc.fold_update(
-        bytes(16),
-        np.ones(LAYOUT.num_params, np.float32),
-        n_samples=2,
-        tau=0,
-        discount=1.0,
-        base_version=0,
-    )
-    edge_message, edge_envelope = sign_partial(EDGE, FLEET, LAYOUT, acc, seq=7)
+    registry = await _registry_at_v0()
+    edge_message, edge_envelope = sign_partial(EDGE, FLEET, LAYOUT, _one_update(), seq=7)
     forwarded = MemoryForwarded()
     key = "eu." + "ab" * 16
     forwarded.values[key] = encode_forwarded(bytes.fromhex("ab" * 16), [edge_message.partial_id])
-    config = RegionalConfig(
-        fleet=FLEET,
-        region="eu",
-        identity_key=tmp_path / "unused.key",
-        state_dir=tmp_path / "c",
-        central_key=CENTRAL.verify_key.raw.hex(),
-        flush=FlushPolicy(max_inputs=2, max_age_s=None),
-        lease=LeaseSettings(enabled=True, ttl_s=TTL_S, instance="c"),
-        commit_window_s=0.001,
-    )
-    keys = TierKeys(
-        REGIONAL,
-        KeyRegistry.from_keys({"edge-0": EDGE.verify_key}, role="edge"),
-        CENTRAL.verify_key,
-    )
-    daemon = RegionalDaemon(
-        config, nats=MemoryBus(broker), registry_store=registry, keys=keys, store_in_thread=False
-    )
-    daemon.lease = Lease(
-        MemoryKv(TTL_S), NatsSubjects.lease_key("regional", "eu", None), ttl_s=TTL_S
-    )
-    daemon.forwarded = forwarded
+    daemon = _leased_regional(tmp_path, broker, registry, forwarded, "c")
     subjects = NatsSubjects(FLEET)
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.serve)

@@ -128,17 +128,25 @@ class PartedIntents:
         await self.kv.put(key, index_value)
         return count
 
-    async def replace(self, key: str, value: bytes) -> None:
-        """Write a small ``value`` (one KV value) over intent ``key``, then drop its old parts."""
+    async def replace(self, key: str, value: bytes) -> bool:
+        """Write a small ``value`` (one KV value) over intent ``key``, then drop its old parts.
+
+        Returns False, writing nothing, when ``value`` does not fit in one KV
+        value (a forwarded record of a partial with an enormous input list).
+        """
+        size = self.part_size()
+        if size is not None and len(value) > size:
+            return False
         got = await self.kv.get(key)
         await self.kv.put(key, value)
         if got is not None and got[0].startswith(INDEX_MAGIC):
             try:
                 count = _read_index(key, got[0])[0]
             except RemoteProtocolError:
-                return  # its parts age out with the bucket's max_age
+                return True  # its parts age out with the bucket's max_age
             for index in range(count):
                 await self.kv.delete(f"{key}.{index}")
+        return True
 
     async def keys(self) -> list[str]:
         """The intents' keys (``<region>.<partial id>``), without their parts' keys."""

@@ -270,13 +270,20 @@ class _Forwarding(EpochWatermark, UplinkGate):
             self.republished += 1
             self._note_foreign(key, partial.inputs)
             # Upstream has it now: a later takeover must not publish it again.
-            await retry(
+            recorded = await retry(
                 f"forwarded record of intent {key}",
                 "put_intent",
                 functools.partial(
                     self.intents.replace, key, encode_forwarded(partial.partial_id, partial.inputs)
                 ),
             )
+            if not recorded:
+                daemon.log.warning(
+                    "intent %s: its %d input ids do not fit in one KV value; left as it is "
+                    "(a later takeover re-publishes it again)",
+                    key,
+                    len(partial.inputs),
+                )
             daemon.log.warning(
                 "took over partial %s of %s from intent %s (%d inputs)%s",
                 pid,

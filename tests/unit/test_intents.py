@@ -143,7 +143,10 @@ async def test_a_forwarded_record_replaces_a_parted_intent_and_drops_its_parts()
     intents = PartedIntents(kv, lambda: BOUND)
     await intents.put("eu.hh", envelope(3 * BOUND))
     record = encode_forwarded(b"p" * 16, [b"a" * 16, b"b" * 16])
-    await intents.replace("eu.hh", record)
+    assert await intents.replace("eu.hh", record)
+    assert kv.values == {"eu.hh": record}
+    # A record too large for one value is not written: the intent stays as it was.
+    assert not await intents.replace("eu.hh", encode_forwarded(b"p" * 16, [b"x" * 16] * 400))
     assert kv.values == {"eu.hh": record}
     assert await intents.get("eu.hh") == record
     assert decode_forwarded("eu.hh", record) == (b"p" * 16, [b"a" * 16, b"b" * 16])

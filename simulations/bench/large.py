@@ -358,7 +358,17 @@ def leg_times(trace_dir: Path, device_times: Mapping[str, float]) -> dict[str, f
     def s(ns: int | None) -> float | None:
         return None if ns is None else ns / 1e9
 
-    published = s(last("central publish model", "end_unix_ns"))
+    # The version the device waits for is the first one published after the
+    # central took a partial in (v0 goes out at start; a later one may follow
+    # while the device is still loading). Its publish span's start: the span
+    # ends after the announcement, which a device can outrun through the edge.
+    took_in = first("central process", "start_unix_ns")
+    publish_starts = [
+        v
+        for span in by_name.get("central publish model", [])
+        if (v := _ns(span, "start_unix_ns")) is not None and (took_in is None or v >= took_in)
+    ]
+    published = s(min(publish_starts)) if publish_starts else None
     return {
         "device_to_edge_s": seconds(
             device_times.get("first_publish"), device_times.get("last_receipt")

@@ -347,31 +347,7 @@ async def test_a_regional_takes_input_only_while_it_holds_its_lease(
     key = NatsSubjects.lease_key("regional", "eu", None)
 
     def regional(name: str) -> RegionalDaemon:
-        config = RegionalConfig(
-            fleet=FLEET,
-            region="eu",
-            identity_key=tmp_path / "unused.key",
-            state_dir=tmp_path / name,
-            central_key=CENTRAL.verify_key.raw.hex(),
-            flush=FlushPolicy(max_inputs=2, max_age_s=None),
-            lease=LeaseSettings(enabled=True, ttl_s=TTL_S, instance=name),
-            commit_window_s=0.001,
-        )
-        keys = TierKeys(
-            REGIONAL,
-            KeyRegistry.from_keys({"edge-0": EDGE.verify_key}, role="edge"),
-            CENTRAL.verify_key,
-        )
-        daemon = RegionalDaemon(
-            config,
-            nats=MemoryBus(broker),
-            registry_store=registry,
-            keys=keys,
-            store_in_thread=False,
-        )
-        daemon.lease = Lease(kv, key, ttl_s=TTL_S, instance=name)
-        daemon.forwarded = forwarded
-        return daemon
+        return _leased_regional(tmp_path, broker, registry, forwarded, name, kv)
 
     def edge_partial(seq: int) -> bytes:
         acc = Accumulator(LAYOUT.num_params)
@@ -507,8 +483,9 @@ def _leased_regional(
     registry: MemoryModelRegistry,
     forwarded: MemoryForwarded,
     name: str,
+    kv: MemoryKv | None = None,
 ) -> RegionalDaemon:
-    """A regional of region "eu" that takes its (free) lease at once, with ``forwarded``."""
+    """A regional of region "eu" with ``forwarded``; its lease in ``kv`` (its own by default)."""
     config = RegionalConfig(
         fleet=FLEET,
         region="eu",
@@ -528,7 +505,10 @@ def _leased_regional(
         config, nats=MemoryBus(broker), registry_store=registry, keys=keys, store_in_thread=False
     )
     daemon.lease = Lease(
-        MemoryKv(TTL_S), NatsSubjects.lease_key("regional", "eu", None), ttl_s=TTL_S
+        MemoryKv(TTL_S) if kv is None else kv,
+        NatsSubjects.lease_key("regional", "eu", None),
+        ttl_s=TTL_S,
+        instance=name,
     )
     daemon.forwarded = forwarded
     return daemon

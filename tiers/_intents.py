@@ -137,15 +137,9 @@ class PartedIntents:
         size = self.part_size()
         if size is not None and len(value) > size:
             return False
-        got = await self.kv.get(key)
+        old_parts = await self._part_count(key)
         await self.kv.put(key, value)
-        if got is not None and got[0].startswith(INDEX_MAGIC):
-            try:
-                count = _read_index(key, got[0])[0]
-            except RemoteProtocolError:
-                return True  # its parts age out with the bucket's max_age
-            for index in range(count):
-                await self.kv.delete(f"{key}.{index}")
+        await self._delete_parts(key, old_parts)
         return True
 
     async def keys(self) -> list[str]:
@@ -183,14 +177,24 @@ class PartedIntents:
 
     async def delete(self, key: str) -> None:
         """Delete the intent: its index (or whole value) first, then its parts."""
-        got = await self.kv.get(key)
-        count = 0
-        if got is not None and got[0].startswith(INDEX_MAGIC):
-            try:
-                count = _read_index(key, got[0])[0]
-            except RemoteProtocolError:
-                count = 0  # its parts age out with the bucket's max_age
+        parts = await self._part_count(key)
         await self.kv.delete(key)
+        await self._delete_parts(key, parts)
+
+    async def _part_count(self, key: str) -> int:
+        """How many parts the value under ``key`` names (0: whole, absent or unreadable).
+
+        The parts of an unreadable index are left to the bucket's max_age.
+        """
+        got = await self.kv.get(key)
+        if got is None or not got[0].startswith(INDEX_MAGIC):
+            return 0
+        try:
+            return _read_index(key, got[0])[0]
+        except RemoteProtocolError:
+            return 0
+
+    async def _delete_parts(self, key: str, count: int) -> None:
         for index in range(count):
             await self.kv.delete(f"{key}.{index}")
 

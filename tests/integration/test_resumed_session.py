@@ -15,21 +15,11 @@ import uuid
 import pytest
 import trio
 
-from fedtier.protocol.bus.mqtt import MqttConfig, open_mqtt_bus
+from fedtier.protocol.bus.mqtt import open_mqtt_bus
 from fedtier.simulations.testing import MosquittoProcess
+from tests.integration.test_mqtt_bus import config_for
 
 pytestmark = pytest.mark.brokers
-
-
-def _config(broker: MosquittoProcess, client_id: str) -> MqttConfig:
-    return MqttConfig(
-        host=broker.host,
-        port=broker.port,
-        client_id=client_id,
-        reconnect_backoff_min_s=0.02,
-        reconnect_backoff_max_s=0.5,
-        shared_durables=False,
-    )
 
 
 async def test_a_backlog_beyond_capacity_does_not_block_the_resumed_subscription(
@@ -41,14 +31,14 @@ async def test_a_backlog_beyond_capacity_does_not_block_the_resumed_subscription
     payloads = [b"m%d" % i for i in range(40)]
     with trio.fail_after(60):
         # The session and its subscription stay on the broker after this closes.
-        async with open_mqtt_bus(_config(broker, client)) as bus:
+        async with open_mqtt_bus(config_for(broker, client, shared=False)) as bus:
             async with bus.subscribe(pattern, durable="edge", capacity=4):
                 pass
-        async with open_mqtt_bus(_config(broker, f"pub-{client}")) as publisher:
+        async with open_mqtt_bus(config_for(broker, f"pub-{client}", shared=False)) as publisher:
             for payload in payloads:
                 await publisher.publish(f"it/{topic}/u", payload)
         async with (
-            open_mqtt_bus(_config(broker, client)) as bus,
+            open_mqtt_bus(config_for(broker, client, shared=False)) as bus,
             bus.subscribe(pattern, durable="edge", capacity=4) as sub,
         ):
             received = []

@@ -164,9 +164,7 @@ class FollowerDaemon(TierDaemon):
             drop_unconfirmed=self._unsafe_drop_unconfirmed,
             gate=self.uplink_gate(),
         )
-        await nursery.start(
-            self._uplink.serve, [UplinkJob(entry) for entry in recovery.pending_outbox]
-        )
+        await nursery.start(self._uplink.serve, self._recovered_jobs(recovery))
         if recovery.open_inputs or recovery.pending_outbox:
             self.log.info(
                 "recovered epoch %d with %d inputs and %d partials to resend",
@@ -174,6 +172,10 @@ class FollowerDaemon(TierDaemon):
                 len(recovery.open_inputs),
                 len(recovery.pending_outbox),
             )
+
+    def _recovered_jobs(self, recovery: Recovery) -> list[UplinkJob]:
+        """The partials to resend at start (a leased regional decides at takeover instead)."""
+        return [UplinkJob(entry) for entry in recovery.pending_outbox]
 
     def _set_model(self, pointer: ModelAnnouncement, data: bytes) -> None:
         if self.model is None:  # the layout never changes afterwards (see _consider_pointer)

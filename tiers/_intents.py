@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final, Literal, Protocol
 
 import msgpack
 
@@ -46,6 +46,7 @@ __all__ = [
     "INDEX_MAGIC",
     "MAX_INTENT_PARTS",
     "IntentKv",
+    "IntentState",
     "PartedIntents",
     "decode_forwarded",
     "encode_forwarded",
@@ -56,6 +57,9 @@ INDEX_MAGIC: Final = b"fedtier-intent-parts\x00"
 
 FORWARDED_MAGIC: Final = b"fedtier-intent-forwarded\x00"
 """How an intent's value says a takeover already re-published its partial upstream."""
+
+IntentState = Literal["intent", "forwarded", "none"]
+"""What a key of the ``forwarded`` bucket holds (``PartedIntents.state``)."""
 
 _MAX_FORWARDED_INPUTS: Final = 1 << 20
 """Most input ids a forwarded record may name (a partial lists at most this many)."""
@@ -141,6 +145,16 @@ class PartedIntents:
         await self.kv.put(key, value)
         await self._delete_parts(key, old_parts)
         return True
+
+    async def state(self, key: str) -> IntentState:
+        """What ``key`` holds: an intent (whole or parted), a forwarded record, or nothing.
+
+        Reads the one value under ``key``, never the parts.
+        """
+        got = await self.kv.get(key)
+        if got is None:
+            return "none"
+        return "forwarded" if got[0].startswith(FORWARDED_MAGIC) else "intent"
 
     async def keys(self) -> list[str]:
         """The intents' keys (``<region>.<partial id>``), without their parts' keys."""

@@ -553,9 +553,7 @@ class CentralDaemon(TierDaemon):
         pending, self._unpublished = self._unpublished, []
         current = -1 if pointer is None else self._registry_version(pointer)
         if pointer is not None and current is None:
-            stale = self.buffer
             await self._catch_up(pointer)
-            stale.poke()  # the deadline task waits on the old buffer: wake it
             pending = []
             current = self.version
         assert current is not None
@@ -650,8 +648,7 @@ class CentralDaemon(TierDaemon):
         self._load_version(version, blob, pointer)
         self.optimizer.load_state_arrays(dict(newest.optimizer))
         self._seq.last = max(self._seq.last, announcement.seq)
-        assert self._view is not None
-        self._buffer = OpenBuffer(self._view.num_params, self.buffer.epoch)
+        self._empty_buffer()
         self.metrics.model_version(version)
         self.took_over_at = version
         self.log.warning(

@@ -392,6 +392,9 @@ class RegionalDaemon(FollowerDaemon):
         self.forwarded: ForwardedKv | None = None
         """The ``forwarded`` KV bucket (set by the daemon shell with ``[lease] enabled``)."""
         self._forwarding: _Forwarding | None = None
+        self._earlier_outbox: list[OutboxEntry] = []
+        self.forgotten_at_takeover = 0
+        """Open inputs and pending partials of earlier tenures forgotten at takeovers."""
         if config.lease.enabled:
             check_hold_config(config)
 
@@ -456,17 +459,71 @@ class RegionalDaemon(FollowerDaemon):
         lease = self.lease
         return self._forwarding is not None and (lease is None or not lease.is_held)
 
+    def _recovered_jobs(self, recovery: Recovery) -> list[UplinkJob]:
+        """With ``[lease]``, the partials to resend are chosen at takeover (``_on_takeover``)."""
+        if self._forwarding is None:
+            return super()._recovered_jobs(recovery)
+        self._earlier_outbox = list(recovery.pending_outbox)
+        return []
+
     async def _on_takeover(self) -> None:
         forwarding = self._forwarding
         if forwarding is None:
             await trio.lowlevel.checkpoint()
             return
-        # Inputs left folded from an earlier tenure were never acknowledged; someone
-        # may have counted them meanwhile. Cut them alone, so that if so the central
-        # quarantines only them (leaf_counted_twice), never honest inputs with them.
-        self._stash_cut("takeover")
-        await self._send_stashed()
+        await self._forget_unforwarded(forwarding)
         await forwarding.republish()
+
+    async def _forget_unforwarded(self, forwarding: _Forwarding) -> None:
+        """Forget what an earlier tenure folded or sealed and made known to no other instance.
+
+        Between losing the lease and taking it again, another instance may
+        have been redelivered those inputs (never acknowledged: this regional
+        acknowledges an input once a partial holding it is upstream) and
+        counted them. Published now, either copy could reach the central
+        second and be quarantined whole (``leaf_counted_twice``) with the
+        honest inputs folded beside it. So the open buffer and every pending
+        partial without an intent are forgotten, and a redelivery of their
+        inputs is folded anew. A pending partial whose intent is there was
+        known to every instance that took over since (it re-published it, or
+        will): it is resent, and upstream dedupes a copy. One whose intent is
+        a forwarded record, or gone, is upstream already. Inputs re-admitted
+        from the quarantine go back to it (``submit_forget_unforwarded``).
+        """
+        earlier, self._earlier_outbox = self._earlier_outbox, []
+        daemon_retry = functools.partial(
+            retry_transient, retry=self.config.retry, metrics=self.metrics, log=self.log
+        )
+        kept: list[OutboxEntry] = []
+        forgotten: list[OutboxEntry] = []
+        for entry in earlier:
+            key = forwarding.key_of(entry.partial_id)
+            state = await daemon_retry(
+                f"read of intent {key}",
+                "read_intents",
+                functools.partial(forwarding.intents.state, key),
+            )
+            (kept if state == "intent" else forgotten).append(entry)
+        buffer = self.buffer
+        open_inputs = buffer.accumulator.input_count
+        if forgotten or open_inputs:
+            await self.store.submit_forget_unforwarded(
+                buffer.epoch, [entry.partial_id for entry in forgotten]
+            ).wait()
+            self._empty_buffer()
+            for entry in forgotten:
+                forwarding.closed_without_partial(entry.epoch)
+            self.forgotten_at_takeover += open_inputs + len(forgotten)
+            self.log.warning(
+                "took the lease: forgot %d open inputs and %d pending partials (%s) of an "
+                "earlier tenure that no intent made known; their inputs were never "
+                "acknowledged and are folded anew when redelivered",
+                open_inputs,
+                len(forgotten),
+                ", ".join(entry.partial_id.hex() for entry in forgotten) or "none",
+            )
+        for entry in kept:
+            await self.upstream.put(UplinkJob(entry))
 
     async def _before_settling(self, deadline: float) -> None:
         """Cut what was admitted, so its held deliveries can be acknowledged and the intake end."""

@@ -437,6 +437,8 @@ class TierDaemon(abc.ABC):
                             return
                         self.standby = False
                         await self._on_takeover()
+                        # What the takeover put back into the quarantine is tried again.
+                        self.readmit_quarantined()
                         self.buffer.poke()
                     self._intake = Intake(
                         self._admit_safely,
@@ -906,6 +908,17 @@ class TierDaemon(abc.ABC):
                 accepted.tau,
             )
             return Admission(delivery, Outcome.ACCEPTED, ticket=ticket)
+
+    def _empty_buffer(self) -> None:
+        """Replace the open buffer by an empty one of the same epoch (a takeover forgot its inputs).
+
+        The store must have forgotten them in the same step; the deadline task,
+        which waits on the old buffer, is woken.
+        """
+        old = self.buffer
+        self._buffer = OpenBuffer(old.accumulator.num_params, old.epoch)
+        self._buffer.keep_inputs = self.robust.enabled
+        old.poke()
 
     def _refold(self, recovery: Recovery) -> None:
         """Rebuild the open buffer from the stored inputs, one at a time, with their stored weights.

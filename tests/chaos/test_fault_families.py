@@ -20,7 +20,6 @@ whole run is bounded by ``trio.fail_after``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,30 +159,13 @@ def every_family(*, ha: bool) -> tuple[FaultPlan, dict[str, Any]]:
     # the cluster (an edge's loss loses what it receipted: docs/chaos-results.md).
     if ha:
         counts.update(lose_regional=1, lose_central=1, kill_nats_node=2)
-        # Not yet in ha: a leased regional that restarts on its own store (a kill,
-        # a crash point, a stall or a whole-cluster outage that costs it the lease)
-        # may later publish a partial it sealed in an earlier tenure whose inputs
-        # a standby has folded meanwhile; the central then quarantines the second
-        # copy whole, with the honest updates inside (docs/chaos-results.md,
-        # "Known: a regional's leftovers"). Open bug, issue 12.
-        counts.update(kill_regional=0, stop_regional=0, kill_nats=0)
-        crash_at = str(options.get("crash_at", ""))
-        options["crash_at"] = ",".join(
-            point for point in crash_at.split(",") if not point.startswith("regional.")
-        )
     plan: Any = FaultPlan  # counts by kind name
     return plan(**counts, broker_down_s=(2.0, 3.0)), options
 
 
 # "single" is what most fleets run (one instance per tier, restarted on its own
-# disk). The "ha" run (standbys, machine losses, a NATS cluster) is not in make
-# test yet: under a CPU hog its leases lapse during node kills, and a leased
-# regional that comes back on its own store can publish a partial of an earlier
-# tenure whose inputs a standby folded meanwhile (an open bug, issue 12;
-# docs/chaos-results.md, "Known: a regional's leftovers"). A test that fails on
-# a busy machine does not belong in the suite until the bug is fixed; run it with
-# FEDTIER_CHAOS_HA=1 or as `fedtier sim chaos --topology ha`.
-TOPOLOGIES = ["single", "ha"] if os.environ.get("FEDTIER_CHAOS_HA") == "1" else ["single"]
+# disk); "ha" adds standbys, machine losses and a 3-node NATS cluster.
+TOPOLOGIES = ["single", "ha"]
 
 
 @pytest.mark.parametrize("topology", TOPOLOGIES)
@@ -210,7 +192,7 @@ async def test_every_fault_family_at_once(topology: str, tmp_path: Path) -> None
     # Every planned fault hit a running target (a loss: the active instance).
     for kind in FaultPlan.kinds():
         assert result.faults[kind] == faults.count(kind), why
-    for tier in ("edge", "central") if ha else ("edge", "regional", "central"):
+    for tier in ("edge", "regional", "central"):
         assert result.exits[f"{tier}:crash_point"] >= 1, why
     if ha:
         assert result.exits["regional:lost"] == 1, why

@@ -14,10 +14,11 @@ import trio
 from trio.testing import MockClock
 
 from fedtier.protocol.bus import MemoryBroker, MemoryBus
+from fedtier.protocol.envelope import parse_envelope
 from fedtier.protocol.errors import BusUnavailable, ConfigError, KvConflict, PublishError
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import layout_of
-from fedtier.protocol.messages import Tier
+from fedtier.protocol.messages import PartialAggregate, Tier
 from fedtier.protocol.names import NatsSubjects
 from fedtier.simulations.testing import sign_model_version, sign_partial
 from fedtier.tiers._intents import FORWARDED_MAGIC, decode_forwarded, encode_forwarded
@@ -43,6 +44,7 @@ FLEET = "acme"
 LAYOUT = layout_of([("w", (3, 2)), ("b", (2,))])
 CENTRAL = SigningIdentity.from_seed(b"\x01" * 32)
 REGIONAL = SigningIdentity.from_seed(b"\x03" * 32)
+OTHER_REGIONAL = SigningIdentity.from_seed(b"\x04" * 32)
 EDGE = SigningIdentity.from_seed(b"\x40" * 32)
 
 
@@ -484,6 +486,7 @@ def _leased_regional(
     forwarded: MemoryForwarded,
     name: str,
     kv: MemoryKv | None = None,
+    identity: SigningIdentity = REGIONAL,
 ) -> RegionalDaemon:
     """A regional of region "eu" with ``forwarded``; its lease in ``kv`` (its own by default)."""
     config = RegionalConfig(
@@ -497,7 +500,7 @@ def _leased_regional(
         commit_window_s=0.001,
     )
     keys = TierKeys(
-        REGIONAL,
+        identity,
         KeyRegistry.from_keys({"edge-0": EDGE.verify_key}, role="edge"),
         CENTRAL.verify_key,
     )
@@ -582,3 +585,118 @@ async def test_an_intent_an_earlier_takeover_re_published_is_not_published_again
                 await trio.sleep(0.1)
         assert daemon.counts[("accepted", "")] == 0
         nursery.cancel_scope.cancel()
+
+
+class StalledForwarded(MemoryForwarded):
+    """A ``forwarded`` bucket whose puts wait while ``stalled`` (the bus away, the lease going)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalled = True
+        self.waiting = trio.Event()
+        self._resume = trio.Event()
+
+    async def put(self, key: str, value: bytes) -> int:
+        while self.stalled:
+            self.waiting.set()
+            await self._resume.wait()
+        return await super().put(key, value)
+
+    def resume(self) -> None:
+        self.stalled = False
+        self._resume.set()
+
+
+def _edge_partial(index: int) -> tuple[bytes, bytes]:
+    """An edge partial holding one device update whose id is ``index`` repeated."""
+    acc = Accumulator(LAYOUT.num_params)
+    acc.fold_update(
+        bytes([index]) * 16,
+        np.full(LAYOUT.num_params, index, np.float32),
+        n_samples=2,
+        tau=0,
+        discount=1.0,
+        base_version=0,
+    )
+    _, envelope = sign_partial(EDGE, FLEET, LAYOUT, acc, seq=index)
+    return bytes([index]) * 16, envelope
+
+
+async def test_a_regional_back_from_a_lost_lease_forgets_what_no_intent_made_known(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    # Regional "a" seals a partial of edge partials 1 and 2 and folds 3, then
+    # dies before the partial's intent is written. "b" takes the lease, is
+    # redelivered all three (never acknowledged), counts them and stops. When
+    # "a" takes the lease back on its own store, its sealed partial and its open
+    # buffer must not go upstream: either copy could reach the central second
+    # and be quarantined whole with the honest inputs beside it.
+    broker = MemoryBroker("nats")
+    registry = await _registry_at_v0()
+    kv, forwarded = MemoryKv(TTL_S), StalledForwarded()
+    subjects = NatsSubjects(FLEET)
+    edge_bus = MemoryBus(broker)
+    partials = [_edge_partial(i) for i in (1, 2, 3, 4)]
+    counted: Counter[bytes] = Counter()
+    async with MemoryBus(broker).subscribe(subjects.to_central(), durable="central") as central:
+
+        async def take_upstream(until: bytes) -> None:
+            while True:
+                got = await central.receive()
+                await got.ack()
+                if got.payload == until:
+                    return
+                message = parse_envelope(got.payload).message
+                assert isinstance(message, PartialAggregate)
+                counted.update(message.leaves)
+
+        async with trio.open_nursery() as nursery:
+            first = _leased_regional(tmp_path, broker, registry, forwarded, "a", kv)
+            first_scope = trio.CancelScope()
+
+            async def serve_first(*, task_status: trio.TaskStatus[None]) -> None:
+                with first_scope:
+                    await first.serve(task_status=task_status)
+
+            await nursery.start(serve_first)
+            with trio.fail_after(60):
+                await first.ready.wait()
+            for _, envelope in partials[:3]:
+                await edge_bus.publish(subjects.to_region("eu"), envelope)
+            with trio.fail_after(60):
+                await forwarded.waiting.wait()  # sealed; its intent not written
+                while first.counts[("accepted", "")] < 3:
+                    await trio.sleep(0.1)
+            first_scope.cancel()  # its machine stops; its disk stays
+        forwarded.resume()
+        assert forwarded.values == {}
+
+        # Another machine, another key: its partials have other ids than "a"'s.
+        second = _leased_regional(tmp_path, broker, registry, forwarded, "b", kv, OTHER_REGIONAL)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(second.serve)
+            with trio.fail_after(60):
+                await second.ready.wait()
+                while second.counts[("accepted", "")] < 3:
+                    await trio.sleep(0.1)
+            second.request_shutdown()  # cuts what it holds, sends it, gives the lease back
+        await edge_bus.publish(subjects.to_central(), b"b done")
+        with trio.fail_after(60):
+            await take_upstream(b"b done")
+        assert counted == Counter(leaf for leaf, _ in partials[:3])
+
+        again = _leased_regional(tmp_path, broker, registry, forwarded, "a", kv)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(again.serve)
+            with trio.fail_after(60):
+                await again.ready.wait()
+            assert again.forgotten_at_takeover == 2  # the sealed partial and the open input
+            await edge_bus.publish(subjects.to_region("eu"), partials[3][1])
+            with trio.fail_after(60):
+                while again.counts[("accepted", "")] < 1:
+                    await trio.sleep(0.1)
+            again.request_shutdown()
+        await edge_bus.publish(subjects.to_central(), b"a done")
+        with trio.fail_after(60):
+            await take_upstream(b"a done")
+    assert counted == Counter(leaf for leaf, _ in partials)  # each once

@@ -696,3 +696,49 @@ async def test_a_readmitted_quarantine_row_leaves_in_the_accepts_commit(tmp_path
     assert drop_quarantined(path, [row.qid]) == 1
     assert read_quarantine(path) == []
     assert read_quarantine_dropped(path) == 1
+
+
+async def test_a_forgotten_input_from_the_quarantine_goes_back_to_it(tmp_path: Path) -> None:
+    # A leased regional that takes the lease forgets its open epoch and its pending
+    # partials without intents; an input among them that came from the quarantine
+    # was acknowledged, so it goes back there (nothing would redeliver it).
+    path = tmp_path / "state.sqlite"
+    async with open_state_store(path) as store:
+        await store.recover()
+        qid, ticket = store.submit_quarantine(
+            sender=SENDER,
+            input_id=record(1).input_id,
+            subject="s",
+            reason="unknown_sender",
+            retry="any",
+            detail="why",
+            envelope=b"envelope-1",
+            received_ms=1,
+        )
+        await ticket.wait()
+        store.unquarantine_op(qid)
+        await store.submit_accept(record(1), quarantine_id=qid).wait()
+        await store.submit_accept(record(2)).wait()
+        await store.submit_flush(0, outbox(7, 0), 2, 1).wait()
+        await store.submit_accept(record(3, epoch=1)).wait()
+        assert read_quarantine(path) == []
+        await store.submit_forget_unforwarded(1, [outbox(7, 0).partial_id]).wait()
+        for i in (1, 2, 3):
+            assert store.input_state(SENDER, record(i).input_id) is None
+        recovery = await store.recover()
+        assert (recovery.open_inputs, recovery.pending_outbox) == ((), ())
+        (row,) = store.quarantined_for_readmission(after_cut_only=False)
+        assert (row.qid, row.reason, row.detail, row.envelope) == (
+            qid,
+            "unknown_sender",
+            "why",
+            b"envelope-1",
+        )
+        # Re-admitted again and acknowledged upstream: the row is gone for good.
+        store.unquarantine_op(qid)
+        await store.submit_accept(record(1, epoch=1), quarantine_id=qid).wait()
+        await store.submit_flush(1, outbox(8, 1), 1, 2).wait()
+        await store.submit_acked(outbox(8, 1).partial_id).wait()
+    assert read_quarantine(path) == []
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM quarantine_folded").fetchone() == (0,)

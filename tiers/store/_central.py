@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from fedtier.protocol.errors import StoreError
 from fedtier.tiers.store._engine import CommitTicket
-from fedtier.tiers.store._inputs import drop_open_envelopes, put_meta
+from fedtier.tiers.store._inputs import QUARANTINE_COLUMNS, drop_open_envelopes, put_meta
 from fedtier.tiers.store._quarantine import QuarantineTables
 from fedtier.tiers.store._records import (
     ModelVersionRecord,
@@ -135,6 +135,11 @@ class CentralTables(QuarantineTables):
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute("UPDATE model_versions SET published = 1 WHERE version = ?", (version,))
+            conn.execute(
+                "DELETE FROM quarantine_folded WHERE pos IN"
+                " (SELECT pos FROM inputs WHERE version = ?)",
+                (version,),
+            )
             # The version record is in the registry now: its state copy is done with.
             conn.execute("DELETE FROM meta WHERE key = ?", (_record_state_key(version),))
 
@@ -186,8 +191,10 @@ class CentralTables(QuarantineTables):
         acknowledges an input only once a version holding it is published,
         and the registry holds every published version), so what it held
         comes back from JetStream and is judged against the registry's
-        history instead. The quarantine, each sender's seq floor and the
-        open epoch's number stay.
+        history instead, except inputs re-admitted from the quarantine (they
+        were acknowledged when quarantined): they go back to the quarantine.
+        The quarantine, each sender's seq floor and the open epoch's number
+        stay.
         """
         if not versions:
             raise StoreError("a rebase needs at least the registry's current version")
@@ -198,8 +205,15 @@ class CentralTables(QuarantineTables):
         newest = versions[-1]
 
         def op(conn: sqlite3.Connection) -> None:
+            # Re-admitted quarantine rows were acknowledged: back to the quarantine
+            # (one the registry's versions hold is a duplicate there and goes).
+            conn.execute(
+                f"INSERT INTO quarantine ({QUARANTINE_COLUMNS})"  # noqa: S608
+                f" SELECT {QUARANTINE_COLUMNS} FROM quarantine_folded"
+            )
             for table in (
-                "input_envelopes", "leaves", "inputs", "model_metrics", "model_versions",
+                "quarantine_folded", "input_envelopes", "leaves", "inputs", "model_metrics",
+                "model_versions",
                 "optimizer_state",
             ):  # fmt: skip
                 conn.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names

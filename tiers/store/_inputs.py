@@ -37,6 +37,7 @@ from fedtier.tiers.store._segments import (
 
 __all__ = [
     "ENVELOPE_FUNCTION",
+    "QUARANTINE_COLUMNS",
     "InputTables",
     "drop_open_envelopes",
     "now_ms",
@@ -52,6 +53,11 @@ ENVELOPE_FUNCTION: Final = "fedtier_envelope"
 
 # Host parameters per lookup: well under SQLite's 32,766 default limit.
 _LOOKUP_CHUNK: Final = 500
+
+QUARANTINE_COLUMNS: Final = (
+    "qid, sender, input_id, subject, reason, retry, detail, received_ms, released, envelope"
+)
+"""The columns ``quarantine`` and ``quarantine_folded`` share."""
 
 
 class InputTables(CommitEngine[InputKey]):
@@ -264,6 +270,13 @@ class InputTables(CommitEngine[InputKey]):
                 (record.sender, record.seq),
             )
             if quarantine_id is not None:
+                # Kept beside the input until it is done: a takeover that forgets
+                # the input puts it back (forget_unforwarded).
+                conn.execute(
+                    f"INSERT INTO quarantine_folded (pos, {QUARANTINE_COLUMNS})"  # noqa: S608
+                    f" SELECT ?, {QUARANTINE_COLUMNS} FROM quarantine WHERE qid = ?",
+                    (cursor.lastrowid, quarantine_id),
+                )
                 conn.execute("DELETE FROM quarantine WHERE qid = ?", (quarantine_id,))
 
         ticket = self._submit(op, f"input {record.input_id.hex()} from {record.sender}", key)
@@ -372,6 +385,11 @@ class InputTables(CommitEngine[InputKey]):
                 (now_ms(), partial_id),
             )
             conn.execute("UPDATE inputs SET status = 'done' WHERE partial_id = ?", (partial_id,))
+            conn.execute(
+                "DELETE FROM quarantine_folded WHERE pos IN"
+                " (SELECT pos FROM inputs WHERE partial_id = ?)",
+                (partial_id,),
+            )
 
         return self._submit(op, f"ack of partial {partial_id.hex()}")
 
@@ -397,6 +415,46 @@ class InputTables(CommitEngine[InputKey]):
             put_meta(conn, "model_pointer", pointer)
 
         return self._submit(op, f"model pointer v{version}")
+
+    def submit_forget_unforwarded(
+        self, open_epoch: int, partial_ids: Sequence[bytes]
+    ) -> CommitTicket:
+        """Forget the open epoch's inputs and the pending partials ``partial_ids`` (one commit).
+
+        For a leased regional at takeover (``tiers.regional``): what an earlier
+        tenure folded but never made known to the other instances (no intent)
+        may have been counted by another instance meanwhile, and was never
+        acknowledged. So its input rows, their leaves and envelopes, and the
+        outbox rows go, and a redelivery is folded anew. An input that came
+        from the quarantine was acknowledged (nothing redelivers it): its row
+        goes back to the quarantine instead, to be re-admitted.
+        """
+        ids = list(partial_ids)
+
+        def op(conn: sqlite3.Connection) -> None:
+            for start in range(0, max(1, len(ids)), _LOOKUP_CHUNK):
+                chunk = ids[start : start + _LOOKUP_CHUNK]
+                marks = ", ".join("?" * len(chunk))  # values are bound, never spliced
+                flushed = f" OR (status = 'flushed' AND partial_id IN ({marks}))" if chunk else ""
+                chosen = f"SELECT pos FROM inputs WHERE (epoch = ? AND status = 'open'){flushed}"  # noqa: S608
+                params = (open_epoch, *chunk)
+                conn.execute(
+                    f"INSERT INTO quarantine ({QUARANTINE_COLUMNS})"  # noqa: S608
+                    f" SELECT {QUARANTINE_COLUMNS} FROM quarantine_folded WHERE pos IN ({chosen})",
+                    params,
+                )
+                # The input rows last: the others are chosen through them.
+                for table in ("quarantine_folded", "leaves", "input_envelopes", "inputs"):
+                    conn.execute(f"DELETE FROM {table} WHERE pos IN ({chosen})", params)  # noqa: S608
+                if chunk:
+                    conn.execute(
+                        f"DELETE FROM outbox WHERE state = 'pending' AND partial_id IN ({marks})",  # noqa: S608
+                        chunk,
+                    )
+
+        # Their envelopes' segments are unreferenced now: deleted after the commit.
+        self._prune_wanted = True
+        return self._submit(op, f"forgetting epoch {open_epoch} and {len(ids)} pending partials")
 
     def submit_out_seq(self, out_seq: int) -> CommitTicket:
         """Persist the last sequence number this daemon used."""

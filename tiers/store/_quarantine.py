@@ -5,8 +5,11 @@ quarantine). An input it must acknowledge but cannot fold (a partial from an
 edge the registry does not know yet, a layout it does not have, bytes that
 crashed its admission) is stored here in the same commit its acknowledgement
 waits for, with its reason, sender, time and bytes. Re-admission runs it
-through the core's admission again; a row that becomes an input is deleted in
-the very commit that records the input, so it can never be folded twice.
+through the core's admission again; a row that becomes an input leaves the
+table in the very commit that records the input, so it can never be folded
+twice. It waits in ``quarantine_folded`` beside its input until the input is
+done (upstream, or in a published version): a leased tier that forgets the
+input at a takeover puts the row back (``submit_forget_unforwarded``).
 
 The daemon keeps what the bounds need in memory (:class:`QuarantineUsage`),
 re-read from the table at every re-admission pass: ``fedtier quarantine``
@@ -301,6 +304,8 @@ class QuarantineTables(InputTables):
                 conn.execute("DELETE FROM input_envelopes WHERE pos = ?", (pos,))
                 # Its leaves were never counted: re-admitted, they must not look counted.
                 conn.execute("DELETE FROM leaves WHERE pos = ?", (pos,))
+                # Its row from an earlier quarantine, if any: this one replaces it.
+                conn.execute("DELETE FROM quarantine_folded WHERE pos = ?", (pos,))
                 conn.execute("DELETE FROM inputs WHERE pos = ?", (pos,))
             put_meta(conn, "open_epoch", epoch + 1)
             put_meta(conn, "out_seq", out_seq)
@@ -364,6 +369,7 @@ class QuarantineTables(InputTables):
                 )
                 conn.execute("DELETE FROM input_envelopes WHERE pos = ?", (pos,))
                 conn.execute("DELETE FROM leaves WHERE pos = ?", (pos,))
+                conn.execute("DELETE FROM quarantine_folded WHERE pos = ?", (pos,))
                 conn.execute("DELETE FROM inputs WHERE pos = ?", (pos,))
 
         return self._submit(op, f"quarantine of {len(outliers)} outliers of epoch {epoch}")

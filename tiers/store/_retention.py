@@ -131,6 +131,7 @@ def prune_done_inputs(
             chunk,
         )
         leaves += conn.execute(f"DELETE FROM leaves WHERE pos IN ({marks})", chunk).rowcount  # noqa: S608
+        conn.execute(f"DELETE FROM quarantine_folded WHERE pos IN ({marks})", chunk)  # noqa: S608
         envelopes += conn.execute(
             f"DELETE FROM input_envelopes WHERE pos IN ({marks})",  # noqa: S608
             chunk,

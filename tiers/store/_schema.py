@@ -47,8 +47,15 @@ No trio here. Schema (``PRAGMA user_version = 7``; WAL, ``synchronous=FULL``,
            retry, detail, received_ms,    in the commit its acknowledgement waits
            released, envelope)            for; ``retry`` says when re-admission is
                                           tried (``any``, ``cut``, ``never``); a
-                                          re-admitted row is deleted in the commit
-                                          that records it as an input
+                                          re-admitted row moves to
+                                          ``quarantine_folded`` in the commit that
+                                          records it as an input
+    quarantine_folded(pos PRIMARY KEY,    a re-admitted quarantine row, kept with
+           qid, ... as quarantine)        the input (``inputs.pos``) it became
+                                          until that input is ``done``: an input
+                                          a takeover forgets (``forget_unforwarded``)
+                                          goes back to the quarantine, since it
+                                          was acknowledged and nothing redelivers it
     leaves(update_id PRIMARY KEY, pos)    regional, central: every device update
                                           id inside an accepted child partial,
                                           with the input (``inputs.pos``) that
@@ -74,6 +81,9 @@ filled at a central from its versions' lineage), then version 5 to 6 (new input
 and outbox envelopes go to the segment log; rows already inline stay readable),
 then version 6 to 7 (the ``senders.pruned_seq`` column, NULL: nothing of an older
 store was pruned with a floor, so none is known).
+The ``quarantine_folded`` table needs no step: the schema script creates it,
+empty, in a store of any version (an older fedtier leaves it alone; it only
+ever holds rows of inputs this fedtier re-admitted).
 Version 6 is a version of its own so that an older fedtier, which would read a
 reference as envelope bytes, refuses the store instead; version 7 so that an
 older fedtier, whose prune would delete inputs without raising the floor,
@@ -181,6 +191,19 @@ CREATE TABLE IF NOT EXISTS quarantine (
     envelope BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS quarantine_by_sender ON quarantine (sender);
+CREATE TABLE IF NOT EXISTS quarantine_folded (
+    pos INTEGER PRIMARY KEY,
+    qid INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    input_id BLOB,
+    subject TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    retry TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    received_ms INTEGER NOT NULL,
+    released INTEGER NOT NULL DEFAULT 0,
+    envelope BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS leaves (
     update_id BLOB PRIMARY KEY,
     pos INTEGER

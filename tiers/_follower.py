@@ -6,6 +6,7 @@ bus adapter.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import trio
@@ -18,24 +19,29 @@ from fedtier.protocol.errors import (
     BusError,
     ConfigError,
     FedtierError,
+    LocalProtocolError,
     RemoteProtocolError,
 )
 from fedtier.protocol.messages import Kind, ModelAnnouncement, Tier
 from fedtier.protocol.models import open_model_pointer
+from fedtier.tiers._forwarding import ForwardedKv, Forwarding
+from fedtier.tiers._intake import Admission
 from fedtier.tiers._telemetry import (
     TierMetricsLike,
 )
-from fedtier.tiers._upstream import Uplink, UplinkGate, UplinkJob
+from fedtier.tiers._upstream import Uplink, UplinkGate, UplinkJob, retry_transient
 from fedtier.tiers.config import TierConfig
 from fedtier.tiers.core import (
     MESSAGE_OVERHEAD,
     ModelView,
+    Outcome,
     check_fits,
     partial_envelope_bound,
 )
 from fedtier.tiers.model_registry import ModelRegistryReader, RevocationFollower
 from fedtier.tiers.registry import TierKeys
 from fedtier.tiers.store import (
+    OutboxEntry,
     Recovery,
 )
 from fedtier.tiers.tier import OpenBuffer, TierDaemon
@@ -71,6 +77,12 @@ class FollowerDaemon(TierDaemon):
         self.model: ModelView | None = None
         self._uplink: Uplink | None = None
         self.revocations: RevocationFollower | None = None
+        self.forwarded: ForwardedKv | None = None
+        """The ``forwarded`` KV bucket (set by the daemon shell with ``[lease] enabled``)."""
+        self._forwarding: Forwarding | None = None
+        self._earlier_outbox: list[OutboxEntry] = []
+        self.forgotten_at_takeover = 0
+        """Open inputs and pending partials of earlier tenures forgotten at takeovers."""
 
     @property
     def known_version(self) -> int:
@@ -87,9 +99,140 @@ class FollowerDaemon(TierDaemon):
         assert self.model is not None
         return self.model
 
+    # -- surviving a lost machine ([lease] enabled; tiers._forwarding) -------------------
+
+    def _intent_prefix(self) -> str:
+        """The keys of this site's or region's intents start with this (ends in ``.``)."""
+        raise NotImplementedError
+
+    def _upstream_subject(self) -> str:
+        """Where this tier's partials go."""
+        raise NotImplementedError
+
     def uplink_gate(self) -> UplinkGate | None:
-        """What runs around each publish of a partial (the regional's intents); none here."""
-        return None
+        """The intents around each publish, with ``[lease] enabled``; none without."""
+        if not self.config.lease.enabled:
+            return None
+        if self.forwarded is None:
+            raise LocalProtocolError("[lease] enabled needs the forwarded bucket; none was given")
+        self._forwarding = Forwarding(
+            self,
+            self.forwarded,
+            prefix=self._intent_prefix(),
+            republish_subject=self._upstream_subject(),
+        )
+        return self._forwarding
+
+    def _recovered_jobs(self, recovery: Recovery) -> list[UplinkJob]:
+        """The partials to resend at start (with ``[lease]``, chosen at takeover instead)."""
+        if self._forwarding is not None:
+            self._earlier_outbox = list(recovery.pending_outbox)
+            return []
+        return [UplinkJob(entry) for entry in recovery.pending_outbox]
+
+    def _held(self, admission: Admission, *, empty_before: bool) -> Admission:
+        """With ``[lease]``, ``admission`` acknowledged only once upstream holds its input.
+
+        ``empty_before``: whether the open buffer was empty before this
+        admission. A duplicate's original is in the open epoch or an earlier
+        one; epochs go upstream in order, so waiting for the open one (when it
+        holds anything) covers both.
+        """
+        forwarding = self._forwarding
+        if forwarding is None:
+            return admission
+        epoch = self.buffer.epoch
+        if admission.outcome is Outcome.ACCEPTED:
+            return forwarding.hold(admission, epoch)
+        if admission.outcome is Outcome.DUPLICATE:
+            return forwarding.hold(admission, epoch - 1 if empty_before else epoch)
+        return admission
+
+    def _closed_without_partial(self, epoch: int) -> None:
+        if self._forwarding is not None:
+            self._forwarding.closed_without_partial(epoch)
+
+    @property
+    def cuts_paused(self) -> bool:
+        """With ``[lease]``, cuts wait for the lease: a standby's inputs are not its own."""
+        lease = self.lease
+        return self._forwarding is not None and (lease is None or not lease.is_held)
+
+    async def _on_takeover(self) -> None:
+        forwarding = self._forwarding
+        if forwarding is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._forget_unforwarded(forwarding)
+        await forwarding.republish()
+
+    async def _forget_unforwarded(self, forwarding: Forwarding) -> None:
+        """Forget what an earlier tenure folded or sealed and made known to no other instance.
+
+        Between losing the lease and taking it again, another instance may
+        have been given those inputs (never acknowledged: with ``[lease]`` an
+        input is acknowledged once a partial holding it is upstream; a
+        regional's come back from JetStream, an edge's devices resend) and
+        counted them. Published now, either copy could reach upstream second
+        and be quarantined whole (``leaf_counted_twice``) with the honest
+        inputs folded beside it. So the open buffer and every pending partial
+        whose intent is not there are forgotten, and their inputs are folded
+        anew when they come back. A pending partial whose intent is there was
+        known to every instance that took over since (it re-published it, or
+        will): it is resent, and upstream dedupes a copy. One whose intent is a
+        forwarded record went upstream by another instance: it is marked
+        acknowledged, so its inputs stay known. Inputs re-admitted from the
+        quarantine go back to it (``submit_forget_unforwarded``).
+        """
+        earlier, self._earlier_outbox = self._earlier_outbox, []
+        retry = functools.partial(
+            retry_transient, retry=self.config.retry, metrics=self.metrics, log=self.log
+        )
+        kept: list[OutboxEntry] = []
+        upstream: list[OutboxEntry] = []
+        forgotten: list[OutboxEntry] = []
+        for entry in earlier:
+            key = forwarding.key_of(entry.partial_id)
+            state = await retry(
+                f"read of intent {key}",
+                "read_intents",
+                functools.partial(forwarding.intents.state, key),
+            )
+            {"intent": kept, "forwarded": upstream, "none": forgotten}[state].append(entry)
+        for entry in upstream:
+            await self.store.submit_acked(entry.partial_id).wait()
+            forwarding.closed_without_partial(entry.epoch)
+            self.log.info(
+                "partial %s of an earlier tenure went upstream by another instance's takeover",
+                entry.partial_id.hex(),
+            )
+        buffer = self.buffer
+        open_inputs = buffer.accumulator.input_count
+        if forgotten or open_inputs:
+            await self.store.submit_forget_unforwarded(
+                buffer.epoch, [entry.partial_id for entry in forgotten]
+            ).wait()
+            self._empty_buffer()
+            for entry in forgotten:
+                forwarding.closed_without_partial(entry.epoch)
+            self.forgotten_at_takeover += open_inputs + len(forgotten)
+            self.log.warning(
+                "took the lease: forgot %d open inputs and %d pending partials (%s) of an "
+                "earlier tenure that no intent made known; their inputs were never "
+                "acknowledged and are folded anew when they come back",
+                open_inputs,
+                len(forgotten),
+                ", ".join(entry.partial_id.hex() for entry in forgotten) or "none",
+            )
+        for entry in kept:
+            await self.upstream.put(UplinkJob(entry))
+
+    async def _before_settling(self, deadline: float) -> None:
+        """With ``[lease]``: cut what was admitted, so its held inputs can be acknowledged."""
+        if self._forwarding is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._cut_until_settled(deadline)
 
     @property
     def partial_codec(self) -> CodecSpec:
@@ -165,6 +308,12 @@ class FollowerDaemon(TierDaemon):
             gate=self.uplink_gate(),
         )
         await nursery.start(self._uplink.serve, self._recovered_jobs(recovery))
+        forwarding = self._forwarding
+        if forwarding is not None:
+            pending = [entry.epoch for entry in recovery.pending_outbox]
+            done = min(pending) - 1 if pending else recovery.open_epoch - 1
+            forwarding.published_epoch = max(forwarding.published_epoch, done)
+            nursery.start_soon(forwarding.serve_deletes)
         if recovery.open_inputs or recovery.pending_outbox:
             self.log.info(
                 "recovered epoch %d with %d inputs and %d partials to resend",
@@ -172,10 +321,6 @@ class FollowerDaemon(TierDaemon):
                 len(recovery.open_inputs),
                 len(recovery.pending_outbox),
             )
-
-    def _recovered_jobs(self, recovery: Recovery) -> list[UplinkJob]:
-        """The partials to resend at start (a leased regional decides at takeover instead)."""
-        return [UplinkJob(entry) for entry in recovery.pending_outbox]
 
     def _set_model(self, pointer: ModelAnnouncement, data: bytes) -> None:
         if self.model is None:  # the layout never changes afterwards (see _consider_pointer)

@@ -157,8 +157,12 @@ class PartedIntents:
         return "forwarded" if got[0].startswith(FORWARDED_MAGIC) else "intent"
 
     async def keys(self) -> list[str]:
-        """The intents' keys (``<region>.<partial id>``), without their parts' keys."""
-        return [key for key in await self.kv.keys() if key.count(".") == 1]
+        """The intents' keys (``<prefix><partial id>``), without their parts' keys.
+
+        An intent's key ends in a partial id (32 hex digits); a part's in its
+        decimal index.
+        """
+        return [key for key in await self.kv.keys() if _is_intent_key(key)]
 
     async def get(self, key: str) -> bytes | None:
         """The intent's envelope, or None when there is no intent under ``key``.
@@ -211,6 +215,11 @@ class PartedIntents:
     async def _delete_parts(self, key: str, count: int) -> None:
         for index in range(count):
             await self.kv.delete(f"{key}.{index}")
+
+
+def _is_intent_key(key: str) -> bool:
+    last = key.rsplit(".", 1)[-1]
+    return len(last) == 32 and all(c in "0123456789abcdef" for c in last)
 
 
 def _read_index(key: str, value: bytes) -> tuple[int, int, bytes]:

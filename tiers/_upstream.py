@@ -167,13 +167,16 @@ class UpstreamWorker(abc.ABC, Generic[J]):
 
 
 class UplinkGate(Protocol):
-    """What a daemon does around each publish of a partial (the regional's intents, regional.py)."""
+    """What a daemon does around each publish of a partial (a leased tier's intents)."""
 
     async def before_publish(self, entry: OutboxEntry) -> None:
         """Called before the first try; returns once the partial may be published."""
 
-    def published(self, entry: OutboxEntry) -> None:
-        """Called once the partial is durable upstream (its PubAck came)."""
+    def published(self, entry: OutboxEntry, acked: CommitTicket | None = None) -> None:
+        """Called once the partial is durable upstream (its PubAck came).
+
+        ``acked`` is the store's commit marking it so (not awaited here).
+        """
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,9 +263,9 @@ class Uplink(UpstreamWorker[UplinkJob]):
                         pid,
                         exc,
                     )
-                    self._store.submit_acked(entry.partial_id)
+                    acked = self._store.submit_acked(entry.partial_id)
                     if self._gate is not None:
-                        self._gate.published(entry)
+                        self._gate.published(entry, acked)
                     return
             else:
                 ack = await retry_transient(
@@ -284,6 +287,6 @@ class Uplink(UpstreamWorker[UplinkJob]):
         )
         # Not awaited: if this commit is lost, the partial is resent at the next
         # start and the receiver dedupes it by id.
-        self._store.submit_acked(entry.partial_id)
+        acked = self._store.submit_acked(entry.partial_id)
         if self._gate is not None:
-            self._gate.published(entry)
+            self._gate.published(entry, acked)

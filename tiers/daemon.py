@@ -43,6 +43,8 @@ from fedtier.protocol.bus import Bus
 from fedtier.protocol.errors import BusUnavailable, FedtierError, sole_error
 from fedtier.protocol.names import NatsSubjects
 from fedtier.tiers import faults
+from fedtier.tiers._follower import FollowerDaemon
+from fedtier.tiers._forwarding import FORWARDED_MAX_AGE_S
 from fedtier.tiers._health import run_probes
 from fedtier.tiers._lease import Lease
 from fedtier.tiers._retention import run_pruner
@@ -60,7 +62,7 @@ from fedtier.tiers.config import (
 )
 from fedtier.tiers.edge import EdgeDaemon
 from fedtier.tiers.model_registry import NatsModelRegistry
-from fedtier.tiers.regional import FORWARDED_MAX_AGE_S, RegionalDaemon
+from fedtier.tiers.regional import RegionalDaemon
 from fedtier.tiers.registry import TierKeys
 from fedtier.tiers.tier import TierDaemon
 
@@ -266,6 +268,12 @@ async def _open_mqtt(config: EdgeConfig) -> AsyncIterator[Bus]:
         cert_file=settings.tls_cert_file,
         key_file=settings.tls_key_file,
         shared_durables=settings.shared_subscription,
+        # With [lease], an instance starts on a fresh session: what the broker queued
+        # for it while another instance was active went to that one too (or, never
+        # receipted, comes back from its device); replayed here, it would be folded
+        # a second time (docs/architecture.md, "An edge survives the loss of its
+        # machine").
+        fresh_session=config.lease.enabled,
     )
     async with AsyncExitStack() as stack:
         # Like the NATS connect, the first MQTT connect retries a few times: an
@@ -467,7 +475,7 @@ async def _serve(
 
 
 async def _attach_lease(daemon: TierDaemon, nats: Any, config: TierConfig, metrics: Any) -> None:
-    """Give ``daemon`` its lease (``[lease] enabled``), and a regional its intents bucket.
+    """Give ``daemon`` its lease (``[lease] enabled``), and an edge or regional its intents bucket.
 
     The lease bucket's ``max_age`` is the TTL: the first daemon to create the
     bucket sets it, so every instance of a fleet must use the same ``ttl_s``.
@@ -486,7 +494,7 @@ async def _attach_lease(daemon: TierDaemon, nats: Any, config: TierConfig, metri
         getattr(config, "site", None) if daemon.tier == "edge" else None,
     )
     daemon.lease = Lease(kv, key, ttl_s=settings.ttl_s, instance=settings.instance)
-    if isinstance(daemon, RegionalDaemon):
+    if isinstance(daemon, FollowerDaemon):
         daemon.forwarded = await retry(
             "open of the forwarded bucket",
             "open_lease",

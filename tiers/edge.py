@@ -169,6 +169,19 @@ class EdgeDaemon(FollowerDaemon):
         self.topics = MqttTopics(config.fleet, config.site)
         self.subjects = NatsSubjects(config.fleet)
         self.receipts_sent = 0
+        # With [lease] a device's update is acknowledged once a partial holding it
+        # is upstream, and the intake holds at most intake_capacity of them.
+        if (
+            config.lease.enabled
+            and config.flush.max_age_s is None
+            and config.intake_capacity < config.flush.max_inputs
+        ):
+            raise ConfigError(
+                f"[lease] enabled at an edge holds at most intake_capacity "
+                f"({config.intake_capacity}) device updates, fewer than flush.max_inputs "
+                f"({config.flush.max_inputs}), and flush.max_age_s is unset: a buffer "
+                "would never be cut; set flush.max_age_s or raise intake_capacity"
+            )
         # Per-device bounds whose state lives in memory (module docstring of
         # tiers.core._influence: a restart only restarts their warm-up).
         self.influence = InfluenceState(self._rules.influence, self._rules.max_norm)
@@ -220,6 +233,7 @@ class EdgeDaemon(FollowerDaemon):
         )
 
     def _admit(self, delivery: Delivery) -> Admission:
+        empty_before = self.buffer.is_empty
         with self.tracer.start_as_current_span(
             span_name("edge", "process"),
             context=extract_context(delivery.headers),
@@ -284,16 +298,39 @@ class EdgeDaemon(FollowerDaemon):
                 )
             assert device is not None
             who = self.keys.senders.describe(device)
+            forwarding = self._forwarding
+            if forwarding is not None and update_id in forwarding.foreign:
+                # Inside a partial another instance of this site sealed and that a
+                # takeover re-published: upstream has it, so it is answered at once.
+                self._count(span, Outcome.DUPLICATE)
+                self.log.info(
+                    "update %s from %s went upstream in a taken-over partial",
+                    update_id.hex(),
+                    who,
+                )
+                return forwarding.forwarded(
+                    Admission(
+                        delivery,
+                        Outcome.DUPLICATE,
+                        after_ack=self._receipt_sender(
+                            device, update_id, decision.seq, ReceiptStatus.DUPLICATE, ""
+                        ),
+                    ),
+                    update_id,
+                )
             if decision.outcome is Outcome.DUPLICATE:
                 self._count(span, Outcome.DUPLICATE)
                 self.log.info("update %s from %s is a duplicate", update_id.hex(), who)
-                return Admission(
-                    delivery,
-                    Outcome.DUPLICATE,
-                    ticket=self.store.pending_ticket(device, update_id),
-                    after_ack=self._receipt_sender(
-                        device, update_id, decision.seq, ReceiptStatus.DUPLICATE, ""
+                return self._held(
+                    Admission(
+                        delivery,
+                        Outcome.DUPLICATE,
+                        ticket=self.store.pending_ticket(device, update_id),
+                        after_ack=self._receipt_sender(
+                            device, update_id, decision.seq, ReceiptStatus.DUPLICATE, ""
+                        ),
                     ),
+                    empty_before=empty_before,
                 )
             accepted = decision.accepted
             assert accepted is not None
@@ -336,13 +373,16 @@ class EdgeDaemon(FollowerDaemon):
             self.log.debug(
                 "accepted update %s from %s (tau %d)", update_id.hex(), who, accepted.tau
             )
-            return Admission(
-                delivery,
-                Outcome.ACCEPTED,
-                ticket=ticket,
-                after_ack=self._receipt_sender(
-                    device, update_id, decision.seq, ReceiptStatus.ACCEPTED, ""
+            return self._held(
+                Admission(
+                    delivery,
+                    Outcome.ACCEPTED,
+                    ticket=ticket,
+                    after_ack=self._receipt_sender(
+                        device, update_id, decision.seq, ReceiptStatus.ACCEPTED, ""
+                    ),
                 ),
+                empty_before=empty_before,
             )
 
     def _reputation(
@@ -424,6 +464,12 @@ class EdgeDaemon(FollowerDaemon):
     def partial_codec(self) -> CodecSpec:
         """See ``FollowerDaemon``: ``[partial] codec``."""
         return self.edge_config.partial_codec
+
+    def _intent_prefix(self) -> str:
+        return f"edge.{self.edge_config.region}.{self.edge_config.site}."
+
+    def _upstream_subject(self) -> str:
+        return self.subjects.to_region(self.edge_config.region)
 
     def _cut(self, reason: str) -> UplinkJob | None:
         return self._cut_partial(

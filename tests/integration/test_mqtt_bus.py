@@ -369,3 +369,42 @@ def test_missing_mosquitto_is_a_clear_config_error(
     monkeypatch.setattr(mosquitto_module, "_FALLBACK_BINARY", tmp_path / "mosquitto")
     with pytest.raises(ConfigError, match="apt-get install -y mosquitto"):
         MosquittoProcess.start(tmp_path / "broker")
+
+
+async def test_a_fresh_session_is_not_handed_what_the_broker_kept_for_its_client_id(
+    fresh_mosquitto: MosquittoProcess,
+) -> None:
+    # A leased edge starts on a fresh session: what the broker kept for its client
+    # id while another instance of the site was active went to that one.
+    broker = fresh_mosquitto
+    topic = unique("fresh")
+    client = unique("edge")
+    payloads = [b"f%d" % i for i in range(3)]
+    with trio.fail_after(DEADLINE_S):
+        async with open_mqtt_bus(config_for(broker, unique("pub"))) as pub_bus:
+            async with (
+                open_mqtt_bus(config_for(broker, client, shared=False)) as first,
+                first.subscribe(f"it/{topic}/#", durable="edge", capacity=16) as sub,
+            ):
+                for p in payloads:
+                    await pub_bus.publish(f"it/{topic}/u", p)
+                for _ in payloads:
+                    await sub.receive()  # never acknowledged: the session keeps them
+            async with (
+                open_mqtt_bus(config_for(broker, client, shared=False)) as resumed,
+                resumed.subscribe(f"it/{topic}/#", durable="edge", capacity=16) as sub,
+            ):
+                again = [await sub.receive() for _ in payloads]  # handed back, not acked
+            fresh_config = dataclasses.replace(
+                config_for(broker, client, shared=False), fresh_session=True
+            )
+            async with (
+                open_mqtt_bus(fresh_config) as fresh,
+                fresh.subscribe(f"it/{topic}/#", durable="edge", capacity=16) as sub,
+            ):
+                await pub_bus.publish(f"it/{topic}/u", b"after")
+                first_delivery = await sub.receive()
+                await first_delivery.ack()
+    assert sorted(d.payload for d in again) == payloads
+    assert all(d.redelivered for d in again)
+    assert first_delivery.payload == b"after"  # the kept ones were not handed over

@@ -13,14 +13,15 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from fedtier.protocol.bus import MemoryBroker, MemoryBus
-from fedtier.protocol.envelope import parse_envelope
+from fedtier.protocol.bus import MemoryBroker, MemoryBus, Subscription
+from fedtier.protocol.envelope import open_envelope, parse_envelope
 from fedtier.protocol.errors import BusUnavailable, ConfigError, KvConflict, PublishError
 from fedtier.protocol.identity import SigningIdentity
 from fedtier.protocol.layout import layout_of
-from fedtier.protocol.messages import PartialAggregate, Tier
+from fedtier.protocol.messages import PartialAggregate, Receipt, ReceiptStatus, Tier
 from fedtier.protocol.names import NatsSubjects
 from fedtier.simulations.testing import sign_model_version, sign_partial
+from fedtier.tiers._forwarding import Forwarding
 from fedtier.tiers._intents import FORWARDED_MAGIC, decode_forwarded, encode_forwarded
 from fedtier.tiers._lease import LOSS_FRACTION, Lease, LeaseHolder
 from fedtier.tiers._status import StatusPublisher, encode_snapshot
@@ -32,12 +33,14 @@ from fedtier.tiers.config import (
     StatusSettings,
     load_config,
 )
+from fedtier.tiers.edge import EdgeDaemon
 from fedtier.tiers.flush import FlushPolicy
 from fedtier.tiers.model_registry import MemoryModelRegistry
-from fedtier.tiers.regional import RegionalDaemon, _Forwarding, check_hold_config
+from fedtier.tiers.regional import RegionalDaemon, check_hold_config
 from fedtier.tiers.registry import KeyRegistry, TierKeys
 from fedtier.tiers.statuscmd import health_of, rows_from_entries
 from fedtier.tiers.store import OutboxEntry
+from tests.unit import test_edge as edge_tests
 
 TTL_S = 9.0
 FLEET = "acme"
@@ -411,8 +414,10 @@ async def test_a_regional_takes_input_only_while_it_holds_its_lease(
 
 
 async def test_held_deliveries_are_released_in_epoch_order_past_quarantined_epochs() -> None:
-    daemon = SimpleNamespace(regional_config=SimpleNamespace(region="eu"))
-    forwarding = _Forwarding(cast(Any, daemon), MemoryForwarded())
+    daemon = SimpleNamespace(nats=SimpleNamespace(max_single_message_bytes=None))
+    forwarding = Forwarding(
+        cast(Any, daemon), MemoryForwarded(), prefix="eu.", republish_subject="up"
+    )
 
     def entry(epoch: int) -> OutboxEntry:
         return OutboxEntry(
@@ -517,19 +522,20 @@ def _leased_regional(
     return daemon
 
 
-async def test_a_taken_over_intent_goes_once_its_grace_is_over_even_when_the_bus_was_away(
+async def test_a_taken_over_intent_stays_as_a_forwarded_record_past_its_grace(
     tmp_path: Path, autojump_clock: MockClock
 ) -> None:
     # The lost instance had acknowledged every input of its partial but its
     # delete of the intent never reached the bus: a standby re-publishes it at
-    # takeover, and must then delete it, or every later takeover re-publishes it
-    # again, until neither the UP stream nor the central remembers the partial.
+    # takeover and rewrites it as a forwarded record, which later takeovers note
+    # but never publish, and which tells the instance that sealed the partial,
+    # should it take the lease again, that its partial went upstream.
     broker = MemoryBroker("nats")
     registry = await _registry_at_v0()
     message, envelope = sign_partial(
         REGIONAL, FLEET, LAYOUT, _one_update(), seq=1, tier=Tier.REGIONAL
     )
-    forwarded = FlakyForwarded()
+    forwarded = MemoryForwarded()
     key = f"eu.{message.partial_id.hex()}"
     forwarded.values[key] = envelope
     daemon = _leased_regional(tmp_path, broker, registry, forwarded, "b")
@@ -543,8 +549,6 @@ async def test_a_taken_over_intent_goes_once_its_grace_is_over_even_when_the_bus
         with trio.fail_after(60):
             got = await central.receive()
         assert got.payload == envelope  # re-published at takeover, same bytes
-        # Kept while its inputs may still come back, but rewritten so that a later
-        # takeover does not publish it again.
         with trio.fail_after(60):
             while not forwarded.values[key].startswith(FORWARDED_MAGIC):
                 await trio.sleep(0.1)
@@ -552,10 +556,41 @@ async def test_a_taken_over_intent_goes_once_its_grace_is_over_even_when_the_bus
             message.partial_id,
             list(message.inputs),
         )
-        grace_s = 3 * config.nats.ack_wait_s + TTL_S
-        with trio.fail_after(2 * grace_s):
+        await trio.sleep(2 * (3 * config.nats.ack_wait_s + TTL_S))
+        assert forwarded.values[key].startswith(FORWARDED_MAGIC)
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_own_intent_is_deleted_once_upstream_even_when_the_bus_was_away(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    # An intent left behind would be re-published at every later takeover, until
+    # neither the UP stream nor the central remembers the partial: a delete that
+    # finds the bus away is retried.
+    broker = MemoryBroker("nats")
+    registry = await _registry_at_v0()
+    forwarded = FlakyForwarded()
+    daemon = _leased_regional(tmp_path, broker, registry, forwarded, "a")
+    subjects = NatsSubjects(FLEET)
+    async with (
+        MemoryBus(broker).subscribe(subjects.to_central(), durable="probe") as central,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(daemon.serve)
+        with trio.fail_after(60):
+            await daemon.ready.wait()
+        for index in (1, 2):  # max_inputs = 2: one partial
+            await MemoryBus(broker).publish(subjects.to_region("eu"), _edge_partial(index)[1])
+        with trio.fail_after(60):
+            got = await central.receive()
+        await got.ack()
+        message = parse_envelope(got.payload).message
+        assert isinstance(message, PartialAggregate)
+        key = f"eu.{message.partial_id.hex()}"
+        assert key in forwarded.written  # written before the publish
+        with trio.fail_after(60):
             while key in forwarded.values:
-                await trio.sleep(1)
+                await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
     assert forwarded.failed_deletes == 1  # the first delete found the bus away: retried
 
@@ -700,3 +735,114 @@ async def test_a_regional_back_from_a_lost_lease_forgets_what_no_intent_made_kno
         with trio.fail_after(60):
             await take_upstream(b"a done")
     assert counted == Counter(leaf for leaf, _ in partials)  # each once
+
+
+async def test_an_edge_pair_counts_each_update_once_across_a_lost_lease(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    # Edge "a" of a site folds updates 0 and 1 and seals them, then dies before
+    # the partial's intent is written: their receipts were never sent (a leased
+    # edge answers a device once upstream has its update). The broker gives the
+    # updates to "b", which counts them; when "a" takes the lease back it must
+    # not send its sealed partial too.
+    site = edge_tests.Site(
+        tmp_path,
+        edge_tests.make_config(
+            tmp_path,
+            flush=FlushPolicy(max_inputs=2, max_age_s=None),
+            lease=LeaseSettings(enabled=True, ttl_s=TTL_S),
+        ),
+    )
+    await site.publish_model(0)
+    kv, forwarded = MemoryKv(TTL_S), StalledForwarded()
+    updates = [edge_tests.DEVICES[i].update(edge_tests.delta(i), n_samples=2) for i in range(4)]
+    phone = edge_tests.Phone(site, edge_tests.DEVICES[0])  # sends on any device's topic
+
+    def edge(name: str, identity: SigningIdentity) -> EdgeDaemon:
+        config = replace(
+            site.config,
+            state_dir=tmp_path / name,
+            lease=LeaseSettings(enabled=True, ttl_s=TTL_S, instance=name),
+        )
+        keys = edge_tests.edge_keys()
+        daemon = EdgeDaemon(
+            config,
+            mqtt=MemoryBus(site.mqtt),
+            nats=MemoryBus(site.nats),
+            registry_store=site.registry,
+            keys=TierKeys(identity, keys.senders, keys.central),
+            store_in_thread=False,
+        )
+        daemon.lease = Lease(kv, "edge.eu.depot-1", ttl_s=TTL_S, instance=name)
+        daemon.forwarded = forwarded
+        return daemon
+
+    async def receipt_status(receipts: Subscription) -> ReceiptStatus:
+        delivery = await receipts.receive()
+        await delivery.ack()
+        signers = {e.key_id: e.verify_key for e in (edge_tests.EDGE, OTHER_REGIONAL)}
+        receipt = open_envelope(delivery.payload, signers).message
+        assert isinstance(receipt, Receipt)
+        return receipt.status
+
+    counted: Counter[bytes] = Counter()
+    subjects = NatsSubjects(edge_tests.FLEET)
+    async with (
+        MemoryBus(site.nats).subscribe(subjects.to_region("eu"), durable="regional") as up,
+        MemoryBus(site.mqtt).subscribe(f"{edge_tests.TOPICS.prefix}/receipt/+") as receipts,
+    ):
+
+        async def take_upstream(until: bytes) -> None:
+            while (got := await up.receive()).payload != until:
+                await got.ack()
+                message = parse_envelope(got.payload).message
+                assert isinstance(message, PartialAggregate)
+                counted.update(message.leaves)
+            await got.ack()
+
+        async with trio.open_nursery() as nursery:
+            first = edge("a", edge_tests.EDGE)
+            scope = trio.CancelScope()
+
+            async def serve_first(*, task_status: trio.TaskStatus[None]) -> None:
+                with scope:
+                    await first.serve(task_status=task_status)
+
+            await nursery.start(serve_first)
+            with trio.fail_after(60):
+                await first.ready.wait()
+            for message, data in updates[:2]:
+                await phone.send(data, message.sender)
+            with trio.fail_after(60):
+                await forwarded.waiting.wait()  # sealed; its intent not written
+            assert first.receipts_sent == 0  # held until upstream has them
+            scope.cancel()  # its machine stops; its disk stays
+        forwarded.resume()
+
+        async with trio.open_nursery() as nursery:
+            second = edge("b", OTHER_REGIONAL)  # another machine, another key
+            await nursery.start(second.serve)
+            with trio.fail_after(60):
+                for _ in range(2):
+                    assert await receipt_status(receipts) is ReceiptStatus.ACCEPTED
+            second.request_shutdown()
+        await MemoryBus(site.nats).publish(subjects.to_region("eu"), b"b done")
+        with trio.fail_after(60):
+            await take_upstream(b"b done")
+
+        async with trio.open_nursery() as nursery:
+            again = edge("a", edge_tests.EDGE)
+            await nursery.start(again.serve)
+            with trio.fail_after(60):
+                await again.ready.wait()
+            assert again.forgotten_at_takeover == 1  # the sealed partial
+            for message, data in updates[2:]:
+                await phone.send(data, message.sender)
+            with trio.fail_after(60):
+                for _ in range(2):
+                    assert await receipt_status(receipts) is ReceiptStatus.ACCEPTED
+            again.request_shutdown()
+        await MemoryBus(site.nats).publish(subjects.to_region("eu"), b"a done")
+        with trio.fail_after(60):
+            await take_upstream(b"a done")
+    assert counted == Counter(message.update_id for message, _ in updates)  # each once

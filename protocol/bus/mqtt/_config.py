@@ -46,6 +46,12 @@ class MqttConfig:
             name (two connections would then share one id and disconnect
             each other). Safe for a client whose consumers never wait on its
             own publishes; see ``_single`` and ``docs/transport.md``.
+        fresh_session: False (the default): every connect resumes the
+            session the broker kept. True: the first connect of this bus
+            starts a new session (the broker discards what it queued for
+            this client id), later reconnects resume it: for an instance that
+            must not be handed what the broker queued for it while another
+            instance was doing its work (a leased edge).
     """
 
     host: str
@@ -64,6 +70,7 @@ class MqttConfig:
     password: str | None = field(default=None, repr=False)
     shared_durables: bool = True
     single_connection: bool = False
+    fresh_session: bool = False
 
     def __post_init__(self) -> None:
         where = f"MQTT client {self.client_id!r} for {self.host}:{self.port}"

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from paho.mqtt.client import (
+    MQTT_CLEAN_START_FIRST_ONLY,
     MQTT_LOG_ERR,
     Client,
     ConnectFlags,
@@ -101,7 +102,11 @@ class _Link:
             config.host,
             config.port,
             keepalive=config.keepalive_s,
-            clean_start=not persistent,
+            clean_start=(
+                MQTT_CLEAN_START_FIRST_ONLY
+                if persistent and config.fresh_session
+                else not persistent
+            ),
             properties=properties,
         )
         self.client = client

@@ -144,6 +144,11 @@ class StatusSnapshot:
         took_over_version: a central that took over from the registry after
             another instance's machine was lost: the version it continued
             from; None otherwise.
+        target_reached_version: a central that stopped making versions at its
+            evaluation target (``[evaluation] target``): the version that met
+            it; None otherwise.
+        input_closed: with ``[lease]``, a central past its target has closed
+            its input (partials wait in the UP stream).
     """
 
     schema: int = SCHEMA
@@ -179,6 +184,8 @@ class StatusSnapshot:
     active_since_ms: int | None = None
     lease_tenures: int = 0
     took_over_version: int | None = None
+    target_reached_version: int | None = None
+    input_closed: bool = False
 
     @property
     def uptime_s(self) -> float:
@@ -396,6 +403,13 @@ def _active_since_ms(daemon: TierDaemon) -> int | None:
     return lease.holder.since_ms
 
 
+def _target_version(daemon: TierDaemon) -> int | None:
+    """The version that met a central's evaluation target, or None (not reached, not a central)."""
+    reached = getattr(daemon, "target_reached", None)
+    version = getattr(reached, "version", None)
+    return version if isinstance(version, int) else None
+
+
 class StatusPublisher:
     """Builds the daemon's snapshots and puts them into the status bucket.
 
@@ -492,6 +506,8 @@ class StatusPublisher:
             active_since_ms=_active_since_ms(daemon),
             lease_tenures=_safely(lambda: int(getattr(daemon.lease, "tenures", 0)), 0),
             took_over_version=getattr(daemon, "took_over_at", None),
+            target_reached_version=_target_version(daemon),
+            input_closed=bool(getattr(daemon, "input_closed", False)),
         )
 
     async def publish_once(

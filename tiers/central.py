@@ -36,7 +36,12 @@ records it (``target_reached`` in the store) and makes no new version: inputs
 are still accepted, stored and acknowledged, and stay in the open buffer. A
 restart keeps it stopped while the recorded score still meets the configured
 target; raising the target past it, or removing the target, and restarting
-resumes, and the kept inputs make the next version.
+resumes, and the kept inputs make the next version. With ``[lease]`` an input
+is acknowledged only once a published version holds it, which will not happen
+now, so the central closes its input instead (and never opens it at a start or
+takeover past the target) and gives back the open buffer's partials
+unacknowledged: they wait in the UP stream, not in its store, where holding
+them would only see them redelivered until ``max_deliver`` dead-letters them.
 """
 
 from __future__ import annotations
@@ -45,9 +50,9 @@ import functools
 import math
 import numbers
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -142,6 +147,10 @@ when ``keep_versions`` is smaller.
 """
 
 
+_STOPPED_INPUT: Final = "inputs are still accepted and kept"
+_STOPPED_INPUT_LEASED: Final = "with [lease] the input closes and partials stay in the UP stream"
+
+
 def check_central_hold_config(config: CentralConfig) -> None:
     """Refuse a config whose held deliveries would come back or never be cut (``tiers._lease``).
 
@@ -233,21 +242,139 @@ class _HeldEpochs(EpochWatermark):
     successor.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.given_back_from: int | None = None
+        """Epochs from this one on are never published (a reached target): never acknowledged."""
+        self.on_given_back: Callable[[Delivery], None] = _ignore
+        """Told of each delivery let go unacknowledged (the input gate stops waiting for it)."""
+
     def published(self, epoch: int | None) -> None:
         """The version of ``epoch`` is published: release the deliveries it holds."""
         if epoch is not None:
             self.advance(epoch)
 
+    def given_back(self, epoch: int) -> bool:
+        """Whether the deliveries held for ``epoch`` go back to the stream unacknowledged."""
+        return self.given_back_from is not None and epoch >= self.given_back_from
+
+    def give_back(self, epoch: int) -> None:
+        """No version will hold ``epoch`` or a later one: let their deliveries go, unacknowledged.
+
+        Their settling continues (the intake settles in order, and the
+        deliveries of earlier epochs still wait for their versions), but the
+        acknowledgement is skipped: the bus gives them back to the stream when
+        the subscription closes, for a central that makes versions again.
+        """
+        self.given_back_from = (
+            epoch if self.given_back_from is None else min(epoch, self.given_back_from)
+        )
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_published(self, epoch: int) -> None:
+        """Wait until ``epoch`` is durable upstream, or is given back."""
+        while self.published_epoch < epoch and not self.given_back(epoch):
+            await self._changed.wait()
+
     def hold(self, admission: Admission, epoch: int) -> Admission:
-        """The same admission, acknowledged only once ``epoch`` is published."""
+        """The admission, acknowledged once ``epoch`` is published (never if it is given back)."""
+        delivery = admission.delivery
+
+        async def ack() -> None:
+            if self.given_back(epoch):
+                self.on_given_back(delivery)
+                await trio.lowlevel.checkpoint()
+            else:
+                await delivery.ack()
+
         return Admission(
-            admission.delivery,
+            replace(delivery, _ack=ack),
             admission.outcome,
             admission.reason,
             ticket=HeldTicket(admission.ticket, self, epoch),
             after_ack=admission.after_ack,
             ack=admission.ack,
         )
+
+
+def _ignore(delivery: Delivery) -> None:
+    """No one to tell (no input gate yet)."""
+
+
+class _InputGate(Subscription):
+    """With ``[lease]``: the central's input, which a reached evaluation target closes for good.
+
+    The real subscription is opened and closed by a task of its own
+    (:meth:`CentralDaemon._hold_input`), the task that entered it, so that the
+    central can close it while the daemon keeps serving: a subscription that
+    stayed open unread would keep fetching up to its capacity and hold those
+    deliveries until ``max_hold_s``, the churn that closing it ends.
+
+    It counts the deliveries it handed out that are neither acknowledged nor
+    let go (:meth:`release`): a closed subscription gives back what it holds
+    and drops a later acknowledgement, so it closes only once they are
+    settled, or else a partial of a version published just before would come
+    back (as a duplicate, but a needless one).
+    """
+
+    def __init__(self) -> None:
+        self._inner: Subscription | None = None
+        self._receiving: trio.CancelScope | None = None
+        self.closing = trio.Event()
+        """Set once the input is to close (a reached target, or the daemon stopping)."""
+        self._unsettled: set[int] = set()
+        self._settled = trio.Event()
+
+    def release(self, delivery: Delivery) -> None:
+        """``delivery`` will not be acknowledged: stop waiting for it."""
+        self._settle(id(delivery))
+
+    def _settle(self, key: int) -> None:
+        self._unsettled.discard(key)
+        if not self._unsettled:
+            self._settled.set()
+
+    async def wait_settled(self) -> None:
+        """Wait until every delivery handed out is acknowledged or released."""
+        while self._unsettled:
+            self._settled = trio.Event()
+            await self._settled.wait()
+
+    def _tracked(self, delivery: Delivery) -> Delivery:
+        async def ack() -> None:
+            try:
+                await delivery.ack()
+            finally:
+                self._settle(id(tracked))
+
+        tracked = replace(delivery, _ack=ack)
+        self._unsettled.add(id(tracked))
+        return tracked
+
+    def attach(self, inner: Subscription) -> None:
+        """Read from ``inner`` until :meth:`close`."""
+        self._inner = inner
+
+    def close(self) -> None:
+        """Take nothing more; a receive waiting now waits for good (the intake's stop ends it)."""
+        self.closing.set()
+        if self._receiving is not None:
+            self._receiving.cancel()
+
+    async def receive(self) -> Delivery:
+        """The next delivery while open; once closed, never returns (the intake stops it)."""
+        inner = self._inner
+        if inner is not None and not self.closing.is_set():
+            delivery: Delivery | None = None
+            with trio.CancelScope() as scope:
+                self._receiving = scope
+                delivery = await inner.receive()
+            self._receiving = None
+            if delivery is not None and not self.closing.is_set():
+                return self._tracked(delivery)
+            # One taken as the gate closed is still the subscription's: it gives it back.
+        await trio.sleep_forever()
 
 
 def _write_model_file(path: Path, data: bytes) -> None:
@@ -429,6 +556,9 @@ class CentralDaemon(TierDaemon):
         """With ``[lease] enabled``: deliveries held until a version holding them is published."""
         self.took_over_at: int | None = None
         """The registry's version this central caught up to at its last takeover, if it did."""
+        self._gate: _InputGate | None = None
+        self.input_closed = False
+        """With ``[lease]``: the input is closed (or never opened) because the target is reached."""
         if config.lease.enabled:
             check_central_hold_config(config)
             self.held = _HeldEpochs()
@@ -562,6 +692,35 @@ class CentralDaemon(TierDaemon):
         held.reset(min(epochs) - 1 if epochs else self.buffer.epoch - 1)
         for job in pending:
             await self.upstream.put(job)
+        await self._target_at_takeover()
+
+    async def _target_at_takeover(self) -> None:
+        """After a catch-up: decide the target on the registry's version before the input opens.
+
+        The rebase replaced this store's history, metrics and target record
+        with the registry's, which carries no metrics: with a target, the
+        version is evaluated before the input opens, so a standby taking over
+        a fleet past its target takes no partial it could not publish.
+        """
+        held = self.held
+        if held is None or self.took_over_at is None:
+            await trio.lowlevel.checkpoint()
+            return
+        self.target_reached = None
+        self.input_closed = False
+        held.given_back_from = None
+        if self.evaluator is None or self.params is None:
+            await trio.lowlevel.checkpoint()
+            return
+        params = self.params.view()
+        params.flags.writeable = False
+        job = _EvaluationJob(self.version, params)
+        if self._target is None:
+            self._queue_evaluation(job)
+            await trio.lowlevel.checkpoint()
+            return
+        self._evaluation_pending = None  # a version of the old history: not this fleet's now
+        await self._evaluate(job)
 
     async def _catch_up(self, pointer: bytes) -> None:
         """Continue from the registry's current version: params, optimizer state, lineage.
@@ -944,11 +1103,60 @@ class CentralDaemon(TierDaemon):
     # -- input --------------------------------------------------------------------------
 
     def _open_input(self) -> AbstractAsyncContextManager[Subscription]:
+        if self.held is not None:
+            return self._gated_input()
+        return self._subscribe()
+
+    def _subscribe(self) -> AbstractAsyncContextManager[Subscription]:
         return self.nats.subscribe(
             self.subjects.to_central(),
             durable=self.subjects.central_consumer(),
             capacity=self.config.intake_capacity,
         )
+
+    @asynccontextmanager
+    async def _gated_input(self) -> AsyncIterator[Subscription]:
+        """With ``[lease]``: the input, closed at a reached target; never opened past one.
+
+        Past the target no version is published, so a partial it took could
+        never be acknowledged: it would be held until ``max_hold_s``, come
+        back, be taken again, and end on the dead-letter path after
+        ``max_deliver``. Left in the UP stream instead, it waits there for a
+        central that makes versions again.
+        """
+        gate = self._gate = _InputGate()
+        if self.held is not None:
+            self.held.on_given_back = gate.release
+        if self.target_reached is not None:
+            gate.close()
+            self.input_closed = True
+            yield gate
+            return
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._hold_input, gate)
+            try:
+                yield gate
+            finally:
+                gate.close()
+
+    async def _hold_input(self, gate: _InputGate, *, task_status: trio.TaskStatus[None]) -> None:
+        """Enter the subscription, serve it through ``gate`` until it closes, then leave it.
+
+        The versions cut before the gate closed are published first, so their
+        partials are acknowledged while the subscription still holds them (a
+        closed subscription gives back what it holds, and an acknowledgement
+        after that is lost: the partial would come back as a duplicate).
+        """
+        async with self._subscribe() as subscription:
+            gate.attach(subscription)
+            task_status.started()
+            await gate.closing.wait()
+            held = self.held
+            if held is not None and held.given_back_from is not None:
+                await held.wait_published(held.given_back_from - 1)
+                # Bounded: an input refused unacknowledged (a full quarantine) never settles.
+                with trio.move_on_after(self.config.nats.ack_wait_s):
+                    await gate.wait_settled()
 
     def _admit(self, delivery: Delivery) -> Admission:
         held = self.held
@@ -1128,13 +1336,14 @@ class CentralDaemon(TierDaemon):
             self.target_reached = stop
             self.log.warning(
                 "model v%d met the evaluation target %s (%s = %.6g): no new version is made "
-                "until the target is raised or removed and the central restarted; inputs "
-                "are still accepted and kept",
+                "until the target is raised or removed and the central restarted; %s",
                 stop.version,
                 target.describe() if target is not None else stop.metric,
                 stop.metric,
                 stop.value,
+                _STOPPED_INPUT if self.held is None else _STOPPED_INPUT_LEASED,
             )
+            self._close_input_at_target()
         elif recorded is not None:
             self.store.submit_target_reached(None)
             self.log.info(
@@ -1232,10 +1441,46 @@ class CentralDaemon(TierDaemon):
         self.store.submit_target_reached(record)
         self.log.warning(
             "model v%d met the evaluation target %s (%s = %.6g): no new version is made until "
-            "the target is raised or removed and the central restarted; inputs are still "
-            "accepted and kept",
+            "the target is raised or removed and the central restarted; %s",
             version,
             target.describe(),
             target.metric,
             record.value,
+            _STOPPED_INPUT if self.held is None else _STOPPED_INPUT_LEASED,
+        )
+        self._close_input_at_target()
+
+    def _close_input_at_target(self) -> None:
+        """With ``[lease]``: stop taking partials and give back the open buffer's, unacknowledged.
+
+        They were held until a version holding them is published, which will
+        not happen now. So the open epoch's inputs are forgotten, as a
+        takeover forgets unpublished work (one re-admitted from the
+        quarantine, acknowledged when quarantined, goes back there), their
+        deliveries are let go without an ack, and the input closes, which
+        gives them back to the UP stream. Versions cut before this still
+        publish, and their partials are acknowledged first. The daemon keeps
+        serving (lease, probes, status), so a standby does not take over and
+        consume.
+        """
+        held = self.held
+        if held is None or self.input_closed:
+            return
+        buffer = self.buffer
+        epoch = buffer.epoch
+        forgotten = buffer.accumulator.input_count
+        if forgotten:
+            self.store.submit_forget_unforwarded(epoch, ())
+            self._empty_buffer()
+            self.metrics.buffer_depth(0)
+        held.give_back(epoch)
+        if self._gate is not None:
+            self._gate.close()
+        self.input_closed = True
+        self.log.warning(
+            "input closed at the evaluation target: %d partials of the open epoch %d given "
+            "back unacknowledged; partials wait in the UP stream until the target is raised "
+            "or removed and the central restarted",
+            forgotten,
+            epoch,
         )

@@ -249,17 +249,25 @@ def row_cells(row: Row) -> list[str]:
 
 
 def _health_cell(health: str, snap: StatusSnapshot) -> str:
-    """The health, and with ``[lease]`` how long this instance has been the active one.
+    """The health, with ``[lease]`` how long this instance has been the active one, and a target.
 
     A takeover is what an operator looks for after a lost machine: a central
-    that continued from the registry says from which version.
+    that continued from the registry says from which version. A central that
+    stopped at its evaluation target says so, since it makes no version on
+    purpose (and with ``[lease]`` takes no partial: they wait in the stream).
     """
-    if snap.active_since_ms is None:
-        return health
-    held = _duration(max(0.0, (snap.at_ms - snap.active_since_ms) / 1000))
-    if snap.took_over_version is not None:
-        return f"{health}, took over at v{snap.took_over_version} {held} ago"
-    return f"{health}, active {held}"
+    cell = health
+    if snap.active_since_ms is not None:
+        held = _duration(max(0.0, (snap.at_ms - snap.active_since_ms) / 1000))
+        if snap.took_over_version is not None:
+            cell = f"{health}, took over at v{snap.took_over_version} {held} ago"
+        else:
+            cell = f"{health}, active {held}"
+    if snap.target_reached_version is not None:
+        cell += f", target reached at v{snap.target_reached_version}"
+        if snap.input_closed:
+            cell += ", input closed"
+    return cell
 
 
 def summary_line(rows: Sequence[Row], fleet: str) -> str:

@@ -38,6 +38,7 @@ from fedtier.tiers.core import (
     check_fits,
     partial_envelope_bound,
 )
+from fedtier.tiers.faults import unsafe
 from fedtier.tiers.model_registry import ModelRegistryReader, RevocationFollower
 from fedtier.tiers.registry import TierKeys
 from fedtier.tiers.store import (
@@ -83,6 +84,9 @@ class FollowerDaemon(TierDaemon):
         self._earlier_outbox: list[OutboxEntry] = []
         self.forgotten_at_takeover = 0
         """Open inputs and pending partials of earlier tenures forgotten at takeovers."""
+        # The unsafe switches of tiers.faults for [lease] (chaos runs show what they cost).
+        self._unsafe_answer_before_upstream = unsafe("answer_before_upstream")
+        self._unsafe_resend_earlier_tenure = unsafe("resend_earlier_tenure")
 
     @property
     def known_version(self) -> int:
@@ -139,7 +143,9 @@ class FollowerDaemon(TierDaemon):
         holds anything) covers both.
         """
         forwarding = self._forwarding
-        if forwarding is None:
+        if forwarding is None or self._unsafe_answer_before_upstream:
+            # UNSAFE answer_before_upstream: acknowledged at the commit, so what a
+            # lost machine had folded and not forwarded is gone.
             return admission
         epoch = self.buffer.epoch
         if admission.outcome is Outcome.ACCEPTED:
@@ -185,6 +191,15 @@ class FollowerDaemon(TierDaemon):
         quarantine go back to it (``submit_forget_unforwarded``).
         """
         earlier, self._earlier_outbox = self._earlier_outbox, []
+        if self._unsafe_resend_earlier_tenure:
+            # UNSAFE resend_earlier_tenure: what another instance may have counted
+            # meanwhile goes upstream again (the rule before the forgetting).
+            self.log.warning("UNSAFE resend_earlier_tenure: sending an earlier tenure's inputs")
+            self._stash_cut("takeover")
+            await self._send_stashed()
+            for entry in earlier:
+                await self.upstream.put(UplinkJob(entry))
+            return
         retry = functools.partial(
             retry_transient, retry=self.config.retry, metrics=self.metrics, log=self.log
         )

@@ -102,6 +102,8 @@ CRASH_MOMENTS: Final = (
 UNSAFE_SWITCHES: Final = frozenset(
     {
         "ack_before_commit",
+        "answer_before_upstream",
+        "resend_earlier_tenure",
         "dedupe_open_buffer_only",
         "drop_unconfirmed_partials",
         "no_norm_bound",

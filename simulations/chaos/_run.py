@@ -146,6 +146,10 @@ class _Run(_Injector):
         slowest_flush_s = max(spec.max_age_s for spec in options.flush)
         # Quiet long enough for a redelivery after the ack wait and a flush per tier.
         quiet_s = options.ack_wait_s + 3 * slowest_flush_s + 1.0
+        # Something lost never arrives: then wait longer before giving up on it; in
+        # ha long enough for a takeover per tier too (an instance that lost its
+        # lease in the last fault restarts as a standby; one takes over a TTL later).
+        missing_s = 2 * quiet_s + (3 * options.lease_ttl_s if options.topology == "ha" else 0.0)
         deadline = trio.current_time() + options.drain_timeout_s
         last_total, last_change = -1, trio.current_time()
         while trio.current_time() < deadline:
@@ -155,8 +159,7 @@ class _Run(_Injector):
             if total != last_total:
                 last_total, last_change = total, now
             complete = receipted <= counted.keys()
-            # Something lost never arrives: then wait longer before giving up on it.
-            if now - last_change >= (quiet_s if complete else 2 * quiet_s):
+            if now - last_change >= (quiet_s if complete else missing_s):
                 return complete
             await trio.sleep(_POLL_S)
         return False

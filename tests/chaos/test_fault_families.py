@@ -155,10 +155,10 @@ def every_family(*, ha: bool) -> tuple[FaultPlan, dict[str, Any]]:
         for kind in FaultPlan.kinds():
             counts[kind] = counts.get(kind, 0) + family.faults.count(kind)
         options.update(family.options)
-    # Machine losses of the two tiers whose state is on the bus, and a node of
-    # the cluster (an edge's loss loses what it receipted: docs/chaos-results.md).
+    # Machine losses of every tier (each leased tier acknowledges an input once
+    # upstream has it) and nodes of the cluster.
     if ha:
-        counts.update(lose_regional=1, lose_central=1, kill_nats_node=2)
+        counts.update(lose_edge=1, lose_regional=1, lose_central=1, kill_nats_node=2)
     plan: Any = FaultPlan  # counts by kind name
     return plan(**counts, broker_down_s=(2.0, 3.0)), options
 
@@ -175,7 +175,7 @@ async def test_every_fault_family_at_once(topology: str, tmp_path: Path) -> None
     options = ChaosOptions(
         out_dir=tmp_path / "out",
         topology=topology,
-        edge_pairs=False,
+        edge_pairs=ha,  # two edges per site, one active
         devices=10,
         updates=60,
         duration_s=20.0,
@@ -199,6 +199,7 @@ async def test_every_fault_family_at_once(topology: str, tmp_path: Path) -> None
     for tier in ("edge", "regional", "central"):
         assert result.exits[f"{tier}:crash_point"] >= 1, why
     if ha:
+        assert result.exits["edge:lost"] == 1, why
         assert result.exits["regional:lost"] == 1, why
         assert result.exits["central:lost"] == 1, why
     assert not result.failed, why

@@ -40,6 +40,7 @@ from fedtier.tiers.regional import RegionalDaemon, check_hold_config
 from fedtier.tiers.registry import KeyRegistry, TierKeys
 from fedtier.tiers.statuscmd import health_of, rows_from_entries
 from fedtier.tiers.store import OutboxEntry
+from fedtier.tiers.tier import TierDaemon
 from tests.unit import test_edge as edge_tests
 
 TTL_S = 9.0
@@ -622,6 +623,20 @@ async def test_an_intent_an_earlier_takeover_re_published_is_not_published_again
         nursery.cancel_scope.cancel()
 
 
+async def _serve_until_lost(nursery: trio.Nursery, daemon: TierDaemon) -> trio.CancelScope:
+    """Serve ``daemon`` until it is active; cancelling the scope is its machine stopping."""
+    scope = trio.CancelScope()
+
+    async def serve(*, task_status: trio.TaskStatus[None]) -> None:
+        with scope:
+            await daemon.serve(task_status=task_status)
+
+    await nursery.start(serve)
+    with trio.fail_after(60):
+        await daemon.ready.wait()
+    return scope
+
+
 class StalledForwarded(MemoryForwarded):
     """A ``forwarded`` bucket whose puts wait while ``stalled`` (the bus away, the lease going)."""
 
@@ -687,15 +702,7 @@ async def test_a_regional_back_from_a_lost_lease_forgets_what_no_intent_made_kno
 
         async with trio.open_nursery() as nursery:
             first = _leased_regional(tmp_path, broker, registry, forwarded, "a", kv)
-            first_scope = trio.CancelScope()
-
-            async def serve_first(*, task_status: trio.TaskStatus[None]) -> None:
-                with first_scope:
-                    await first.serve(task_status=task_status)
-
-            await nursery.start(serve_first)
-            with trio.fail_after(60):
-                await first.ready.wait()
+            first_scope = await _serve_until_lost(nursery, first)
             for _, envelope in partials[:3]:
                 await edge_bus.publish(subjects.to_region("eu"), envelope)
             with trio.fail_after(60):
@@ -802,15 +809,7 @@ async def test_an_edge_pair_counts_each_update_once_across_a_lost_lease(
 
         async with trio.open_nursery() as nursery:
             first = edge("a", edge_tests.EDGE)
-            scope = trio.CancelScope()
-
-            async def serve_first(*, task_status: trio.TaskStatus[None]) -> None:
-                with scope:
-                    await first.serve(task_status=task_status)
-
-            await nursery.start(serve_first)
-            with trio.fail_after(60):
-                await first.ready.wait()
+            scope = await _serve_until_lost(nursery, first)
             for message, data in updates[:2]:
                 await phone.send(data, message.sender)
             with trio.fail_after(60):

@@ -14,6 +14,7 @@ from fedtier.tiers.store import (
     InputState,
     ModelVersionRecord,
     OutboxEntry,
+    StateStore,
     TargetRecord,
     drop_quarantined,
     open_state_store,
@@ -658,21 +659,27 @@ async def test_a_version_3_store_is_migrated_to_an_empty_quarantine(tmp_path: Pa
     )
 
 
+async def quarantine_input_1(store: StateStore, *, detail: str = "") -> int:
+    """Quarantine ``record(1)``'s input as from an unknown sender; returns its row id."""
+    qid, ticket = store.submit_quarantine(
+        sender=SENDER,
+        input_id=record(1).input_id,
+        subject="s",
+        reason="unknown_sender",
+        retry="any",
+        detail=detail,
+        envelope=b"envelope-1",
+        received_ms=1,
+    )
+    await ticket.wait()
+    return qid
+
+
 async def test_a_readmitted_quarantine_row_leaves_in_the_accepts_commit(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     async with open_state_store(path) as store:
         await store.recover()
-        qid, ticket = store.submit_quarantine(
-            sender=SENDER,
-            input_id=record(1).input_id,
-            subject="s",
-            reason="unknown_sender",
-            retry="any",
-            detail="",
-            envelope=b"envelope-1",
-            received_ms=1,
-        )
-        await ticket.wait()
+        qid = await quarantine_input_1(store)
         (row,) = store.quarantined_for_readmission(after_cut_only=False)
         assert row.qid == qid
         assert store.quarantined_for_readmission(after_cut_only=True) == []
@@ -705,17 +712,7 @@ async def test_a_forgotten_input_from_the_quarantine_goes_back_to_it(tmp_path: P
     path = tmp_path / "state.sqlite"
     async with open_state_store(path) as store:
         await store.recover()
-        qid, ticket = store.submit_quarantine(
-            sender=SENDER,
-            input_id=record(1).input_id,
-            subject="s",
-            reason="unknown_sender",
-            retry="any",
-            detail="why",
-            envelope=b"envelope-1",
-            received_ms=1,
-        )
-        await ticket.wait()
+        qid = await quarantine_input_1(store, detail="why")
         store.unquarantine_op(qid)
         await store.submit_accept(record(1), quarantine_id=qid).wait()
         await store.submit_accept(record(2)).wait()

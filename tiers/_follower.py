@@ -87,6 +87,8 @@ class FollowerDaemon(TierDaemon):
         # The unsafe switches of tiers.faults for [lease] (chaos runs show what they cost).
         self._unsafe_answer_before_upstream = unsafe("answer_before_upstream")
         self._unsafe_resend_earlier_tenure = unsafe("resend_earlier_tenure")
+        self._leftovers_answered = False
+        """The store's leftovers were answered at their commit (written without ``[lease]``)."""
 
     @property
     def known_version(self) -> int:
@@ -191,10 +193,17 @@ class FollowerDaemon(TierDaemon):
         quarantine go back to it (``submit_forget_unforwarded``).
         """
         earlier, self._earlier_outbox = self._earlier_outbox, []
-        if self._unsafe_resend_earlier_tenure:
-            # UNSAFE resend_earlier_tenure: what another instance may have counted
+        if self._leftovers_answered or self._unsafe_resend_earlier_tenure:
+            # Written before [lease] was enabled: those inputs were answered at their
+            # commit, so they go upstream as they would have. UNSAFE
+            # resend_earlier_tenure: what another instance may have counted
             # meanwhile goes upstream again (the rule before the forgetting).
-            self.log.warning("UNSAFE resend_earlier_tenure: sending an earlier tenure's inputs")
+            self.log.warning(
+                "sending what the store holds from before this tenure (%s)",
+                "answered at commit: written without [lease]"
+                if self._leftovers_answered
+                else "UNSAFE resend_earlier_tenure",
+            )
             self._stash_cut("takeover")
             await self._send_stashed()
             for entry in earlier:
@@ -322,6 +331,19 @@ class FollowerDaemon(TierDaemon):
             drop_unconfirmed=self._unsafe_drop_unconfirmed,
             gate=self.uplink_gate(),
         )
+        # With [lease], leftovers are forgotten at takeover only if they were never
+        # answered. A store written without [lease] answered them at their commit:
+        # they are sent, and the store is marked as answering upstream only at a
+        # start with nothing left over (a clean stop drains it), so a crash before
+        # they are upstream never turns them into leftovers to forget.
+        answers_upstream = self.store.answers_upstream()
+        leftovers = bool(recovery.open_inputs or recovery.pending_outbox)
+        if self.config.lease.enabled:
+            self._leftovers_answered = leftovers and not answers_upstream
+            if not answers_upstream and not leftovers:
+                await self.store.submit_answers_upstream(True).wait()
+        elif answers_upstream:
+            await self.store.submit_answers_upstream(False).wait()
         await nursery.start(self._uplink.serve, self._recovered_jobs(recovery))
         forwarding = self._forwarding
         if forwarding is not None:

@@ -845,3 +845,43 @@ async def test_an_edge_pair_counts_each_update_once_across_a_lost_lease(
         with trio.fail_after(60):
             await take_upstream(b"a done")
     assert counted == Counter(message.update_id for message, _ in updates)  # each once
+
+
+async def test_what_a_regional_answered_before_lease_was_enabled_is_sent_not_forgotten(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    # Without [lease] an input is acknowledged at its commit: turning [lease] on
+    # must not make the first takeover forget what the store holds.
+    broker = MemoryBroker("nats")
+    registry = await _registry_at_v0()
+    leased = _leased_regional(tmp_path, broker, registry, MemoryForwarded(), "a")
+    plain = RegionalDaemon(
+        replace(leased.regional_config, lease=LeaseSettings()),
+        nats=MemoryBus(broker),
+        registry_store=registry,
+        keys=leased.keys,
+        store_in_thread=False,
+    )
+    subjects = NatsSubjects(FLEET)
+    leaf, envelope = _edge_partial(1)
+    async with MemoryBus(broker).subscribe(subjects.to_central(), durable="probe") as central:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(plain.serve)
+            await MemoryBus(broker).publish(subjects.to_region("eu"), envelope)
+            partial = parse_envelope(envelope).message
+            assert isinstance(partial, PartialAggregate)
+            with trio.fail_after(60):
+                while plain.store.input_state(partial.sender, partial.partial_id) is None or (
+                    plain.store.pending_ticket(partial.sender, partial.partial_id) is not None
+                ):
+                    await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()  # a crash: one input open, committed
+        async with trio.open_nursery() as nursery:
+            await nursery.start(leased.serve)
+            with trio.fail_after(60):
+                got = await central.receive()
+            nursery.cancel_scope.cancel()
+    message = parse_envelope(got.payload).message
+    assert isinstance(message, PartialAggregate)
+    assert list(message.leaves) == [leaf]
+    assert leased.forgotten_at_takeover == 0

@@ -456,6 +456,24 @@ class InputTables(CommitEngine[InputKey]):
         self._prune_wanted = True
         return self._submit(op, f"forgetting epoch {open_epoch} and {len(ids)} pending partials")
 
+    def answers_upstream(self) -> bool:
+        """Whether this store's inputs were answered only once upstream had them (``[lease]``).
+
+        False for a store written without ``[lease]`` (inputs answered at their
+        commit), and for one that predates the mark.
+        """
+        assert self._reader is not None
+        row = self._reader.execute(
+            "SELECT value FROM meta WHERE key = 'answers_upstream'"
+        ).fetchone()
+        return row is not None and int(row[0]) == 1
+
+    def submit_answers_upstream(self, value: bool) -> CommitTicket:
+        """Record how the inputs stored from now on are answered (see :meth:`answers_upstream`)."""
+        return self._submit(
+            lambda conn: put_meta(conn, "answers_upstream", int(value)), "answers_upstream mark"
+        )
+
     def submit_out_seq(self, out_seq: int) -> CommitTicket:
         """Persist the last sequence number this daemon used."""
         return self._submit(lambda conn: put_meta(conn, "out_seq", out_seq), "out_seq")

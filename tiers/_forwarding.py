@@ -20,6 +20,7 @@ an input such a partial holds as a duplicate, never folded again
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Final
@@ -116,9 +117,11 @@ class Forwarding(EpochWatermark, UplinkGate):
         self._foreign_left: dict[str, set[bytes]] = {}
         self._foreign_until: dict[str, float] = {}
         self._waiting: dict[int, int] = {}
-        self._own: dict[int, tuple[str, CommitTicket | None]] = {}
+        self._own: dict[int, tuple[OutboxEntry, CommitTicket | None]] = {}
+        self._unconfirmed: set[int] = set()
+        """Epochs with an input whose acknowledgement the bus did not confirm."""
         self._send_delete, self._receive_delete = trio.open_memory_channel[
-            tuple[str, CommitTicket | None]
+            tuple[OutboxEntry, CommitTicket | None, bool]
         ](1024)
         self.republished = 0
         """Partials of other instances re-published at takeover since start."""
@@ -162,7 +165,7 @@ class Forwarding(EpochWatermark, UplinkGate):
                 intent is deleted only after that commit, so that a restart
                 never finds the partial pending with its intent gone.
         """
-        self._own[entry.epoch] = (self.key_of(entry.partial_id), acked)
+        self._own[entry.epoch] = (entry, acked)
         self.advance(entry.epoch)
         self._maybe_forget(entry.epoch)
 
@@ -176,8 +179,19 @@ class Forwarding(EpochWatermark, UplinkGate):
         """
         self._waiting[epoch] = self._waiting.get(epoch, 0) + 1
         then = admission.after_ack
+        delivery = admission.delivery
+        confirmed = False
+
+        async def ack() -> None:
+            nonlocal confirmed
+            await delivery.ack()
+            confirmed = True
 
         async def acked() -> None:
+            if not confirmed:
+                # The bus may redeliver it, maybe to another instance after a
+                # takeover: the intent must then tell it the input is upstream.
+                self._unconfirmed.add(epoch)
             self._waiting[epoch] -= 1
             self._maybe_forget(epoch)
             if then is not None:
@@ -186,7 +200,7 @@ class Forwarding(EpochWatermark, UplinkGate):
                 await trio.lowlevel.checkpoint()
 
         return Admission(
-            admission.delivery,
+            dataclasses.replace(delivery, _ack=ack),
             admission.outcome,
             admission.reason,
             ticket=HeldTicket(admission.ticket, self, epoch),
@@ -195,17 +209,24 @@ class Forwarding(EpochWatermark, UplinkGate):
         )
 
     def _maybe_forget(self, epoch: int) -> None:
-        """Delete an own intent once its partial is upstream and its deliveries acknowledged."""
+        """Delete an own intent once its partial is upstream and its deliveries acknowledged.
+
+        If the bus did not confirm an acknowledgement, the intent is rewritten
+        as a forwarded record instead: a redelivery that reaches another
+        instance after a takeover is then known there as upstream already.
+        """
         if (
             self._waiting.get(epoch, 0) == 0
             and epoch <= self.published_epoch
             and epoch in self._own
         ):
             self._waiting.pop(epoch, None)
-            key, acked = self._own.pop(epoch)
+            entry, acked = self._own.pop(epoch)
+            unconfirmed = epoch in self._unconfirmed
+            self._unconfirmed.discard(epoch)
             # When the queue is full it is left to the bucket's max_age.
             with contextlib.suppress(trio.WouldBlock):
-                self._send_delete.send_nowait((key, acked))
+                self._send_delete.send_nowait((entry, acked, unconfirmed))
 
     def forwarded(self, admission: Admission, input_id: bytes) -> Admission:
         """An input that another instance's re-published partial holds: a duplicate.
@@ -339,10 +360,28 @@ class Forwarding(EpochWatermark, UplinkGate):
         daemon = self.daemon
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._serve_foreign_reports)
-            async for key, acked in self._receive_delete:
+            async for entry, acked, unconfirmed in self._receive_delete:
+                key = self.key_of(entry.partial_id)
+                partial = partial_of(entry.envelope, daemon) if unconfirmed else None
                 try:
                     if acked is not None:
                         await acked.wait()
+                    if partial is not None:
+                        record = encode_forwarded(partial.partial_id, partial.inputs)
+                        await retry_transient(
+                            f"forwarded record of intent {key}",
+                            "put_intent",
+                            functools.partial(self.intents.replace, key, record),
+                            retry=daemon.config.retry,
+                            metrics=daemon.metrics,
+                            log=daemon.log,
+                        )
+                        daemon.log.warning(
+                            "intent %s kept as a forwarded record: an acknowledgement of its "
+                            "inputs was not confirmed by the bus",
+                            key,
+                        )
+                        continue
                     await retry_transient(
                         f"delete of intent {key}",
                         "delete_intent",

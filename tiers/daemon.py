@@ -498,7 +498,10 @@ async def _attach_lease(daemon: TierDaemon, nats: Any, config: TierConfig, metri
         daemon.forwarded = await retry(
             "open of the forwarded bucket",
             "open_lease",
-            lambda: nats.kv_bucket(subjects.forwarded_bucket(), max_age_s=FORWARDED_MAX_AGE_S),
+            # A takeover decides on what an intent's key holds: never a stale replica's.
+            lambda: nats.kv_bucket(
+                subjects.forwarded_bucket(), max_age_s=FORWARDED_MAX_AGE_S, leader_reads=True
+            ),
         )
 
 

@@ -564,25 +564,27 @@ async def test_the_lease_and_intent_buckets_take_each_user_s_own_keys_only(
                         await kv.update(forged, b"forged", 0)
         async with open_nats_bus(config("regional")) as regional:
             intents = await regional.kv_bucket(
-                subjects.forwarded_bucket(), max_age_s=FORWARDED_MAX_AGE_S
+                subjects.forwarded_bucket(), max_age_s=FORWARDED_MAX_AGE_S, leader_reads=True
             )
             mine = f"{REGION}.{'ab' * 16}"
             await intents.put(mine, b"sealed partial")
             assert await intents.get(mine) == (b"sealed partial", 1)
             assert await intents.keys() == [mine]
             await intents.delete(mine)
+            assert await intents.get(mine) is None
             with pytest.raises(PublishError, match="permissions violation"):
                 await intents.put(f"south.{'ab' * 16}", b"forged")
         # A leased edge writes and lists its site's intents, never a regional's.
         async with open_nats_bus(config("edge")) as edge:
             intents = await edge.kv_bucket(
-                subjects.forwarded_bucket(), max_age_s=FORWARDED_MAX_AGE_S
+                subjects.forwarded_bucket(), max_age_s=FORWARDED_MAX_AGE_S, leader_reads=True
             )
             mine = f"edge.{REGION}.s1.{'cd' * 16}"
             await intents.put(mine, b"sealed edge partial")
             assert await intents.get(mine) == (b"sealed edge partial", 3)
             assert mine in await intents.keys()
             await intents.delete(mine)
+            assert await intents.get(mine) is None  # read from the leader: the delete marker
             for forged in (f"{REGION}.{'cd' * 16}", f"edge.south.s1.{'cd' * 16}"):
                 with pytest.raises(PublishError, match="permissions violation"):
                     await intents.put(forged, b"forged")

@@ -13,7 +13,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from fedtier.protocol.bus import MemoryBroker, MemoryBus, Subscription
+from fedtier.protocol.bus import Delivery, MemoryBroker, MemoryBus, Subscription
 from fedtier.protocol.envelope import open_envelope, parse_envelope
 from fedtier.protocol.errors import BusUnavailable, ConfigError, KvConflict, PublishError
 from fedtier.protocol.identity import SigningIdentity
@@ -885,3 +885,57 @@ async def test_what_a_regional_answered_before_lease_was_enabled_is_sent_not_for
     assert isinstance(message, PartialAggregate)
     assert list(message.leaves) == [leaf]
     assert leased.forgotten_at_takeover == 0
+
+
+class _NatsProbeBus(edge_tests.ProbeBus):
+    flavor = "nats"  # type: ignore[assignment]  # the same wrapper, on the NATS side
+
+    @property
+    def max_single_message_bytes(self) -> int | None:
+        return None
+
+
+async def test_an_intent_whose_inputs_ack_was_not_confirmed_stays_as_a_forwarded_record(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    # A lost acknowledgement means JetStream may redeliver the input, maybe to
+    # another instance after a takeover: the intent must then say "upstream has
+    # it" there, so it is kept as a forwarded record instead of deleted.
+    broker = MemoryBroker("nats")
+    registry = await _registry_at_v0()
+    forwarded = MemoryForwarded()
+    daemon = _leased_regional(tmp_path, broker, registry, forwarded, "a")
+    failed: list[Delivery] = []
+
+    def on_ack(delivery: Delivery) -> bool:
+        if not failed:
+            failed.append(delivery)
+            raise BusUnavailable("the ack found the server away")
+        return True
+
+    daemon.nats = _NatsProbeBus(MemoryBus(broker), on_ack)
+    subjects = NatsSubjects(FLEET)
+    async with (
+        MemoryBus(broker).subscribe(subjects.to_central(), durable="probe") as central,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(daemon.serve)
+        with trio.fail_after(60):
+            await daemon.ready.wait()
+        for index in (1, 2):  # max_inputs = 2: one partial
+            await MemoryBus(broker).publish(subjects.to_region("eu"), _edge_partial(index)[1])
+        with trio.fail_after(60):
+            got = await central.receive()
+        await got.ack()
+        message = parse_envelope(got.payload).message
+        assert isinstance(message, PartialAggregate)
+        key = f"eu.{message.partial_id.hex()}"
+        with trio.fail_after(60):
+            while not forwarded.values.get(key, b"").startswith(FORWARDED_MAGIC):
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    assert len(failed) == 1
+    assert decode_forwarded(key, forwarded.values[key]) == (
+        message.partial_id,
+        list(message.inputs),
+    )

@@ -399,7 +399,12 @@ class NatsBus(Bus):
             raise body_error
 
     async def kv_bucket(
-        self, name: str, *, history: int = 1, max_age_s: float | None = None
+        self,
+        name: str,
+        *,
+        history: int = 1,
+        max_age_s: float | None = None,
+        leader_reads: bool = False,
     ) -> KvBucket:
         """Bind to the KV bucket ``name``, creating it (file storage, ``replicas`` copies).
 
@@ -411,6 +416,11 @@ class NatsBus(Bus):
             history: values kept per key when the bucket is created (1-64).
             max_age_s: when the bucket is created, how long a value lives
                 (None: forever); an existing bucket keeps its own.
+            leader_reads: ``get`` asks the stream's leader
+                (``$JS.API.STREAM.MSG.GET``) instead of any replica (a direct
+                get, which a replica that restarted may answer before it
+                caught up): for a value a decision is made on, such as an
+                intent at a takeover.
         """
         self._check_open(f"KV bucket {name!r}")
         action = f"open KV bucket {name!r}"
@@ -421,7 +431,7 @@ class NatsBus(Bus):
             kv = await _aio(
                 _aio_kv_bucket, self._conn.js, name, history, max_age_s, self._config.replicas
             )
-        return KvBucket(self, kv, name)
+        return KvBucket(self, kv, name, leader_reads=leader_reads)
 
     async def object_store(self, name: str) -> ObjectStore:
         """Bind to the object store ``name``, creating it (file storage, ``replicas`` copies).

@@ -92,6 +92,27 @@ async def _aio_kv_get(kv: Any, key: str) -> tuple[bytes, int] | None:
     return bytes(entry.value or b""), int(entry.revision)
 
 
+async def _aio_kv_get_from_leader(js: Any, bucket: str, key: str) -> tuple[bytes, int] | None:
+    # $JS.API.STREAM.MSG.GET is answered by the stream's leader, never by a
+    # replica that has not caught up (a direct get may be, after a node restart).
+    try:
+        msg = await js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=False)
+    except nats.js.errors.NotFoundError:
+        return None
+    if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+        return None
+    return bytes(msg.data or b""), int(msg.seq)
+
+
+async def _aio_kv_keys_from_leader(js: Any, bucket: str) -> list[str]:
+    # STREAM.INFO with a subjects filter is answered by the stream's leader. It
+    # lists a deleted key too (its marker is a message): a get says None for it.
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+    subjects = info.state.subjects or {}
+    return [subject[len(prefix) :] for subject in subjects if subject.startswith(prefix)]
+
+
 async def _aio_kv_entry(kv: Any, key: str) -> KvEntry | None:
     try:
         entry = await kv.get(key)
@@ -160,10 +181,12 @@ class KvWatch:
 class KvBucket:
     """A JetStream key-value bucket, trio-facing; from ``NatsBus.kv_bucket``."""
 
-    def __init__(self, bus: NatsBus, kv: Any, name: str) -> None:
+    def __init__(self, bus: NatsBus, kv: Any, name: str, *, leader_reads: bool = False) -> None:
         self._bus = bus
         self._kv = kv
         self.name = name
+        self.leader_reads = leader_reads
+        """``get`` reads through the stream's leader (see ``NatsBus.kv_bucket``)."""
 
     def _refusals(self, action: str, *, write: bool) -> AbstractContextManager[_RefusalWatch]:
         return _refusals(self._bus._conn.events, action, _kv_names(self.name), write=write)
@@ -173,6 +196,8 @@ class KvBucket:
         action = f"KV get {self.name}/{key}"
         self._bus._check_open(action)
         with self._refusals(action, write=False), _boundary(action):
+            if self.leader_reads:
+                return await _aio(_aio_kv_get_from_leader, self._bus._conn.js, self.name, key)
             return await _aio(_aio_kv_get, self._kv, key)
 
     async def entry(self, key: str) -> KvEntry | None:
@@ -188,10 +213,16 @@ class KvBucket:
             return await _aio(_aio_kv_entry, self._kv, key)
 
     async def keys(self) -> list[str]:
-        """Every key that holds a value now (deleted and aged-out keys are not listed)."""
+        """Every key that holds a value now (deleted and aged-out keys are not listed).
+
+        With ``leader_reads``, the stream's leader answers, and a key deleted
+        since it was written may be listed too (``get`` says None for it).
+        """
         action = f"KV keys of {self.name}"
         self._bus._check_open(action)
         with self._refusals(action, write=False), _boundary(action):
+            if self.leader_reads:
+                return await _aio(_aio_kv_keys_from_leader, self._bus._conn.js, self.name)
             return await _aio(_aio_kv_keys, self._kv)
 
     async def put(self, key: str, value: bytes) -> int:

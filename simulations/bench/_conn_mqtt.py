@@ -123,8 +123,10 @@ class MqttSession:
             async with self._send_lock:
                 await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._lose(f"send failed: {exc!r}")
-            raise BusUnavailable(self.lost_reason) from exc
+            # A send racing this client's own close (a keepalive ping as the
+            # device disconnects at the end) is no drop, as on the receive side.
+            self._lose("" if self._closing else f"send failed: {exc!r}")
+            raise BusUnavailable(self.lost_reason or "closed") from exc
         self.last_send = trio.current_time()
 
     async def _read_packet(self) -> tuple[int, bytes]:

@@ -577,17 +577,7 @@ async def test_an_own_intent_is_deleted_once_upstream_even_when_the_bus_was_away
         MemoryBus(broker).subscribe(subjects.to_central(), durable="probe") as central,
         trio.open_nursery() as nursery,
     ):
-        await nursery.start(daemon.serve)
-        with trio.fail_after(60):
-            await daemon.ready.wait()
-        for index in (1, 2):  # max_inputs = 2: one partial
-            await MemoryBus(broker).publish(subjects.to_region("eu"), _edge_partial(index)[1])
-        with trio.fail_after(60):
-            got = await central.receive()
-        await got.ack()
-        message = parse_envelope(got.payload).message
-        assert isinstance(message, PartialAggregate)
-        key = f"eu.{message.partial_id.hex()}"
+        _, key = await _one_partial_through(nursery, daemon, broker, central)
         assert key in forwarded.written  # written before the publish
         with trio.fail_after(60):
             while key in forwarded.values:
@@ -887,6 +877,25 @@ async def test_what_a_regional_answered_before_lease_was_enabled_is_sent_not_for
     assert leased.forgotten_at_takeover == 0
 
 
+async def _one_partial_through(
+    nursery: trio.Nursery, daemon: RegionalDaemon, broker: MemoryBroker, central: Subscription
+) -> tuple[PartialAggregate, str]:
+    """Serve ``daemon``, send it two edge partials, take its one partial; and its intent's key."""
+    await nursery.start(daemon.serve)
+    with trio.fail_after(60):
+        await daemon.ready.wait()
+    for index in (1, 2):  # max_inputs = 2: one partial
+        await MemoryBus(broker).publish(
+            NatsSubjects(FLEET).to_region("eu"), _edge_partial(index)[1]
+        )
+    with trio.fail_after(60):
+        got = await central.receive()
+    await got.ack()
+    message = parse_envelope(got.payload).message
+    assert isinstance(message, PartialAggregate)
+    return message, f"eu.{message.partial_id.hex()}"
+
+
 class _NatsProbeBus(edge_tests.ProbeBus):
     flavor = "nats"  # type: ignore[assignment]  # the same wrapper, on the NATS side
 
@@ -919,17 +928,7 @@ async def test_an_intent_whose_inputs_ack_was_not_confirmed_stays_as_a_forwarded
         MemoryBus(broker).subscribe(subjects.to_central(), durable="probe") as central,
         trio.open_nursery() as nursery,
     ):
-        await nursery.start(daemon.serve)
-        with trio.fail_after(60):
-            await daemon.ready.wait()
-        for index in (1, 2):  # max_inputs = 2: one partial
-            await MemoryBus(broker).publish(subjects.to_region("eu"), _edge_partial(index)[1])
-        with trio.fail_after(60):
-            got = await central.receive()
-        await got.ack()
-        message = parse_envelope(got.payload).message
-        assert isinstance(message, PartialAggregate)
-        key = f"eu.{message.partial_id.hex()}"
+        message, key = await _one_partial_through(nursery, daemon, broker, central)
         with trio.fail_after(60):
             while not forwarded.values.get(key, b"").startswith(FORWARDED_MAGIC):
                 await trio.sleep(0.1)
